@@ -1,0 +1,73 @@
+"""The one interface every stimulator implements (cf. BrainFlow's BoardShim)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from drivers.params import DeviceCapabilities, StimParams
+
+
+class StimulatorError(RuntimeError):
+    """The device refused a command, answered garbage, or went away."""
+
+
+class DeviceTimeout(StimulatorError):
+    """The device did not answer within the timeout, after all retries."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReceipt:
+    """What the driver learned about one command.
+
+    ``seq`` is the protocol sequence number (joins controller events with the
+    device's own log); ``sent_t``/``acked_t`` are seconds on the session clock.
+    """
+
+    seq: int
+    sent_t: float
+    acked_t: float
+    ok: bool = True
+    error: str = ""
+
+
+class Stimulator(ABC):
+    """A stimulator. Only ``controller.actuator.Actuator`` calls these methods.
+
+    ``stop()`` must be safe to call at any time, from any state, more than once,
+    and must try its best even when the device is misbehaving: it is how the
+    safe state is reached.
+    """
+
+    capabilities: DeviceCapabilities
+
+    @abstractmethod
+    def open(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def configure(self, params: StimParams) -> CommandReceipt:
+        """Load ``params`` on ``params.channel``; nothing is delivered yet."""
+
+    @abstractmethod
+    def trigger(self, channel: int, at: float | None = None) -> CommandReceipt:
+        """Deliver the configured burst on ``channel``, now or at clock time ``at``."""
+
+    @abstractmethod
+    def stop(self) -> CommandReceipt | None:
+        """All channels off, immediately."""
+
+    @abstractmethod
+    def heartbeat(self) -> CommandReceipt:
+        """Tell the device the controller is alive (its watchdog stops stimulation otherwise)."""
+
+    def __enter__(self) -> "Stimulator":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            self.close()
