@@ -1,0 +1,197 @@
+"""The one TOML configuration file, validated with pydantic.
+
+Every field has a documented unit and range. ``load_config`` turns pydantic's
+errors into one readable message per problem: field, value, allowed range.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULTS_PATH = Path(__file__).with_name("defaults.toml")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message lists every problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SessionConfig(_Section):
+    duration_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600, description="session length, s")] = 60.0
+    out_dir: str = Field("sessions", description="parent folder of session folders")
+    seed: Annotated[int, Field(ge=0)] = 0
+    realtime_priority: bool = Field(False, description="try SCHED_FIFO/affinity where the OS allows (never required)")
+
+
+class SourceConfig(_Section):
+    kind: Literal["hil", "lsl", "brainflow"] = "hil"
+    stream: str = Field("stimloop-sim", description="LSL stream name to resolve")
+    stream_type: str = Field("", description="LSL stream type to resolve (empty: any)")
+    source_id: str = Field("", description="LSL source id to resolve (empty: any)")
+    resolve_timeout_s: Annotated[float, Field(gt=0, le=120)] = 5.0
+    max_buflen_s: Annotated[int, Field(ge=1, le=60, description="pylsl inlet buffer; small avoids hidden lag (REFERENCE §1)")] = 1
+    stall_timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    board_id: int = Field(-1, description="BrainFlow board id (-1 = synthetic board)")
+    board_params: dict[str, Any] = Field(default_factory=dict, description="BrainFlowInputParams fields")
+
+
+class SimulatorConfig(_Section):
+    fs_hz: Annotated[float, Field(gt=50, le=50_000)] = 512.0
+    n_channels: Annotated[int, Field(ge=1, le=256)] = 16
+    patient: Annotated[int, Field(ge=0)] = 0
+    seizure_onsets_s: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [10.0, 30.0, 50.0])
+    spontaneous_seizures: bool = False
+    chunk_s: Annotated[float, Field(gt=0, le=0.5)] = 1 / 64
+    stim_latency_ms: Annotated[float, Field(ge=0, le=1000, description="modeled processing latency in simulated time")] = 2.0
+
+
+class RingConfig(_Section):
+    capacity_s: Annotated[float, Field(ge=1, le=600)] = 30.0
+
+
+class ModelConfig(_Section):
+    path: str = Field("", description="ONNX seizure model; empty = the shipped models/seizure/seizure_v1.onnx")
+    deadline_ms: Annotated[float, Field(gt=0, le=10_000, description="window end -> decision; later results are never acted upon")] = 100.0
+
+
+class StimConfig(_Section):
+    channel: Annotated[int, Field(ge=0, le=255)] = 0
+    waveform: Literal["biphasic", "monophasic", "sine", "dc", "ti"] = "biphasic"
+    amplitude_ua: Annotated[float, Field(ge=0, le=20_000)] = 3000.0
+    pulse_width_us: Annotated[float, Field(gt=0, le=10_000)] = 160.0
+    interphase_gap_us: Annotated[float, Field(ge=0, le=10_000)] = 0.0
+    frequency_hz: Annotated[float, Field(gt=0, le=10_000)] = 200.0
+    n_pulses: Annotated[int, Field(ge=1, le=100_000)] = 100
+    duration_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    ramp_s: Annotated[float, Field(ge=0, le=120)] = 0.0
+
+
+class PolicyConfig(_Section):
+    kind: Literal["responsive", "none"] = "responsive"
+    threshold_on: Annotated[float | None, Field(ge=0, le=1, description="empty: the model's own threshold")] = None
+    threshold_off: Annotated[float | None, Field(ge=0, le=1)] = None
+    min_duration_s: Annotated[float, Field(ge=0, le=60)] = 0.5
+    refractory_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    bursts_per_detection: Annotated[int, Field(ge=1, le=2, description="RNS delivers up to two bursts (REFERENCE §3)")] = 1
+    burst_interval_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    stim: StimConfig = Field(default_factory=StimConfig)
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> "PolicyConfig":
+        if self.threshold_on is not None and self.threshold_off is not None and self.threshold_off > self.threshold_on:
+            raise ValueError(f"threshold_off ({self.threshold_off}) must be <= threshold_on ({self.threshold_on})")
+        return self
+
+
+class SafetyConfig(_Section):
+    profile: Literal["macro", "micro", "tes"] = "macro"
+    overrides: dict[str, Any] = Field(default_factory=dict, description="fields of the SafetyProfile to change")
+
+
+class DeviceConfig(_Section):
+    kind: Literal["hil", "serial", "simulated"] = "hil"
+    port: str = Field("", description="serial port path (device.kind = serial)")
+    baudrate: Annotated[int, Field(ge=1200, le=12_000_000)] = 1_000_000
+    timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 50.0
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+    heartbeat_s: Annotated[float, Field(gt=0, le=10)] = 0.1
+    watchdog_s: Annotated[float, Field(gt=0, le=60, description="emulator stops stimulation when the controller is silent this long")] = 0.5
+
+
+class Config(_Section):
+    session: SessionConfig = Field(default_factory=SessionConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
+    ring: RingConfig = Field(default_factory=RingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
+
+    def model_path(self) -> Path:
+        if self.model.path:
+            return Path(self.model.path).expanduser()
+        return Path(__file__).resolve().parent.parent / "models" / "seizure" / "seizure_v1.onnx"
+
+    def to_toml(self) -> str:
+        return dump_toml(self.model_dump(mode="json"))
+
+
+def _field_range(loc: tuple) -> str:
+    """The documented range of the field at ``loc`` (e.g. "> 0, <= 120"), from its annotations."""
+    model: Any = Config
+    info = None
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return ""
+        info = fields[part]
+        model = info.annotation
+    if info is None:
+        return ""
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    parts = [f"{op} {getattr(m, k)}" for m in info.metadata for k, op in ops.items() if getattr(m, k, None) is not None]
+    return ", ".join(parts)
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not str(p).startswith("function-after"))
+    name = ".".join(str(p) for p in loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        return f"{name}: unknown field (check the spelling; `stimloop config show` lists the fields)"
+    text = f"{name} = {err.get('input')!r}: {err['msg']}"
+    allowed = _field_range(loc)
+    if allowed:
+        text += f" (allowed range: {allowed})"
+    return text
+
+
+def parse_config(data: dict, origin: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigError(f"{origin}: {exc.error_count()} problem(s)\n{problems}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Load defaults, then ``path`` on top, then ``overrides`` (nested dicts)."""
+    data: dict = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        origin = str(p)
+    if overrides:
+        data = _merge(data, overrides)
+    return parse_config(data, origin)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_toml(data: dict) -> str:
+    """TOML text of a config dict; ``None`` (\"use the default\") is left out."""
+    return tomli_w.dumps(_drop_none(data))
+
+
+def _drop_none(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _drop_none(x) for k, x in v.items() if x is not None}
+    return v
