@@ -1,0 +1,327 @@
+"""Causal feature extraction: stateful filters, line length, band powers, feature pipelines.
+
+Functional core: no I/O, no clock reads. Arrays are sample-major ``(n_samples,
+n_channels)`` float32 µV (docs/architecture.md, "Conventions").
+
+A *feature pipeline* is named and versioned (``sz_v1``); an ONNX model's
+contract names the pipeline it was trained on (``controller.inference``), and
+``PIPELINES`` maps that name to the class, so training and the controller run
+the exact same code.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from scipy import signal
+
+__all__ = [
+    "SosFilterState",
+    "line_length",
+    "band_powers",
+    "FeaturePipeline",
+    "SzV1Pipeline",
+    "PIPELINES",
+    "make_pipeline",
+    "SZ_V1_BANDS_HZ",
+]
+
+
+def _as_window(window: np.ndarray, what: str = "window") -> np.ndarray:
+    x = np.asarray(window)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be (n_samples, n_channels), got shape {np.shape(window)}")
+    return x
+
+
+class SosFilterState:
+    """Causal IIR filter (second-order sections) whose state is carried across chunks.
+
+    Filtering a signal chunk by chunk gives the same output as filtering it in
+    one call, which is what makes the streaming controller and offline training
+    see identical data. ``process`` accepts ``(n, ch)`` blocks.
+    """
+
+    def __init__(self, sos: np.ndarray, n_channels: int, dtype=np.float64):
+        sos = np.asarray(sos, dtype=np.float64)
+        if sos.ndim != 2 or sos.shape[1] != 6:
+            raise ValueError(f"sos must have shape (n_sections, 6), got {sos.shape}")
+        if n_channels < 1:
+            raise ValueError(f"n_channels must be >= 1, got {n_channels}")
+        self.sos = sos
+        self.n_channels = int(n_channels)
+        self._dtype = dtype
+        # zi layout for axis=0 filtering: (n_sections, 2, n_channels)
+        self._zi = np.zeros((sos.shape[0], 2, self.n_channels), dtype=np.float64)
+        self._zi_step = signal.sosfilt_zi(sos)[:, :, None]  # steady state for a unit step
+        self._primed = False
+
+    @classmethod
+    def butter(cls, order: int, cutoff_hz, btype: str, fs_hz: float, n_channels: int) -> "SosFilterState":
+        """Butterworth design helper (``scipy.signal.butter(..., output='sos')``)."""
+        if fs_hz <= 0:
+            raise ValueError(f"fs_hz must be > 0, got {fs_hz}")
+        sos = signal.butter(order, cutoff_hz, btype=btype, fs=fs_hz, output="sos")
+        return cls(sos, n_channels)
+
+    def reset(self) -> None:
+        """Forget the history; the next chunk re-primes the state."""
+        self._zi[:] = 0.0
+        self._primed = False
+
+    def process(self, chunk: np.ndarray, prime: bool = True) -> np.ndarray:
+        """Filter ``chunk`` (n, ch) and return the filtered block (same shape, float64).
+
+        With ``prime`` the very first chunk starts from the steady state for its
+        first sample (no start-up transient from a DC offset).
+        """
+        x = _as_window(chunk, "chunk")
+        if x.shape[1] != self.n_channels:
+            raise ValueError(f"chunk has {x.shape[1]} channels, filter was built for {self.n_channels}")
+        if x.shape[0] == 0:
+            return np.zeros((0, self.n_channels), dtype=np.float64)
+        if not self._primed:
+            if prime:
+                self._zi[:] = self._zi_step * np.asarray(x[0], dtype=np.float64)[None, None, :]
+            self._primed = True
+        y, self._zi = signal.sosfilt(self.sos, x, axis=0, zi=self._zi)
+        return y
+
+
+def line_length(window: np.ndarray) -> np.ndarray:
+    """Line length per channel: sum |x[n] - x[n-1]| (Esteller et al. 2001; REFERENCE.md §3).
+
+    ``window`` is (n, ch) or (n,); returns (ch,) float64.
+    """
+    x = _as_window(window)
+    if x.shape[0] < 2:
+        raise ValueError(f"line_length needs at least 2 samples, got {x.shape[0]}")
+    return np.abs(np.diff(x, axis=0)).sum(axis=0, dtype=np.float64)
+
+
+def _band_matrix(freqs_hz: np.ndarray, bands_hz) -> np.ndarray:
+    m = np.zeros((freqs_hz.size, len(bands_hz)), dtype=np.float64)
+    for j, (lo, hi) in enumerate(bands_hz):
+        if not (0 <= lo < hi):
+            raise ValueError(f"band {j} must satisfy 0 <= lo < hi, got ({lo}, {hi})")
+        m[:, j] = (freqs_hz >= lo) & (freqs_hz < hi)
+    return m
+
+
+def band_powers(window: np.ndarray, fs_hz: float, bands) -> np.ndarray:
+    """Mean power spectral density (µV²/Hz) in each band, per channel.
+
+    One Hann-windowed periodogram of the whole window (vectorized over
+    channels; a window of 1–2 s is too short for useful Welch averaging).
+    ``bands`` is a sequence of ``(lo_hz, hi_hz)``, half-open ``[lo, hi)``.
+    Returns ``(n_bands, n_channels)`` float64; the mean removed first.
+    """
+    x = _as_window(window)
+    if fs_hz <= 0:
+        raise ValueError(f"fs_hz must be > 0, got {fs_hz}")
+    n = x.shape[0]
+    if n < 4:
+        raise ValueError(f"band_powers needs at least 4 samples, got {n}")
+    for lo, hi in bands:
+        if hi > fs_hz / 2 + 1e-9:
+            raise ValueError(f"band ({lo}, {hi}) Hz exceeds Nyquist {fs_hz / 2} Hz")
+    freqs, psd = signal.periodogram(x, fs=fs_hz, window="hann", detrend="constant", axis=0)
+    m = _band_matrix(freqs, bands)
+    counts = m.sum(axis=0)
+    if np.any(counts == 0):
+        empty = [tuple(b) for b, c in zip(bands, counts) if c == 0]
+        raise ValueError(f"bands {empty} contain no frequency bin at fs_hz={fs_hz}, n={n} (resolution {fs_hz / n:.3g} Hz)")
+    return (m.T @ psd) / counts[:, None]
+
+
+# Classic EEG bands; gamma capped at 80 Hz so it fits any model rate >= 160 Hz.
+SZ_V1_BANDS_HZ: tuple[tuple[float, float], ...] = (
+    (1.0, 4.0),    # delta
+    (4.0, 8.0),    # theta
+    (8.0, 13.0),   # alpha
+    (13.0, 30.0),  # beta
+    (30.0, 80.0),  # gamma / low-voltage fast activity
+)
+_BAND_NAMES = ("delta", "theta", "alpha", "beta", "gamma")
+
+
+class FeaturePipeline:
+    """Base class of named, versioned feature pipelines.
+
+    ``step(window)`` maps one ``(n_samples, n_channels)`` window to a
+    ``(n_features,)`` float32 vector written into a preallocated array (the same
+    array is returned every call: copy it to keep it). ``make_prefilter()``
+    returns the causal stream filter the windows must be cut from.
+    """
+
+    name: str = ""
+    version: int = 0
+
+    def __init__(self, fs_hz: float, n_channels: int, hop_s: float = 0.25):
+        if not (fs_hz > 0):
+            raise ValueError(f"fs_hz must be > 0, got {fs_hz}")
+        if int(n_channels) < 1:
+            raise ValueError(f"n_channels must be >= 1, got {n_channels}")
+        if not (hop_s > 0):
+            raise ValueError(f"hop_s must be > 0, got {hop_s}")
+        self.fs_hz = float(fs_hz)
+        self.n_channels = int(n_channels)
+        self.hop_s = float(hop_s)
+
+    feature_names: tuple[str, ...] = ()
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def make_prefilter(self) -> SosFilterState | None:
+        return None
+
+    def reset(self) -> None:
+        """Forget the running state (baselines)."""
+
+    def step(self, window: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class SzV1Pipeline(FeaturePipeline):
+    """``sz_v1``: seizure features that are channel-count agnostic and patient-normalized.
+
+    Per channel and window it computes
+      * ``ll``: log line length per sample (Esteller 2001, REFERENCE.md §3),
+      * ``pow``: log variance,
+      * ``bp_<band>``: log mean PSD in delta/theta/alpha/beta/gamma,
+    then subtracts a slow causal running baseline of each of these log
+    features, kept per channel in the pipeline state. In log units the
+    difference is a ratio to the patient's own recent background, so a
+    patient with 3× larger amplitude gives the same features (robust across
+    patients). The baseline is an exponential moving average with time
+    constant ``baseline_tau_s`` (120 s) updated once per hop; upward moves are
+    rate-limited to ``baseline_max_rise_per_s`` so that a seizure lasting tens
+    of seconds barely moves it (a seizure must not become the new normal),
+    downward moves are not. The first window initializes it and for the first
+    ``warmup_s`` (30 s) it follows a fast 5 s EMA without the rise limit, so
+    detections in the first ~30 s after start-up are less reliable (and a
+    seizure already running at start-up is learned as background).
+
+    Also per channel: relative band powers (fraction of 1–80 Hz power per
+    band, amplitude invariant, no baseline) and the spectral edge frequency
+    at 80 % of power (divided by 80 Hz).
+
+    Channel aggregation: median and max over channels of each per-channel
+    feature, so a 1-channel and a 16-channel stream give the same-length
+    vector and a focal seizure on a few channels still shows in ``max``.
+    """
+
+    name = "sz_v1"
+    version = 1
+    baseline_tau_s = 120.0
+    baseline_max_rise_per_s = 0.005  # log units/s: a 60 s seizure lifts it by <= 0.3 (×1.35)
+    warmup_s = 30.0
+    warmup_tau_s = 5.0
+    _per_channel = (
+        ("ll_z", "pow_z") + tuple(f"bp_{b}_z" for b in _BAND_NAMES)
+        + tuple(f"rel_{b}" for b in _BAND_NAMES) + ("sef80",)
+    )
+    feature_names = tuple(f"{agg}_{f}" for f in _per_channel for agg in ("med", "max"))
+
+    def __init__(self, fs_hz: float, n_channels: int, hop_s: float = 0.25):
+        super().__init__(fs_hz, n_channels, hop_s)
+        if fs_hz < 2 * SZ_V1_BANDS_HZ[-1][1]:
+            raise ValueError(f"sz_v1 needs fs_hz >= {2 * SZ_V1_BANDS_HZ[-1][1]} Hz (gamma band to 80 Hz), got {fs_hz}")
+        ch = self.n_channels
+        self._n_log = 2 + len(SZ_V1_BANDS_HZ)
+        self._n_pc = len(self._per_channel)
+        self._pc = np.zeros((self._n_pc, ch), dtype=np.float64)
+        self._baseline = np.zeros((self._n_log, ch), dtype=np.float64)
+        self._have_baseline = False
+        self._alpha = min(1.0, self.hop_s / self.baseline_tau_s)
+        self._alpha_warm = min(1.0, self.hop_s / self.warmup_tau_s)
+        self._max_rise = self.baseline_max_rise_per_s * self.hop_s
+        self._n_steps = 0
+        self._out = np.zeros(len(self.feature_names), dtype=np.float32)
+        self._n_window: int | None = None  # spectral tables built for this window length
+
+    def _build_tables(self, n: int) -> None:
+        freqs = np.fft.rfftfreq(n, d=1.0 / self.fs_hz)
+        bm = _band_matrix(freqs, SZ_V1_BANDS_HZ)
+        counts = bm.sum(axis=0)
+        if np.any(counts == 0):
+            raise ValueError(f"sz_v1 window of {n} samples at {self.fs_hz} Hz is too short to resolve the delta band")
+        self._band_mean = bm / counts  # (n_freq, n_bands): mean PSD per band
+        self._band_sum = bm            # total power per band (for relative power and SEF)
+        self._in_range = (freqs >= SZ_V1_BANDS_HZ[0][0]) & (freqs < SZ_V1_BANDS_HZ[-1][1])
+        self._freqs = freqs
+        self._hann = np.hanning(n)[:, None]
+        self._psd_scale = 1.0 / (self.fs_hz * np.sum(self._hann ** 2))
+        self._n_window = n
+
+    def reset(self) -> None:
+        self._baseline[:] = 0.0
+        self._have_baseline = False
+        self._n_steps = 0
+
+    def make_prefilter(self) -> SosFilterState:
+        """0.5 Hz high-pass (order 2): removes electrode drift/DC before windowing."""
+        return SosFilterState.butter(2, 0.5, "highpass", self.fs_hz, self.n_channels)
+
+    def step(self, window: np.ndarray) -> np.ndarray:
+        """Features of one window (n, ch); returns the preallocated ``(n_features,)`` float32 vector."""
+        x = _as_window(window)
+        n, ch = x.shape
+        if ch != self.n_channels:
+            raise ValueError(f"window has {ch} channels, pipeline sz_v1 was built for {self.n_channels}")
+        if n != self._n_window:
+            self._build_tables(n)
+        eps = 1e-6  # µV²: floor for flat (disconnected) channels so log stays finite
+        pc = self._pc
+        xc = x - x.mean(axis=0)
+        pc[0] = np.log(np.abs(np.diff(xc, axis=0)).sum(axis=0) / (n - 1) + eps)
+        pc[1] = np.log((xc * xc).mean(axis=0) + eps)
+        spec = np.fft.rfft(xc * self._hann, axis=0)
+        psd = (spec.real ** 2 + spec.imag ** 2) * self._psd_scale
+        nb = len(SZ_V1_BANDS_HZ)
+        pc[2:2 + nb] = np.log(self._band_mean.T @ psd + eps)
+        band_tot = self._band_sum.T @ psd  # (n_bands, ch)
+        total = band_tot.sum(axis=0) + eps
+        pc[2 + nb:2 + 2 * nb] = band_tot / total
+        # spectral edge: first in-range frequency where cumulative power reaches 80 %
+        cum = np.cumsum(psd * self._in_range[:, None], axis=0)
+        edge_idx = (cum < 0.8 * cum[-1]).sum(axis=0)
+        pc[2 + 2 * nb] = self._freqs[np.minimum(edge_idx, self._freqs.size - 1)] / SZ_V1_BANDS_HZ[-1][1]
+
+        logs = pc[:self._n_log]
+        if not self._have_baseline:
+            self._baseline[:] = logs
+            self._have_baseline = True
+        dev = logs - self._baseline
+        # Asymmetric, rate-limited EMA: rises at most baseline_max_rise_per_s (a
+        # seizure must not become the new normal), falls freely. During warm-up
+        # a fast time constant lets the baseline settle on the patient.
+        self._n_steps += 1
+        warm = self._n_steps * self.hop_s < self.warmup_s
+        step = (self._alpha_warm if warm else self._alpha) * dev
+        if not warm:
+            np.minimum(step, self._max_rise, out=step)
+        self._baseline += step
+        pc[:self._n_log] = dev
+        out = self._out
+        out[0::2] = np.median(pc, axis=1)
+        out[1::2] = pc.max(axis=1)
+        return out
+
+
+PIPELINES: dict[str, Callable[..., FeaturePipeline]] = {
+    SzV1Pipeline.name: SzV1Pipeline,
+}
+
+
+def make_pipeline(name: str, fs_hz: float, n_channels: int, hop_s: float = 0.25) -> FeaturePipeline:
+    """Instantiate the pipeline registered under ``name`` (see ``PIPELINES``)."""
+    try:
+        cls = PIPELINES[name]
+    except KeyError:
+        raise KeyError(f"unknown feature pipeline {name!r}; known: {sorted(PIPELINES)}") from None
+    return cls(fs_hz=fs_hz, n_channels=n_channels, hop_s=hop_s)

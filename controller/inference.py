@@ -1,0 +1,352 @@
+"""ONNX model contract, single-threaded predictor, deadline accounting, detector stage.
+
+A shipped model carries its own contract in the ONNX ``metadata_props`` under
+``stimloop.contract`` (JSON; docs/architecture.md, "Predictor contract"). The
+controller reads it, checks it can fit the stream at start-up
+(``ModelContract.check_stream``), then per chunk runs
+``SeizureDetectorStage.step`` (resample -> causal prefilter -> windows ->
+feature pipeline) and ``OnnxPredictor.predict`` on each window's features.
+``DeadlineAccount`` decides whether a result is still fresh enough to act on.
+
+Everything here except ``OnnxPredictor`` (which holds an onnxruntime session)
+is functional core: no I/O, no clock reads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from controller.features import PIPELINES, make_pipeline
+from controller.resample import StreamResampler
+
+__all__ = [
+    "CONTRACT_KEY",
+    "ContractError",
+    "ModelContract",
+    "OnnxPredictor",
+    "DeadlineAccount",
+    "SeizureDetectorStage",
+    "read_contract",
+]
+
+CONTRACT_KEY = "stimloop.contract"
+# A source rate must be representable within this relative error by the
+# resampler's rational approximation; beyond it spectral features shift.
+MAX_RATE_ERROR = 1e-3
+
+
+class ContractError(ValueError):
+    """The model's contract is malformed or cannot be fitted to the stream."""
+
+
+class ModelContract(BaseModel):
+    """What a model expects: rate, windowing, feature pipeline, output, threshold."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    fs_hz: float = Field(gt=0)
+    window_s: float = Field(gt=0)
+    hop_s: float = Field(gt=0)
+    n_channels: int = Field(ge=0, description="0 = any channel count")
+    feature_pipeline: str
+    feature_names: tuple[str, ...]
+    output: str = "p_seizure"
+    threshold: float = Field(ge=0.0, le=1.0)
+    version: str
+    input_name: str = "features"
+
+    @field_validator("feature_names")
+    @classmethod
+    def _names_unique(cls, v):
+        if len(v) == 0 or len(set(v)) != len(v):
+            raise ValueError(f"feature_names must be non-empty and unique, got {list(v)}")
+        return v
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def window_n(self) -> int:
+        return int(round(self.window_s * self.fs_hz))
+
+    @property
+    def hop_n(self) -> int:
+        return int(round(self.hop_s * self.fs_hz))
+
+    @classmethod
+    def from_json(cls, text: str, origin: str = "contract") -> "ModelContract":
+        """Parse the ``stimloop.contract`` JSON; ``ContractError`` names what is wrong."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ContractError(f"{origin}: {CONTRACT_KEY} is not valid JSON ({e})") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+                                 for err in e.errors())
+            raise ContractError(f"{origin}: invalid {CONTRACT_KEY}: {problems}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+    def check_stream(self, fs_hz: float, n_channels: int) -> None:
+        """Raise ``ContractError`` if a stream of ``n_channels`` at ``fs_hz`` cannot feed this model."""
+        if not (isinstance(n_channels, (int, np.integer)) and n_channels >= 1):
+            raise ContractError(f"stream n_channels must be an integer >= 1, got {n_channels!r}")
+        if self.n_channels not in (0, n_channels):
+            raise ContractError(f"model {self.version} needs {self.n_channels} channels, the stream has {n_channels}")
+        if not (isinstance(fs_hz, (int, float, np.floating)) and math.isfinite(fs_hz) and fs_hz > 0):
+            raise ContractError(f"stream fs_hz must be a finite rate > 0 Hz, got {fs_hz!r}")
+        if self.feature_pipeline not in PIPELINES:
+            raise ContractError(f"model {self.version} names feature pipeline {self.feature_pipeline!r}, "
+                                f"which this controller does not have (known: {sorted(PIPELINES)})")
+        try:
+            pipe = make_pipeline(self.feature_pipeline, self.fs_hz, n_channels, self.hop_s)
+        except ValueError as e:
+            raise ContractError(f"model {self.version}: pipeline {self.feature_pipeline!r} rejects the contract: {e}") from None
+        if tuple(pipe.feature_names) != tuple(self.feature_names):
+            raise ContractError(f"model {self.version} expects features {list(self.feature_names)}, pipeline "
+                                f"{self.feature_pipeline!r} produces {list(pipe.feature_names)}")
+        if self.window_n < 8 or self.hop_n < 1:
+            raise ContractError(f"model window {self.window_s} s / hop {self.hop_s} s at {self.fs_hz} Hz is too short "
+                                f"(window >= 8 samples, hop >= 1 sample expected)")
+        if fs_hz != self.fs_hz:
+            rs = StreamResampler(fs_hz, self.fs_hz, 1)
+            if abs(rs.rate_error) > MAX_RATE_ERROR:
+                raise ContractError(f"stream rate {fs_hz} Hz cannot be resampled to the model's {self.fs_hz} Hz within "
+                                    f"{MAX_RATE_ERROR:.1%} (best {rs.up}/{rs.down}, error {rs.rate_error:+.3%})")
+
+
+def read_contract(path: str | Path) -> ModelContract:
+    """Read the contract from an ONNX file's metadata (no inference session needed)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if CONTRACT_KEY not in meta:
+        raise ContractError(f"{path}: no {CONTRACT_KEY!r} in metadata_props (keys: {sorted(meta)})")
+    return ModelContract.from_json(meta[CONTRACT_KEY], origin=str(path))
+
+
+class OnnxPredictor:
+    """One onnxruntime session, single-threaded, with a preallocated input.
+
+    ``predict(features)`` copies the ``(n_features,)`` vector into the bound
+    input buffer, runs the model and returns the contract's output (a
+    probability) as a float. ``use_iobinding`` binds the input and output
+    buffers once (REFERENCE.md §8: lowest latency for tiny models); the bench
+    ``python -m controller.bench_inference`` measures both paths.
+    """
+
+    def __init__(self, path: str | Path, use_iobinding: bool = True):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"model file {self.path} does not exist")
+        blob = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(blob).hexdigest()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if CONTRACT_KEY not in meta:
+            raise ContractError(f"{self.path}: no {CONTRACT_KEY!r} in metadata_props (keys: {sorted(meta)})")
+        self.contract = ModelContract.from_json(meta[CONTRACT_KEY], origin=str(self.path))
+        c = self.contract
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if c.input_name not in inputs:
+            raise ContractError(f"{self.path}: contract input {c.input_name!r} not in model inputs {sorted(inputs)}")
+        width = inputs[c.input_name].shape[-1]
+        if isinstance(width, int) and width != c.n_features:
+            raise ContractError(f"{self.path}: model input {c.input_name!r} has {width} features, "
+                                f"contract lists {c.n_features}")
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if c.output not in outputs:
+            raise ContractError(f"{self.path}: contract output {c.output!r} not in model outputs {sorted(outputs)}")
+        self._x = np.zeros((1, c.n_features), dtype=np.float32)
+        self._use_iobinding = bool(use_iobinding)
+        if self._use_iobinding:
+            probe = self.session.run([c.output], {c.input_name: self._x})[0]
+            self._y = np.zeros(probe.shape, dtype=probe.dtype)
+            self._binding = self.session.io_binding()
+            # CPU OrtValues wrap the numpy buffers: writing self._x updates the input in place.
+            self._x_ort = ort.OrtValue.ortvalue_from_numpy(self._x)
+            self._y_ort = ort.OrtValue.ortvalue_from_numpy(self._y)
+            self._binding.bind_ortvalue_input(c.input_name, self._x_ort)
+            self._binding.bind_ortvalue_output(c.output, self._y_ort)
+        self._feed = {c.input_name: self._x}
+        self._fetch = [c.output]
+
+    def predict(self, features: np.ndarray) -> float:
+        """Probability for one ``(n_features,)`` feature vector."""
+        f = np.asarray(features)
+        if f.shape[-1] != self._x.shape[1] or f.size != self._x.shape[1]:
+            raise ValueError(f"features must have shape ({self._x.shape[1]},), got {f.shape}")
+        self._x[0] = f.reshape(-1)
+        if self._use_iobinding:
+            self.session.run_with_iobinding(self._binding)
+            return float(self._y.flat[0])
+        return float(self.session.run(self._fetch, self._feed)[0].flat[0])
+
+    def predict_batch(self, features: np.ndarray) -> np.ndarray:
+        """Probabilities for ``(n, n_features)`` features (offline evaluation, not the real-time path)."""
+        f = np.ascontiguousarray(features, dtype=np.float32)
+        if f.ndim != 2 or f.shape[1] != self._x.shape[1]:
+            raise ValueError(f"features must have shape (n, {self._x.shape[1]}), got {f.shape}")
+        out = self.session.run(self._fetch, {self.contract.input_name: f})[0]
+        return np.asarray(out, dtype=np.float64).reshape(f.shape[0], -1)[:, 0]
+
+
+class DeadlineAccount:
+    """Counts predictions that came too late to act on.
+
+    ``check(t_window_end, t_result)`` returns True when the result arrived
+    within ``deadline_s`` of the end of its window (session-clock seconds);
+    otherwise it counts a miss and returns False, and the caller must drop
+    the result (a stale detection must never trigger stimulation).
+    ``skip(t_window_end)`` counts a window that got no result at all.
+    """
+
+    def __init__(self, deadline_s: float):
+        if not (isinstance(deadline_s, (int, float)) and math.isfinite(deadline_s) and deadline_s > 0):
+            raise ValueError(f"deadline_s must be a finite number > 0 s, got {deadline_s!r}")
+        self.deadline_s = float(deadline_s)
+        self.n_checked = 0
+        self.n_on_time = 0
+        self.n_late = 0
+        self.n_skipped = 0
+        self.max_latency_s = 0.0
+        self.last_latency_s = math.nan
+
+    @property
+    def n_missed(self) -> int:
+        """Late results plus windows that never got a result."""
+        return self.n_late + self.n_skipped
+
+    def check(self, t_window_end: float, t_result: float) -> bool:
+        """True if the result may be acted upon; False (and counted) if it is late or its times are invalid."""
+        self.n_checked += 1
+        latency = t_result - t_window_end
+        self.last_latency_s = latency
+        if not math.isfinite(latency) or latency < 0 or latency > self.deadline_s:
+            # Non-finite or negative latency means the clocks are inconsistent:
+            # treat it as late, never as on time.
+            self.n_late += 1
+            if math.isfinite(latency):
+                self.max_latency_s = max(self.max_latency_s, latency)
+            return False
+        self.n_on_time += 1
+        self.max_latency_s = max(self.max_latency_s, latency)
+        return True
+
+    def skip(self, t_window_end: float) -> None:
+        """Count a window that was dropped without a result (e.g. the predictor fell behind)."""
+        self.n_skipped += 1
+
+    def summary(self) -> dict[str, Any]:
+        return {"deadline_s": self.deadline_s, "n_checked": self.n_checked, "n_on_time": self.n_on_time,
+                "n_late": self.n_late, "n_skipped": self.n_skipped, "n_missed": self.n_missed,
+                "max_latency_s": self.max_latency_s}
+
+
+class SeizureDetectorStage:
+    """Per-chunk front end of a model: resample, prefilter, window, features.
+
+    ``step(chunk (n, ch), timestamps (n,))`` returns a list of
+    ``(window_end_t, features)`` for every hop completed by this chunk, where
+    ``window_end_t`` is the timestamp of the newest source sample in the
+    window (the moment the window's data existed) and ``features`` is a
+    fresh ``(n_features,)`` float32 copy ready for ``OnnxPredictor.predict``.
+    The first result comes once a full window has been collected.
+    """
+
+    def __init__(self, contract: ModelContract, source_fs_hz: float, n_channels: int):
+        contract.check_stream(source_fs_hz, n_channels)
+        self.contract = contract
+        self.source_fs_hz = float(source_fs_hz)
+        self.n_channels = int(n_channels)
+        self.pipeline = make_pipeline(contract.feature_pipeline, contract.fs_hz, n_channels, contract.hop_s)
+        self.prefilter = self.pipeline.make_prefilter()
+        self.resampler = (StreamResampler(source_fs_hz, contract.fs_hz, n_channels)
+                          if source_fs_hz != contract.fs_hz else None)
+        self.window_n = contract.window_n
+        self.hop_n = contract.hop_n
+        self._cap = 4 * self.window_n
+        self._buf = np.zeros((self._cap, self.n_channels), dtype=np.float32)
+        self._tbuf = np.zeros(self._cap, dtype=np.float64)
+        self._fill = 0
+        self._since_hop = 0       # model-rate samples since the last emitted window
+        self._n_total = 0         # model-rate samples seen
+        self._src_t = np.zeros(0, dtype=np.float64)  # recent source timestamps (resampling only)
+        self._src_base = 0        # absolute source index of _src_t[0]
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * self._cap)
+        buf = np.zeros((cap, self.n_channels), dtype=np.float32)
+        tbuf = np.zeros(cap, dtype=np.float64)
+        buf[:self._fill] = self._buf[:self._fill]
+        tbuf[:self._fill] = self._tbuf[:self._fill]
+        self._buf, self._tbuf, self._cap = buf, tbuf, cap
+
+    def step(self, chunk: np.ndarray, timestamps: np.ndarray) -> list[tuple[float, np.ndarray]]:
+        """Consume one source chunk; return ``[(window_end_t, features), ...]`` for each completed hop."""
+        x = np.asarray(chunk)
+        if x.ndim == 1 and self.n_channels == 1:
+            x = x[:, None]
+        ts = np.asarray(timestamps, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.n_channels:
+            raise ValueError(f"chunk must be (n, {self.n_channels}), got shape {np.shape(chunk)}")
+        if ts.shape != (x.shape[0],):
+            raise ValueError(f"timestamps must have shape ({x.shape[0]},), got {ts.shape}")
+        if x.shape[0] == 0:
+            return []
+        if self.resampler is not None:
+            y, src_idx = self.resampler.process(x)
+            # Keep just enough source timestamps to map this chunk's outputs.
+            self._src_t = np.concatenate([self._src_t, ts])
+            ty = self._src_t[src_idx - self._src_base] if y.shape[0] else np.zeros(0)
+            drop = self._src_t.size - 1
+            if drop > 0:
+                self._src_t = self._src_t[drop:]
+                self._src_base += drop
+        else:
+            y, ty = x, ts
+        if y.shape[0] == 0:
+            return []
+        if self.prefilter is not None:
+            y = self.prefilter.process(y)
+        n = y.shape[0]
+        if self._fill + n > self._cap:
+            self._grow(self._fill + n)
+        self._buf[self._fill:self._fill + n] = y
+        self._tbuf[self._fill:self._fill + n] = ty
+        start_fill = self._fill
+        self._fill += n
+        out: list[tuple[float, np.ndarray]] = []
+        # Window ends (exclusive, as buffer positions) at every hop boundary reached in this chunk.
+        first_end = start_fill + (self.hop_n - self._since_hop)
+        for end in range(first_end, self._fill + 1, self.hop_n):
+            if end >= self.window_n:
+                feats = self.pipeline.step(self._buf[end - self.window_n:end])
+                out.append((float(self._tbuf[end - 1]), feats.copy()))
+        self._since_hop = (self._since_hop + n) % self.hop_n
+        self._n_total += n
+        # Keep only the last window_n samples (the rest can never be in a future window).
+        if self._fill > self.window_n:
+            k = self.window_n
+            self._buf[:k] = self._buf[self._fill - k:self._fill]
+            self._tbuf[:k] = self._tbuf[self._fill - k:self._fill]
+            self._fill = k
+        return out
