@@ -1,0 +1,228 @@
+"""Live telemetry over a ZeroMQ PUB socket: the loop publishes, monitors subscribe.
+
+Wire format (one ZeroMQ multipart message per publication)::
+
+    frame 0   topic, ASCII (one of TOPICS)
+    frame 1   header, compact JSON: {"t": float, "p": {...payload without arrays...},
+                                     "a": [[key, dtype, shape], ...]}
+    frame 2+  one raw C-contiguous buffer per array listed in "a", in order
+
+Arrays travel as raw bytes beside the JSON so that a decimated signal block costs
+one memcpy instead of a JSON encode of every number (the publisher runs on the
+real-time path). Any process that speaks ZeroMQ can read it.
+
+Never blocks the caller: sends use ``NOBLOCK`` and ``XPUB_NODROP`` so that a full
+send queue (SNDHWM reached because a subscriber is slow or stuck) surfaces as
+``zmq.Again``, which is counted in ``dropped`` instead of being silently discarded
+by libzmq. The price of counting: while one subscriber is stuck at its HWM,
+publications are dropped for every subscriber.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import zmq
+
+from controller.events import Event, EventKind
+
+TOPICS: tuple[str, ...] = ("signal", "features", "prediction", "decision", "stim", "clamp", "fault", "status")
+
+# Which telemetry topic carries which event kind. A monitor watching "fault"
+# sees everything that means the loop is not healthy (including dropped samples
+# and deadline misses); governor clamps and refusals share "clamp".
+EVENT_TOPIC: dict[EventKind, str] = {
+    EventKind.CHUNK: "status",
+    EventKind.SPIKE: "prediction",
+    EventKind.PREDICTION: "prediction",
+    EventKind.DECISION: "decision",
+    EventKind.CLAMP: "clamp",
+    EventKind.REFUSAL: "clamp",
+    EventKind.COMMAND: "stim",
+    EventKind.ACK: "stim",
+    EventKind.FAULT: "fault",
+    EventKind.SAFE_STATE: "fault",
+    EventKind.DEADLINE_MISS: "fault",
+    EventKind.DROPPED: "fault",
+    EventKind.STATUS: "status",
+    EventKind.MARK: "status",
+}
+
+_TOPIC_BYTES = {t: t.encode("ascii") for t in TOPICS}
+
+
+def _json_default(value: Any) -> Any:
+    """Make numpy scalars and enums JSON-encodable (only called for those, so cheap)."""
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    return str(value)
+
+
+def encode(topic: str, t: float, payload: dict) -> list:
+    """Encode one publication as multipart frames (see module docstring).
+
+    Raises ``ValueError`` naming the topic when it is not one of ``TOPICS``.
+    """
+    topic_b = _TOPIC_BYTES.get(topic)
+    if topic_b is None:
+        raise ValueError(f"telemetry topic {topic!r} is unknown; expected one of {TOPICS}")
+    arrays = None
+    plain = payload
+    for key, value in payload.items():
+        if isinstance(value, np.ndarray):
+            if arrays is None:
+                arrays = []
+                plain = dict(payload)
+            arrays.append((key, value))
+            del plain[key]
+    header: dict[str, Any] = {"t": float(t), "p": plain}
+    frames: list = [topic_b, b""]
+    if arrays:
+        header["a"] = [[k, a.dtype.str, list(a.shape)] for k, a in arrays]
+        # ascontiguousarray is a no-op for the usual C-ordered block; zmq takes the
+        # buffer directly, with no bytes() conversion.
+        frames.extend(np.ascontiguousarray(a) for _, a in arrays)
+    frames[1] = json.dumps(header, separators=(",", ":"), default=_json_default).encode()
+    return frames
+
+
+def decode(frames: list) -> tuple[str, float, dict]:
+    """Inverse of :func:`encode`: ``(topic, t, payload)`` with arrays restored."""
+    if len(frames) < 2:
+        raise ValueError(f"telemetry message has {len(frames)} frame(s); expected at least 2 (topic, header)")
+    topic = bytes(frames[0]).decode("ascii")
+    header = json.loads(bytes(frames[1]))
+    payload = dict(header.get("p", {}))
+    specs = header.get("a", [])
+    if len(frames) != 2 + len(specs):
+        raise ValueError(f"telemetry message on {topic!r} has {len(frames)} frames; header announces {2 + len(specs)}")
+    for (key, dtype, shape), buf in zip(specs, frames[2:]):
+        payload[key] = np.frombuffer(bytes(buf), dtype=np.dtype(dtype)).reshape(shape)
+    return topic, float(header["t"]), payload
+
+
+class TelemetryPublisher:
+    """Non-blocking ZeroMQ PUB endpoint for the real-time loop.
+
+    ``publish`` never waits: when the send queue is full the message is dropped
+    and ``dropped`` is incremented. Not thread-safe (one publisher per process,
+    like every ZeroMQ socket).
+    """
+
+    def __init__(self, address: str = "tcp://127.0.0.1:5556", hwm: int = 1000,
+                 context: zmq.Context | None = None) -> None:
+        if not isinstance(hwm, int) or hwm < 1:
+            raise ValueError(f"telemetry hwm={hwm!r} is invalid; expected an integer >= 1 (messages)")
+        self.address = address
+        self.hwm = hwm
+        self.sent = 0
+        self.dropped = 0
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PUB)
+        self._sock.setsockopt(zmq.SNDHWM, hwm)
+        self._sock.setsockopt(zmq.LINGER, 0)  # closing must not wait for slow subscribers
+        self._sock.setsockopt(zmq.XPUB_NODROP, 1)  # full queue -> Again, so drops are counted
+        try:
+            self._sock.bind(address)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise OSError(f"telemetry publisher cannot bind {address!r}: {exc}") from exc
+        # The actual endpoint (resolves a wildcard port such as tcp://127.0.0.1:*).
+        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def publish(self, topic: str, t: float, payload: dict) -> bool:
+        """Send ``payload`` on ``topic`` stamped ``t``; False when dropped (queue full)."""
+        frames = encode(topic, t, payload)
+        try:
+            # copy=True: the caller may reuse its array (a ring buffer view) right after.
+            self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def publish_event(self, event: Event) -> bool:
+        """Publish an :class:`~controller.events.Event` on the topic of its kind."""
+        topic = EVENT_TOPIC.get(event.kind, "status")
+        payload = {"kind": str(event.kind), "source": event.source}
+        payload.update(event.data)
+        return self.publish(topic, event.t, payload)
+
+    def publish_signal(self, t: float, samples: np.ndarray, fs_hz: float, decimate: int = 1,
+                       channel_names: Iterable[str] | None = None) -> bool:
+        """Publish a signal block ``(n, ch)``, keeping every ``decimate``-th row.
+
+        Plain sub-sampling (no anti-alias filter): the view is for eyes, not analysis.
+        ``t`` is the timestamp of the first sample; ``fs_hz`` is the published rate.
+        """
+        if samples.ndim != 2:
+            raise ValueError(f"signal block shape {samples.shape} is invalid; expected (n_samples, n_channels)")
+        if not isinstance(decimate, int) or decimate < 1:
+            raise ValueError(f"signal decimate={decimate!r} is invalid; expected an integer >= 1")
+        payload: dict[str, Any] = {"fs_hz": float(fs_hz) / decimate, "x": samples[::decimate]}
+        if channel_names is not None:
+            payload["channels"] = list(channel_names)
+        return self.publish("signal", t, payload)
+
+    def close(self) -> None:
+        """Close the socket (drops anything still queued)."""
+        self._sock.close(0)
+
+    def __enter__(self) -> "TelemetryPublisher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TelemetrySubscriber:
+    """SUB endpoint: connects to a publisher (local or remote) and decodes messages.
+
+    ``topics`` None subscribes to all of ``TOPICS``. Messages whose topic is not
+    exactly one of the requested topics are skipped (ZeroMQ filters by prefix).
+    """
+
+    def __init__(self, address: str = "tcp://127.0.0.1:5556", topics: Iterable[str] | None = None,
+                 context: zmq.Context | None = None, rcvhwm: int = 1000) -> None:
+        wanted = tuple(TOPICS if topics is None else topics)
+        for topic in wanted:
+            if topic not in TOPICS:
+                raise ValueError(f"telemetry topic {topic!r} is unknown; expected one of {TOPICS}")
+        self.address = address
+        self.topics = frozenset(wanted)
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        for topic in wanted:
+            self._sock.setsockopt(zmq.SUBSCRIBE, _TOPIC_BYTES[topic])
+        self._sock.connect(address)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def recv(self, timeout_ms: int = 1000) -> tuple[str, float, dict] | None:
+        """Next ``(topic, t, payload)``, or None when nothing arrived within ``timeout_ms``."""
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        while True:
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self._poller.poll(left_ms):
+                return None
+            frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+            topic, t, payload = decode(frames)
+            if topic in self.topics:
+                return topic, t, payload
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close(0)
+
+    def __enter__(self) -> "TelemetrySubscriber":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
