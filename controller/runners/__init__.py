@@ -1,0 +1,1 @@
+"""Runners drive the functional core: real time (processes) and simulated time (virtual clock)."""

@@ -1,0 +1,194 @@
+"""Real-time session: simulator, acquisition, inference loop and actuator as processes.
+
+Process layout (all spawned; the parent only orchestrates and shows progress)::
+
+    hil      simulated patient: LSL outlet + stimulator emulator on a pty   (source.kind = hil)
+    acq      source -> SharedRing, raw recording                            (controller.acquisition)
+    loop     ring -> features -> ONNX -> policy -> governor -> driver        (controller.loop)
+
+Shutdown on Ctrl-C, SIGTERM or the end of the session, in this order:
+stimulation off (loop), sources (acq), simulator, then the report.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+from controller.config import Config
+from controller.recorder import EventLog, new_session_dir, write_json
+
+
+class SessionError(RuntimeError):
+    """The session could not start or ended on a fault; the message says what to fix."""
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):  # SIGTERM -> same orderly path as Ctrl-C
+    raise _Stop(signal.Signals(signum).name)
+
+
+def source_spec(cfg: Config, hil_stream: str | None = None) -> dict:
+    s = cfg.source
+    if s.kind in ("hil", "lsl"):
+        return {"kind": "lsl", "name": hil_stream or s.stream, "type": s.stream_type or None,
+                "source_id": s.source_id or None, "resolve_timeout_s": s.resolve_timeout_s,
+                "max_buflen_s": s.max_buflen_s, "stall_timeout_s": s.stall_timeout_s}
+    return {"kind": "brainflow", "board_id": s.board_id, "params": dict(s.board_params)}
+
+
+def _wait_ready(q, proc, timeout_s: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            msg = q.get(timeout=0.1)
+        except Exception:
+            if not proc.is_alive():
+                raise SessionError(f"{what} process exited during start-up (exit code {proc.exitcode})") from None
+            continue
+        if "error" in msg:
+            raise SessionError(f"{what}: {msg['error']}")
+        return msg
+    raise SessionError(f"{what} did not start within {timeout_s:.0f} s")
+
+
+def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> Path:
+    """Run one session to the end and return its folder (metrics and report written)."""
+    from controller.lsl_config import ensure_lsl_config
+    ensure_lsl_config()
+    from controller.inference import ContractError, ModelContract
+    from controller.sources import probe_source
+
+    model_path = cfg.model_path()
+    try:
+        contract = ModelContract.from_onnx(model_path)
+    except (ContractError, FileNotFoundError) as exc:
+        raise SessionError(f"model {model_path}: {exc}") from None
+
+    session_dir = Path(session_dir) if session_dir else new_session_dir(cfg.session.out_dir)
+    (session_dir / "config.toml").write_text(cfg.to_toml())
+    write_json(session_dir / "session.json", {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "argv": sys.argv, "python": sys.version, "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "runner": "realtime",
+    })
+    log = EventLog(session_dir / "events.jsonl")
+    ctx = mp.get_context("spawn")
+    stops = {k: ctx.Event() for k in ("hil", "acq", "loop")}
+    procs: dict[str, mp.Process] = {}
+    ring = None
+    old_term = signal.signal(signal.SIGTERM, _raise_stop)
+    status = "completed"
+    failure: SessionError | None = None
+    try:
+        stream_name, port = None, cfg.device.port
+        if cfg.source.kind == "hil" or cfg.device.kind == "hil":
+            from hil_sim.process import run_hil
+            q = ctx.Queue()
+            sim = cfg.simulator
+            spec = {"fs_hz": sim.fs_hz, "n_channels": sim.n_channels, "patient": sim.patient,
+                    "seed": cfg.session.seed, "seizure_onsets_s": sim.seizure_onsets_s,
+                    "spontaneous_seizures": sim.spontaneous_seizures, "stream": cfg.source.stream,
+                    "chunk_s": sim.chunk_s, "watchdog_s": cfg.device.watchdog_s}
+            procs["hil"] = ctx.Process(target=run_hil, args=(spec, q, stops["hil"], str(session_dir)), name="stimloop-hil")
+            procs["hil"].start()
+            info = _wait_ready(q, procs["hil"], 60, "simulator")
+            if cfg.source.kind == "hil":
+                stream_name = info["stream"]
+            if cfg.device.kind == "hil":
+                port = info["port"]
+            _say(console, f"simulator: LSL stream [bold]{info['stream']}[/], stimulator on [bold]{info['port']}[/]")
+        if cfg.device.kind == "serial" and not port:
+            raise SessionError("device.kind = serial needs device.port (or --port PATH)")
+
+        spec_src = source_spec(cfg, stream_name)
+        try:
+            src_info = probe_source(spec_src)
+        except Exception as exc:
+            raise SessionError(f"source: {exc}") from None
+        try:
+            contract.check_stream(src_info.fs_hz, src_info.n_channels)
+        except ContractError as exc:
+            raise SessionError(f"model {model_path.name} does not fit the stream: {exc}") from None
+        _say(console, f"source: {src_info.name} — {src_info.n_channels} ch @ {src_info.fs_hz:g} Hz")
+
+        from controller.ring import SharedRing
+        capacity = int(cfg.ring.capacity_s * src_info.fs_hz)
+        ring = SharedRing.create(None, src_info.n_channels, capacity, src_info.fs_hz)
+
+        from controller.acquisition import run_acquisition
+        procs["acq"] = ctx.Process(target=run_acquisition, name="stimloop-acq",
+                                   args=(spec_src, ring.name, stops["acq"], str(session_dir / "events.jsonl"),
+                                         str(session_dir / "raw")))
+        procs["acq"].start()
+
+        from controller.loop import run_loop
+        q_loop = ctx.Queue()
+        procs["loop"] = ctx.Process(target=run_loop, name="stimloop-loop",
+                                    args=(cfg.model_dump_json(), ring.name, port, str(session_dir), stops["loop"], q_loop))
+        procs["loop"].start()
+        _wait_ready(q_loop, procs["loop"], 60, "control loop")
+
+        _progress(cfg.session.duration_s, procs, console)
+    except (KeyboardInterrupt, _Stop) as exc:
+        status = f"stopped by {exc or 'SIGINT'}"
+        _say(console, f"[yellow]{status}: stimulation off, then sources, then recorder[/]")
+    except SessionError as exc:
+        status, failure = "failed", exc
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the orderly shutdown
+        try:
+            for name in ("loop", "acq", "hil"):  # stimulation off first
+                stops[name].set()
+                p = procs.get(name)
+                if p is not None:
+                    p.join(10)
+                    if p.is_alive():
+                        p.terminate()
+                        p.join(2)
+            if ring is not None:
+                ring.close()
+                ring.unlink()
+            from controller.events import Event, EventKind
+            log.append(Event(time.time(), EventKind.STATUS, "runner", {"status": status,
+                             "exit_codes": {k: p.exitcode for k, p in procs.items()}}))
+            log.close()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, old_term)
+    crashed = {k: p.exitcode for k, p in procs.items() if p.exitcode not in (0, None, -signal.SIGTERM)}
+    from controller.report import build_report
+    build_report(session_dir)  # also after a failure: whatever was recorded is kept and shown
+    if failure is not None:
+        raise SessionError(f"{failure} (session folder: {session_dir})")
+    if crashed:
+        raise SessionError(f"process(es) ended with an error {crashed}; data kept in {session_dir}")
+    return session_dir
+
+
+def _say(console, text: str) -> None:
+    if console is not None:
+        console.print(text)
+
+
+def _progress(duration_s: float, procs: dict, console) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    t_end = time.monotonic() + duration_s
+    with Progress(TextColumn("closed loop"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+                  TimeRemainingColumn(), console=console, disable=console is None, transient=True) as bar:
+        task = bar.add_task("session", total=duration_s)
+        while (left := t_end - time.monotonic()) > 0:
+            dead = [k for k, p in procs.items() if not p.is_alive()]
+            if dead:
+                raise SessionError(f"{', '.join(dead)} process stopped unexpectedly (exit codes "
+                                   f"{ {k: procs[k].exitcode for k in dead} }); see events.jsonl")
+            time.sleep(min(0.2, left))
+            bar.update(task, completed=duration_s - max(0.0, t_end - time.monotonic()))
