@@ -1,0 +1,491 @@
+"""The safety governor: every stimulation request passes here before any driver sees it.
+
+Functional core: no I/O, no clock reads, no threads. The caller passes ``now``
+(seconds on the session clock). Each ``step`` returns a ``Decision`` whose
+``params`` is the checked (possibly clamped) ``StimParams`` or ``None`` when
+refused, plus the events that explain it. Rules and their sources: docs/safety.md.
+
+Design choices that keep it on the safe side:
+- clamps only ever reduce the stimulus; anything else that is out of range is refused;
+- dose (charge, stimulation time, bursts) is counted when a burst is *allowed*,
+  with a charge estimate that never undercounts, whether or not it is then delivered;
+- faults latch: nothing passes until ``reset``; a failed internal post-check refuses;
+- non-finite numbers anywhere in a request, or a clock going backwards, are refused.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.events import Event, EventKind
+from controller.safety.profiles import CHARGE_BALANCED_WAVEFORMS, SafetyProfile
+from drivers.params import DeviceCapabilities, StimParams, Waveform
+
+RATE_WINDOW_S = 60.0  # max_bursts_per_min is counted over any 60 s window
+# Charge-limit clamps land this fraction below the limit so float rounding and
+# Shannon's strict "<" can never put the clamped value on the wrong side.
+_CLAMP_MARGIN = 1e-9
+_NUMERIC_FIELDS = ("amplitude_ua", "pulse_width_us", "interphase_gap_us", "frequency_hz",
+                   "duration_s", "ramp_s", "carrier_hz")
+
+
+@dataclass(frozen=True, slots=True)
+class StimRequest:
+    """A policy's request for one burst on one channel.
+
+    ``t`` is when the request was made (session clock), ``at`` when the burst
+    should start (``None``: now). ``meta`` is carried into events; the actuator
+    copies ``meta["window_end_t"]`` (end of the signal window that caused the
+    request) into its ``COMMAND`` event for latency accounting.
+    """
+
+    t: float
+    source: str
+    params: StimParams
+    at: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Result of ``SafetyGovernor.step``: ``params`` is ``None`` when the request was refused."""
+
+    request: StimRequest
+    params: StimParams | None
+    events: list[Event]
+    reason: str
+
+    @property
+    def allowed(self) -> bool:
+        return self.params is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Dose:
+    """Cumulative session dose of allowed bursts (counted when allowed, never undercounted)."""
+
+    charge_uc: float
+    stim_s: float
+    bursts: int
+
+
+def conservative_charge_uc(params: StimParams) -> float:
+    """Charge in µC the governor books for one burst; never below the charge actually moved.
+
+    Pulsed: both phases of every pulse (``StimParams.burst_charge_uc``).
+    Continuous: peak amplitude for the whole duration, ramps included (a sine's
+    mean |I| is only 2/π of that), doubled for TI which drives two electrode pairs.
+    """
+    if params.is_pulsed:
+        return params.burst_charge_uc
+    pairs = 2 if params.waveform is Waveform.TI else 1
+    return pairs * abs(params.amplitude_ua) * params.duration_s
+
+
+def _max_charge_per_phase_uc(profile: SafetyProfile) -> tuple[float, str]:
+    """Tightest charge-per-phase limit in µC and the rule that sets it."""
+    limits: list[tuple[float, str]] = [(math.inf, "none")]
+    if profile.max_charge_per_phase_uc is not None:
+        limits.append((profile.max_charge_per_phase_uc, "charge_per_phase"))
+    if profile.max_charge_density_uc_cm2 is not None:
+        limits.append((profile.max_charge_density_uc_cm2 * profile.electrode_area_cm2, "charge_density"))
+    if profile.shannon_k_max is not None:
+        # log10(Q/A) + log10(Q) < k  <=>  Q < sqrt(10**k * A)   (REFERENCE.md §4, Shannon 1992)
+        limits.append((math.sqrt(10.0 ** profile.shannon_k_max * profile.electrode_area_cm2), "shannon"))
+    return min(limits)
+
+
+def check_params(profile: SafetyProfile, caps: DeviceCapabilities, params: StimParams) -> list[str]:
+    """Every rule a single burst's params break (empty list: inside profile and device).
+
+    Stateless (no rate or dose rules). The governor runs it on everything it
+    lets through, as a post-condition independent of the clamping arithmetic.
+    """
+    v: list[str] = []
+    if not isinstance(params, StimParams) or not isinstance(params.waveform, Waveform):
+        return ["params must be a StimParams with a Waveform"]
+    for f in _NUMERIC_FIELDS:
+        x = getattr(params, f)
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+            v.append(f"{f}={x!r} is not a finite number")
+    if v:
+        return v
+    ch = params.channel
+    if isinstance(ch, bool) or not isinstance(ch, numbers.Integral) or not 0 <= ch < caps.n_channels:
+        v.append(f"channel={ch!r} outside 0..{caps.n_channels - 1}")
+    w = params.waveform
+    if w not in profile.allowed_waveforms or w not in caps.waveforms:
+        v.append(f"waveform={w} not allowed")
+    if profile.require_charge_balanced and w not in CHARGE_BALANCED_WAVEFORMS:
+        v.append(f"waveform={w} not charge-balanced")
+    amp = params.amplitude_ua
+    if not 0 <= amp <= min(profile.max_amplitude_ua, profile.hard_max_amplitude_ua, caps.max_amplitude_ua):
+        v.append(f"amplitude_ua={amp} outside 0..{min(profile.max_amplitude_ua, caps.max_amplitude_ua)}")
+    if w is not Waveform.DC:
+        f_max = min(profile.max_frequency_hz, caps.max_frequency_hz)
+        if not profile.min_frequency_hz <= params.frequency_hz <= f_max:
+            v.append(f"frequency_hz={params.frequency_hz} outside {profile.min_frequency_hz}..{f_max}")
+    if params.is_pulsed:
+        pw = params.pulse_width_us
+        lo, hi = max(profile.min_pulse_width_us, caps.min_pulse_width_us), min(profile.max_pulse_width_us, caps.max_pulse_width_us)
+        if not lo <= pw <= hi:
+            v.append(f"pulse_width_us={pw} outside {lo}..{hi}")
+        n = params.n_pulses
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            v.append(f"n_pulses={n!r} must be an int >= 1")
+        if params.interphase_gap_us < 0:
+            v.append(f"interphase_gap_us={params.interphase_gap_us} < 0")
+        if params.frequency_hz > 0 and 2 * pw + params.interphase_gap_us > 1e6 / params.frequency_hz:
+            v.append("pulses overlap: 2*pulse_width_us + interphase_gap_us > period")
+        q = params.charge_per_phase_uc
+        if profile.max_charge_per_phase_uc is not None and q > profile.max_charge_per_phase_uc:
+            v.append(f"charge per phase {q} µC > {profile.max_charge_per_phase_uc}")
+        d = q / profile.electrode_area_cm2
+        if profile.max_charge_density_uc_cm2 is not None and d > profile.max_charge_density_uc_cm2:
+            v.append(f"charge density {d} µC/cm² > {profile.max_charge_density_uc_cm2}")
+        if profile.shannon_k_max is not None and q > 0 and not math.log10(d) + math.log10(q) < profile.shannon_k_max:
+            v.append(f"Shannon k={math.log10(d) + math.log10(q)} >= {profile.shannon_k_max}")
+    else:
+        if not params.duration_s > 0:
+            v.append(f"duration_s={params.duration_s} must be > 0")
+        if params.ramp_s < 0 or 2 * params.ramp_s > params.duration_s:
+            v.append(f"ramp_s={params.ramp_s} outside 0..duration_s/2")
+        if params.ramp_s < profile.min_ramp_s:
+            v.append(f"ramp_s={params.ramp_s} < {profile.min_ramp_s}")
+        if profile.max_ramp_rate_ua_per_s is not None and amp > 0 and (
+                params.ramp_s <= 0 or amp / params.ramp_s > profile.max_ramp_rate_ua_per_s):
+            v.append(f"ramp rate above {profile.max_ramp_rate_ua_per_s} µA/s")
+        if w is Waveform.TI and not params.carrier_hz > params.frequency_hz:
+            v.append(f"carrier_hz={params.carrier_hz} must be > frequency_hz")
+    if params.burst_duration_s > profile.max_burst_duration_s:
+        v.append(f"burst duration {params.burst_duration_s} s > {profile.max_burst_duration_s}")
+    return v
+
+
+class _Refused(Exception):
+    def __init__(self, rule: str, reason: str):
+        self.rule, self.reason = rule, reason
+
+
+class SafetyGovernor:
+    """Clamps or refuses stimulation requests against a ``SafetyProfile`` and the device's capabilities.
+
+    Pure state machine: ``step(request, now)``, ``set_impedance(ohm, now)``,
+    ``heartbeat_ok(now)``, ``fault(reason, now)``, ``emergency_stop(now)``,
+    ``reset(now)``. Faults and emergency stops latch until ``reset``; an
+    impedance outside the window or a stale heartbeat refuse everything while
+    they last. ``reset`` never clears the session dose or the rate history.
+    """
+
+    def __init__(self, profile: SafetyProfile, capabilities: DeviceCapabilities, source: str = "governor"):
+        if not isinstance(profile, SafetyProfile):
+            raise TypeError(f"profile must be a SafetyProfile, got {type(profile).__name__}")
+        if not isinstance(capabilities, DeviceCapabilities):
+            raise TypeError(f"capabilities must be a DeviceCapabilities, got {type(capabilities).__name__}")
+        # Again here: SafetyProfile.model_construct() would have skipped validation.
+        profile.validate_against_rules()
+        if capabilities.n_channels < 1:
+            raise ValueError(f"capabilities.n_channels={capabilities.n_channels}, expected >= 1")
+        self._profile = profile
+        self._caps = capabilities
+        self._source = source
+        self._latched: str | None = None
+        self._impedance_ohm: float | None = None
+        self._last_heartbeat_t: float | None = None
+        self._last_now = -math.inf
+        self._history: deque[tuple[float, float]] = deque()  # (start_t, duration_s) of allowed bursts
+        self._history_horizon_s = (RATE_WINDOW_S + profile.max_burst_duration_s + profile.min_interval_s
+                                   + profile.max_schedule_ahead_s)
+        self._charge_uc = 0.0
+        self._stim_s = 0.0
+        self._bursts = 0
+
+    # ---- read-only state -------------------------------------------------------------
+    @property
+    def profile(self) -> SafetyProfile:
+        return self._profile
+
+    @property
+    def capabilities(self) -> DeviceCapabilities:
+        return self._caps
+
+    @property
+    def dose(self) -> Dose:
+        return Dose(self._charge_uc, self._stim_s, self._bursts)
+
+    @property
+    def latched(self) -> str | None:
+        """Reason of the latched fault, or ``None`` when not latched."""
+        return self._latched
+
+    @property
+    def impedance_ohm(self) -> float | None:
+        return self._impedance_ohm
+
+    def impedance_ok(self) -> bool:
+        """True when the last impedance is inside the window (or no window and no check required)."""
+        p = self._profile
+        z = self._impedance_ohm
+        if z is None:
+            return not p.require_impedance_check
+        if p.impedance_min_ohm is None:
+            return True
+        return p.impedance_min_ohm <= z <= p.impedance_max_ohm
+
+    def heartbeat_fresh(self, now: float) -> bool:
+        """True when a heartbeat arrived within ``heartbeat_timeout_s`` before ``now``."""
+        timeout = self._profile.heartbeat_timeout_s
+        if timeout is None:
+            return True
+        hb = self._last_heartbeat_t
+        return hb is not None and math.isfinite(now) and now - hb <= timeout
+
+    # ---- inputs ----------------------------------------------------------------------
+    def heartbeat_ok(self, now: float) -> None:
+        """Record that the control loop is alive at ``now`` (non-finite ``now`` is ignored: fail safe)."""
+        if isinstance(now, numbers.Real) and not isinstance(now, bool) and math.isfinite(now):
+            self._last_heartbeat_t = now if self._last_heartbeat_t is None else max(self._last_heartbeat_t, now)
+
+    def set_impedance(self, ohm: float, now: float) -> list[Event]:
+        """Record an electrode impedance; outside the window, every request is refused until it is back.
+
+        Returns a ``FAULT`` event when the impedance is out of the window (or not
+        a finite positive number, which counts as out of window), else ``STATUS``.
+        """
+        ok_number = isinstance(ohm, numbers.Real) and not isinstance(ohm, bool) and math.isfinite(ohm) and ohm > 0
+        self._impedance_ohm = float(ohm) if ok_number else math.nan
+        p = self._profile
+        data = {"event": "impedance", "impedance_ohm": ohm, "window_ohm": [p.impedance_min_ohm, p.impedance_max_ohm]}
+        if ok_number and self.impedance_ok():
+            return [Event(now, EventKind.STATUS, self._source, {**data, "in_window": True})]
+        return [Event(now, EventKind.FAULT, self._source,
+                      {**data, "in_window": False, "rule": "impedance",
+                       "reason": f"impedance_ohm={ohm!r} outside {p.impedance_min_ohm}..{p.impedance_max_ohm} Ω"})]
+
+    def fault(self, reason: str, now: float) -> list[Event]:
+        """Latch the safe state: every request is refused until ``reset``. Returns one ``FAULT`` event."""
+        first = self._latched is None
+        if first:
+            self._latched = str(reason)
+        return [Event(now, EventKind.FAULT, self._source,
+                      {"reason": str(reason), "latched": True, "latched_reason": self._latched, "first": first})]
+
+    def emergency_stop(self, now: float, reason: str = "emergency_stop") -> list[Event]:
+        """Same latch as ``fault``, with its own reason (operator or runner stop)."""
+        return self.fault(reason if reason.startswith("emergency_stop") else f"emergency_stop: {reason}", now)
+
+    def reset(self, now: float) -> list[Event]:
+        """Clear a latched fault. Dose, rate history, impedance and heartbeat state are kept."""
+        cleared, self._latched = self._latched, None
+        return [Event(now, EventKind.STATUS, self._source, {"event": "reset", "cleared": cleared})]
+
+    # ---- the decision ----------------------------------------------------------------
+    def step(self, request: StimRequest, now: float) -> Decision:
+        """Check one request at session time ``now``; return the decision and its events."""
+        try:
+            if isinstance(now, bool) or not isinstance(now, numbers.Real) or not math.isfinite(now):
+                raise _Refused("invalid_time", f"now={now!r} is not a finite time")
+            if now < self._last_now:
+                raise _Refused("clock", f"now={now} is before the previous step ({self._last_now}): clock went backwards")
+            self._last_now = now
+            self._prune(now)
+            if self._latched is not None:
+                raise _Refused("safe_state", f"latched safe state ({self._latched}); reset required")
+            if not self.heartbeat_fresh(now):
+                raise _Refused("heartbeat", f"no heartbeat within {self._profile.heartbeat_timeout_s} s "
+                                            f"(last at {self._last_heartbeat_t})")
+            if not self.impedance_ok():
+                p = self._profile
+                raise _Refused("impedance", f"impedance_ohm={self._impedance_ohm} not inside "
+                                            f"{p.impedance_min_ohm}..{p.impedance_max_ohm} Ω (or not measured)")
+            if not isinstance(request, StimRequest):
+                raise _Refused("invalid_request", f"request must be a StimRequest, got {type(request).__name__}")
+            params, clamps = self._check_and_clamp(request.params)
+            start_t = self._start_time(request, now)
+            duration_s = params.burst_duration_s
+            self._check_rate(start_t, duration_s)
+            charge_uc = conservative_charge_uc(params)
+            self._check_dose(charge_uc, duration_s)
+            violations = check_params(self._profile, self._caps, params)
+            if violations:  # post-condition; unreachable unless the clamping logic is wrong
+                raise _Refused("internal", "post-check failed: " + "; ".join(violations))
+        except _Refused as r:
+            return self._refusal(request, now, r.rule, r.reason)
+
+        self._history.append((start_t, duration_s))
+        self._charge_uc += charge_uc
+        self._stim_s += duration_s
+        self._bursts += 1
+        base = self._base_data(request)
+        events = [Event(now, EventKind.CLAMP, self._source, {**base, **c}) for c in clamps]
+        reason = "allowed" if not clamps else "allowed after clamping " + ", ".join(c["field"] for c in clamps)
+        events.append(Event(now, EventKind.DECISION, self._source,
+                            {**base, "allowed": True, "reason": reason, "start_t": start_t,
+                             "params": params.to_dict(), "charge_uc": charge_uc, "dose_charge_uc": self._charge_uc,
+                             "dose_stim_s": self._stim_s, "dose_bursts": self._bursts}))
+        return Decision(request, params, events, reason)
+
+    # ---- helpers ---------------------------------------------------------------------
+    def _base_data(self, request: Any) -> dict[str, Any]:
+        if isinstance(request, StimRequest):
+            return {"request_source": request.source, "request_t": request.t}
+        return {"request_source": None, "request_t": None}
+
+    def _refusal(self, request: Any, now: float, rule: str, reason: str) -> Decision:
+        data = {**self._base_data(request), "allowed": False, "rule": rule, "reason": reason}
+        params = getattr(request, "params", None)
+        if isinstance(params, StimParams) and isinstance(params.waveform, Waveform):
+            data["requested"] = params.to_dict()
+        ev = Event(now, EventKind.REFUSAL, self._source, data)
+        return Decision(request, None, [ev], f"refused ({rule}): {reason}")
+
+    def _prune(self, now: float) -> None:
+        while self._history and self._history[0][0] < now - self._history_horizon_s:
+            self._history.popleft()
+
+    def _start_time(self, request: StimRequest, now: float) -> float:
+        at = request.at
+        if at is None:
+            return now
+        if isinstance(at, bool) or not isinstance(at, numbers.Real) or not math.isfinite(at):
+            raise _Refused("invalid_request", f"at={at!r} is not a finite time")
+        if at > now + self._profile.max_schedule_ahead_s:
+            raise _Refused("schedule", f"at={at} is more than max_schedule_ahead_s="
+                                       f"{self._profile.max_schedule_ahead_s} after now={now}")
+        if at > now and not self._caps.scheduled_trigger:
+            raise _Refused("schedule", f"at={at} is in the future but device {self._caps.name!r} "
+                                       "cannot schedule triggers")
+        return max(at, now)  # a time in the past means "now"
+
+    def _check_rate(self, start_t: float, duration_s: float) -> None:
+        p = self._profile
+        near = 0
+        for t, d in self._history:
+            gap = abs(start_t - t)
+            earlier_d = d if t <= start_t else duration_s
+            need = max(p.min_interval_s, earlier_d)
+            if gap < need:
+                raise _Refused("min_interval", f"burst at {start_t} is {gap:.6g} s from the burst at {t}; "
+                                               f"needs >= {need:.6g} s (min_interval_s or no overlap)")
+            if gap < RATE_WINDOW_S:
+                near += 1
+        # Counting bursts within 60 s on *either* side is stricter than any sliding
+        # window, which keeps it correct for out-of-order scheduled bursts.
+        if near >= p.max_bursts_per_min:
+            raise _Refused("rate_limit", f"{near} bursts within {RATE_WINDOW_S} s of {start_t}; "
+                                         f"max_bursts_per_min={p.max_bursts_per_min}")
+
+    def _check_dose(self, charge_uc: float, duration_s: float) -> None:
+        p = self._profile
+        if self._charge_uc + charge_uc > p.max_session_charge_uc:
+            raise _Refused("dose_charge", f"session charge would be {self._charge_uc + charge_uc:.6g} µC; "
+                                          f"max_session_charge_uc={p.max_session_charge_uc}")
+        if self._stim_s + duration_s > p.max_session_stim_s:
+            raise _Refused("dose_time", f"session stimulation time would be {self._stim_s + duration_s:.6g} s; "
+                                        f"max_session_stim_s={p.max_session_stim_s}")
+
+    def _check_and_clamp(self, params: Any) -> tuple[StimParams, list[dict[str, Any]]]:
+        p, caps = self._profile, self._caps
+        act = p.on_violation
+        clamps: list[dict[str, Any]] = []
+
+        def clamp(field_name: str, requested: float, clamped: float, rule: str, action: str) -> None:
+            if action != "clamp":
+                raise _Refused(rule, f"{field_name}={requested} exceeds {clamped} ({rule}); profile says refuse")
+            clamps.append({"field": field_name, "requested": requested, "clamped": clamped, "rule": rule})
+
+        if not isinstance(params, StimParams):
+            raise _Refused("invalid_request", f"params must be a StimParams, got {type(params).__name__}")
+        if not isinstance(params.waveform, Waveform):
+            raise _Refused("invalid_request", f"waveform={params.waveform!r} is not a Waveform")
+        for f in _NUMERIC_FIELDS:
+            x = getattr(params, f)
+            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+                raise _Refused("invalid_request", f"{f}={x!r} is not a finite number")
+        ch = params.channel
+        if isinstance(ch, bool) or not isinstance(ch, numbers.Integral) or not 0 <= ch < caps.n_channels:
+            raise _Refused("channel", f"channel={ch!r}, expected an int in 0..{caps.n_channels - 1}")
+        w = params.waveform
+        if w not in p.allowed_waveforms:
+            raise _Refused("waveform", f"waveform={w} not in profile {p.name!r} allowed_waveforms "
+                                       f"{[str(x) for x in p.allowed_waveforms]}")
+        if w not in caps.waveforms:
+            raise _Refused("waveform", f"waveform={w} not supported by device {caps.name!r}")
+        if p.require_charge_balanced and w not in CHARGE_BALANCED_WAVEFORMS:
+            raise _Refused("charge_balance", f"waveform={w} is not charge-balanced; profile {p.name!r} requires it")
+
+        amp = float(params.amplitude_ua)
+        if amp < 0:
+            raise _Refused("amplitude", f"amplitude_ua={amp} is negative; expected >= 0 (polarity is the waveform's)")
+        if amp > p.hard_max_amplitude_ua:
+            raise _Refused("hard_max_amplitude", f"amplitude_ua={amp} > hard_max_amplitude_ua={p.hard_max_amplitude_ua}")
+        amp_max = min(p.max_amplitude_ua, caps.max_amplitude_ua)
+        if amp > amp_max:
+            clamp("amplitude_ua", amp, amp_max, "max_amplitude", act.amplitude)
+            amp = amp_max
+
+        if w is not Waveform.DC:
+            f_max = min(p.max_frequency_hz, caps.max_frequency_hz)
+            if not p.min_frequency_hz <= params.frequency_hz <= f_max:
+                raise _Refused("frequency", f"frequency_hz={params.frequency_hz} outside {p.min_frequency_hz}..{f_max} Hz")
+
+        changes: dict[str, Any] = {}
+        if params.is_pulsed:
+            n = params.n_pulses
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+                raise _Refused("invalid_request", f"n_pulses={n!r}, expected an int >= 1")
+            if params.interphase_gap_us < 0:
+                raise _Refused("invalid_request", f"interphase_gap_us={params.interphase_gap_us}, expected >= 0")
+            pw = float(params.pulse_width_us)
+            pw_lo = max(p.min_pulse_width_us, caps.min_pulse_width_us)
+            pw_hi = min(p.max_pulse_width_us, caps.max_pulse_width_us)
+            if pw < pw_lo:  # lengthening a pulse adds charge: never clamp upward
+                raise _Refused("pulse_width", f"pulse_width_us={pw} < minimum {pw_lo} µs")
+            if pw > pw_hi:
+                clamp("pulse_width_us", pw, pw_hi, "max_pulse_width", act.pulse_width)
+                pw = pw_hi
+            if 2 * pw + params.interphase_gap_us > 1e6 / params.frequency_hz:
+                raise _Refused("pulse_overlap", f"2*pulse_width_us+interphase_gap_us={2 * pw + params.interphase_gap_us} µs "
+                                                f"exceeds the period {1e6 / params.frequency_hz} µs")
+            q_max, rule = _max_charge_per_phase_uc(p)
+            if amp * pw * 1e-6 > q_max * (1 - _CLAMP_MARGIN):
+                limit = q_max / (pw * 1e-6) * (1 - _CLAMP_MARGIN)
+                clamp("amplitude_ua", amp, limit, rule, act.charge)
+                amp = limit
+            if n / params.frequency_hz > p.max_burst_duration_s:
+                n_max = math.floor(p.max_burst_duration_s * params.frequency_hz)
+                while n_max >= 1 and n_max / params.frequency_hz > p.max_burst_duration_s:
+                    n_max -= 1  # float rounding of floor()
+                if n_max < 1:
+                    raise _Refused("burst_duration", f"one pulse at {params.frequency_hz} Hz already exceeds "
+                                                     f"max_burst_duration_s={p.max_burst_duration_s}")
+                clamp("n_pulses", n, n_max, "max_burst_duration", act.burst_duration)
+                changes["n_pulses"] = int(n_max)
+            changes["pulse_width_us"] = pw
+        else:
+            dur = float(params.duration_s)
+            if not dur > 0:
+                raise _Refused("invalid_request", f"duration_s={dur}, expected > 0 for {w} stimulation")
+            if dur > p.max_burst_duration_s:
+                clamp("duration_s", dur, p.max_burst_duration_s, "max_burst_duration", act.burst_duration)
+                dur = p.max_burst_duration_s
+            ramp = params.ramp_s
+            if ramp < 0 or 2 * ramp > dur:
+                raise _Refused("ramp", f"ramp_s={ramp} outside 0..duration_s/2={dur / 2} (ramps are inside duration_s)")
+            if ramp < p.min_ramp_s:
+                raise _Refused("ramp", f"ramp_s={ramp} < min_ramp_s={p.min_ramp_s}")
+            if p.max_ramp_rate_ua_per_s is not None and amp > 0 and (
+                    ramp <= 0 or amp / ramp > p.max_ramp_rate_ua_per_s):
+                raise _Refused("ramp", f"ramp rate {amp}/{ramp} µA/s > max_ramp_rate_ua_per_s={p.max_ramp_rate_ua_per_s}")
+            if w is Waveform.TI and not params.carrier_hz > params.frequency_hz:
+                raise _Refused("invalid_request", f"carrier_hz={params.carrier_hz}, expected > frequency_hz={params.frequency_hz}")
+            changes["duration_s"] = dur
+        changes["amplitude_ua"] = amp
+        # Plain Python numbers out (numpy scalars in): drivers and JSON see one type.
+        out = {f: float(getattr(params, f)) for f in _NUMERIC_FIELDS}
+        out.update(channel=int(ch), n_pulses=int(params.n_pulses) if params.is_pulsed else params.n_pulses)
+        out.update(changes)
+        return params.with_(**out), clamps
