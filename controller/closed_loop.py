@@ -1,0 +1,104 @@
+"""The seizure loop's functional core: chunk -> windows -> features -> ONNX -> policy.
+
+The same object runs in real time (``controller.loop``) and in simulated time
+(``controller.runners.simulated``). It never reads a clock: the runner passes
+``now`` and measures how long inference took.
+
+Bad samples (NaN/inf) never reach the filters (their state would stay NaN
+forever): they are zeroed, a ``FAULT`` event is emitted, and every prediction
+whose window overlaps them is marked invalid and never acted upon.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from controller.config import Config, StimConfig
+from controller.events import Event, EventKind
+from controller.inference import DeadlineAccount, ModelContract, OnnxPredictor, SeizureDetectorStage, read_contract
+from drivers.params import StimParams, Waveform
+
+
+def stim_params(cfg: StimConfig) -> StimParams:
+    return StimParams(channel=cfg.channel, waveform=Waveform(cfg.waveform), amplitude_ua=cfg.amplitude_ua,
+                      pulse_width_us=cfg.pulse_width_us, interphase_gap_us=cfg.interphase_gap_us,
+                      frequency_hz=cfg.frequency_hz, n_pulses=cfg.n_pulses, duration_s=cfg.duration_s,
+                      ramp_s=cfg.ramp_s)
+
+
+@dataclass
+class WindowResult:
+    window_end_t: float
+    features: np.ndarray
+    valid: bool  # False: the window overlaps bad samples; never act on it
+
+
+@dataclass
+class SeizureLoop:
+    stage: SeizureDetectorStage
+    predictor: OnnxPredictor
+    deadline: DeadlineAccount
+    policy: object | None
+    threshold: float
+    _bad_until_t: float = -math.inf
+    _in_bad_run: bool = False
+    _scratch: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+
+    @classmethod
+    def from_config(cls, cfg: Config, fs_hz: float, n_channels: int) -> "SeizureLoop":
+        from controller.policies.responsive import ResponsivePolicy
+        path = cfg.model_path()
+        contract: ModelContract = read_contract(path)
+        stage = SeizureDetectorStage(contract, fs_hz, n_channels)
+        predictor = OnnxPredictor(path)
+        thr_on = cfg.policy.threshold_on if cfg.policy.threshold_on is not None else contract.threshold
+        thr_off = cfg.policy.threshold_off if cfg.policy.threshold_off is not None else thr_on * 0.8
+        policy = None
+        if cfg.policy.kind == "responsive":
+            policy = ResponsivePolicy(threshold_on=thr_on, threshold_off=thr_off,
+                                      min_duration_s=cfg.policy.min_duration_s, refractory_s=cfg.policy.refractory_s,
+                                      stim=stim_params(cfg.policy.stim),
+                                      bursts_per_detection=cfg.policy.bursts_per_detection,
+                                      burst_interval_s=cfg.policy.burst_interval_s)
+        return cls(stage=stage, predictor=predictor, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
+                   policy=policy, threshold=thr_on)
+
+    @property
+    def window_s(self) -> float:
+        return self.stage.contract.window_s
+
+    def windows(self, chunk: np.ndarray, timestamps: np.ndarray, events: list[Event]) -> list[WindowResult]:
+        """Feed one chunk; return the windows it completed. Appends FAULT events for bad samples."""
+        bad = ~np.isfinite(chunk)
+        if bad.any():
+            rows = np.flatnonzero(bad.any(axis=1))
+            if not self._in_bad_run:
+                events.append(Event(float(timestamps[rows[0]]), EventKind.FAULT, "loop",
+                                    {"reason": "non-finite samples", "n_samples": int(rows.size)}))
+                self._in_bad_run = True
+            self._bad_until_t = float(timestamps[rows[-1]]) + self.window_s
+            chunk = np.where(bad, np.float32(0), chunk)
+        elif self._in_bad_run and timestamps.size and timestamps[-1] > self._bad_until_t:
+            self._in_bad_run = False
+            events.append(Event(float(timestamps[-1]), EventKind.STATUS, "loop",
+                                {"status": "clean data again after non-finite samples"}))
+        return [WindowResult(t_end, feats, t_end > self._bad_until_t)
+                for t_end, feats in self.stage.step(chunk, timestamps)]
+
+    def predict(self, features: np.ndarray) -> float:
+        return self.predictor.predict(features)
+
+    def decide(self, p: float, window_end_t: float, now: float):
+        """Policy step for an on-time, valid prediction: ``(requests, events)``."""
+        if self.policy is None:
+            return [], []
+        requests, events = self.policy.step(p, window_end_t)
+        for r in requests:
+            r.meta["window_end_t"] = window_end_t
+        return requests, events
+
+    @property
+    def bad_data(self) -> bool:
+        return self._in_bad_run
