@@ -185,8 +185,8 @@ class SafetyGovernor:
             raise TypeError(f"profile must be a SafetyProfile, got {type(profile).__name__}")
         if not isinstance(capabilities, DeviceCapabilities):
             raise TypeError(f"capabilities must be a DeviceCapabilities, got {type(capabilities).__name__}")
-        # Again here: SafetyProfile.model_construct() would have skipped validation.
-        profile.validate_against_rules()
+        # Full re-validation: SafetyProfile.model_construct() would have skipped every check.
+        profile = SafetyProfile.model_validate(profile.model_dump())
         if capabilities.n_channels < 1:
             raise ValueError(f"capabilities.n_channels={capabilities.n_channels}, expected >= 1")
         self._profile = profile

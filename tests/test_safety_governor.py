@@ -1,0 +1,257 @@
+"""Governor rules one by one: clamp vs refuse, events, latches, dose, rate limits."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from controller.events import EventKind
+from controller.safety import (MACRO_RNS, MICRO, TES, SafetyGovernor, SafetyProfile, StimRequest,
+                               conservative_charge_uc)
+from drivers.params import DeviceCapabilities, StimParams, Waveform
+
+CAPS = DeviceCapabilities(n_channels=4, waveforms=tuple(Waveform), max_amplitude_ua=12_000.0,
+                          min_pulse_width_us=20.0, max_pulse_width_us=1000.0, max_frequency_hz=333.0)
+RNS_BURST = StimParams(channel=1, amplitude_ua=1500.0, pulse_width_us=160.0, frequency_hz=200.0, n_pulses=20)
+
+
+def gov(profile=MACRO_RNS, caps=CAPS, now=0.0):
+    g = SafetyGovernor(profile, caps)
+    g.heartbeat_ok(now)
+    if profile.require_impedance_check:
+        g.set_impedance(1000.0, now)
+    return g
+
+
+def req(params, t=0.0, at=None, **meta):
+    return StimRequest(t=t, source="test", params=params, at=at, meta=meta)
+
+
+def kinds(decision):
+    return [e.kind for e in decision.events]
+
+
+def test_typical_rns_burst_allowed_unchanged_with_decision_event():
+    g = gov()
+    d = g.step(req(RNS_BURST), 0.0)
+    assert d.allowed and d.params == RNS_BURST
+    assert kinds(d) == [EventKind.DECISION]
+    assert g.dose.bursts == 1 and g.dose.charge_uc == pytest.approx(2 * 20 * 1500 * 160e-6)
+    assert g.dose.stim_s == pytest.approx(0.1)
+
+
+def test_amplitude_above_max_is_clamped_with_clamp_event():
+    p = MACRO_RNS.model_copy(update={"max_amplitude_ua": 3000.0})
+    d = gov(p).step(req(RNS_BURST.with_(amplitude_ua=5000.0)), 0.0)
+    assert d.allowed and d.params.amplitude_ua == 3000.0
+    assert kinds(d) == [EventKind.CLAMP, EventKind.DECISION]
+    c = d.events[0].data
+    assert (c["field"], c["requested"], c["clamped"], c["rule"]) == ("amplitude_ua", 5000.0, 3000.0, "max_amplitude")
+
+
+def test_amplitude_above_hard_max_is_refused_even_in_clamp_mode():
+    d = gov().step(req(RNS_BURST.with_(amplitude_ua=12_001.0)), 0.0)
+    assert not d.allowed and kinds(d) == [EventKind.REFUSAL]
+    assert d.events[0].data["rule"] == "hard_max_amplitude" and "12001" in d.reason
+
+
+def test_refuse_mode_refuses_instead_of_clamping():
+    p = MACRO_RNS.model_copy(update={"max_amplitude_ua": 3000.0, "on_violation": {"amplitude": "refuse"}})
+    d = gov(p).step(req(RNS_BURST.with_(amplitude_ua=5000.0)), 0.0)
+    assert not d.allowed and d.events[0].data["rule"] == "max_amplitude"
+
+
+def test_charge_density_clamps_amplitude_to_25_uc_per_cm2():
+    d = gov().step(req(RNS_BURST.with_(amplitude_ua=12_000.0, pulse_width_us=500.0)), 0.0)
+    assert d.allowed
+    density = d.params.charge_per_phase_uc / MACRO_RNS.electrode_area_cm2
+    assert density <= 25.0 and density == pytest.approx(25.0)
+    assert [e.data.get("rule") for e in d.events if e.kind is EventKind.CLAMP] == ["charge_density"]
+
+
+def test_shannon_limit_for_microstimulation():
+    g = gov(MICRO)
+    d = g.step(req(StimParams(amplitude_ua=100.0, pulse_width_us=1000.0, frequency_hz=100.0, n_pulses=1)), 0.0)
+    assert d.allowed
+    q = d.params.charge_per_phase_uc
+    k = math.log10(q / MICRO.electrode_area_cm2) + math.log10(q)
+    assert k < MICRO.shannon_k_max and k == pytest.approx(MICRO.shannon_k_max, abs=1e-6)
+    assert d.events[0].data["rule"] == "shannon"
+
+
+@pytest.mark.parametrize("params, rule", [
+    (RNS_BURST.with_(waveform=Waveform.MONOPHASIC), "waveform"),
+    (RNS_BURST.with_(frequency_hz=500.0), "frequency"),
+    (RNS_BURST.with_(frequency_hz=0.5), "frequency"),
+    (RNS_BURST.with_(pulse_width_us=30.0), "pulse_width"),      # below min: never lengthened
+    (RNS_BURST.with_(amplitude_ua=-1.0), "amplitude"),
+    (RNS_BURST.with_(amplitude_ua=math.nan), "invalid_request"),
+    (RNS_BURST.with_(pulse_width_us=math.inf), "invalid_request"),
+    (RNS_BURST.with_(n_pulses=0), "invalid_request"),
+    (RNS_BURST.with_(channel=4), "channel"),
+    (RNS_BURST.with_(channel=-1), "channel"),
+    (RNS_BURST.with_(frequency_hz=333.0, pulse_width_us=1000.0, interphase_gap_us=1500.0, amplitude_ua=100.0),
+     "pulse_overlap"),
+])
+def test_out_of_range_requests_are_refused_with_rule(params, rule):
+    d = gov().step(req(params), 0.0)
+    assert not d.allowed and d.params is None
+    assert kinds(d) == [EventKind.REFUSAL] and d.events[0].data["rule"] == rule
+    json.loads(d.events[0].to_json())  # NaN/inf inputs still give a valid JSON line
+
+
+def test_device_capabilities_are_enforced_too():
+    caps = DeviceCapabilities(n_channels=2, max_amplitude_ua=2000.0, max_frequency_hz=150.0, max_pulse_width_us=200.0)
+    g = gov(caps=caps)
+    assert g.step(req(RNS_BURST), 0.0).events[0].data["rule"] == "frequency"
+    d = g.step(req(RNS_BURST.with_(frequency_hz=100.0, amplitude_ua=3000.0, pulse_width_us=300.0)), 1.0)
+    assert d.allowed and d.params.amplitude_ua == 2000.0 and d.params.pulse_width_us == 200.0
+
+
+def test_burst_duration_clamps_number_of_pulses():
+    d = gov().step(req(RNS_BURST.with_(n_pulses=5000, frequency_hz=200.0)), 0.0)
+    assert d.allowed and d.params.n_pulses == 1000 and d.params.burst_duration_s <= MACRO_RNS.max_burst_duration_s
+
+
+def test_min_interval_and_no_overlap():
+    g = gov()
+    assert g.step(req(RNS_BURST), 0.0).allowed                   # 0.1 s burst
+    d = g.step(req(RNS_BURST), 0.05)
+    assert not d.allowed and d.events[0].data["rule"] == "min_interval"
+    assert g.step(req(RNS_BURST), 0.1).allowed
+    # a scheduled burst landing on top of an allowed one is refused as well
+    g.heartbeat_ok(0.5)
+    assert g.step(req(RNS_BURST, at=1.0), 0.5).allowed
+    d = g.step(req(RNS_BURST, at=0.95), 0.6)
+    assert not d.allowed and d.events[0].data["rule"] == "min_interval"
+
+
+def test_rate_limit_per_minute():
+    p = MACRO_RNS.model_copy(update={"max_bursts_per_min": 3})
+    g = gov(p)
+    for i in range(3):
+        g.heartbeat_ok(i)
+        assert g.step(req(RNS_BURST), float(i)).allowed
+    g.heartbeat_ok(3.0)
+    d = g.step(req(RNS_BURST), 3.0)
+    assert not d.allowed and d.events[0].data["rule"] == "rate_limit"
+    g.heartbeat_ok(60.5)
+    assert g.step(req(RNS_BURST), 60.5).allowed   # the burst at t=0 left the window
+
+
+def test_session_charge_and_time_dose_are_refused_when_exceeded():
+    per_burst = 2 * 20 * 1500 * 160e-6
+    p = MACRO_RNS.model_copy(update={"max_session_charge_uc": 2.5 * per_burst})
+    g = gov(p)
+    for t in (0.0, 1.0):
+        g.heartbeat_ok(t)
+        assert g.step(req(RNS_BURST), t).allowed
+    g.heartbeat_ok(2.0)
+    d = g.step(req(RNS_BURST), 2.0)
+    assert not d.allowed and d.events[0].data["rule"] == "dose_charge"
+    assert g.dose.bursts == 2 and g.dose.charge_uc == pytest.approx(2 * per_burst)
+    p = MACRO_RNS.model_copy(update={"max_session_stim_s": 0.15})
+    g = gov(p)
+    assert g.step(req(RNS_BURST), 0.0).allowed
+    assert g.step(req(RNS_BURST), 1.0).events[0].data["rule"] == "dose_time"
+
+
+def test_impedance_interlock_refuses_until_back_in_window():
+    g = gov()
+    assert g.step(req(RNS_BURST), 0.0).allowed
+    ev = g.set_impedance(5000.0, 0.5)
+    assert ev[0].kind is EventKind.FAULT and ev[0].data["rule"] == "impedance"
+    assert g.step(req(RNS_BURST), 1.0).events[0].data["rule"] == "impedance"
+    g.set_impedance(math.nan, 1.1)
+    assert not g.impedance_ok()
+    assert g.set_impedance(1200.0, 1.2)[0].kind is EventKind.STATUS
+    assert g.step(req(RNS_BURST), 1.5).allowed
+
+
+def test_tes_requires_an_impedance_measurement_first():
+    g = SafetyGovernor(TES, CAPS)
+    g.heartbeat_ok(0.0)
+    dc = StimParams(waveform=Waveform.DC, amplitude_ua=1000.0, duration_s=600.0, ramp_s=10.0)
+    assert g.step(req(dc), 0.0).events[0].data["rule"] == "impedance"
+    g.set_impedance(1500.0, 0.0)
+    assert g.step(req(dc), 0.0).allowed
+
+
+def test_heartbeat_timeout_refuses_and_recovers():
+    g = SafetyGovernor(MACRO_RNS, CAPS)
+    assert g.step(req(RNS_BURST), 0.0).events[0].data["rule"] == "heartbeat"   # none yet
+    g.heartbeat_ok(0.0)
+    assert g.step(req(RNS_BURST), 1.0).allowed
+    assert g.step(req(RNS_BURST), 2.5).events[0].data["rule"] == "heartbeat"
+    g.heartbeat_ok(2.6)
+    assert g.step(req(RNS_BURST), 2.6).allowed
+
+
+def test_fault_latches_until_reset_and_reset_keeps_dose():
+    g = gov()
+    assert g.step(req(RNS_BURST), 0.0).allowed
+    ev = g.fault("driver timeout", 0.2)
+    assert ev[0].kind is EventKind.FAULT and g.latched == "driver timeout"
+    for t in (0.5, 1.0, 1.5):
+        g.heartbeat_ok(t)
+        assert g.step(req(RNS_BURST), t).events[0].data["rule"] == "safe_state"
+    dose = g.dose
+    g.reset(1.6)
+    assert g.latched is None and g.dose == dose
+    assert g.step(req(RNS_BURST), 1.6).allowed
+    g.emergency_stop(1.7)
+    assert g.latched.startswith("emergency_stop")
+    assert "emergency_stop" in g.step(req(RNS_BURST), 1.8).reason
+
+
+def test_clock_going_backwards_or_nan_is_refused():
+    g = gov()
+    assert g.step(req(RNS_BURST), 0.5).allowed
+    assert g.step(req(RNS_BURST), 0.4).events[0].data["rule"] == "clock"
+    assert g.step(req(RNS_BURST), math.nan).events[0].data["rule"] == "invalid_time"
+
+
+def test_schedule_horizon_and_capability():
+    g = gov()
+    assert g.step(req(RNS_BURST, at=5.0), 0.0).events[0].data["rule"] == "schedule"
+    assert g.step(req(RNS_BURST, at=math.inf), 0.0).events[0].data["rule"] == "invalid_request"
+    caps = DeviceCapabilities(scheduled_trigger=False)
+    assert gov(caps=caps).step(req(RNS_BURST, at=0.5), 0.0).events[0].data["rule"] == "schedule"
+
+
+def test_tes_ramps_and_session_limits():
+    g = gov(TES)
+    dc = StimParams(waveform=Waveform.DC, amplitude_ua=2000.0, duration_s=1200.0, ramp_s=10.0)
+    assert g.step(req(dc.with_(ramp_s=2.0)), 0.0).events[0].data["rule"] == "ramp"        # too short
+    assert g.step(req(dc.with_(ramp_s=700.0)), 0.0).events[0].data["rule"] == "ramp"      # > duration/2
+    assert g.step(req(dc.with_(amplitude_ua=3000.0)), 0.0).params.amplitude_ua == 2000.0  # clamped to 2 mA
+    g.heartbeat_ok(1300.0)
+    assert g.step(req(dc), 1300.0).allowed
+    g.heartbeat_ok(2600.0)
+    d = g.step(req(dc), 2600.0)   # 3 × 20 min > 40 min
+    assert not d.allowed and d.events[0].data["rule"] in ("dose_time", "dose_charge")
+    assert g.dose.stim_s == pytest.approx(2400.0) and g.dose.stim_s <= TES.max_session_stim_s
+
+
+def test_ti_charge_is_booked_for_both_pairs():
+    p = SafetyProfile(**{**TES.model_dump(), "allowed_waveforms": (Waveform.DC, Waveform.SINE, Waveform.TI)})
+    ti = StimParams(waveform=Waveform.TI, amplitude_ua=1000.0, frequency_hz=10.0, carrier_hz=2000.0,
+                    duration_s=60.0, ramp_s=10.0)
+    assert conservative_charge_uc(ti) == pytest.approx(2 * 1000.0 * 60.0)
+    assert conservative_charge_uc(ti) >= ti.burst_charge_uc
+    g = gov(p)
+    assert g.step(req(ti), 0.0).allowed and g.dose.charge_uc == pytest.approx(120_000.0)
+    assert g.step(req(ti.with_(carrier_hz=5.0)), 100.0).allowed is False
+
+
+def test_numpy_scalars_are_accepted_and_normalised():
+    p = RNS_BURST.with_(channel=np.int64(2), amplitude_ua=np.float32(1000.0), n_pulses=np.int64(10))
+    d = gov().step(req(p), 0.0)
+    assert d.allowed and type(d.params.channel) is int and type(d.params.amplitude_ua) is float
+    json.loads(d.events[-1].to_json())
+
+
+def test_garbage_request_is_refused_not_raised():
+    g = gov()
+    assert g.step("not a request", 0.0).events[0].data["rule"] == "invalid_request"
+    assert g.step(StimRequest(0.0, "x", params={"amplitude_ua": 1}), 0.0).events[0].data["rule"] == "invalid_request"
