@@ -101,8 +101,8 @@ class StreamResampler:
             raise ValueError(f"chunk must be (n, {self.n_channels}), got shape {np.shape(chunk)}")
         n = x.shape[0]
         n_in_end = self._n_in + n
-        # Output m needs input index i0 = floor(m*down/up) to exist: i0 <= n_in_end - 1.
-        m_end = ((n_in_end - 1) * self.up) // self.down + 1 if n_in_end > 0 else 0
+        # Output m needs input index i0 = floor(m*down/up) to exist: m*down < n_in_end*up.
+        m_end = (n_in_end * self.up + self.down - 1) // self.down
         m = np.arange(self._n_out, m_end, dtype=np.int64)
         ext = np.concatenate([self._hist, x], axis=0)  # ext[k] is absolute input self._n_in - (taps-1) + k
         if m.size:

@@ -1,0 +1,1 @@
+"""Seizure detector: dataset from the simulator, training, ONNX export (see MODEL_CARD.md)."""
