@@ -38,3 +38,8 @@ def close_pty(master_fd: int) -> None:
         os.close(master_fd)
     except OSError:
         pass
+
+
+def close_pty_pair(master_fd: int, slave_path: str | None = None) -> None:
+    """Close a pair from :func:`open_pty_pair` (the slave path needs no closing: we hold no fd on it)."""
+    close_pty(master_fd)
