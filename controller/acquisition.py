@@ -1,0 +1,297 @@
+"""The acquisition process: source → shared ring, plus a crash-safe raw recording.
+
+``run_acquisition`` is the body of a process (spawn-safe: it takes only plain
+data). ``start_acquisition`` launches it. ``load_raw`` reads a recording back,
+also after the process was killed with SIGKILL.
+
+Raw recording layout in ``raw_dir``:
+
+- ``samples.f32``: float32 little-endian, sample-major ``(n, n_channels)``, appended;
+- ``timestamps.f64``: float64 little-endian ``(n,)``, session clock, appended;
+- ``meta.json``: ``n_channels``, ``fs_hz``, ``channel_names``, ``units``, source info.
+
+Data go to the kernel with ``os.write`` at least every ``raw_flush_s`` (1 s):
+after a SIGKILL at most that much is lost, and a half-written last record is
+ignored by :func:`load_raw`. (Power loss is another matter: no fsync on the
+real-time path.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from controller.events import Event, EventKind
+from controller.lsl_config import ensure_lsl_config
+
+SAMPLES_FILE = "samples.f32"
+TIMESTAMPS_FILE = "timestamps.f64"
+META_FILE = "meta.json"
+
+
+class EventSink:
+    """Buffers events and hands them on at most every ``flush_s``.
+
+    ``target`` is a path (JSON lines appended with one ``O_APPEND`` write per
+    flush, so concurrent writers never interleave inside a line) or an object
+    with ``put`` (a multiprocessing queue; events are put as they come).
+    """
+
+    def __init__(self, target, flush_s: float = 0.5):
+        self.flush_s = flush_s
+        self._queue = target if hasattr(target, "put") else None
+        self._fd = None
+        if self._queue is None and target is not None:
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._pending: list[str] = []
+        self._last_flush = time.monotonic()
+
+    def emit(self, event: Event) -> None:
+        if self._queue is not None:
+            self._queue.put(event)
+        elif self._fd is not None:
+            self._pending.append(event.to_json())
+
+    def maybe_flush(self, mono_now: float) -> None:
+        if mono_now - self._last_flush >= self.flush_s:
+            self.flush(mono_now)
+
+    def flush(self, mono_now: float | None = None) -> None:
+        self._last_flush = time.monotonic() if mono_now is None else mono_now
+        if self._fd is not None and self._pending:
+            os.write(self._fd, ("\n".join(self._pending) + "\n").encode())
+            self._pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class RawRecorder:
+    """Append-only raw recording with a preallocated staging buffer, written every ``flush_s``.
+
+    Reopening an existing recording with the same channel count appends to it,
+    after trimming a torn tail so samples and timestamps stay aligned.
+    """
+
+    def __init__(self, raw_dir: str | Path, n_channels: int, fs_hz: float, meta: dict | None = None,
+                 flush_s: float = 1.0, stage_samples: int | None = None):
+        self.raw_dir = Path(raw_dir)
+        self.raw_dir.mkdir(parents=True, exist_ok=True)
+        self.n_channels = int(n_channels)
+        self.flush_s = float(flush_s)
+        meta_path = self.raw_dir / META_FILE
+        if meta_path.exists():
+            old = json.loads(meta_path.read_text())
+            if int(old.get("n_channels", -1)) != self.n_channels:
+                raise ValueError(f"raw recording {self.raw_dir} has n_channels={old.get('n_channels')}, "
+                                 f"this source delivers {self.n_channels}: use another raw_dir")
+        full_meta = {"format": "stimloop-raw-1", "n_channels": self.n_channels, "fs_hz": float(fs_hz),
+                     "samples_file": SAMPLES_FILE, "samples_dtype": "<f4", "layout": "sample-major",
+                     "timestamps_file": TIMESTAMPS_FILE, "timestamps_dtype": "<f8",
+                     "clock": "session clock (pylsl.local_clock)", **(meta or {})}
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(full_meta, indent=1))
+        os.replace(tmp, meta_path)
+        s_path, t_path = self.raw_dir / SAMPLES_FILE, self.raw_dir / TIMESTAMPS_FILE
+        self._fd_s = os.open(s_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd_t = os.open(t_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        n_done = min(os.fstat(self._fd_s).st_size // (4 * self.n_channels), os.fstat(self._fd_t).st_size // 8)
+        os.truncate(s_path, n_done * 4 * self.n_channels)  # drop a torn tail from an earlier crash
+        os.truncate(t_path, n_done * 8)
+        # Stage ~2 flush periods of data so a chunk rarely forces an early write.
+        cap = stage_samples or max(256, int(2 * self.flush_s * max(fs_hz, 1.0)))
+        self._stage = np.empty((cap, self.n_channels), dtype="<f4")
+        self._stage_t = np.empty((cap,), dtype="<f8")
+        self._k = 0
+        self._last_flush = time.monotonic()
+        self.n_written = n_done
+
+    def append(self, samples: np.ndarray, timestamps: np.ndarray) -> None:
+        n = samples.shape[0]
+        if self._k + n > self._stage.shape[0]:
+            self.flush()
+        if n > self._stage.shape[0]:  # bigger than the stage: straight to the files
+            self._write(np.ascontiguousarray(samples, dtype="<f4"), np.ascontiguousarray(timestamps, dtype="<f8"))
+            return
+        self._stage[self._k:self._k + n] = samples
+        self._stage_t[self._k:self._k + n] = timestamps
+        self._k += n
+
+    def maybe_flush(self, mono_now: float) -> None:
+        if mono_now - self._last_flush >= self.flush_s:
+            self.flush(mono_now)
+
+    def flush(self, mono_now: float | None = None) -> None:
+        self._last_flush = time.monotonic() if mono_now is None else mono_now
+        if self._k:
+            self._write(self._stage[:self._k], self._stage_t[:self._k])
+            self._k = 0
+
+    def _write(self, samples: np.ndarray, timestamps: np.ndarray) -> None:
+        # Samples first, timestamps second: a record counts once both are on disk.
+        _write_all(self._fd_s, memoryview(samples).cast("B"))
+        _write_all(self._fd_t, memoryview(timestamps).cast("B"))
+        self.n_written += samples.shape[0]
+
+    def close(self) -> None:
+        if self._fd_s is None:
+            return
+        self.flush()
+        os.close(self._fd_s)
+        os.close(self._fd_t)
+        self._fd_s = self._fd_t = None
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def load_raw(raw_dir: str | Path, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read a raw recording back ``-> (samples (n, ch) float32, timestamps (n,) float64)``.
+
+    Tolerates a truncated last record (process killed mid-write): only whole
+    records present in both files are returned.
+    """
+    raw_dir = Path(raw_dir)
+    meta_path = raw_dir / META_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path}: no raw recording meta.json in {raw_dir}")
+    meta = json.loads(meta_path.read_text())
+    n_ch = int(meta["n_channels"])
+    s_path, t_path = raw_dir / SAMPLES_FILE, raw_dir / TIMESTAMPS_FILE
+    n = min(s_path.stat().st_size // (4 * n_ch), t_path.stat().st_size // 8)
+    if mmap and n > 0:
+        samples = np.memmap(s_path, dtype="<f4", mode="r", shape=(n, n_ch))
+        timestamps = np.memmap(t_path, dtype="<f8", mode="r", shape=(n,))
+        return samples, timestamps
+    samples = np.fromfile(s_path, dtype="<f4", count=n * n_ch).reshape(n, n_ch)
+    timestamps = np.fromfile(t_path, dtype="<f8", count=n)
+    return samples, timestamps
+
+
+def load_raw_meta(raw_dir: str | Path) -> dict:
+    """The ``meta.json`` of a raw recording."""
+    return json.loads((Path(raw_dir) / META_FILE).read_text())
+
+
+def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_or_path,
+                    raw_dir: str | Path | None = None, *, raw_flush_s: float = 1.0,
+                    events_flush_s: float = 0.5, ready_event=None) -> int:
+    """Body of the acquisition process: read the source into the ring until ``stop_event`` is set.
+
+    ``source_spec`` is a plain dict for :func:`controller.sources.build_source`.
+    Events (source faults, dropped samples, NaN samples, start/stop) go to
+    ``events_queue_or_path``. ``ready_event`` (optional) is set once the source
+    is open. Returns 0 on a clean stop; a source that cannot be opened emits a
+    ``FAULT`` event and re-raises.
+    """
+    ensure_lsl_config()  # before any backend imports pylsl
+    import pylsl
+
+    from controller.ring import Overrun, SharedRing
+    from controller.sources import build_source
+
+    sink = EventSink(events_queue_or_path, flush_s=events_flush_s)
+    clock = pylsl.local_clock
+    source = None
+    ring = None
+    recorder = None
+    try:
+        ring = SharedRing.attach(ring_name)
+        source = build_source(source_spec)
+        try:
+            info = source.open()
+            source.check_ring(ring)
+        except Exception as exc:
+            sink.emit(Event(clock(), EventKind.FAULT, "acquisition", {"what": "source_open_failed",
+                                                                      "error": str(exc)}))
+            raise
+        if raw_dir is not None:
+            recorder = RawRecorder(raw_dir, info.n_channels, info.fs_hz, meta={"source": info.to_dict()},
+                                   flush_s=raw_flush_s)
+        reader = ring.reader("now")
+        sink.emit(Event(clock(), EventKind.STATUS, "acquisition",
+                        {"what": "acquisition_started", "ring": ring_name, **info.to_dict()}))
+        sink.flush()
+        if ready_event is not None:
+            ready_event.set()
+        n_nan = 0
+        nan_first_t = None
+        while not stop_event.is_set():
+            n = source.read_into(ring)
+            if n:
+                try:
+                    samples, ts, _ = reader.read_new()
+                except Overrun as exc:  # the source wrote more than a ring's worth in one call
+                    sink.emit(Event(clock(), EventKind.DROPPED, "acquisition",
+                                    {"n_lost": exc.lost, "reason": "recording_overrun"}))
+                    samples, ts, _ = reader.read_new()
+                nan_rows = np.isnan(samples).any(axis=1)
+                if nan_rows.any():
+                    n_nan += int(nan_rows.sum())
+                    if nan_first_t is None:
+                        nan_first_t = float(ts[np.argmax(nan_rows)])
+                if recorder is not None:
+                    recorder.append(samples, ts)
+            for ev in source.drain_events():
+                sink.emit(ev)
+            mono = time.monotonic()
+            if recorder is not None:
+                recorder.maybe_flush(mono)
+            if mono - sink._last_flush >= sink.flush_s:
+                if n_nan:  # aggregated: one event per flush period, not one per chunk
+                    sink.emit(Event(clock(), EventKind.STATUS, "acquisition",
+                                    {"what": "nan_samples", "n_samples": n_nan, "first_t": nan_first_t}))
+                    n_nan, nan_first_t = 0, None
+                sink.flush(mono)
+        sink.emit(Event(clock(), EventKind.STATUS, "acquisition",
+                        {"what": "acquisition_stopped", "n_samples": ring.counter,
+                         "n_recorded": recorder.n_written + recorder._k if recorder else 0}))
+        return 0
+    finally:
+        for closer in (source.close if source else None, recorder.close if recorder else None,
+                       ring.close if ring else None, sink.close):
+            if closer is not None:
+                try:
+                    closer()
+                except Exception:
+                    pass  # shutting down: every resource gets its chance to close
+
+
+def start_acquisition(source_spec: dict, ring_name: str, events_queue_or_path, raw_dir: str | Path | None = None,
+                      ready_timeout_s: float = 15.0, **kwargs):
+    """Spawn the acquisition process; return ``(process, stop_event)`` once the source is open.
+
+    Raises ``RuntimeError`` if it is not ready within ``ready_timeout_s`` (the
+    process is stopped first). Stop it with ``stop_event.set(); process.join()``.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    stop_event, ready = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=run_acquisition, name="stimloop-acquisition",
+                       args=(source_spec, ring_name, stop_event, events_queue_or_path,
+                             str(raw_dir) if raw_dir is not None else None),
+                       kwargs={**kwargs, "ready_event": ready}, daemon=True)
+    proc.start()
+    deadline = time.monotonic() + ready_timeout_s
+    while not ready.wait(0.05):
+        if not proc.is_alive() or time.monotonic() > deadline:
+            stop_event.set()
+            proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            raise RuntimeError(f"acquisition process for source {source_spec.get('kind')!r} not ready within "
+                               f"{ready_timeout_s:g} s (exit code {proc.exitcode}); see its events for the fault")
+    return proc, stop_event

@@ -1,0 +1,109 @@
+"""The ``Source`` interface: something that delivers multichannel samples into a ring.
+
+A source is imperative shell (it does I/O and may read the session clock).
+Faults it can survive (dropped samples, a stream that stalls and comes back)
+become :class:`controller.events.Event` objects collected with
+:meth:`Source.drain_events`; faults it cannot survive raise :class:`SourceError`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from controller.events import Event, EventKind
+
+
+class SourceError(RuntimeError):
+    """The source cannot be opened or read (bad spec, stream not found, device error)."""
+
+
+class StreamLost(SourceError):
+    """The stream went away and the source was asked not to wait for it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """What a source delivers. ``fs_hz = 0`` means an irregular rate."""
+
+    name: str
+    type: str
+    source_id: str
+    n_channels: int
+    channel_names: tuple[str, ...]
+    units: tuple[str, ...]
+    fs_hz: float
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "type": self.type, "source_id": self.source_id,
+                "n_channels": self.n_channels, "channel_names": list(self.channel_names),
+                "units": list(self.units), "fs_hz": self.fs_hz}
+
+
+class Source(ABC):
+    """Delivers samples into a :class:`controller.ring.SharedRing`.
+
+    Lifecycle: ``open()`` (returns and stores :attr:`info`), repeated
+    ``read_into(ring)`` (waits at most a short time, returns the number of
+    samples written, possibly 0), ``close()`` (idempotent).
+    """
+
+    info: SourceInfo | None = None
+    #: ``source`` field of emitted events
+    event_source: str = "source"
+
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+
+    @abstractmethod
+    def open(self) -> SourceInfo: ...
+
+    @abstractmethod
+    def read_into(self, ring) -> int:
+        """Move whatever is available (waiting briefly) into ``ring``; return samples written."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def drain_events(self) -> list[Event]:
+        """Events produced since the last call (dropped samples, stream lost/recovered...)."""
+        ev, self._events = self._events, []
+        return ev
+
+    def _emit(self, t: float, kind: EventKind, **data) -> None:
+        self._events.append(Event(t=t, kind=kind, source=self.event_source, data=data))
+
+    def check_ring(self, ring) -> None:
+        """Raise a clear error if ``ring`` cannot hold this source's samples."""
+        if self.info is None:
+            raise SourceError(f"{type(self).__name__}: open() the source before reading")
+        if ring.n_channels != self.info.n_channels:
+            raise SourceError(f"ring {ring.name!r} has n_channels={ring.n_channels}, source "
+                              f"{self.info.name!r} delivers {self.info.n_channels}: create the ring to match")
+
+    def __enter__(self) -> "Source":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def count_gaps(timestamps: np.ndarray, previous_t: float | None, fs_hz: float,
+               gap_factor: float = 1.5) -> tuple[int, int, float]:
+    """Samples missing from a regularly sampled timestamp sequence.
+
+    Looks at the steps between consecutive timestamps (including from
+    ``previous_t``, the last timestamp of the previous chunk). A step above
+    ``gap_factor / fs_hz`` counts ``round(step * fs_hz) - 1`` lost samples.
+    Returns ``(n_gaps, n_lost, t_first_gap)``; ``(0, 0, nan)`` if none or ``fs_hz == 0``.
+    """
+    if fs_hz <= 0 or timestamps.shape[0] == 0:
+        return 0, 0, float("nan")
+    steps = np.diff(timestamps, prepend=timestamps[0] if previous_t is None else previous_t)
+    big = steps > gap_factor / fs_hz
+    if not big.any():
+        return 0, 0, float("nan")
+    lost = np.rint(steps[big] * fs_hz).astype(np.int64) - 1
+    return int(big.sum()), int(lost.sum()), float(timestamps[np.argmax(big)])

@@ -1,0 +1,232 @@
+"""``LslSource``: an LSL stream inlet feeding the ring, with drop and loss detection.
+
+Call :func:`controller.lsl_config.ensure_lsl_config` before this module is
+imported (it imports pylsl, which reads its configuration once).
+
+Timestamps are the sender's LSL timestamps plus ``inlet.time_correction()``,
+i.e. mapped into this machine's ``pylsl.local_clock()`` (the session clock).
+No dejitter: smoothing would hide the very gaps we count as dropped samples.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pylsl
+from pylsl.util import LostError
+from pylsl.util import TimeoutError as LslTimeoutError
+
+from controller.events import EventKind
+from controller.sources.base import Source, SourceError, SourceInfo, count_gaps
+
+
+def _quote(value: str) -> str:
+    if "'" in value:
+        raise ValueError(f"stream property {value!r}: single quotes are not supported in LSL predicates")
+    return f"'{value}'"
+
+
+def build_predicate(name: str | None, type: str | None, source_id: str | None) -> str:
+    """XPath predicate for ``pylsl.resolve_bypred`` matching all given properties."""
+    parts = [f"{key}={_quote(val)}" for key, val in (("name", name), ("type", type), ("source_id", source_id))
+             if val]
+    if not parts:
+        raise ValueError("LslSource: give at least one of name, type or source_id to select a stream")
+    return " and ".join(parts)
+
+
+class LslSource(Source):
+    """Pulls an LSL stream into a ring.
+
+    - resolves by ``name``/``type``/``source_id`` (all given ones must match);
+      raises :class:`SourceError` listing the streams seen when nothing matches
+      within ``resolve_timeout_s``;
+    - pulls into preallocated arrays (``chunk`` samples at most per read,
+      waiting at most ``wait_s`` for the first one); small ``max_buflen_s`` so
+      no hidden lag builds up (REFERENCE.md §1: pylsl's default is 360 s);
+    - timestamp steps above ``gap_factor / fs`` are reported as ``DROPPED`` events;
+    - no data for ``stall_timeout_s`` or a ``LostError`` → ``FAULT`` event
+      (``what="stream_lost"``); the source keeps looking for a stream matching
+      the same predicate and resumes with a ``STATUS`` event
+      (``what="stream_recovered"``) when data flows again.
+    """
+
+    event_source = "lsl"
+
+    def __init__(self, name: str | None = None, type: str | None = None, source_id: str | None = None,
+                 resolve_timeout_s: float = 5.0, max_buflen_s: int = 1, chunk: int = 256,
+                 wait_s: float = 0.005, stall_timeout_s: float = 1.0, gap_factor: float = 1.5,
+                 time_correction_interval_s: float = 2.0, recover_poll_s: float = 0.1):
+        super().__init__()
+        self.predicate = build_predicate(name, type, source_id)
+        for label, value, lo in (("resolve_timeout_s", resolve_timeout_s, 0.0), ("wait_s", wait_s, 0.0),
+                                 ("stall_timeout_s", stall_timeout_s, 0.0), ("gap_factor", gap_factor, 1.0)):
+            if not (value > lo and np.isfinite(value)):
+                raise ValueError(f"LslSource {label}={value!r}: expected a finite number > {lo}")
+        if int(max_buflen_s) != max_buflen_s or max_buflen_s < 1:
+            raise ValueError(f"LslSource max_buflen_s={max_buflen_s!r}: expected an integer >= 1 (liblsl takes whole seconds)")
+        if not 1 <= chunk <= 1_000_000:
+            raise ValueError(f"LslSource chunk={chunk!r}: expected 1..1000000 samples per pull")
+        self.resolve_timeout_s = float(resolve_timeout_s)
+        self.max_buflen_s = int(max_buflen_s)
+        self.chunk = int(chunk)
+        self.wait_s = float(wait_s)
+        self.stall_timeout_s = float(stall_timeout_s)
+        self.gap_factor = float(gap_factor)
+        self.time_correction_interval_s = float(time_correction_interval_s)
+        self.recover_poll_s = float(recover_poll_s)
+        self._inlet: pylsl.StreamInlet | None = None
+        self._uid = ""
+        self._resolver: pylsl.ContinuousResolver | None = None
+        self._lost_since: float | None = None
+        self._last_data_t = 0.0
+        self._last_ts: float | None = None
+        self._offset_s = 0.0
+        self._next_tc_t = 0.0
+        self._next_poll_t = 0.0
+        self._buf: np.ndarray | None = None
+        self._buf32: np.ndarray | None = None
+        self._checked_ring: str | None = None
+        #: totals since open(), for status reports
+        self.n_samples = 0
+        self.n_dropped = 0
+        self.n_lost_events = 0
+
+    # ------------------------------------------------------------------ open
+    def open(self) -> SourceInfo:
+        found = pylsl.resolve_bypred(self.predicate, 1, self.resolve_timeout_s)
+        if not found:
+            seen = pylsl.resolve_streams(0.5)
+            listing = ", ".join(f"(name={s.name()!r}, type={s.type()!r}, source_id={s.source_id()!r}, "
+                                f"{s.channel_count()} ch, {s.nominal_srate():g} Hz)" for s in seen) or "none"
+            raise SourceError(f"no LSL stream matching [{self.predicate}] within {self.resolve_timeout_s:g} s; "
+                              f"streams seen: {listing}")
+        self._connect(found[0], self.resolve_timeout_s)
+        return self.info
+
+    def _connect(self, stream: pylsl.StreamInfo, timeout_s: float, wait_time_correction: bool = True) -> None:
+        fmt = stream.channel_format()
+        if fmt in (pylsl.cf_string, pylsl.cf_undefined):
+            raise SourceError(f"LSL stream {stream.name()!r} has a string/undefined channel format; "
+                              f"expected a numeric stream")
+        inlet = pylsl.StreamInlet(stream, max_buflen=self.max_buflen_s, max_chunklen=0, recover=False)
+        try:
+            full = inlet.info(timeout_s)
+            inlet.open_stream(timeout_s)
+            if wait_time_correction:  # the first estimate takes ~0.6 s (measured here)
+                self._offset_s = inlet.time_correction(timeout_s)
+        except (LslTimeoutError, LostError) as exc:
+            inlet.close_stream()
+            raise SourceError(f"LSL stream {stream.name()!r} found but not readable: {exc}") from exc
+        n_ch = full.channel_count()
+        if self.info is not None and n_ch != self.info.n_channels:
+            inlet.close_stream()
+            raise SourceError(f"LSL stream {full.name()!r} came back with {n_ch} channels, "
+                              f"expected {self.info.n_channels}")
+        names, units = [], []
+        ch = full.desc().child("channels").child("channel")
+        for i in range(n_ch):
+            names.append(ch.child_value("label") or f"ch{i}")
+            units.append(ch.child_value("unit"))
+            ch = ch.next_sibling() if not ch.empty() else ch
+        self.info = SourceInfo(name=full.name(), type=full.type(), source_id=full.source_id(), n_channels=n_ch,
+                               channel_names=tuple(names), units=tuple(units), fs_hz=float(full.nominal_srate()))
+        self._inlet = inlet
+        self._uid = full.uid()
+        self._buf = np.empty((self.chunk, n_ch), dtype=inlet.np_dtype)
+        self._buf32 = self._buf if self._buf.dtype == np.float32 else np.empty((self.chunk, n_ch), np.float32)
+        # Without a fresh estimate keep the previous offset (same host: ~0) and poll it soon.
+        self._next_tc_t = pylsl.local_clock() + (self.time_correction_interval_s if wait_time_correction else 0.0)
+        self._last_data_t = pylsl.local_clock()
+
+    # ------------------------------------------------------------------ loss / recovery
+    def _declare_lost(self, now: float, reason: str) -> None:
+        if self._lost_since is None:
+            self._lost_since = now
+            self.n_lost_events += 1
+            self._emit(now, EventKind.FAULT, what="stream_lost", reason=reason, predicate=self.predicate,
+                       last_data_t=self._last_data_t)
+            if self._resolver is None:
+                self._resolver = pylsl.ContinuousResolver(pred=self.predicate, forget_after=2.0)
+
+    def _recovered(self, now: float, how: str) -> None:
+        self._emit(now, EventKind.STATUS, what="stream_recovered", how=how, predicate=self.predicate,
+                   outage_s=now - (self._lost_since if self._lost_since is not None else now))
+        self._lost_since = None
+        self._resolver = None  # stop background resolve traffic while healthy
+
+    def _try_reconnect(self, now: float) -> None:
+        if now < self._next_poll_t or self._resolver is None:
+            return
+        self._next_poll_t = now + self.recover_poll_s
+        for stream in self._resolver.results():
+            if stream.uid() != self._uid:  # a new outlet instance (the old one is gone or stalled)
+                old = self._inlet
+                try:
+                    self._connect(stream, min(self.resolve_timeout_s, 1.0), wait_time_correction=False)
+                except SourceError as exc:
+                    self._emit(now, EventKind.STATUS, what="reconnect_failed", error=str(exc))
+                    continue
+                if old is not None:
+                    old.close_stream()
+                self._last_ts = None  # new stream instance: its clock restarted, no gap to count
+                self._recovered(now, "reconnected")
+                return
+
+    # ------------------------------------------------------------------ read
+    def read_into(self, ring) -> int:
+        """Pull what is available (waiting at most ``wait_s``) into ``ring``; return samples written."""
+        if self.info is None:
+            raise SourceError("LslSource: open() before read_into()")
+        if self._checked_ring != ring.name:
+            self.check_ring(ring)
+            if ring.capacity < self.chunk:
+                raise SourceError(f"ring {ring.name!r} capacity {ring.capacity} < LslSource chunk {self.chunk}")
+            self._checked_ring = ring.name
+        now = pylsl.local_clock()
+        if self._lost_since is not None:
+            self._try_reconnect(now)
+        inlet = self._inlet
+        if inlet is None:
+            time.sleep(self.wait_s)  # nothing to block on while reconnecting: do not spin
+            return 0
+        try:
+            _, ts = inlet.pull_chunk(timeout=self.wait_s, max_samples=self.chunk, dest_obj=self._buf,
+                                     min_samples=1, as_numpy=True)
+        except LostError:
+            self._inlet = None
+            inlet.close_stream()
+            self._declare_lost(pylsl.local_clock(), "lost_error")
+            return 0
+        n = ts.shape[0]
+        now = pylsl.local_clock()
+        if n == 0:
+            if now - self._last_data_t > self.stall_timeout_s:
+                self._declare_lost(now, "stall")
+            return 0
+        if now >= self._next_tc_t:
+            self._next_tc_t = now + self.time_correction_interval_s
+            try:
+                self._offset_s = inlet.time_correction(0.0)
+            except (LslTimeoutError, LostError):
+                pass  # keep the previous estimate; a real loss shows up on the next pull
+        ts += self._offset_s
+        n_gaps, n_lost, t_gap = count_gaps(ts, self._last_ts, self.info.fs_hz, self.gap_factor)
+        if n_gaps:
+            self.n_dropped += n_lost
+            self._emit(now, EventKind.DROPPED, n_lost=n_lost, n_gaps=n_gaps, at_t=t_gap, reason="timestamp_gap")
+        if self._buf32 is not self._buf:
+            self._buf32[:n] = self._buf[:n]
+        ring.write(self._buf32[:n], ts)
+        self._last_ts = float(ts[-1])
+        self._last_data_t = now
+        self.n_samples += n
+        if self._lost_since is not None:
+            self._recovered(now, "data_resumed")
+        return n
+
+    def close(self) -> None:
+        inlet, self._inlet = self._inlet, None
+        self._resolver = None
+        if inlet is not None:
+            inlet.close_stream()
