@@ -1,0 +1,114 @@
+"""Micro-benchmark: command round trip over a pty against the stimulator emulator.
+
+    python -m drivers.bench_serial --json bench_serial.json [--n 500] [--inproc]
+
+The emulator runs in its own process (``python -m hil_sim.emulator --fd``)
+unless ``--inproc``. Measures, on the shared LSL clock: TRIGGER and HEARTBEAT
+round trip (write → ACK decoded; each TRIGGER comes after ~3.5 ms idle, each
+HEARTBEAT right after it, so the two show the cold and the warm path) and the host → device one-way time (device
+receipt timestamp − send time). Writes JSON and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pylsl
+
+from drivers.params import StimParams, Waveform
+from drivers.serial_stimulator import SerialStimulator
+from hil_sim.pty_pair import close_pty, open_pty_pair
+
+
+def _stats_us(x: np.ndarray) -> dict:
+    x = np.asarray(x, dtype=np.float64) * 1e6
+    return {"n": int(x.size), "p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99)),
+            "max": float(x.max()), "mean": float(x.mean())}
+
+
+def run(n: int, inproc: bool) -> dict:
+    """Run the benchmark; returns the result dict (µs)."""
+    master_fd, slave = open_pty_pair()
+    proc = emu = None
+    try:
+        if inproc:
+            from hil_sim.emulator import StimulatorEmulator
+            emu = StimulatorEmulator(master_fd, watchdog_s=5.0).start()
+        else:
+            proc = subprocess.Popen([sys.executable, "-m", "hil_sim.emulator", "--fd", str(master_fd),
+                                     "--watchdog-s", "5"], pass_fds=(master_fd,), stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True)
+            line = proc.stdout.readline().strip()
+            if line != "ready":
+                raise RuntimeError(f"emulator process did not start (said {line!r})")
+        stim = SerialStimulator(slave, timeout_s=0.1, retries=0)
+        stim.open()
+        # Shortest burst the emulator accepts (40 µs, 1 pulse at 333 Hz → 3 ms busy).
+        burst = StimParams(channel=0, waveform=Waveform.BIPHASIC, amplitude_ua=100.0, pulse_width_us=40.0,
+                           frequency_hz=333.0, n_pulses=1)
+        stim.configure(burst)
+        trig = np.empty(n)
+        oneway = np.empty(n)
+        hb = np.empty(n)
+        for i in range(20):   # warm-up: page in code paths on both sides
+            stim.heartbeat()
+        for i in range(n):
+            r = stim.trigger(0)
+            trig[i] = r.acked_t - r.sent_t
+            oneway[i] = stim.last_receipt_device_t - r.sent_t
+            r = stim.heartbeat()
+            hb[i] = r.acked_t - r.sent_t
+            time.sleep(burst.burst_duration_s + 0.0005)   # outside the timed path: let the burst end
+        stim.stop()
+        stim.close()
+        return {
+            "bench": "serial_round_trip", "transport": "pty", "emulator": "thread" if inproc else "process",
+            "baudrate": stim.baudrate, "clock": "pylsl.local_clock",
+            "trigger_rtt_us": _stats_us(trig), "heartbeat_rtt_us": _stats_us(hb),
+            "note": ("each TRIGGER follows ~3.5 ms of idle (both sides wake from sleep, as in a closed "
+                     "loop); each HEARTBEAT follows its TRIGGER back to back (warm path)"),
+            "host_to_device_us": _stats_us(oneway), "retries_used": stim.retries_used,
+            "host": {"python": platform.python_version(), "machine": platform.machine(),
+                     "cpus": os.cpu_count()},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "t_lsl": pylsl.local_clock(),
+        }
+    finally:
+        if emu is not None:
+            emu.stop()
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        close_pty(master_fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m drivers.bench_serial", description=__doc__.splitlines()[0])
+    ap.add_argument("--json", required=True, help="output JSON file")
+    ap.add_argument("--n", type=int, default=500, help="commands per measurement (default 500)")
+    ap.add_argument("--inproc", action="store_true", help="emulator thread in this process instead of a process")
+    args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error(f"--n {args.n} invalid, expected >= 1")
+    res = run(args.n, args.inproc)
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1)
+    print(f"{'measure':<20}{'n':>6}{'p50 us':>10}{'p99 us':>10}{'max us':>10}")
+    for key in ("trigger_rtt_us", "heartbeat_rtt_us", "host_to_device_us"):
+        s = res[key]
+        print(f"{key:<20}{s['n']:>6}{s['p50']:>10.1f}{s['p99']:>10.1f}{s['max']:>10.1f}")
+    print(f"emulator: {res['emulator']}, retries used: {res['retries_used']}, written: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
