@@ -64,7 +64,7 @@ COMMANDS: dict[str, dict[str, tuple[type, ...]]] = {
 _HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication refused (client key not authorized)",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake protocol error",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (e.g. client used a wrong server public key)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake aborted (client without CURVE or with a wrong server public key, or it disconnected)",
 }
 _PROTOCOL_ERRORS = {
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "client does not use CURVE",

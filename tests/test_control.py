@@ -287,7 +287,10 @@ def test_curve_plain_client_is_refused_and_recorded(curve):
     time.sleep(0.1)
     assert curve["loop"].snapshot() == before
     refused = _refusals(curve["events"])
-    assert refused and "does not use CURVE" in refused[0].data["reason"]
+    # Which side notices the mechanism mismatch first is a race: the server logs either
+    # the mismatch or an aborted handshake; both are recorded refusals.
+    assert refused and all(("does not use CURVE" in e.data["reason"] or "aborted" in e.data["reason"])
+                           for e in refused), refused
 
 
 def test_repeated_refusals_are_coalesced_per_window(curve):
@@ -296,9 +299,9 @@ def test_repeated_refusals_are_coalesced_per_window(curve):
             with pytest.raises(TimeoutError):
                 client.pause()
     time.sleep(0.1)
-    mismatch = [e for e in _refusals(curve["events"]) if "does not use CURVE" in e.data["reason"]]
-    assert len(mismatch) == 1, "a client hammering the port must not flood the event log"
-    assert curve["server"].refusals_pending >= 2
+    refused = _refusals(curve["events"])
+    assert 1 <= len(refused) <= 2, "one event per distinct reason per window, not one per attempt"
+    assert len(refused) + curve["server"].refusals_pending >= 3
 
 
 def test_curve_wrong_server_key_is_refused_and_recorded(curve, tmp_path):
