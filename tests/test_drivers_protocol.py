@@ -190,3 +190,23 @@ def test_check_params_names_field_value_and_range():
     dc = StimParams(waveform=Waveform.DC, amplitude_ua=1000.0, duration_s=10.0, ramp_s=6.0)
     assert "ramp_s 6.0" in P.check_params(dc, dc_caps)[2]
     assert P.check_params(dc.with_(ramp_s=2.0), dc_caps) is None
+
+
+def test_protocol_md_hex_examples_decode():
+    from pathlib import Path
+    text = (Path(P.__file__).parent / "PROTOCOL.md").read_text(encoding="utf-8")
+    block = text.split("## 8. Examples")[1].split("```")[1]
+    hex_lines = [ln for ln in block.splitlines() if ln.startswith("a5 5a")]
+    assert len(hex_lines) == 11
+    d = P.FrameDecoder()
+    frames = d.feed(b"".join(bytes.fromhex(ln) for ln in hex_lines))
+    assert len(frames) == 11 and d.errors["crc"] == 0
+    by_type = {}
+    for f in frames:
+        by_type.setdefault(P.MsgType(f.msg_type), []).append(f)
+    assert P.decode_configure(by_type[P.MsgType.CONFIGURE][0].payload) == StimParams(
+        channel=1, amplitude_ua=1500.0, pulse_width_us=100.0, frequency_hz=200.0, n_pulses=2)
+    assert [P.decode_trigger(f.payload) for f in by_type[P.MsgType.TRIGGER]] == [(1, 0.0), (1, 1000.25)]
+    assert P.decode_nack(by_type[P.MsgType.NACK][0].payload) == (3, P.ErrorCode.NOT_CONFIGURED, 0, 1000.0)
+    _, t, body = P.decode_ack(by_type[P.MsgType.ACK][0].payload)
+    assert t == 1234.5 and P.decode_capabilities(body)[1].name == "stimloop-emu"
