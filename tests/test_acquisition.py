@@ -1,0 +1,99 @@
+"""The acquisition process: real spawned processes, raw recording, events file, SIGKILL tolerance."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from controller.acquisition import RawRecorder, load_raw, load_raw_meta, start_acquisition
+from controller.events import Event, EventKind
+from controller.ring import SharedRing
+
+pytestmark = pytest.mark.realtime
+FS = 500.0
+
+
+def test_acquisition_process_fills_ring_records_raw_and_events(tmp_path):
+    data = np.random.default_rng(0).normal(0, 50, (int(FS * 1.0), 4)).astype(np.float32)
+    data[100:103, 2] = np.nan  # NaN samples must be reported, and recorded as they came
+    ring = SharedRing.create(None, 4, 4096, FS)
+    events_path = tmp_path / "events.jsonl"
+    spec = {"kind": "array", "data": data, "fs_hz": FS, "chunk": 16, "name": "noise"}
+    proc, stop_event = start_acquisition(spec, ring.name, events_path, tmp_path / "raw")
+    try:
+        deadline = time.monotonic() + 10
+        while ring.counter < data.shape[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ring.counter == data.shape[0]
+        s, ts, end = ring.reader().latest(data.shape[0], copy=True, out=np.empty_like(data),
+                                          ts_out=np.empty(data.shape[0]))
+        assert np.array_equal(s, data, equal_nan=True)
+        time.sleep(0.6)  # let the events buffer (flushed every 0.5 s) reach the file
+    finally:
+        stop_event.set()
+        proc.join(10)
+        assert proc.exitcode == 0
+        ring.close()
+        ring.unlink()
+    samples, timestamps = load_raw(tmp_path / "raw")
+    assert np.array_equal(samples, data, equal_nan=True)
+    assert np.allclose(np.diff(timestamps), 1 / FS)
+    meta = load_raw_meta(tmp_path / "raw")
+    assert meta["n_channels"] == 4 and meta["fs_hz"] == FS and meta["source"]["name"] == "noise"
+    events = [Event.from_dict(json.loads(line)) for line in events_path.read_text().splitlines()]
+    whats = [e.data.get("what") for e in events]
+    assert whats[0] == "acquisition_started" and whats[-1] == "acquisition_stopped"
+    nan_ev = [e for e in events if e.data.get("what") == "nan_samples"]
+    assert sum(e.data["n_samples"] for e in nan_ev) == 3
+
+
+def test_sigkill_loses_at_most_about_one_second(tmp_path):
+    n_total = int(FS * 30)
+    k = np.arange(n_total, dtype=np.float32)
+    data = np.stack([k, -k], axis=1)  # each row encodes its index
+    ring = SharedRing.create(None, 2, 8192, FS)
+    proc, stop_event = start_acquisition({"kind": "array", "data": data, "fs_hz": FS, "chunk": 25},
+                                         ring.name, tmp_path / "events.jsonl", tmp_path / "raw")
+    try:
+        time.sleep(2.7)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        n_in_ring = ring.counter
+    finally:
+        ring.close()
+        ring.unlink()
+    assert proc.exitcode == -signal.SIGKILL
+    samples, timestamps = load_raw(tmp_path / "raw")
+    n = samples.shape[0]
+    assert n_in_ring > FS * 2
+    assert n_in_ring - FS * 1.2 <= n <= n_in_ring  # raw flush every 1 s (+ one loop of slack)
+    assert np.array_equal(samples, data[:n])
+    assert timestamps.shape == (n,)
+    # a torn last record (killed mid-write) is ignored, and a reopened recorder trims it and appends
+    with open(tmp_path / "raw" / "samples.f32", "ab") as f:
+        f.write(b"\x00\x00\x80")
+    s2, _ = load_raw(tmp_path / "raw")
+    assert s2.shape[0] == n
+    rec = RawRecorder(tmp_path / "raw", 2, FS)
+    rec.append(data[n:n + 10], np.arange(n, n + 10) / FS)
+    rec.close()
+    s3, t3 = load_raw(tmp_path / "raw")
+    assert np.array_equal(s3, data[:n + 10]) and t3.shape == (n + 10,)
+
+
+def test_source_that_cannot_open_is_reported(tmp_path):
+    ring = SharedRing.create(None, 2, 64, 100.0)
+    try:
+        with pytest.raises(RuntimeError, match="not ready"):
+            start_acquisition({"kind": "lsl", "name": "stimloop-absent", "resolve_timeout_s": 0.3},
+                              ring.name, tmp_path / "events.jsonl", None, ready_timeout_s=20)
+    finally:
+        ring.close()
+        ring.unlink()
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events[0]["kind"] == str(EventKind.FAULT) and events[0]["what"] == "source_open_failed"
+    assert "stimloop-absent" in events[0]["error"]
