@@ -132,3 +132,24 @@ def test_emulator_rejects_bad_construction():
         StimulatorEmulator(0, watchdog_s=0)
     with pytest.raises(ValueError, match="n_channels 9 out of range, expected 1..8"):
         StimulatorEmulator(0, capabilities=DeviceCapabilities(n_channels=9))
+
+
+def test_log_is_flushed_within_a_second_while_running(tmp_path):
+    import json
+    master_fd, slave = open_pty_pair()
+    log = tmp_path / "device_log.jsonl"
+    emu = StimulatorEmulator(master_fd, watchdog_s=5.0, log_path=log).start()
+    host = RawHost(slave)
+    try:
+        host.request(P.MsgType.HELLO, 1, P.encode_hello())
+        host.request(P.MsgType.STOP, 2)
+        end = time.monotonic() + 1.5
+        lines = []
+        while time.monotonic() < end and len(lines) < 2:
+            time.sleep(0.05)
+            lines = log.read_text().splitlines()
+        assert [json.loads(x)["type"] for x in lines] == ["HELLO", "STOP"]
+    finally:
+        host.close()
+        emu.stop()
+        close_pty(master_fd)
