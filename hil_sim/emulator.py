@@ -404,7 +404,7 @@ class StimulatorEmulator:
             if not p.cancelled:
                 p.cancelled = True
                 stopped.append(p.channel)
-                self._emit_later(self._record(p.t_received, p.seq, "TRIGGER", p.channel, p.params, False,
+                self._emit(self._record(p.t_received, p.seq, "TRIGGER", p.channel, p.params, False,
                                               f"cancelled: {reason}", at=p.at))
         self._pending.clear()
         return sorted(set(stopped))
@@ -420,7 +420,7 @@ class StimulatorEmulator:
         stopped = self._stop_all_locked(now, "watchdog")
         rec = self._record(now, None, "WATCHDOG", None, None, True, "", stopped_channels=stopped,
                            silence_s=now - self._last_valid_t)
-        self._emit_later(rec)
+        self._emit(rec)
         self._event_seq = (self._event_seq + 1) % P.SEQ_MOD
         self._send(_reply(P.MsgType.EVENT, self._event_seq, P.encode_event(P.EventCode.WATCHDOG, now)),
                    is_reply=False)
@@ -460,10 +460,6 @@ class StimulatorEmulator:
             # Expanded in _emit, after the reply is on the wire (asdict costs ~10 µs).
             rec["_params"] = params
         return rec
-
-    def _emit_later(self, rec: dict) -> None:
-        # Lock held: append to ground truth now, write the log line right away too (file lock is separate).
-        self._emit(rec)
 
     def _emit(self, rec: dict) -> None:
         params = rec.pop("_params", None)
