@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from controller.sources.base import Source, SourceError, SourceInfo, StreamLost, count_gaps
 
-__all__ = ["Source", "SourceError", "SourceInfo", "StreamLost", "count_gaps", "build_source"]
+__all__ = ["Source", "SourceError", "SourceInfo", "StreamLost", "count_gaps", "build_source", "probe_source"]
 
 
 def build_source(spec: dict) -> Source:
@@ -38,3 +38,15 @@ def build_source(spec: dict) -> Source:
         from controller.sources.replay import ArraySource
         return ArraySource.from_file(**kw)
     raise ValueError(f"source spec kind={kind!r}: expected 'lsl', 'brainflow', 'array' or 'file'")
+
+
+def probe_source(spec: dict) -> SourceInfo:
+    """Open a source just long enough to learn its channels and rate (clear error if it cannot be found).
+
+    The runner calls it before anything else starts, so an unknown stream name
+    or a missing board fails fast, and the ring can be sized to the source.
+    """
+    source = build_source(spec)
+    info = source.open()
+    source.close()
+    return info
