@@ -179,3 +179,24 @@ def test_onsets_without_gaps_equal_offset_from_first_sample():
     ts = T0 + np.arange(100) / FS_HZ
     t = np.array([T0 - 1.0, T0 + 0.123, T0 + 5.0])
     np.testing.assert_allclose(_onsets_s(t, ts, FS_HZ), t - T0, atol=1e-9)
+
+
+def test_real_eeg_segment_at_200_hz_round_trips(tmp_path):
+    """A real ictal scalp-EEG segment (New Delhi set, 200 Hz, µV) survives export within quantization."""
+    scipy_io = pytest.importorskip("scipy.io")
+    path = Path("/work/shared/data/delhi/ictal/ictal1.mat")
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    x = scipy_io.loadmat(path)["ictal"].ravel().astype(np.float32)[:, None]  # 1024 samples, 5.12 s
+    fs_hz = 200.0
+    raw = tmp_path / "s" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "meta.json").write_text(json.dumps({"n_channels": 1, "fs_hz": fs_hz, "channel_names": ["scalp"]}))
+    (raw / "samples.f32").write_bytes(x.astype("<f4").tobytes())
+    (raw / "timestamps.f64").write_bytes((50.0 + np.arange(x.shape[0]) / fs_hz).astype("<f8").tobytes())
+    summary = export_edf(tmp_path / "s", tmp_path / "real.edf")
+    assert summary.duration_s == pytest.approx(5.12) and summary.padded_samples == 1200 - 1024
+    sig = edfio.read_edf(tmp_path / "real.edf").signals[0]
+    step = (sig.physical_max - sig.physical_min) / 65535
+    assert sig.physical_min <= x.min() and sig.physical_max >= x.max()
+    np.testing.assert_allclose(sig.data[:1024], x[:, 0], atol=step, rtol=0)

@@ -1,0 +1,185 @@
+"""Live terminal view of a running loop's telemetry (``stimloop monitor --address ...``).
+
+Works from another machine: it only needs the loop's telemetry address
+(``tcp://HOST:5556``). :class:`MonitorState` folds telemetry messages into what
+the screen shows and :func:`render` turns it into a rich renderable; both are
+pure (the caller passes the receive time), so tests drive them without a terminal.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from controller.telemetry import TelemetrySubscriber
+
+_BARS = "▁▂▃▄▅▆▇█"
+MAX_CHANNELS_SHOWN = 8
+
+
+def sparkline(x: np.ndarray, width: int = 60) -> str:
+    """Unicode sparkline of the last ``width`` values (min→▁, max→█); flat data draws ▄."""
+    x = np.asarray(x, dtype=np.float64)[-width:]
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return ""
+    lo, hi = float(x.min()), float(x.max())
+    if hi - lo <= 1e-12:
+        return _BARS[3] * x.size
+    idx = np.minimum(((x - lo) / (hi - lo) * len(_BARS)).astype(int), len(_BARS) - 1)
+    return "".join(_BARS[i] for i in idx)
+
+
+@dataclass
+class MonitorState:
+    """Everything the monitor screen shows, updated message by message."""
+
+    address: str = ""
+    history_samples: int = 120
+    n_messages: int = 0
+    last_rx: float | None = None          # receive time (caller's clock) of the newest message
+    last_t: float | None = None           # session-clock time stamped by the loop
+    signal: np.ndarray | None = None      # (history, ch) latest decimated samples
+    signal_fs_hz: float | None = None
+    channels: list[str] = field(default_factory=list)
+    prediction: dict | None = None
+    features: dict | None = None
+    status: dict = field(default_factory=dict)
+    stim: deque = field(default_factory=lambda: deque(maxlen=6))
+    decisions: deque = field(default_factory=lambda: deque(maxlen=6))
+    clamps: deque = field(default_factory=lambda: deque(maxlen=4))
+    faults: deque = field(default_factory=lambda: deque(maxlen=6))
+    counts: dict = field(default_factory=dict)
+
+    def update(self, topic: str, t: float, payload: dict, received: float) -> None:
+        """Fold one telemetry message in (``received``: caller's clock, for staleness)."""
+        self.n_messages += 1
+        self.last_rx = received
+        self.last_t = t
+        self.counts[topic] = self.counts.get(topic, 0) + 1
+        if topic == "signal":
+            x = payload.get("x")
+            if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > 0:
+                x = x[:, :MAX_CHANNELS_SHOWN].astype(np.float32)
+                if self.signal is None or self.signal.shape[1] != x.shape[1]:
+                    self.signal = x[-self.history_samples:]
+                else:
+                    self.signal = np.concatenate([self.signal, x])[-self.history_samples:]
+                self.signal_fs_hz = payload.get("fs_hz")
+                if payload.get("channels"):
+                    self.channels = list(payload["channels"])[:MAX_CHANNELS_SHOWN]
+        elif topic == "prediction":
+            self.prediction = {"t": t, **payload}
+        elif topic == "features":
+            self.features = {"t": t, **payload}
+        elif topic == "status":
+            self.status.update({k: v for k, v in payload.items() if not isinstance(v, np.ndarray)})
+            self.status["t"] = t
+        elif topic == "stim":
+            self.stim.append((t, payload))
+        elif topic == "decision":
+            self.decisions.append((t, payload))
+        elif topic == "clamp":
+            self.clamps.append((t, payload))
+        elif topic == "fault":
+            self.faults.append((t, payload))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _kv(payload: dict, skip: tuple[str, ...] = ("kind", "source"), limit: int = 6) -> str:
+    items = [(k, v) for k, v in payload.items() if k not in skip and not isinstance(v, (dict, list, np.ndarray))]
+    return "  ".join(f"{k}={_fmt(v)}" for k, v in items[:limit])
+
+
+def _events_table(title: str, rows: deque, style: str) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False, expand=True, box=None)
+    table.add_column("t", style="dim", width=12)
+    table.add_column("what", style=style, ratio=1)
+    for t, payload in list(rows)[::-1]:
+        head = f"{payload.get('kind', '')}/{payload.get('source', '')}".strip("/")
+        table.add_row(f"{t:.3f}", f"{head}  {_kv(payload)}")
+    if not rows:
+        table.add_row("", Text("none", style="dim"))
+    return table
+
+
+def render(state: MonitorState, now: float | None = None):
+    """The monitor screen for ``state`` (``now``: caller's clock, to show staleness)."""
+    age = None if state.last_rx is None or now is None else now - state.last_rx
+    header = Text(f"stimloop monitor  {state.address}   messages {state.n_messages}")
+    if state.last_t is not None:
+        header.append(f"   loop t={state.last_t:.3f} s")
+    if age is None and state.n_messages == 0:
+        header.append("   waiting for telemetry…", style="yellow")
+    elif age is not None and age > 2.0:
+        header.append(f"   NO DATA for {age:.1f} s", style="bold red")
+
+    sig = Table(title="signal (decimated, µV)", title_justify="left", show_header=False, expand=True, box=None)
+    sig.add_column("ch", width=10)
+    sig.add_column("trace", no_wrap=True, overflow="crop", ratio=1)
+    sig.add_column("range", width=22, justify="right")
+    if state.signal is not None:
+        for ch in range(state.signal.shape[1]):
+            x = state.signal[:, ch]
+            name = state.channels[ch] if ch < len(state.channels) else f"ch{ch}"
+            sig.add_row(name, Text(sparkline(x), style="cyan"), f"{np.nanmin(x):.1f} … {np.nanmax(x):.1f}")
+    else:
+        sig.add_row("", Text("no signal yet", style="dim"), "")
+
+    info = Table(show_header=False, expand=True, box=None)
+    info.add_column("k", style="bold", width=12)
+    info.add_column("v", ratio=1)
+    pred = state.prediction
+    info.add_row("prediction", _kv(pred, skip=("kind", "source", "t")) + (f"  @ {pred['t']:.3f}" if pred else "")
+                 if pred else Text("none", style="dim"))
+    latency = {k: v for k, v in state.status.items() if "latency" in k or "deadline" in k or "dropped" in k}
+    info.add_row("latency", _kv(latency, skip=(), limit=8) if latency else Text("not reported", style="dim"))
+    rest = {k: v for k, v in state.status.items() if k not in latency and k != "t"}
+    info.add_row("status", _kv(rest, skip=("source",), limit=8) if rest else Text("none", style="dim"))
+    info.add_row("counts", "  ".join(f"{k}={v}" for k, v in sorted(state.counts.items())))
+
+    fault_style = "bold red" if state.faults else "green"
+    return Panel(Group(header, sig, info,
+                       _events_table("stimulation", state.stim, "magenta"),
+                       _events_table("governor clamps/refusals", state.clamps, "yellow"),
+                       _events_table("faults", state.faults, fault_style)),
+                 title="stimloop", border_style=fault_style)
+
+
+def run_monitor(address: str = "tcp://127.0.0.1:5556", duration_s: float | None = None,
+                refresh_hz: float = 4.0, console: Console | None = None) -> MonitorState:
+    """Show live telemetry from ``address`` until Ctrl-C or ``duration_s``; return the final state."""
+    from rich.live import Live
+
+    if refresh_hz <= 0:
+        raise ValueError(f"monitor refresh_hz={refresh_hz} is invalid; expected > 0")
+    state = MonitorState(address=address)
+    start = time.monotonic()
+    next_draw = start
+    with TelemetrySubscriber(address) as sub, Live(render(state, start), console=console,
+                                                    refresh_per_second=refresh_hz, transient=False) as live:
+        try:
+            while duration_s is None or time.monotonic() - start < duration_s:
+                msg = sub.recv(timeout_ms=100)
+                now = time.monotonic()
+                if msg is not None:
+                    state.update(*msg, received=now)
+                if now >= next_draw:
+                    live.update(render(state, now))
+                    next_draw = now + 1.0 / refresh_hz
+        except KeyboardInterrupt:
+            pass
+        live.update(render(state, time.monotonic()))
+    return state

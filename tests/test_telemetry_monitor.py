@@ -1,0 +1,101 @@
+"""Monitor: pure state/render, and run_monitor against a publisher in another process."""
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import time
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from controller.monitor import MonitorState, render, run_monitor, sparkline
+
+
+def screen(state: MonitorState, now: float) -> str:
+    console = Console(width=110, file=io.StringIO(), force_terminal=False, color_system=None)
+    console.print(render(state, now))
+    return console.file.getvalue()
+
+
+def test_sparkline_maps_min_to_lowest_and_max_to_highest_bar():
+    assert sparkline(np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])) == "▁▂▃▄▅▆▇█"
+    assert sparkline(np.array([5.0, 5.0, 5.0])) == "▄▄▄"
+    assert sparkline(np.array([np.nan, np.nan])) == ""
+    assert len(sparkline(np.arange(500.0), width=40)) == 40
+
+
+def test_state_keeps_a_bounded_signal_history_and_recent_events():
+    state = MonitorState(history_samples=50)
+    for i in range(10):
+        block = np.full((20, 3), float(i), np.float32)
+        state.update("signal", float(i), {"x": block, "fs_hz": 125.0, "channels": ["a", "b", "c"]}, received=i)
+    assert state.signal.shape == (50, 3) and state.signal[-1, 0] == 9.0 and state.signal[0, 0] == 7.0
+    for i in range(10):
+        state.update("stim", 100.0 + i, {"kind": "command", "source": "actuator", "seq": i}, received=10)
+    assert len(state.stim) == 6 and state.stim[-1][1]["seq"] == 9
+    assert state.counts == {"signal": 10, "stim": 10} and state.n_messages == 20
+
+
+def test_render_shows_signal_prediction_stim_latency_and_faults():
+    state = MonitorState(address="tcp://10.0.0.5:5556")
+    t = np.arange(100) / 10
+    state.update("signal", 1.0, {"x": np.c_[50 * np.sin(t), 20 * np.cos(t)].astype(np.float32),
+                                 "fs_hz": 125.0, "channels": ["Fz", "Cz"]}, received=0.0)
+    state.update("prediction", 1.1, {"kind": "prediction", "source": "seizure", "p": 0.93}, received=0.0)
+    state.update("stim", 1.2, {"kind": "command", "source": "actuator", "seq": 41, "amplitude_ua": 750.0}, received=0.0)
+    state.update("clamp", 1.25, {"kind": "clamp", "source": "governor", "reason": "max_amplitude"}, received=0.0)
+    state.update("status", 1.3, {"kind": "status", "source": "runner", "latency_p99_ms": 4.25, "state": "running"},
+                 received=0.0)
+    out = screen(state, now=0.5)
+    assert "tcp://10.0.0.5:5556" in out and "Fz" in out and "Cz" in out
+    assert "▁" in out and "█" in out
+    assert "p=0.93" in out and "seq=41" in out and "amplitude_ua=750" in out
+    assert "reason=max_amplitude" in out and "latency_p99_ms=4.25" in out and "state=running" in out
+    assert "NO DATA" not in out
+    state.update("fault", 2.0, {"kind": "fault", "source": "actuator", "error": "DeviceTimeout"}, received=0.5)
+    out = screen(state, now=10.0)
+    assert "error=DeviceTimeout" in out and "NO DATA for 9.5 s" in out
+
+
+def test_render_before_any_message_says_waiting():
+    assert "waiting for telemetry" in screen(MonitorState(address="tcp://127.0.0.1:5556"), now=0.0)
+
+
+def _publisher_process(address_q: mp.Queue, stop: mp.Event) -> None:
+    from controller.events import Event, EventKind
+    from controller.telemetry import TelemetryPublisher
+
+    with TelemetryPublisher("tcp://127.0.0.1:*") as pub:
+        address_q.put(pub.endpoint)
+        block = (30 * np.sin(np.arange(32) / 3)).astype(np.float32)[:, None]
+        t = 0.0
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            pub.publish_signal(t, block, fs_hz=250.0, channel_names=["EEG1"])
+            pub.publish_event(Event(t, EventKind.PREDICTION, "seizure", {"p": 0.42}))
+            pub.publish_event(Event(t, EventKind.COMMAND, "actuator", {"seq": int(t * 100)}))
+            t += 0.02
+            time.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+def test_run_monitor_shows_a_remote_publisher():
+    ctx = mp.get_context("spawn")
+    address_q, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_publisher_process, args=(address_q, stop), daemon=True)
+    proc.start()
+    try:
+        address = address_q.get(timeout=30)
+        console = Console(width=100, file=io.StringIO(), force_terminal=False, color_system=None)
+        state = run_monitor(address, duration_s=1.5, refresh_hz=4, console=console)
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    assert state.counts.get("signal", 0) > 5 and state.counts.get("prediction", 0) > 5
+    assert state.signal is not None and state.channels == ["EEG1"] and state.prediction["p"] == 0.42
+    assert "EEG1" in console.file.getvalue() and "p=0.42" in console.file.getvalue()
+    with pytest.raises(ValueError, match="refresh_hz=0"):
+        run_monitor(address, duration_s=0.1, refresh_hz=0)
