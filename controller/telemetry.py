@@ -226,3 +226,41 @@ class TelemetrySubscriber:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def bench_publish(n: int = 20_000, block_shape: tuple[int, int] = (32, 8)) -> dict:
+    """Cost of ``publish`` on the caller's thread (µs per call), with one live subscriber.
+
+    Measures what the real-time loop pays: encode + non-blocking hand-off to libzmq.
+    """
+    block = np.zeros(block_shape, np.float32)
+    event = Event(0.0, EventKind.COMMAND, "actuator", {"seq": 1, "amplitude_ua": 500.0, "channel": 0})
+    out: dict[str, Any] = {"n": n, "block_shape": list(block_shape), "pyzmq": zmq.__version__,
+                           "libzmq": zmq.zmq_version()}
+    with TelemetryPublisher("tcp://127.0.0.1:*", hwm=n * 4) as pub, TelemetrySubscriber(pub.endpoint) as sub:
+        for _ in range(200):  # let the subscription reach the publisher
+            pub.publish("status", 0.0, {})
+            if sub.recv(timeout_ms=10) is not None:
+                break
+        for name, call in (("signal_block_us", lambda i: pub.publish_signal(float(i), block, 250.0)),
+                           ("event_us", lambda i: pub.publish_event(event))):
+            times = np.empty(n)
+            for i in range(n):
+                t0 = time.perf_counter()
+                call(i)
+                times[i] = time.perf_counter() - t0
+            out[name] = {"p50": float(np.percentile(times, 50) * 1e6), "p99": float(np.percentile(times, 99) * 1e6),
+                         "max": float(times.max() * 1e6)}
+        out["dropped"] = pub.dropped
+    return out
+
+
+if __name__ == "__main__":  # python -m controller.telemetry [out.json]
+    import sys
+
+    result = bench_publish()
+    text = json.dumps(result, indent=1)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            f.write(text + "\n")
+    print(text)
