@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-from scipy.signal import butter, lfilter, sosfilt, sosfilt_zi
+from scipy.signal import butter, lfilter, sosfilt
 
 from drivers.params import StimParams
 from hil_sim.brain.wendling import WendlingBank
@@ -244,8 +244,6 @@ class SimulatedPatient:
             raise ValueError(f"SimulatedPatient n_channels={n_channels!r}: expected an int in [1, 512]")
         self.params = p = params if params is not None else PatientParams()
         p.validate()
-        if p.line_freq_hz >= fs_hz / 2:
-            raise ValueError(f"SimulatedPatient fs_hz={fs_hz!r}: expected > 2 × line_freq_hz = {2 * p.line_freq_hz}")
         self.fs_hz = float(fs_hz)
         self.n_channels = n_channels
         self.seed = int(seed)
@@ -286,12 +284,15 @@ class SimulatedPatient:
         self._bg = np.array([p.background_b, p.background_g])
         self._gains = np.array([p.background_b, p.background_g])  # focus (B, G) of the current grid cell
         self._cell = max(1, int(round(self.fs_hz / self._GRID_HZ)))
+        # The LFP's DC level jumps by ~10 mV between regimes (e.g. 50/15 → 5/25); an
+        # AC-coupled amplifier would turn that into a huge slow transient at every
+        # onset, so the stable fixed-point level is removed before the high-pass.
+        self._bg_level = self._bank.equilibrium_lfp()[0]
+        self._level = self._bg_level.copy()
 
         # --- filters with state (streaming, chunk-independent)
         self._hp_sos = butter(2, p.highpass_hz, btype="highpass", fs=self.fs_hz, output="sos")
-        st = self._bank.state                      # settled at the noise-free fixed point
-        settle = st[1] - st[2] - st[3]             # LFP y1 − y2 − y3 (mV): start the high-pass at rest
-        self._hp_zi = sosfilt_zi(self._hp_sos)[:, :, None] * settle[None, None, :]
+        self._hp_zi = np.zeros((self._hp_sos.shape[0], 2, p.n_sources))  # level removed: rest is 0
         b_lp, a_lp = butter(1, min(p.pink_corner_hz, 0.45 * self.fs_hz), fs=self.fs_hz)
         self._pink_b, self._pink_a = np.convolve(_PINK_B, b_lp), np.convolve(_PINK_A, a_lp)
         h = lfilter(self._pink_b, self._pink_a, np.r_[1.0, np.zeros(int(50 * self.fs_hz) - 1)])
@@ -318,6 +319,11 @@ class SimulatedPatient:
     def t(self) -> float:
         """Patient time (s) of the next sample to be produced."""
         return self._n / self.fs_hz
+
+    @property
+    def n_samples(self) -> int:
+        """Number of samples produced so far."""
+        return self._n
 
     def in_seizure(self) -> bool:
         """True while the patient is in a seizure (onset ≤ t < offset, termination ramp included)."""
@@ -357,6 +363,8 @@ class SimulatedPatient:
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"SimulatedPatient.step n={n!r}: expected an int >= 0")
         n = int(n)
+        if n == 0:
+            return np.zeros((0, self.n_channels), dtype=np.float32)
         p = self.params
         n0 = self._n
         src = self._sources(n0, n)                                   # (n, n_src) mV, high-passed
@@ -367,7 +375,7 @@ class SimulatedPatient:
         if p.sensor_noise_uv > 0:
             out += p.sensor_noise_uv * self._rng_sensor.standard_normal((n, self.n_channels))
         ts = (n0 + np.arange(n)) / self.fs_hz
-        if p.line_noise_uv > 0:
+        if p.line_noise_uv > 0 and p.line_freq_hz < 0.45 * self.fs_hz:  # else the anti-alias filter removed it
             out += self._line_amp * np.sin(2 * np.pi * p.line_freq_hz * ts[:, None] + self._line_phase)
         if self._bursts and n:
             self._add_artifacts(out, ts)
@@ -476,17 +484,19 @@ class SimulatedPatient:
                 gains = self._path_at(tc)
                 if not np.array_equal(gains, self._gains):
                     if s > seg_start:
-                        pieces.append(self._bank.run((s - seg_start) * k))
+                        pieces.append(self._bank.run((s - seg_start) * k) - self._level)
                         seg_start = s
                     self._gains = gains
                     B, G = self._source_gains(gains)
                     self._bank.set_gains(B=B, G=G)
+                    level, stable = self._bank.equilibrium_lfp()
+                    self._level = np.where(stable, level, self._bg_level)
             s = min(end, (s // cell + 1) * cell)
         if end > seg_start:
-            pieces.append(self._bank.run((end - seg_start) * k))
+            pieces.append(self._bank.run((end - seg_start) * k) - self._level)
         raw = np.concatenate(pieces) if len(pieces) > 1 else (pieces[0] if pieces else np.zeros((0, self.params.n_sources)))
         if k > 1:
-            raw = raw.reshape(n, k, -1).mean(axis=1)  # box average: cheap anti-alias before decimation
+            raw = raw.reshape(n, k, self.params.n_sources).mean(axis=1)  # box average: cheap anti-alias before decimation
         y, self._hp_zi = sosfilt(self._hp_sos, raw, axis=0, zi=self._hp_zi)
         return y
 

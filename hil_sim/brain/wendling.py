@@ -230,6 +230,46 @@ class WendlingBank:
         # Z[:, :P] = r (v0 − v)/2 with v = y1 − y2 − y3 at the start of each step.
         return k.v0_mv - (2.0 / k.r_per_mv) * Z[:, :P]
 
+    def equilibrium_lfp(self) -> tuple[np.ndarray, np.ndarray]:
+        """Noise-free fixed point of each population at the current gains.
+
+        Returns (LFP y1 − y2 − y3 in mV, stable: bool) per population; with
+        several fixed points the one nearest the current y0 is taken. Stable
+        fixed points are where the noisy process fluctuates around (its mean);
+        in oscillatory regimes (spike-wave) the fixed point is unstable and
+        says little about the mean. Used to remove DC jumps between regimes.
+        """
+        if self._gains_dirty:
+            self._rebuild()
+        k, C, P = self.k, self.k.c, self.n_pop
+        y0 = np.linspace(0.0, self.A.max() / k.a_per_s * 2 * k.e0_per_s, 4001)[:, None]   # (n, 1)
+        A, B, G = self.A[None, :], self.B[None, :], self.G[None, :]
+        y1 = A / k.a_per_s * (k.p_mean + k.c2 * C * sigmoid(k.c1 * C * y0, k))
+        y2 = B / k.b_per_s * k.c4 * C * sigmoid(k.c3 * C * y0, k)
+        y4 = B / k.b_per_s * sigmoid(k.c3 * C * y0, k)
+        y3 = G / k.g_per_s * k.c7 * C * sigmoid(k.c5 * C * y0 - k.c6 * C * y4, k)
+        v = y1 - y2 - y3
+        f = A / k.a_per_s * sigmoid(v, k) - y0
+        cross = np.signbit(f[:-1]) != np.signbit(f[1:])                # (n−1, P) sign changes
+        y0_now = self._xs[:P]
+        best = np.empty(P, dtype=int)
+        for p in range(P):
+            idx = np.flatnonzero(cross[:, p])
+            best[p] = (np.argmin(np.abs(f[:, p])) if idx.size == 0
+                       else idx[np.argmin(np.abs(y0[idx, 0] - y0_now[p]))])
+        cols = np.arange(P)
+        x_fp = np.zeros(self._nx)
+        for var, arr in enumerate((np.broadcast_to(y0, v.shape), y1, y2, y3, y4)):
+            x_fp[var * P:(var + 1) * P] = arr[best, cols]
+        # Jacobian of the one-step map x → M x − e0 K tanh(W x + w) at the fixed point.
+        h = np.tanh(self._W[:, :self._nx] @ x_fp + self._W[:, -1])
+        jac = self._M + self._MK[:, self._nx:self._nx + self._ns] @ ((1 - h * h)[:, None] * self._W[:, :self._nx])
+        stable = np.empty(P, dtype=bool)
+        for p in range(P):
+            idx = np.arange(10) * P + p   # populations are uncoupled: per-population blocks
+            stable[p] = np.max(np.abs(np.linalg.eigvals(jac[np.ix_(idx, idx)]))) < 1.0
+        return v[best, cols], stable
+
     @property
     def state(self) -> np.ndarray:
         """Copy of the state, shape (10, P): rows y0..y9 (mV and mV/s)."""
