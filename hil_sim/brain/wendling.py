@@ -242,7 +242,7 @@ class WendlingBank:
         if self._gains_dirty:
             self._rebuild()
         k, C, P = self.k, self.k.c, self.n_pop
-        y0 = np.linspace(0.0, self.A.max() / k.a_per_s * 2 * k.e0_per_s, 4001)[:, None]   # (n, 1)
+        y0 = np.linspace(0.0, self.A.max() / k.a_per_s * 2 * k.e0_per_s, 1201)[:, None]   # (n, 1)
         A, B, G = self.A[None, :], self.B[None, :], self.G[None, :]
         y1 = A / k.a_per_s * (k.p_mean + k.c2 * C * sigmoid(k.c1 * C * y0, k))
         y2 = B / k.b_per_s * k.c4 * C * sigmoid(k.c3 * C * y0, k)

@@ -1,0 +1,68 @@
+"""Real LSL stream from the simulated patient: pacing, timestamps, description."""
+import threading
+
+import numpy as np
+import pytest
+
+from controller.lsl_config import ensure_lsl_config
+
+ensure_lsl_config()
+import pylsl  # noqa: E402
+
+from hil_sim.outlet import PatientOutlet  # noqa: E402
+from hil_sim.patient import SimulatedPatient  # noqa: E402
+
+pytestmark = pytest.mark.realtime
+
+
+def test_outlet_paces_real_time_with_patient_timestamps():
+    fs, n_ch = 256.0, 4
+    patient = SimulatedPatient(fs_hz=fs, n_channels=n_ch, seed=9)
+    source_id = f"test-hil-outlet-{id(patient)}"
+    out = PatientOutlet(patient, stream_name="stimloop-sim-test", source_id=source_id, chunk_s=1 / 32)
+    stop = threading.Event()
+    th = threading.Thread(target=out.run, args=(stop,), daemon=True)
+    th.start()
+    try:
+        assert out.started.wait(5.0)
+        streams = pylsl.resolve_byprop("source_id", source_id, 1, 5.0)
+        assert streams, "stream not found"
+        inlet = pylsl.StreamInlet(streams[0], max_buflen=5)
+        info = inlet.info(timeout=5.0)
+        assert info.type() == "EEG" and info.channel_count() == n_ch
+        assert info.nominal_srate() == fs and info.channel_format() == pylsl.cf_float32
+        ch = info.desc().child("channels").child("channel")
+        labels, units = [], []
+        for _ in range(n_ch):
+            labels.append(ch.child_value("label"))
+            units.append(ch.child_value("unit"))
+            ch = ch.next_sibling()
+        assert labels == patient.channel_names and set(units) == {"microvolts"}
+        inlet.open_stream(timeout=5.0)
+        buf = np.empty((int(fs), n_ch), dtype=np.float32)
+        ts_all, n_got = [], 0
+        t_start = pylsl.local_clock()
+        inlet.pull_chunk(timeout=1.0, max_samples=int(fs), dest_obj=buf)  # drop what was queued on connect
+        t_start = pylsl.local_clock()
+        while pylsl.local_clock() - t_start < 2.0:
+            _, ts = inlet.pull_chunk(timeout=0.2, max_samples=int(fs), dest_obj=buf)
+            n_got += len(ts)
+            ts_all.extend(ts)
+        elapsed = pylsl.local_clock() - t_start
+    finally:
+        stop.set()
+        th.join(5.0)
+    assert not th.is_alive()
+    assert n_got == pytest.approx(fs * elapsed, rel=0.1)          # ~fs samples per second
+    ts = np.asarray(ts_all)
+    np.testing.assert_allclose(np.diff(ts), 1 / fs, atol=1e-6)    # patient time, no jitter, no gaps
+    # Timestamps are t0 + patient time, and each sample leaves after its own time.
+    k = np.rint((ts - out.t0) * fs)
+    np.testing.assert_allclose(ts, out.t0 + k / fs, atol=1e-6)
+    assert ts[-1] <= pylsl.local_clock()
+    assert out.patient_time(out.lsl_time(1.25)) == pytest.approx(1.25)
+
+
+def test_outlet_bad_chunk():
+    with pytest.raises(ValueError, match="chunk_s"):
+        PatientOutlet(SimulatedPatient(256.0, 2), chunk_s=0.0)
