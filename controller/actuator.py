@@ -1,0 +1,226 @@
+"""The actuator: the only object that holds a stimulator driver (imperative shell).
+
+Every path to the device goes ``Actuator.submit`` → ``SafetyGovernor.step`` →
+``driver.configure``/``driver.trigger``. The driver lives in a name-mangled
+private slot and no public attribute or method returns it, so the rest of the
+controller cannot reach the device without passing the governor. Any driver
+exception, or a receipt with ``ok=False``, is a fault: ``driver.stop()`` (best
+effort), the governor latches, and ``FAULT`` + ``SAFE_STATE`` events are returned.
+
+Not thread-safe: one control loop owns the actuator. The clock is injected
+(``pylsl.local_clock`` in real time, a virtual clock in simulation).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from controller.events import Event, EventKind
+from controller.safety.governor import Decision, Dose, SafetyGovernor, StimRequest
+from drivers.base import CommandReceipt, Stimulator, StimulatorError
+from drivers.params import DeviceCapabilities, StimParams
+
+
+class Actuator:
+    """Governor-checked access to one stimulator; the safe state on any fault.
+
+    Typical use::
+
+        driver.open()                                   # serial: learns capabilities
+        act = Actuator(SafetyGovernor(MACRO_RNS, driver.capabilities), driver, clock)
+        events = act.heartbeat() + act.submit(request)
+
+    ``submit(request)`` returns the governor's events plus ``COMMAND`` (or
+    ``FAULT`` + ``SAFE_STATE`` on driver failure). ``heartbeat()`` should be
+    called by the control loop at least every ``profile.heartbeat_timeout_s``:
+    without it the governor refuses every request.
+    """
+
+    __slots__ = ("_governor", "__driver", "_clock", "_source", "_configured", "_closed")
+
+    def __init__(self, governor: SafetyGovernor, driver: Stimulator, clock: Callable[[], float],
+                 source: str = "actuator") -> None:
+        if not isinstance(governor, SafetyGovernor):
+            raise TypeError(f"governor must be a SafetyGovernor, got {type(governor).__name__}")
+        if not isinstance(driver, Stimulator):
+            raise TypeError(f"driver must implement drivers.base.Stimulator, got {type(driver).__name__}")
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning session time in s, got {clock!r}")
+        caps = getattr(driver, "capabilities", None)
+        if caps != governor.capabilities:
+            # The governor must check against what this very device can do.
+            raise ValueError(f"driver capabilities {caps!r} differ from the governor's "
+                             f"{governor.capabilities!r}; build the governor with driver.capabilities")
+        self._governor = governor
+        self.__driver = driver
+        self._clock = clock
+        self._source = source
+        self._configured: dict[int, StimParams] = {}  # what the device holds per channel (cleared on fault)
+        self._closed = False
+
+    # ---- read-only views (none of them leads to the driver) ------------------------------
+    @property
+    def governor(self) -> SafetyGovernor:
+        return self._governor
+
+    @property
+    def capabilities(self) -> DeviceCapabilities:
+        return self._governor.capabilities
+
+    @property
+    def dose(self) -> Dose:
+        return self._governor.dose
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def open(self) -> None:
+        """Open the device (start-up: errors propagate with the driver's message).
+
+        Drivers that learn their capabilities at open (``SerialStimulator``'s
+        HELLO) must be opened before the governor is built from
+        ``driver.capabilities``; opening again here is then a no-op. If the
+        opened device reports other capabilities than the governor checks
+        against, the device is stopped and closed and ``ValueError`` is raised.
+        """
+        self.__driver.open()
+        caps = getattr(self.__driver, "capabilities", None)
+        if caps != self._governor.capabilities:
+            self._stop("capabilities changed at open", self._clock())
+            self.__driver.close()
+            raise ValueError(f"opened device reports capabilities {caps!r}, but the governor checks against "
+                             f"{self._governor.capabilities!r}; open the driver first and build the governor "
+                             "with driver.capabilities")
+
+    def close(self) -> list[Event]:
+        """Stop stimulation, latch the governor, close the device. Safe to call twice."""
+        if self._closed:
+            return []
+        now = self._clock()
+        events = self._enter_safe_state("actuator closed", now, emergency=True)
+        self._closed = True
+        try:
+            self.__driver.close()
+        except Exception as exc:  # closing a broken device must not hide the stop that happened
+            events.append(Event(now, EventKind.FAULT, self._source, {"reason": f"close failed: {_describe(exc)}"}))
+        return events
+
+    def __enter__(self) -> "Actuator":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- the command path --------------------------------------------------------------
+    def submit(self, request: StimRequest) -> list[Event]:
+        """Check ``request`` with the governor and, if allowed, configure (if changed) and trigger."""
+        now = self._clock()
+        decision: Decision = self._governor.step(request, now)
+        events = list(decision.events)
+        params = decision.params
+        if params is None:
+            return events
+        start_t = decision.events[-1].data.get("start_t", now)
+        # The governor maps past "at" times to now; the device wants None for "now".
+        at = start_t if start_t > now else None
+        cfg: CommandReceipt | None = None
+        try:
+            if self._configured.get(params.channel) != params:
+                self._configured.pop(params.channel, None)
+                cfg = _checked(self.__driver.configure(params), "configure")
+                self._configured[params.channel] = params
+            rec = _checked(self.__driver.trigger(params.channel, at), "trigger")
+        except BaseException as exc:
+            events += self._enter_safe_state(f"driver error during submit: {_describe(exc)}", now)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt and friends: device stopped, then let them through
+            return events
+        meta = request.meta if isinstance(request.meta, dict) else {}
+        events.append(Event(now, EventKind.COMMAND, self._source, {
+            "seq": rec.seq, "sent_t": rec.sent_t, "acked_t": rec.acked_t,
+            "configure_seq": None if cfg is None else cfg.seq,
+            "channel": params.channel, "at": at, "request_source": request.source, "request_t": request.t,
+            "window_end_t": meta.get("window_end_t"), "params": params.to_dict(),
+        }))
+        return events
+
+    def heartbeat(self) -> list[Event]:
+        """Heartbeat the device (its watchdog) and, when it answers, the governor."""
+        now = self._clock()
+        try:
+            _checked(self.__driver.heartbeat(), "heartbeat")
+        except Exception as exc:
+            return self._enter_safe_state(f"driver error during heartbeat: {_describe(exc)}", now)
+        self._governor.heartbeat_ok(now)
+        return []
+
+    def poll(self) -> list[tuple[float, StimParams]]:
+        """Let drivers with a ``poll()`` (simulated time) deliver scheduled bursts; returns deliveries."""
+        poll = getattr(self.__driver, "poll", None)
+        if poll is None:
+            return []
+        try:
+            return poll()
+        except Exception as exc:
+            self._enter_safe_state(f"driver error during poll: {_describe(exc)}", self._clock())
+            raise
+
+    def set_impedance(self, ohm: float) -> list[Event]:
+        """Report an impedance reading; outside the window the device is stopped at once."""
+        now = self._clock()
+        events = self._governor.set_impedance(ohm, now)
+        if not self._governor.impedance_ok():
+            events += self._stop(f"impedance_ohm={ohm!r} outside the window", now)
+        return events
+
+    def fault(self, reason: str) -> list[Event]:
+        """A fault found elsewhere (deadline miss, lost stream, ...): stop and latch until ``reset``."""
+        return self._enter_safe_state(str(reason), self._clock())
+
+    def safe_state(self, reason: str = "operator") -> list[Event]:
+        """Emergency stop: stimulation off now, governor latched until ``reset``."""
+        return self._enter_safe_state(str(reason), self._clock(), emergency=True)
+
+    def reset(self) -> list[Event]:
+        """Clear the governor's latch (not after ``close``). Dose and rate history are kept."""
+        if self._closed:
+            raise RuntimeError("actuator is closed; build a new one to stimulate again")
+        return self._governor.reset(self._clock())
+
+    # ---- internals ---------------------------------------------------------------------
+    def _stop(self, reason: str, now: float) -> list[Event]:
+        self._configured.clear()  # after a stop/fault the device state is unknown: reconfigure
+        errors = []
+        for _ in range(2):  # a second try costs little when the first one hit a transient error
+            try:
+                r = self.__driver.stop()
+                if r is None or r.ok:
+                    errors = []
+                    break
+                errors.append(r.error or "stop receipt not ok")
+            except Exception as exc:
+                errors.append(_describe(exc))
+        return [Event(now, EventKind.SAFE_STATE, self._source,
+                      {"reason": reason, "stop_ok": not errors, "stop_errors": errors})]
+
+    def _enter_safe_state(self, reason: str, now: float, emergency: bool = False) -> list[Event]:
+        stop_events = self._stop(reason, now)
+        latch = self._governor.emergency_stop(now, reason) if emergency else self._governor.fault(reason, now)
+        return latch + stop_events
+
+
+def _checked(receipt: Any, what: str) -> CommandReceipt:
+    if not isinstance(receipt, CommandReceipt):
+        raise StimulatorError(f"{what} returned {receipt!r}, expected a CommandReceipt")
+    if not receipt.ok:
+        raise StimulatorError(f"{what} seq {receipt.seq} not acknowledged: {receipt.error or 'ok=False'}")
+    return receipt
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+__all__ = ["Actuator"]

@@ -1,0 +1,228 @@
+"""Actuator: governor → driver, COMMAND events, and the safe state on every driver failure."""
+import math
+
+import pytest
+
+from controller.actuator import Actuator
+from controller.events import EventKind
+from controller.safety import MACRO_RNS, SafetyGovernor, StimRequest
+from drivers.base import CommandReceipt, DeviceTimeout, Stimulator, StimulatorError
+from drivers.params import DeviceCapabilities, StimParams
+from drivers.simulated import SimulatedStimulator
+
+BURST = StimParams(channel=1, amplitude_ua=1500.0, pulse_width_us=160.0, frequency_hz=200.0, n_pulses=20)  # 0.1 s
+
+
+class Clock:
+    """Virtual session clock the test advances by hand."""
+
+    def __init__(self, t=0.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+class RecordingStimulator(Stimulator):
+    """A complete Stimulator that records every call and fails on demand (not a mock: it implements the ABC)."""
+
+    def __init__(self, clock, fail_on=(), stop_fails=False, bad_receipt_on=()):
+        self.capabilities = DeviceCapabilities()
+        self.clock, self.fail_on, self.stop_fails, self.bad_receipt_on = clock, set(fail_on), stop_fails, set(bad_receipt_on)
+        self.calls: list[tuple] = []
+        self.seq = 0
+
+    def _do(self, name, *args):
+        self.calls.append((name, *args))
+        self.seq += 1
+        if name in self.fail_on:
+            raise StimulatorError(f"{name} failed on purpose")
+        return CommandReceipt(self.seq, self.clock(), self.clock(), ok=name not in self.bad_receipt_on,
+                              error="" if name not in self.bad_receipt_on else "device said no")
+
+    def open(self):
+        self.calls.append(("open",))
+
+    def close(self):
+        self.calls.append(("close",))
+
+    def configure(self, params):
+        return self._do("configure", params)
+
+    def trigger(self, channel, at=None):
+        return self._do("trigger", channel, at)
+
+    def stop(self):
+        self.calls.append(("stop",))
+        if self.stop_fails:
+            raise StimulatorError("stop failed too")
+        return None
+
+    def heartbeat(self):
+        return self._do("heartbeat")
+
+    def names(self):
+        return [c[0] for c in self.calls]
+
+
+def rig(driver_factory=None):
+    clock = Clock()
+    drv = driver_factory(clock) if driver_factory else SimulatedStimulator(clock=clock)
+    act = Actuator(SafetyGovernor(MACRO_RNS, drv.capabilities), drv, clock)
+    act.open()
+    act.heartbeat()
+    return act, drv, clock
+
+
+def test_allowed_request_is_configured_triggered_and_commanded():
+    act, drv, clock = rig()
+    ev = act.submit(StimRequest(0.0, "policy", BURST, meta={"window_end_t": -0.004}))
+    assert [e.kind for e in ev] == [EventKind.DECISION, EventKind.COMMAND]
+    cmd = ev[-1].data
+    assert cmd["window_end_t"] == -0.004 and cmd["channel"] == 1 and cmd["configure_seq"] is not None
+    assert cmd["seq"] != cmd["configure_seq"] and cmd["sent_t"] == 0.0
+    assert drv.delivered == [(0.0, BURST)]
+    # same params again: trigger only, no reconfigure
+    clock.t = 1.0
+    act.heartbeat()
+    ev = act.submit(StimRequest(1.0, "policy", BURST))
+    assert ev[-1].kind is EventKind.COMMAND and ev[-1].data["configure_seq"] is None
+    assert len(drv.delivered) == 2
+
+
+def test_clamped_params_are_what_reaches_the_device():
+    act, drv, clock = rig()
+    ev = act.submit(StimRequest(0.0, "policy", BURST.with_(amplitude_ua=12_000.0, pulse_width_us=500.0)))
+    assert EventKind.CLAMP in [e.kind for e in ev] and ev[-1].kind is EventKind.COMMAND
+    (_, delivered), = drv.delivered
+    assert delivered.charge_per_phase_uc / MACRO_RNS.electrode_area_cm2 <= 25.0
+
+
+def test_refused_request_never_reaches_the_driver():
+    act, drv, clock = rig(RecordingStimulator)
+    before = drv.names()
+    ev = act.submit(StimRequest(0.0, "policy", BURST.with_(frequency_hz=1000.0)))
+    assert [e.kind for e in ev] == [EventKind.REFUSAL]
+    assert drv.names() == before
+
+
+def test_scheduled_burst_is_passed_through_and_past_times_mean_now():
+    act, drv, clock = rig()
+    ev = act.submit(StimRequest(0.0, "policy", BURST, at=0.5))
+    assert ev[-1].data["at"] == 0.5 and drv.pending == [(0.5, 1)]
+    clock.t = 0.5
+    assert act.poll() == [(0.5, BURST)]
+    clock.t = 2.0
+    act.heartbeat()
+    ev = act.submit(StimRequest(2.0, "policy", BURST, at=1.9))   # late: deliver now, not a device error
+    assert ev[-1].kind is EventKind.COMMAND and ev[-1].data["at"] is None
+
+
+@pytest.mark.parametrize("failing", ["configure", "trigger"])
+def test_driver_exception_stops_device_latches_and_reports(failing):
+    act, drv, clock = rig(lambda c: RecordingStimulator(c, fail_on={failing}))
+    ev = act.submit(StimRequest(0.0, "policy", BURST))
+    kinds = [e.kind for e in ev]
+    assert kinds[0] is EventKind.DECISION and kinds[-2:] == [EventKind.FAULT, EventKind.SAFE_STATE]
+    assert "failed on purpose" in ev[-2].data["reason"] and ev[-1].data["stop_ok"] is True
+    assert drv.names()[-1] == "stop"
+    assert act.governor.latched is not None
+    # dose was booked when allowed, even though the driver failed (never undercount)
+    assert act.dose.bursts == 1
+    # nothing passes until reset; after reset, params are configured again (device state unknown)
+    clock.t = 1.0
+    act.heartbeat()
+    n = len(drv.calls)
+    assert act.submit(StimRequest(1.0, "policy", BURST))[0].data["rule"] == "safe_state"
+    assert len(drv.calls) == n
+    drv.fail_on.clear()
+    act.reset()
+    ev = act.submit(StimRequest(1.0, "policy", BURST))
+    assert ev[-1].kind is EventKind.COMMAND and drv.names()[-2:] == ["configure", "trigger"]
+
+
+def test_not_ok_receipt_is_a_fault_and_stop_failure_is_reported():
+    act, drv, clock = rig(lambda c: RecordingStimulator(c, bad_receipt_on={"trigger"}, stop_fails=True))
+    ev = act.submit(StimRequest(0.0, "policy", BURST))
+    assert ev[-1].kind is EventKind.SAFE_STATE and ev[-1].data["stop_ok"] is False
+    assert "device said no" in ev[-2].data["reason"]
+    assert drv.names().count("stop") == 2   # retried once
+
+
+def test_muted_simulated_device_times_out_into_safe_state():
+    act, drv, clock = rig()
+    drv.set_mute(True)
+    ev = act.submit(StimRequest(0.0, "policy", BURST))
+    assert [e.kind for e in ev][-2:] == [EventKind.FAULT, EventKind.SAFE_STATE]
+    assert "DeviceTimeout" in ev[-2].data["reason"]
+    assert drv.delivered == [] and drv.state == "off"
+
+
+def test_heartbeat_failure_is_a_fault_and_missing_heartbeat_refuses():
+    act, drv, clock = rig(lambda c: RecordingStimulator(c))
+    clock.t = 3.0   # > heartbeat_timeout_s since the last heartbeat
+    assert act.submit(StimRequest(3.0, "policy", BURST))[0].data["rule"] == "heartbeat"
+    drv.fail_on.add("heartbeat")
+    ev = act.heartbeat()
+    assert [e.kind for e in ev] == [EventKind.FAULT, EventKind.SAFE_STATE]
+
+
+def test_impedance_out_of_window_stops_device_and_refuses():
+    act, drv, clock = rig(lambda c: RecordingStimulator(c))
+    ev = act.set_impedance(10_000.0)
+    assert [e.kind for e in ev] == [EventKind.FAULT, EventKind.SAFE_STATE] and drv.names()[-1] == "stop"
+    assert act.submit(StimRequest(0.0, "policy", BURST))[0].data["rule"] == "impedance"
+    assert [e.kind for e in act.set_impedance(1000.0)] == [EventKind.STATUS]
+    assert act.submit(StimRequest(0.0, "policy", BURST))[-1].kind is EventKind.COMMAND
+
+
+def test_safe_state_fault_and_close():
+    act, drv, clock = rig(lambda c: RecordingStimulator(c))
+    ev = act.safe_state("operator pressed stop")
+    assert ev[-1].kind is EventKind.SAFE_STATE and "emergency_stop" in act.governor.latched
+    act.reset()
+    ev = act.fault("deadline miss x3")
+    assert [e.kind for e in ev] == [EventKind.FAULT, EventKind.SAFE_STATE]
+    act.reset()
+    ev = act.close()
+    assert drv.names()[-2:] == ["stop", "close"] and act.closed
+    assert act.close() == []
+    assert act.submit(StimRequest(0.0, "policy", BURST))[0].kind is EventKind.REFUSAL
+    with pytest.raises(RuntimeError, match="closed"):
+        act.reset()
+
+
+def test_capability_mismatch_is_refused():
+    clock = Clock()
+    drv = SimulatedStimulator(clock=clock)
+    with pytest.raises(ValueError, match="capabilities"):
+        Actuator(SafetyGovernor(MACRO_RNS, DeviceCapabilities(max_amplitude_ua=500.0)), drv, clock)
+    with pytest.raises(TypeError, match="Stimulator"):
+        Actuator(SafetyGovernor(MACRO_RNS, DeviceCapabilities()), object(), clock)
+
+
+def test_no_public_path_to_the_driver():
+    act, drv, clock = rig()
+    for name in dir(act):
+        if name.startswith("_"):
+            continue
+        attr = getattr(act, name)
+        assert not isinstance(attr, Stimulator), f"Actuator.{name} exposes the driver"
+    # the driver sits only in the name-mangled slot
+    held = [n for n in Actuator.__slots__ if isinstance(getattr(act, n if not n.startswith("__") else "_Actuator" + n, None), Stimulator)]
+    assert held == ["__driver"]
+    assert not hasattr(act, "__dict__"), "slots only: no ad-hoc attribute can hold a driver"
+    # the governor never holds the driver
+    assert all(not isinstance(v, Stimulator) for v in vars(act.governor).values())
+    with pytest.raises(AttributeError):
+        act.driver = drv  # cannot attach one either
+
+
+def test_nan_clock_from_shell_is_refused_not_sent():
+    clock = Clock()
+    drv = RecordingStimulator(clock)
+    act = Actuator(SafetyGovernor(MACRO_RNS, drv.capabilities), drv, clock)
+    act.heartbeat()
+    clock.t = math.nan
+    ev = act.submit(StimRequest(0.0, "policy", BURST))
+    assert ev[0].data["rule"] == "invalid_time" and "trigger" not in drv.names()

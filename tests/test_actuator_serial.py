@@ -1,0 +1,58 @@
+"""Actuator over the real serial driver and the pty device emulator (real threads, real pty)."""
+import time
+
+import pylsl
+import pytest
+
+from controller.actuator import Actuator
+from controller.events import EventKind
+from controller.safety import MACRO_RNS, SafetyGovernor, StimRequest
+from drivers.params import StimParams
+from drivers.serial_stimulator import SerialStimulator
+from hil_sim.emulator import StimulatorEmulator
+from hil_sim.pty_pair import close_pty, open_pty_pair
+
+pytestmark = pytest.mark.realtime
+
+BURST = StimParams(channel=1, amplitude_ua=1500.0, pulse_width_us=100.0, frequency_hz=200.0, n_pulses=2)
+
+
+@pytest.fixture
+def serial_rig():
+    master_fd, slave = open_pty_pair()
+    delivered = []
+    emu = StimulatorEmulator(master_fd, watchdog_s=0.5, on_deliver=lambda t, p: delivered.append((t, p))).start()
+    drv = SerialStimulator(slave, timeout_s=0.05, retries=1)
+    drv.open()  # HELLO: capabilities come from the device
+    act = Actuator(SafetyGovernor(MACRO_RNS, drv.capabilities), drv, pylsl.local_clock)
+    yield act, emu, delivered
+    act.close()
+    emu.stop()
+    close_pty(master_fd)
+
+
+def _wait(cond, timeout_s=1.0):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and not cond():
+        time.sleep(0.002)
+    return cond()
+
+
+def test_submit_reaches_the_emulated_device(serial_rig):
+    act, emu, delivered = serial_rig
+    assert act.heartbeat() == []
+    ev = act.submit(StimRequest(pylsl.local_clock(), "test", BURST, meta={"window_end_t": 1.0}))
+    assert ev[-1].kind is EventKind.COMMAND, ev
+    cmd = ev[-1].data
+    assert cmd["acked_t"] >= cmd["sent_t"] and cmd["window_end_t"] == 1.0
+    assert _wait(lambda: len(delivered) == 1)
+    assert delivered[0][1] == BURST
+
+
+def test_silent_device_leads_to_safe_state(serial_rig):
+    act, emu, delivered = serial_rig
+    act.heartbeat()
+    emu.set_mute(True)
+    ev = act.submit(StimRequest(pylsl.local_clock(), "test", BURST))
+    assert [e.kind for e in ev][-2:] == [EventKind.FAULT, EventKind.SAFE_STATE]
+    assert act.governor.latched is not None and delivered == []
