@@ -1,0 +1,29 @@
+"""The policy interface: turn detector output into stimulation requests.
+
+Policies are functional core: plain objects with ``step(...)``, no I/O, no
+clock reads (the caller passes ``t``). They only *ask*: every ``StimRequest``
+still goes through ``SafetyGovernor`` via ``Actuator.submit``.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from controller.events import Event
+from controller.safety.governor import StimRequest
+
+PolicyOutput = tuple[list[StimRequest], list[Event]]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A stimulation policy. ``step`` arguments depend on the policy (e.g. ``(p, t)`` for responsive)."""
+
+    source: str
+
+    def step(self, *args, **kwargs) -> PolicyOutput:
+        """Advance with new evidence at session time ``t``; return requests and events."""
+        ...
+
+    def reset(self) -> None:
+        """Forget all state (new session)."""
+        ...
