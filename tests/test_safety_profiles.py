@@ -70,3 +70,16 @@ def test_governor_revalidates_profiles_built_without_validation():
     bad = SafetyProfile.model_construct(**{**MICRO.model_dump(), "shannon_k_max": 3.0})
     with pytest.raises(UnsafeProfileError, match="shannon_k_max"):
         SafetyGovernor(bad, DeviceCapabilities())
+
+
+def test_build_profile_by_kind_with_overrides():
+    from controller.safety import build_profile
+    assert build_profile("macro") is MACRO_RNS and build_profile("macro_rns") is MACRO_RNS
+    p = build_profile("tes", {"max_amplitude_ua": 1000.0})
+    assert p.max_amplitude_ua == 1000.0 and p.kind == "tes"
+    with pytest.raises(UnsafeProfileError, match="hard_max_amplitude_ua"):
+        build_profile("tes", {"hard_max_amplitude_ua": 5000.0})
+    with pytest.raises(Exception, match="not_a_field"):
+        build_profile("macro", {"not_a_field": 1})
+    with pytest.raises(ValueError, match="'nope' unknown"):
+        build_profile("nope")

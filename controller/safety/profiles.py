@@ -264,3 +264,20 @@ TES = SafetyProfile(
 )
 
 BUILTIN_PROFILES: dict[str, SafetyProfile] = {p.name: p for p in (MACRO_RNS, MICRO, TES)}
+
+
+_BY_KIND: dict[str, SafetyProfile] = {"macro": MACRO_RNS, "micro": MICRO, "tes": TES}
+
+
+def build_profile(name: str, overrides: dict[str, Any] | None = None) -> SafetyProfile:
+    """A built-in profile by kind (``macro``/``micro``/``tes``) or name, with ``overrides`` applied.
+
+    The result is validated like any profile: overrides that ask for unsafe
+    limits raise ``UnsafeProfileError``; unknown fields raise pydantic's
+    ``ValidationError`` naming them.
+    """
+    base = _BY_KIND.get(name) or BUILTIN_PROFILES.get(name)
+    if base is None:
+        raise ValueError(f"safety profile {name!r} unknown, expected one of "
+                         f"{sorted(set(_BY_KIND) | set(BUILTIN_PROFILES))}")
+    return base.model_copy(update=dict(overrides or {})) if overrides else base
