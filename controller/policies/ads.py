@@ -25,10 +25,12 @@ import numpy as np
 from controller.safety import StimRequest
 from drivers.params import StimParams
 
-__all__ = ["AdsPolicy", "RandomStimPolicy", "GUGGENMOS_DELAY_MS", "GUGGENMOS_BLANKING_MS"]
+__all__ = ["AdsPolicy", "RandomStimPolicy", "GUGGENMOS_DELAY_MS", "GUGGENMOS_BLANKING_MS", "BLANK_GUARD_S",
+           "blanking_window"]
 
 GUGGENMOS_DELAY_MS = 7.5      # REFERENCE.md §2: imposed spike → stimulus delay
 GUGGENMOS_BLANKING_MS = 28.0  # REFERENCE.md §2: blanking after each stimulus
+BLANK_GUARD_S = 1e-4          # blanking starts this much before the pulse (a few samples at 30 kHz)
 
 
 def _check_stim(stim: StimParams, who: str) -> None:
@@ -83,8 +85,13 @@ class AdsPolicy:
         self.n_rate_limited = 0
 
     def blanking_window(self, at: float) -> tuple[float, float]:
-        """Detector blanking for a pulse delivered at ``at``: ``[at, at + blanking)``."""
-        return at, at + self.blanking_s
+        """Detector blanking for a pulse delivered at ``at``: ``[at - guard, at + blanking)``.
+
+        The guard (``BLANK_GUARD_S``) absorbs float rounding between ``at`` and the
+        sample timestamps and the device's onset rounding to a sample: without it
+        the first artifact sample can land just outside the window.
+        """
+        return at - BLANK_GUARD_S, at + self.blanking_s
 
     def step(self, spike_t: np.ndarray, spike_channel: np.ndarray, now: float) -> list[StimRequest]:
         """Requests for the spikes of one detector step (``now``: session time of the call)."""
@@ -113,6 +120,11 @@ class AdsPolicy:
                                    meta={"spike_t": t, "spike_channel": int(ch), "window_end_t": t,
                                          "delay_s": self.delay_s}))
         return out
+
+
+def blanking_window(at: float, blanking_ms: float = GUGGENMOS_BLANKING_MS) -> tuple[float, float]:
+    """Detector blanking for a pulse at ``at`` (any policy): ``[at - BLANK_GUARD_S, at + blanking_ms)``."""
+    return at - BLANK_GUARD_S, at + blanking_ms * 1e-3
 
 
 class RandomStimPolicy:

@@ -1,0 +1,362 @@
+"""Real-time ADS benchmark: spikes at 30 kHz over LSL → detector → ADS policy → governor/actuator → serial device.
+
+    python -m controller.bench_ads [--duration S] [--json F] [--random] [--compare]
+
+A separate process (``hil_sim.ads_sim``) streams ``SpikingUnits`` (30 kHz ×
+32 channels, 1 ms chunks) over LSL and runs the stimulator emulator on a pty.
+This process runs the fast path: a pylsl inlet pulled into a preallocated
+array → :class:`controller.spikes.SpikeDetector` → :class:`AdsPolicy` (or
+:class:`RandomStimPolicy` with ``--random``) → :class:`controller.actuator.Actuator`
+(safety governor, MICRO profile) → :class:`SerialStimulator` triggers carrying
+``at = t_spike + 7.5 ms`` (REFERENCE.md §2).
+
+Measured against ground truth (one clock: ``pylsl.local_clock``):
+
+* ``spike_to_command_ms``: the device's receipt time of the TRIGGER minus the
+  push time of the LSL chunk holding the detected spike sample — processing
+  only (``spike_time_to_command_ms`` adds the wait for the chunk to be complete);
+* ``delay_error_ms``: delivered time − true spike time − 7.5 ms;
+* ``missed_spikes``: true trigger spikes outside blanking windows with no
+  detection within ±1 ms;
+* ``artifact_triggers``: detections matching no true spike within ±1 ms that
+  fall inside a stimulation artifact (``false_detections``: the others, noise);
+* ``weight_change``: the trigger → target STDP weight change (``--compare``
+  runs ADS then random stimulation at the ADS run's delivered rate).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+from controller.lsl_config import ensure_lsl_config
+
+ensure_lsl_config()
+import numpy as np  # noqa: E402
+import pylsl  # noqa: E402
+
+from controller.actuator import Actuator  # noqa: E402
+from controller.events import EventKind  # noqa: E402
+from controller.policies.ads import (GUGGENMOS_BLANKING_MS, GUGGENMOS_DELAY_MS, AdsPolicy,  # noqa: E402
+                                     RandomStimPolicy, blanking_window)
+from controller.safety import MICRO, SafetyGovernor  # noqa: E402
+from controller.spikes import SpikeDetector  # noqa: E402
+from drivers.params import StimParams, Waveform  # noqa: E402
+from drivers.serial_stimulator import SerialStimulator  # noqa: E402
+from hil_sim.pty_pair import close_pty, open_pty_pair  # noqa: E402
+
+__all__ = ["run", "evaluate", "main", "DEFAULT_STIM"]
+
+FS_HZ = 30_000.0
+CHUNK_N = 30                 # 1 ms at 30 kHz
+MATCH_S = 0.001              # detection ↔ true spike tolerance (±1 ms)
+WARMUP_S = 0.3               # detector noise estimate settling, excluded from scoring
+HEARTBEAT_S = 0.2
+# 50 µA × 200 µs = 0.01 µC/phase: inside MICRO's Shannon limit (REFERENCE.md §4); its artifact
+# (~13 ms) ends well inside the 28 ms blanking (REFERENCE.md §2).
+DEFAULT_STIM = StimParams(channel=0, waveform=Waveform.BIPHASIC, amplitude_ua=50.0, pulse_width_us=200.0,
+                          frequency_hz=333.0, n_pulses=1)
+
+
+def _stats_ms(x) -> dict:
+    x = np.asarray(x, np.float64) * 1e3
+    if x.size == 0:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    return {"n": int(x.size), "p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99)),
+            "max": float(x.max())}
+
+
+def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int = 0, n_channels: int = 32,
+        trigger_channels: tuple[int, ...] = (0, 1), unit_rate_hz: float = 2.5, k: float = 5.0,
+        stim: StimParams = DEFAULT_STIM, delay_ms: float = GUGGENMOS_DELAY_MS,
+        blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None) -> dict:
+    """One real-time run (ADS, or random stimulation at ``random_rate_hz``); returns the result dict."""
+    if not (0.5 <= duration_s <= 3600):
+        raise ValueError(f"duration_s={duration_s!r} invalid, expected 0.5..3600 s")
+    mode = "ads" if random_rate_hz is None else "random"
+    master_fd, slave = open_pty_pair()
+    tmp = tempfile.TemporaryDirectory(prefix="bench_ads_")
+    gt_path = os.path.join(tmp.name, "ground_truth.json")
+    spec = {"units": {"fs_hz": FS_HZ, "n_channels": n_channels, "seed": seed,
+                      "trigger_channels": list(trigger_channels), "target_channel": 16,
+                      "stim_site_channel": 24, "rate_hz": unit_rate_hz},
+            "chunk_n": CHUNK_N, "watchdog_s": 1.0, "stream_name": f"stimloop-spikes-{os.getpid()}"}
+    proc = subprocess.Popen([sys.executable, "-m", "hil_sim.ads_sim", "--fd", str(master_fd),
+                             "--spec", json.dumps(spec), "--out", gt_path],
+                            pass_fds=(master_fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    act = None
+    try:
+        line = proc.stdout.readline().split()
+        if len(line) != 2 or line[0] != "ready":
+            raise RuntimeError(f"HIL process did not start (said {' '.join(line)!r})")
+        infos = pylsl.resolve_byprop("source_id", line[1], 1, 5.0)
+        if not infos:
+            raise RuntimeError(f"LSL stream with source_id {line[1]!r} not found within 5 s")
+        # Small buffer: no hidden lag can build up (REFERENCE.md §1, pylsl default 360 s).
+        inlet = pylsl.StreamInlet(infos[0], max_buflen=1, max_chunklen=CHUNK_N, processing_flags=0)
+        inlet.open_stream(timeout=5.0)
+        tc = inlet.time_correction(timeout=5.0)
+        driver = SerialStimulator(slave, timeout_s=0.05, retries=2)
+        driver.open()
+        clock = pylsl.local_clock
+        act = Actuator(SafetyGovernor(MICRO, driver.capabilities), driver, clock)
+        act.heartbeat()
+        det = SpikeDetector(FS_HZ, n_channels, channels=trigger_channels, k=k, refractory_ms=1.0,
+                            noise_window_s=2.0)
+        if mode == "ads":
+            policy = AdsPolicy(trigger_channels, stim, delay_ms=delay_ms, blanking_ms=blanking_ms, max_rate_hz=10.0)
+        else:
+            policy = RandomStimPolicy(random_rate_hz, stim, seed=seed + 1000, min_interval_s=blanking_ms * 1e-3)
+
+        max_n = 4096
+        buf = np.empty((max_n, n_channels), np.float32)
+        det_t, det_c = [], []
+        blanks: list[tuple[float, float]] = []
+        faults: list[str] = []
+        n_refused = 0
+        cap = int(duration_s * 200) + 64
+        cmd_done = np.empty(cap)        # controller-side: time submit() returned, per request
+        cmd_spike = np.empty(cap)
+        n_cmd = 0
+        proc.stdin.write("start\n")
+        proc.stdin.flush()
+        t_start = None
+        next_hb = clock() + HEARTBEAT_S
+        while True:
+            _, ts = inlet.pull_chunk(timeout=0.01, max_samples=max_n, dest_obj=buf, min_samples=1, as_numpy=True)
+            n = ts.shape[0]
+            now = clock()
+            if n:
+                ts += tc
+                if t_start is None:
+                    t_start = float(ts[0])
+                spikes = det.step(buf[:n], ts)
+                if spikes.t.size:
+                    det_t.append(spikes.t)
+                    det_c.append(spikes.channel)
+                    reqs = policy.step(spikes.t, spikes.channel, now) if mode == "ads" else []
+                else:
+                    reqs = []
+                if mode == "random":
+                    reqs = policy.step(now)
+                for req in reqs:
+                    # Blank before the pulse exists: its artifact can never reach the detector.
+                    b0, b1 = blanking_window(req.at, blanking_ms)
+                    det.blank(b0, b1)
+                    evs = act.submit(req)
+                    last = evs[-1].kind if evs else None
+                    if last is EventKind.COMMAND and n_cmd < cap:
+                        cmd_done[n_cmd] = clock()
+                        cmd_spike[n_cmd] = req.meta.get("spike_t", req.at)
+                        n_cmd += 1
+                        blanks.append((b0, b1))
+                    elif last is EventKind.REFUSAL:
+                        n_refused += 1
+                    else:
+                        faults.extend(str(e.data.get("reason")) for e in evs if e.kind is EventKind.FAULT)
+            if now >= next_hb:
+                # Heartbeat between chunks, never between a spike and its command.
+                act.heartbeat()
+                next_hb = now + HEARTBEAT_S
+            if t_start is not None and now - t_start >= duration_s:
+                break
+        t_end = clock()
+        inlet.close_stream()
+        del inlet
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        done = proc.stdout.readline().strip()
+        if done != "done":
+            raise RuntimeError(f"HIL process did not finish (said {done!r})")
+        proc.wait(timeout=10)
+        act.close()
+        act = None
+        with open(gt_path, encoding="utf-8") as f:
+            gt = json.load(f)
+    finally:
+        if act is not None:
+            act.close()
+        if proc.poll() is None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        close_pty(master_fd)
+        tmp.cleanup()
+    if keep_dir is not None:
+        # Raw material for diagnosis: ground truth, detections, blanking windows.
+        os.makedirs(keep_dir, exist_ok=True)
+        with open(os.path.join(keep_dir, f"ground_truth_{mode}.json"), "w", encoding="utf-8") as f:
+            json.dump(gt, f)
+        np.savez(os.path.join(keep_dir, f"detections_{mode}.npz"), t=np.concatenate(det_t) if det_t else np.empty(0),
+                 channel=np.concatenate(det_c) if det_c else np.empty(0, int), blanks=np.asarray(blanks).reshape(-1, 2))
+    detections = (np.concatenate(det_t) if det_t else np.empty(0), np.concatenate(det_c) if det_c else np.empty(0, int))
+    res = evaluate(gt, detections, blanks, mode=mode, delay_s=delay_ms * 1e-3, t_eval=(t_start + WARMUP_S, t_end - 0.05))
+    res.update({"mode": mode, "duration_s": float(t_end - t_start), "channels": n_channels,
+                "trigger_channels": list(trigger_channels), "fs_hz": FS_HZ, "chunk_samples": CHUNK_N,
+                "k_sigma": k, "delay_ms": delay_ms, "blanking_ms": blanking_ms, "unit_rate_hz": unit_rate_hz,
+                "stim": stim.to_dict(), "refused": n_refused, "faults": faults,
+                "controller_spike_to_submit_done_ms": _stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
+                "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,
+                "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                         "load_avg_1min": os.getloadavg()[0]},
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return res
+
+
+def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[tuple[float, float]], mode: str,
+             delay_s: float, t_eval: tuple[float, float]) -> dict:
+    """Score one run against the HIL ground truth (all times on the LSL clock)."""
+    fs, chunk_n, t0 = gt["fs_hz"], gt["chunk_n"], gt["t0"]
+    push_t = np.asarray(gt["push_t"])
+    true_t = np.asarray(gt["trigger_spikes"]["t"])
+    true_c = np.asarray(gt["trigger_spikes"]["channel"])
+    d_t, d_c = detections
+    recs = [r for r in gt["emulator_records"] if r.get("type") == "TRIGGER"]
+    delivered = [r for r in recs if r.get("t_delivered") is not None]
+
+    def nearest(ts: np.ndarray, x: float) -> float:
+        if ts.size == 0:
+            return np.inf
+        j = np.searchsorted(ts, x)
+        return min(abs(ts[j] - x) if j < ts.size else np.inf, abs(ts[j - 1] - x) if j > 0 else np.inf)
+
+    by_ch_true = {int(c): np.sort(true_t[true_c == c]) for c in np.unique(true_c)}
+    by_ch_det = {int(c): np.sort(d_t[d_c == c]) for c in np.unique(d_c)} if d_t.size else {}
+    # Artifact extents from the simulator: [delivered, delivered + artifact duration + 1 ms).
+    art = [(p["t"], p["t"] + p["artifact_s"] + 0.001) for p in gt["pulses"]]
+    unmatched_art = unmatched_noise = 0
+    unmatched: list[dict] = []
+    pulse_t = np.sort(np.asarray([p["t"] for p in gt["pulses"]]))
+    for t, c in zip(d_t.tolist(), d_c.tolist()):
+        if nearest(by_ch_true.get(int(c), np.empty(0)), t) <= MATCH_S:
+            continue
+        if any(a0 <= t < a1 for a0, a1 in art):
+            unmatched_art += 1
+        else:
+            unmatched_noise += 1
+        if len(unmatched) < 20:   # for diagnosis: where the unmatched detections were
+            j = np.searchsorted(pulse_t, t) - 1
+            unmatched.append({"t_from_start_s": t - t0, "channel": int(c),
+                              "ms_after_pulse": (t - pulse_t[j]) * 1e3 if j >= 0 else None,
+                              "ms_to_true_spike": nearest(by_ch_true.get(int(c), np.empty(0)), t) * 1e3})
+    blank_arr = np.asarray(blanks).reshape(-1, 2)
+    missed = scored = 0
+    for t, c in zip(true_t.tolist(), true_c.tolist()):
+        if not (t_eval[0] <= t <= t_eval[1]):
+            continue
+        if blank_arr.size and np.any((blank_arr[:, 0] - MATCH_S <= t) & (t < blank_arr[:, 1] + MATCH_S)):
+            continue   # inside (or within 1 ms of) a blanking window: not expected to be seen
+        scored += 1
+        if nearest(by_ch_det.get(int(c), np.empty(0)), t) > MATCH_S:
+            missed += 1
+
+    s2c, s2c_wait, delay_err = [], [], []
+    for r in delivered:
+        if not r.get("at"):
+            continue
+        t_spike = r["at"] - delay_s if mode == "ads" else None
+        if mode == "ads":
+            i = int(round((t_spike - t0) * fs))
+            b = i // chunk_n
+            if 0 <= b < push_t.size:
+                s2c.append(r["t_received"] - push_t[b])
+            s2c_wait.append(r["t_received"] - t_spike)
+            all_true = np.sort(true_t)
+            j = np.searchsorted(all_true, t_spike)
+            cand = [all_true[x] for x in (j - 1, j) if 0 <= x < all_true.size]
+            if cand:
+                tt = min(cand, key=lambda v: abs(v - t_spike))
+                if abs(tt - t_spike) <= MATCH_S:
+                    delay_err.append(r["t_delivered"] - tt - delay_s)
+    dur = max(t_eval[1] - t_eval[0], 1e-9)
+    n_del_eval = sum(1 for r in delivered if t_eval[0] <= r["t_delivered"] <= t_eval[1])
+    return {
+        "spike_to_command_ms": _stats_ms(s2c),
+        "spike_time_to_command_ms": _stats_ms(s2c_wait),
+        "delay_error_ms": _stats_ms(delay_err),
+        "true_spikes": int(np.sum((true_t >= t_eval[0]) & (true_t <= t_eval[1]))),
+        "scored_spikes": scored,
+        "missed_spikes": missed,
+        "detections": int(d_t.size),
+        "artifact_triggers": unmatched_art,
+        "false_detections": unmatched_noise,
+        "unmatched_detections": unmatched,
+        "pulses_requested": len(recs),
+        "pulses_delivered": len(delivered),
+        "rate_hz": n_del_eval / dur,
+        "weight_change": {mode: gt["w_final"] - gt["w_init"]},
+        "w_init": gt["w_init"], "w_final": gt["w_final"],
+        "emulator_counters": gt["emulator_counters"],
+        "late_render_pulses": sum(1 for p in gt["pulses"] if p["late_samples"] > 0),
+    }
+
+
+def _table(res: dict) -> str:
+    rows = [("mode", res["mode"]), ("duration_s", f"{res['duration_s']:.2f}"),
+            ("channels × fs", f"{res['channels']} × {res['fs_hz']:.0f} Hz"),
+            ("rate_hz (delivered)", f"{res['rate_hz']:.2f}")]
+    for key in ("spike_to_command_ms", "spike_time_to_command_ms", "delay_error_ms"):
+        s = res[key]
+        if s["n"]:
+            rows.append((key, f"p50 {s['p50']:.3f}  p99 {s['p99']:.3f}  max {s['max']:.3f}  (n={s['n']})"))
+        else:
+            rows.append((key, "n/a"))
+    for key in ("true_spikes", "scored_spikes", "missed_spikes", "detections", "artifact_triggers",
+                "false_detections", "pulses_delivered", "refused"):
+        rows.append((key, str(res[key])))
+    rows.append(("weight_change", ", ".join(f"{k} {v:+.4f}" for k, v in res["weight_change"].items())))
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m controller.bench_ads", description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of real time per run (default 10)")
+    ap.add_argument("--json", default=None, help="write the result JSON here")
+    ap.add_argument("--random", action="store_true",
+                    help="run the random-stimulation control instead of ADS (at --rate-hz)")
+    ap.add_argument("--rate-hz", type=float, default=None,
+                    help="random-control rate (default: the trigger population's total rate)")
+    ap.add_argument("--compare", action="store_true",
+                    help="run ADS, then random stimulation at the ADS run's delivered rate; report both")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--k", type=float, default=5.0, help="threshold in σ (REFERENCE.md §2: 4-5)")
+    args = ap.parse_args(argv)
+    if not 0.5 <= args.duration <= 3600:
+        ap.error(f"--duration {args.duration} invalid, expected 0.5..3600 s")
+    trig = (0, 1)
+    unit_rate = 2.5
+    if args.random and not args.compare:
+        rate = args.rate_hz if args.rate_hz is not None else unit_rate * len(trig)
+        res = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k)
+    else:
+        res = run(args.duration, seed=args.seed, k=args.k)
+        if args.compare:
+            rate = args.rate_hz if args.rate_hz is not None else max(res["rate_hz"], 0.1)
+            rnd = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k)
+            res["random"] = rnd
+            res["weight_change"] = {"ads": res["weight_change"]["ads"], "random": rnd["weight_change"]["random"]}
+    print(_table(res))
+    if "random" in res:
+        print("\n-- random control --")
+        print(_table(res["random"]))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2, allow_nan=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

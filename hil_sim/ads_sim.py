@@ -1,0 +1,169 @@
+"""Real-time HIL process for ADS: spiking units streamed over LSL + the stimulator emulator on a pty.
+
+    python -m hil_sim.ads_sim --fd MASTER_FD --spec '{"units": {...}}' --out ground_truth.json
+
+The process owns a :class:`hil_sim.spiking.SpikingUnits`, an LSL outlet
+(float32 µV, ``chunk_n`` samples per push, ~1 ms) and a
+:class:`hil_sim.emulator.StimulatorEmulator` on the inherited pty master. Each
+pulse the emulator delivers is written into the recording (artifact, evoked
+spike) at its true delivery time: unit time = LSL time − t0.
+
+Protocol on stdin/stdout (one line each): the process prints
+``ready <source_id>`` once the outlet exists, waits for ``start``, streams
+until ``stop`` (or EOF, e.g. the parent died), writes the ground truth JSON to
+``--out`` and prints ``done``.
+
+Pacing: the block ending at sample index i is produced and pushed once the LSL
+clock has passed t0 + i/fs (sleep-then-spin: REFERENCE.md §1, plain sleep is
+up to ~1.8 ms late), never ahead, so a pulse delivered before then is already
+in it. The push time of every block is recorded (``push_t``) so a benchmark
+can separate the wait for a sample to exist from processing latency.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+from controller.lsl_config import ensure_lsl_config
+
+ensure_lsl_config()
+import numpy as np  # noqa: E402
+import pylsl  # noqa: E402
+
+from drivers.params import StimParams  # noqa: E402
+from hil_sim.emulator import StimulatorEmulator  # noqa: E402
+from hil_sim.spiking import SpikingUnits  # noqa: E402
+
+__all__ = ["SpikingHil", "main"]
+
+_SPIN_S = 0.0008   # wake this long before a deadline and spin the rest
+
+
+class SpikingHil:
+    """Paces ``units`` over an LSL outlet and routes emulator deliveries into it (one process)."""
+
+    def __init__(self, units: SpikingUnits, master_fd: int, stream_name: str = "stimloop-spikes",
+                 chunk_n: int = 30, watchdog_s: float = 1.0, log_path: str | None = None) -> None:
+        if not 1 <= chunk_n <= 3000:
+            raise ValueError(f"SpikingHil chunk_n={chunk_n!r} invalid, expected 1..3000 samples")
+        self.units = units
+        self.chunk_n = int(chunk_n)
+        self.source_id = f"stimloop-spikes-{os.getpid()}"
+        info = pylsl.StreamInfo(stream_name, "ExtracellularV", units.n_channels, units.fs_hz,
+                                pylsl.cf_float32, self.source_id)
+        chans = info.desc().append_child("channels")
+        for name in units.channel_names:
+            ch = chans.append_child("channel")
+            ch.append_child_value("label", name)
+            ch.append_child_value("unit", "microvolts")
+        self.outlet = pylsl.StreamOutlet(info, self.chunk_n, 2)
+        self.lock = threading.Lock()
+        self.t0: float | None = None
+        self.emulator = StimulatorEmulator(master_fd, watchdog_s=watchdog_s, on_deliver=self._on_deliver,
+                                           log_path=log_path)
+        self._push_t = np.zeros(1 << 16)
+        self.n_blocks = 0
+        self.deliveries: list[tuple[float, float]] = []   # (t_lsl delivered, unit t)
+
+    def _on_deliver(self, t_lsl: float, params: StimParams) -> None:
+        if self.t0 is None:
+            return
+        t_unit = max(0.0, t_lsl - self.t0)
+        with self.lock:
+            self.units.stimulate(t_unit, params)
+        self.deliveries.append((t_lsl, t_unit))
+
+    def run(self, stop: threading.Event) -> None:
+        """Stream until ``stop`` is set."""
+        u, fs, n = self.units, self.units.fs_hz, self.chunk_n
+        clock = pylsl.local_clock
+        self.t0 = clock() + 0.01 - u.t
+        k = 0
+        while not stop.is_set():
+            idx_last = u.n_samples + n - 1
+            t_last = self.t0 + idx_last / fs
+            while True:
+                wait = t_last - clock()
+                if wait <= 0:
+                    break
+                # The spin yields the GIL (sleep(0)): the emulator's reader and scheduler
+                # threads share this process and must timestamp and deliver on time.
+                time.sleep(wait - _SPIN_S if wait > _SPIN_S else 0)
+            with self.lock:
+                x = u.step(n)
+            self.outlet.push_chunk(x, t_last, True)
+            if k == self._push_t.size:
+                self._push_t = np.concatenate([self._push_t, np.zeros_like(self._push_t)])
+            self._push_t[k] = clock()
+            k += 1
+            self.n_blocks = k
+
+    def ground_truth(self) -> dict:
+        """Ground truth on the LSL clock: true spikes, pulses, weight trajectory, block push times."""
+        with self.lock:
+            gt = self.units.ground_truth()
+        t0 = self.t0 if self.t0 is not None else 0.0
+        tr = gt["trigger_spikes"]
+        return {
+            "t0": t0, "fs_hz": gt["fs_hz"], "chunk_n": self.chunk_n, "duration_s": gt["duration_s"],
+            "n_channels": self.units.n_channels, "trigger_channels": list(self.units.trigger_channels),
+            "target_channel": self.units.target_channel,
+            "trigger_spikes": {"t": (tr["t_s"] + t0).tolist(), "channel": tr["channel"].tolist(),
+                               "unit": tr["unit"].tolist()},
+            "target_spikes": {"t": (gt["target_spikes"]["t_s"] + t0).tolist(), "cause": gt["target_spikes"]["cause"]},
+            "pulses": [{**p, "t": p["t_s"] + t0} for p in gt["pulses"]],
+            "weight": {"t": (gt["weight"]["t_s"] + t0).tolist(), "w": gt["weight"]["w"].tolist()},
+            "w_init": float(gt["weight"]["w"][0]), "w_final": gt["w_final"],
+            # Block i holds samples [i*chunk_n, (i+1)*chunk_n); push_t[i] is when it left.
+            "push_t": self._push_t[:self.n_blocks].tolist(),
+            "emulator_records": list(self.emulator.records),
+            "emulator_counters": dict(self.emulator.counters),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hil_sim.ads_sim", description=__doc__.splitlines()[0])
+    ap.add_argument("--fd", type=int, required=True, help="inherited pty master fd for the emulator")
+    ap.add_argument("--spec", default="{}", help="JSON: {'units': SpikingUnits kwargs, 'chunk_n', 'stream_name'}")
+    ap.add_argument("--out", required=True, help="ground truth JSON written at stop")
+    args = ap.parse_args(argv)
+    # Three threads share the GIL here (outlet, emulator reader, emulator scheduler); the
+    # default 5 ms switch interval would let one of them hold a waiting device for ms.
+    sys.setswitchinterval(2e-4)
+    spec = json.loads(args.spec)
+    units_kw = dict(spec.get("units", {}))
+    for key in ("trigger_channels", "amplitude_range_uv", "noise_band_hz", "burst_size", "w_bounds"):
+        if key in units_kw:
+            units_kw[key] = tuple(units_kw[key])
+    units = SpikingUnits(**units_kw)
+    hil = SpikingHil(units, args.fd, stream_name=spec.get("stream_name", "stimloop-spikes"),
+                     chunk_n=int(spec.get("chunk_n", 30)), watchdog_s=float(spec.get("watchdog_s", 1.0)))
+    hil.emulator.start()
+    print(f"ready {hil.source_id}", flush=True)
+    stop = threading.Event()
+    line = sys.stdin.readline().strip()
+    if line != "start":
+        hil.emulator.stop()
+        return 1
+    th = threading.Thread(target=hil.run, args=(stop,), name="spiking-outlet", daemon=True)
+    th.start()
+
+    sys.stdin.readline()          # "stop" or EOF
+    stop.set()
+    th.join(timeout=5.0)
+    hil.emulator.stop()
+    gt = hil.ground_truth()
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(gt, f, allow_nan=False)
+    os.replace(tmp, args.out)
+    print("done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
