@@ -139,7 +139,7 @@ class Actuator:
             return events
         meta = request.meta if isinstance(request.meta, dict) else {}
         events.append(Event(now, EventKind.COMMAND, self._source, {
-            "seq": rec.seq, "sent_t": rec.sent_t, "acked_t": rec.acked_t,
+            "op": "trigger", "seq": rec.seq, "sent_t": rec.sent_t, "acked_t": rec.acked_t,
             "configure_seq": None if cfg is None else cfg.seq,
             "channel": params.channel, "at": at, "request_source": request.source, "request_t": request.t,
             "window_end_t": meta.get("window_end_t"), "params": params.to_dict(),

@@ -80,6 +80,7 @@ def test_allowed_request_is_configured_triggered_and_commanded():
     assert [e.kind for e in ev] == [EventKind.DECISION, EventKind.COMMAND]
     cmd = ev[-1].data
     assert cmd["window_end_t"] == -0.004 and cmd["channel"] == 1 and cmd["configure_seq"] is not None
+    assert cmd["op"] == "trigger"
     assert cmd["seq"] != cmd["configure_seq"] and cmd["sent_t"] == 0.0
     assert drv.delivered == [(0.0, BURST)]
     # same params again: trigger only, no reconfigure
