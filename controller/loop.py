@@ -24,10 +24,17 @@ def make_driver(cfg, port: str | None, clock):
 
 
 def make_actuator(cfg, driver, clock):
+    """Open ``driver`` (it may learn its capabilities there) and wrap it with the governor.
+
+    The returned actuator is the only holder of the driver from here on.
+    """
     from controller.actuator import Actuator
     from controller.safety import SafetyGovernor, build_profile
-    profile = build_profile(cfg.safety.profile, cfg.safety.overrides)
-    return Actuator(SafetyGovernor(profile, driver.capabilities), driver, clock)
+    profile = build_profile(cfg.safety.profile, cfg.safety.overrides)  # unsafe profiles are refused here
+    driver.open()
+    actuator = Actuator(SafetyGovernor(profile, driver.capabilities), driver, clock)
+    actuator.open()
+    return actuator
 
 
 def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, stop_event, ready) -> None:
@@ -54,7 +61,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             loop = SeizureLoop.from_config(cfg, ring.fs_hz, ring.n_channels)
             driver = make_driver(cfg, port, clock)
             actuator = make_actuator(cfg, driver, clock)
-            actuator.open()
+            events_start = actuator.heartbeat()
         except Exception as exc:
             log.append(Event(clock(), EventKind.FAULT, "loop", {"reason": f"start-up: {exc}"}))
             ready.put({"error": str(exc)})
@@ -65,7 +72,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
         next_hb = clock()
         log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "threshold": loop.threshold,
                                                              "model_sha256": loop.predictor.sha256}))
-        events: list = []
+        events: list = list(events_start)
         while not stop_event.is_set():
             try:
                 res = reader.read_new()

@@ -1,0 +1,129 @@
+"""Simulated-time session: the same controller objects on a virtual clock, in one process.
+
+The simulated patient produces chunks; the seizure loop, policy, governor and
+actuator run exactly as in real time, but the clock is the patient's sample
+time, and processing latency is modeled (``simulator.stim_latency_ms``: window
+end → command received by the device). Deterministic from the seed and far
+faster than real time, so tests, training data and cohort sweeps use it.
+
+Writes the same session folder as ``stimloop run``.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from controller.config import Config
+from controller.events import Event, EventKind
+from controller.recorder import EventLog, new_session_dir, write_json
+
+
+@dataclass
+class VirtualClock:
+    """The session clock in simulated time: seconds of patient time, set by the runner."""
+
+    now: float = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bool = True,
+                  progress: Callable[[float, float], None] | None = None) -> Path:
+    """Run ``cfg.session.duration_s`` of simulated time; return the session folder."""
+    from controller.acquisition import RawRecorder
+    from controller.closed_loop import SeizureLoop
+    from controller.loop import make_actuator
+    from drivers.simulated import SimulatedStimulator
+    from hil_sim.process import make_patient, write_ground_truth
+
+    sim = cfg.simulator
+    session_dir = Path(session_dir) if session_dir else new_session_dir(cfg.session.out_dir)
+    (session_dir / "config.toml").write_text(cfg.to_toml())
+    write_json(session_dir / "session.json", {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
+        "python": sys.version, "platform": platform.platform(), "runner": "simulated",
+        "clock": "virtual (patient time, s)",
+    })
+    spec = {"fs_hz": sim.fs_hz, "n_channels": sim.n_channels, "patient": sim.patient, "seed": cfg.session.seed,
+            "seizure_onsets_s": sim.seizure_onsets_s, "spontaneous_seizures": sim.spontaneous_seizures}
+    patient = make_patient(spec)
+    clock = VirtualClock()
+    latency_s = sim.stim_latency_ms / 1e3
+    log = EventLog(session_dir / "events.jsonl", flush_interval_s=1.0)
+    device_log = EventLog(session_dir / "device_log.jsonl", flush_interval_s=1.0)
+
+    def deliver(t: float, params) -> None:
+        patient.stimulate(t, params)
+
+    driver = SimulatedStimulator(clock=clock, on_deliver=deliver)
+    actuator = make_actuator(cfg, driver, clock)
+    loop = SeizureLoop.from_config(cfg, sim.fs_hz, sim.n_channels)
+    raw = RawRecorder(session_dir / "raw", sim.n_channels, sim.fs_hz,
+                      meta={"channel_names": patient.channel_names, "clock": "virtual"})
+    chunk_n = max(1, int(round(sim.chunk_s * sim.fs_hz)))
+    n_total = int(round(cfg.session.duration_s * sim.fs_hz))
+    events: list[Event] = []
+    events.extend(actuator.heartbeat())
+    events.append(Event(0.0, EventKind.STATUS, "sim", {"status": "started", "threshold": loop.threshold,
+                                                       "model_sha256": loop.predictor.sha256}))
+    done = 0
+    try:
+        while done < n_total:
+            n = min(chunk_n, n_total - done)
+            x = patient.step(n)
+            ts = (done + np.arange(n)) / sim.fs_hz
+            done += n
+            clock.now = max(clock.now, float(ts[-1]))  # the session clock never goes back
+            actuator.poll()  # simulated time: deliver scheduled bursts that are due
+            events.extend(actuator.heartbeat())
+            raw.append(x, ts)
+            was_bad = loop.bad_data
+            windows = loop.windows(x, ts, events)
+            if loop.bad_data and not was_bad:
+                events.extend(actuator.safe_state("non-finite samples in the stream"))
+            for w in windows:
+                # Modeled processing: the whole latency budget is spent before the command reaches the device.
+                t_done = w.window_end_t + latency_s
+                p = loop.predict(w.features) if w.valid else float("nan")
+                on_time = loop.deadline.check(w.window_end_t, t_done)
+                events.append(Event(t_done, EventKind.PREDICTION, "sim",
+                                    {"window_end_t": w.window_end_t, "p": p, "valid": w.valid,
+                                     "threshold": loop.threshold}))
+                if not (on_time and w.valid):
+                    continue
+                requests, pol_events = loop.decide(p, w.window_end_t, t_done)
+                events.extend(pol_events)
+                clock.now = max(clock.now, t_done)
+                for r in requests:
+                    cmd_events = actuator.submit(r)
+                    events.extend(cmd_events)
+                    for e in cmd_events:
+                        if e.kind is EventKind.COMMAND and e.data.get("op") == "trigger":
+                            device_log.append({"type": "TRIGGER", "seq": e.data.get("seq"), "t_received": t_done,
+                                               "ok": True})
+            if events:
+                log.extend(events)
+                events.clear()
+            log.maybe_flush(clock.now)
+            device_log.maybe_flush(clock.now)
+            raw.maybe_flush(clock.now)
+            if progress is not None:
+                progress(done / sim.fs_hz, n_total / sim.fs_hz)
+    finally:
+        log.extend(events)
+        log.extend(actuator.close())
+        log.close()
+        device_log.close()
+        raw.close()
+        write_ground_truth(session_dir / "ground_truth.json", patient, 0.0, done / sim.fs_hz)
+    if write_report:
+        from controller.report import build_report
+        build_report(session_dir)
+    return session_dir
