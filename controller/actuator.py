@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from controller.events import Event, EventKind
-from controller.safety.governor import Decision, Dose, SafetyGovernor, StimRequest
+from controller.safety.governor import Decision, Dose, SafetyGovernor, StimRequest, conservative_charge_uc
 from drivers.base import CommandReceipt, Stimulator, StimulatorError
 from drivers.params import DeviceCapabilities, StimParams
 
@@ -143,6 +143,8 @@ class Actuator:
             "configure_seq": None if cfg is None else cfg.seq,
             "channel": params.channel, "at": at, "request_source": request.source, "request_t": request.t,
             "window_end_t": meta.get("window_end_t"), "params": params.to_dict(),
+            "burst_charge_uc": conservative_charge_uc(params),
+            **{k: v for k, v in meta.items() if k != "window_end_t"},  # stage times for metrics.json
         }))
         return events
 

@@ -102,3 +102,67 @@ class SeizureLoop:
     @property
     def bad_data(self) -> bool:
         return self._in_bad_run
+
+
+BAD_DATA_REASON = "non-finite samples in the stream"
+
+
+class ChunkStep:
+    """One chunk through the whole loop: windows -> predictor -> deadline -> policy -> actuator.
+
+    The one place both runners share. ``modeled_latency_s=None`` (real time)
+    reads ``clock`` around every stage; a number (simulated time) charges that
+    latency from window end to command and advances the virtual clock to it.
+    Bad samples latch the actuator (stimulation off) until the data is clean
+    for a whole window, then that latch — and only that one — is released.
+    """
+
+    def __init__(self, loop: SeizureLoop, actuator, clock, modeled_latency_s: float | None = None,
+                 source: str = "loop"):
+        self.loop, self.actuator, self.clock = loop, actuator, clock
+        self.modeled_latency_s = modeled_latency_s
+        self.source = source
+        self.paused = False  # set by the control server: predictions go on, requests are dropped
+
+    def step(self, samples: np.ndarray, timestamps: np.ndarray) -> list[Event]:
+        loop, actuator, clock = self.loop, self.actuator, self.clock
+        modeled = self.modeled_latency_s is not None
+        events: list[Event] = []
+        t_read = clock()
+        was_bad = loop.bad_data
+        windows = loop.windows(samples, timestamps, events)
+        if loop.bad_data and not was_bad:
+            events.extend(actuator.fault(BAD_DATA_REASON))
+        elif was_bad and not loop.bad_data and actuator.governor.latched == BAD_DATA_REASON:
+            events.extend(actuator.reset())
+        for w in windows:
+            if modeled:
+                t_feat = t_inf = w.window_end_t + self.modeled_latency_s
+                p = loop.predict(w.features) if w.valid else math.nan
+                clock.advance_to(t_inf)
+            else:
+                t_feat = clock()
+                p = loop.predict(w.features) if w.valid else math.nan
+                t_inf = clock()
+            on_time = loop.deadline.check(w.window_end_t, t_inf)
+            pred = {"window_end_t": w.window_end_t, "p": p, "valid": w.valid, "threshold": loop.threshold}
+            if not modeled:
+                pred.update(t_read=t_read, t_features=t_feat, t_inference=t_inf)
+            events.append(Event(t_inf, EventKind.PREDICTION, self.source, pred))
+            if not on_time:
+                events.append(Event(t_inf, EventKind.DEADLINE_MISS, self.source,
+                                    {"window_end_t": w.window_end_t, "latency_s": t_inf - w.window_end_t}))
+            elif w.valid:
+                requests, pol_events = loop.decide(p, w.window_end_t, t_inf)
+                events.extend(pol_events)
+                for r in requests:
+                    if self.paused:
+                        events.append(Event(t_inf, EventKind.REFUSAL, self.source,
+                                            {"rule": "paused", "reason": "stimulation paused by the operator"}))
+                        continue
+                    r.meta["t_inference"] = t_inf
+                    r.meta["t_decided"] = clock()
+                    events.extend(actuator.submit(r))
+            if not modeled:
+                t_read = clock()  # the next window of the same chunk starts here
+        return events

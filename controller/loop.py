@@ -42,10 +42,9 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orders the shutdown
     from controller.lsl_config import ensure_lsl_config
     ensure_lsl_config()
-    import numpy as np
     from pylsl import local_clock as clock
 
-    from controller.closed_loop import SeizureLoop
+    from controller.closed_loop import ChunkStep, SeizureLoop
     from controller.config import Config
     from controller.events import Event, EventKind
     from controller.recorder import EventLog
@@ -72,40 +71,18 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
         next_hb = clock()
         log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "threshold": loop.threshold,
                                                              "model_sha256": loop.predictor.sha256}))
+        step = ChunkStep(loop, actuator, clock)
         events: list = list(events_start)
         while not stop_event.is_set():
             try:
                 res = reader.read_new()
             except Overrun as exc:
-                log.append(Event(clock(), EventKind.DROPPED, "loop", {"n": exc.lost, "reason": "ring overrun"}))
+                events.append(Event(clock(), EventKind.DROPPED, "loop", {"n": exc.lost, "reason": "ring overrun"}))
                 continue
+            got = res.samples.shape[0]
+            if got:
+                events.extend(step.step(res.samples, res.timestamps))
             now = clock()
-            if res.samples.shape[0]:
-                t_read = now
-                was_bad = loop.bad_data
-                windows = loop.windows(res.samples, res.timestamps, events)
-                if loop.bad_data and not was_bad:
-                    events.extend(actuator.safe_state("non-finite samples in the stream"))
-                for w in windows:
-                    t_feat = clock()
-                    p = loop.predict(w.features) if w.valid else float("nan")
-                    t_inf = clock()
-                    on_time = loop.deadline.check(w.window_end_t, t_inf)
-                    pred = {"window_end_t": w.window_end_t, "p": p, "valid": w.valid, "t_read": t_read,
-                            "t_features": t_feat, "t_inference": t_inf, "threshold": loop.threshold}
-                    events.append(Event(t_inf, EventKind.PREDICTION, "loop", pred))
-                    if not on_time:
-                        events.append(Event(t_inf, EventKind.DEADLINE_MISS, "loop",
-                                            {"window_end_t": w.window_end_t, "latency_s": t_inf - w.window_end_t}))
-                        continue
-                    if not w.valid:
-                        continue
-                    requests, pol_events = loop.decide(p, w.window_end_t, t_inf)
-                    events.extend(pol_events)
-                    for r in requests:
-                        r.meta["t_inference"] = t_inf
-                        events.extend(actuator.submit(r))
-                    t_read = clock()  # the next window of the same chunk starts here
             if now >= next_hb:
                 events.extend(actuator.heartbeat())
                 next_hb = now + hb_period
@@ -115,8 +92,8 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             if events:
                 log.extend(events)
                 events.clear()
-                log.maybe_flush(now)
-            if res.samples.shape[0] == 0:
+            log.maybe_flush(now)
+            if not got:
                 time.sleep(0.0005)
     finally:
         if actuator is not None:

@@ -33,12 +33,17 @@ class VirtualClock:
     def __call__(self) -> float:
         return self.now
 
+    def advance_to(self, t: float) -> None:
+        """Move forward to ``t``; never back (the governor refuses a clock that goes back)."""
+        if t > self.now:
+            self.now = t
+
 
 def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bool = True,
                   progress: Callable[[float, float], None] | None = None) -> Path:
     """Run ``cfg.session.duration_s`` of simulated time; return the session folder."""
     from controller.acquisition import RawRecorder
-    from controller.closed_loop import SeizureLoop
+    from controller.closed_loop import ChunkStep, SeizureLoop
     from controller.loop import make_actuator
     from drivers.simulated import SimulatedStimulator
     from hil_sim.process import make_patient, write_ground_truth
@@ -73,6 +78,7 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
     events.extend(actuator.heartbeat())
     events.append(Event(0.0, EventKind.STATUS, "sim", {"status": "started", "threshold": loop.threshold,
                                                        "model_sha256": loop.predictor.sha256}))
+    step = ChunkStep(loop, actuator, clock, modeled_latency_s=latency_s, source="sim")
     done = 0
     try:
         while done < n_total:
@@ -80,37 +86,18 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
             x = patient.step(n)
             ts = (done + np.arange(n)) / sim.fs_hz
             done += n
-            clock.now = max(clock.now, float(ts[-1]))  # the session clock never goes back
+            clock.advance_to(float(ts[-1]))
             actuator.poll()  # simulated time: deliver scheduled bursts that are due
             events.extend(actuator.heartbeat())
             raw.append(x, ts)
-            was_bad = loop.bad_data
-            windows = loop.windows(x, ts, events)
-            if loop.bad_data and not was_bad:
-                events.extend(actuator.safe_state("non-finite samples in the stream"))
-            for w in windows:
-                # Modeled processing: the whole latency budget is spent before the command reaches the device.
-                t_done = w.window_end_t + latency_s
-                p = loop.predict(w.features) if w.valid else float("nan")
-                on_time = loop.deadline.check(w.window_end_t, t_done)
-                events.append(Event(t_done, EventKind.PREDICTION, "sim",
-                                    {"window_end_t": w.window_end_t, "p": p, "valid": w.valid,
-                                     "threshold": loop.threshold}))
-                if not (on_time and w.valid):
-                    continue
-                requests, pol_events = loop.decide(p, w.window_end_t, t_done)
-                events.extend(pol_events)
-                clock.now = max(clock.now, t_done)
-                for r in requests:
-                    cmd_events = actuator.submit(r)
-                    events.extend(cmd_events)
-                    for e in cmd_events:
-                        if e.kind is EventKind.COMMAND and e.data.get("op") == "trigger":
-                            device_log.append({"type": "TRIGGER", "seq": e.data.get("seq"), "t_received": t_done,
-                                               "ok": True})
-            if events:
-                log.extend(events)
-                events.clear()
+            new = step.step(x, ts)
+            for e in new:
+                if e.kind is EventKind.COMMAND and e.data.get("op") == "trigger":
+                    # The simulated device "receives" the command when the modeled latency is spent.
+                    device_log.append({"type": "TRIGGER", "seq": e.data.get("seq"), "t_received": e.t, "ok": True})
+            events.extend(new)
+            log.extend(events)
+            events.clear()
             log.maybe_flush(clock.now)
             device_log.maybe_flush(clock.now)
             raw.maybe_flush(clock.now)
