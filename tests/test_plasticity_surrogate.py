@@ -110,7 +110,7 @@ def test_cli_evaluate_sensitivity_curves(tmp_path):
     assert res.exit_code == 0, res.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "missing.onnx")])
-    assert res.exit_code == 2 and "not found" in res.output
+    assert res.exit_code == 2 and "not found" in " ".join(res.output.split())
 
 
 def test_raw_from_protocols_maps_no_reward_to_zero():
