@@ -120,6 +120,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         blanks: list[tuple[float, float]] = []
         faults: list[str] = []
         n_refused = 0
+        n_too_late = 0
         cap = int(duration_s * 200) + 64
         cmd_done = np.empty(cap)        # controller-side: time submit() returned, per request
         cmd_spike = np.empty(cap)
@@ -149,6 +150,10 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                     # Blank before the pulse exists: its artifact can never reach the detector.
                     b0, b1 = blanking_window(req.at, blanking_ms)
                     det.blank(b0, b1)
+                    if req.at < now:
+                        # Stalled past the imposed delay: a pulse at the wrong delay is worse than none.
+                        n_too_late += 1
+                        continue
                     evs = act.submit(req)
                     last = evs[-1].kind if evs else None
                     if last is EventKind.COMMAND and n_cmd < cap:
@@ -206,7 +211,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
     res.update({"mode": mode, "duration_s": float(t_end - t_start), "channels": n_channels,
                 "trigger_channels": list(trigger_channels), "fs_hz": FS_HZ, "chunk_samples": CHUNK_N,
                 "k_sigma": k, "delay_ms": delay_ms, "blanking_ms": blanking_ms, "unit_rate_hz": unit_rate_hz,
-                "stim": stim.to_dict(), "refused": n_refused, "faults": faults,
+                "stim": stim.to_dict(), "refused": n_refused, "dropped_too_late": n_too_late, "faults": faults,
                 "controller_spike_to_submit_done_ms": _stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
                 "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,
                 "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),

@@ -125,6 +125,60 @@ class SpikingHil:
         }
 
 
+def run_simulated(mode: str = "ads", duration_s: float = 20.0, seed: int = 0, rate_hz: float | None = None,
+                  chunk_n: int = 150, k: float = 5.0, units_kw: dict | None = None,
+                  stim: StimParams | None = None) -> dict:
+    """ADS or random stimulation in simulated time (no LSL, no device): the same detector and policies.
+
+    Pulses are delivered exactly at their ``at``; blocks of ``chunk_n`` samples
+    (5 ms) stay shorter than the 7.5 ms delay, so every pulse lands in a block
+    not yet produced. Returns ``w_init``, ``w_final``, ``n_pulses``, ``rate_hz``
+    and the ground truth: the plasticity comparison of ADS vs random stimulation
+    (REFERENCE.md §2, §7) without waiting in real time.
+    """
+    from controller.policies.ads import AdsPolicy, RandomStimPolicy, blanking_window
+    from controller.spikes import SpikeDetector
+
+    if mode not in ("ads", "random", "none"):
+        raise ValueError(f"run_simulated mode={mode!r} invalid, expected 'ads', 'random' or 'none'")
+    if mode == "random" and not (rate_hz and rate_hz > 0):
+        raise ValueError(f"run_simulated rate_hz={rate_hz!r} invalid, expected > 0 Hz for mode='random'")
+    kw = {"n_channels": 8, "trigger_channels": (0, 1), "target_channel": 4, "stim_site_channel": 6,
+          "rate_hz": 2.5, "seed": seed}
+    kw.update(units_kw or {})
+    units = SpikingUnits(**kw)
+    stim = stim if stim is not None else StimParams(channel=0, amplitude_ua=50.0, pulse_width_us=200.0,
+                                                    frequency_hz=333.0, n_pulses=1)
+    fs = units.fs_hz
+    det = SpikeDetector(fs, units.n_channels, channels=units.trigger_channels, k=k)
+    ads = AdsPolicy(units.trigger_channels, stim) if mode == "ads" else None
+    rnd = RandomStimPolicy(rate_hz, stim, seed=seed + 1000) if mode == "random" else None
+    pending: list[float] = []
+    ts_base = np.arange(chunk_n) / fs
+    n_blocks = int(round(duration_s * fs / chunk_n))
+    for _ in range(n_blocks):
+        t_start = units.t
+        t_end = t_start + chunk_n / fs
+        due = [a for a in pending if a < t_end]
+        for a in due:
+            units.stimulate(a, stim)
+        pending = [a for a in pending if a >= t_end]
+        x = units.step(chunk_n)
+        sp = det.step(x, t_start + ts_base)
+        if ads is not None:
+            reqs = ads.step(sp.t, sp.channel, t_end)
+        elif rnd is not None:
+            reqs = rnd.step(t_end)
+        else:
+            reqs = []
+        for r in reqs:
+            det.blank(*blanking_window(r.at))
+            pending.append(max(r.at, t_end))
+    gt = units.ground_truth()
+    return {"mode": mode, "w_init": float(gt["weight"]["w"][0]), "w_final": gt["w_final"],
+            "n_pulses": len(gt["pulses"]), "rate_hz": len(gt["pulses"]) / units.t, "ground_truth": gt}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hil_sim.ads_sim", description=__doc__.splitlines()[0])
     ap.add_argument("--fd", type=int, required=True, help="inherited pty master fd for the emulator")
