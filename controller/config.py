@@ -105,6 +105,21 @@ class DeviceConfig(_Section):
     watchdog_s: Annotated[float, Field(gt=0, le=60, description="emulator stops stimulation when the controller is silent this long")] = 0.5
 
 
+class TelemetryConfig(_Section):
+    enabled: bool = True
+    address: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ PUB endpoint; port * = any free port")
+    hwm: Annotated[int, Field(ge=1, le=1_000_000, description="messages queued per subscriber before dropping")] = 1000
+    signal_hz: Annotated[float, Field(gt=0, le=1000, description="rate of the decimated signal topic")] = 64.0
+
+
+class ControlConfig(_Section):
+    enabled: bool = True
+    address: str = Field("tcp://127.0.0.1:5557", description="ZeroMQ REP endpoint; non-loopback needs CURVE keys")
+    require_auth: bool = Field(False, description="CURVE even on loopback")
+    server_secret_key: str = Field("", description="server secret key file (stimloop keys)")
+    authorized_clients_dir: str = Field("", description="folder of authorized clients' public keys")
+
+
 class Config(_Section):
     session: SessionConfig = Field(default_factory=SessionConfig)
     source: SourceConfig = Field(default_factory=SourceConfig)
@@ -114,6 +129,8 @@ class Config(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     device: DeviceConfig = Field(default_factory=DeviceConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
     def model_path(self) -> Path:
         if self.model.path:

@@ -37,6 +37,24 @@ def make_actuator(cfg, driver, clock):
     return actuator
 
 
+def open_remote(cfg, control, session_dir: Path):
+    """Telemetry publisher and control server as configured; endpoints written to ``endpoints.json``."""
+    from controller.recorder import write_json
+    tele = server = None
+    if cfg.telemetry.enabled:
+        from controller.telemetry import TelemetryPublisher
+        tele = TelemetryPublisher(cfg.telemetry.address, hwm=cfg.telemetry.hwm)
+    if cfg.control.enabled:
+        from controller.control import ControlServer
+        c = cfg.control
+        server = ControlServer(c.address, handler=control.handle, server_secret_key=c.server_secret_key or None,
+                               authorized_clients_dir=c.authorized_clients_dir or None, require_auth=c.require_auth)
+    write_json(session_dir / "endpoints.json", {
+        "telemetry": getattr(tele, "endpoint", None), "control": getattr(server, "endpoint", None),
+        "control_auth": bool(cfg.control.require_auth or cfg.control.server_secret_key)})
+    return tele, server
+
+
 def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, stop_event, ready) -> None:
     """Process body; puts ``{"ok": True}`` or ``{"error": ...}`` on ``ready`` once the device is open."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orders the shutdown
@@ -48,19 +66,23 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     from controller.config import Config
     from controller.events import Event, EventKind
     from controller.recorder import EventLog
+    from controller.session_control import SessionControl
     from controller.ring import Overrun, SharedRing
 
     cfg = Config.model_validate_json(cfg_json)
     log = EventLog(Path(session_dir) / "events.jsonl")
     ring = SharedRing.attach(ring_name)
     parent = os.getppid()
-    actuator = None
+    actuator = tele = server = None
     try:
         try:
             loop = SeizureLoop.from_config(cfg, ring.fs_hz, ring.n_channels)
             driver = make_driver(cfg, port, clock)
             actuator = make_actuator(cfg, driver, clock)
             events_start = actuator.heartbeat()
+            step = ChunkStep(loop, actuator, clock)
+            control = SessionControl(step, actuator, clock)
+            tele, server = open_remote(cfg, control, Path(session_dir))
         except Exception as exc:
             log.append(Event(clock(), EventKind.FAULT, "loop", {"reason": f"start-up: {exc}"}))
             ready.put({"error": str(exc)})
@@ -71,7 +93,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
         next_hb = clock()
         log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "threshold": loop.threshold,
                                                              "model_sha256": loop.predictor.sha256}))
-        step = ChunkStep(loop, actuator, clock)
+        decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))
         events: list = list(events_start)
         while not stop_event.is_set():
             try:
@@ -82,7 +104,12 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             got = res.samples.shape[0]
             if got:
                 events.extend(step.step(res.samples, res.timestamps))
+                if tele is not None:
+                    tele.publish_signal(float(res.timestamps[-1]), res.samples, ring.fs_hz, decimate=decim)
             now = clock()
+            if server is not None:  # never waits; emergency stop acts within this iteration
+                events.extend(server.poll_once(now))
+                events.extend(control.drain())
             if now >= next_hb:
                 events.extend(actuator.heartbeat())
                 next_hb = now + hb_period
@@ -90,6 +117,9 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
                     events.extend(actuator.safe_state("runner process disappeared"))
                     break
             if events:
+                if tele is not None:
+                    for e in events:
+                        tele.publish_event(e)
                 log.extend(events)
                 events.clear()
             log.maybe_flush(now)
@@ -98,5 +128,8 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     finally:
         if actuator is not None:
             log.extend(actuator.close())
+        for closable in (server, tele):
+            if closable is not None:
+                closable.close()
         log.close()
         ring.close()

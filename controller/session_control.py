@@ -1,0 +1,95 @@
+"""What the control commands do to a running loop (the ``ControlServer`` handler).
+
+Every command is recorded by the server as a ``MARK`` event with who asked;
+side effects here (stimulation off, latch released) add their own events to
+``pending_events``, which the loop drains. Parameter changes go through the
+safety governor's own check: a value outside the profile is refused and
+nothing changes.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from controller.events import Event
+from controller.safety import check_params
+
+PAUSE_REASON = "paused by the operator"
+ESTOP_REASON = "emergency stop by the operator"
+POLICY_FIELDS = ("threshold_on", "threshold_off", "min_duration_s", "refractory_s", "burst_interval_s")
+STIM_FIELDS = ("amplitude_ua", "pulse_width_us", "frequency_hz", "n_pulses", "interphase_gap_us")
+
+
+class SessionControl:
+    def __init__(self, step, actuator, clock):
+        self.step = step            # controller.closed_loop.ChunkStep (its .paused and .loop.policy)
+        self.actuator = actuator
+        self.clock = clock
+        self.pending_events: list[Event] = []
+
+    def drain(self) -> list[Event]:
+        out, self.pending_events = self.pending_events, []
+        return out
+
+    def handle(self, cmd: dict) -> dict:
+        name = cmd["cmd"]
+        who = cmd.get("who", "?")
+        if name == "status":
+            return self.status()
+        if name == "pause":
+            self.step.paused = True
+            self.pending_events += self.actuator.safe_state(f"{PAUSE_REASON} ({who})")
+            return {"ok": True, "paused": True}
+        if name == "emergency_stop":
+            self.step.paused = True
+            self.pending_events += self.actuator.safe_state(f"{ESTOP_REASON} ({who})")
+            return {"ok": True, "stimulation": "off"}
+        if name == "resume":
+            latch = self.actuator.governor.latched
+            if latch and not (latch.startswith(PAUSE_REASON) or latch.startswith(ESTOP_REASON)):
+                return {"ok": False, "error": f"cannot resume: stimulation is off after a fault ({latch}); "
+                                              "fix the cause and restart the session"}
+            if latch:
+                self.pending_events += self.actuator.reset()
+            self.step.paused = False
+            return {"ok": True, "paused": False}
+        if name == "set_param":
+            return self.set_param(cmd["name"], cmd["value"])
+        if name == "mark":
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {name!r}"}
+
+    def status(self) -> dict:
+        policy = self.step.loop.policy
+        dose = self.actuator.dose
+        return {"ok": True, "paused": self.step.paused, "latched": self.actuator.governor.latched,
+                "threshold": self.step.loop.threshold,
+                "deadline_misses": self.step.loop.deadline.n_missed,
+                "dose": {"charge_uc": dose.charge_uc, "stim_s": dose.stim_s, "bursts": dose.bursts},
+                "stim": policy.stim.to_dict() if policy is not None else None}
+
+    def set_param(self, name: str, value) -> dict:
+        policy = self.step.loop.policy
+        if policy is None:
+            return {"ok": False, "error": "no policy is running"}
+        if name in POLICY_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+                return {"ok": False, "error": f"{name}={value!r}: expected a number >= 0"}
+            on = value if name == "threshold_on" else policy.threshold_on
+            off = value if name == "threshold_off" else policy.threshold_off
+            if name.startswith("threshold") and not (0 <= off <= on <= 1):
+                return {"ok": False, "error": f"{name}={value!r}: need 0 <= threshold_off <= threshold_on <= 1"}
+            setattr(policy, name, float(value))
+            return {"ok": True, name: float(value)}
+        if name in STIM_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return {"ok": False, "error": f"{name}={value!r}: expected a number"}
+            try:
+                new = replace(policy.stim, **{name: int(value) if name == "n_pulses" else float(value)})
+            except (TypeError, ValueError) as exc:
+                return {"ok": False, "error": f"{name}={value!r}: {exc}"}
+            problems = check_params(self.actuator.governor.profile, self.actuator.capabilities, new)
+            if problems:  # outside the safety profile: refused, nothing changes
+                return {"ok": False, "error": f"{name}={value!r} refused by the safety profile: " + "; ".join(problems)}
+            policy.stim = new
+            return {"ok": True, name: getattr(new, name)}
+        return {"ok": False, "error": f"unknown parameter {name!r}; allowed: {', '.join(POLICY_FIELDS + STIM_FIELDS)}"}
