@@ -111,6 +111,190 @@ def report(session: Path = typer.Argument(..., help="session folder")):
     _print_summary(session)
 
 
+def _overrides(**sections) -> dict:
+    out: dict = {}
+    for key, value in sections.items():
+        if value is not None:
+            section, field = key.split("__")
+            out.setdefault(section, {})[field] = value
+    return out
+
+
+@app.command()
+def sim(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file on top of the defaults"),
+    seed: Optional[int] = typer.Option(None, help="random seed (same seed, same session)"),
+    duration: Optional[float] = typer.Option(None, "--duration", "-d", help="simulated seconds"),
+    patient: Optional[int] = typer.Option(None, help="virtual-cohort patient id"),
+    out: Optional[Path] = typer.Option(None, "--out", help="parent folder for the session folder"),
+):
+    """Run a closed-loop session in simulated time (virtual clock, faster than real time)."""
+    from rich.progress import BarColumn, Progress, TextColumn
+    cfg = _load(config, _overrides(session__seed=seed, session__duration_s=duration, simulator__patient=patient,
+                                   session__out_dir=str(out) if out else None))
+    from controller.runners.simulated import run_simulated
+    with Progress(TextColumn("simulated time"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("sim", total=cfg.session.duration_s)
+        session_dir = run_simulated(cfg, progress=lambda t, total: bar.update(task, completed=t))
+    _print_summary(session_dir)
+
+
+@app.command()
+def hil(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file on top of the defaults"),
+    duration: Optional[float] = typer.Option(None, "--duration", "-d", help="seconds (default: until Ctrl-C)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for ground truth and the device log"),
+):
+    """Run the simulated patient alone: an LSL stream and a stimulator on a serial port, for other tools."""
+    import multiprocessing as mp
+    import time
+    cfg = _load(config)
+    from hil_sim.process import run_hil
+    sim_cfg = cfg.simulator
+    spec = {"fs_hz": sim_cfg.fs_hz, "n_channels": sim_cfg.n_channels, "patient": sim_cfg.patient,
+            "seed": cfg.session.seed, "seizure_onsets_s": sim_cfg.seizure_onsets_s,
+            "spontaneous_seizures": sim_cfg.spontaneous_seizures, "stream": cfg.source.stream,
+            "chunk_s": sim_cfg.chunk_s, "watchdog_s": cfg.device.watchdog_s}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=run_hil, args=(spec, q, stop, str(out) if out else None), name="stimloop-hil")
+    proc.start()
+    info = q.get(timeout=60)
+    if "error" in info:
+        _fail(f"simulator: {info['error']}")
+    console.print(f"LSL stream: [bold]{info['stream']}[/]  ({sim_cfg.n_channels} ch @ {sim_cfg.fs_hz:g} Hz)")
+    console.print(f"stimulator: [bold]{info['port']}[/]  (protocol: drivers/PROTOCOL.md)")
+    console.print("Ctrl-C to stop." if duration is None else f"running for {duration:g} s")
+    try:
+        t_end = time.monotonic() + (duration if duration is not None else float("inf"))
+        while time.monotonic() < t_end and proc.is_alive():
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        proc.join(10)
+    if out is not None:
+        console.print(f"ground truth: {out / 'ground_truth.json'}")
+
+
+def _session_endpoint(session: Optional[Path], which: str, default: str) -> str:
+    if session is None:
+        return default
+    p = session / "endpoints.json"
+    if not p.exists():
+        _fail(f"{p} not found: is {session} a session folder of a running session?")
+    return json.loads(p.read_text()).get(which) or default
+
+
+@app.command()
+def monitor(
+    address: Optional[str] = typer.Option(None, help="telemetry endpoint, e.g. tcp://host:5556"),
+    session: Optional[Path] = typer.Option(None, help="read the endpoint from this running session's folder"),
+    duration: Optional[float] = typer.Option(None, help="seconds (default: until Ctrl-C)"),
+):
+    """Live terminal view of a running session (signal, prediction, stimulation, latency)."""
+    from controller.monitor import run_monitor
+    addr = address or _session_endpoint(session, "telemetry", "tcp://127.0.0.1:5556")
+    try:
+        run_monitor(addr, duration_s=duration, console=console)
+    except KeyboardInterrupt:
+        pass
+
+
+def _control(cmd: dict, address: Optional[str], session: Optional[Path], keys: Optional[Path],
+             server_key: Optional[Path]) -> dict:
+    from controller.control import ControlClient
+    addr = address or _session_endpoint(session, "control", "tcp://127.0.0.1:5557")
+    with ControlClient(addr, client_keys=keys, server_public_key=server_key, timeout_ms=2000) as client:
+        try:
+            reply = client.request(cmd)
+        except TimeoutError as exc:
+            _fail(f"no answer from {addr}: {exc}")
+    if not reply.get("ok", False):
+        _fail(f"refused: {reply.get('error', reply)}")
+    return reply
+
+
+_ADDR = typer.Option(None, "--address", help="control endpoint (default tcp://127.0.0.1:5557)")
+_SESSION = typer.Option(None, "--session", help="read the endpoint from this running session's folder")
+_KEYS = typer.Option(None, "--keys", help="client secret key file (remote control with CURVE)")
+_SKEY = typer.Option(None, "--server-key", help="server public key file (remote control with CURVE)")
+
+
+@app.command()
+def stop(address: Optional[str] = _ADDR, session: Optional[Path] = _SESSION,
+         keys: Optional[Path] = _KEYS, server_key: Optional[Path] = _SKEY):
+    """Emergency stop: stimulation off now in a running session (stays off until `ctl resume`)."""
+    reply = _control({"cmd": "emergency_stop"}, address, session, keys, server_key)
+    console.print(f"[bold green]stimulation off[/] {reply}")
+
+
+@app.command()
+def ctl(
+    command: str = typer.Argument(..., help="status | pause | resume | emergency_stop | set_param | mark"),
+    args: list[str] = typer.Argument(None, help="set_param NAME VALUE; mark LABEL"),
+    address: Optional[str] = _ADDR, session: Optional[Path] = _SESSION,
+    keys: Optional[Path] = _KEYS, server_key: Optional[Path] = _SKEY,
+):
+    """Send one control command to a running session and print the reply."""
+    cmd: dict = {"cmd": command}
+    args = args or []
+    if command == "set_param":
+        if len(args) != 2:
+            _fail("set_param needs NAME VALUE, e.g. `stimloop ctl set_param amplitude_ua 2500`")
+        try:
+            value = json.loads(args[1])
+        except json.JSONDecodeError:
+            value = args[1]
+        cmd.update(name=args[0], value=value)
+    elif command == "mark":
+        cmd["label"] = " ".join(args) or "mark"
+    elif args:
+        _fail(f"{command} takes no arguments")
+    console.print_json(data=_control(cmd, address, session, keys, server_key))
+
+
+@app.command()
+def keys(dir: Path = typer.Option(Path("keys"), "--dir", help="folder for the key files"),
+         name: str = typer.Option("client", "--name", help="key name (server, or a client's name)"),
+         overwrite: bool = typer.Option(False, help="replace existing keys")):
+    """Make a CURVE key pair for authenticated remote control."""
+    from controller.keys import make_keys
+    try:
+        public, secret = make_keys(dir, name, overwrite=overwrite)
+    except FileExistsError as exc:
+        _fail(f"{exc} (use --overwrite to replace)")
+    console.print(f"public key: {public}\nsecret key: {secret} (keep it private)")
+
+
+@app.command()
+def export(session: Path = typer.Argument(..., help="session folder"),
+           format: str = typer.Option("edf", "--format", help="edf (EDF+ with events as annotations)"),
+           out: Optional[Path] = typer.Option(None, "--out", help="output file (default: SESSION/session.edf)")):
+    """Export a session's raw data and events to a standard format (EDF+)."""
+    if format != "edf":
+        _fail(f"--format {format!r}: only 'edf' is supported")
+    if not session.is_dir():
+        _fail(f"session folder {session} does not exist")
+    from controller.export import export_edf
+    target = out or session / "session.edf"
+    summary = export_edf(session, target)
+    console.print(f"wrote {target}: {summary}")
+
+
+def _mount_optional() -> None:
+    """Sub-commands of other parts (each its own typer app)."""
+    from models.plasticity.cli import app as plasticity_app
+    app.add_typer(plasticity_app, name="plasticity")
+
+
+_mount_optional()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
