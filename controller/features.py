@@ -213,6 +213,10 @@ class SzV1Pipeline(FeaturePipeline):
     Channel aggregation: median and max over channels of each per-channel
     feature, so a 1-channel and a 16-channel stream give the same-length
     vector and a focal seizure on a few channels still shows in ``max``.
+
+    Temporal context: each aggregated feature is repeated as its mean over
+    the last ``context_s`` (2 s) of hops (``*_avg2s``), kept in a ring in the
+    pipeline state.
     """
 
     name = "sz_v1"
@@ -225,7 +229,9 @@ class SzV1Pipeline(FeaturePipeline):
         ("ll_z", "pow_z") + tuple(f"bp_{b}_z" for b in _BAND_NAMES)
         + tuple(f"rel_{b}" for b in _BAND_NAMES) + ("sef80",)
     )
-    feature_names = tuple(f"{agg}_{f}" for f in _per_channel for agg in ("med", "max"))
+    context_s = 2.0
+    _instant = tuple(f"{agg}_{f}" for f in _per_channel for agg in ("med", "max"))
+    feature_names = _instant + tuple(f"{n}_avg2s" for n in _instant)
 
     def __init__(self, fs_hz: float, n_channels: int, hop_s: float = 0.25):
         super().__init__(fs_hz, n_channels, hop_s)
@@ -242,6 +248,10 @@ class SzV1Pipeline(FeaturePipeline):
         self._max_rise = self.baseline_max_rise_per_s * self.hop_s
         self._n_steps = 0
         self._out = np.zeros(len(self.feature_names), dtype=np.float32)
+        n_inst = len(self._instant)
+        self._ctx = np.zeros((max(1, int(round(self.context_s / self.hop_s))), n_inst), dtype=np.float64)
+        self._ctx_i = 0
+        self._ctx_n = 0
         self._n_window: int | None = None  # spectral tables built for this window length
 
     def _build_tables(self, n: int) -> None:
@@ -262,6 +272,8 @@ class SzV1Pipeline(FeaturePipeline):
         self._baseline[:] = 0.0
         self._have_baseline = False
         self._n_steps = 0
+        self._ctx[:] = 0.0
+        self._ctx_i = self._ctx_n = 0
 
     def make_prefilter(self) -> SosFilterState:
         """0.5 Hz high-pass (order 2): removes electrode drift/DC before windowing."""
@@ -308,8 +320,16 @@ class SzV1Pipeline(FeaturePipeline):
         self._baseline += step
         pc[:self._n_log] = dev
         out = self._out
-        out[0::2] = np.median(pc, axis=1)
-        out[1::2] = pc.max(axis=1)
+        n_inst = len(self._instant)
+        out[0:n_inst:2] = np.median(pc, axis=1)
+        out[1:n_inst:2] = pc.max(axis=1)
+        # Context: mean of the instantaneous vector over the last context_s (ring
+        # of hops). It holds onset evidence through the low-voltage phase and
+        # averages out single-window noise such as an interictal spike.
+        self._ctx[self._ctx_i] = out[:n_inst]
+        self._ctx_i = (self._ctx_i + 1) % self._ctx.shape[0]
+        self._ctx_n = min(self._ctx_n + 1, self._ctx.shape[0])
+        out[n_inst:] = self._ctx.sum(axis=0) / self._ctx_n
         return out
 
 

@@ -60,6 +60,9 @@ class ModelContract(BaseModel):
     threshold: float = Field(ge=0.0, le=1.0)
     version: str
     input_name: str = "features"
+    # Seconds of stream after start-up during which the pipeline's running state
+    # is still settling: results exist but must not be acted upon.
+    warmup_s: float = Field(default=0.0, ge=0.0)
 
     @field_validator("feature_names")
     @classmethod
@@ -269,7 +272,8 @@ class SeizureDetectorStage:
     ``window_end_t`` is the timestamp of the newest source sample in the
     window (the moment the window's data existed) and ``features`` is a
     fresh ``(n_features,)`` float32 copy ready for ``OnnxPredictor.predict``.
-    The first result comes once a full window has been collected.
+    The first result comes once a full window has been collected; results
+    before ``warm`` is True (the contract's ``warmup_s``) must not be acted upon.
     """
 
     def __init__(self, contract: ModelContract, source_fs_hz: float, n_channels: int):
@@ -291,6 +295,11 @@ class SeizureDetectorStage:
         self._n_total = 0         # model-rate samples seen
         self._src_t = np.zeros(0, dtype=np.float64)  # recent source timestamps (resampling only)
         self._src_base = 0        # absolute source index of _src_t[0]
+
+    @property
+    def warm(self) -> bool:
+        """True once ``contract.warmup_s`` of stream has gone through (results may be acted upon)."""
+        return self._n_total >= self.contract.warmup_s * self.contract.fs_hz
 
     def _grow(self, need: int) -> None:
         cap = max(need, 2 * self._cap)

@@ -10,7 +10,9 @@ seizure, 0 if it lies in background, -1 (dropped from training and scoring)
 in the ambiguous edges: the first ``onset_guard_s`` after onset (the window is
 still mostly background), and from ``offset_guard_s`` before offset to
 ``postictal_s`` after it (seizure end is gradual in the model and the window
-still holds ictal samples).
+still holds ictal samples). Windows in the pipeline's warm-up (the first
+``contract.warmup_s``, while the running baseline settles) are -1 too: the
+controller must not act on them either.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import numpy as np
 
 from controller.inference import ModelContract, SeizureDetectorStage
 
-__all__ = ["SimSpec", "label_windows", "features_for_recording", "simulate_patient", "build_dataset"]
+__all__ = ["SimSpec", "label_windows", "features_for_recording", "cohort_params", "simulate_patient", "default_specs",
+           "build_dataset"]
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,8 @@ class SimSpec:
 
 
 def label_windows(t_end_s: np.ndarray, seizures: list[tuple[float, float]], onset_guard_s: float = 0.5,
-                  offset_guard_s: float = 1.0, postictal_s: float = 3.0) -> np.ndarray:
-    """Label window end times: 1 ictal, 0 background, -1 ambiguous (see module docstring)."""
+                  offset_guard_s: float = 1.0, postictal_s: float = 3.0, warmup_s: float = 0.0) -> np.ndarray:
+    """Label window end times: 1 ictal, 0 background, -1 ambiguous or in warm-up (see module docstring)."""
     t = np.asarray(t_end_s, dtype=np.float64)
     y = np.zeros(t.shape, dtype=np.int8)
     for onset, offset in seizures:
@@ -48,6 +51,7 @@ def label_windows(t_end_s: np.ndarray, seizures: list[tuple[float, float]], onse
     for onset, offset in seizures:
         y[(t >= onset) & (t < onset + onset_guard_s)] = -1
         y[(t > offset - offset_guard_s) & (t <= offset + postictal_s)] = -1
+    y[t < warmup_s] = -1
     return y
 
 
@@ -70,23 +74,46 @@ def features_for_recording(x_uv: np.ndarray, fs_hz: float, contract: ModelContra
     return np.asarray(feats, dtype=np.float32).reshape(-1, contract.n_features), np.asarray(ends)
 
 
-def _seizure_intervals(patient) -> list[tuple[float, float]]:
+def _seizure_intervals(patient, end_s: float) -> list[tuple[float, float]]:
+    """Scheduled and spontaneous seizures; one still running at the end is cut there."""
     out = []
     for s in patient.ground_truth.seizures:
-        if hasattr(s, "onset_s"):
-            out.append((float(s.onset_s), float(s.offset_s)))
-        else:
-            out.append((float(s[0]), float(s[1])))
+        onset, offset = (s.onset_s, s.offset_s) if hasattr(s, "onset_s") else (s[0], s[1])
+        if onset < end_s:
+            out.append((float(onset), float(end_s if offset is None else offset)))
     return out
+
+
+def cohort_params(i: int):
+    """Patient ``i`` of the simulated cohort: ``hil_sim.cohort.patient_params(i)`` when that
+    module exists, else a documented local variation of ``PatientParams`` (anatomy,
+    amplitude, source geometry, noise levels drawn from ``i``)."""
+    try:
+        from hil_sim.cohort import patient_params
+    except ImportError:
+        patient_params = None
+    if patient_params is not None:
+        return patient_params(i)
+    from hil_sim.patient import PatientParams
+
+    rng = np.random.default_rng([i, 0xC0407])
+    focus = float(rng.uniform(0.1, 0.9))
+    others = tuple(float(v) for v in rng.uniform(0.0, 1.0, 2))
+    return PatientParams(source_positions=(focus,) + others, anatomy_seed=i,
+                         spatial_spread=float(rng.uniform(0.1, 0.3)),
+                         gain_uv_per_mv=float(rng.uniform(50.0, 200.0)),
+                         pink_noise_uv=float(rng.uniform(5.0, 25.0)),
+                         line_noise_uv=float(rng.uniform(0.0, 10.0)),
+                         neighbour_involvement=float(rng.uniform(0.1, 0.5)),
+                         interictal_spike_rate_per_min=float(rng.uniform(0.0, 10.0)))
 
 
 def simulate_patient(spec: SimSpec, block_s: float = 1.0) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Simulate one recording with ``hil_sim`` (no stimulation); returns (x (n, ch) µV, seizures)."""
-    from hil_sim.cohort import patient_params
     from hil_sim.patient import SimulatedPatient
 
     patient = SimulatedPatient(fs_hz=spec.fs_hz, n_channels=spec.n_channels, seed=spec.seed,
-                               params=patient_params(spec.patient_index))
+                               params=cohort_params(spec.patient_index))
     for onset in spec.onsets_s:
         patient.schedule_seizure(onset)
     n_total = int(round(spec.duration_s * spec.fs_hz))
@@ -95,10 +122,7 @@ def simulate_patient(spec: SimSpec, block_s: float = 1.0) -> tuple[np.ndarray, l
     for i in range(0, n_total, block):
         m = min(block, n_total - i)
         x[i:i + m] = patient.step(m)
-    seizures = [(on, off) for on, off in _seizure_intervals(patient) if on < spec.duration_s]
-    # A seizure cut by the end of the recording ends there for labelling.
-    seizures = [(on, min(off, spec.duration_s + 10.0)) for on, off in seizures]
-    return x, seizures
+    return x, _seizure_intervals(patient, spec.duration_s)
 
 
 def default_specs(n_patients: int, duration_s: float, seed: int = 0, fs_choices=(256.0, 512.0, 200.0),
@@ -124,7 +148,7 @@ def build_dataset(specs: list[SimSpec], contract: ModelContract, progress: bool 
     for k, spec in enumerate(specs):
         x, seizures = simulate_patient(spec)
         f, ends = features_for_recording(x, spec.fs_hz, contract)
-        lab = label_windows(ends, seizures)
+        lab = label_windows(ends, seizures, warmup_s=contract.warmup_s)
         X.append(f)
         y.append(lab)
         groups.append(np.full(len(lab), spec.patient_index, dtype=np.int32))

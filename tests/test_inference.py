@@ -1,0 +1,159 @@
+"""controller.inference: contract parsing from real ONNX files, mismatch errors, predictor, deadlines, stage."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from controller.features import SzV1Pipeline
+from controller.inference import (CONTRACT_KEY, ContractError, DeadlineAccount, ModelContract, OnnxPredictor,
+                                  SeizureDetectorStage, read_contract)
+
+
+def _contract(**kw) -> ModelContract:
+    base = dict(fs_hz=256.0, window_s=1.0, hop_s=0.25, n_channels=0, feature_pipeline="sz_v1",
+                feature_names=SzV1Pipeline.feature_names, output="p_seizure", threshold=0.7, version="test_v0",
+                input_name="features", warmup_s=30.0)
+    base.update(kw)
+    return ModelContract(**base)
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory):
+    """A real (small) logistic-regression ONNX exported through models.seizure.export."""
+    from models.seizure.export import export_onnx
+    from models.seizure.train import make_estimator
+
+    rng = np.random.default_rng(0)
+    n_f = len(SzV1Pipeline.feature_names)
+    X = rng.normal(size=(400, n_f)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    est = make_estimator("logreg").fit(X, y)
+    path = tmp_path_factory.mktemp("models") / "toy.onnx"
+    export_onnx(est, _contract(), path, check_X=X)
+    return path, est, X
+
+
+def test_contract_round_trip_from_real_onnx(toy_model):
+    path, _, _ = toy_model
+    c = read_contract(path)
+    assert c == _contract()
+    assert c.n_features == len(SzV1Pipeline.feature_names) and c.window_n == 256 and c.hop_n == 64
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta[CONTRACT_KEY])["feature_pipeline"] == "sz_v1"
+    assert (path.parent / "toy.onnx.sha256").read_text().split()[0] == OnnxPredictor(path).sha256
+
+
+def test_contract_errors_name_the_problem():
+    with pytest.raises(ContractError, match="needs 4 channels, the stream has 2"):
+        _contract(n_channels=4).check_stream(256.0, 2)
+    _contract(n_channels=4).check_stream(256.0, 4)
+    with pytest.raises(ContractError, match="pipeline 'sz_v9'.*known: \\['sz_v1'\\]"):
+        _contract(feature_pipeline="sz_v9").check_stream(256.0, 1)
+    with pytest.raises(ContractError, match="expects features"):
+        _contract(feature_names=("a", "b")).check_stream(256.0, 1)
+    with pytest.raises(ContractError, match="fs_hz must be a finite rate > 0 Hz, got -1"):
+        _contract().check_stream(-1.0, 1)
+    with pytest.raises(ContractError, match="rejects the contract.*fs_hz >= 160"):
+        _contract(fs_hz=100.0).check_stream(100.0, 1)
+    with pytest.raises(ContractError, match="threshold: Input should be less than or equal to 1"):
+        ModelContract.from_json(json.dumps({**json.loads(_contract().to_json()), "threshold": 1.5}))
+    with pytest.raises(ContractError, match="not valid JSON"):
+        ModelContract.from_json("{nope")
+    with pytest.raises(ContractError, match="feature_names"):
+        ModelContract.from_json(json.dumps({**json.loads(_contract().to_json()), "feature_names": ["a", "a"]}))
+
+
+def test_predictor_rejects_model_without_contract_or_with_missing_output(toy_model, tmp_path):
+    path, _, _ = toy_model
+    m = onnx.load(str(path))
+    del m.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(m, str(bare))
+    with pytest.raises(ContractError, match="no 'stimloop.contract'"):
+        OnnxPredictor(bare)
+    m = onnx.load(str(path))
+    for p in m.metadata_props:
+        if p.key == CONTRACT_KEY:
+            p.value = _contract(output="p_sleep").to_json()
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(m, str(wrong))
+    with pytest.raises(ContractError, match="output 'p_sleep' not in model outputs \\['p_seizure'\\]"):
+        OnnxPredictor(wrong)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OnnxPredictor(tmp_path / "missing.onnx")
+
+
+@pytest.mark.parametrize("iobinding", [True, False])
+def test_predictor_matches_sklearn(toy_model, iobinding):
+    path, est, X = toy_model
+    pred = OnnxPredictor(path, use_iobinding=iobinding)
+    ref = est.predict_proba(X[:50])[:, 1]
+    got = np.array([pred.predict(x) for x in X[:50]])
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    np.testing.assert_allclose(pred.predict_batch(X[:50]), ref, atol=1e-5)
+    with pytest.raises(ValueError, match=r"features must have shape \(52,\)"):
+        pred.predict(np.zeros(3, dtype=np.float32))
+
+
+def test_deadline_account():
+    d = DeadlineAccount(0.05)
+    assert d.check(10.0, 10.01) is True
+    assert d.check(10.0, 10.2) is False          # late: never acted upon
+    assert d.check(10.0, 9.99) is False          # result before its data: clocks inconsistent
+    assert d.check(10.0, float("nan")) is False
+    d.skip(10.25)
+    assert (d.n_checked, d.n_on_time, d.n_late, d.n_skipped, d.n_missed) == (4, 1, 3, 1, 4)
+    assert d.max_latency_s == pytest.approx(0.2)
+    assert d.summary()["n_missed"] == 4
+    with pytest.raises(ValueError, match="deadline_s must be a finite number > 0 s, got 0"):
+        DeadlineAccount(0)
+
+
+@pytest.mark.parametrize("fs_in,n_ch", [(256.0, 1), (173.61, 4), (512.0, 16)])
+def test_stage_windows_hops_and_timestamps(fs_in, n_ch):
+    c = _contract()
+    st = SeizureDetectorStage(c, fs_in, n_ch)
+    rng = np.random.default_rng(5)
+    n = int(fs_in * 6)
+    x = (rng.normal(size=(n, n_ch)) * 20).astype(np.float32)
+    t0 = 1000.0
+    ts = t0 + np.arange(n) / fs_in
+    out = []
+    for i in range(0, n, 29):
+        out += st.step(x[i:i + 29], ts[i:i + 29])
+    ends = np.array([o[0] for o in out])
+    # first window after ~1 s, then one per 0.25 s hop (within one source sample)
+    assert ends[0] == pytest.approx(t0 + 1.0, abs=2 / fs_in)
+    np.testing.assert_allclose(np.diff(ends), 0.25, atol=1.5 / fs_in)
+    assert len(out) == pytest.approx((6.0 - 1.0) / 0.25 + 1, abs=1)
+    assert all(f.shape == (c.n_features,) and f.dtype == np.float32 and np.all(np.isfinite(f)) for _, f in out)
+    assert out[0][1] is not out[1][1]  # independent copies
+    assert set(ends) <= set(ts)  # window end = a real source timestamp
+    assert not st.warm
+
+
+def test_stage_chunking_does_not_change_features():
+    c = _contract()
+    rng = np.random.default_rng(6)
+    x = (rng.normal(size=(2000, 2)) * 20).astype(np.float32)
+    ts = np.arange(2000) / 200.0
+    a, b = SeizureDetectorStage(c, 200.0, 2), SeizureDetectorStage(c, 200.0, 2)
+    oa = a.step(x, ts)
+    ob = [r for i in range(0, 2000, 7) for r in b.step(x[i:i + 7], ts[i:i + 7])]
+    assert len(oa) == len(ob) > 0
+    for (ta, fa), (tb, fb) in zip(oa, ob):
+        assert ta == tb
+        np.testing.assert_allclose(fa, fb, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_rejects_bad_input():
+    st = SeizureDetectorStage(_contract(), 256.0, 2)
+    with pytest.raises(ValueError, match=r"chunk must be \(n, 2\)"):
+        st.step(np.zeros((4, 3)), np.zeros(4))
+    with pytest.raises(ValueError, match=r"timestamps must have shape \(4,\)"):
+        st.step(np.zeros((4, 2)), np.zeros(5))
+    with pytest.raises(ContractError, match="needs 4 channels"):
+        SeizureDetectorStage(_contract(n_channels=4), 256.0, 2)
