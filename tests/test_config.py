@@ -1,0 +1,60 @@
+"""Config: defaults run the demo; errors name field, value and allowed range; TOML round trip."""
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from controller.config import DEFAULTS_PATH, Config, ConfigError, load_config, parse_config
+
+
+def test_defaults_file_equals_built_in_defaults():
+    assert load_config(DEFAULTS_PATH) == Config()
+
+
+def test_errors_name_field_value_and_range():
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"source": {"resolve_timeout_s": -1, "kind": "serial"},
+                      "policy": {"stim": {"amplitude_ua": 1e9}}, "bogus": 1})
+    msg = str(exc.value)
+    assert "4 problem(s)" in msg
+    assert "source.resolve_timeout_s = -1" in msg and "allowed range: > 0, <= 120" in msg
+    assert "policy.stim.amplitude_ua = 1000000000.0" in msg and "<= 20000" in msg
+    assert "source.kind = 'serial'" in msg and "'hil', 'lsl' or 'brainflow'" in msg
+    assert "bogus: unknown field" in msg
+
+
+def test_hysteresis_must_be_ordered():
+    with pytest.raises(ConfigError, match="threshold_off .* must be <= threshold_on"):
+        parse_config({"policy": {"threshold_on": 0.3, "threshold_off": 0.6}})
+
+
+def test_malformed_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[session\nduration_s = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_to_toml_round_trip():
+    cfg = parse_config({"session": {"duration_s": 12.5}, "simulator": {"seizure_onsets_s": [1.0, 2.0]},
+                        "source": {"board_params": {"serial_port": "/dev/ttyUSB0"}}})
+    again = parse_config(tomllib.loads(cfg.to_toml()))
+    assert again == cfg
+
+
+def test_cli_config_validate_refuses_unsafe_profile(tmp_path):
+    f = tmp_path / "tes10.toml"
+    f.write_text('[safety]\nprofile = "tes"\n[safety.overrides]\nhard_max_amplitude_ua = 10000\n'
+                 'max_amplitude_ua = 10000\n')
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "config", "validate", str(f)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "hard_max_amplitude_ua" in r.stderr and "4000" in r.stderr
+    ok = tmp_path / "ok.toml"
+    ok.write_text("[session]\nduration_s = 5\n")
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "config", "validate", str(ok)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

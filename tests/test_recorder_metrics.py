@@ -1,0 +1,55 @@
+"""Recorder (crash-safe JSON lines) and event-level detection scoring."""
+import json
+import os
+
+from controller.events import Event, EventKind
+from controller.metrics import percentiles_ms, score_detections
+from controller.recorder import EventLog, new_session_dir, read_jsonl
+
+
+def test_event_log_appends_whole_lines_and_survives_torn_tail(tmp_path):
+    path = tmp_path / "events.jsonl"
+    a, b = EventLog(path), EventLog(path)  # two writers, as two processes would be
+    for i in range(100):
+        (a if i % 2 else b).append(Event(float(i), EventKind.MARK, "test", {"i": i, "nan": float("nan")}))
+    a.close()
+    b.close()
+    with open(path, "ab") as f:
+        f.write(b'{"t": 1, "kind": "ma')  # a kill in the middle of a write
+    rows = read_jsonl(path)
+    assert sorted(r["i"] for r in rows) == list(range(100))
+    assert all(r["nan"] is None for r in rows)  # NaN is written as null: valid JSON
+
+
+def test_flush_interval(tmp_path):
+    log = EventLog(tmp_path / "e.jsonl", flush_interval_s=0.5)
+    log.append({"t": 0.0, "kind": "mark"})
+    log.maybe_flush(0.0)
+    assert len(read_jsonl(log.path)) == 1  # first flush is immediate
+    log.append({"t": 0.1, "kind": "mark"})
+    log.maybe_flush(0.2)
+    assert len(read_jsonl(log.path)) == 1  # buffered
+    log.maybe_flush(0.6)
+    assert len(read_jsonl(log.path)) == 2
+    log.close()
+
+
+def test_session_dirs_are_unique(tmp_path):
+    a, b = new_session_dir(tmp_path), new_session_dir(tmp_path)
+    assert a != b and (a / "raw").is_dir() and (b / "raw").is_dir()
+
+
+def test_score_detections():
+    seizures = [{"onset_t": 10.0, "offset_t": 20.0}, {"onset_t": 40.0, "offset_t": 50.0},
+                {"onset_t": 70.0, "offset_t": None}]
+    s = score_detections([11.5, 12.0, 30.0, 52.0], seizures, session_end_t=80.0)
+    assert s["onsets"] == 3 and s["detected"] == 2
+    assert s["false_detections"] == 1 and s["false_detection_t"] == [30.0]
+    assert s["latency_s"] == [1.5, 12.0]
+    assert abs(s["sensitivity"] - 2 / 3) < 1e-12
+
+
+def test_percentiles_ignore_missing():
+    p = percentiles_ms([0.001, 0.002, None, float("nan"), 0.003])
+    assert p["n"] == 3 and p["p50"] == 2.0 and p["max"] == 3.0
+    assert percentiles_ms([])["p50"] is None
