@@ -132,11 +132,19 @@ def sim(
     from rich.progress import BarColumn, Progress, TextColumn
     cfg = _load(config, _overrides(session__seed=seed, session__duration_s=duration, simulator__patient=patient,
                                    session__out_dir=str(out) if out else None))
+    from controller.inference import ContractError
     from controller.runners.simulated import run_simulated
+    from controller.safety import UnsafeProfileError
+    model = cfg.model_path()
+    if not model.is_file():
+        _fail(f"model {model} does not exist (model.path in the config)")
     with Progress(TextColumn("simulated time"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
                   console=console, transient=True) as bar:
         task = bar.add_task("sim", total=cfg.session.duration_s)
-        session_dir = run_simulated(cfg, progress=lambda t, total: bar.update(task, completed=t))
+        try:
+            session_dir = run_simulated(cfg, progress=lambda t, total: bar.update(task, completed=t))
+        except (ContractError, UnsafeProfileError) as exc:
+            _fail(str(exc))
     _print_summary(session_dir)
 
 

@@ -49,6 +49,7 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
     from hil_sim.process import make_patient, write_ground_truth
 
     sim = cfg.simulator
+    loop = SeizureLoop.from_config(cfg, sim.fs_hz, sim.n_channels)  # contract errors before any folder exists
     session_dir = Path(session_dir) if session_dir else new_session_dir(cfg.session.out_dir)
     (session_dir / "config.toml").write_text(cfg.to_toml())
     write_json(session_dir / "session.json", {
@@ -69,7 +70,6 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
 
     driver = SimulatedStimulator(clock=clock, on_deliver=deliver)
     actuator = make_actuator(cfg, driver, clock)
-    loop = SeizureLoop.from_config(cfg, sim.fs_hz, sim.n_channels)
     raw = RawRecorder(session_dir / "raw", sim.n_channels, sim.fs_hz,
                       meta={"channel_names": patient.channel_names, "clock": "virtual"})
     chunk_n = max(1, int(round(sim.chunk_s * sim.fs_hz)))
