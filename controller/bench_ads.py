@@ -74,11 +74,12 @@ def _stats_ms(x) -> dict:
 def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int = 0, n_channels: int = 32,
         trigger_channels: tuple[int, ...] = (0, 1), unit_rate_hz: float = 2.5, k: float = 5.0,
         stim: StimParams = DEFAULT_STIM, delay_ms: float = GUGGENMOS_DELAY_MS,
-        blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None) -> dict:
+        blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None, rt: bool = False) -> dict:
     """One real-time run (ADS, or random stimulation at ``random_rate_hz``); returns the result dict."""
     if not (0.5 <= duration_s <= 3600):
         raise ValueError(f"duration_s={duration_s!r} invalid, expected 0.5..3600 s")
     mode = "ads" if random_rate_hz is None else "random"
+    rt_status = _enter_rt() if rt else "off"
     master_fd, slave = open_pty_pair()
     tmp = tempfile.TemporaryDirectory(prefix="bench_ads_")
     gt_path = os.path.join(tmp.name, "ground_truth.json")
@@ -121,9 +122,13 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         faults: list[str] = []
         n_refused = 0
         n_too_late = 0
+        refusal_rules: dict[str, int] = {}
         cap = int(duration_s * 200) + 64
         cmd_done = np.empty(cap)        # controller-side: time submit() returned, per request
         cmd_spike = np.empty(cap)
+        cmd_pulled = np.empty(cap)      # when the chunk holding the spike came out of pull_chunk
+        cmd_submit = np.empty(cap)      # when submit() was called
+        cmd_seq = np.empty(cap, np.int64)
         n_cmd = 0
         proc.stdin.write("start\n")
         proc.stdin.flush()
@@ -154,15 +159,21 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                         # Stalled past the imposed delay: a pulse at the wrong delay is worse than none.
                         n_too_late += 1
                         continue
+                    t_sub = clock()
                     evs = act.submit(req)
                     last = evs[-1].kind if evs else None
                     if last is EventKind.COMMAND and n_cmd < cap:
                         cmd_done[n_cmd] = clock()
+                        cmd_submit[n_cmd] = t_sub
+                        cmd_pulled[n_cmd] = now
+                        cmd_seq[n_cmd] = evs[-1].data["seq"]
                         cmd_spike[n_cmd] = req.meta.get("spike_t", req.at)
                         n_cmd += 1
                         blanks.append((b0, b1))
                     elif last is EventKind.REFUSAL:
                         n_refused += 1
+                        rule = str(evs[-1].data.get("rule"))
+                        refusal_rules[rule] = refusal_rules.get(rule, 0) + 1
                     else:
                         faults.extend(str(e.data.get("reason")) for e in evs if e.kind is EventKind.FAULT)
             if now >= next_hb:
@@ -207,17 +218,49 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         np.savez(os.path.join(keep_dir, f"detections_{mode}.npz"), t=np.concatenate(det_t) if det_t else np.empty(0),
                  channel=np.concatenate(det_c) if det_c else np.empty(0, int), blanks=np.asarray(blanks).reshape(-1, 2))
     detections = (np.concatenate(det_t) if det_t else np.empty(0), np.concatenate(det_c) if det_c else np.empty(0, int))
+    breakdown = _breakdown(gt, cmd_spike[:n_cmd], cmd_pulled[:n_cmd], cmd_submit[:n_cmd], cmd_seq[:n_cmd])
     res = evaluate(gt, detections, blanks, mode=mode, delay_s=delay_ms * 1e-3, t_eval=(t_start + WARMUP_S, t_end - 0.05))
     res.update({"mode": mode, "duration_s": float(t_end - t_start), "channels": n_channels,
                 "trigger_channels": list(trigger_channels), "fs_hz": FS_HZ, "chunk_samples": CHUNK_N,
                 "k_sigma": k, "delay_ms": delay_ms, "blanking_ms": blanking_ms, "unit_rate_hz": unit_rate_hz,
-                "stim": stim.to_dict(), "refused": n_refused, "dropped_too_late": n_too_late, "faults": faults,
+                "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
                 "controller_spike_to_submit_done_ms": _stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
+                "breakdown_ms": breakdown, "realtime_priority": rt_status,
                 "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,
                 "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                          "load_avg_1min": os.getloadavg()[0]},
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return res
+
+
+def _enter_rt() -> str:
+    """Opt-in SCHED_FIFO for this (controller) process only.
+
+    Safe here because the loop never spins: it blocks in ``pull_chunk`` between
+    chunks. The HIL process spins (sleep-then-spin) and is left at normal priority.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))
+        return "SCHED_FIFO 50"
+    except (AttributeError, PermissionError, OSError) as e:
+        return f"unavailable: {e}"
+
+
+def _breakdown(gt: dict, spike_t, pulled_t, submit_t, seq) -> dict:
+    """Where spike → command time goes: LSL (push → pull return), detect+policy (→ submit), submit → device receipt."""
+    fs, chunk_n, t0 = gt["fs_hz"], gt["chunk_n"], gt["t0"]
+    push_t = np.asarray(gt["push_t"])
+    recv = {r["seq"]: r["t_received"] for r in gt["emulator_records"] if r.get("type") == "TRIGGER"}
+    lsl, proc, dev = [], [], []
+    for s, p, sub, q in zip(spike_t, pulled_t, submit_t, seq):
+        b = int(round((s - t0) * fs)) // chunk_n
+        if 0 <= b < push_t.size:
+            lsl.append(p - push_t[b])
+        proc.append(sub - p)
+        if int(q) in recv:
+            dev.append(recv[int(q)] - sub)
+    return {"lsl_push_to_pull": _stats_ms(lsl), "detect_policy": _stats_ms(proc),
+            "submit_to_device_receipt": _stats_ms(dev)}
 
 
 def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[tuple[float, float]], mode: str,
@@ -337,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", action="store_true",
                     help="run ADS, then random stimulation at the ADS run's delivered rate; report both")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rt", action="store_true",
+                    help="run the controller loop under SCHED_FIFO (needs CAP_SYS_NICE; reported in the JSON)")
     ap.add_argument("--k", type=float, default=5.0, help="threshold in σ (REFERENCE.md §2: 4-5)")
     args = ap.parse_args(argv)
     if not 0.5 <= args.duration <= 3600:
@@ -345,21 +390,21 @@ def main(argv: list[str] | None = None) -> int:
     unit_rate = 2.5
     if args.random and not args.compare:
         rate = args.rate_hz if args.rate_hz is not None else unit_rate * len(trig)
-        res = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k)
+        res = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, rt=args.rt)
     else:
-        res = run(args.duration, seed=args.seed, k=args.k)
+        res = run(args.duration, seed=args.seed, k=args.k, rt=args.rt)
         if args.compare:
             rate = args.rate_hz if args.rate_hz is not None else max(res["rate_hz"], 0.1)
-            rnd = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k)
+            rnd = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, rt=args.rt)
             res["random"] = rnd
             res["weight_change"] = {"ads": res["weight_change"]["ads"], "random": rnd["weight_change"]["random"]}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2, allow_nan=False)
     print(_table(res))
     if "random" in res:
         print("\n-- random control --")
         print(_table(res["random"]))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=2, allow_nan=False)
     return 0
 
 
