@@ -24,6 +24,7 @@ if ensure_lsl_config is not None:
     ensure_lsl_config()
 import pylsl  # noqa: E402
 
+from hil_sim.faults import SIGNAL_KINDS, STREAM_KINDS, FaultLog, FaultSchedule, log_signal_faults  # noqa: E402
 from hil_sim.patient import SimulatedPatient  # noqa: E402
 
 __all__ = ["PatientOutlet", "stream_patient", "make_stream_info"]
@@ -53,12 +54,19 @@ class PatientOutlet:
     ``lock`` guards the patient: hold it when calling ``patient.stimulate`` from
     another thread. ``t0`` (LSL clock at patient time 0) is known once
     :meth:`run` has started (``started`` is set then).
+
+    ``faults`` (a :class:`~hil_sim.faults.FaultSchedule`) are applied in the
+    chunk path: signal faults to the samples/timestamps, ``stream_stall`` by
+    holding (or discarding) chunks, ``stream_loss`` by destroying the outlet and
+    creating a new one (same name and source_id, new uid) afterwards. What was
+    injected, and when on the LSL clock, goes to ``fault_log``.
     """
 
     def __init__(self, patient: SimulatedPatient, stream_name: str = "stimloop-sim",
                  source_id: str | None = None, chunk_s: float = 1 / 64,
                  clock: Callable[[], float] = pylsl.local_clock, t0: float | None = None,
-                 lock: threading.Lock | None = None) -> None:
+                 lock: threading.Lock | None = None, faults: FaultSchedule | None = None,
+                 fault_log: FaultLog | None = None) -> None:
         if not (0 < chunk_s <= 1.0):
             raise ValueError(f"PatientOutlet chunk_s={chunk_s!r}: expected a duration in (0, 1] s")
         self.patient = patient
@@ -67,10 +75,22 @@ class PatientOutlet:
         self.t0 = t0
         self.lock = lock if lock is not None else threading.Lock()
         self.started = threading.Event()
+        self.stream_name = stream_name
         self.info = make_stream_info(patient, stream_name, source_id)
         self.source_id = self.info.source_id()
-        self.outlet = pylsl.StreamOutlet(self.info, self.chunk_n, 360)
+        self.outlet: pylsl.StreamOutlet | None = pylsl.StreamOutlet(self.info, self.chunk_n, 360)
         self.n_pushed = 0
+        if faults is not None and not (faults.kinds & (SIGNAL_KINDS | STREAM_KINDS)):
+            faults = None  # nothing for the outlet to do: keep the plain push path
+        if faults is not None and faults.fs_hz is not None and faults.fs_hz != patient.fs_hz:
+            raise ValueError(f"PatientOutlet faults built for fs_hz={faults.fs_hz!r}, the patient runs at "
+                             f"{patient.fs_hz!r} Hz: build the FaultSchedule with the patient's rate")
+        self.faults = faults
+        self.fault_log = fault_log if fault_log is not None else FaultLog()
+        self._stall: int | None = None                  # schedule index of the running stall
+        self._backlog: list[tuple[np.ndarray, np.ndarray]] = []
+        self._loss: int | None = None                   # schedule index of the running loss
+        self._ts_base = np.arange(self.chunk_n, dtype=np.float64) / patient.fs_hz
 
     def lsl_time(self, t_patient: float) -> float:
         """LSL clock time of patient time ``t_patient``."""
@@ -95,7 +115,8 @@ class PatientOutlet:
             if t_end is not None and p.t >= t_end - 1e-12:
                 break
             with self.lock:
-                n_next = p.n_samples + self.chunk_n
+                n0 = p.n_samples
+                n_next = n0 + self.chunk_n
                 x = p.step(self.chunk_n)
             t_last = self.t0 + (n_next - 1) / fs
             # Sleep-then-spin until the last sample of the chunk "exists".
@@ -105,9 +126,68 @@ class PatientOutlet:
                     break
                 if wait > _SPIN_S:
                     time.sleep(wait - _SPIN_S)
-            self.outlet.push_chunk(x, t_last, True)
-            self.n_pushed += x.shape[0]
+            if self.faults is None:
+                self.outlet.push_chunk(x, t_last, True)
+                self.n_pushed += x.shape[0]
+            else:
+                self._push_with_faults(x, n0)
         return self.t0
+
+    # ------------------------------------------------------------ faults
+
+    def _push_with_faults(self, x: np.ndarray, n0: int) -> None:
+        """The fault-aware chunk path: signal faults, then stream loss, then stall."""
+        fs, faults, log, n = self.patient.fs_hz, self.faults, self.fault_log, x.shape[0]
+        t_first = n0 / fs
+        ts = self._ts_base[:n] + (self.t0 + t_first)
+        x, ts = faults.apply_signal_faults(x, ts, t_first)
+        log_signal_faults(faults, log, n0, n, self.lsl_time)
+        # Edges are decided per chunk on its first sample: a chunk is all-in or all-out.
+        loss = faults.active_index("stream_loss", t_first)
+        if loss is not None:
+            if self.outlet is not None:
+                self.outlet = None  # last reference: liblsl destroys the outlet, inlets see it vanish
+                self._loss = loss
+                log.start(loss, faults.specs[loss], self.clock(), first_lost_t=self.lsl_time(t_first))
+            return  # samples produced during the outage never leave the amplifier
+        if self.outlet is None:
+            self.info = make_stream_info(self.patient, self.stream_name, self.source_id)
+            self.outlet = pylsl.StreamOutlet(self.info, self.chunk_n, 360)
+            if self._loss is not None:
+                log.end(self._loss, self.clock(), resumed_at_t=self.lsl_time(t_first))
+                self._loss = None
+        stall = faults.active_index("stream_stall", t_first)
+        if stall is not None:
+            if self._stall is None:
+                self._stall = stall
+                log.start(stall, faults.specs[stall], self.clock(), first_held_t=self.lsl_time(t_first))
+            if faults.specs[stall].resume_mode == "backlog":
+                self._backlog.append((x, ts))
+            return
+        if self._stall is not None:
+            for xb, tb in self._backlog:
+                self._push_segments(xb, tb)
+            log.end(self._stall, self.clock(), n_backlog=int(sum(b[0].shape[0] for b in self._backlog)))
+            self._backlog.clear()
+            self._stall = None
+        self._push_segments(x, ts)
+
+    def _push_segments(self, x: np.ndarray, ts: np.ndarray) -> None:
+        """Push with the chunk's own timestamps: one push per regularly spaced run.
+
+        liblsl stamps a chunk from its last sample back at the nominal rate, so a
+        gap or clock jump inside a chunk needs the chunk split there.
+        """
+        n = x.shape[0]
+        if n == 0:
+            return
+        fs = self.patient.fs_hz
+        cuts = np.flatnonzero(np.abs(np.diff(ts) - 1.0 / fs) > 0.5 / fs) + 1
+        start = 0
+        for stop in (*cuts.tolist(), n):
+            self.outlet.push_chunk(x[start:stop], float(ts[stop - 1]), True)
+            start = stop
+        self.n_pushed += n
 
 
 def stream_patient(patient: SimulatedPatient, stream_name: str = "stimloop-sim",
