@@ -1,0 +1,62 @@
+"""The shipped seizure model: contract, integrity, and separation on freshly simulated held-out patients."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from controller.features import SzV1Pipeline
+from controller.inference import OnnxPredictor, SeizureDetectorStage, read_contract
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "seizure" / "seizure_v1.onnx"
+
+pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="shipped model missing: run python -m models.seizure.train")
+
+
+def test_shipped_model_contract_and_sha256():
+    c = read_contract(MODEL)
+    assert c.version == "seizure_v1" and c.feature_pipeline == "sz_v1" and c.output == "p_seizure"
+    assert tuple(c.feature_names) == SzV1Pipeline.feature_names
+    assert c.n_channels == 0 and 0.5 <= c.threshold < 1.0
+    pred = OnnxPredictor(MODEL)
+    assert (MODEL.parent / (MODEL.name + ".sha256")).read_text().split()[0] == pred.sha256
+    for fs, ch in [(173.61, 1), (200.0, 4), (512.0, 16)]:
+        c.check_stream(fs, ch)
+
+
+@pytest.mark.parametrize("fs_hz,n_channels,patient_index,seed", [(512.0, 16, 101, 7), (200.0, 1, 102, 8)])
+def test_shipped_model_separates_seizures_on_held_out_patient(fs_hz, n_channels, patient_index, seed):
+    """A patient never seen in training (cohort index > training range, new seed)."""
+    from sklearn.metrics import roc_auc_score
+
+    from models.seizure.dataset import SimSpec, label_windows, simulate_patient
+
+    pred = OnnxPredictor(MODEL)
+    c = pred.contract
+    spec = SimSpec(patient_index=patient_index, seed=seed, duration_s=200.0, fs_hz=fs_hz, n_channels=n_channels,
+                   onsets_s=(50.0, 130.0))
+    x, seizures = simulate_patient(spec)
+    stage = SeizureDetectorStage(c, fs_hz, n_channels)
+    ts = np.arange(x.shape[0]) / fs_hz
+    t_end, p, warm = [], [], []
+    for i in range(0, x.shape[0], 32):  # the loop's chunked path, window by window
+        for t, f in stage.step(x[i:i + 32], ts[i:i + 32]):
+            t_end.append(t)
+            p.append(pred.predict(f))
+            warm.append(stage.warm)
+    t_end, p, warm = np.array(t_end), np.array(p), np.array(warm)
+    assert warm[-1] and not warm[0]
+    y = label_windows(t_end, seizures, warmup_s=c.warmup_s)
+    m = y >= 0
+    assert roc_auc_score(y[m], p[m]) > 0.95
+    # every scheduled seizure is detected within 3 s of onset
+    for onset, _ in seizures[:2]:
+        w = (t_end >= onset) & (t_end <= onset + 3.0)
+        assert (p[w] > c.threshold).any(), f"seizure at {onset} s not detected within 3 s: max p {p[w].max():.2f}"
+    # and warm background far from seizures stays mostly below threshold
+    bg = (y == 0)
+    for onset, offset in seizures:
+        bg &= ~((t_end > onset - 5) & (t_end < offset + 15))
+    assert bg.sum() > 100
+    assert np.mean(p[bg] > c.threshold) < 0.01
