@@ -81,6 +81,12 @@ def test_random_policy_rate_matches_and_respects_dead_time():
     assert np.diff(at).min() >= 0.028 - 1e-9
     # Requests are made lead_s (7.5 ms) ahead of their pulse, like ADS.
     assert all(r.at - r.t <= 0.0075 + 1e-9 and r.at >= r.t for r in reqs)
+    assert pol.n_skipped == 0
+    # A caller that stalls skips the pulses it missed instead of bunching them.
+    late = RandomStimPolicy(5.0, STIM, seed=3, min_interval_s=0.028)
+    late.step(0.0)
+    burst = late.step(10.0)
+    assert all(r.at >= 10.0 for r in burst) and late.n_skipped > 30
     # Same seed → same pulse times.
     pol2 = RandomStimPolicy(5.0, STIM, seed=3, min_interval_s=0.028)
     at2 = [r.at for now in np.arange(0.0, 10.0, 0.001) for r in pol2.step(float(now))]

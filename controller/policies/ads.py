@@ -134,7 +134,8 @@ class RandomStimPolicy:
     exponential mean chosen so the mean rate is exactly ``rate_hz`` (matched
     to the ADS run's delivered rate). Requests are issued ``lead_s`` before
     their pulse time (``at``), like ADS requests, so the device schedules both
-    the same way. ``step(now)`` returns the requests whose ``at <= now + lead_s``.
+    the same way. ``step(now)`` returns the requests whose ``at <= now + lead_s``;
+    pulses whose time passed before a (late) call are skipped (``n_skipped``).
     """
 
     def __init__(self, rate_hz: float, stim: StimParams, seed: int = 0, min_interval_s: float = 0.028,
@@ -157,6 +158,7 @@ class RandomStimPolicy:
         self._mean_exp_s = 1.0 / rate_hz - min_interval_s
         self._next_at: float | None = None if start_t is None else start_t + self._draw()
         self.n_requests = 0
+        self.n_skipped = 0
 
     def _draw(self) -> float:
         return self.min_interval_s + float(self._rng.exponential(self._mean_exp_s))
@@ -170,8 +172,12 @@ class RandomStimPolicy:
         out: list[StimRequest] = []
         while self._next_at <= now + self.lead_s:
             at = self._next_at
-            out.append(StimRequest(t=now, source=self.source, params=self.stim, at=max(at, now),
-                                   meta={"planned_at": at}))
-            self.n_requests += 1
             self._next_at = at + self._draw()
+            if at < now:
+                # The caller stalled past this pulse: moving it to "now" would bunch pulses
+                # closer than the dead time (the governor would refuse them), so skip it.
+                self.n_skipped += 1
+                continue
+            out.append(StimRequest(t=now, source=self.source, params=self.stim, at=at, meta={"planned_at": at}))
+            self.n_requests += 1
         return out
