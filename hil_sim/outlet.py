@@ -146,9 +146,10 @@ class PatientOutlet:
         loss = faults.active_index("stream_loss", t_first)
         if loss is not None:
             if self.outlet is not None:
+                t_lost = self.clock()  # before: destroying an outlet blocks while liblsl joins its threads
                 self.outlet = None  # last reference: liblsl destroys the outlet, inlets see it vanish
                 self._loss = loss
-                log.start(loss, faults.specs[loss], self.clock(), first_lost_t=self.lsl_time(t_first))
+                log.start(loss, faults.specs[loss], t_lost, first_lost_t=self.lsl_time(t_first))
             return  # samples produced during the outage never leave the amplifier
         if self.outlet is None:
             self.info = make_stream_info(self.patient, self.stream_name, self.source_id)
