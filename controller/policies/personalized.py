@@ -133,7 +133,8 @@ class PersonalizedFrequencyPolicy:
 
     ``chunk`` is ``(n, n_channels)`` µV (or ``None`` once the baseline is
     done, to only advance the schedule), ``t`` the session time of the end of
-    the chunk. Rules in the module docstring.
+    the chunk. Samples after the baseline are not used (the estimate is made
+    once per session; ``reset`` starts a new baseline). Rules in the module docstring.
     """
 
     def __init__(self, fs_hz: float, baseline_s: float, stim: StimParams, period_s: float,
