@@ -98,7 +98,9 @@ class Actuator:
         if self._closed:
             return []
         now = self._clock()
-        events = self._enter_safe_state("actuator closed", now, emergency=True)
+        # A normal close is not a fault: keep the stop and the latch, drop the governor's FAULT event.
+        events = [e for e in self._enter_safe_state("actuator closed", now, emergency=True)
+                  if e.kind is not EventKind.FAULT]
         self._closed = True
         try:
             self.__driver.close()

@@ -86,8 +86,8 @@ def compute_metrics(session_dir: Path) -> dict:
     end_to_end = [received[c["seq"]] - c["window_end_t"] for c in commands
                   if c.get("seq") in received and c.get("window_end_t") is not None]
 
-    detection_starts = [e["t_detect"] if "t_detect" in e else e["t"] for e in by_kind.get("decision", [])
-                        if e.get("what") == "detection_start"]
+    detection_starts = [e["t"] for e in by_kind.get("decision", [])
+                        if e.get("event") == "detection_start"]
     seizures = truth.get("seizures", [])
     session_end = truth.get("end_t")
     detection = score_detections(detection_starts, seizures, session_end) if truth else None

@@ -46,11 +46,14 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
         n_show = min(4, samples.shape[1])
         step = max(1, len(samples) // 20000)
         x = ts[::step] - t_ref
-        spread = np.nanpercentile(np.abs(samples[:, :n_show]), 99) * 2 or 1.0
+        # Spacing from the background level, and traces clipped to it, so that stimulation
+        # artifacts (hundreds of times larger) do not flatten everything else.
+        spread = float(np.nanpercentile(np.abs(samples[:, :n_show]), 95)) * 6 or 1.0
         for i in range(n_show):
-            ax_sig.plot(x, samples[::step, i] - i * spread, lw=0.4, color="k")
+            trace = np.clip(samples[::step, i], -0.5 * spread, 0.5 * spread)
+            ax_sig.plot(x, trace - i * spread, lw=0.4, color="k")
         ax_sig.set_yticks([-i * spread for i in range(n_show)], [f"ch{i}" for i in range(n_show)])
-    ax_sig.set_title(f"Session {session_dir.name}: signal (µV), true seizures shaded")
+    ax_sig.set_title(f"Session {session_dir.name}: signal (µV, clipped for display), true seizures shaded")
     for ax in (ax_sig, ax_p, ax_stim):
         for s in truth.get("seizures", []):
             off = s.get("offset_t") or truth.get("end_t") or s["onset_t"] + 1
@@ -64,7 +67,7 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
         if thr is not None:
             ax_p.axhline(thr, color="tab:blue", ls="--", lw=0.8, label=f"threshold {thr:.2f}")
     for e in events:
-        if e["kind"] == "decision" and e.get("what") == "detection_start":
+        if e["kind"] == "decision" and e.get("event") == "detection_start":
             ax_p.axvline(e["t"] - t_ref, color="tab:orange", lw=1)
     ax_p.set_ylim(-0.05, 1.05)
     ax_p.set_ylabel("prediction")

@@ -64,12 +64,12 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
     """Run one session to the end and return its folder (metrics and report written)."""
     from controller.lsl_config import ensure_lsl_config
     ensure_lsl_config()
-    from controller.inference import ContractError, ModelContract
+    from controller.inference import ContractError, read_contract
     from controller.sources import probe_source
 
     model_path = cfg.model_path()
     try:
-        contract = ModelContract.from_onnx(model_path)
+        contract = read_contract(model_path)
     except (ContractError, FileNotFoundError) as exc:
         raise SessionError(f"model {model_path}: {exc}") from None
 
