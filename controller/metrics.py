@@ -87,7 +87,7 @@ def compute_metrics(session_dir: Path) -> dict:
                   if c.get("seq") in received and c.get("window_end_t") is not None]
 
     detection_starts = [e["t"] for e in by_kind.get("decision", [])
-                        if e.get("event") == "detection_start"]
+                        if e.get("what") == "detection_start"]
     seizures = truth.get("seizures", [])
     session_end = truth.get("end_t")
     detection = score_detections(detection_starts, seizures, session_end) if truth else None

@@ -67,7 +67,7 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
         if thr is not None:
             ax_p.axhline(thr, color="tab:blue", ls="--", lw=0.8, label=f"threshold {thr:.2f}")
     for e in events:
-        if e["kind"] == "decision" and e.get("event") == "detection_start":
+        if e["kind"] == "decision" and e.get("what") == "detection_start":
             ax_p.axvline(e["t"] - t_ref, color="tab:orange", lw=1)
     ax_p.set_ylim(-0.05, 1.05)
     ax_p.set_ylabel("prediction")

@@ -33,7 +33,7 @@ def run(pol, ps, dt=0.25):
 
 
 def names(events):
-    return [e.data.get("event") for e in events]
+    return [e.data.get("what") for e in events]
 
 
 def test_is_a_policy():
@@ -78,7 +78,7 @@ def test_refractory_delays_the_next_therapy():
     # first detection at 0 → burst; second detection starts at 0.5 inside refractory,
     # treated when the refractory period ends (t=5.0) as it is still present
     assert [r.t for r in reqs] == [0.0, 5.0]
-    starts = [e for e in ev if e.data.get("event") == "detection_start"]
+    starts = [e for e in ev if e.data.get("what") == "detection_start"]
     assert starts[1].data["suppressed"] == "refractory"
 
 
@@ -87,7 +87,7 @@ def test_nan_never_stimulates_and_emits_fault_event():
     ps = [0.9, 0.9, math.nan, 0.9, 0.9, np.float32(0.9)]
     reqs, ev = run(pol, ps)
     faults = [e for e in ev if e.kind is EventKind.FAULT]
-    assert len(faults) == 1 and faults[0].data["event"] == "invalid_detector_output"
+    assert len(faults) == 1 and faults[0].data["what"] == "invalid_detector_output"
     faults[0].to_json()
     # the onset timer restarted after NaN: detection at t=1.25 (0.75 + 0.5), not at t=0.5
     assert [r.t for r in reqs] == [1.25]

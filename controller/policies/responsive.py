@@ -91,7 +91,7 @@ class ResponsivePolicy:
             self._above_since = None
             self._next_burst_t = math.inf
             events.append(Event(t, EventKind.FAULT, self.source, {
-                "event": "invalid_detector_output", "severity": "warning", "p": p,
+                "what": "invalid_detector_output", "severity": "warning", "p": p,
                 "reason": f"detector output p={p!r} is not finite: no stimulation, onset timer and pending bursts cancelled"}))
             return requests, events
         p = float(p)
@@ -108,7 +108,7 @@ class ResponsivePolicy:
                     self._next_burst_t = t
                     in_refractory = t - self._last_burst_t < self.refractory_s
                     events.append(Event(t, EventKind.DECISION, self.source, {
-                        "event": "detection_start", "detection_id": self._detection_id, "p": p,
+                        "what": "detection_start", "detection_id": self._detection_id, "p": p,
                         "onset_t": self._above_since, "suppressed": "refractory" if in_refractory else None}))
             else:
                 self._above_since = None
@@ -117,7 +117,7 @@ class ResponsivePolicy:
             self._above_since = None
             self._next_burst_t = math.inf
             events.append(Event(t, EventKind.DECISION, self.source, {
-                "event": "detection_end", "detection_id": self._detection_id, "p": p,
+                "what": "detection_end", "detection_id": self._detection_id, "p": p,
                 "duration_s": t - self._detection_start_t, "bursts": self._bursts_done}))
             return requests, events
 
@@ -130,5 +130,5 @@ class ResponsivePolicy:
                 meta = {"detection_id": self._detection_id, "burst_index": self._bursts_done,
                         "window_end_t": t, "p": p}
                 requests.append(StimRequest(t=t, source=self.source, params=self.stim, at=None, meta=meta))
-                events.append(Event(t, EventKind.DECISION, self.source, {"event": "stim_request", **meta}))
+                events.append(Event(t, EventKind.DECISION, self.source, {"what": "stim_request", **meta}))
         return requests, events
