@@ -199,7 +199,8 @@ class FaultSchedule:
             try:
                 parsed.append(FaultSpec.model_validate(s))
             except ValidationError as exc:
-                msgs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'fault'}: {e['msg']}" for e in exc.errors())
+                msgs = "; ".join((f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "")
+                                 + e["msg"].removeprefix("Value error, ") for e in exc.errors())
                 raise FaultConfigError(f"faults[{i}] ({s.get('kind', '?')!r}): {msgs}") from None
         self.specs: tuple[FaultSpec, ...] = tuple(sorted(parsed, key=lambda f: f.at_s))
         self.fs_hz = None if fs_hz is None else float(fs_hz)
@@ -541,3 +542,44 @@ class DeviceFaultInjector:
             else:
                 new = dev.plug()
                 self.log.end(tr.index, self.clock(), new_pty=new)
+
+
+# ---------------------------------------------------------------- benchmark
+
+def bench(n_iter: int = 20_000, chunk_n: int = 8, n_channels: int = 16, fs_hz: float = 512.0) -> dict:
+    """Cost of :meth:`FaultSchedule.apply_signal_faults` per chunk: untouched vs inside a fault."""
+    import time
+
+    sched = FaultSchedule([{"kind": "nan_burst", "at_s": 1.0, "duration_s": 1e3, "channels": [0, 3]},
+                           {"kind": "saturation", "at_s": 1.0, "duration_s": 1e3, "level_uv": 50.0},
+                           {"kind": "sample_gap", "at_s": 1.0, "n_samples": 3},
+                           {"kind": "clock_jump", "at_s": 1.0, "offset_s": 0.5}], fs_hz=fs_hz, n_channels=n_channels)
+    x = np.random.default_rng(0).standard_normal((chunk_n, n_channels)).astype(np.float32)
+    ts = np.arange(chunk_n) / fs_hz
+    out = {"chunk_n": chunk_n, "n_channels": n_channels, "fs_hz": fs_hz, "n_iter": n_iter}
+    for label, t0p in (("untouched", 0.0), ("all_four_faults", 1.0)):
+        lat = np.empty(n_iter)
+        for i in range(n_iter):
+            t = time.perf_counter_ns()
+            sched.apply_signal_faults(x, ts, t0p)
+            lat[i] = time.perf_counter_ns() - t
+        out[label] = {"p50_us": float(np.percentile(lat, 50) / 1e3), "p99_us": float(np.percentile(lat, 99) / 1e3),
+                      "max_us": float(lat.max() / 1e3)}
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m hil_sim.faults", description="benchmark the signal-fault applier")
+    ap.add_argument("--out", default=None, help="JSON file (default: stdout)")
+    ap.add_argument("--n-iter", type=int, default=20_000)
+    args = ap.parse_args()
+    text = json.dumps(bench(args.n_iter), indent=1)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
