@@ -269,3 +269,23 @@ def test_device_unplug_errors_then_reopen_on_stable_port(scenario):
     assert new.port == s["ready"]["port"]
     later = [b for b in dev["beats"] if b[3] == 1]
     assert len(later) >= 5 and all(b[2] == "ok" for b in later)
+
+
+def test_bad_fault_spec_reported_by_the_hil_process(tmp_path):
+    spec = {"fs_hz": FS, "n_channels": N_CH, "patient": 0, "seed": 3, "stream": f"stimloop-faults-bad-{os.getpid()}",
+            "faults": [{"kind": "nan_burst", "at_s": 1.0, "duration_s": 0.5, "channels": [7]}]}
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=run_hil, args=(spec, q, stop, str(tmp_path)))
+    proc.start()
+    try:
+        msg = q.get(timeout=60)
+    finally:
+        stop.set()
+        proc.join(15)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+    assert "error" in msg
+    assert "FaultConfigError" in msg["error"] and "channels=[7], expected indices 0..3" in msg["error"]
+    assert not (tmp_path / PORT_LINK_NAME).exists()
