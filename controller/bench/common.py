@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmark suite: percentiles, machine description, per-process CPU.
+
+All latencies are float seconds on one clock (``pylsl.local_clock``) until
+they are summarized here in milliseconds.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+STAT_KEYS = ("p50", "p90", "p99", "p999", "max")
+
+
+def stats_ms(values_s) -> dict:
+    """Summary of latencies given in seconds: p50/p90/p99/p99.9/max, mean, jitter (std, p99 − p50), n; in ms.
+
+    Non-finite values are ignored; an empty input gives ``None`` figures and ``n = 0``.
+    """
+    v = np.asarray(values_s, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)] * 1e3
+    if v.size == 0:
+        return {**{k: None for k in STAT_KEYS}, "mean": None, "std": None, "jitter_p99_p50": None, "n": 0}
+    q = np.percentile(v, PERCENTILES)
+    out = {k: round(float(x), 4) for k, x in zip(STAT_KEYS, (*q, v.max()))}
+    out.update(mean=round(float(v.mean()), 4), std=round(float(v.std()), 4),
+               jitter_p99_p50=round(float(q[2] - q[0]), 4), n=int(v.size))
+    return out
+
+
+def partial_stats_ms(summary: dict | None) -> dict:
+    """Map a summary that only has some of p50/p90/p99/p99.9/max (ms) onto :func:`stats_ms` keys (missing: None)."""
+    summary = summary or {}
+    out = {k: summary.get(k) for k in STAT_KEYS}
+    out.update(mean=summary.get("mean"), std=summary.get("std"), n=int(summary.get("n") or 0))
+    out["jitter_p99_p50"] = (round(out["p99"] - out["p50"], 4)
+                             if out["p99"] is not None and out["p50"] is not None else None)
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """What the figures were measured on: CPU model, cores, Python, OS, load average, library versions."""
+    info = {"cpu_model": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "os": platform.platform(), "kernel": platform.release(), "machine": platform.machine(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
+    try:
+        import pylsl
+        info["pylsl"] = pylsl.__version__
+        info["liblsl"] = pylsl.library_version()
+    except Exception as exc:  # the suite still describes the machine without LSL
+        info["pylsl"] = f"unavailable: {exc}"
+    try:
+        with open("/sys/kernel/realtime", encoding="utf-8") as f:
+            info["preempt_rt"] = f.read().strip() == "1"
+    except OSError:
+        info["preempt_rt"] = False
+    return info
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads), from ``/proc``; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces: fields start after its closing parenthesis.
+    fields = raw.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+class CpuMeter:
+    """CPU use per named process over an interval: ``start()``, then ``stop() -> {name: percent of one core}``."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = {k: int(v) for k, v in pids.items() if v is not None}
+        self._t0 = None
+        self._c0: dict[str, float | None] = {}
+
+    def start(self) -> "CpuMeter":
+        self._t0 = time.monotonic()
+        self._c0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        return self
+
+    def stop(self) -> dict:
+        if self._t0 is None:
+            raise RuntimeError("CpuMeter.stop() before start()")
+        wall = max(time.monotonic() - self._t0, 1e-9)
+        out = {}
+        for k, p in self.pids.items():
+            c1, c0 = cpu_seconds(p), self._c0.get(k)
+            out[k] = None if c1 is None or c0 is None else round(100.0 * (c1 - c0) / wall, 1)
+        return out
+
+
+def check_duration(name: str, value: float, lo: float = 0.5, hi: float = 3600.0) -> float:
+    """``value`` as float if ``lo <= value <= hi``; else ValueError naming ``name``."""
+    v = float(value)
+    if not (lo <= v <= hi):
+        raise ValueError(f"{name}={value!r} invalid, expected {lo:g}..{hi:g} s")
+    return v

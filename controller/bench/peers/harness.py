@@ -1,0 +1,331 @@
+"""Peers side by side: one stimulus stream, one machine, one clock, each peer in turn.
+
+A pulse outlet (:mod:`controller.bench.outlet`) streams for the whole run.
+Each peer runs as its own process for ``duration_s`` against that stream and
+writes its output to a fresh pty; this process stamps every output on the LSL
+clock as it arrives on the pty master (the stimloop peer talks the real
+framed protocol, so there the stimulator emulator stamps the TRIGGER frame,
+same clock, same place). Latency = output stamp − LSL time of the pulse
+sample; each output is matched to the latest pulse before it (pulses are
+≥ 140 ms apart, outputs are matched within ``MATCH_WINDOW_S``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from controller.bench.common import CpuMeter, check_duration, cpu_seconds, stats_ms
+from controller.lsl_config import ensure_lsl_config
+
+PEERS = ("stimloop", "pylsl_floor", "mne_lsl", "timeflux")
+MATCH_WINDOW_S = 0.1
+PEER_DIR = Path(__file__).resolve().parent
+ROOT = PEER_DIR.parent.parent.parent
+TIMEFLUX_VENV_ENV = "STIMLOOP_TIMEFLUX_VENV"
+TIMEFLUX_PYLSL = "pylsl==1.16.2"
+STREAM = {"fs_hz": 1000.0, "n_channels": 8, "chunk_n": 1, "pulse_rate_hz": 5.0, "pulse_uv": 1000.0,
+          "noise_uv": 10.0}
+THRESHOLD_UV = 500.0   # half the pulse height, 50 σ above the noise: no false crossings
+
+
+def timeflux_venv() -> Path:
+    """Where the Timeflux virtual environment lives (``$STIMLOOP_TIMEFLUX_VENV`` or the user cache)."""
+    env = os.environ.get(TIMEFLUX_VENV_ENV)
+    if env:
+        return Path(env).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "stimloop" / "timeflux-venv"
+
+
+def create_timeflux_venv(path: Path | None = None) -> Path:
+    """Create the Timeflux venv (``python -m venv`` + ``pip install timeflux timeflux-dsp pylsl==1.16.2``); returns its path."""
+    path = Path(path or timeflux_venv())
+    if not (path / "bin" / "timeflux").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        # timeflux 0.17 imports pylsl.resolve_stream, which pylsl 1.18 removed: pin the last pylsl that has
+        # it; that one carries no liblsl, hence PYLSL_LIB (REFERENCE.md §8).
+        subprocess.run([str(path / "bin" / "pip"), "install", "timeflux", "timeflux-dsp", TIMEFLUX_PYLSL], check=True)
+    return path
+
+
+def project_liblsl() -> str:
+    """The liblsl shipped inside the project venv's pylsl wheel (REFERENCE.md §8): Timeflux is pointed at it."""
+    import pylsl
+    lib_dir = Path(pylsl.__file__).resolve().parent / "lib"
+    for name in ("liblsl.so", "liblsl.dylib", "lsl.dll"):
+        if (lib_dir / name).exists():
+            return str(lib_dir / name)
+    raise FileNotFoundError(f"no liblsl in {lib_dir}: pylsl >= 1.18 ships it (REFERENCE.md §8)")
+
+
+def _tree_pids(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc children lists)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+class _ByteStamper(threading.Thread):
+    """Stamps every byte arriving on a pty master with ``pylsl.local_clock`` (one stamp per read)."""
+
+    def __init__(self, master_fd: int, slave_path: str):
+        super().__init__(daemon=True)
+        import pylsl
+        self.fd, self.clock = master_fd, pylsl.local_clock
+        # Hold the slave open: with no slave opener the master reads EIO (hang-up) until the peer opens it.
+        self._slave_fd = os.open(slave_path, os.O_RDWR | os.O_NOCTTY)
+        self.stamps: list[float] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            r, _, _ = select.select([self.fd], [], [], 0.05)
+            if r:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:
+                    return
+                t = self.clock()
+                self.stamps.extend([t] * len(data))
+
+    def stop(self) -> list[float]:
+        self._halt.set()
+        self.join(2)
+        if self._slave_fd is not None:
+            os.close(self._slave_fd)
+            self._slave_fd = None
+        return self.stamps
+
+
+def match(pulse_t, out_t, t_from: float, t_to: float) -> dict:
+    """Latencies of outputs ``out_t`` to the latest pulse before each; misses and extras, over [t_from, t_to]."""
+    import numpy as np
+    p = np.sort(np.asarray(pulse_t, float))
+    p = p[(p >= t_from) & (p <= t_to)]
+    o = np.sort(np.asarray(out_t, float))
+    lat, used, extra = [], set(), 0
+    for t in o:
+        j = int(np.searchsorted(p, t, side="right")) - 1
+        if j >= 0 and t - p[j] <= MATCH_WINDOW_S and j not in used:
+            used.add(j)
+            lat.append(t - p[j])
+        elif t_from <= t <= t_to + MATCH_WINDOW_S:
+            extra += 1
+    return {"latencies_s": lat, "pulses": int(p.size), "detected": len(used), "missed": int(p.size - len(used)),
+            "extra_outputs": extra}
+
+
+def _peer_command(name: str, source_id: str, port: str, duration_s: float, workdir: Path) -> tuple[list[str], dict]:
+    env = dict(os.environ)
+    common = ["--source-id", source_id, "--port", port, "--channel", "0", "--threshold", str(THRESHOLD_UV),
+              "--duration", str(duration_s)]
+    if name in ("stimloop", "pylsl_floor", "mne_lsl"):
+        mod = {"stimloop": "stimloop_peer", "pylsl_floor": "pylsl_floor", "mne_lsl": "mne_lsl_peer"}[name]
+        return [sys.executable, "-m", f"controller.bench.peers.{mod}", *common], env
+    if name == "timeflux":
+        venv = timeflux_venv()
+        exe = venv / "bin" / "timeflux"
+        if not exe.exists():
+            raise _Skip(f"Timeflux venv not found at {venv} (create it: stimloop bench setup-timeflux, "
+                        f"or set ${TIMEFLUX_VENV_ENV})")
+        text = (PEER_DIR / "timeflux_graph.yaml").read_text()
+        chans = "[" + ", ".join(f"c{i}" for i in range(int(STREAM["n_channels"]))) + "]"
+        for key, val in (("SOURCE_ID", source_id), ("CHANNELS", chans), ("PORT", port), ("CHANNEL", "0"),
+                         ("THRESHOLD", str(THRESHOLD_UV)), ("RATE", "1000")):
+            text = text.replace(f"@{key}@", val)
+        graph = workdir / "timeflux_graph.yaml"
+        graph.write_text(text)
+        env.update(PYLSL_LIB=project_liblsl(), PYTHONPATH=str(PEER_DIR))   # REFERENCE.md §8
+        return [str(exe), str(graph)], env
+    raise ValueError(f"peer {name!r} unknown, expected one of {PEERS}")
+
+
+class _Skip(Exception):
+    pass
+
+
+def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_timeout_s: float = 60.0) -> dict:
+    """Run one peer against the streaming outlet; returns output stamps and process facts (or ``skipped``)."""
+    import pylsl
+
+    from hil_sim.pty_pair import close_pty, open_pty_pair
+    if name == "mne_lsl":
+        try:
+            import mne_lsl  # noqa: F401
+        except ImportError as exc:
+            return {"skipped": f"mne-lsl not installed in the project venv ({exc}); pip install 'stimloop[bench]'"}
+    master, slave = open_pty_pair()
+    stamper = emu = None
+    log = workdir / f"device_log_{name}.jsonl"
+    proc = None
+    try:
+        try:
+            cmd, env = _peer_command(name, source_id, slave, duration_s, workdir)
+        except _Skip as exc:
+            return {"skipped": str(exc)}
+        if name == "stimloop":
+            emu = subprocess.Popen([sys.executable, "-m", "hil_sim.emulator", "--fd", str(master), "--log", str(log),
+                                    "--watchdog-s", "1.0"], pass_fds=(master,), stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True, cwd=str(ROOT))
+            if emu.stdout.readline().strip() != "ready":
+                return {"skipped": f"stimulator emulator did not start (exit code {emu.poll()})"}
+        else:
+            stamper = _ByteStamper(master, slave)
+            stamper.start()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                                env=env, start_new_session=True)
+        # Readiness: the peer prints "ready" once its inlet is connected (Timeflux: on its first data).
+        line = _readline(proc, ready_timeout_s)
+        if line is None or line.strip() != "ready":
+            err = _kill(proc)
+            return {"skipped": f"{name} did not start: said {line!r}, exit code {proc.returncode}; "
+                               f"stderr: {err[-400:].strip()!r}"}
+        t_start = pylsl.local_clock()
+        pids = _tree_pids(proc.pid)
+        cpu = CpuMeter({f"{name}:{p}": p for p in pids}).start()
+        if name == "timeflux":
+            time.sleep(duration_s)
+            cpu_pct = cpu.stop()
+            _signal_group(proc, signal.SIGINT)   # Timeflux stops its graph (and its worker processes) on SIGINT
+        else:
+            # The peer stops itself after duration_s; CPU is measured while it runs.
+            while proc.poll() is None and pylsl.local_clock() < t_start + duration_s - 0.05:
+                time.sleep(0.05)
+            cpu_pct = cpu.stop()
+        t_stop = min(pylsl.local_clock(), t_start + duration_s)
+        out, err = _finish(proc)
+        done = [ln for ln in out.splitlines() if ln.startswith("done")]
+        if name == "stimloop":
+            emu.send_signal(signal.SIGTERM)
+            emu.wait(5)
+            from controller.recorder import read_jsonl
+            recs = read_jsonl(log) if log.exists() else []
+            stamps = [r["t_received"] for r in recs if r.get("type") in ("trigger", "TRIGGER") and r.get("ok", True)]
+        else:
+            time.sleep(0.05)   # the last byte in flight
+            stamps = stamper.stop()
+        total_cpu = {k.split(":")[0] + ("" if i == 0 else f"_child{i}"): v for i, (k, v) in enumerate(cpu_pct.items())}
+        return {"stamps": stamps, "t_start": t_start, "t_stop": t_stop, "exit_code": proc.returncode,
+                "peer_said": done[-1] if done else None, "cpu_percent": total_cpu,
+                "stderr_tail": err.strip()[-300:] if proc.returncode not in (0, -signal.SIGINT) else ""}
+    finally:
+        if proc is not None:
+            if proc.poll() is None:
+                _kill(proc)
+            _signal_group(proc, signal.SIGKILL)   # no worker of the peer outlives the run
+        if stamper is not None and not stamper._halt.is_set():
+            stamper.stop()
+        if emu is not None and emu.poll() is None:
+            emu.kill()
+            emu.wait()
+        close_pty(master)
+
+
+def _readline(proc: subprocess.Popen, timeout_s: float) -> str | None:
+    """The first line that says ``ready`` or an error (log lines, e.g. Timeflux's, are skipped)."""
+    deadline = time.monotonic() + timeout_s
+    line = None
+    while (left := deadline - time.monotonic()) > 0:
+        r, _, _ = select.select([proc.stdout], [], [], left)
+        if not r:
+            return line
+        line = proc.stdout.readline()
+        if not line or line.strip() == "ready" or line.startswith("error"):
+            return line
+    return line
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the peer's own process group (it was started in a new session), so its workers get it too."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _finish(proc: subprocess.Popen, timeout_s: float = 15.0) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        return proc.communicate()
+
+
+def _kill(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGINT)
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+    try:
+        return proc.communicate(timeout=5)[1] or ""
+    except Exception:
+        return ""
+
+
+def run_peers(duration_s: float = 10.0, peers=PEERS) -> dict:
+    """All ``peers`` in turn on one pulse stream; ``{peer: {end_to_end_ms, detected, missed, ...} | {skipped}}``."""
+    ensure_lsl_config()
+    from controller.bench.outlet import OutletProcess
+    check_duration("duration_s", duration_s, 1.0)
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise ValueError(f"peer(s) {unknown} unknown, expected some of {list(PEERS)}")
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="stimloop_bench_peers_") as tmp, \
+            OutletProcess({**STREAM, "name": f"stimloop-bench-peers-{os.getpid()}"}) as out:
+        out.start()
+        c0 = cpu_seconds(out.pid)
+        t0 = time.monotonic()
+        raw = {name: run_peer(name, out.source_id, duration_s, Path(tmp)) for name in peers}
+        c1 = cpu_seconds(out.pid)
+        summary = out.stop()
+    outlet_cpu = None if c0 is None or c1 is None else round(100 * (c1 - c0) / (time.monotonic() - t0), 1)
+    for name, r in raw.items():
+        if "skipped" in r:
+            results[name] = r
+            continue
+        # Score pulses from 0.2 s after the peer was ready to 0.1 s before it stopped.
+        m = match(summary["pulse_t"], r["stamps"], r["t_start"] + 0.2, r["t_stop"] - MATCH_WINDOW_S)
+        results[name] = {"end_to_end_ms": stats_ms(m["latencies_s"]), "pulses": m["pulses"],
+                         "detected": m["detected"], "missed": m["missed"], "extra_outputs": m["extra_outputs"],
+                         "cpu_percent": r["cpu_percent"], "exit_code": r["exit_code"], "peer_said": r["peer_said"],
+                         **({"stderr_tail": r["stderr_tail"]} if r["stderr_tail"] else {})}
+    return {"stream": {**STREAM, "threshold_uv": THRESHOLD_UV, "outlet_max_behind_ms":
+                       round(summary["max_behind_s"] * 1e3, 3), "outlet_cpu_percent": outlet_cpu},
+            "peers": results, "ratios": ratio_table(results)}
+
+
+def ratio_table(results: dict, ref: str = "stimloop") -> dict:
+    """``{peer: {p50: stimloop/peer, ...}}`` per percentile (None where either side has no figure)."""
+    base = results.get(ref, {}).get("end_to_end_ms")
+    out = {}
+    for name, r in results.items():
+        if name == ref or base is None or "end_to_end_ms" not in r:
+            continue
+        out[name] = {k: (round(base[k] / r["end_to_end_ms"][k], 3)
+                         if base.get(k) and r["end_to_end_ms"].get(k) else None)
+                     for k in ("p50", "p90", "p99", "p999", "max")}
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_peers(float(sys.argv[1]) if len(sys.argv) > 1 else 3.0,
+                               sys.argv[2].split(",") if len(sys.argv) > 2 else PEERS), indent=1))

@@ -1,0 +1,117 @@
+"""Peer "stimloop": the project's own path on the peer stimulus stream.
+
+    python -m controller.bench.peers.stimloop_peer --source-id SID --port /dev/pts/N --duration 5
+
+LSL → acquisition process (``controller.acquisition``, ``LslSource``) →
+``SharedRing`` → this loop (reads the ring like ``controller.loop``: poll,
+0.5 ms sleep when empty) → rising-edge threshold (vectorized per chunk) →
+``Actuator`` (safety governor, MICRO profile) → ``SerialStimulator`` →
+the stimulator emulator on the pty, which stamps the TRIGGER on the LSL clock.
+So unlike the byte-writing peers it pays for the process boundary, the
+governor and the framed, acknowledged serial protocol: what a stimloop
+command really costs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+from controller.lsl_config import ensure_lsl_config
+
+ensure_lsl_config()
+import pylsl  # noqa: E402
+
+from controller.bench.peers.pylsl_floor import rising_edges  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m controller.bench.peers.stimloop_peer", description=__doc__.splitlines()[0])
+    ap.add_argument("--source-id", required=True)
+    ap.add_argument("--port", required=True)
+    ap.add_argument("--channel", type=int, default=0)
+    ap.add_argument("--threshold", type=float, default=500.0)
+    ap.add_argument("--duration", type=float, default=5.0)
+    a = ap.parse_args(argv)
+
+    import numpy as np
+
+    from controller.acquisition import start_acquisition
+    from controller.actuator import Actuator
+    from controller.bench_ads import DEFAULT_STIM
+    from controller.events import EventKind
+    from controller.ring import Overrun, SharedRing
+    from controller.safety import MICRO, SafetyGovernor, StimRequest
+    from controller.sources import probe_source
+    from drivers.serial_stimulator import SerialStimulator
+
+    spec = {"kind": "lsl", "source_id": a.source_id, "resolve_timeout_s": 5.0, "max_buflen_s": 1}
+    info = probe_source(spec)
+    if not 0 <= a.channel < info.n_channels:
+        print(f"error: --channel {a.channel} invalid, expected 0..{info.n_channels - 1}", flush=True)
+        return 1
+    ring = SharedRing.create(None, info.n_channels, int(2 * info.fs_hz), info.fs_hz)
+    tmp = tempfile.TemporaryDirectory(prefix="stimloop_peer_")
+    acq = stop = act = None
+    counts = {"commands": 0, "refused": 0, "faults": 0}
+    try:
+        acq, stop = start_acquisition(spec, ring.name, os.path.join(tmp.name, "events.jsonl"), None)
+        clock = pylsl.local_clock
+        driver = SerialStimulator(a.port, timeout_s=0.05, retries=2, clock=clock)
+        driver.open()
+        act = Actuator(SafetyGovernor(MICRO, driver.capabilities), driver, clock)
+        act.heartbeat()
+        reader = ring.reader("now", max_read=ring.capacity)
+        above = False
+        print("ready", flush=True)
+        t_end = clock() + a.duration
+        next_hb = clock() + 0.1
+        while True:
+            now = clock()
+            if now >= t_end:
+                break
+            try:
+                res = reader.read_new()
+            except Overrun:
+                continue
+            n = res.samples.shape[0]
+            if n:
+                x = res.samples[:, a.channel]
+                k, was = rising_edges(x, a.threshold, above)
+                if k:
+                    hit = x > a.threshold
+                    starts = np.flatnonzero(hit & ~np.concatenate(([above], hit[:-1])))
+                    for i in starts:
+                        t_edge = float(res.timestamps[i])
+                        evs = act.submit(StimRequest(t=t_edge, source="bench.stimloop_peer", params=DEFAULT_STIM,
+                                                     at=None, meta={"window_end_t": t_edge}))
+                        last = evs[-1].kind if evs else None
+                        key = ("commands" if last is EventKind.COMMAND else
+                               "refused" if last is EventKind.REFUSAL else "faults")
+                        counts[key] += 1
+                above = was
+            if now >= next_hb:
+                act.heartbeat()
+                next_hb = now + 0.1
+            if not n:
+                time.sleep(0.0005)
+    finally:
+        if act is not None:
+            act.close()
+        if stop is not None:
+            stop.set()
+            acq.join(5)
+            if acq.is_alive():
+                acq.terminate()
+                acq.join(2)
+        ring.close()
+        ring.unlink()
+        tmp.cleanup()
+    print(f"done {counts['commands']} refused={counts['refused']} faults={counts['faults']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

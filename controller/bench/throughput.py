@@ -1,0 +1,131 @@
+"""Throughput scenario: channels × rate sweep through LSL → acquisition process → SharedRing.
+
+For each channel count (30 kHz by default) a paced outlet process streams for
+``duration_s``; the real acquisition process (``controller.acquisition``,
+``LslSource``) writes into a ``SharedRing``; this process reads the ring like
+the control loop does and records, per read, the age of the newest sample
+(``ring_visible``: LSL timestamp of the last sample → seen in the ring by the
+reader). Dropped samples = pushed − written to the ring, and the
+``DROPPED`` events of the source (timestamp gaps). The sweep goes up until
+samples drop; ``max_channels_at_30khz`` is the largest count with none.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from controller.bench.common import CpuMeter, check_duration, stats_ms
+from controller.lsl_config import ensure_lsl_config
+
+DEFAULT_CHANNELS = (16, 32, 64, 128, 256)
+TARGET_CHANNELS = 64   # issue 5: zero drops at 64 × 30 kHz is the target
+
+
+def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0, chunk_s: float = 0.001) -> dict:
+    """One sweep point; returns latency stats, drops and CPU use per process."""
+    ensure_lsl_config()
+    import numpy as np
+    import pylsl
+
+    from controller.acquisition import start_acquisition
+    from controller.bench.outlet import OutletProcess
+    from controller.recorder import read_jsonl
+    from controller.ring import Overrun, SharedRing
+
+    check_duration("duration_s", duration_s, 0.2)
+    if not 1 <= int(n_channels) <= 1024:
+        raise ValueError(f"n_channels={n_channels!r} invalid, expected 1..1024")
+    chunk_n = max(1, int(round(chunk_s * fs_hz)))
+    spec = {"fs_hz": fs_hz, "n_channels": int(n_channels), "chunk_n": chunk_n, "pulse_rate_hz": 0.0,
+            "name": f"stimloop-bench-tp-{os.getpid()}"}
+    tmp = tempfile.TemporaryDirectory(prefix="stimloop_bench_tp_")
+    events_path = Path(tmp.name) / "events.jsonl"
+    ring = SharedRing.create(None, int(n_channels), int(2 * fs_hz), fs_hz)
+    acq = stop = None
+    try:
+        with OutletProcess(spec) as out:
+            src = {"kind": "lsl", "source_id": out.source_id, "resolve_timeout_s": 5.0, "max_buflen_s": 1,
+                   "stall_timeout_s": 1.0}
+            acq, stop = start_acquisition(src, ring.name, str(events_path), None, ready_timeout_s=20.0)
+            reader = ring.reader("now", max_read=ring.capacity)
+            cap = int(duration_s * 4000) + 1000
+            ages = np.empty(cap)
+            n_age = 0
+            overruns = 0
+            cpu = CpuMeter({"outlet": out.pid, "acquisition": acq.pid, "reader": os.getpid()}).start()
+            out.start()
+            t_end = time.monotonic() + duration_s
+            clock = pylsl.local_clock
+            while time.monotonic() < t_end:
+                try:
+                    res = reader.read_new()
+                except Overrun as exc:
+                    overruns += exc.lost
+                    continue
+                if res.samples.shape[0]:
+                    if n_age < cap:
+                        ages[n_age] = clock() - res.timestamps[-1]
+                        n_age += 1
+                else:
+                    time.sleep(0.0005)
+            cpu_pct = cpu.stop()
+            summary = out.stop()
+        # Let the acquisition drain what was pushed before counting drops.
+        last, t_quiet = -1, time.monotonic()
+        while time.monotonic() - t_quiet < 0.3:
+            c = ring.counter
+            if c != last:
+                last, t_quiet = c, time.monotonic()
+            if c >= summary["n_pushed"]:
+                break
+            time.sleep(0.02)
+        written = ring.counter
+        last_t = float(ring.reader(max(0, written - 1)).read_new(1).timestamps[-1]) if written else None
+    finally:
+        if stop is not None:
+            stop.set()
+            acq.join(5)
+            if acq.is_alive():
+                acq.terminate()
+                acq.join(2)
+        ring.close()
+        ring.unlink()
+    events = read_jsonl(events_path) if events_path.exists() else []
+    tmp.cleanup()
+    gap_lost = sum(int(e.get("n_lost", 0)) for e in events if e.get("kind") == "dropped")
+    pushed = int(summary["n_pushed"])
+    # Samples up to the newest one in the ring must all be there; the outlet's last chunk may die with
+    # its process at teardown, which is not a reader drop.
+    expected = 0 if last_t is None else int(round((last_t - summary["t0"]) * fs_hz)) + 1
+    dropped = max(expected - written, gap_lost, 0)
+    return {"n_channels": int(n_channels), "fs_hz": fs_hz, "chunk_samples": chunk_n, "duration_s": duration_s,
+            "pushed_samples": pushed, "ring_samples": int(written), "expected_samples": expected, "dropped_samples": int(dropped),
+            "gap_events_lost": int(gap_lost), "reader_overrun_samples": int(overruns),
+            "outlet_max_behind_ms": round(summary["max_behind_s"] * 1e3, 3),
+            "mb_per_s": round(fs_hz * n_channels * 4 / 1e6, 2),
+            "stages_ms": {"ring_visible": stats_ms(ages[:n_age])}, "cpu_percent": cpu_pct}
+
+
+def run_sweep(channels=DEFAULT_CHANNELS, fs_hz: float = 30_000.0, duration_s: float = 3.0,
+              stop_at_first_drop: bool = True) -> dict:
+    """The sweep; ``max_channels_at_30khz`` = largest channel count with zero dropped samples."""
+    points, best = [], None
+    for ch in sorted(int(c) for c in channels):
+        p = run_point(ch, fs_hz, duration_s)
+        points.append(p)
+        if p["dropped_samples"] == 0:
+            best = ch
+        elif stop_at_first_drop:
+            break
+    at_target = next((p for p in points if p["n_channels"] == TARGET_CHANNELS), None)
+    return {"fs_hz": fs_hz, "points": points, "max_channels_at_30khz": best if fs_hz == 30_000.0 else None,
+            "max_channels": best, "target": f"zero drops at {TARGET_CHANNELS} ch × 30 kHz",
+            "target_met": None if at_target is None else at_target["dropped_samples"] == 0}
+
+
+if __name__ == "__main__":
+    import sys
+    print(json.dumps(run_sweep([int(x) for x in sys.argv[1:]] or DEFAULT_CHANNELS, duration_s=2.0), indent=1))
