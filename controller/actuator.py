@@ -156,6 +156,8 @@ class Actuator:
         try:
             _checked(self.__driver.heartbeat(), "heartbeat")
         except Exception as exc:
+            if self._governor.latched is not None:
+                return []  # already off and reported: a device that stays silent is not news every beat
             return self._enter_safe_state(f"driver error during heartbeat: {_describe(exc)}", now)
         self._governor.heartbeat_ok(now)
         return []
@@ -186,6 +188,32 @@ class Actuator:
     def safe_state(self, reason: str = "operator") -> list[Event]:
         """Emergency stop: stimulation off now, governor latched until ``reset``."""
         return self._enter_safe_state(str(reason), self._clock(), emergency=True)
+
+    def reconnect(self) -> list[Event]:
+        """After a driver fault (device unplugged, port gone): close and reopen the device.
+
+        Returns a ``device_reconnected`` STATUS event on success, nothing while
+        the device is still away. The governor's latch stays: the caller
+        releases it (``reset``) once it decides stimulation may resume.
+        """
+        if self._closed:
+            raise RuntimeError("actuator is closed; build a new one to stimulate again")
+        now = self._clock()
+        try:
+            self.__driver.close()
+        except Exception:
+            pass  # a half-dead port: opening again is what matters
+        try:
+            self.__driver.open()
+        except Exception:
+            return []
+        self._configured.clear()  # the device may have restarted: send the configuration again
+        caps = getattr(self.__driver, "capabilities", None)
+        if caps != self._governor.capabilities:
+            self.__driver.close()
+            return [Event(now, EventKind.FAULT, self._source,
+                          {"what": "device_changed", "reason": "reconnected device reports other capabilities"})]
+        return [Event(now, EventKind.STATUS, self._source, {"what": "device_reconnected"})]
 
     def reset(self) -> list[Event]:
         """Clear the governor's latch (not after ``close``). Dose and rate history are kept."""

@@ -4,18 +4,20 @@ The same object runs in real time (``controller.loop``) and in simulated time
 (``controller.runners.simulated``). It never reads a clock: the runner passes
 ``now`` and measures how long inference took.
 
-Bad samples (NaN/inf) never reach the filters (their state would stay NaN
-forever): they are zeroed, a ``FAULT`` event is emitted, and every prediction
-whose window overlaps them is marked invalid and never acted upon.
+Bad samples (NaN/inf, saturation, clock jumps; see ``controller.data_quality``)
+never reach the filters as such: a ``FAULT`` event is emitted, stimulation is
+turned off, and every prediction whose window overlaps them is marked invalid
+and never acted upon.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from controller.config import Config, StimConfig
+from controller.data_quality import DataQuality
 from controller.events import Event, EventKind
 from controller.inference import DeadlineAccount, ModelContract, OnnxPredictor, SeizureDetectorStage, read_contract
 from drivers.params import StimParams, Waveform
@@ -42,9 +44,7 @@ class SeizureLoop:
     deadline: DeadlineAccount
     policy: object | None
     threshold: float
-    _bad_until_t: float = -math.inf
-    _in_bad_run: bool = False
-    _scratch: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    quality: DataQuality | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, fs_hz: float, n_channels: int) -> "SeizureLoop":
@@ -70,21 +70,13 @@ class SeizureLoop:
         return self.stage.contract.window_s
 
     def windows(self, chunk: np.ndarray, timestamps: np.ndarray, events: list[Event]) -> list[WindowResult]:
-        """Feed one chunk; return the windows it completed. Appends FAULT events for bad samples."""
-        bad = ~np.isfinite(chunk)
-        if bad.any():
-            rows = np.flatnonzero(bad.any(axis=1))
-            if not self._in_bad_run:
-                events.append(Event(float(timestamps[rows[0]]), EventKind.FAULT, "loop",
-                                    {"reason": "non-finite samples", "n_samples": int(rows.size)}))
-                self._in_bad_run = True
-            self._bad_until_t = float(timestamps[rows[-1]]) + self.window_s
-            chunk = np.where(bad, np.float32(0), chunk)
-        elif self._in_bad_run and timestamps.size and timestamps[-1] > self._bad_until_t:
-            self._in_bad_run = False
-            events.append(Event(float(timestamps[-1]), EventKind.STATUS, "loop",
-                                {"status": "clean data again after non-finite samples"}))
-        return [WindowResult(t_end, feats, t_end > self._bad_until_t)
+        """Feed one chunk; return the windows it completed (``valid=False``: do not act on it)."""
+        if self.quality is None:
+            self.quality = DataQuality(self.stage.source_fs_hz, self.stage.n_channels, self.window_s)
+        chunk, timestamps = self.quality.check(chunk, timestamps, events)
+        if not timestamps.size:
+            return []
+        return [WindowResult(t_end, feats, t_end > self.quality.invalid_until_t)
                 for t_end, feats in self.stage.step(chunk, timestamps)]
 
     def predict(self, features: np.ndarray) -> float:
@@ -101,10 +93,12 @@ class SeizureLoop:
 
     @property
     def bad_data(self) -> bool:
-        return self._in_bad_run
+        return self.quality is not None and self.quality.in_bad_run
 
 
-BAD_DATA_REASON = "non-finite samples in the stream"
+BAD_DATA_REASON = "bad samples in the stream"
+STALE_REASON = "no data from the source"
+DRIVER_FAULT = "driver error"  # prefix of the actuator's latch reasons for device failures
 
 
 class ChunkStep:
@@ -118,17 +112,54 @@ class ChunkStep:
     """
 
     def __init__(self, loop: SeizureLoop, actuator, clock, modeled_latency_s: float | None = None,
-                 source: str = "loop"):
+                 source: str = "loop", stall_timeout_s: float = 1.0, heartbeat_s: float = 0.1,
+                 reconnect_s: float = 1.0):
         self.loop, self.actuator, self.clock = loop, actuator, clock
         self.modeled_latency_s = modeled_latency_s
         self.source = source
+        self.stall_timeout_s = stall_timeout_s
         self.paused = False  # set by the control server: predictions go on, requests are dropped
+        self.stale = False
+        self._last_data_t = clock()
+        self.heartbeat_s, self.reconnect_s = heartbeat_s, reconnect_s
+        self._next_hb = self._next_reconnect = clock()
+
+    def housekeeping(self) -> list[Event]:
+        """Heartbeat the device when due; after a device fault, try to reconnect once per ``reconnect_s``."""
+        now = self.clock()
+        events: list[Event] = []
+        if now >= self._next_reconnect and (self.actuator.governor.latched or "").startswith(DRIVER_FAULT):
+            self._next_reconnect = now + self.reconnect_s
+            back = self.actuator.reconnect()
+            events.extend(back)
+            if any(e.data.get("what") == "device_reconnected" for e in back):
+                events.extend(self.actuator.reset())
+        if now >= self._next_hb:
+            self._next_hb = now + self.heartbeat_s
+            events.extend(self.actuator.heartbeat())
+        return events
+
+    def idle(self) -> list[Event]:
+        """No new samples this iteration: after ``stall_timeout_s`` the stream counts as lost (safe state)."""
+        now = self.clock()
+        if not self.stale and now - self._last_data_t > self.stall_timeout_s:
+            self.stale = True
+            return [Event(now, EventKind.FAULT, self.source, {"what": "stream_stalled", "reason": STALE_REASON,
+                                                              "silent_s": now - self._last_data_t}),
+                    *self.actuator.fault(STALE_REASON)]
+        return []
 
     def step(self, samples: np.ndarray, timestamps: np.ndarray) -> list[Event]:
         loop, actuator, clock = self.loop, self.actuator, self.clock
         modeled = self.modeled_latency_s is not None
         events: list[Event] = []
         t_read = clock()
+        self._last_data_t = t_read
+        if self.stale:
+            self.stale = False
+            events.append(Event(t_read, EventKind.STATUS, self.source, {"what": "stream_resumed"}))
+            if actuator.governor.latched == STALE_REASON:
+                events.extend(actuator.reset())
         was_bad = loop.bad_data
         windows = loop.windows(samples, timestamps, events)
         if loop.bad_data and not was_bad:

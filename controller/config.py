@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hil_sim.faults import FaultSpec  # noqa: E402  (plain pydantic model; no I/O at import)
+
 DEFAULTS_PATH = Path(__file__).with_name("defaults.toml")
 
 
@@ -131,6 +133,7 @@ class Config(_Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    faults: list[FaultSpec] = Field(default_factory=list, description="HIL fault injection ([[faults]], docs/faults.md)")
 
     def model_path(self) -> Path:
         if self.model.path:
@@ -211,4 +214,6 @@ def dump_toml(data: dict) -> str:
 def _drop_none(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _drop_none(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_drop_none(x) for x in v]
     return v

@@ -80,7 +80,8 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             driver = make_driver(cfg, port, clock)
             actuator = make_actuator(cfg, driver, clock)
             events_start = actuator.heartbeat()
-            step = ChunkStep(loop, actuator, clock)
+            step = ChunkStep(loop, actuator, clock, stall_timeout_s=cfg.source.stall_timeout_s,
+                             heartbeat_s=cfg.device.heartbeat_s)
             control = SessionControl(step, actuator, clock)
             tele, server = open_remote(cfg, control, Path(session_dir))
         except Exception as exc:
@@ -89,8 +90,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             return
         ready.put({"ok": True})
         reader = ring.reader(start="now", max_read=min(ring.capacity, int(ring.fs_hz * 2) + 1))
-        hb_period = cfg.device.heartbeat_s
-        next_hb = clock()
+        next_orphan_check = clock()
         log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "threshold": loop.threshold,
                                                              "model_sha256": loop.predictor.sha256}))
         decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))
@@ -110,9 +110,9 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             if server is not None:  # never waits; emergency stop acts within this iteration
                 events.extend(server.poll_once(now))
                 events.extend(control.drain())
-            if now >= next_hb:
-                events.extend(actuator.heartbeat())
-                next_hb = now + hb_period
+            events.extend(step.housekeeping())
+            if now >= next_orphan_check:
+                next_orphan_check = now + 0.5
                 if os.getppid() != parent:  # orphaned: the runner died; stop stimulating
                     events.extend(actuator.safe_state("runner process disappeared"))
                     break
@@ -124,6 +124,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
                 events.clear()
             log.maybe_flush(now)
             if not got:
+                events.extend(step.idle())
                 time.sleep(0.0005)
     finally:
         if actuator is not None:

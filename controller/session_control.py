@@ -45,7 +45,8 @@ class SessionControl:
             return {"ok": True, "stimulation": "off"}
         if name == "resume":
             latch = self.actuator.governor.latched
-            if latch and not (latch.startswith(PAUSE_REASON) or latch.startswith(ESTOP_REASON)):
+            cause = (latch or "").removeprefix("emergency_stop: ")
+            if latch and not (cause.startswith(PAUSE_REASON) or cause.startswith(ESTOP_REASON)):
                 return {"ok": False, "error": f"cannot resume: stimulation is off after a fault ({latch}); "
                                               "fix the cause and restart the session"}
             if latch:

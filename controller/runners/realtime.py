@@ -97,7 +97,8 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             spec = {"fs_hz": sim.fs_hz, "n_channels": sim.n_channels, "patient": sim.patient,
                     "seed": cfg.session.seed, "seizure_onsets_s": sim.seizure_onsets_s,
                     "spontaneous_seizures": sim.spontaneous_seizures, "stream": cfg.source.stream,
-                    "chunk_s": sim.chunk_s, "watchdog_s": cfg.device.watchdog_s}
+                    "chunk_s": sim.chunk_s, "watchdog_s": cfg.device.watchdog_s,
+                    "faults": [f.model_dump(mode="json", exclude_none=True) for f in cfg.faults]}
             procs["hil"] = ctx.Process(target=run_hil, args=(spec, q, stops["hil"], str(session_dir)), name="stimloop-hil")
             procs["hil"].start()
             info = _wait_ready(q, procs["hil"], 60, "simulator")

@@ -46,6 +46,7 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
     from controller.closed_loop import ChunkStep, SeizureLoop
     from controller.loop import make_actuator
     from drivers.simulated import SimulatedStimulator
+    from hil_sim.faults import SIM_KINDS, FaultLog, FaultSchedule, apply_sim_faults
     from hil_sim.process import make_patient, write_ground_truth
 
     sim = cfg.simulator
@@ -60,6 +61,10 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
     spec = {"fs_hz": sim.fs_hz, "n_channels": sim.n_channels, "patient": sim.patient, "seed": cfg.session.seed,
             "seizure_onsets_s": sim.seizure_onsets_s, "spontaneous_seizures": sim.spontaneous_seizures}
     patient = make_patient(spec)
+    schedule = FaultSchedule([f.model_dump(mode="json", exclude_none=True) for f in cfg.faults],
+                             fs_hz=sim.fs_hz, n_channels=sim.n_channels)
+    schedule.require_kinds(SIM_KINDS, "simulated runner")
+    fault_log = FaultLog()
     clock = VirtualClock()
     latency_s = sim.stim_latency_ms / 1e3
     log = EventLog(session_dir / "events.jsonl", flush_interval_s=1.0)
@@ -78,17 +83,21 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
     events.extend(actuator.heartbeat())
     events.append(Event(0.0, EventKind.STATUS, "sim", {"status": "started", "threshold": loop.threshold,
                                                        "model_sha256": loop.predictor.sha256}))
-    step = ChunkStep(loop, actuator, clock, modeled_latency_s=latency_s, source="sim")
+    step = ChunkStep(loop, actuator, clock, modeled_latency_s=latency_s, source="sim",
+                     heartbeat_s=cfg.device.heartbeat_s)
     done = 0
     try:
         while done < n_total:
             n = min(chunk_n, n_total - done)
             x = patient.step(n)
             ts = (done + np.arange(n)) / sim.fs_hz
+            x, ts = apply_sim_faults(schedule, x, ts, done / sim.fs_hz, stimulator=driver, log=fault_log)
             done += n
+            if not ts.size:  # a sample gap swallowed the whole chunk
+                continue
             clock.advance_to(float(ts[-1]))
             actuator.poll()  # simulated time: deliver scheduled bursts that are due
-            events.extend(actuator.heartbeat())
+            events.extend(step.housekeeping())
             raw.append(x, ts)
             new = step.step(x, ts)
             for e in new:
@@ -109,7 +118,8 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
         log.close()
         device_log.close()
         raw.close()
-        write_ground_truth(session_dir / "ground_truth.json", patient, 0.0, done / sim.fs_hz)
+        write_ground_truth(session_dir / "ground_truth.json", patient, 0.0, done / sim.fs_hz,
+                           faults=fault_log.records())
     if write_report:
         from controller.report import build_report
         build_report(session_dir)

@@ -258,7 +258,7 @@ class SafetyGovernor:
         ok_number = isinstance(ohm, numbers.Real) and not isinstance(ohm, bool) and math.isfinite(ohm) and ohm > 0
         self._impedance_ohm = float(ohm) if ok_number else math.nan
         p = self._profile
-        data = {"event": "impedance", "impedance_ohm": ohm, "window_ohm": [p.impedance_min_ohm, p.impedance_max_ohm]}
+        data = {"what": "impedance", "impedance_ohm": ohm, "window_ohm": [p.impedance_min_ohm, p.impedance_max_ohm]}
         if ok_number and self.impedance_ok():
             return [Event(now, EventKind.STATUS, self._source, {**data, "in_window": True})]
         return [Event(now, EventKind.FAULT, self._source,
@@ -280,7 +280,7 @@ class SafetyGovernor:
     def reset(self, now: float) -> list[Event]:
         """Clear a latched fault. Dose, rate history, impedance and heartbeat state are kept."""
         cleared, self._latched = self._latched, None
-        return [Event(now, EventKind.STATUS, self._source, {"event": "reset", "cleared": cleared})]
+        return [Event(now, EventKind.STATUS, self._source, {"what": "reset", "cleared": cleared})]
 
     # ---- the decision ----------------------------------------------------------------
     def step(self, request: StimRequest, now: float) -> Decision:

@@ -1,0 +1,91 @@
+"""Per-chunk checks of incoming samples (functional core, no clock).
+
+What counts as bad data, and what the loop does about it:
+
+- non-finite samples (NaN/inf), amplifier saturation (a channel stuck at the
+  same non-zero value for ``saturation_run`` samples), timestamps going
+  backwards (clock jump): **fault** — stimulation off until the data has been
+  clean for a whole window; non-finite and saturated samples are left out of
+  what the filters and running baselines see (zeros or rails would skew them
+  for long after the fault);
+- timestamp gaps (lost samples): windows spanning the gap are **not acted on**
+  (the acquisition process reports the dropped samples).
+
+Every window whose end is before ``invalid_until_t`` must not be acted upon.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from controller.events import Event, EventKind
+
+
+class DataQuality:
+    def __init__(self, fs_hz: float, n_channels: int, window_s: float, saturation_run: int = 16,
+                 gap_factor: float = 1.5, source: str = "loop"):
+        self.fs_hz = float(fs_hz)
+        self.window_s = float(window_s)
+        self.saturation_run = int(saturation_run)
+        self.gap_s = gap_factor / self.fs_hz
+        self.source = source
+        self.invalid_until_t = -math.inf
+        self.in_bad_run = False       # a fault is standing: stimulation must stay off
+        self._fault_clear_t = -math.inf
+        self._last_t = math.nan
+        self._last_row = np.full(n_channels, np.nan, dtype=np.float32)
+        self._run = np.zeros(n_channels, dtype=np.int64)  # equal-value run length carried across chunks
+
+    def _saturated_rows(self, x: np.ndarray) -> np.ndarray:
+        """Boolean (n,): rows where some channel has been stuck at one non-zero value for a full run."""
+        prev = np.vstack([self._last_row[None, :], x[:-1]])
+        eq = (x == prev) & (x != 0)
+        c = np.cumsum(eq, axis=0)
+        reset = np.maximum.accumulate(np.where(eq, 0, c), axis=0)
+        run = c - reset
+        broken = np.logical_or.accumulate(~eq, axis=0)
+        run += np.where(broken, 0, self._run[None, :])  # runs that started in earlier chunks
+        self._run = run[-1].copy()
+        self._last_row = x[-1].copy()
+        return (run >= self.saturation_run - 1).any(axis=1)
+
+    def check(self, chunk: np.ndarray, ts: np.ndarray, events: list[Event]) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(samples, timestamps)`` to feed the filters (bad rows left out); append FAULT/STATUS events."""
+        if not ts.size:
+            return chunk, ts
+        problems = []
+        nonfinite = ~np.isfinite(chunk)
+        bad_rows = nonfinite.any(axis=1)
+        if bad_rows.any():
+            problems.append(("non-finite samples", bad_rows))
+        sat = self._saturated_rows(np.where(nonfinite, np.float32(0), chunk) if bad_rows.any() else chunk)
+        if sat.any():
+            problems.append(("amplifier saturation", sat))
+        steps = np.diff(ts, prepend=self._last_t if math.isfinite(self._last_t) else ts[0])
+        back = steps < 0
+        if back.any():
+            problems.append(("timestamps went backwards (clock jump)", back))
+        gaps = steps > self.gap_s
+        if gaps.any():
+            self.invalid_until_t = max(self.invalid_until_t, float(ts[np.flatnonzero(gaps)[-1]]) + self.window_s)
+        self._last_t = float(ts[-1])
+        if problems:
+            last_bad = max(float(ts[np.flatnonzero(rows)[-1]]) for _, rows in problems)
+            self._fault_clear_t = max(self._fault_clear_t, last_bad + self.window_s)
+            self.invalid_until_t = max(self.invalid_until_t, self._fault_clear_t)
+            if not self.in_bad_run:
+                first_t = min(float(ts[np.flatnonzero(rows)[0]]) for _, rows in problems)
+                events.append(Event(first_t, EventKind.FAULT, self.source,
+                                    {"reason": "bad samples: " + ", ".join(p for p, _ in problems),
+                                     "what": "bad_data", "n_samples": int(sum(r.sum() for _, r in problems))}))
+                self.in_bad_run = True
+        elif self.in_bad_run and ts[-1] > self._fault_clear_t:
+            self.in_bad_run = False
+            events.append(Event(float(ts[-1]), EventKind.STATUS, self.source,
+                                {"what": "data_clean", "status": "clean data for a whole window again"}))
+        drop = bad_rows | sat
+        if drop.any():
+            keep = ~drop
+            return chunk[keep], ts[keep]
+        return chunk, ts
