@@ -60,6 +60,8 @@ def machine_info() -> dict:
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
     try:
+        from controller.lsl_config import ensure_lsl_config
+        ensure_lsl_config()   # before liblsl loads, or it never reads the loopback-only config
         import pylsl
         info["pylsl"] = pylsl.__version__
         info["liblsl"] = pylsl.library_version()

@@ -106,7 +106,8 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
             "gap_events_lost": int(gap_lost), "reader_overrun_samples": int(overruns),
             "outlet_max_behind_ms": round(summary["max_behind_s"] * 1e3, 3),
             "mb_per_s": round(fs_hz * n_channels * 4 / 1e6, 2),
-            "stages_ms": {"ring_visible": stats_ms(ages[:n_age])}, "cpu_percent": cpu_pct}
+            "stages_ms": {"ring_visible": stats_ms(ages[:n_age])}, "cpu_percent": cpu_pct,
+            "_raw_s": {"ring_visible": ages[:n_age].tolist()}}
 
 
 def run_sweep(channels=DEFAULT_CHANNELS, fs_hz: float = 30_000.0, duration_s: float = 3.0,

@@ -306,6 +306,7 @@ def run_peers(duration_s: float = 10.0, peers=PEERS) -> dict:
         m = match(summary["pulse_t"], r["stamps"], r["t_start"] + 0.2, r["t_stop"] - MATCH_WINDOW_S)
         results[name] = {"end_to_end_ms": stats_ms(m["latencies_s"]), "pulses": m["pulses"],
                          "detected": m["detected"], "missed": m["missed"], "extra_outputs": m["extra_outputs"],
+                         "_raw_s": {"end_to_end": m["latencies_s"]},
                          "cpu_percent": r["cpu_percent"], "exit_code": r["exit_code"], "peer_said": r["peer_said"],
                          **({"stderr_tail": r["stderr_tail"]} if r["stderr_tail"] else {})}
     return {"stream": {**STREAM, "threshold_uv": THRESHOLD_UV, "outlet_max_behind_ms":

@@ -1,0 +1,170 @@
+"""Outputs of ``stimloop bench``: JSON, one PNG histogram per stage, a Markdown table, rich tables."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from controller.bench.common import STAT_KEYS
+from controller.bench.suite import strip_raw
+
+_HEAD = ("p50", "p90", "p99", "p99.9", "max", "jitter p99−p50", "n")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def _row(stats: dict) -> list[str]:
+    return [_fmt(stats.get(k)) for k in STAT_KEYS] + [_fmt(stats.get("jitter_p99_p50")), _fmt(stats.get("n"))]
+
+
+def scenario_rows(doc: dict):
+    """``(scenario, stage, stats)`` for every stage and the end to end of every scenario that ran."""
+    for name, sc in doc.get("scenarios", {}).items():
+        if "end_to_end_ms" not in sc:
+            continue
+        for stage, st in sc.get("stages_ms", {}).items():
+            yield name, stage, st
+        yield name, "end_to_end", sc["end_to_end_ms"]
+
+
+def write_json(doc: dict, path: str | Path) -> Path:
+    """The document without raw arrays, strict JSON (no NaN)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(strip_raw(doc), indent=1, allow_nan=False, default=float))
+    return path
+
+
+def write_pngs(doc: dict, out_dir: str | Path) -> list[Path]:
+    """One latency histogram per stage (and per peer) that has raw samples; returns the files written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series = []
+    for name, sc in doc.get("scenarios", {}).items():
+        for stage, vals in (sc.get("_raw_s") or {}).items():
+            series.append((f"{name}__{stage}", f"{name}: {stage}", vals))
+    for peer, r in (doc.get("peers") or {}).items():
+        if isinstance(r, dict):
+            for stage, vals in (r.get("_raw_s") or {}).items():
+                series.append((f"peer_{peer}__{stage}", f"peer {peer}: {stage}", vals))
+    files = []
+    for fname, title, vals in series:
+        v = np.asarray(vals, float) * 1e3
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.hist(v, bins=min(60, max(5, int(math.sqrt(v.size)) * 2)), color="#4477aa")
+        for q, style in ((50, "-"), (99, "--")):
+            x = float(np.percentile(v, q))
+            ax.axvline(x, color="k", ls=style, lw=1, label=f"p{q} {x:.3f} ms")
+        ax.set_xlabel("latency, ms")
+        ax.set_ylabel("count")
+        ax.set_title(f"{title} (n={v.size})", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", fname) + ".png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def markdown(doc: dict) -> str:
+    """Markdown: machine, per-scenario stage tables, throughput, peers and the stimloop/peer ratio table."""
+    m = doc.get("machine", {})
+    lines = [f"# stimloop bench — {m.get('time', '')}", "",
+             f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, Python {m.get('python')}, {m.get('os')}, "
+             f"load average {m.get('load_average')}, PREEMPT_RT: {m.get('preempt_rt')}. "
+             f"Duration per scenario: {doc.get('settings', {}).get('duration_s')} s"
+             f"{' (quick)' if doc.get('settings', {}).get('quick') else ''}.", ""]
+    lines += ["## Scenarios (ms)", "", "| scenario | stage | " + " | ".join(_HEAD) + " |",
+              "|---|---|" + "---:|" * len(_HEAD)]
+    for name, stage, st in scenario_rows(doc):
+        lines.append(f"| {name} | {stage} | " + " | ".join(_row(st)) + " |")
+    lines.append("")
+    for name, sc in doc.get("scenarios", {}).items():
+        extra = {k: sc.get(k) for k in ("dropped_samples", "deadline_misses", "cpu_percent", "commands", "skipped",
+                                       "error") if k in sc}
+        lines.append(f"- **{name}**: " + ", ".join(f"{k} = {v}" for k, v in extra.items()))
+    tp = doc.get("throughput") or {}
+    lines += ["", "## Throughput (30 kHz)", "", f"max_channels_at_30khz = {tp.get('max_channels_at_30khz')} "
+              f"(target: {tp.get('target', '–')}, met: {tp.get('target_met')})", ""]
+    sweep = doc.get("scenarios", {}).get("throughput", {}).get("sweep", [])
+    if sweep:
+        lines += ["| channels | MB/s | pushed | dropped | ring visible p50 | p99 | max | CPU % |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for p in sweep:
+            rv = p["stages_ms"]["ring_visible"]
+            lines.append(f"| {p['n_channels']} | {p['mb_per_s']} | {p['pushed_samples']} | {p['dropped_samples']} | "
+                         f"{_fmt(rv['p50'])} | {_fmt(rv['p99'])} | {_fmt(rv['max'])} | {p['cpu_percent']} |")
+    peers = doc.get("peers") or {}
+    if peers:
+        lines += ["", "## Peers: same stream, same machine (end to end, ms)", ""]
+        ps = doc.get("peer_stream")
+        if ps:
+            lines += [f"Stream: {ps['fs_hz']:g} Hz × {ps['n_channels']} ch, {ps['chunk_n']} sample(s) per push, "
+                      f"pulses at ~{ps['pulse_rate_hz']:g} Hz; output = one byte on a pty (stimloop: a TRIGGER "
+                      f"frame to the emulator), stamped on the LSL clock on arrival.", ""]
+        lines += ["| peer | " + " | ".join(_HEAD) + " | detected | missed | CPU % |", "|---|" + "---:|" * (len(_HEAD) + 3)]
+        for name, r in peers.items():
+            if not isinstance(r, dict) or "end_to_end_ms" not in r:
+                reason = r.get("skipped") or r.get("error") if isinstance(r, dict) else r
+                lines.append(f"| {name} | skipped: {reason} |")
+                continue
+            lines.append(f"| {name} | " + " | ".join(_row(r["end_to_end_ms"])) +
+                         f" | {r['detected']}/{r['pulses']} | {r['missed']} | {r['cpu_percent']} |")
+        ratios = doc.get("peer_ratios") or {}
+        if ratios:
+            lines += ["", "Ratio stimloop / peer (> 1: stimloop slower):", "",
+                      "| peer | p50 | p90 | p99 | p99.9 | max |", "|---|---:|---:|---:|---:|---:|"]
+            for name, r in ratios.items():
+                lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in STAT_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(doc: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown(doc))
+    return path
+
+
+def rich_tables(doc: dict) -> list:
+    """Rich tables for the terminal: scenarios × stages, then peers with ratios."""
+    from rich.table import Table
+    t = Table(title="stimloop bench (ms)")
+    for col in ("scenario", "stage", *_HEAD):
+        t.add_column(col, justify="left" if col in ("scenario", "stage") else "right")
+    for name, stage, st in scenario_rows(doc):
+        t.add_row(name, stage, *_row(st))
+    for name, sc in doc.get("scenarios", {}).items():
+        if "end_to_end_ms" not in sc:
+            t.add_row(name, f"[yellow]{sc.get('skipped') or sc.get('error')}[/]", *[""] * len(_HEAD))
+    tables = [t]
+    peers = doc.get("peers") or {}
+    if peers:
+        p = Table(title="peers: end to end (ms), same stream")
+        for col in ("peer", "p50", "p99", "max", "missed", "stimloop/peer p50", "stimloop/peer p99"):
+            p.add_column(col, justify="left" if col == "peer" else "right")
+        ratios = doc.get("peer_ratios") or {}
+        for name, r in peers.items():
+            if not isinstance(r, dict) or "end_to_end_ms" not in r:
+                p.add_row(name, f"[yellow]skipped: {r.get('skipped') if isinstance(r, dict) else r}[/]", "", "", "", "", "")
+                continue
+            e = r["end_to_end_ms"]
+            rr = ratios.get(name, {})
+            p.add_row(name, _fmt(e["p50"]), _fmt(e["p99"]), _fmt(e["max"]), str(r["missed"]),
+                      _fmt(rr.get("p50")), _fmt(rr.get("p99")))
+        tables.append(p)
+    return tables

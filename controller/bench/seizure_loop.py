@@ -1,0 +1,327 @@
+"""Seizure-loop scenario: 512 Hz × 16 ch, the shipped ONNX model, every stage timed on the LSL clock.
+
+A dedicated harness built from the session's own objects and processes (as
+``controller.runners.realtime`` starts them):
+
+    hil   ``hil_sim.process.run_hil``: simulated patient → LSL outlet, stimulator emulator on a pty
+    acq   ``LslSource`` → ``SharedRing`` (the source of ``controller.acquisition``), instrumented:
+          for every chunk the time it came out of ``pull_chunk`` and the time it was in the ring
+    loop  ``SeizureLoop`` + ``ChunkStep`` + ``Actuator`` (governor) + ``SerialStimulator``,
+          as in ``controller.loop``, except that the policy requests a burst on **every**
+          window (``EveryWindowPolicy``): the responsive policy stimulates a few times per
+          seizure, too few commands for percentiles. The governor still checks every request;
+          the MACRO profile's 20 bursts/min design ceiling (unverified) is raised to 300 and each
+          burst is a single 160 µs biphasic pulse, so the governor passes every window's request.
+
+Stages (per command, seconds on ``pylsl.local_clock``; the window's last sample defines the event):
+
+    lsl_transport   chunk pushed (its last sample's LSL timestamp) → out of ``pull_chunk``
+    ring_write      out of ``pull_chunk`` → written to the ring
+    ring_to_loop    written to the ring → read by the loop
+    features        read → features computed      (``ChunkStep`` PREDICTION ``t_read``/``t_features``)
+    inference       features → ONNX output         (``t_inference``)
+    policy_governor ONNX output → governor decided (COMMAND ``t_decided``)
+    port_write      decided → frame written to the port (``sent_t``)
+    device_receive  written → received by the device (emulator ``t_received``)
+    end_to_end      window end (last sample's LSL time) → received by the device (as ``controller.metrics``)
+
+The outlet pushes a chunk once its last sample's time has passed, so
+``end_to_end`` also contains the wait for the chunk holding the window end to
+be complete (up to one chunk, ``simulator.chunk_s``); ``end_to_end_from_push``
+leaves that wait out.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from controller.bench.common import CpuMeter, check_duration, stats_ms
+
+STAGES = ("lsl_transport", "ring_write", "ring_to_loop", "features", "inference", "policy_governor",
+          "port_write", "device_receive")
+# MACRO's 20 bursts/min is an unverified design ceiling; the bench asks for one pulse per 0.25 s hop.
+BENCH_SAFETY_OVERRIDES = {"max_bursts_per_min": 300}
+BENCH_STIM = {"n_pulses": 1, "amplitude_ua": 3000.0, "pulse_width_us": 160.0, "frequency_hz": 200.0}
+
+
+class EveryWindowPolicy:
+    """A policy that requests ``stim`` for every valid window (benchmark only: maximal command rate)."""
+
+    def __init__(self, stim):
+        self.stim = stim
+
+    def step(self, p: float, t: float):
+        from controller.safety import StimRequest
+        return [StimRequest(t=t, source="bench.every_window", params=self.stim, at=None,
+                            meta={"window_end_t": t, "p": p})], []
+
+
+class _TimedRing:
+    """Forwards to a ``SharedRing``; stamps each ``write`` (just out of the pull, and written)."""
+
+    def __init__(self, ring, clock, cap: int):
+        import numpy as np
+        self._ring, self._clock = ring, clock
+        self.rec = np.zeros((cap, 4))   # ts_last, t_pulled, t_written, n
+        self.k = 0
+
+    def __getattr__(self, name):
+        return getattr(self._ring, name)
+
+    def write(self, samples, timestamps):
+        t_pulled = self._clock()
+        r = self._ring.write(samples, timestamps)
+        if self.k < self.rec.shape[0]:
+            self.rec[self.k] = (timestamps[-1], t_pulled, self._clock(), samples.shape[0])
+            self.k += 1
+        return r
+
+
+def _acq_body(spec: dict, ring_name: str, stop, ready, out_path: str, cap: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from controller.lsl_config import ensure_lsl_config
+    ensure_lsl_config()
+    import numpy as np
+    import pylsl
+
+    from controller.ring import SharedRing
+    from controller.sources import build_source
+    ring = SharedRing.attach(ring_name)
+    timed = _TimedRing(ring, pylsl.local_clock, cap)
+    src = build_source(spec)
+    try:
+        src.open()
+        ready.put({"ok": True})
+        while not stop.is_set():
+            src.read_into(timed)
+    except Exception as exc:
+        ready.put({"error": f"acquisition: {exc}"})
+        raise
+    finally:
+        np.save(out_path, timed.rec[:timed.k])
+        with open(out_path + ".json", "w", encoding="utf-8") as f:
+            json.dump({"n_dropped": int(src.n_dropped), "n_samples": int(src.n_samples)}, f)
+        src.close()
+        ring.close()
+
+
+def _loop_body(cfg_json: str, ring_name: str, port: str, session_dir: str, stop, ready) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from controller.lsl_config import ensure_lsl_config
+    ensure_lsl_config()
+    from pylsl import local_clock as clock
+
+    from controller.closed_loop import ChunkStep, SeizureLoop, stim_params
+    from controller.config import Config
+    from controller.loop import make_actuator, make_driver
+    from controller.recorder import EventLog
+    from controller.ring import Overrun, SharedRing
+
+    cfg = Config.model_validate_json(cfg_json)
+    log = EventLog(Path(session_dir) / "events.jsonl")
+    ring = SharedRing.attach(ring_name)
+    actuator = None
+    try:
+        try:
+            loop = SeizureLoop.from_config(cfg, ring.fs_hz, ring.n_channels)
+            loop.policy = EveryWindowPolicy(stim_params(cfg.policy.stim))
+            actuator = make_actuator(cfg, make_driver(cfg, port, clock), clock)
+            events = list(actuator.heartbeat())
+            step = ChunkStep(loop, actuator, clock)
+        except Exception as exc:
+            ready.put({"error": f"loop start-up: {exc}"})
+            return
+        ready.put({"ok": True})
+        reader = ring.reader(start="now", max_read=min(ring.capacity, int(ring.fs_hz * 2) + 1))
+        next_hb = clock()
+        while not stop.is_set():
+            try:
+                res = reader.read_new()
+            except Overrun as exc:
+                from controller.events import Event, EventKind
+                events.append(Event(clock(), EventKind.DROPPED, "loop", {"n": exc.lost, "reason": "ring overrun"}))
+                continue
+            got = res.samples.shape[0]
+            if got:
+                events.extend(step.step(res.samples, res.timestamps))
+            now = clock()
+            if now >= next_hb:
+                events.extend(actuator.heartbeat())
+                next_hb = now + cfg.device.heartbeat_s
+            if events:
+                log.extend(events)
+                events.clear()
+            log.maybe_flush(now)
+            if not got:
+                time.sleep(0.0005)   # the same idle poll as controller.loop
+    finally:
+        if actuator is not None:
+            log.extend(actuator.close())
+        log.close()
+        ring.close()
+
+
+def _wait(q, proc, what: str, timeout_s: float = 60.0) -> dict:
+    t_end = time.monotonic() + timeout_s
+    while time.monotonic() < t_end:
+        try:
+            msg = q.get(timeout=0.1)
+        except Exception:
+            if not proc.is_alive():
+                raise RuntimeError(f"{what} process exited during start-up (exit code {proc.exitcode})") from None
+            continue
+        if "error" in msg:
+            raise RuntimeError(f"{what}: {msg['error']}")
+        return msg
+    raise RuntimeError(f"{what} did not start within {timeout_s:.0f} s")
+
+
+def default_model_path() -> Path:
+    """The shipped model (``models/seizure/seizure_v1.onnx``)."""
+    from controller.config import Config
+    return Config().model_path()
+
+
+def run(duration_s: float = 20.0, model_path: str | Path | None = None, keep_dir: str | Path | None = None) -> dict:
+    """Run the scenario; ``{"skipped": "no model"}`` when the ONNX file is missing."""
+    from controller.lsl_config import ensure_lsl_config
+    ensure_lsl_config()
+    check_duration("duration_s", duration_s, 1.0)
+    model = Path(model_path) if model_path else default_model_path()
+    if not model.exists():
+        return {"skipped": "no model", "model_path": str(model)}
+    from controller.config import load_config
+    cfg = load_config(overrides={
+        "session": {"duration_s": duration_s},
+        "model": {"path": str(model)},
+        "simulator": {"fs_hz": 512.0, "n_channels": 16, "seizure_onsets_s": []},
+        "policy": {"stim": BENCH_STIM},
+        "safety": {"profile": "macro", "overrides": BENCH_SAFETY_OVERRIDES},
+        "telemetry": {"enabled": False}, "control": {"enabled": False}})
+    tmp = None
+    if keep_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="stimloop_bench_sz_")
+        session = Path(tmp.name)
+    else:
+        session = Path(keep_dir)
+        session.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(cfg, session, duration_s, model)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _run(cfg, session: Path, duration_s: float, model: Path) -> dict:
+    from controller.ring import SharedRing
+    from controller.runners.realtime import source_spec
+    from hil_sim.process import run_hil
+
+    ctx = mp.get_context("spawn")
+    stops = {k: ctx.Event() for k in ("hil", "acq", "loop")}
+    procs: dict = {}
+    ring = None
+    sim = cfg.simulator
+    acq_path = str(session / "acq_chunks.npy")
+    try:
+        q = ctx.Queue()
+        spec = {"fs_hz": sim.fs_hz, "n_channels": sim.n_channels, "patient": sim.patient, "seed": cfg.session.seed,
+                "seizure_onsets_s": [], "spontaneous_seizures": False,
+                "stream": f"stimloop-bench-sz-{os.getpid()}", "chunk_s": sim.chunk_s, "watchdog_s": cfg.device.watchdog_s}
+        p = ctx.Process(target=run_hil, args=(spec, q, stops["hil"], str(session)), name="bench-hil")
+        p.start()
+        procs["hil"] = p
+        info = _wait(q, procs["hil"], "simulator")
+        src = source_spec(cfg, info["stream"])
+        ring = SharedRing.create(None, sim.n_channels, int(cfg.ring.capacity_s * sim.fs_hz), sim.fs_hz)
+        cap = int((duration_s + 30) * sim.fs_hz) + 1000
+        qa = ctx.Queue()
+        p = ctx.Process(target=_acq_body, args=(src, ring.name, stops["acq"], qa, acq_path, cap), name="bench-acq")
+        p.start()
+        procs["acq"] = p
+        _wait(qa, procs["acq"], "acquisition")
+        ql = ctx.Queue()
+        p = ctx.Process(target=_loop_body, args=(cfg.model_dump_json(), ring.name, info["port"], str(session),
+                                                 stops["loop"], ql), name="bench-loop")
+        p.start()
+        procs["loop"] = p
+        _wait(ql, procs["loop"], "control loop")
+        cpu = CpuMeter({k: p.pid for k, p in procs.items()}).start()
+        t_end = time.monotonic() + duration_s
+        while time.monotonic() < t_end:
+            dead = [k for k, p in procs.items() if not p.is_alive()]
+            if dead:
+                raise RuntimeError(f"{dead} process(es) stopped during the run (exit codes "
+                                   f"{ {k: procs[k].exitcode for k in dead} })")
+            time.sleep(0.1)
+        cpu_pct = cpu.stop()
+    finally:
+        for name in ("loop", "acq", "hil"):   # stimulation off first, as the session runner does
+            stops[name].set()
+            p = procs.get(name)
+            if p is not None:
+                p.join(10)
+                if p.is_alive():
+                    p.terminate()
+                    p.join(2)
+        if ring is not None:
+            ring.close()
+            ring.unlink()
+    return analyze(session, acq_path, cpu_pct, duration_s, model)
+
+
+def analyze(session: Path, acq_path: str, cpu_pct: dict, duration_s: float, model: Path) -> dict:
+    """Stage and end-to-end statistics from the recorded events, device log and acquisition chunk stamps."""
+    import numpy as np
+
+    from controller.metrics import compute_metrics
+    from controller.recorder import read_jsonl
+    events = read_jsonl(session / "events.jsonl")
+    device = read_jsonl(session / "device_log.jsonl") if (session / "device_log.jsonl").exists() else []
+    received = {}
+    for r in device:
+        if r.get("type") in ("trigger", "TRIGGER") and r.get("ok", True):
+            received.setdefault(r["seq"], r["t_received"])
+    preds = {round(e["window_end_t"], 6): e for e in events if e["kind"] == "prediction" and "t_read" in e}
+    cmds = [c for c in events if c["kind"] == "command" and c.get("op") == "trigger" and c.get("window_end_t")]
+    acq = np.load(acq_path) if Path(acq_path).exists() else np.zeros((0, 4))
+    acq_info = json.loads(Path(acq_path + ".json").read_text()) if Path(acq_path + ".json").exists() else {}
+    order = np.argsort(acq[:, 0]) if acq.size else np.zeros(0, int)
+    acq = acq[order]
+    fs = 512.0
+    st = {k: [] for k in STAGES}
+    e2e, e2e_push = [], []
+    for c in cmds:
+        w = c["window_end_t"]
+        p = preds.get(round(w, 6))
+        seq = c.get("seq")
+        if p is None or seq not in received:
+            continue
+        j = int(np.searchsorted(acq[:, 0], w - 0.5 / fs)) if acq.size else 0
+        if acq.size and j < acq.shape[0]:
+            ts_last, t_pulled, t_written, _ = acq[j]
+            st["lsl_transport"].append(t_pulled - ts_last)
+            st["ring_write"].append(t_written - t_pulled)
+            st["ring_to_loop"].append(p["t_read"] - t_written)
+            e2e_push.append(received[seq] - ts_last)
+        st["features"].append(p["t_features"] - p["t_read"])
+        st["inference"].append(p["t_inference"] - p["t_features"])
+        st["policy_governor"].append(c["t_decided"] - c["t_inference"])
+        st["port_write"].append(c["sent_t"] - c["t_decided"])
+        st["device_receive"].append(received[seq] - c["sent_t"])
+        e2e.append(received[seq] - w)
+    m = compute_metrics(session)
+    return {"fs_hz": fs, "n_channels": 16, "model": str(model), "duration_s": duration_s,
+            "policy": "every window (EveryWindowPolicy), MACRO profile with overrides " + json.dumps(BENCH_SAFETY_OVERRIDES),
+            "commands": len(cmds), "received_by_device": sum(1 for c in cmds if c.get("seq") in received),
+            "predictions": m["predictions"], "refusals": m["stim"]["refusals"],
+            "end_to_end_ms": stats_ms(e2e), "end_to_end_from_push_ms": stats_ms(e2e_push),
+            "stages_ms": {k: stats_ms(v) for k, v in st.items()},
+            "dropped_samples": int(m["dropped_samples"]) + int(acq_info.get("n_dropped", 0)),
+            "deadline_misses": int(m["deadline_misses"]), "faults": m["faults"][:10],
+            "cpu_percent": cpu_pct, "_raw_s": {**st, "end_to_end": e2e}}

@@ -1,0 +1,142 @@
+"""``stimloop bench``: run the scenarios and the peers, gather one JSON document.
+
+Scenarios: ``spike_triggered`` (30 kHz × 32 ch, ADS fast path of
+``controller.bench_ads``), ``seizure_loop`` (512 Hz × 16 ch, shipped ONNX,
+see :mod:`controller.bench.seizure_loop`), ``throughput`` (30 kHz channel
+sweep, :mod:`controller.bench.throughput`); peers: :mod:`controller.bench.peers`.
+Every figure is measured on ``pylsl.local_clock``; nothing here asserts a
+latency: the suite measures, the docs compare.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+import traceback
+
+from controller.bench.common import CpuMeter, check_duration, machine_info, partial_stats_ms, stats_ms
+
+SCENARIOS = ("spike_triggered", "seizure_loop", "throughput")
+
+
+def run_spike_triggered(duration_s: float = 10.0) -> dict:
+    """ADS spike-triggered loop (30 kHz × 32 ch) via ``controller.bench_ads.run``, re-summarized.
+
+    End to end (chunk holding the spike pushed → TRIGGER received by the
+    device, bench_ads' ``spike_to_command``) is recomputed from its ground
+    truth with all percentiles; its per-stage breakdown only carries
+    p50/p99/max, so the other percentiles of the stages are null.
+    """
+    import numpy as np
+
+    from controller import bench_ads
+    check_duration("duration_s", duration_s, 1.0)
+    with tempfile.TemporaryDirectory(prefix="stimloop_bench_ads_") as keep:
+        ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = CpuMeter({"controller": os.getpid()}).start()
+        t0 = time.monotonic()
+        res = bench_ads.run(duration_s, n_channels=32, keep_dir=keep)
+        wall = time.monotonic() - t0
+        cpu_pct = cpu.stop()
+        ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_pct["hil_sim (ads_sim)"] = round(100 * ((ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)) / wall, 1)
+        with open(os.path.join(keep, "ground_truth_ads.json"), encoding="utf-8") as f:
+            gt = json.load(f)
+    fs, chunk_n, t_zero = gt["fs_hz"], gt["chunk_n"], gt["t0"]
+    push_t = np.asarray(gt["push_t"])
+    delay_s = res["delay_ms"] * 1e-3
+    e2e = []
+    for r in gt["emulator_records"]:
+        if r.get("type") != "TRIGGER" or not r.get("at"):
+            continue
+        b = int(round((r["at"] - delay_s - t_zero) * fs)) // chunk_n
+        if 0 <= b < push_t.size:
+            e2e.append(r["t_received"] - push_t[b])
+    bd = res["breakdown_ms"]
+    return {"fs_hz": res["fs_hz"], "n_channels": res["channels"], "chunk_samples": res["chunk_samples"],
+            "duration_s": res["duration_s"], "commands": len(e2e),
+            "end_to_end_ms": stats_ms(e2e),
+            "end_to_end_definition": "LSL push of the chunk holding the spike -> TRIGGER received by the device",
+            "stages_ms": {"lsl_push_to_pull": partial_stats_ms(bd["lsl_push_to_pull"]),
+                          "detect_policy": partial_stats_ms(bd["detect_policy"]),
+                          "submit_to_device_receipt": partial_stats_ms(bd["submit_to_device_receipt"])},
+            "delay_error_ms": partial_stats_ms(res["delay_error_ms"]),
+            "dropped_samples": None, "dropped_samples_note": "bench_ads does not count LSL gaps",
+            "deadline_misses": int(res["dropped_too_late"]),
+            "deadline_definition": "spikes whose imposed 7.5 ms delay had already passed when processed",
+            "missed_spikes": res["missed_spikes"], "artifact_triggers": res["artifact_triggers"],
+            "cpu_percent": cpu_pct, "_raw_s": {"end_to_end": e2e}}
+
+
+def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True, quick: bool = False,
+              peer_names=None, console=None) -> dict:
+    """All requested scenarios (+ peers); errors in one scenario are recorded, the others still run.
+
+    ``quick``: a few seconds per scenario, a short throughput sweep (16, 64 ch) and the
+    cheap peers only (stimloop, pylsl floor) — for tests.
+    """
+    from controller.bench import seizure_loop, throughput
+    from controller.bench.peers import PEERS, run_peers
+    scenarios = list(scenarios)
+    bad = [s for s in scenarios if s not in SCENARIOS]
+    if bad:
+        raise ValueError(f"scenario(s) {bad} unknown, expected some of {list(SCENARIOS)}")
+    if quick:
+        duration_s = min(duration_s, 2.5)
+    check_duration("duration_s", duration_s, 1.0)
+    out: dict = {"machine": machine_info(), "settings": {"duration_s": duration_s, "quick": quick},
+                 "scenarios": {}, "peers": {}, "throughput": {}}
+
+    def say(msg: str) -> None:
+        if console is not None:
+            console.print(msg)
+
+    for name in scenarios:
+        say(f"[bold]{name}[/] ({duration_s:g} s) …")
+        t0 = time.monotonic()
+        try:
+            if name == "spike_triggered":
+                out["scenarios"][name] = run_spike_triggered(duration_s)
+            elif name == "seizure_loop":
+                out["scenarios"][name] = seizure_loop.run(duration_s)
+            else:
+                chans = (16, 64) if quick else throughput.DEFAULT_CHANNELS
+                sweep = throughput.run_sweep(chans, duration_s=min(duration_s, 1.5) if quick else duration_s)
+                pts = sweep["points"]
+                ref = next((p for p in pts if p["n_channels"] == throughput.TARGET_CHANNELS), pts[-1])
+                out["scenarios"][name] = {
+                    "n_channels": ref["n_channels"], "fs_hz": ref["fs_hz"],
+                    "end_to_end_ms": ref["stages_ms"]["ring_visible"], "stages_ms": ref["stages_ms"],
+                    "end_to_end_definition": "LSL timestamp of the newest sample -> visible to a ring reader",
+                    "dropped_samples": ref["dropped_samples"], "deadline_misses": 0,
+                    "cpu_percent": ref["cpu_percent"], "_raw_s": ref.get("_raw_s", {}),
+                    "sweep": [{k: v for k, v in p.items() if k != "_raw_s"} for p in pts]}
+                out["throughput"] = {k: v for k, v in sweep.items() if k != "points"}
+        except Exception as exc:   # one broken scenario must not hide the others' figures
+            out["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}",
+                                      "traceback": traceback.format_exc(limit=5)}
+        out["scenarios"][name]["wall_s"] = round(time.monotonic() - t0, 1)
+    if "throughput" not in scenarios:
+        out["throughput"] = {"max_channels_at_30khz": None, "note": "throughput scenario not run"}
+    if peers:
+        names = peer_names or (("stimloop", "pylsl_floor") if quick else PEERS)
+        say(f"[bold]peers[/] {', '.join(names)} ({duration_s:g} s each) …")
+        try:
+            pr = run_peers(duration_s, names)
+            out["peers"] = pr["peers"]
+            out["peer_stream"] = pr["stream"]
+            out["peer_ratios"] = pr["ratios"]
+        except Exception as exc:
+            out["peers"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def strip_raw(doc: dict) -> dict:
+    """A copy of the suite document without the raw ``_raw_s`` arrays (kept only for the histograms)."""
+    if isinstance(doc, dict):
+        return {k: strip_raw(v) for k, v in doc.items() if k != "_raw_s"}
+    if isinstance(doc, list):
+        return [strip_raw(v) for v in doc]
+    return doc
