@@ -1,0 +1,171 @@
+"""stimloop bench: the quick suite end to end (real processes, LSL, ptys, ONNX) and its pure helpers.
+
+Benchmarks measure; these tests check behaviour: well-formed output, sane
+orderings, errors that name the bad value. No latency threshold is asserted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from controller.bench.common import CpuMeter, cpu_seconds, machine_info, partial_stats_ms, stats_ms
+from controller.bench.outlet import check_spec
+from controller.bench.peers.harness import match, ratio_table
+from controller.bench.peers.pylsl_floor import rising_edges
+from controller.bench.report import markdown
+from controller.bench.suite import run_suite, strip_raw
+
+KEYS = ("p50", "p90", "p99", "p999", "max")
+
+
+def _sane(stats: dict, full: bool = True) -> None:
+    assert stats["n"] > 0
+    vals = [stats[k] for k in KEYS]
+    if full:
+        assert all(v is not None for v in vals)
+    present = [v for v in vals if v is not None]
+    assert all(v >= 0 and math.isfinite(v) for v in present)
+    assert present == sorted(present), f"percentiles out of order: {stats}"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from controller.bench.cli import app
+    out = tmp_path_factory.mktemp("bench")
+    res = CliRunner().invoke(app, ["--quick", "--duration", "2", "--out", str(out), "--json", str(out / "r.json")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return out, json.loads((out / "r.json").read_text()), res.output
+
+
+@pytest.mark.timeout(120)
+def test_quick_suite_writes_wellformed_json(quick_run):
+    out, doc, _ = quick_run
+    m = doc["machine"]
+    assert m["cores"] >= 1 and len(m["load_average"]) == 3 and m["python"] and m["cpu_model"]
+    assert set(doc["scenarios"]) == {"spike_triggered", "seizure_loop", "throughput"}
+    for name, sc in doc["scenarios"].items():
+        assert "error" not in sc, f"{name}: {sc.get('error')}\n{sc.get('traceback')}"
+        if sc.get("skipped"):
+            assert name == "seizure_loop" and sc["skipped"] == "no model"
+            continue
+        _sane(sc["end_to_end_ms"])
+        assert sc["stages_ms"], name
+        for stage, st in sc["stages_ms"].items():
+            _sane(st, full=name != "spike_triggered")   # bench_ads' breakdown has p50/p99/max only
+        assert sc["deadline_misses"] >= 0
+        assert sc["dropped_samples"] is None or sc["dropped_samples"] >= 0
+        assert sc["cpu_percent"] and all(v is None or v >= 0 for v in sc["cpu_percent"].values())
+        assert "_raw_s" not in json.dumps(sc)   # raw arrays stay out of the JSON
+    sz = doc["scenarios"]["seizure_loop"]
+    if not sz.get("skipped"):
+        assert set(sz["stages_ms"]) >= {"lsl_transport", "ring_write", "ring_to_loop", "features", "inference",
+                                        "policy_governor", "port_write", "device_receive"}
+        assert sz["received_by_device"] == sz["commands"] > 0
+    tp = doc["throughput"]
+    assert tp["max_channels_at_30khz"] in (None, 16, 64)
+    for p in doc["scenarios"]["throughput"]["sweep"]:
+        assert p["pushed_samples"] > 0 and p["dropped_samples"] >= 0
+
+
+@pytest.mark.timeout(120)
+def test_quick_suite_peers_pngs_markdown(quick_run):
+    out, doc, output = quick_run
+    assert set(doc["peers"]) == {"stimloop", "pylsl_floor"}
+    for name, r in doc["peers"].items():
+        _sane(r["end_to_end_ms"])
+        assert r["detected"] + r["missed"] == r["pulses"] > 0
+    assert set(doc["peer_ratios"]) == {"pylsl_floor"}
+    assert all(v is None or v > 0 for v in doc["peer_ratios"]["pylsl_floor"].values())
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "peer_stimloop__end_to_end.png" in pngs and "throughput__ring_visible.png" in pngs
+    assert all((out / p).stat().st_size > 1000 for p in pngs)
+    md = (out / "bench.md").read_text()
+    assert "| scenario | stage |" in md and "Ratio stimloop / peer" in md and "pylsl_floor" in md
+    assert "peers: end to end" in output
+
+
+def test_stats_ms_orders_and_handles_empty():
+    s = stats_ms(np.r_[np.linspace(0.001, 0.002, 1000), np.nan, np.inf])
+    assert s["n"] == 1000 and s["p50"] == pytest.approx(1.5, abs=1e-3) and s["max"] == pytest.approx(2.0)
+    assert s["p50"] <= s["p90"] <= s["p99"] <= s["p999"] <= s["max"]
+    assert s["jitter_p99_p50"] == pytest.approx(s["p99"] - s["p50"], abs=1e-3)
+    e = stats_ms([])
+    assert e["n"] == 0 and all(e[k] is None for k in KEYS)
+    p = partial_stats_ms({"p50": 1.0, "p99": 3.0, "max": 4.0, "n": 5})
+    assert p["p90"] is None and p["jitter_p99_p50"] == 2.0 and p["n"] == 5
+
+
+def test_match_latency_missed_and_extra():
+    pulses = [1.0, 1.2, 1.4, 1.6]
+    outs = [1.0012, 1.2030, 1.2040, 1.65]   # 1.4 missed; 1.204 duplicate; 1.65 matched late (50 ms)
+    m = match(pulses, outs, 0.9, 1.7)
+    assert m["pulses"] == 4 and m["detected"] == 3 and m["missed"] == 1 and m["extra_outputs"] == 1
+    assert np.allclose(sorted(m["latencies_s"]), [0.0012, 0.003, 0.05])
+    assert match(pulses, [], 0.9, 1.7)["missed"] == 4
+
+
+def test_rising_edges_carry_state_between_chunks():
+    x = np.array([0, 600, 600, 0, 700, 0], np.float32)
+    assert rising_edges(x, 500, False) == (2, False)
+    assert rising_edges(np.array([600, 0], np.float32), 500, True) == (0, False)   # continues the previous pulse
+    assert rising_edges(np.array([0, 0, 900], np.float32), 500, False) == (1, True)
+    assert rising_edges(np.zeros(0, np.float32), 500, True) == (0, True)
+
+
+def test_ratio_table_per_percentile():
+    a = {"end_to_end_ms": {"p50": 2.0, "p90": 3.0, "p99": 4.0, "p999": 5.0, "max": 6.0}}
+    b = {"end_to_end_ms": {"p50": 1.0, "p90": 1.5, "p99": None, "p999": 2.5, "max": 3.0}}
+    r = ratio_table({"stimloop": a, "x": b, "y": {"skipped": "why"}})
+    assert r == {"x": {"p50": 2.0, "p90": 2.0, "p99": None, "p999": 2.0, "max": 2.0}}
+
+
+def test_outlet_spec_errors_name_field_and_range():
+    with pytest.raises(ValueError, match=r"fs_hz=0.*expected 1.0\.\.100000"):
+        check_spec({"fs_hz": 0})
+    with pytest.raises(ValueError, match=r"pulse_channel=9.*0\.\.7"):
+        check_spec({"n_channels": 8, "pulse_channel": 9})
+    with pytest.raises(ValueError, match="unknown field"):
+        check_spec({"rate": 3})
+
+
+def test_bad_scenario_and_duration_are_refused():
+    with pytest.raises(ValueError, match=r"scenario\(s\) \['nope'\] unknown"):
+        run_suite(2.0, ["nope"], peers=False)
+    with pytest.raises(ValueError, match=r"duration_s=0\.1 invalid, expected 1\.\.3600"):
+        run_suite(0.1, ["throughput"], peers=False)
+    from controller.bench.cli import app
+    res = CliRunner().invoke(app, ["--scenario", "nope", "--no-peers"])
+    assert res.exit_code != 0 and "nope" in res.output
+
+
+def test_seizure_loop_without_model_is_skipped(tmp_path):
+    from controller.bench.seizure_loop import run
+    r = run(2.0, model_path=tmp_path / "missing.onnx")
+    assert r == {"skipped": "no model", "model_path": str(tmp_path / "missing.onnx")}
+
+
+def test_machine_info_and_cpu_meter_on_real_process():
+    info = machine_info()
+    assert info["cores"] == os.cpu_count() and "pylsl" in info
+    c0 = cpu_seconds(os.getpid())
+    meter = CpuMeter({"self": os.getpid(), "gone": 2 ** 22 + 12345}).start()
+    x = 0
+    for i in range(300_000):   # burn a little CPU so the meter has something to see
+        x += i
+    pct = meter.stop()
+    assert cpu_seconds(os.getpid()) >= c0 and pct["self"] >= 0 and pct["gone"] is None
+
+
+def test_markdown_and_strip_raw():
+    doc = {"machine": {"cpu_model": "cpu", "cores": 2}, "settings": {"duration_s": 1},
+           "scenarios": {"s": {"end_to_end_ms": stats_ms([0.001, 0.002]), "stages_ms": {"a": stats_ms([0.001])},
+                               "_raw_s": {"a": [0.001]}, "dropped_samples": 0, "deadline_misses": 0}},
+           "peers": {"t": {"skipped": "no venv"}}, "throughput": {}}
+    md = markdown(doc)
+    assert "| s | a |" in md and "| s | end_to_end |" in md and "skipped: no venv" in md
+    assert "_raw_s" not in json.dumps(strip_raw(doc)) and "_raw_s" in doc["scenarios"]["s"]
