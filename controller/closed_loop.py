@@ -16,18 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from controller.config import Config, StimConfig
+from controller.config import Config
 from controller.data_quality import DataQuality
 from controller.events import Event, EventKind
 from controller.inference import DeadlineAccount, ModelContract, OnnxPredictor, SeizureDetectorStage, read_contract
-from drivers.params import StimParams, Waveform
-
-
-def stim_params(cfg: StimConfig) -> StimParams:
-    return StimParams(channel=cfg.channel, waveform=Waveform(cfg.waveform), amplitude_ua=cfg.amplitude_ua,
-                      pulse_width_us=cfg.pulse_width_us, interphase_gap_us=cfg.interphase_gap_us,
-                      frequency_hz=cfg.frequency_hz, n_pulses=cfg.n_pulses, duration_s=cfg.duration_s,
-                      ramp_s=cfg.ramp_s)
+from controller.policy_drive import PolicyDrive, build_drive
+from drivers.params import StimParams
 
 
 @dataclass
@@ -42,28 +36,23 @@ class SeizureLoop:
     stage: SeizureDetectorStage
     predictor: OnnxPredictor
     deadline: DeadlineAccount
-    policy: object | None
+    drive: PolicyDrive
     threshold: float
     quality: DataQuality | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, fs_hz: float, n_channels: int) -> "SeizureLoop":
-        from controller.policies.responsive import ResponsivePolicy
         path = cfg.model_path()
         contract: ModelContract = read_contract(path)
         stage = SeizureDetectorStage(contract, fs_hz, n_channels)
         predictor = OnnxPredictor(path)
-        thr_on = cfg.policy.threshold_on if cfg.policy.threshold_on is not None else contract.threshold
-        thr_off = cfg.policy.threshold_off if cfg.policy.threshold_off is not None else thr_on * 0.8
-        policy = None
-        if cfg.policy.kind == "responsive":
-            policy = ResponsivePolicy(threshold_on=thr_on, threshold_off=thr_off,
-                                      min_duration_s=cfg.policy.min_duration_s, refractory_s=cfg.policy.refractory_s,
-                                      stim=stim_params(cfg.policy.stim),
-                                      bursts_per_detection=cfg.policy.bursts_per_detection,
-                                      burst_interval_s=cfg.policy.burst_interval_s)
+        thr = cfg.policy.threshold_on if cfg.policy.threshold_on is not None else contract.threshold
         return cls(stage=stage, predictor=predictor, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
-                   policy=policy, threshold=thr_on)
+                   drive=build_drive(cfg, fs_hz, n_channels, contract.threshold), threshold=thr)
+
+    @property
+    def policy(self):
+        return self.drive.policy
 
     @property
     def window_s(self) -> float:
@@ -81,15 +70,6 @@ class SeizureLoop:
 
     def predict(self, features: np.ndarray) -> float:
         return self.predictor.predict(features)
-
-    def decide(self, p: float, window_end_t: float, now: float):
-        """Policy step for an on-time, valid prediction: ``(requests, events)``."""
-        if self.policy is None:
-            return [], []
-        requests, events = self.policy.step(p, window_end_t)
-        for r in requests:
-            r.meta["window_end_t"] = window_end_t
-        return requests, events
 
     @property
     def bad_data(self) -> bool:
@@ -113,7 +93,7 @@ class ChunkStep:
 
     def __init__(self, loop: SeizureLoop, actuator, clock, modeled_latency_s: float | None = None,
                  source: str = "loop", stall_timeout_s: float = 1.0, heartbeat_s: float = 0.1,
-                 reconnect_s: float = 1.0):
+                 reconnect_s: float = 1.0, blanking_s: float = 0.5):
         self.loop, self.actuator, self.clock = loop, actuator, clock
         self.modeled_latency_s = modeled_latency_s
         self.source = source
@@ -122,6 +102,7 @@ class ChunkStep:
         self.stale = False
         self._last_data_t = clock()
         self.heartbeat_s, self.reconnect_s = heartbeat_s, reconnect_s
+        self.blanking_s = blanking_s
         self._next_hb = self._next_reconnect = clock()
 
     def housekeeping(self) -> list[Event]:
@@ -184,16 +165,28 @@ class ChunkStep:
                 events.append(Event(t_inf, EventKind.DEADLINE_MISS, self.source,
                                     {"window_end_t": w.window_end_t, "latency_s": t_inf - w.window_end_t}))
             elif w.valid:
-                requests, pol_events = loop.decide(p, w.window_end_t, t_inf)
-                events.extend(pol_events)
-                for r in requests:
-                    if self.paused:
-                        events.append(Event(t_inf, EventKind.REFUSAL, self.source,
-                                            {"rule": "paused", "reason": "stimulation paused by the operator"}))
-                        continue
-                    r.meta["t_inference"] = t_inf
-                    r.meta["t_decided"] = clock()
-                    events.extend(actuator.submit(r))
+                self._submit(*loop.drive.on_prediction(p, w.window_end_t), w.window_end_t, t_inf, events)
             if not modeled:
                 t_read = clock()  # the next window of the same chunk starts here
+        if timestamps.size and not loop.bad_data:
+            t_now = clock()
+            self._submit(*loop.drive.on_chunk(samples, timestamps), float(timestamps[-1]), t_now, events)
         return events
+
+    def _submit(self, requests, policy_events, window_end_t: float, t_inf: float, events: list[Event]) -> None:
+        events.extend(policy_events)
+        for r in requests:
+            if self.paused:
+                events.append(Event(t_inf, EventKind.REFUSAL, self.source,
+                                    {"rule": "paused", "reason": "stimulation paused by the operator"}))
+                continue
+            r.meta.setdefault("window_end_t", window_end_t)
+            r.meta["t_inference"] = t_inf
+            r.meta["t_decided"] = self.clock()
+            out = self.actuator.submit(r)
+            events.extend(out)
+            for e in out:
+                if e.kind is EventKind.COMMAND and self.loop.quality is not None:
+                    start = e.data.get("at") or e.t
+                    burst_s = StimParams.from_dict(e.data["params"]).burst_duration_s
+                    self.loop.quality.blank(start, start + burst_s + self.blanking_s)

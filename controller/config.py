@@ -75,15 +75,63 @@ class StimConfig(_Section):
     ramp_s: Annotated[float, Field(ge=0, le=120)] = 0.0
 
 
+class AdaptiveConfig(_Section):
+    """aDBS-like: a biomarker sets the amplitude (REFERENCE §3, Summit RC+S defaults)."""
+    biomarker: Literal["p_seizure", "band_power"] = "p_seizure"
+    band_hz: tuple[float, float] = Field((8.0, 30.0), description="band of the band_power biomarker (Percept 8-30 Hz)")
+    mode: Literal["single", "dual"] = "single"
+    thresholds: list[float] = Field(default_factory=lambda: [0.5], description="1 (single) or 2 (dual) values")
+    min_amplitude_ua: Annotated[float, Field(ge=0, le=20_000)] = 0.0
+    max_amplitude_ua: Annotated[float, Field(ge=0, le=20_000)] = 3000.0
+    ramp_up_ua_per_s: Annotated[float, Field(gt=0, le=100_000)] = 500.0
+    ramp_down_ua_per_s: Annotated[float, Field(gt=0, le=100_000)] = 1000.0
+    decision_period_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    blanking_s: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    stim_period_s: Annotated[float, Field(gt=0, le=3600, description=">= 3 s under the macro profile's 20 bursts/min")] = 3.0
+
+
+class OpenLoopConfig(_Section):
+    """Open-loop controls (sham arms): periodic or Poisson bursts."""
+    period_s: Annotated[float, Field(gt=0, le=86_400)] = 10.0
+    rate_hz: Annotated[float, Field(gt=0, le=100)] = 0.1
+    start_s: Annotated[float, Field(ge=0)] = 0.0
+
+
+class PersonalizedConfig(_Section):
+    """tACS at the individual peak frequency estimated from a baseline (needs the tes profile)."""
+    baseline_s: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    search_band_hz: tuple[float, float] = (7.0, 14.0)
+    period_s: Annotated[float, Field(gt=0, le=86_400)] = 15.0
+
+
+class PlasticityPolicyConfig(_Section):
+    """Chooses frequency and pulse width by the plasticity surrogate's predicted weight change."""
+    allowed_frequencies_hz: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1.0, 10.0, 20.0, 50.0, 100.0])
+    allowed_pulse_widths_us: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [100.0, 200.0, 400.0])
+    target: Literal["potentiate", "depress"] = "potentiate"
+    timing_ms: Annotated[float, Field(ge=-100, le=100)] = 10.0
+    period_s: Annotated[float, Field(gt=0, le=86_400)] = 10.0
+
+
+POLICY_KINDS = ("responsive", "adaptive", "periodic", "poisson", "personalized", "plasticity", "none")
+
+
 class PolicyConfig(_Section):
-    kind: Literal["responsive", "none"] = "responsive"
+    kind: Literal["responsive", "adaptive", "periodic", "poisson", "personalized", "plasticity", "none"] = "responsive"
     threshold_on: Annotated[float | None, Field(ge=0, le=1, description="empty: the model's own threshold")] = None
     threshold_off: Annotated[float | None, Field(ge=0, le=1)] = None
     min_duration_s: Annotated[float, Field(ge=0, le=60)] = 0.5
     refractory_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
     bursts_per_detection: Annotated[int, Field(ge=1, le=2, description="RNS delivers up to two bursts (REFERENCE §3)")] = 1
     burst_interval_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    blanking_s: Annotated[float, Field(ge=0, le=60, description=(
+        "after each burst, samples up to this long after its end are left out and windows overlapping "
+        "them are not acted on: artifacts must not trigger stimulation (REFERENCE §2)"))] = 0.5
     stim: StimConfig = Field(default_factory=StimConfig)
+    adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
+    open_loop: OpenLoopConfig = Field(default_factory=OpenLoopConfig)
+    personalized: PersonalizedConfig = Field(default_factory=PersonalizedConfig)
+    plasticity: PlasticityPolicyConfig = Field(default_factory=PlasticityPolicyConfig)
 
     @model_validator(mode="after")
     def _hysteresis(self) -> "PolicyConfig":
@@ -105,6 +153,9 @@ class DeviceConfig(_Section):
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     heartbeat_s: Annotated[float, Field(gt=0, le=10)] = 0.1
     watchdog_s: Annotated[float, Field(gt=0, le=60, description="emulator stops stimulation when the controller is silent this long")] = 0.5
+    impedance_ohm: Annotated[float | None, Field(gt=0, le=1e7, description=(
+        "electrode impedance measured before the session; profiles with an impedance window "
+        "(tes, macro) refuse stimulation outside it, and tes refuses when it is unknown"))] = None
 
 
 class TelemetryConfig(_Section):

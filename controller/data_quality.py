@@ -9,7 +9,11 @@ What counts as bad data, and what the loop does about it:
   what the filters and running baselines see (zeros or rails would skew them
   for long after the fault);
 - timestamp gaps (lost samples): windows spanning the gap are **not acted on**
-  (the acquisition process reports the dropped samples).
+  (the acquisition process reports the dropped samples);
+- stimulation (``blank(t0, t1)``, called for every delivered burst): samples
+  inside the burst and its blanking margin are left out of what the filters see
+  and windows overlapping them are not acted on, so that stimulation artifacts
+  can never trigger stimulation (the blanking rule of Guggenmos 2013, REFERENCE §2).
 
 Every window whose end is before ``invalid_until_t`` must not be acted upon.
 """
@@ -36,6 +40,12 @@ class DataQuality:
         self._last_t = math.nan
         self._last_row = np.full(n_channels, np.nan, dtype=np.float32)
         self._run = np.zeros(n_channels, dtype=np.int64)  # equal-value run length carried across chunks
+        self._blanks: list[tuple[float, float]] = []
+
+    def blank(self, t0: float, t1: float) -> None:
+        """Stimulation between ``t0`` and ``t1`` (session clock): leave it out, do not act on it."""
+        self._blanks.append((t0, t1))
+        self.invalid_until_t = max(self.invalid_until_t, t1 + self.window_s)
 
     def _saturated_rows(self, x: np.ndarray) -> np.ndarray:
         """Boolean (n,): rows where some channel has been stuck at one non-zero value for a full run."""
@@ -85,6 +95,10 @@ class DataQuality:
             events.append(Event(float(ts[-1]), EventKind.STATUS, self.source,
                                 {"what": "data_clean", "status": "clean data for a whole window again"}))
         drop = bad_rows | sat
+        if self._blanks:
+            for b0, b1 in self._blanks:
+                drop |= (ts >= b0) & (ts <= b1)
+            self._blanks = [b for b in self._blanks if b[1] >= ts[-1]]
         if drop.any():
             keep = ~drop
             return chunk[keep], ts[keep]

@@ -34,6 +34,8 @@ def make_actuator(cfg, driver, clock):
     driver.open()
     actuator = Actuator(SafetyGovernor(profile, driver.capabilities), driver, clock)
     actuator.open()
+    if cfg.device.impedance_ohm is not None:  # protocol v1 has no impedance readback: measured beforehand
+        actuator.set_impedance(cfg.device.impedance_ohm)
     return actuator
 
 
@@ -81,7 +83,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             actuator = make_actuator(cfg, driver, clock)
             events_start = actuator.heartbeat()
             step = ChunkStep(loop, actuator, clock, stall_timeout_s=cfg.source.stall_timeout_s,
-                             heartbeat_s=cfg.device.heartbeat_s)
+                             heartbeat_s=cfg.device.heartbeat_s, blanking_s=cfg.policy.blanking_s)
             control = SessionControl(step, actuator, clock)
             tele, server = open_remote(cfg, control, Path(session_dir))
         except Exception as exc:
@@ -91,7 +93,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
         ready.put({"ok": True})
         reader = ring.reader(start="now", max_read=min(ring.capacity, int(ring.fs_hz * 2) + 1))
         next_orphan_check = clock()
-        log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "threshold": loop.threshold,
+        log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "policy": loop.drive.kind, "threshold": loop.threshold,
                                                              "model_sha256": loop.predictor.sha256}))
         decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))
         events: list = list(events_start)

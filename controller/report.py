@@ -71,16 +71,32 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
             ax_p.axvline(e["t"] - t_ref, color="tab:orange", lw=1)
     ax_p.set_ylim(-0.05, 1.05)
     ax_p.set_ylabel("prediction")
-    ax_p.legend(loc="upper right", fontsize=8)
+    if preds:
+        ax_p.legend(loc="upper right", fontsize=8)
 
     cmds = [e for e in events if e["kind"] == "command" and e.get("op") == "trigger"]
-    ax_stim.vlines([c["t"] - t_ref for c in cmds], 0, 1, color="tab:green", lw=2, label="stimulation command")
+    amps = [float((c.get("params") or {}).get("amplitude_ua", 0.0)) for c in cmds]
+    if cmds:
+        ax_stim.vlines([c["t"] - t_ref for c in cmds], 0, amps, color="tab:green", lw=2,
+                       label="stimulation command (amplitude)")
     for kind, color in (("clamp", "gold"), ("refusal", "tab:purple"), ("fault", "tab:red")):
         xs = [e["t"] - t_ref for e in events if e["kind"] == kind]
         if xs:
-            ax_stim.plot(xs, [0.5] * len(xs), "v", color=color, label=kind)
-    ax_stim.set_yticks([])
-    ax_stim.set_ylabel("stim")
+            ax_stim.plot(xs, [max(amps or [1.0]) * 0.5] * len(xs), "v", color=color, label=kind)
+    # What the policy decided, in its own words (IPF estimate, protocol choice, adaptive state...).
+    notes = [e for e in events if e["kind"] == "decision" and e.get("what") in (
+        "ipf_estimate", "plasticity_choice", "adaptive_state")]
+    for e in notes[:12]:
+        text = {"ipf_estimate": lambda e: f"IPF {e.get('ipf_hz') or float('nan'):.2f} Hz "
+                                          f"({'accepted' if e.get('accepted') else 'refused'})",
+                "plasticity_choice": lambda e: f"{e.get('frequency_hz', '?')} Hz, {e.get('pulse_width_us', '?')} µs, "
+                                               f"Δw {e.get('predicted_delta_w', float('nan')):+.3f}",
+                "adaptive_state": lambda e: f"{e.get('state', '')}"}[e["what"]](e)
+        ax_stim.annotate(text, (e["t"] - t_ref, max(amps or [1.0]) * 0.8), fontsize=7, rotation=0)
+    started = next((e for e in events if e["kind"] == "status" and e.get("status") == "started"), {})
+    ax_stim.set_ylabel("µA")
+    ax_stim.set_title(f"stimulation — policy: {started.get('policy', '?')}, "
+                      f"{len(cmds)} commands, {metrics.get('stim', {}).get('charge_uc', 0)} µC", fontsize=9)
     ax_stim.set_xlabel("time since first sample (s)")
     if cmds or any(e["kind"] in ("clamp", "refusal", "fault") for e in events):
         ax_stim.legend(loc="upper right", fontsize=8)
@@ -102,7 +118,16 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
         ax_lat.hist(vals, bins=bins, alpha=0.8, label=f"end to end (p99 {e2e.get('p99')} ms)")
     ax_lat.set_xlabel("latency (ms)")
     ax_lat.set_ylabel("count")
-    ax_lat.legend(fontsize=8)
+    if vals and not (ring or inf) and np.ptp(vals) < 1e-6:
+        ax_lat.cla()
+        ax_lat.text(0.5, 0.5, f"simulated time: modeled latency {vals[0]:.2f} ms (measure it with stimloop run / bench)",
+                    ha="center", transform=ax_lat.transAxes)
+        ax_lat.set_yticks([])
+    elif ring or inf or vals:
+        ax_lat.legend(fontsize=8)
+    else:
+        ax_lat.text(0.5, 0.5, "latency is measured in real-time sessions (stimloop run)", ha="center",
+                    transform=ax_lat.transAxes)
     fig.tight_layout()
     out = session_dir / "report.png"
     fig.savefig(out, dpi=90)

@@ -73,6 +73,8 @@ class SessionControl:
         if policy is None:
             return {"ok": False, "error": "no policy is running"}
         if name in POLICY_FIELDS:
+            if not hasattr(policy, name):
+                return {"ok": False, "error": f"the {type(policy).__name__} has no parameter {name!r}"}
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
                 return {"ok": False, "error": f"{name}={value!r}: expected a number >= 0"}
             on = value if name == "threshold_on" else policy.threshold_on

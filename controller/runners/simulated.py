@@ -81,10 +81,10 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
     n_total = int(round(cfg.session.duration_s * sim.fs_hz))
     events: list[Event] = []
     events.extend(actuator.heartbeat())
-    events.append(Event(0.0, EventKind.STATUS, "sim", {"status": "started", "threshold": loop.threshold,
+    events.append(Event(0.0, EventKind.STATUS, "sim", {"status": "started", "policy": loop.drive.kind, "threshold": loop.threshold,
                                                        "model_sha256": loop.predictor.sha256}))
     step = ChunkStep(loop, actuator, clock, modeled_latency_s=latency_s, source="sim",
-                     heartbeat_s=cfg.device.heartbeat_s)
+                     heartbeat_s=cfg.device.heartbeat_s, blanking_s=cfg.policy.blanking_s)
     done = 0
     try:
         while done < n_total:
