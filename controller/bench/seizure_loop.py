@@ -12,6 +12,9 @@ A dedicated harness built from the session's own objects and processes (as
           seizure, too few commands for percentiles. The governor still checks every request;
           the MACRO profile's 20 bursts/min design ceiling (unverified) is raised to 300 and each
           burst is a single 160 µs biphasic pulse, so the governor passes every window's request.
+          Post-stimulus blanking (``DataQuality.blank``: windows overlapping a burst are not acted
+          upon, so artifacts never trigger stimulation) is off here: with 1 s windows every 0.25 s
+          it would leave one command per ~1.5 s; this policy ignores ``p`` anyway.
 
 Stages (per command, seconds on ``pylsl.local_clock``; the window's last sample defines the event):
 
@@ -116,11 +119,20 @@ def _loop_body(cfg_json: str, ring_name: str, port: str, session_dir: str, stop,
     ensure_lsl_config()
     from pylsl import local_clock as clock
 
-    from controller.closed_loop import ChunkStep, SeizureLoop, stim_params
+    from controller.closed_loop import ChunkStep, SeizureLoop
     from controller.config import Config
+    from controller.data_quality import DataQuality
+    from controller.events import Event, EventKind
     from controller.loop import make_actuator, make_driver
+    from controller.policy_drive import PredictionDrive, stim_params
     from controller.recorder import EventLog
     from controller.ring import Overrun, SharedRing
+
+    class NoBlankingQuality(DataQuality):
+        """Data checks as in the session, minus post-stimulus blanking (see the module docstring)."""
+
+        def blank(self, t0: float, t1: float) -> None:
+            pass
 
     cfg = Config.model_validate_json(cfg_json)
     log = EventLog(Path(session_dir) / "events.jsonl")
@@ -129,35 +141,33 @@ def _loop_body(cfg_json: str, ring_name: str, port: str, session_dir: str, stop,
     try:
         try:
             loop = SeizureLoop.from_config(cfg, ring.fs_hz, ring.n_channels)
-            loop.policy = EveryWindowPolicy(stim_params(cfg.policy.stim))
+            loop.drive = PredictionDrive(EveryWindowPolicy(stim_params(cfg.policy.stim)), "bench_every_window")
+            loop.quality = NoBlankingQuality(ring.fs_hz, ring.n_channels, loop.window_s)
             actuator = make_actuator(cfg, make_driver(cfg, port, clock), clock)
             events = list(actuator.heartbeat())
-            step = ChunkStep(loop, actuator, clock)
+            step = ChunkStep(loop, actuator, clock, stall_timeout_s=cfg.source.stall_timeout_s,
+                             heartbeat_s=cfg.device.heartbeat_s)
         except Exception as exc:
-            ready.put({"error": f"loop start-up: {exc}"})
+            ready.put({"error": f"loop start-up: {type(exc).__name__}: {exc}"})
             return
         ready.put({"ok": True})
         reader = ring.reader(start="now", max_read=min(ring.capacity, int(ring.fs_hz * 2) + 1))
-        next_hb = clock()
         while not stop.is_set():
             try:
                 res = reader.read_new()
             except Overrun as exc:
-                from controller.events import Event, EventKind
                 events.append(Event(clock(), EventKind.DROPPED, "loop", {"n": exc.lost, "reason": "ring overrun"}))
                 continue
             got = res.samples.shape[0]
             if got:
                 events.extend(step.step(res.samples, res.timestamps))
-            now = clock()
-            if now >= next_hb:
-                events.extend(actuator.heartbeat())
-                next_hb = now + cfg.device.heartbeat_s
+            events.extend(step.housekeeping())
             if events:
                 log.extend(events)
                 events.clear()
-            log.maybe_flush(now)
+            log.maybe_flush(clock())
             if not got:
+                events.extend(step.idle())
                 time.sleep(0.0005)   # the same idle poll as controller.loop
     finally:
         if actuator is not None:
@@ -209,6 +219,9 @@ def run(duration_s: float = 20.0, model_path: str | Path | None = None, keep_dir
         session = Path(tmp.name)
     else:
         session = Path(keep_dir)
+        if (session / "events.jsonl").exists():
+            raise ValueError(f"keep_dir={str(session)!r} already holds a run (events.jsonl); "
+                             f"expected a new or empty folder (logs are appended)")
         session.mkdir(parents=True, exist_ok=True)
     try:
         return _run(cfg, session, duration_s, model)
