@@ -120,8 +120,14 @@ def _overrides(**sections) -> dict:
     return out
 
 
-@app.command()
+sim_app = typer.Typer(help="Closed-loop sessions and cohort comparisons in simulated time.",
+                      invoke_without_command=True)
+app.add_typer(sim_app, name="sim")
+
+
+@sim_app.callback()
 def sim(
+    ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file on top of the defaults"),
     seed: Optional[int] = typer.Option(None, help="random seed (same seed, same session)"),
     duration: Optional[float] = typer.Option(None, "--duration", "-d", help="simulated seconds"),
@@ -129,6 +135,8 @@ def sim(
     out: Optional[Path] = typer.Option(None, "--out", help="parent folder for the session folder"),
 ):
     """Run a closed-loop session in simulated time (virtual clock, faster than real time)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.progress import BarColumn, Progress, TextColumn
     cfg = _load(config, _overrides(session__seed=seed, session__duration_s=duration, simulator__patient=patient,
                                    session__out_dir=str(out) if out else None))
@@ -148,6 +156,69 @@ def sim(
     _print_summary(session_dir)
 
 
+@sim_app.command("compare")
+def sim_compare(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file on top of the defaults"),
+    patients: int = typer.Option(20, help="virtual-cohort size (patients 0..N-1)"),
+    duration: float = typer.Option(900.0, "--duration", "-d", help="simulated seconds per patient and arm"),
+    rate: float = typer.Option(12.0, help="spontaneous seizures per hour (dense, so short runs see several)"),
+    channels: int = typer.Option(4, help="channels per patient (fewer: faster)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for the sessions and compare.json"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result here"),
+):
+    """No stimulation vs responsive closed loop vs periodic open loop with the same total charge, over a cohort."""
+    from rich.progress import BarColumn, Progress, TextColumn
+    from rich.table import Table
+    from controller.runners.compare import ARMS, compare_cohort
+    cfg = _load(config, {"simulator": {"spontaneous_seizures": True, "seizure_rate_per_hour": rate,
+                                       "seizure_onsets_s": [], "n_channels": channels},
+                         "session": {"duration_s": duration}})
+    with Progress(TextColumn("patients"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("cohort", total=patients)
+        res = compare_cohort(cfg, list(range(patients)), out, progress=lambda i, n: bar.update(task, completed=i))
+    t = Table(title=f"{patients} virtual patients × {duration:g} s simulated, {rate:g} seizures/h")
+    for col in ("arm", "seizure time (s)", "vs none", "seizures", "ended by stimulation", "charge (µC)"):
+        t.add_column(col, justify="right" if col != "arm" else "left")
+    for arm in ARMS:
+        a = res["summary"][arm]
+        ratio = a["seizure_time_vs_none"]
+        t.add_row(arm, f"{a['seizure_s_total']:.0f}", f"{ratio:.0%}" if ratio is not None else "-",
+                  str(a["seizures_total"]), str(a["terminated_by_stim"]), f"{a['charge_uc_total']:.0f}")
+    console.print(t)
+    console.print(f"sessions and compare.json: {res['out_dir']}")
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1))
+
+
+@sim_app.command("compare-ads")
+def sim_compare_ads(
+    duration: float = typer.Option(60.0, "--duration", "-d", help="simulated seconds per arm"),
+    seed: int = typer.Option(0),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result here"),
+):
+    """Spike-triggered (ADS) vs random stimulation at the matched rate: trigger → target weight change."""
+    from rich.table import Table
+    from hil_sim.ads_sim import run_simulated as run_ads
+    ads = run_ads("ads", duration_s=duration, seed=seed)
+    rate = ads["n_pulses"] / duration
+    rnd = run_ads("random", duration_s=duration, seed=seed, rate_hz=rate)
+    none = run_ads("none", duration_s=duration, seed=seed)
+    t = Table(title=f"activity-dependent vs random stimulation, {duration:g} s simulated, seed {seed}")
+    for col in ("arm", "pulses", "rate (Hz)", "w start", "w end", "Δw"):
+        t.add_column(col, justify="right" if col != "arm" else "left")
+    res = {}
+    for name, r in (("ads (spike-triggered)", ads), ("random (matched rate)", rnd), ("none", none)):
+        dw = r["w_final"] - r["w_init"]
+        res[name] = {"n_pulses": r["n_pulses"], "rate_hz": r["n_pulses"] / duration, "w_init": r["w_init"],
+                     "w_final": r["w_final"], "delta_w": dw}
+        t.add_row(name, str(r["n_pulses"]), f"{r['n_pulses'] / duration:.2f}", f"{r['w_init']:.3f}",
+                  f"{r['w_final']:.3f}", f"{dw:+.3f}")
+    console.print(t)
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1))
+
+
 @app.command()
 def hil(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file on top of the defaults"),
@@ -162,7 +233,8 @@ def hil(
     sim_cfg = cfg.simulator
     spec = {"fs_hz": sim_cfg.fs_hz, "n_channels": sim_cfg.n_channels, "patient": sim_cfg.patient,
             "seed": cfg.session.seed, "seizure_onsets_s": sim_cfg.seizure_onsets_s,
-            "spontaneous_seizures": sim_cfg.spontaneous_seizures, "stream": cfg.source.stream,
+            "spontaneous_seizures": sim_cfg.spontaneous_seizures,
+            "seizure_rate_per_hour": sim_cfg.seizure_rate_per_hour, "stream": cfg.source.stream,
             "chunk_s": sim_cfg.chunk_s, "watchdog_s": cfg.device.watchdog_s}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,8 @@ class SimulatorConfig(_Section):
     patient: Annotated[int, Field(ge=0)] = 0
     seizure_onsets_s: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [10.0, 30.0, 50.0])
     spontaneous_seizures: bool = False
+    seizure_rate_per_hour: Annotated[float | None, Field(gt=0, le=120, description=(
+        "spontaneous seizure rate; empty: the virtual patient's own (hil_sim/cohort.py)"))] = None
     chunk_s: Annotated[float, Field(gt=0, le=0.5)] = 1 / 64
     stim_latency_ms: Annotated[float, Field(ge=0, le=1000, description="modeled processing latency in simulated time")] = 2.0
 

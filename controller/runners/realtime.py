@@ -96,7 +96,8 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             sim = cfg.simulator
             spec = {"fs_hz": sim.fs_hz, "n_channels": sim.n_channels, "patient": sim.patient,
                     "seed": cfg.session.seed, "seizure_onsets_s": sim.seizure_onsets_s,
-                    "spontaneous_seizures": sim.spontaneous_seizures, "stream": cfg.source.stream,
+                    "spontaneous_seizures": sim.spontaneous_seizures,
+            "seizure_rate_per_hour": sim.seizure_rate_per_hour, "stream": cfg.source.stream,
                     "chunk_s": sim.chunk_s, "watchdog_s": cfg.device.watchdog_s,
                     "faults": [f.model_dump(mode="json", exclude_none=True) for f in cfg.faults]}
             procs["hil"] = ctx.Process(target=run_hil, args=(spec, q, stops["hil"], str(session_dir)), name="stimloop-hil")
