@@ -191,6 +191,36 @@ def sim_compare(
         json_out.write_text(json.dumps(res, indent=1))
 
 
+@sim_app.command("bench")
+def sim_bench(
+    duration: float = typer.Option(3600.0, "--duration", "-d", help="simulated seconds"),
+    channels: int = typer.Option(16, help="channels of the simulated patient"),
+    rate: float = typer.Option(6.0, help="spontaneous seizures per hour"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here"),
+):
+    """How fast simulated time runs: a whole closed-loop session (patient, detector, policy, governor, recording)."""
+    import os
+    import platform
+    import tempfile
+    import time
+    from controller.runners.simulated import run_simulated
+    cfg = _load(None, {"session": {"duration_s": duration, "out_dir": tempfile.mkdtemp(prefix="stimloop-simbench-")},
+                       "simulator": {"n_channels": channels, "spontaneous_seizures": True,
+                                     "seizure_rate_per_hour": rate, "seizure_onsets_s": []}})
+    t0 = time.perf_counter()
+    session = run_simulated(cfg, write_report=False)
+    wall = time.perf_counter() - t0
+    res = {"simulated_s": duration, "wall_s": round(wall, 2), "speedup": round(duration / wall, 1),
+           "wall_s_per_simulated_hour": round(wall * 3600 / duration, 1), "channels": channels,
+           "fs_hz": cfg.simulator.fs_hz, "seizure_rate_per_hour": rate, "session": str(session),
+           "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                       "load_avg_1min": os.getloadavg()[0]}}
+    console.print(f"{duration:g} s simulated in {wall:.1f} s wall: {res['speedup']}× real time, "
+                  f"{res['wall_s_per_simulated_hour']} s per simulated hour ({channels} ch @ {cfg.simulator.fs_hz:g} Hz)")
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1))
+
+
 @sim_app.command("compare-ads")
 def sim_compare_ads(
     duration: float = typer.Option(60.0, "--duration", "-d", help="simulated seconds per arm"),

@@ -54,6 +54,8 @@ class SimulatorConfig(_Section):
         "spontaneous seizure rate; empty: the virtual patient's own (hil_sim/cohort.py)"))] = None
     chunk_s: Annotated[float, Field(gt=0, le=0.5)] = 1 / 64
     stim_latency_ms: Annotated[float, Field(ge=0, le=1000, description="modeled processing latency in simulated time")] = 2.0
+    sim_chunk_s: Annotated[float, Field(gt=0, le=1.0, description=(
+        "chunk length in simulated time (larger: faster; stimulation lands at most this late on the patient)"))] = 1 / 16
 
 
 class RingConfig(_Section):

@@ -78,7 +78,7 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
     actuator = make_actuator(cfg, driver, clock)
     raw = RawRecorder(session_dir / "raw", sim.n_channels, sim.fs_hz,
                       meta={"channel_names": patient.channel_names, "clock": "virtual"})
-    chunk_n = max(1, int(round(sim.chunk_s * sim.fs_hz)))
+    chunk_n = max(1, int(round(sim.sim_chunk_s * sim.fs_hz)))
     n_total = int(round(cfg.session.duration_s * sim.fs_hz))
     events: list[Event] = []
     events.extend(actuator.heartbeat())
