@@ -21,6 +21,7 @@ __all__ = [
     "band_powers",
     "FeaturePipeline",
     "SzV1Pipeline",
+    "SzV2Pipeline",
     "PIPELINES",
     "make_pipeline",
     "SZ_V1_BANDS_HZ",
@@ -241,6 +242,8 @@ class SzV1Pipeline(FeaturePipeline):
         self._n_log = 2 + len(SZ_V1_BANDS_HZ)
         self._n_pc = len(self._per_channel)
         self._pc = np.zeros((self._n_pc, ch), dtype=np.float64)
+        self._n_abs = (len(self._instant) - 2 * self._n_pc) // 2
+        self._abs = np.zeros((self._n_abs, ch), dtype=np.float64)
         self._baseline = np.zeros((self._n_log, ch), dtype=np.float64)
         self._have_baseline = False
         self._alpha = min(1.0, self.hop_s / self.baseline_tau_s)
@@ -305,6 +308,10 @@ class SzV1Pipeline(FeaturePipeline):
         pc[2 + 2 * nb] = self._freqs[np.minimum(edge_idx, self._freqs.size - 1)] / SZ_V1_BANDS_HZ[-1][1]
 
         logs = pc[:self._n_log]
+        if self._n_abs:
+            # Absolute log line length / variance, before baseline subtraction (sz_v2):
+            # they carry amplitude when there is no baseline yet (short recordings).
+            self._abs[:] = logs[:2]
         if not self._have_baseline:
             self._baseline[:] = logs
             self._have_baseline = True
@@ -321,8 +328,12 @@ class SzV1Pipeline(FeaturePipeline):
         pc[:self._n_log] = dev
         out = self._out
         n_inst = len(self._instant)
-        out[0:n_inst:2] = np.median(pc, axis=1)
-        out[1:n_inst:2] = pc.max(axis=1)
+        n_base = 2 * self._n_pc
+        out[0:n_base:2] = np.median(pc, axis=1)
+        out[1:n_base:2] = pc.max(axis=1)
+        if self._n_abs:
+            out[n_base:n_inst:2] = np.median(self._abs, axis=1)
+            out[n_base + 1:n_inst:2] = self._abs.max(axis=1)
         # Context: mean of the instantaneous vector over the last context_s (ring
         # of hops). It holds onset evidence through the low-voltage phase and
         # averages out single-window noise such as an interictal spike.
@@ -333,8 +344,32 @@ class SzV1Pipeline(FeaturePipeline):
         return out
 
 
+class SzV2Pipeline(SzV1Pipeline):
+    """``sz_v2``: ``sz_v1`` with a short start-up and absolute amplitude features.
+
+    The ``sz_v1`` features plus the median/max over channels of the absolute
+    log line length and log variance (``*_ll_abs``, ``*_pow_abs``, and their
+    2 s means): before a patient baseline exists (a short recording, the
+    first seconds of a session) amplitude is the main seizure evidence.
+    The running baseline's warm-up differs: it follows a 2 s EMA (no rise limit) for the first 8 s, then the
+    slow rise-limited 120 s EMA. ``sz_v1`` waited 30 s, longer than the time to
+    the first seizure of the default demo (10 s), during which a seizure
+    would have been learned as background. The cost: the first 8 s of a
+    session are not usable, and a seizure already running at start-up is
+    still taken as background (documented in models/seizure/MODEL_CARD.md).
+    """
+
+    name = "sz_v2"
+    version = 2
+    warmup_s = 8.0
+    warmup_tau_s = 2.0
+    _instant = SzV1Pipeline._instant + ("med_ll_abs", "max_ll_abs", "med_pow_abs", "max_pow_abs")
+    feature_names = _instant + tuple(f"{n}_avg2s" for n in _instant)
+
+
 PIPELINES: dict[str, Callable[..., FeaturePipeline]] = {
     SzV1Pipeline.name: SzV1Pipeline,
+    SzV2Pipeline.name: SzV2Pipeline,
 }
 
 

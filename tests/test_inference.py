@@ -50,7 +50,7 @@ def test_contract_errors_name_the_problem():
     with pytest.raises(ContractError, match="needs 4 channels, the stream has 2"):
         _contract(n_channels=4).check_stream(256.0, 2)
     _contract(n_channels=4).check_stream(256.0, 4)
-    with pytest.raises(ContractError, match="pipeline 'sz_v9'.*known: \\['sz_v1'\\]"):
+    with pytest.raises(ContractError, match="pipeline 'sz_v9'.*known: \\['sz_v1', 'sz_v2'\\]"):
         _contract(feature_pipeline="sz_v9").check_stream(256.0, 1)
     with pytest.raises(ContractError, match="expects features"):
         _contract(feature_names=("a", "b")).check_stream(256.0, 1)

@@ -24,7 +24,41 @@ import numpy as np
 from controller.inference import ModelContract, SeizureDetectorStage
 
 __all__ = ["SimSpec", "label_windows", "features_for_recording", "cohort_params", "simulate_patient", "default_specs",
-           "build_dataset"]
+           "cohort_specs", "build_dataset", "DEMO_STIM", "parse_id_range"]
+
+
+def _demo_stim():
+    from drivers.params import StimParams, Waveform
+
+    # The default config's RNS-like burst (controller/defaults.toml, REFERENCE.md §3).
+    return StimParams(channel=0, waveform=Waveform.BIPHASIC, amplitude_ua=3000.0, pulse_width_us=160.0,
+                      frequency_hz=200.0, n_pulses=100)
+
+
+DEMO_STIM = _demo_stim()
+
+
+def parse_id_range(text: str) -> list[int]:
+    """``"0-23"`` / ``"100-119,130"`` -> list of patient ids (inclusive ranges)."""
+    ids: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = (int(v) for v in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                ids.extend(range(a, b + 1))
+            else:
+                ids.append(int(part))
+        except ValueError:
+            raise ValueError(f"patient ids {text!r}: expected ranges like '0-23' or '100-119,130' "
+                             f"(integers >= 0, start <= end)") from None
+    if not ids or min(ids) < 0:
+        raise ValueError(f"patient ids {text!r}: expected at least one id >= 0")
+    return ids
 
 
 @dataclass(frozen=True)
@@ -37,6 +71,10 @@ class SimSpec:
     fs_hz: float
     n_channels: int
     onsets_s: tuple[float, ...]
+    # Stimulation bursts (the default demo burst, ``DEMO_STIM``) delivered at these
+    # times, so the model sees stimulation artifacts in training.
+    stim_times_s: tuple[float, ...] = ()
+    spontaneous: bool = True
 
 
 def label_windows(t_end_s: np.ndarray, seizures: list[tuple[float, float]], onset_guard_s: float = 0.5,
@@ -85,44 +123,70 @@ def _seizure_intervals(patient, end_s: float) -> list[tuple[float, float]]:
 
 
 def cohort_params(i: int):
-    """Patient ``i`` of the simulated cohort: ``hil_sim.cohort.patient_params(i)`` when that
-    module exists, else a documented local variation of ``PatientParams`` (anatomy,
-    amplitude, source geometry, noise levels drawn from ``i``)."""
-    try:
-        from hil_sim.cohort import patient_params
-    except ImportError:
-        patient_params = None
-    if patient_params is not None:
-        return patient_params(i)
-    from hil_sim.patient import PatientParams
+    """Patient ``i`` of the virtual cohort (``hil_sim.cohort.patient_params``)."""
+    from hil_sim.cohort import patient_params
 
-    rng = np.random.default_rng([i, 0xC0407])
-    focus = float(rng.uniform(0.1, 0.9))
-    others = tuple(float(v) for v in rng.uniform(0.0, 1.0, 2))
-    return PatientParams(source_positions=(focus,) + others, anatomy_seed=i,
-                         spatial_spread=float(rng.uniform(0.1, 0.3)),
-                         gain_uv_per_mv=float(rng.uniform(50.0, 200.0)),
-                         pink_noise_uv=float(rng.uniform(5.0, 25.0)),
-                         line_noise_uv=float(rng.uniform(0.0, 10.0)),
-                         neighbour_involvement=float(rng.uniform(0.1, 0.5)),
-                         interictal_spike_rate_per_min=float(rng.uniform(0.0, 10.0)))
+    return patient_params(i)
 
 
 def simulate_patient(spec: SimSpec, block_s: float = 1.0) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Simulate one recording with ``hil_sim`` (no stimulation); returns (x (n, ch) µV, seizures)."""
+    import dataclasses
+
     from hil_sim.patient import SimulatedPatient
 
-    patient = SimulatedPatient(fs_hz=spec.fs_hz, n_channels=spec.n_channels, seed=spec.seed,
-                               params=cohort_params(spec.patient_index))
+    params = cohort_params(spec.patient_index)
+    if not spec.spontaneous:
+        params = dataclasses.replace(params, seizure_rate_per_hour=0.0)
+    patient = SimulatedPatient(fs_hz=spec.fs_hz, n_channels=spec.n_channels, seed=spec.seed, params=params)
     for onset in spec.onsets_s:
         patient.schedule_seizure(onset)
     n_total = int(round(spec.duration_s * spec.fs_hz))
     block = max(1, int(round(block_s * spec.fs_hz)))
+    stim_n = sorted(int(round(t * spec.fs_hz)) for t in spec.stim_times_s)
     x = np.empty((n_total, spec.n_channels), dtype=np.float32)
-    for i in range(0, n_total, block):
-        m = min(block, n_total - i)
-        x[i:i + m] = patient.step(m)
+    i = 0
+    while i < n_total:
+        while stim_n and stim_n[0] <= i:
+            patient.stimulate(stim_n.pop(0) / spec.fs_hz, DEMO_STIM)
+        stop = min(i + block, n_total, stim_n[0] if stim_n else n_total)
+        x[i:stop] = patient.step(stop - i)
+        i = stop
     return x, _seizure_intervals(patient, spec.duration_s)
+
+
+def cohort_specs(patient_ids, duration_s: float, seed: int = 0,
+                 fs_choices=(256.0, 512.0, 200.0, 173.61, 100.0), channel_choices=(1, 4, 16, 2),
+                 early_seizure: bool = True, stim: bool = True) -> list[SimSpec]:
+    """One recording per cohort patient (``hil_sim.cohort.patient_params``).
+
+    Rates and channel counts rotate over ``fs_choices``/``channel_choices``.
+    Scheduled seizures every 60–150 s (every second patient: the first one
+    10–14 s after start, as in the default demo, so the model learns the
+    start-up regime), plus the patient's spontaneous ones. With ``stim``,
+    bursts of ``DEMO_STIM``: 1–2 s after some scheduled onsets (as the loop
+    would) and at random background times (artifacts must not look ictal).
+    """
+    rng = np.random.default_rng([seed, 0x5E12])
+    specs = []
+    for k, pid in enumerate(patient_ids):
+        t = (10.0 + rng.uniform(0, 4)) if (early_seizure and k % 2 == 0) else (30.0 + rng.uniform(0, 40))
+        onsets = []
+        while t < duration_s - 30:
+            onsets.append(round(float(t), 2))
+            t += rng.uniform(60, 150)
+        stims = []
+        if stim and k % 3 != 2:
+            stims += [round(o + float(rng.uniform(1.0, 2.0)), 3) for o in onsets if rng.uniform() < 0.5]
+            n_bg = int(duration_s / 120)
+            for tb in rng.uniform(5.0, duration_s - 5.0, n_bg):
+                if all(not (o - 5 < tb < o + 70) for o in onsets):
+                    stims.append(round(float(tb), 3))
+        specs.append(SimSpec(patient_index=int(pid), seed=int(rng.integers(1 << 31)), duration_s=float(duration_s),
+                             fs_hz=float(fs_choices[k % len(fs_choices)]),
+                             n_channels=int(channel_choices[(k // len(fs_choices) + k) % len(channel_choices)]),
+                             onsets_s=tuple(onsets), stim_times_s=tuple(sorted(stims))))
+    return specs
 
 
 def default_specs(n_patients: int, duration_s: float, seed: int = 0, fs_choices=(256.0, 512.0, 200.0),
@@ -141,7 +205,7 @@ def default_specs(n_patients: int, duration_s: float, seed: int = 0, fs_choices=
     return specs
 
 
-def build_dataset(specs: list[SimSpec], contract: ModelContract, progress: bool = True) -> dict[str, np.ndarray]:
+def build_dataset(specs: list[SimSpec], contract: ModelContract, progress=True) -> dict[str, np.ndarray]:
     """Simulate every spec and featurize it. Returns X, y (1/0/-1), groups (patient index), t_end, recording (index into specs) and
     seizures (per recording, list of (onset_s, offset_s))."""
     X, y, groups, t_end, rec, all_sz = [], [], [], [], [], []
@@ -155,9 +219,29 @@ def build_dataset(specs: list[SimSpec], contract: ModelContract, progress: bool 
         t_end.append(ends)
         rec.append(np.full(len(lab), k, dtype=np.int32))
         all_sz.append(seizures)
-        if progress:
+        if callable(progress):
+            progress(k + 1, len(specs), spec)
+        elif progress:
             print(f"  patient {spec.patient_index}: {spec.duration_s:.0f} s at {spec.fs_hz:g} Hz x {spec.n_channels} ch, "
                   f"{len(seizures)} seizures, {len(lab)} windows ({int((lab == 1).sum())} ictal)",
                   file=sys.stderr, flush=True)
     return {"X": np.concatenate(X), "y": np.concatenate(y), "groups": np.concatenate(groups),
             "t_end": np.concatenate(t_end), "recording": np.concatenate(rec), "seizures": all_sz}
+
+
+def delhi_dataset(contract: ModelContract, root=None, classes=("ictal", "interictal", "preictal")) -> dict[str, np.ndarray]:
+    """Delhi segments (200 Hz, 1 channel, 5.12 s) through a fresh stage each: every window labelled by its
+    segment (ictal 1, interictal/preictal 0). Windows are *not* dropped for warm-up: a 5 s segment is all
+    warm-up, which is exactly the regime these data teach. Group = segment (the patient of a segment is not
+    given, so grouping by patient is impossible)."""
+    from models.seizure.recordings import DELHI_FS_HZ, load_delhi
+
+    X, y, groups, seg_class = [], [], [], []
+    for k, (cls, _name, x) in enumerate(s for s in load_delhi(root) if s[0] in classes):
+        f, _ends = features_for_recording(x, DELHI_FS_HZ, contract, chunk_n=256)
+        X.append(f)
+        y.append(np.full(len(f), 1 if cls == "ictal" else 0, dtype=np.int8))
+        groups.append(np.full(len(f), k, dtype=np.int32))
+        seg_class.append(cls)
+    return {"X": np.concatenate(X), "y": np.concatenate(y), "groups": np.concatenate(groups),
+            "segment_class": np.array(seg_class)}

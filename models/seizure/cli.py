@@ -1,0 +1,236 @@
+"""Command line for the seizure model: ``stimloop train seizure`` and ``stimloop evaluate``.
+
+``train_app`` (a typer app with the command ``seizure``) is mounted by
+``controller/cli.py`` as ``stimloop train``; ``evaluate`` is a plain function
+mounted as the command ``stimloop evaluate``. ``python -m models.seizure.cli``
+runs both standalone (``... train seizure``, ``... evaluate``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["train_app", "evaluate", "seizure", "app"]
+
+console = Console(stderr=True)
+train_app = typer.Typer(help="Train models.", no_args_is_help=True, add_completion=False)
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+@train_app.command("seizure")
+def seizure(
+    out: Path = typer.Option(Path(__file__).resolve().parent / "seizure_v1.onnx", "--out", "-o",
+                             help="ONNX file to write (+ .sha256, .metrics.json, and MODEL_CARD.md beside it)"),
+    sim_patients: str = typer.Option("0-23", help="virtual-cohort training patient ids (keep test ids, e.g. 100-119, out)"),
+    sim_duration: float = typer.Option(1800.0, help="simulated seconds per training patient"),
+    delhi: Optional[Path] = typer.Option(None, help="Delhi segments folder (default <repo>/../shared/data/delhi)"),
+    no_delhi: bool = typer.Option(False, "--no-delhi", help="train without the Delhi segments"),
+    recording: Optional[List[Path]] = typer.Option(None, "--recording", "-r",
+                                                   help="annotated EDF/EDF+ or .npz recording (repeatable)"),
+    max_fa_per_24h: float = typer.Option(1.0, help="false alarms per 24 h allowed (out of fold) when choosing the threshold"),
+    min_duration: float = typer.Option(0.5, help="s above threshold before a detection (the policy's min_duration_s)"),
+    refractory: float = typer.Option(5.0, help="s after a detection start during which no new one counts"),
+    kind: str = typer.Option("gbt", help="gbt | logreg"),
+    seed: int = typer.Option(0),
+    card: bool = typer.Option(True, help="write MODEL_CARD.md next to the model"),
+):
+    """Train the seizure detector on the simulator cohort, Delhi segments and your annotated recordings."""
+    from models.seizure.dataset import parse_id_range
+    from models.seizure.train import TrainConfig, train_model
+
+    try:
+        ids = tuple(parse_id_range(sim_patients))
+    except ValueError as e:
+        _fail(str(e))
+    for r in recording or []:
+        if not r.is_file():
+            _fail(f"recording {r} does not exist")
+    if delhi is not None and not no_delhi and not delhi.is_dir():
+        _fail(f"Delhi folder {delhi} does not exist")
+    cfg = TrainConfig(out=out, train_patients=ids, duration_s=sim_duration,
+                      delhi_dir=Path("") if no_delhi else delhi, recordings=tuple(recording or ()), kind=kind,
+                      seed=seed, max_fa_per_24h=max_fa_per_24h, min_duration_s=min_duration, refractory_s=refractory,
+                      extra={"command": "stimloop train seizure " + " ".join(_argv())})
+    with console.status("training") as status:
+        def say(msg: str) -> None:
+            console.print(msg)
+            status.update(msg.strip()[:80])
+        try:
+            metrics = train_model(cfg, progress=say)
+        except ValueError as e:
+            _fail(str(e))
+    if card:
+        from models.seizure.model_card import write_model_card
+
+        path = write_model_card(metrics, out.with_name("MODEL_CARD.md") if out.name == "seizure_v1.onnx"
+                                else out.with_suffix(".card.md"))
+        console.print(f"model card: {path}")
+
+
+def _argv() -> list[str]:
+    import sys
+
+    args = sys.argv[1:]
+    for i, a in enumerate(args):
+        if a == "seizure":
+            return args[i + 1:]
+    return args
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return f"[{_fmt(v[0], pct)}, {_fmt(v[1], pct)}]"
+    if isinstance(v, float):
+        return f"{100 * v:.1f} %" if pct else f"{v:.3g}"
+    return str(v)
+
+
+_ROWS = [("window precision", "window", "precision", True), ("window recall", "window", "recall", True),
+         ("window F1", "window", "f1", True), ("window AUROC", "window", "auroc", False),
+         ("seizures", "event", "n_seizures", False), ("detected", "event", "n_detected", False),
+         ("event sensitivity", "event", "sensitivity", True), ("  95 % CI (Wilson)", "event", "sensitivity_ci95", True),
+         ("event precision", "event", "precision", True), ("event F1", "event", "f1", True),
+         ("false alarms", "event", "false_alarms", False), ("evaluated hours", "event", "evaluated_h", False),
+         ("false alarms / 24 h", "event", "false_alarms_per_24h", False),
+         ("  95 % CI (Poisson)", "event", "false_alarms_per_24h_ci95", False),
+         ("median latency (s)", "event", "median_latency_s", False)]
+
+
+def _summary_table(title: str, summaries: dict[str, dict]) -> Table:
+    t = Table(title=title)
+    t.add_column("metric")
+    for name in summaries:
+        t.add_column(name, justify="right")
+    for label, sec, key, pct in _ROWS:
+        t.add_row(label, *[_fmt((s.get(sec) or {}).get(key), pct) for s in summaries.values()])
+    return t
+
+
+def evaluate(
+    recordings: Optional[List[Path]] = typer.Argument(None, help="EDF/EDF+ or .npz recordings"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="stimloop ONNX model (default: shipped)"),
+    sim_patients: Optional[str] = typer.Option(None, help="evaluate on simulated cohort patients, e.g. 100-119"),
+    sim_hours: float = typer.Option(2.0, help="simulated hours in total, split evenly over --sim-patients"),
+    sim_fs: float = typer.Option(256.0, help="simulated sample rate (Hz)"),
+    sim_channels: int = typer.Option(4, help="simulated channels"),
+    sim_seed: int = typer.Option(1),
+    threshold: Optional[float] = typer.Option(None, help="override the contract threshold"),
+    min_duration: Optional[float] = typer.Option(None, help="override min_duration_s (s above threshold)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full results (windows, events) as JSON"),
+    compare_mayo: bool = typer.Option(False, "--compare-mayo", help="also run the Mayo model (brainmaze-eeg-models)"),
+    sensitivity: bool = typer.Option(False, "--sensitivity", help="permutation importance + metrics vs threshold/min_duration"),
+    no_windows: bool = typer.Option(False, "--no-windows", help="leave per-window t/p out of the JSON"),
+):
+    """Score a seizure model on recordings and/or a simulated cohort (window- and event-level, SzCORE rules)."""
+    from models.seizure.evaluate import (CohortSpec, EvaluationError, OnnxDetector, evaluate_recording,
+                                         permutation_importance, simulate_cohort, summarize, sweep)
+    from models.seizure.recordings import RecordingError, load_recording
+    from models.seizure.scoring import SZCORE
+
+    if not recordings and not sim_patients:
+        _fail("nothing to evaluate: give recordings (EDF/EDF+ or .npz) and/or --sim-patients")
+    try:
+        det = OnnxDetector(model, threshold=threshold, min_duration_s=min_duration)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    detectors = [det]
+    if compare_mayo:
+        from models.seizure.mayo import MayoDetector
+        try:
+            detectors.append(MayoDetector())
+        except EvaluationError as e:
+            _fail(str(e))
+    recs = []
+    for path in recordings or []:
+        try:
+            recs.append(load_recording(path))
+        except RecordingError as e:
+            _fail(str(e))
+    if sim_patients:
+        from models.seizure.dataset import parse_id_range
+        try:
+            spec = CohortSpec(tuple(parse_id_range(sim_patients)), sim_hours, sim_fs, sim_channels, sim_seed)
+        except ValueError as e:
+            _fail(str(e))
+        with console.status("simulating cohort") as st:
+            recs += simulate_cohort(spec, progress=lambda k, n, what: st.update(f"simulated {k}/{n}: {what}"))
+    console.print(f"[bold]Scoring rules[/]: {SZCORE.describe()}. Detector events = threshold + min_duration_s "
+                  "+ refractory, as the responsive policy acts. Window labels: window end inside a seizure.")
+    results: dict[str, dict] = {}
+    for d in detectors:
+        records = []
+        for rec in recs:
+            try:
+                records.append(evaluate_recording(d, rec, keep_windows=not no_windows))
+            except EvaluationError as e:
+                console.print(f"[yellow]{d.name}: {rec.path} not evaluated:[/] {e}")
+                continue
+            r = records[-1]
+            for note in r["notes"]:
+                console.print(f"  {rec.path}: {note}")
+        results[d.name] = {"records": records, "summary": summarize(records)}
+    per = Table(title=f"per recording ({det.name}, threshold {det.threshold:g}, min_duration {det.min_duration_s:g} s)")
+    for col in ("recording", "fs (Hz)", "duration (s)", "seizures", "detections", "detected", "false alarms",
+                "not evaluated (s)"):
+        per.add_column(col)
+    for r in results[det.name]["records"]:
+        e = r["metrics"]["event"]
+        per.add_row(Path(r["path"]).name, f"{r['fs']:g}", f"{r['duration_s']:.0f}", _fmt(e["n_seizures"]),
+                    str(e["n_detections"]), _fmt(e["n_detected"]), _fmt(e["false_alarms"]),
+                    f"{sum(b - a for a, b in r['not_evaluated']):.1f}")
+    console.print(per)
+    console.print(_summary_table("summary" if len(detectors) == 1 else "comparison on the same recordings",
+                                 {k: v["summary"] for k, v in results.items()}))
+    extra = {}
+    if sensitivity:
+        rows = sweep(results[det.name]["records"])
+        t = Table(title="event metrics vs threshold and min_duration (refractory 5 s)")
+        for c in ("min_duration (s)", "threshold", "sensitivity", "FA / 24 h", "median latency (s)"):
+            t.add_column(c, justify="right")
+        for row in rows:
+            t.add_row(f"{row['min_duration_s']:g}", f"{row['threshold']:.2f}", _fmt(row["sensitivity"], True),
+                      _fmt(row["false_alarms_per_24h"]), _fmt(row["median_latency_s"]))
+        console.print(t)
+        try:
+            imp = permutation_importance(det, recs)
+        except EvaluationError as e:
+            imp = None
+            console.print(f"[yellow]permutation importance skipped:[/] {e}")
+        if imp:
+            t = Table(title="permutation importance (window AUROC drop, top 12)")
+            t.add_column("feature")
+            t.add_column("AUROC drop", justify="right")
+            for row in imp[:12]:
+                t.add_row(row["feature"], f"{row['auroc_drop']:.4f}")
+            console.print(t)
+        extra = {"sweep": rows, "permutation_importance": imp}
+    if json_out:
+        def clean(records):
+            return [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
+        main = results[det.name]
+        doc = {"model": str(det.path), "rules": SZCORE.describe(), "recordings": clean(main["records"]),
+               "summary": main["summary"], **extra}
+        if len(detectors) > 1:
+            doc["compare"] = {k: {"summary": v["summary"], "recordings": clean(v["records"])}
+                              for k, v in results.items()}
+        json_out.write_text(json.dumps(doc, default=float) + "\n")
+        console.print(f"wrote {json_out}")
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="stimloop seizure model tools")
+app.add_typer(train_app, name="train")
+app.command("evaluate")(evaluate)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,298 @@
+"""Evaluate seizure detectors on recordings and simulated cohorts, window- and event-level.
+
+A *detector* is anything with the ``Detector`` interface: ``predict(x_uv (n, ch),
+fs_hz) -> (t_end_s, p)`` (window end times from the first sample and one
+probability per window, NaN where it could not evaluate) plus the
+post-processing it is acted upon with (``threshold``, ``min_duration_s``,
+``refractory_s``). ``OnnxDetector`` runs any stimloop ONNX model exactly as the
+loop does (``SeizureDetectorStage`` -> ``OnnxPredictor``), ``mayo.MayoDetector``
+the published Mayo model.
+
+``evaluate_recording`` gives the per-recording JSON record
+(``{"path", "fs", "duration_s", "events", "windows", "truth", "not_evaluated",
+"metrics", "notes"}``) and ``summarize`` pools records (window metrics over
+all windows, event metrics over all seizures and all evaluated hours).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from models.seizure.recordings import Recording
+from models.seizure.scoring import (SZCORE, SzcoreRules, detector_events, nan_runs, poisson_interval, score_events,
+                                    wilson_interval, window_labels, window_scores)
+
+__all__ = ["Detector", "OnnxDetector", "EvaluationError", "evaluate_recording", "summarize", "simulate_cohort",
+           "default_model_path", "sweep", "permutation_importance"]
+
+
+class EvaluationError(ValueError):
+    """A recording cannot be evaluated by a detector; the message says which and why."""
+
+
+def default_model_path() -> Path:
+    """The shipped model, ``models/seizure/seizure_v1.onnx``."""
+    return Path(__file__).resolve().parent / "seizure_v1.onnx"
+
+
+class Detector(Protocol):
+    """What ``evaluate_recording`` needs from a detector."""
+
+    name: str
+    threshold: float
+    min_duration_s: float
+    refractory_s: float
+    hop_s: float
+
+    def predict(self, x_uv: np.ndarray, fs_hz: float) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class OnnxDetector:
+    """A stimloop ONNX model run as the loop runs it: per chunk through ``SeizureDetectorStage``.
+
+    Windows that overlap non-finite samples get ``p = NaN`` (the samples are
+    zeroed before the filters, as ``SeizureLoop`` does, so the state recovers).
+    ``min_duration_s``/``refractory_s`` default to the contract's extra fields
+    when present, else the responsive policy defaults (0.5 s, 5 s).
+    """
+
+    def __init__(self, path: str | Path | None = None, threshold: float | None = None,
+                 min_duration_s: float | None = None, refractory_s: float | None = None, chunk_s: float = 0.25):
+        from controller.inference import OnnxPredictor
+
+        self.path = Path(path) if path else default_model_path()
+        self.predictor = OnnxPredictor(self.path)
+        c = self.contract = self.predictor.contract
+        extra = c.model_extra or {}
+        self.name = c.version
+        self.threshold = float(c.threshold if threshold is None else threshold)
+        self.min_duration_s = float(extra.get("min_duration_s", 0.5) if min_duration_s is None else min_duration_s)
+        self.refractory_s = float(extra.get("refractory_s", 5.0) if refractory_s is None else refractory_s)
+        self.hop_s = c.hop_s
+        self.chunk_s = chunk_s
+        self.last_features: np.ndarray | None = None  # kept for the sensitivity analysis
+
+    def check(self, fs_hz: float, n_channels: int, n_samples: int) -> None:
+        """Raise ``EvaluationError`` if a recording of this shape cannot be evaluated."""
+        from controller.inference import ContractError
+
+        try:
+            self.contract.check_stream(fs_hz, n_channels)
+        except ContractError as e:
+            raise EvaluationError(str(e)) from None
+        need = int(math.ceil(self.contract.window_s * fs_hz))
+        if n_samples < need:
+            raise EvaluationError(f"{n_samples} samples at {fs_hz:g} Hz is shorter than one {self.contract.window_s:g} s "
+                                  f"window ({need} samples) of model {self.name}")
+
+    def features(self, x_uv: np.ndarray, fs_hz: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(t_end_s, features (w, f), valid (w,))`` for a whole recording."""
+        from controller.inference import SeizureDetectorStage
+
+        x = np.asarray(x_uv, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[:, None]
+        self.check(fs_hz, x.shape[1], x.shape[0])
+        stage = SeizureDetectorStage(self.contract, fs_hz, x.shape[1])
+        bad_rows = ~np.isfinite(x).all(axis=1)
+        if bad_rows.any():
+            x = np.where(np.isfinite(x), x, np.float32(0))
+        t = np.arange(x.shape[0]) / fs_hz
+        step = max(1, int(round(self.chunk_s * fs_hz)))
+        ends, feats = [], []
+        for i in range(0, x.shape[0], step):
+            for t_end, f in stage.step(x[i:i + step], t[i:i + step]):
+                ends.append(t_end)
+                feats.append(f)
+        t_end = np.asarray(ends, dtype=np.float64)
+        F = np.asarray(feats, dtype=np.float32).reshape(-1, self.contract.n_features)
+        valid = np.ones(t_end.size, dtype=bool)
+        if bad_rows.any():
+            # A window is invalid if a bad sample lies within window_s before its end (as SeizureLoop).
+            bad_t = t[bad_rows]
+            j = np.searchsorted(bad_t, t_end, side="right")  # bad samples at or before the window end
+            last_bad = np.where(j > 0, bad_t[np.maximum(j - 1, 0)], -np.inf)
+            valid = ~(t_end - last_bad <= self.contract.window_s + 1e-9)
+        return t_end, F, valid
+
+    def predict(self, x_uv: np.ndarray, fs_hz: float) -> tuple[np.ndarray, np.ndarray]:
+        """Window end times (s from the first sample) and ``p`` per window, NaN where not evaluated."""
+        t_end, F, valid = self.features(x_uv, fs_hz)
+        self.last_features = F
+        p = self.predictor.predict_batch(F) if F.shape[0] else np.zeros(0)
+        p = np.where(valid, p, np.nan)
+        return t_end, p
+
+
+def _round_list(a, nd: int = 4) -> list:
+    return [None if not np.isfinite(v) else round(float(v), nd) for v in np.asarray(a, dtype=np.float64)]
+
+
+def evaluate_recording(detector: Detector, rec: Recording, rules: SzcoreRules = SZCORE,
+                       keep_windows: bool = True) -> dict:
+    """One recording through ``detector``; the JSON record (module docstring)."""
+    notes = list(rec.notes)
+    x = rec.data_uv
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = ~finite.all(axis=1)
+        runs = int(np.sum(bad & ~np.r_[False, bad[:-1]]))
+        notes.append(f"{int(bad.sum())} samples ({bad.sum() / rec.fs_hz:.2f} s) in {runs} runs are NaN/inf: "
+                     "windows touching them are not evaluated (not scored as 'no seizure')")
+    t_end, p = detector.predict(x, rec.fs_hz)
+    not_eval = nan_runs(t_end, p, detector.hop_s)
+    events = detector_events(t_end, p, detector.threshold, detector.min_duration_s, detector.refractory_s)
+    truth = rec.seizures
+    metrics: dict = {"post_processing": {"threshold": detector.threshold, "min_duration_s": detector.min_duration_s,
+                                         "refractory_s": detector.refractory_s}}
+    if truth is None:
+        notes.append("no seizure annotations: window and event metrics that need them are null")
+        metrics["window"] = None
+    else:
+        metrics["window"] = window_scores(p, window_labels(t_end, truth), detector.threshold)
+    metrics["event"] = score_events(truth, events, rec.duration_s, rules, not_eval)
+    out = {"path": rec.path, "fs": rec.fs_hz, "n_channels": rec.n_channels, "duration_s": rec.duration_s,
+           "detector": detector.name,
+           "events": [{"onset_s": a, "offset_s": b, "max_prob": round(m, 4)} for a, b, m in events],
+           "truth": None if truth is None else [[a, b] for a, b in truth],
+           "not_evaluated": not_eval, "metrics": metrics, "notes": notes}
+    if keep_windows:
+        out["windows"] = {"t_s": _round_list(t_end, 3), "p": _round_list(p)}
+    out["_t"], out["_p"] = t_end, p  # for pooling; dropped by the CLI before JSON
+    return out
+
+
+def summarize(records: list[dict], rules: SzcoreRules = SZCORE) -> dict:
+    """Pool records: window metrics over all windows, event counts over all recordings, with 95 % intervals."""
+    annotated = [r for r in records if r["truth"] is not None]
+    out: dict = {"n_recordings": len(records), "n_annotated": len(annotated), "rules": rules.describe(),
+                 "hours": sum(r["duration_s"] for r in records) / 3600.0}
+    if not annotated:
+        out["note"] = "no annotated recording: only detections are reported"
+        out["n_detections"] = sum(len(r["events"]) for r in records)
+        return out
+    thr = annotated[0]["metrics"]["post_processing"]["threshold"]
+    p = np.concatenate([r["_p"] for r in annotated])
+    y = np.concatenate([window_labels(r["_t"], r["truth"]) for r in annotated])
+    out["window"] = window_scores(p, y, thr)
+    ev = [r["metrics"]["event"] for r in annotated]
+    n_sz = sum(e["n_seizures"] for e in ev)
+    n_det = sum(e["n_detected"] for e in ev)
+    n_hyp = sum(e["n_detections"] for e in ev)
+    fa = sum(e["false_alarms"] for e in ev)
+    eval_h = sum(e["evaluated_h"] for e in ev)
+    lat = [v for e in ev for v in e["latency_s"]]
+    sens = n_det / n_sz if n_sz else None
+    prec = (n_hyp - fa) / n_hyp if n_hyp else None
+    out["event"] = {
+        "n_seizures": n_sz, "n_detected": n_det, "sensitivity": sens, "sensitivity_ci95": wilson_interval(n_det, n_sz),
+        "n_detections": n_hyp, "precision": prec,
+        "f1": (2 * sens * prec / (sens + prec)) if sens and prec else (0.0 if sens is not None and prec is not None else None),
+        "false_alarms": fa, "evaluated_h": eval_h,
+        "false_alarms_per_24h": fa / (eval_h / 24.0) if eval_h > 0 else None,
+        "false_alarms_per_24h_ci95": poisson_interval(fa, eval_h / 24.0),
+        "median_latency_s": float(np.median(lat)) if lat else None,
+        "latency_s_p90": float(np.percentile(lat, 90)) if lat else None,
+        "frac_latency_le_3s": float(np.mean(np.asarray(lat) <= 3.0)) if lat else None,
+    }
+    return out
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    """A held-out simulated cohort: patient ids, hours in total, rate and channels."""
+
+    patient_ids: tuple[int, ...]
+    hours: float
+    fs_hz: float = 256.0
+    n_channels: int = 4
+    seed: int = 1
+    seizure_every_s: tuple[float, float] = (240.0, 480.0)
+
+
+def simulate_cohort(spec: CohortSpec, progress: Callable[[int, int, str], None] | None = None) -> list[Recording]:
+    """Simulate ``spec.hours`` (split evenly over the patients) in simulated time: scheduled seizures every
+    ``seizure_every_s`` plus each patient's spontaneous ones, no stimulation."""
+    from models.seizure.dataset import SimSpec, simulate_patient
+
+    if not spec.patient_ids:
+        raise ValueError("simulate_cohort: patient_ids is empty, expected at least one cohort id")
+    if not (spec.hours > 0):
+        raise ValueError(f"simulate_cohort: hours={spec.hours!r} invalid, expected > 0")
+    per_s = spec.hours * 3600.0 / len(spec.patient_ids)
+    rng = np.random.default_rng([spec.seed, 0xE7A1])
+    recs = []
+    for k, pid in enumerate(spec.patient_ids):
+        onsets, t = [], float(rng.uniform(10.0, 60.0))
+        while t < per_s - 30.0:
+            onsets.append(round(t, 2))
+            t += float(rng.uniform(*spec.seizure_every_s))
+        s = SimSpec(patient_index=int(pid), seed=int(rng.integers(1 << 31)), duration_s=per_s, fs_hz=spec.fs_hz,
+                    n_channels=spec.n_channels, onsets_s=tuple(onsets))
+        x, seizures = simulate_patient(s)
+        recs.append(Recording(f"sim:patient{pid}", x, spec.fs_hz, seizures, [f"ch{i}" for i in range(spec.n_channels)],
+                              [f"simulated cohort patient {pid}, seed {s.seed}, {per_s:.0f} s at {spec.fs_hz:g} Hz x "
+                               f"{spec.n_channels} ch"]))
+        if progress:
+            progress(k + 1, len(spec.patient_ids), f"patient {pid}")
+    return recs
+
+
+def sweep(records: list[dict], min_durations_s=(0.0, 0.25, 0.5, 1.0, 2.0), thresholds=None,
+          refractory_s: float = 5.0, rules: SzcoreRules = SZCORE) -> list[dict]:
+    """Event metrics vs threshold and min_duration on already computed probabilities."""
+    thresholds = np.round(np.arange(0.5, 1.0, 0.05), 2) if thresholds is None else thresholds
+    annotated = [r for r in records if r["truth"] is not None]
+    rows = []
+    for md in min_durations_s:
+        for thr in thresholds:
+            n_sz = n_det = fa = n_hyp = 0
+            eval_h = 0.0
+            lat = []
+            for r in annotated:
+                ev = detector_events(r["_t"], r["_p"], float(thr), float(md), refractory_s)
+                s = score_events(r["truth"], ev, r["duration_s"], rules, r["not_evaluated"])
+                n_sz += s["n_seizures"]
+                n_det += s["n_detected"]
+                fa += s["false_alarms"]
+                n_hyp += s["n_detections"]
+                eval_h += s["evaluated_h"]
+                lat += s["latency_s"]
+            rows.append({"threshold": float(thr), "min_duration_s": float(md),
+                         "sensitivity": n_det / n_sz if n_sz else None,
+                         "false_alarms_per_24h": fa / (eval_h / 24) if eval_h else None,
+                         "median_latency_s": float(np.median(lat)) if lat else None})
+    return rows
+
+
+def permutation_importance(detector: OnnxDetector, recs: list[Recording], n_repeats: int = 3, seed: int = 0) -> list[dict]:
+    """Per-feature permutation importance: drop in window AUROC when one feature column is shuffled."""
+    from sklearn.metrics import roc_auc_score
+
+    Fs, ys = [], []
+    for rec in recs:
+        if rec.seizures is None:
+            continue
+        t_end, F, valid = detector.features(rec.data_uv, rec.fs_hz)
+        Fs.append(F[valid])
+        ys.append(window_labels(t_end[valid], rec.seizures))
+    if not Fs:
+        raise EvaluationError("permutation importance needs at least one annotated recording")
+    F, y = np.concatenate(Fs), np.concatenate(ys)
+    if not (y.any() and (~(y > 0)).any()):
+        raise EvaluationError("permutation importance needs ictal and non-ictal windows")
+    base = roc_auc_score(y, detector.predictor.predict_batch(F))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for j, name in enumerate(detector.contract.feature_names):
+        drops = []
+        for _ in range(n_repeats):
+            G = F.copy()
+            G[:, j] = G[rng.permutation(G.shape[0]), j]
+            drops.append(base - roc_auc_score(y, detector.predictor.predict_batch(G)))
+        rows.append({"feature": name, "auroc_drop": float(np.mean(drops))})
+    return sorted(rows, key=lambda r: -r["auroc_drop"])

@@ -1,0 +1,192 @@
+"""Annotated recordings for training and evaluation: EDF/EDF+, ``.npz``, the Delhi segments.
+
+Every loader returns a ``Recording``: sample-major ``(n_samples, n_channels)``
+float32 µV (docs/architecture.md conventions), the rate, and the seizures as
+``[(onset_s, offset_s), ...]`` — or ``None`` when the file carries no
+annotations at all (then "no seizure" is unknown, not zero).
+
+* ``.npz``: ``data`` (channels × samples), ``fs`` (Hz), optional ``onsets`` and
+  ``offsets`` (s, same length), optional ``channel_names``.
+* EDF/EDF+ (``edfio``): the signals at the most common rate are used (others,
+  e.g. annotations or slow channels, are skipped and listed in ``notes``);
+  physical units mV/V are converted to µV. A seizure is an annotation whose
+  text matches ``SEIZURE_PATTERN`` (e.g. "seizure", "sz", "ictal"); its
+  duration gives the offset, or a later "... end"/"... offset" annotation does.
+* Delhi (``/work/shared/data/delhi``): 150 MAT segments, 200 Hz, 1 channel,
+  5.12 s, labelled by folder (ictal / interictal / preictal).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Recording", "RecordingError", "load_recording", "load_npz", "load_edf", "load_delhi", "default_delhi_dir",
+           "SEIZURE_PATTERN", "DELHI_FS_HZ"]
+
+SEIZURE_PATTERN = re.compile(r"\b(seizure|sz|ictal|electrographic)\b", re.IGNORECASE)
+_END_PATTERN = re.compile(r"\b(end|offset|stop)\b", re.IGNORECASE)
+_NOT_SEIZURE = re.compile(r"\b(inter-?ictal|pre-?ictal|post-?ictal|no seizure)\b", re.IGNORECASE)
+DELHI_FS_HZ = 200.0  # /work/shared/data/README.md
+_UNIT_TO_UV = {"uv": 1.0, "µv": 1.0, "μv": 1.0, "mv": 1e3, "v": 1e6, "nv": 1e-3}
+
+
+class RecordingError(ValueError):
+    """A recording cannot be read or is not usable; the message names the file and the problem."""
+
+
+@dataclass
+class Recording:
+    """One annotated recording (``seizures=None``: not annotated)."""
+
+    path: str
+    data_uv: np.ndarray
+    fs_hz: float
+    seizures: list[tuple[float, float]] | None
+    channel_names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        return self.data_uv.shape[0] / self.fs_hz
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.data_uv.shape[1])
+
+
+def _check_seizures(path, onsets, offsets, duration_s: float) -> list[tuple[float, float]]:
+    on = np.atleast_1d(np.asarray(onsets, dtype=np.float64))
+    off = np.atleast_1d(np.asarray(offsets, dtype=np.float64))
+    if on.shape != off.shape:
+        raise RecordingError(f"{path}: onsets ({on.size}) and offsets ({off.size}) must have the same length")
+    out = []
+    for a, b in zip(on, off):
+        if not (np.isfinite(a) and np.isfinite(b) and 0 <= a < b):
+            raise RecordingError(f"{path}: seizure ({a}, {b}) s invalid, expected 0 <= onset < offset")
+        if a > duration_s:
+            raise RecordingError(f"{path}: seizure onset {a} s is after the end of the recording ({duration_s:.3f} s)")
+        out.append((float(a), float(min(b, duration_s))))
+    return sorted(out)
+
+
+def load_npz(path: str | Path) -> Recording:
+    """``.npz`` with ``data`` (channels × samples), ``fs``, optional ``onsets``/``offsets`` (s)."""
+    path = Path(path)
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any reader failure becomes a named error
+        raise RecordingError(f"{path}: cannot read as .npz ({e})") from None
+    with z:
+        if "data" not in z or "fs" not in z:
+            raise RecordingError(f"{path}: .npz needs arrays 'data' (channels x samples) and 'fs' (Hz), "
+                                 f"has {sorted(z.files)}")
+        data = np.asarray(z["data"], dtype=np.float32)
+        if data.ndim == 1:
+            data = data[None, :]
+        if data.ndim != 2:
+            raise RecordingError(f"{path}: 'data' must be channels x samples, got shape {data.shape}")
+        fs = float(np.asarray(z["fs"]).reshape(-1)[0])
+        if not (np.isfinite(fs) and fs > 0):
+            raise RecordingError(f"{path}: fs={fs!r} invalid, expected a rate > 0 Hz")
+        x = np.ascontiguousarray(data.T)
+        has_on, has_off = "onsets" in z, "offsets" in z
+        if has_on != has_off:
+            raise RecordingError(f"{path}: 'onsets' and 'offsets' must be given together")
+        seizures = _check_seizures(path, z["onsets"], z["offsets"], x.shape[0] / fs) if has_on else None
+        names = [str(v) for v in z["channel_names"]] if "channel_names" in z else [f"ch{i}" for i in range(x.shape[1])]
+    return Recording(str(path), x, fs, seizures, names)
+
+
+def load_edf(path: str | Path) -> Recording:
+    """EDF/EDF+ via ``edfio``; seizure annotations by ``SEIZURE_PATTERN`` (see module docstring)."""
+    import edfio
+
+    path = Path(path)
+    try:
+        edf = edfio.read_edf(path)
+    except Exception as e:  # noqa: BLE001
+        raise RecordingError(f"{path}: cannot read as EDF/EDF+ ({e})") from None
+    sigs = list(edf.signals)
+    if not sigs:
+        raise RecordingError(f"{path}: no signals")
+    rates = [float(s.sampling_frequency) for s in sigs]
+    fs = max(set(rates), key=lambda r: (rates.count(r), r))
+    use = [s for s in sigs if float(s.sampling_frequency) == fs]
+    notes = [f"skipped signal {s.label!r} at {float(s.sampling_frequency):g} Hz (recording uses {fs:g} Hz)"
+             for s in sigs if float(s.sampling_frequency) != fs]
+    cols = []
+    for s in use:
+        unit = s.physical_dimension.strip().lower()
+        scale = _UNIT_TO_UV.get(unit)
+        if scale is None:
+            scale = 1.0
+            notes.append(f"signal {s.label!r} has unit {s.physical_dimension!r}; taken as µV")
+        cols.append(np.asarray(s.data, dtype=np.float64) * scale)
+    n = min(c.size for c in cols)
+    x = np.ascontiguousarray(np.stack([c[:n] for c in cols], axis=1), dtype=np.float32)
+    duration_s = n / fs
+    anns = sorted(edf.annotations, key=lambda a: a.onset)
+    seizures = None
+    sz = [a for a in anns if SEIZURE_PATTERN.search(a.text) and not _NOT_SEIZURE.search(a.text)]
+    if sz:
+        onsets, offsets, pending = [], [], None
+        for a in sz:
+            if _END_PATTERN.search(a.text):
+                if pending is not None:
+                    onsets.append(pending)
+                    offsets.append(float(a.onset))
+                    pending = None
+                continue
+            if a.duration:
+                onsets.append(float(a.onset))
+                offsets.append(float(a.onset) + float(a.duration))
+            else:
+                pending = float(a.onset)
+        if pending is not None:
+            notes.append(f"seizure at {pending} s has no duration or end annotation: taken to last to the end")
+            onsets.append(pending)
+            offsets.append(duration_s)
+        seizures = _check_seizures(path, onsets, offsets, duration_s)
+    elif any(re.search(r"no seizure|seizure[- ]free", a.text, re.IGNORECASE) for a in anns):
+        seizures = []
+    return Recording(str(path), x, fs, seizures, [s.label for s in use], notes)
+
+
+def load_recording(path: str | Path) -> Recording:
+    """Dispatch on the suffix: ``.npz`` or ``.edf``/``.bdf``-less EDF/EDF+."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordingError(f"recording {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return load_npz(path)
+    if suffix in (".edf", ".edf+"):
+        return load_edf(path)
+    raise RecordingError(f"recording {path}: unsupported file type {suffix!r}, expected .edf (EDF/EDF+) or .npz")
+
+
+def default_delhi_dir(repo: Path | None = None) -> Path:
+    """``<repo>/../shared/data/delhi`` (the shared data folder next to the repository)."""
+    repo = Path(repo) if repo else Path(__file__).resolve().parents[2]
+    return (repo / ".." / "shared" / "data" / "delhi").resolve()
+
+
+def load_delhi(root: str | Path | None = None) -> list[tuple[str, str, np.ndarray]]:
+    """All Delhi segments as ``(class, file name, (1024, 1) float32 µV)``; class in ictal/interictal/preictal."""
+    from scipy.io import loadmat
+
+    root = Path(root) if root else default_delhi_dir()
+    out = []
+    for cls in ("ictal", "interictal", "preictal"):
+        d = root / cls
+        if not d.is_dir():
+            raise RecordingError(f"Delhi data folder {d} does not exist (expected {root}/ictal, interictal, preictal)")
+        for f in sorted(d.glob("*.mat")):
+            x = np.asarray(loadmat(f)[cls], dtype=np.float32).reshape(-1, 1)
+            out.append((cls, f.name, x))
+    if not out:
+        raise RecordingError(f"no .mat segments under {root}")
+    return out

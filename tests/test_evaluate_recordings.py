@@ -1,0 +1,118 @@
+"""stimloop evaluate: loaders (real EDF+ via edfio, .npz), bad input messages, NaN stretches, JSON layout."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.seizure.evaluate import EvaluationError, OnnxDetector, default_model_path, evaluate_recording, summarize
+from models.seizure.recordings import RecordingError, load_edf, load_npz, load_recording
+
+MODEL = default_model_path()
+
+
+@pytest.fixture(scope="module")
+def sim_recording():
+    """Held-out cohort patient 110 (never trained on), 512 Hz x 2 ch, two scheduled seizures."""
+    from models.seizure.dataset import SimSpec, simulate_patient
+
+    spec = SimSpec(patient_index=110, seed=11, duration_s=240.0, fs_hz=512.0, n_channels=2, onsets_s=(60.0, 170.0),
+                   spontaneous=False)
+    x, seizures = simulate_patient(spec)
+    return x, seizures
+
+
+def _write_npz(path, x, fs, seizures=None, **extra):
+    kw = {"data": x.T, "fs": fs, **extra}
+    if seizures is not None:
+        kw["onsets"] = [a for a, _ in seizures]
+        kw["offsets"] = [b for _, b in seizures]
+    np.savez(path, **kw)
+    return path
+
+
+def test_npz_loader_layout_and_errors(tmp_path, sim_recording):
+    x, sz = sim_recording
+    rec = load_npz(_write_npz(tmp_path / "a.npz", x, 512.0, sz))
+    assert rec.data_uv.shape == x.shape and rec.fs_hz == 512.0 and np.allclose(rec.seizures, sz)
+    rec = load_npz(_write_npz(tmp_path / "b.npz", x, 512.0))
+    assert rec.seizures is None
+    np.savez(tmp_path / "c.npz", data=x.T)
+    with pytest.raises(RecordingError, match=r"c.npz: .*'fs'"):
+        load_npz(tmp_path / "c.npz")
+    np.savez(tmp_path / "d.npz", data=x.T, fs=512.0, onsets=[10.0, 20.0], offsets=[15.0])
+    with pytest.raises(RecordingError, match="onsets \\(2\\) and offsets \\(1\\)"):
+        load_npz(tmp_path / "d.npz")
+    np.savez(tmp_path / "e.npz", data=x.T, fs=512.0, onsets=[10.0], offsets=[5.0])
+    with pytest.raises(RecordingError, match="expected 0 <= onset < offset"):
+        load_npz(tmp_path / "e.npz")
+    with pytest.raises(RecordingError, match="unsupported file type '.csv'"):
+        (tmp_path / "f.csv").write_text("1,2\n")
+        load_recording(tmp_path / "f.csv")
+    with pytest.raises(RecordingError, match="does not exist"):
+        load_recording(tmp_path / "missing.edf")
+
+
+def test_edf_plus_annotations_and_units(tmp_path):
+    import edfio
+
+    fs = 256.0
+    n = int(60 * fs)
+    rng = np.random.default_rng(0)
+    sig_mv = rng.normal(0, 0.05, n)  # 50 µV written in mV: the loader must convert
+    edf = edfio.Edf([edfio.EdfSignal(sig_mv, fs, label="EEG T3", physical_dimension="mV"),
+                     edfio.EdfSignal(rng.normal(0, 1, n // 256), 1.0, label="temp", physical_dimension="degC")],
+                    annotations=[edfio.EdfAnnotation(10.0, 12.5, "Seizure"),
+                                 edfio.EdfAnnotation(30.0, None, "sz start"),
+                                 edfio.EdfAnnotation(41.0, None, "sz end"),
+                                 edfio.EdfAnnotation(50.0, None, "interictal spike")])
+    path = tmp_path / "rec.edf"
+    edf.write(path)
+    rec = load_edf(path)
+    assert rec.fs_hz == fs and rec.n_channels == 1 and rec.channel_names == ["EEG T3"]
+    assert np.std(rec.data_uv) == pytest.approx(50.0, rel=0.05)
+    assert np.allclose(rec.seizures, [(10.0, 22.5), (30.0, 41.0)], atol=1e-3)
+    assert any("temp" in note for note in rec.notes)
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason="shipped model missing")
+def test_evaluate_sim_recording_with_nan_run_and_json(tmp_path, sim_recording):
+    x, sz = sim_recording
+    x = x.copy()
+    x[int(100 * 512):int(110 * 512)] = np.nan
+    rec = load_npz(_write_npz(tmp_path / "r.npz", x, 512.0, sz))
+    det = OnnxDetector(MODEL)
+    r = evaluate_recording(det, rec)
+    # the 10 s NaN run (+ 1 window) is reported as not evaluated, never as background
+    (a, b), = r["not_evaluated"]
+    assert 99.5 <= a <= 100.5 and 110.5 <= b <= 111.5
+    assert any("NaN" in n for n in r["notes"])
+    t, p = np.array(r["windows"]["t_s"]), r["windows"]["p"]
+    assert all(p[i] is None for i in np.flatnonzero((t > 101) & (t < 110.9)))
+    ev = r["metrics"]["event"]
+    assert ev["n_seizures"] == 2 and ev["n_detected"] == 2 and ev["false_alarms"] == 0
+    assert 0 <= ev["median_latency_s"] <= 5
+    assert r["metrics"]["window"]["auroc"] > 0.95
+    assert ev["evaluated_h"] == pytest.approx((240.0 - (b - a)) / 3600, rel=1e-3)
+    s = summarize([r])
+    assert s["event"]["n_detected"] == 2 and s["event"]["sensitivity_ci95"][1] == 1.0
+    json.dumps({k: v for k, v in r.items() if not k.startswith("_")})  # JSON-ready
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason="shipped model missing")
+def test_evaluate_bad_input_messages(tmp_path, sim_recording):
+    x, sz = sim_recording
+    det = OnnxDetector(MODEL)
+    short = load_npz(_write_npz(tmp_path / "s.npz", x[:300], 512.0))
+    with pytest.raises(EvaluationError, match="300 samples at 512 Hz is shorter than one 1 s window"):
+        evaluate_recording(det, short)
+    odd = load_npz(_write_npz(tmp_path / "o.npz", x[:5000], 7.77))
+    with pytest.raises(EvaluationError, match="stream rate 7.77 Hz cannot be resampled"):
+        evaluate_recording(det, odd)
+    unannotated = load_npz(_write_npz(tmp_path / "u.npz", x, 512.0))
+    r = evaluate_recording(det, unannotated)
+    assert r["truth"] is None and r["metrics"]["window"] is None
+    assert r["metrics"]["event"]["sensitivity"] is None and "no seizure annotations" in r["metrics"]["event"]["note"]
+    assert len(r["events"]) >= 2  # detections are still reported
