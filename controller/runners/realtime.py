@@ -17,6 +17,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
     stops = {k: ctx.Event() for k in ("hil", "acq", "loop")}
     procs: dict[str, mp.Process] = {}
     ring = None
-    old_term = signal.signal(signal.SIGTERM, _raise_stop)
+    # Signals can only be handled in the main thread; embedded callers (tests, notebooks) stop via Ctrl-C there.
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_stop) if in_main else None
     status = "completed"
     failure: SessionError | None = None
     try:
@@ -146,7 +149,8 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
     except SessionError as exc:
         status, failure = "failed", exc
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the orderly shutdown
+        if in_main:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the orderly shutdown
         try:
             for name in ("loop", "acq", "hil"):  # stimulation off first
                 stops[name].set()
@@ -164,8 +168,9 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
                              "exit_codes": {k: p.exitcode for k, p in procs.items()}}))
             log.close()
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, old_term)
+            if in_main:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGTERM, old_term)
     crashed = {k: p.exitcode for k, p in procs.items() if p.exitcode not in (0, None, -signal.SIGTERM)}
     from controller.report import build_report
     build_report(session_dir)  # also after a failure: whatever was recorded is kept and shown

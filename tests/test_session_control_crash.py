@@ -1,0 +1,120 @@
+"""A live session: remote control round trips, emergency stop, and crash safety after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from controller.config import parse_config
+from controller.recorder import read_jsonl
+
+pytestmark = pytest.mark.realtime
+
+
+def _wait_for(path, timeout_s=60.0):
+    t_end = time.monotonic() + timeout_s
+    while time.monotonic() < t_end:
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not appear")
+
+
+def test_control_commands_and_emergency_stop_on_a_running_session(tmp_path):
+    from controller.control import ControlClient
+    from controller.runners.realtime import run_session
+
+    cfg = parse_config({
+        "session": {"duration_s": 14.0, "out_dir": str(tmp_path)},
+        "source": {"stream": f"stimloop-ctl-{uuid.uuid4().hex[:8]}", "resolve_timeout_s": 10.0},
+        # open-loop bursts every second so that there is stimulation to stop
+        "policy": {"kind": "periodic", "open_loop": {"period_s": 1.0, "start_s": 0.0}, "stim": {"n_pulses": 20}},
+        "simulator": {"seizure_onsets_s": []},
+        "safety": {"overrides": {"max_bursts_per_min": 120}},
+        "telemetry": {"address": "tcp://127.0.0.1:*"}, "control": {"address": "tcp://127.0.0.1:*"},
+    })
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(session=run_session(cfg)), daemon=True)
+    runner.start()
+    session = None
+    t_end = time.monotonic() + 60
+    while session is None and time.monotonic() < t_end:
+        found = list(tmp_path.glob("*/endpoints.json"))
+        session = found[0].parent if found else None
+        time.sleep(0.05)
+    endpoints = _wait_for(session / "endpoints.json")
+    with ControlClient(endpoints["control"], timeout_ms=3000) as client:
+        status = client.status()
+        assert status["ok"] and status["paused"] is False
+        refused = client.set_param("amplitude_ua", 50_000)  # above the macro profile's 12 mA
+        assert refused["ok"] is False and "refused by the safety profile" in refused["error"]
+        assert client.status()["stim"]["amplitude_ua"] == 3000.0  # nothing changed
+        assert client.request({"cmd": "launch_missiles"})["ok"] is False
+        assert client.set_param("amplitude_ua", 2000)["ok"] is True
+        time.sleep(3.0)  # some bursts at the new amplitude
+        from pylsl import local_clock
+        t_stop = local_clock()
+        assert client.emergency_stop()["ok"] is True
+        time.sleep(2.5)  # bursts would continue every second if the stop did not hold
+        assert client.status()["latched"]
+        assert client.resume()["ok"] is True
+    runner.join(60)
+    session = result["session"]
+    events = read_jsonl(session / "events.jsonl")
+    cmds = [e for e in events if e["kind"] == "command"]
+    assert any(c["params"]["amplitude_ua"] == 2000.0 for c in cmds)
+    assert not [c for c in cmds if t_stop <= c["t"] <= t_stop + 2.5]  # no stimulation while stopped
+    stops = [r for r in read_jsonl(session / "device_log.jsonl") if r["type"] == "STOP" and r["t_received"] >= t_stop]
+    # Emergency stop reaches the device within one loop period (the loop polls control every iteration;
+    # a hop of the seizure model is 0.25 s, the longest the loop can be busy with one chunk).
+    assert stops and stops[0]["t_received"] - t_stop < 0.25
+    marks = [e for e in events if e["kind"] == "mark" and e.get("cmd") == "emergency_stop"]
+    assert marks and marks[0].get("who") == "local"
+    assert any(c["t"] > t_stop + 2.5 for c in cmds)  # resumed
+
+
+def test_sigkill_leaves_a_folder_that_reports_and_exports(tmp_path):
+    out = tmp_path / "sessions"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    stream = f"stimloop-kill-{uuid.uuid4().hex[:8]}"
+    cfg = tmp_path / "kill.toml"
+    cfg.write_text(f'[source]\nstream = "{stream}"\n[telemetry]\naddress = "tcp://127.0.0.1:*"\n'
+                   f'[control]\naddress = "tcp://127.0.0.1:*"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "run", "--config", str(cfg), "--duration", "60",
+                             "--out", str(out)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t_end = time.monotonic() + 60
+        raw = None
+        while time.monotonic() < t_end:
+            found = list(out.glob("*/raw/samples.f32"))
+            if found and found[0].stat().st_size > 512 * 16 * 4 * 4:  # 4 s recorded
+                raw = found[0]
+                break
+            time.sleep(0.1)
+        assert raw is not None, "the session did not start recording"
+        time.sleep(2.0)
+        from pylsl import local_clock
+        t_kill = local_clock()
+        os.killpg(proc.pid, signal.SIGKILL)  # every process of the session at once
+    finally:
+        proc.wait(10)
+    session = raw.parent.parent
+    from controller.acquisition import load_raw
+    samples, ts = load_raw(session / "raw")
+    assert ts[-1] >= t_kill - 1.5  # at most about the last second is lost
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "report", str(session)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (session / "metrics.json").exists() and (session / "report.png").exists()
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "export", str(session), "--format", "edf"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import edfio
+    edf = edfio.read_edf(session / "session.edf")
+    assert len(edf.signals) == 16
+    assert edf.signals[0].data.size >= len(ts) - 1
