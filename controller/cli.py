@@ -28,6 +28,15 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _check_safety(cfg, origin: str) -> None:
+    """Unsafe profiles and stimulation outside the profile are refused before anything starts."""
+    from controller.safety import check_session_safety
+    try:
+        check_session_safety(cfg)
+    except Exception as exc:  # UnsafeProfileError and pydantic errors name the field and the rule
+        _fail(f"{origin}: safety: {exc}")
+
+
 def _load(config: Optional[Path], overrides: dict | None = None):
     try:
         return load_config(config, overrides)
@@ -39,13 +48,7 @@ def _load(config: Optional[Path], overrides: dict | None = None):
 def config_validate(file: Path = typer.Argument(..., help="TOML config file")):
     """Check a config file; print every problem with its field, value and allowed range."""
     cfg = _load(file)
-    try:
-        from controller.safety import build_profile  # the profile is validated too: unsafe limits are refused
-        build_profile(cfg.safety.profile, cfg.safety.overrides)
-    except ImportError:
-        pass
-    except Exception as exc:  # UnsafeProfileError and pydantic errors carry their own message
-        _fail(f"{file}: safety: {exc}")
+    _check_safety(cfg, str(file))
     console.print(f"[green]ok[/] {file}")
 
 
@@ -146,6 +149,7 @@ def sim(
     model = cfg.model_path()
     if not model.is_file():
         _fail(f"model {model} does not exist (model.path in the config)")
+    _check_safety(cfg, str(config or "config"))
     with Progress(TextColumn("simulated time"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
                   console=console, transient=True) as bar:
         task = bar.add_task("sim", total=cfg.session.duration_s)

@@ -58,3 +58,18 @@ def test_cli_config_validate_refuses_unsafe_profile(tmp_path):
     r = subprocess.run([sys.executable, "-m", "controller.cli", "config", "validate", str(ok)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("toml, expected", [
+    ('[safety]\nprofile = "micro"\n[safety.overrides]\nrequire_charge_balanced = false\n', "charge-balanced"),
+    ('[safety]\nprofile = "micro"\n[policy.stim]\nwaveform = "monophasic"\n', "not charge-balanced"),
+    ('[safety]\nprofile = "tes"\n[safety.overrides]\nmax_amplitude_ua = 10000\n', "4000"),
+])
+def test_unsafe_configs_are_refused_at_start_up_with_the_rule(tmp_path, toml, expected):
+    f = tmp_path / "unsafe.toml"
+    f.write_text(toml)
+    for cmd in (["config", "validate", str(f)], ["sim", "--config", str(f), "--duration", "2"]):
+        r = subprocess.run([sys.executable, "-m", "controller.cli", *cmd], capture_output=True, text=True,
+                           env={**__import__("os").environ, "COLUMNS": "400"})
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert expected in r.stderr, r.stderr

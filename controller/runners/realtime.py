@@ -68,6 +68,11 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
     from controller.inference import ContractError, read_contract
     from controller.sources import probe_source
 
+    from controller.safety import UnsafeProfileError, check_session_safety
+    try:
+        check_session_safety(cfg)  # an unsafe profile or stimulation never starts anything
+    except (UnsafeProfileError, ValueError) as exc:
+        raise SessionError(f"safety profile refused: {exc}") from None
     model_path = cfg.model_path()
     try:
         contract = read_contract(model_path)
