@@ -5,7 +5,7 @@ is µs per phase. Charge per phase = current × pulse width (REFERENCE.md §4).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 
 
@@ -69,7 +69,8 @@ class StimParams:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        # Field by field: dataclasses.asdict deep-copies and costs tens of µs on the command path.
+        d = {name: getattr(self, name) for name in _STIM_FIELDS}
         d["waveform"] = str(self.waveform)
         return d
 
@@ -79,6 +80,9 @@ class StimParams:
         if "waveform" in d:
             d["waveform"] = Waveform(d["waveform"])
         return cls(**d)
+
+
+_STIM_FIELDS = tuple(f.name for f in fields(StimParams))
 
 
 @dataclass(frozen=True, slots=True)

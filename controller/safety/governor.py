@@ -14,9 +14,9 @@ Design choices that keep it on the safe side:
 """
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,7 +196,11 @@ class SafetyGovernor:
         self._impedance_ohm: float | None = None
         self._last_heartbeat_t: float | None = None
         self._last_now = -math.inf
-        self._history: deque[tuple[float, float]] = deque()  # (start_t, duration_s) of allowed bursts
+        # Allowed bursts sorted by start time (scheduled bursts can arrive out of order), so that the
+        # interval and rate checks look at a few neighbours found by bisection, not the whole minute.
+        self._hist_t: list[float] = []
+        self._hist_d: list[float] = []
+        self._hist_max_d = 0.0
         self._history_horizon_s = (RATE_WINDOW_S + profile.max_burst_duration_s + profile.min_interval_s
                                    + profile.max_schedule_ahead_s)
         self._charge_uc = 0.0
@@ -315,7 +319,10 @@ class SafetyGovernor:
         except _Refused as r:
             return self._refusal(request, now, r.rule, r.reason)
 
-        self._history.append((start_t, duration_s))
+        i = bisect.bisect_right(self._hist_t, start_t)
+        self._hist_t.insert(i, start_t)
+        self._hist_d.insert(i, duration_s)
+        self._hist_max_d = max(self._hist_max_d, duration_s)
         self._charge_uc += charge_uc
         self._stim_s += duration_s
         self._bursts += 1
@@ -343,8 +350,10 @@ class SafetyGovernor:
         return Decision(request, None, [ev], f"refused ({rule}): {reason}")
 
     def _prune(self, now: float) -> None:
-        while self._history and self._history[0][0] < now - self._history_horizon_s:
-            self._history.popleft()
+        k = bisect.bisect_left(self._hist_t, now - self._history_horizon_s)
+        if k:
+            del self._hist_t[:k]
+            del self._hist_d[:k]
 
     def _start_time(self, request: StimRequest, now: float) -> float:
         at = request.at
@@ -362,18 +371,21 @@ class SafetyGovernor:
 
     def _check_rate(self, start_t: float, duration_s: float) -> None:
         p = self._profile
-        near = 0
-        for t, d in self._history:
+        ts, ds = self._hist_t, self._hist_d
+        # Only bursts this close can violate the interval / no-overlap rule.
+        lo = bisect.bisect_left(ts, start_t - max(p.min_interval_s, self._hist_max_d))
+        hi = bisect.bisect_right(ts, start_t + max(p.min_interval_s, duration_s))
+        for i in range(lo, hi):
+            t, d = ts[i], ds[i]
             gap = abs(start_t - t)
             earlier_d = d if t <= start_t else duration_s
             need = max(p.min_interval_s, earlier_d)
             if gap < need:
                 raise _Refused("min_interval", f"burst at {start_t} is {gap:.6g} s from the burst at {t}; "
                                                f"needs >= {need:.6g} s (min_interval_s or no overlap)")
-            if gap < RATE_WINDOW_S:
-                near += 1
         # Counting bursts within 60 s on *either* side is stricter than any sliding
         # window, which keeps it correct for out-of-order scheduled bursts.
+        near = bisect.bisect_left(ts, start_t + RATE_WINDOW_S) - bisect.bisect_right(ts, start_t - RATE_WINDOW_S)
         if near >= p.max_bursts_per_min:
             raise _Refused("rate_limit", f"{near} bursts within {RATE_WINDOW_S} s of {start_t}; "
                                          f"max_bursts_per_min={p.max_bursts_per_min}")
