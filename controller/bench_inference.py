@@ -63,6 +63,38 @@ def bench_stage(path: Path, n_calls: int, rng, fs_hz: float = 512.0, n_channels:
     return out
 
 
+def bench_plasticity(n_calls: int, rng) -> dict:
+    """The plasticity surrogate: ``predict`` of one protocol per call (what a policy does)."""
+    from models.plasticity.surrogate import PlasticityPredictor
+
+    pred = PlasticityPredictor()
+    protos = [dict(frequency_hz=float(f), waveform="pulsed", pulse_width_us=200.0, timing_ms=10.0, n_pulses=60)
+              for f in rng.uniform(1, 100, 64)]
+    from models.plasticity.protocols import Protocol
+    protos = [Protocol(**p) for p in protos]
+    for i in range(100):
+        pred.predict(protos[i % 64])
+    ns = np.empty(n_calls, dtype=np.int64)
+    clock = time.perf_counter_ns
+    for i in range(n_calls):
+        p = protos[i & 63]
+        t0 = clock()
+        pred.predict(p)
+        ns[i] = clock() - t0
+    return _stats_us(ns)
+
+
+def bench_shipped_models(n_calls: int = 20000, seed: int = 0) -> dict:
+    """Per-call latency of every shipped model: ``{"<model>": {"p50_us", "p99_us", "max_us", "calls"}}``."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, res in (("seizure_v1", bench_predictor(DEFAULT_MODEL, True, n_calls, rng)),
+                      ("plasticity_v1", bench_plasticity(n_calls, rng))):
+        out[name] = {"p50_us": round(res["p50_us"], 3), "p99_us": round(res["p99_us"], 3),
+                     "max_us": round(res["max_us"], 3), "calls": res["n"]}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)

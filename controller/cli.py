@@ -402,8 +402,35 @@ def export(session: Path = typer.Argument(..., help="session folder"),
 
 def _mount_optional() -> None:
     """Sub-commands of other parts (each its own typer app)."""
+    from controller.bench.cli import app as bench_app
     from models.plasticity.cli import app as plasticity_app
     app.add_typer(plasticity_app, name="plasticity")
+    app.add_typer(bench_app, name="bench")
+
+    @bench_app.command("ads", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def bench_ads(ctx: typer.Context):
+        """Spike-triggered stimulation in real time: 30 kHz × 32 ch simulator, spike → command and delay error.
+
+        Options: --duration S, --json F, --random [--rate-hz R], --compare, --k K, --rt (see --help of
+        `python -m controller.bench_ads`)."""
+        from controller.bench_ads import main as ads_main
+        raise typer.Exit(ads_main(ctx.args))
+
+    @bench_app.command("inference")
+    def bench_inference(n_calls: int = typer.Option(20000, "--n-calls", help="calls per model"),
+                        json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here")):
+        """Per-call latency of the shipped ONNX models (seizure and plasticity): p50/p99/max in µs."""
+        from rich.table import Table
+        from controller.bench_inference import bench_shipped_models
+        res = bench_shipped_models(n_calls)
+        t = Table(title=f"inference per call, {n_calls} calls, 1 thread")
+        for col in ("model", "p50 (µs)", "p99 (µs)", "max (µs)"):
+            t.add_column(col, justify="right" if col != "model" else "left")
+        for name, r in res.items():
+            t.add_row(name, f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}", f"{r['max_us']:.1f}")
+        console.print(t)
+        if json_out:
+            json_out.write_text(json.dumps(res, indent=1))
 
 
 _mount_optional()

@@ -104,7 +104,7 @@ def make_patient(spec: dict):
         params = dataclasses.replace(params, seizure_rate_per_hour=0.0)
     elif spec.get("seizure_rate_per_hour") is not None:  # override the cohort's draw (e.g. short comparisons)
         params = dataclasses.replace(params, seizure_rate_per_hour=float(spec["seizure_rate_per_hour"]),
-                                     min_interval_s=min(params.min_interval_s, 3600.0 / spec["seizure_rate_per_hour"]))
+                                     min_interval_s=min(params.min_interval_s, 0.5 * 3600.0 / spec["seizure_rate_per_hour"]))
     patient = SimulatedPatient(fs_hz=spec["fs_hz"], n_channels=spec["n_channels"], seed=spec["seed"], params=params)
     for onset in spec.get("seizure_onsets_s", []):
         patient.schedule_seizure(float(onset))

@@ -1,0 +1,51 @@
+"""The CLI's benchmark and comparison commands run and write well-formed JSON (no timing asserted)."""
+import json
+import subprocess
+import sys
+
+
+def _cli(*args, timeout=300):
+    r = subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_bench_inference_json(tmp_path):
+    out = tmp_path / "inf.json"
+    _cli("bench", "inference", "--n-calls", "500", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert set(res) == {"seizure_v1", "plasticity_v1"}
+    for r in res.values():
+        assert r["calls"] == 500 and 0 < r["p50_us"] <= r["p99_us"] <= r["max_us"]
+
+
+def test_sim_bench_json(tmp_path):
+    out = tmp_path / "sim.json"
+    _cli("sim", "bench", "--duration", "30", "--channels", "4", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert res["simulated_s"] == 30 and res["wall_s"] > 0 and res["speedup"] > 0
+
+
+def test_sim_compare_small_cohort(tmp_path):
+    out = tmp_path / "cmp.json"
+    _cli("sim", "compare", "--patients", "2", "--duration", "240", "--rate", "30", "--channels", "2",
+         "--out", str(tmp_path / "cmp"), "--json", str(out))
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    assert set(s) == {"none", "responsive", "periodic"}
+    assert s["none"]["charge_uc_total"] == 0
+    # Charge-matched open loop: within one burst of the closed loop's charge per patient.
+    for row in res["rows"]:
+        closed, periodic = row["arms"]["responsive"]["charge_uc"], row["arms"]["periodic"]["charge_uc"]
+        assert abs(periodic - closed) <= 96.0 + 1e-9
+    assert s["none"]["seizures_total"] >= 1
+
+
+def test_sim_compare_ads(tmp_path):
+    out = tmp_path / "ads.json"
+    _cli("sim", "compare-ads", "--duration", "10", "--json", str(out))
+    res = json.loads(out.read_text())
+    ads, rnd = res["ads (spike-triggered)"], res["random (matched rate)"]
+    assert ads["n_pulses"] > 0 and abs(rnd["rate_hz"] - ads["rate_hz"]) < 0.5 * ads["rate_hz"] + 0.5
+    assert ads["delta_w"] > rnd["delta_w"]  # pairing potentiates; random at the same rate does not
