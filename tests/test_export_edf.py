@@ -184,7 +184,8 @@ def test_onsets_without_gaps_equal_offset_from_first_sample():
 def test_real_eeg_segment_at_200_hz_round_trips(tmp_path):
     """A real ictal scalp-EEG segment (New Delhi set, 200 Hz, µV) survives export within quantization."""
     scipy_io = pytest.importorskip("scipy.io")
-    path = Path("/work/shared/data/delhi/ictal/ictal1.mat")
+    from shared_data import DELHI
+    path = DELHI / "ictal" / "ictal1.mat"
     if not path.exists():
         pytest.skip(f"{path} not available")
     x = scipy_io.loadmat(path)["ictal"].ravel().astype(np.float32)[:, None]  # 1024 samples, 5.12 s

@@ -11,7 +11,7 @@ from controller.features import (PIPELINES, SosFilterState, SzV1Pipeline, band_p
                                  make_pipeline)
 from controller.resample import StreamResampler, rational_ratio
 
-DELHI = Path("/work/shared/data/delhi")
+from shared_data import DELHI  # noqa: E402
 
 
 def test_sos_filter_chunked_equals_whole_signal():

@@ -14,7 +14,7 @@ from controller.safety.profiles import TES
 from drivers.params import StimParams, Waveform
 from drivers.simulated import SimulatedStimulator
 
-DELHI = Path("/work/shared/data/delhi")
+from shared_data import DELHI  # noqa: E402
 FS = 250.0
 TACS = StimParams(waveform=Waveform.SINE, amplitude_ua=1000.0, frequency_hz=10.0, duration_s=60.0, ramp_s=10.0)
 

@@ -13,7 +13,7 @@ from controller.sources import SourceError, build_source
 from controller.sources.brainflow_source import BrainFlowSource
 from controller.sources.replay import ArraySource
 
-DELHI = Path("/work/shared/data/delhi")
+from shared_data import DELHI  # noqa: E402
 
 
 @pytest.mark.realtime
