@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import pylsl  # noqa: E402
 
 from controller.actuator import Actuator  # noqa: E402
-from controller.events import EventKind  # noqa: E402
+from controller.events import Event, EventKind  # noqa: E402
 from controller.policies.ads import (GUGGENMOS_BLANKING_MS, GUGGENMOS_DELAY_MS, AdsPolicy,  # noqa: E402
                                      RandomStimPolicy, blanking_window)
 from controller.safety import MICRO, SafetyGovernor  # noqa: E402
@@ -74,8 +74,18 @@ def _stats_ms(x) -> dict:
 def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int = 0, n_channels: int = 32,
         trigger_channels: tuple[int, ...] = (0, 1), unit_rate_hz: float = 2.5, k: float = 5.0,
         stim: StimParams = DEFAULT_STIM, delay_ms: float = GUGGENMOS_DELAY_MS,
-        blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None, rt: bool = False) -> dict:
-    """One real-time run (ADS, or random stimulation at ``random_rate_hz``); returns the result dict."""
+        blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None, rt: bool = False,
+        telemetry=None, telemetry_signal_hz: float = 64.0) -> dict:
+    """One real-time run (ADS, or random stimulation at ``random_rate_hz``); returns the result dict.
+
+    ``telemetry``: an optional :class:`controller.telemetry.TelemetryPublisher`. When
+    given, the fast path publishes as the real-time loop does (``controller/loop.py``):
+    after the chunk's commands are submitted, the decimated signal
+    (``telemetry_signal_hz``), one ``spike`` event per chunk with detections, and
+    every actuator event (decisions, commands, refusals, faults).
+    """
+    if telemetry is not None and not (0 < telemetry_signal_hz <= FS_HZ):
+        raise ValueError(f"telemetry_signal_hz={telemetry_signal_hz!r} invalid, expected 0 < Hz <= {FS_HZ:g}")
     if not (0.5 <= duration_s <= 3600):
         raise ValueError(f"duration_s={duration_s!r} invalid, expected 0.5..3600 s")
     mode = "ads" if random_rate_hz is None else "random"
@@ -130,6 +140,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         cmd_submit = np.empty(cap)      # when submit() was called
         cmd_seq = np.empty(cap, np.int64)
         n_cmd = 0
+        decim = max(1, int(round(FS_HZ / telemetry_signal_hz)))
+        tele_events: list = []
         proc.stdin.write("start\n")
         proc.stdin.flush()
         t_start = None
@@ -151,6 +163,10 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                     reqs = []
                 if mode == "random":
                     reqs = policy.step(now)
+                if telemetry is not None and spikes.t.size:
+                    tele_events.append(Event(now, EventKind.SPIKE, "detector",
+                                             {"what": "spikes", "n": int(spikes.t.size), "t_spike": spikes.t,
+                                              "channel": spikes.channel}))
                 for req in reqs:
                     # Blank before the pulse exists: its artifact can never reach the detector.
                     b0, b1 = blanking_window(req.at, blanking_ms)
@@ -161,6 +177,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                         continue
                     t_sub = clock()
                     evs = act.submit(req)
+                    if telemetry is not None:
+                        tele_events.extend(evs)
                     last = evs[-1].kind if evs else None
                     if last is EventKind.COMMAND and n_cmd < cap:
                         cmd_done[n_cmd] = clock()
@@ -178,8 +196,18 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                         faults.extend(str(e.data.get("reason")) for e in evs if e.kind is EventKind.FAULT)
             if now >= next_hb:
                 # Heartbeat between chunks, never between a spike and its command.
-                act.heartbeat()
+                hb = act.heartbeat()
                 next_hb = now + HEARTBEAT_S
+                if telemetry is not None:
+                    tele_events.extend(hb)
+            if telemetry is not None:
+                # After the chunk's commands, as loop.py does: publishing never sits between
+                # a spike and its command; its cost shows up as a later pull of the next chunk.
+                if n:
+                    telemetry.publish_signal(ts[:n], buf[:n], FS_HZ, decimate=decim)
+                for e in tele_events:
+                    telemetry.publish_event(e)
+                tele_events.clear()
             if t_start is not None and now - t_start >= duration_s:
                 break
         t_end = clock()

@@ -56,7 +56,14 @@ class MonitorState:
     decisions: deque = field(default_factory=lambda: deque(maxlen=6))
     clamps: deque = field(default_factory=lambda: deque(maxlen=4))
     faults: deque = field(default_factory=lambda: deque(maxlen=6))
+    marks: deque = field(default_factory=lambda: deque(maxlen=4))       # operator commands and notes
     counts: dict = field(default_factory=dict)
+    # Latencies the loop stamps into its events (ms): window end → prediction, window end → command sent.
+    prediction_latency_ms: deque = field(default_factory=lambda: deque(maxlen=256))
+    command_latency_ms: deque = field(default_factory=lambda: deque(maxlen=64))
+    deadline_misses: int = 0
+    dropped_samples: int = 0
+    stim_off: str | None = None           # why stimulation is off (safe state), None while it may run
 
     def update(self, topic: str, t: float, payload: dict, received: float) -> None:
         """Fold one telemetry message in (``received``: caller's clock, for staleness)."""
@@ -77,19 +84,58 @@ class MonitorState:
                     self.channels = list(payload["channels"])[:MAX_CHANNELS_SHOWN]
         elif topic == "prediction":
             self.prediction = {"t": t, **payload}
+            lat = _diff_ms(payload.get("t_inference"), payload.get("window_end_t"))
+            if lat is not None:
+                self.prediction_latency_ms.append(lat)
         elif topic == "features":
             self.features = {"t": t, **payload}
         elif topic == "status":
-            self.status.update({k: v for k, v in payload.items() if not isinstance(v, np.ndarray)})
+            if payload.get("kind") == "mark":
+                # Operator commands and notes are history, not state: they must not stick in the status row.
+                self.marks.append((t, payload))
+                if payload.get("cmd") == "resume" and payload.get("ok"):
+                    self.stim_off = None
+                return
+            if payload.get("what") == "reset":  # the governor released its latch
+                self.stim_off = None
+            self.status.update({k: v for k, v in payload.items()
+                                if not isinstance(v, (np.ndarray, dict, list)) and k not in ("kind",)})
             self.status["t"] = t
         elif topic == "stim":
             self.stim.append((t, payload))
+            if payload.get("kind") == "command":
+                self.stim_off = None
+                lat = _diff_ms(payload.get("sent_t"), payload.get("window_end_t"))
+                if lat is not None:
+                    self.command_latency_ms.append(lat)
         elif topic == "decision":
             self.decisions.append((t, payload))
         elif topic == "clamp":
             self.clamps.append((t, payload))
         elif topic == "fault":
             self.faults.append((t, payload))
+            kind = payload.get("kind")
+            if kind == "safe_state":
+                self.stim_off = str(payload.get("reason") or payload.get("what") or "safe state")
+            elif kind == "deadline_miss":
+                self.deadline_misses += 1
+            elif kind == "dropped":
+                n = payload.get("n")
+                self.dropped_samples += int(n) if isinstance(n, (int, float)) and n == n else 0
+
+
+def _diff_ms(a: Any, b: Any) -> float | None:
+    """(a − b) in ms when both are finite numbers (event fields may be missing or None)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and np.isfinite(a) and np.isfinite(b):
+        return (float(a) - float(b)) * 1e3
+    return None
+
+
+def _lat(values: deque) -> str:
+    if not values:
+        return "–"
+    x = np.fromiter(values, np.float64)
+    return f"p50 {np.percentile(x, 50):.1f}/max {x.max():.1f} ms"
 
 
 def _fmt(value: Any) -> str:
@@ -103,13 +149,45 @@ def _kv(payload: dict, skip: tuple[str, ...] = ("kind", "source"), limit: int = 
     return "  ".join(f"{k}={_fmt(v)}" for k, v in items[:limit])
 
 
+# What a person needs first from each kind of event; anything else falls back to the first fields.
+_KEYS: dict[str, tuple[str, ...]] = {
+    "command": ("seq", "channel"),
+    "safe_state": ("reason",),
+    "fault": ("what", "reason", "error"),
+    "deadline_miss": ("latency_s",),
+    "dropped": ("n", "reason"),
+    "clamp": ("rule", "reason"),
+    "refusal": ("rule", "reason"),
+    "mark": ("cmd", "label", "name", "value", "who", "ok", "error"),
+}
+
+
+def _describe(payload: dict) -> str:
+    kind = payload.get("kind", "")
+    keys = _KEYS.get(kind)
+    if keys is None:
+        return _kv(payload)
+    parts = [f"{k}={_fmt(payload[k])}" for k in keys if payload.get(k) is not None]
+    if kind == "command":
+        p = payload.get("params")
+        if isinstance(p, dict):
+            parts.append(f"{_fmt(p.get('amplitude_ua'))} µA  {_fmt(p.get('pulse_width_us'))} µs  "
+                         f"{_fmt(p.get('frequency_hz'))} Hz × {p.get('n_pulses')}  {p.get('waveform', '')}")
+        lat = _diff_ms(payload.get("sent_t"), payload.get("window_end_t"))
+        if lat is not None:
+            parts.append(f"window end → sent {lat:.1f} ms")
+        if payload.get("amplitude_ua") is not None and not isinstance(p, dict):
+            parts.append(f"amplitude_ua={_fmt(payload['amplitude_ua'])}")
+    return "  ".join(parts)
+
+
 def _events_table(title: str, rows: deque, style: str) -> Table:
     table = Table(title=title, title_justify="left", show_header=False, expand=True, box=None)
     table.add_column("t", style="dim", width=12)
     table.add_column("what", style=style, ratio=1)
     for t, payload in list(rows)[::-1]:
         head = f"{payload.get('kind', '')}/{payload.get('source', '')}".strip("/")
-        table.add_row(f"{t:.3f}", f"{head}  {_kv(payload)}")
+        table.add_row(f"{t:.3f}", f"{head}  {_describe(payload)}")
     if not rows:
         table.add_row("", Text("none", style="dim"))
     return table
@@ -142,10 +220,29 @@ def render(state: MonitorState, now: float | None = None):
     info.add_column("k", style="bold", width=12)
     info.add_column("v", ratio=1)
     pred = state.prediction
-    info.add_row("prediction", _kv(pred, skip=("kind", "source", "t")) + (f"  @ {pred['t']:.3f}" if pred else "")
-                 if pred else Text("none", style="dim"))
+    if pred is None:
+        info.add_row("prediction", Text("none", style="dim"))
+    elif "p" in pred:
+        p, thr = pred.get("p"), pred.get("threshold")
+        above = isinstance(p, float) and isinstance(thr, (int, float)) and p >= thr
+        row = Text(f"p={_fmt(p)}", style="bold red" if above else "bold")
+        if thr is not None:
+            row.append(f"  threshold={_fmt(thr)}" + ("  ABOVE" if above else ""))
+        if pred.get("valid") is False:
+            row.append("  (window invalid: not acted on)", style="yellow")
+        row.append(f"  @ {pred['t']:.3f}")
+        info.add_row("prediction", row)
+    else:
+        info.add_row("prediction", _kv(pred, skip=("kind", "source", "t")) + f"  @ {pred['t']:.3f}")
+    info.add_row("stimulation", Text(f"OFF: {state.stim_off}", style="bold yellow") if state.stim_off
+                 else Text(f"armed  ({state.counts.get('stim', 0)} stim messages)", style="green"))
     latency = {k: v for k, v in state.status.items() if "latency" in k or "deadline" in k or "dropped" in k}
-    info.add_row("latency", _kv(latency, skip=(), limit=8) if latency else Text("not reported", style="dim"))
+    lat_text = (f"window end → prediction {_lat(state.prediction_latency_ms)} · "
+                f"→ command {_lat(state.command_latency_ms)} · deadline misses {state.deadline_misses} · "
+                f"dropped samples {state.dropped_samples}")
+    if latency:
+        lat_text += "  " + _kv(latency, skip=(), limit=8)
+    info.add_row("latency", lat_text)
     rest = {k: v for k, v in state.status.items() if k not in latency and k != "t"}
     info.add_row("status", _kv(rest, skip=("source",), limit=8) if rest else Text("none", style="dim"))
     info.add_row("counts", "  ".join(f"{k}={v}" for k, v in sorted(state.counts.items())))
@@ -154,7 +251,8 @@ def render(state: MonitorState, now: float | None = None):
     return Panel(Group(header, sig, info,
                        _events_table("stimulation", state.stim, "magenta"),
                        _events_table("governor clamps/refusals", state.clamps, "yellow"),
-                       _events_table("faults", state.faults, fault_style)),
+                       _events_table("faults and safe state", state.faults, fault_style),
+                       _events_table("operator (control commands, marks)", state.marks, "blue")),
                  title="stimloop", border_style=fault_style)
 
 

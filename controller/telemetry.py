@@ -121,6 +121,10 @@ class TelemetryPublisher:
         self.hwm = hwm
         self.sent = 0
         self.dropped = 0
+        # Decimation phase carried across signal blocks: samples to skip at the start
+        # of the next block so that kept samples are evenly spaced in the stream.
+        self._signal_phase = 0
+        self._signal_decimate = 1
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
@@ -153,21 +157,42 @@ class TelemetryPublisher:
         payload.update(event.data)
         return self.publish(topic, event.t, payload)
 
-    def publish_signal(self, t: float, samples: np.ndarray, fs_hz: float, decimate: int = 1,
+    def publish_signal(self, t: float | np.ndarray, samples: np.ndarray, fs_hz: float, decimate: int = 1,
                        channel_names: Iterable[str] | None = None) -> bool:
-        """Publish a signal block ``(n, ch)``, keeping every ``decimate``-th row.
+        """Publish a signal block ``(n, ch)``, keeping every ``decimate``-th sample of the stream.
 
+        The decimation phase continues across calls, so the published rate is
+        ``fs_hz / decimate`` whatever the block size (a block shorter than
+        ``decimate`` may publish nothing; then nothing is sent and True is returned).
+        Restarting the phase at every block would publish one row per block: with
+        1 ms blocks at 30 kHz that is 1000 messages/s instead of the configured rate.
         Plain sub-sampling (no anti-alias filter): the view is for eyes, not analysis.
-        ``t`` is the timestamp of the first sample; ``fs_hz`` is the published rate.
+        One publisher carries one signal stream (the phase is the publisher's).
+
+        ``t`` is the timestamp of the block's first sample, or the ``(n,)`` array of
+        per-sample timestamps; the message is stamped with its first kept sample.
+        ``fs_hz`` is the block's rate; the message carries the published rate.
         """
         if samples.ndim != 2:
             raise ValueError(f"signal block shape {samples.shape} is invalid; expected (n_samples, n_channels)")
         if not isinstance(decimate, int) or decimate < 1:
             raise ValueError(f"signal decimate={decimate!r} is invalid; expected an integer >= 1")
-        payload: dict[str, Any] = {"fs_hz": float(fs_hz) / decimate, "x": samples[::decimate]}
+        if not fs_hz > 0:
+            raise ValueError(f"signal fs_hz={fs_hz!r} is invalid; expected > 0 (Hz)")
+        n = samples.shape[0]
+        if isinstance(t, np.ndarray) and t.shape != (n,):
+            raise ValueError(f"signal timestamps shape {t.shape} is invalid; expected ({n},) like the block")
+        if decimate != self._signal_decimate:
+            self._signal_decimate, self._signal_phase = decimate, 0
+        phase = self._signal_phase
+        self._signal_phase = (phase - n) % decimate
+        if phase >= n:
+            return True
+        t_first = float(t[phase]) if isinstance(t, np.ndarray) else float(t) + phase / float(fs_hz)
+        payload: dict[str, Any] = {"fs_hz": float(fs_hz) / decimate, "x": samples[phase::decimate]}
         if channel_names is not None:
             payload["channels"] = list(channel_names)
-        return self.publish("signal", t, payload)
+        return self.publish("signal", t_first, payload)
 
     def close(self) -> None:
         """Close the socket (drops anything still queued)."""
