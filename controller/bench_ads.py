@@ -142,6 +142,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         n_cmd = 0
         decim = max(1, int(round(FS_HZ / telemetry_signal_hz)))
         tele_events: list = []
+        pub_s = np.empty(int(duration_s * 1200) + 64)   # publish time per loop iteration (≈1 per 1 ms chunk)
+        n_pub = 0
         proc.stdin.write("start\n")
         proc.stdin.flush()
         t_start = None
@@ -200,7 +202,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 next_hb = now + HEARTBEAT_S
                 if telemetry is not None:
                     tele_events.extend(hb)
-            if telemetry is not None:
+            if telemetry is not None and (n or tele_events):
+                t_pub = time.perf_counter()
                 # After the chunk's commands, as loop.py does: publishing never sits between
                 # a spike and its command; its cost shows up as a later pull of the next chunk.
                 if n:
@@ -208,6 +211,9 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 for e in tele_events:
                     telemetry.publish_event(e)
                 tele_events.clear()
+                if n_pub < pub_s.size:
+                    pub_s[n_pub] = time.perf_counter() - t_pub
+                    n_pub += 1
             if t_start is not None and now - t_start >= duration_s:
                 break
         t_end = clock()
@@ -254,6 +260,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
                 "controller_spike_to_submit_done_ms": _stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
                 "breakdown_ms": breakdown, "realtime_priority": rt_status,
+                "telemetry_publish_ms": None if telemetry is None else _stats_ms(pub_s[:n_pub]),
                 "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,
                 "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                          "load_avg_1min": os.getloadavg()[0]},

@@ -220,7 +220,7 @@ def run_one(mode: str, duration_s: float, seed: int, unit_rate_hz: float, signal
     return {"mode": mode, "samples_ms": samples.tolist(), "spike_to_command_ms": _stats(samples),
             "bench_ads_spike_to_command_ms": res["spike_to_command_ms"], "duration_s": res["duration_s"],
             "pulses_delivered": res["pulses_delivered"], "missed_spikes": res["missed_spikes"],
-            "faults": res["faults"], "telemetry": tele, "load_avg_1min_before": load_before,
+            "faults": res["faults"], "telemetry": tele, "telemetry_publish_ms": res.get("telemetry_publish_ms"), "load_avg_1min_before": load_before,
             "load_avg_1min_after": os.getloadavg()[0]}
 
 
@@ -243,6 +243,9 @@ def run(duration_s: float = 15.0, rounds: int = 3, seed: int = 0, unit_rate_hz: 
             if progress is not None:
                 progress(one)
     out = summarize(runs, seed)
+    # A stall past the imposed 7.5 ms delay makes the device refuse the trigger (TOO_LATE) and the
+    # actuator latch stimulation off for the rest of the run: such runs measure the machine's load.
+    out["runs_with_faults"] = [f"round {x['round']} {x['mode']}" for x in runs if x["faults"]]
     out.update({
         "runs": [{k: v for k, v in x.items() if k != "samples_ms"} for x in runs],
         "config": {"duration_s_per_run": duration_s, "rounds": rounds, "seed": seed, "unit_rate_hz": unit_rate_hz,
@@ -276,6 +279,14 @@ def table(res: dict) -> str:
             lines.append(f"round {x['round']} {x['mode']}: sent {t['sent']}, dropped {t['dropped']}, "
                          f"received normal/slow {got[0]}/{got[1]}")
     m = res["machine"]
+    for x in res["runs"]:
+        if x["faults"]:
+            lines.append(f"round {x['round']} {x['mode']}: FAULT, stimulation latched off after "
+                         f"{x['pulses_delivered']} pulses: {x['faults'][0]}")
+    pub = [x["telemetry_publish_ms"] for x in res["runs"] if x.get("telemetry_publish_ms")]
+    if pub:
+        lines.append("publish time per loop iteration (ms, p50/p99/max per run): "
+                     + ", ".join(f"{p['p50']:.3f}/{p['p99']:.3f}/{p['max']:.3f}" for p in pub))
     lines.append(f"target p99 ratio <= {res['target_ratio']:.2f}: {'met' if res['target_met'] else 'NOT met'}; "
                  f"off-mode per-round p99 spread {res['off_round_p99_spread']} ms (noise floor); "
                  f"{m['cpus']} CPUs, load avg at end {m['load_avg_at_end'][0]:.2f}")
