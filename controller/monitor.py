@@ -21,6 +21,8 @@ from rich.text import Text
 from controller.telemetry import TelemetrySubscriber
 
 _BARS = "▁▂▃▄▅▆▇█"
+# controller.session_control's pause/stop reasons end so; such safe states are wanted, not faults.
+OPERATOR_MARK = "by the operator"
 MAX_CHANNELS_SHOWN = 8
 
 
@@ -64,6 +66,9 @@ class MonitorState:
     deadline_misses: int = 0
     dropped_samples: int = 0
     stim_off: str | None = None           # why stimulation is off (safe state), None while it may run
+    n_commands: int = 0
+    last_command_t: float | None = None
+    n_faults: int = 0                     # fault-topic events not caused by an operator pause/stop
 
     def update(self, topic: str, t: float, payload: dict, received: float) -> None:
         """Fold one telemetry message in (``received``: caller's clock, for staleness)."""
@@ -105,6 +110,8 @@ class MonitorState:
             self.stim.append((t, payload))
             if payload.get("kind") == "command":
                 self.stim_off = None
+                self.n_commands += 1
+                self.last_command_t = t
                 lat = _diff_ms(payload.get("sent_t"), payload.get("window_end_t"))
                 if lat is not None:
                     self.command_latency_ms.append(lat)
@@ -115,6 +122,8 @@ class MonitorState:
         elif topic == "fault":
             self.faults.append((t, payload))
             kind = payload.get("kind")
+            if OPERATOR_MARK not in str(payload.get("reason", "")):
+                self.n_faults += 1
             if kind == "safe_state":
                 self.stim_off = str(payload.get("reason") or payload.get("what") or "safe state")
             elif kind == "deadline_miss":
@@ -234,8 +243,11 @@ def render(state: MonitorState, now: float | None = None):
         info.add_row("prediction", row)
     else:
         info.add_row("prediction", _kv(pred, skip=("kind", "source", "t")) + f"  @ {pred['t']:.3f}")
-    info.add_row("stimulation", Text(f"OFF: {state.stim_off}", style="bold yellow") if state.stim_off
-                 else Text(f"armed  ({state.counts.get('stim', 0)} stim messages)", style="green"))
+    seen = f"{state.n_commands} command(s) since the monitor started"
+    if state.last_command_t is not None and state.last_t is not None:
+        seen += f", last {state.last_t - state.last_command_t:.1f} s ago"
+    info.add_row("stimulation", Text(f"OFF: {state.stim_off}  ({seen})", style="bold yellow") if state.stim_off
+                 else Text(f"armed  ({seen})", style="green"))
     latency = {k: v for k, v in state.status.items() if "latency" in k or "deadline" in k or "dropped" in k}
     lat_text = (f"window end → prediction {_lat(state.prediction_latency_ms)} · "
                 f"→ command {_lat(state.command_latency_ms)} · deadline misses {state.deadline_misses} · "
@@ -247,7 +259,7 @@ def render(state: MonitorState, now: float | None = None):
     info.add_row("status", _kv(rest, skip=("source",), limit=8) if rest else Text("none", style="dim"))
     info.add_row("counts", "  ".join(f"{k}={v}" for k, v in sorted(state.counts.items())))
 
-    fault_style = "bold red" if state.faults else "green"
+    fault_style = "bold red" if state.n_faults else ("yellow" if state.stim_off else "green")
     return Panel(Group(header, sig, info,
                        _events_table("stimulation", state.stim, "magenta"),
                        _events_table("governor clamps/refusals", state.clamps, "yellow"),

@@ -121,6 +121,8 @@ def test_monitor_shows_latest_prediction_and_stimulation_from_a_live_publisher()
     # The operator's pause: stimulation shown off with the reason, the command in the operator list.
     assert "OFF: paused by the operator (local)" in out
     assert "cmd=pause" in out and "who=local" in out
+    assert "4 command(s) since the monitor started" in out
+    assert state.n_faults == 0  # an operator pause is a wanted safe state, not a fault
     assert "window end → prediction p50" in out and "→ command p50" in out and "deadline misses 0" in out
     # The pause's mark is history, not a status field that sticks forever.
     assert "cmd" not in state.status and state.status.get("status") == "started"
