@@ -23,6 +23,8 @@ import time
 import numpy as np
 import pylsl
 
+from drivers.base import StimulatorError
+
 from drivers.params import StimParams, Waveform
 from drivers.serial_stimulator import SerialStimulator
 from hil_sim.pty_pair import close_pty, open_pty_pair
@@ -33,6 +35,8 @@ IDLE_BEFORE_TRIGGER_S = 0.002
 
 def _stats_us(x: np.ndarray) -> dict:
     x = np.asarray(x, dtype=np.float64) * 1e6
+    if x.size == 0:
+        return {"n": 0, "p50": None, "p99": None, "max": None, "mean": None}
     return {"n": int(x.size), "p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99)),
             "max": float(x.max()), "mean": float(x.mean())}
 
@@ -86,8 +90,14 @@ def run(n: int, inproc: bool) -> dict:
             _wait_idle(stim)
             time.sleep(IDLE_BEFORE_TRIGGER_S)   # the next TRIGGER meets a line idle like in a closed loop
         n_sched = max(1, n // 5)
+        too_late = 0
         for i in range(n_sched):
-            stim.trigger(0, at=pylsl.local_clock() + SCHEDULE_AHEAD_S)
+            try:
+                stim.trigger(0, at=pylsl.local_clock() + SCHEDULE_AHEAD_S)
+            except StimulatorError as exc:
+                if "TOO_LATE" not in str(exc):
+                    raise
+                too_late += 1  # the frame took longer than the lead time (a loaded machine): counted, not hidden
             time.sleep(SCHEDULE_AHEAD_S + burst.burst_duration_s + 0.001)
             _wait_idle(stim)
         stim.stop()
@@ -102,8 +112,8 @@ def run(n: int, inproc: bool) -> dict:
             recs = [json.loads(line) for line in f]
         late = np.array([r["t_delivered"] - r["at"] for r in recs
                          if r.get("type") == "TRIGGER" and r.get("at") and r.get("t_delivered") is not None])
-        if late.size != n_sched:
-            raise RuntimeError(f"emulator log has {late.size} scheduled deliveries, expected {n_sched}")
+        if late.size != n_sched - too_late:
+            raise RuntimeError(f"emulator log has {late.size} scheduled deliveries, expected {n_sched - too_late}")
         return {
             "bench": "serial_round_trip", "transport": "pty", "emulator": "thread" if inproc else "process",
             "baudrate": stim.baudrate, "clock": "pylsl.local_clock",
@@ -112,6 +122,7 @@ def run(n: int, inproc: bool) -> dict:
                      "loop); each HEARTBEAT follows its TRIGGER back to back (warm path)"),
             "host_to_device_us": _stats_us(oneway), "retries_used": stim.retries_used,
             "scheduled_lateness_us": _stats_us(late), "schedule_ahead_s": SCHEDULE_AHEAD_S,
+            "scheduled_too_late": too_late,
             "host": {"python": platform.python_version(), "machine": platform.machine(),
                      "cpus": os.cpu_count()},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "t_lsl": pylsl.local_clock(),

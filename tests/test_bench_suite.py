@@ -37,7 +37,7 @@ def _sane(stats: dict, full: bool = True) -> None:
 def quick_run(tmp_path_factory):
     from controller.bench.cli import app
     out = tmp_path_factory.mktemp("bench")
-    res = CliRunner().invoke(app, ["--quick", "--duration", "2", "--out", str(out), "--json", str(out / "r.json")])
+    res = CliRunner().invoke(app, ["--quick", "--duration", "5", "--out", str(out), "--json", str(out / "r.json")])
     assert res.exit_code == 0, res.output + repr(res.exception)
     return out, json.loads((out / "r.json").read_text()), res.output
 

@@ -97,6 +97,10 @@ def test_every_field_and_length_is_validated(dev):
     assert host.request(P.MsgType.CONFIGURE, 11, P.encode_configure(ok)).msg_type == P.MsgType.ACK
     assert host.nack_code(host.request(P.MsgType.TRIGGER, 12, P.encode_trigger(0, time.monotonic() + 3600))) \
         == "OUT_OF_RANGE"
+    # The reply goes out before the record is appended: wait (bounded) for the emulator's bookkeeping.
+    deadline = time.monotonic() + 2.0
+    while len([r for r in emu.records if not r["ok"]]) < 10 and time.monotonic() < deadline:
+        time.sleep(0.005)
     refused = [r for r in emu.records if not r["ok"]]
     assert len(refused) == 10 and all(r["error"] for r in refused)
 

@@ -51,7 +51,11 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
 
     sim = cfg.simulator
     loop = SeizureLoop.from_config(cfg, sim.fs_hz, sim.n_channels)  # contract errors before any folder exists
-    session_dir = Path(session_dir) if session_dir else new_session_dir(cfg.session.out_dir)
+    if session_dir:
+        session_dir = Path(session_dir)
+        (session_dir / "raw").mkdir(parents=True, exist_ok=True)
+    else:
+        session_dir = new_session_dir(cfg.session.out_dir)
     (session_dir / "config.toml").write_text(cfg.to_toml())
     write_json(session_dir / "session.json", {
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
