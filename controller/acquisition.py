@@ -198,6 +198,9 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     ensure_lsl_config()  # before any backend imports pylsl
     import pylsl
 
+    from controller.process_watch import stop_when_parent_dies
+    stop_when_parent_dies(stop_event)  # a killed runner must not leave this process recording forever
+
     from controller.ring import Overrun, SharedRing
     from controller.sources import build_source
 

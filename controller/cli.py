@@ -416,6 +416,14 @@ def _mount_optional() -> None:
         from controller.bench_ads import main as ads_main
         raise typer.Exit(ads_main(ctx.args))
 
+    @bench_app.command("telemetry", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def bench_telemetry(ctx: typer.Context):
+        """What telemetry costs the spike-triggered path: off vs on without and with subscribers.
+
+        Options: --duration S, --rounds N, --json F (see `python -m controller.bench_telemetry --help`)."""
+        from controller.bench_telemetry import main as telemetry_main
+        raise typer.Exit(telemetry_main(ctx.args))
+
     @bench_app.command("inference")
     def bench_inference(n_calls: int = typer.Option(20000, "--n-calls", help="calls per model"),
                         json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here")):

@@ -7,7 +7,6 @@ end-to-end latency into stages. Any fault puts the actuator in the safe state
 """
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -60,6 +59,8 @@ def open_remote(cfg, control, session_dir: Path):
 def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, stop_event, ready) -> None:
     """Process body; puts ``{"ok": True}`` or ``{"error": ...}`` on ``ready`` once the device is open."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orders the shutdown
+    from controller.process_watch import stop_when_parent_dies
+    stop_when_parent_dies(stop_event)  # orphaned (runner killed): leave the loop, stimulation off in `finally`
     from controller.lsl_config import ensure_lsl_config
     ensure_lsl_config()
     from pylsl import local_clock as clock
@@ -74,7 +75,6 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     cfg = Config.model_validate_json(cfg_json)
     log = EventLog(Path(session_dir) / "events.jsonl")
     ring = SharedRing.attach(ring_name)
-    parent = os.getppid()
     actuator = tele = server = None
     try:
         try:
@@ -92,7 +92,6 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             return
         ready.put({"ok": True})
         reader = ring.reader(start="now", max_read=min(ring.capacity, int(ring.fs_hz * 2) + 1))
-        next_orphan_check = clock()
         log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "policy": loop.drive.kind, "threshold": loop.threshold,
                                                              "model_sha256": loop.predictor.sha256}))
         decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))
@@ -107,17 +106,12 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             if got:
                 events.extend(step.step(res.samples, res.timestamps))
                 if tele is not None:
-                    tele.publish_signal(float(res.timestamps[-1]), res.samples, ring.fs_hz, decimate=decim)
+                    tele.publish_signal(res.timestamps, res.samples, ring.fs_hz, decimate=decim)
             now = clock()
             if server is not None:  # never waits; emergency stop acts within this iteration
                 events.extend(server.poll_once(now))
                 events.extend(control.drain())
             events.extend(step.housekeeping())
-            if now >= next_orphan_check:
-                next_orphan_check = now + 0.5
-                if os.getppid() != parent:  # orphaned: the runner died; stop stimulating
-                    events.extend(actuator.safe_state("runner process disappeared"))
-                    break
             if events:
                 if tele is not None:
                     for e in events:

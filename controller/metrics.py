@@ -101,7 +101,11 @@ def compute_metrics(session_dir: Path) -> dict:
         "deadline_misses": len(by_kind.get("deadline_miss", [])),
         "dropped_samples": int(sum(int(e.get("n", 0)) for e in by_kind.get("dropped", []))),
         "predictions": len(predictions),
-        "faults": [{"t": e["t"], "source": e["source"], "reason": e.get("reason", "")} for e in by_kind.get("fault", [])],
+        # Operator stops (pause, emergency stop) latch the governor too, but they are not faults.
+        "faults": [{"t": e["t"], "source": e["source"], "reason": e.get("reason", "")} for e in by_kind.get("fault", [])
+                   if not str(e.get("reason", "")).startswith("emergency_stop")],
+        "operator_stops": [{"t": e["t"], "reason": e.get("reason", "")} for e in by_kind.get("fault", [])
+                           if str(e.get("reason", "")).startswith("emergency_stop")],
         "detection": detection,
         "stim": {
             "commands": len(commands),

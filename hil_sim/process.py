@@ -118,6 +118,8 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
     ``port`` is the stable symlink to use, ``pty`` the current slave it points to.
     Runs until ``stop_event`` is set."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orders the shutdown
+    from controller.process_watch import stop_when_parent_dies
+    stop_when_parent_dies(stop_event)
     from controller.lsl_config import ensure_lsl_config
     ensure_lsl_config()
     import pylsl

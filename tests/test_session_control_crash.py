@@ -101,7 +101,16 @@ def test_sigkill_leaves_a_folder_that_reports_and_exports(tmp_path):
         time.sleep(2.0)
         from pylsl import local_clock
         t_kill = local_clock()
-        os.killpg(proc.pid, signal.SIGKILL)  # every process of the session at once
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(proc.pid, signal.SIGKILL)  # the runner dies; its children must notice and stop by themselves
+        t_end = time.monotonic() + 15
+        while time.monotonic() < t_end and any(os.path.exists(f"/proc/{c}") and
+                                               "Z" not in open(f"/proc/{c}/stat").read().split()[2] for c in children):
+            time.sleep(0.1)
+        alive = [c for c in children if os.path.exists(f"/proc/{c}") and
+                 "Z" not in open(f"/proc/{c}/stat").read().split()[2]]
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left (nothing, if the children behaved)
+        assert children and not alive, f"orphaned session processes still running: {alive}"
     finally:
         proc.wait(10)
     session = raw.parent.parent
