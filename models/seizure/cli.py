@@ -21,6 +21,11 @@ console = Console(stderr=True)
 train_app = typer.Typer(help="Train models.", no_args_is_help=True, add_completion=False)
 
 
+@train_app.callback()
+def _train_group() -> None:
+    """Train models (a group even with one command, so the command reads ``stimloop train seizure``)."""
+
+
 def _fail(msg: str) -> None:
     console.print(f"[red]error:[/] {msg}")
     raise typer.Exit(2)
@@ -57,7 +62,7 @@ def seizure(
     if delhi is not None and not no_delhi and not delhi.is_dir():
         _fail(f"Delhi folder {delhi} does not exist")
     cfg = TrainConfig(out=out, train_patients=ids, duration_s=sim_duration,
-                      delhi_dir=Path("") if no_delhi else delhi, recordings=tuple(recording or ()), kind=kind,
+                      delhi_dir=delhi, use_delhi=not no_delhi, recordings=tuple(recording or ()), kind=kind,
                       seed=seed, max_fa_per_24h=max_fa_per_24h, min_duration_s=min_duration, refractory_s=refractory,
                       extra={"command": "stimloop train seizure " + " ".join(_argv())})
     with console.status("training") as status:
