@@ -186,13 +186,14 @@ def load_raw_meta(raw_dir: str | Path) -> dict:
 
 def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_or_path,
                     raw_dir: str | Path | None = None, *, raw_flush_s: float = 1.0,
-                    events_flush_s: float = 0.5, ready_event=None) -> int:
+                    events_flush_s: float = 0.5, ready_event=None, wakeup_path: str | None = None) -> int:
     """Body of the acquisition process: read the source into the ring until ``stop_event`` is set.
 
     ``source_spec`` is a plain dict for :func:`controller.sources.build_source`.
     Events (source faults, dropped samples, NaN samples, start/stop) go to
     ``events_queue_or_path``. ``ready_event`` (optional) is set once the source
-    is open. Returns 0 on a clean stop; a source that cannot be opened emits a
+    is open. ``wakeup_path`` (optional): a named pipe poked after every ring
+    write, so a reader can block instead of polling (``controller.wakeup``). Returns 0 on a clean stop; a source that cannot be opened emits a
     ``FAULT`` event and re-raises.
     """
     ensure_lsl_config()  # before any backend imports pylsl
@@ -209,6 +210,7 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     source = None
     ring = None
     recorder = None
+    wakeup = None
     try:
         ring = SharedRing.attach(ring_name)
         source = build_source(source_spec)
@@ -223,6 +225,9 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
             recorder = RawRecorder(raw_dir, info.n_channels, info.fs_hz, meta={"source": info.to_dict()},
                                    flush_s=raw_flush_s)
         reader = ring.reader("now")
+        if wakeup_path is not None:
+            from controller.wakeup import WakeupWriter
+            wakeup = WakeupWriter(wakeup_path)
         sink.emit(Event(clock(), EventKind.STATUS, "acquisition",
                         {"what": "acquisition_started", "ring": ring_name, **info.to_dict()}))
         sink.flush()
@@ -233,6 +238,8 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
         while not stop_event.is_set():
             n = source.read_into(ring)
             if n:
+                if wakeup is not None:
+                    wakeup.notify()  # first: the loop's latency, then our own bookkeeping
                 try:
                     samples, ts, _ = reader.read_new()
                 except Overrun as exc:  # the source wrote more than a ring's worth in one call
@@ -263,6 +270,7 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
         return 0
     finally:
         for closer in (source.close if source else None, recorder.close if recorder else None,
+                       wakeup.close if wakeup else None,
                        ring.close if ring else None, sink.close):
             if closer is not None:
                 try:

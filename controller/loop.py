@@ -56,7 +56,8 @@ def open_remote(cfg, control, session_dir: Path):
     return tele, server
 
 
-def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, stop_event, ready) -> None:
+def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, stop_event, ready,
+             wakeup_path: str | None = None) -> None:
     """Process body; puts ``{"ok": True}`` or ``{"error": ...}`` on ``ready`` once the device is open."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orders the shutdown
     from controller.process_watch import stop_when_parent_dies
@@ -75,7 +76,10 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     cfg = Config.model_validate_json(cfg_json)
     log = EventLog(Path(session_dir) / "events.jsonl")
     ring = SharedRing.attach(ring_name)
-    actuator = tele = server = None
+    actuator = tele = server = wakeup = None
+    if wakeup_path is not None:
+        from controller.wakeup import WakeupReader
+        wakeup = WakeupReader(wakeup_path)
     try:
         try:
             loop = SeizureLoop.from_config(cfg, ring.fs_hz, ring.n_channels)
@@ -121,11 +125,14 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             log.maybe_flush(now)
             if not got:
                 events.extend(step.idle())
-                time.sleep(0.0005)
+                if wakeup is not None:
+                    wakeup.wait(0.005)  # woken by the acquisition process as soon as samples land
+                else:
+                    time.sleep(0.0005)
     finally:
         if actuator is not None:
             log.extend(actuator.close())
-        for closable in (server, tele):
+        for closable in (server, tele, wakeup):
             if closable is not None:
                 closable.close()
         log.close()

@@ -17,6 +17,7 @@ import os
 import platform
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
     stops = {k: ctx.Event() for k in ("hil", "acq", "loop")}
     procs: dict[str, mp.Process] = {}
     ring = None
+    wakeup = None
     # Signals can only be handled in the main thread; embedded callers (tests, notebooks) stop via Ctrl-C there.
     in_main = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _raise_stop) if in_main else None
@@ -135,15 +137,18 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
         ring = SharedRing.create(None, src_info.n_channels, capacity, src_info.fs_hz)
 
         from controller.acquisition import run_acquisition
+        from controller.wakeup import make_wakeup
+        wakeup = str(make_wakeup(Path(tempfile.gettempdir()) / f"stimloop-wakeup-{ring.name}"))
         procs["acq"] = ctx.Process(target=run_acquisition, name="stimloop-acq",
                                    args=(spec_src, ring.name, stops["acq"], str(session_dir / "events.jsonl"),
-                                         str(session_dir / "raw")))
+                                         str(session_dir / "raw")), kwargs={"wakeup_path": wakeup})
         procs["acq"].start()
 
         from controller.loop import run_loop
         q_loop = ctx.Queue()
         procs["loop"] = ctx.Process(target=run_loop, name="stimloop-loop",
-                                    args=(cfg.model_dump_json(), ring.name, port, str(session_dir), stops["loop"], q_loop))
+                                    args=(cfg.model_dump_json(), ring.name, port, str(session_dir), stops["loop"], q_loop),
+                                    kwargs={"wakeup_path": wakeup})
         procs["loop"].start()
         _wait_ready(q_loop, procs["loop"], 60, "control loop")
 
@@ -168,6 +173,8 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             if ring is not None:
                 ring.close()
                 ring.unlink()
+            if wakeup is not None:
+                Path(wakeup).unlink(missing_ok=True)
             from controller.events import Event, EventKind
             log.append(Event(time.time(), EventKind.STATUS, "runner", {"status": status,
                              "exit_codes": {k: p.exitcode for k, p in procs.items()}}))
