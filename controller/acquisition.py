@@ -186,14 +186,17 @@ def load_raw_meta(raw_dir: str | Path) -> dict:
 
 def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_or_path,
                     raw_dir: str | Path | None = None, *, raw_flush_s: float = 1.0,
-                    events_flush_s: float = 0.5, ready_event=None, wakeup_path: str | None = None) -> int:
+                    events_flush_s: float = 0.5, ready_event=None, wakeup_path: str | None = None,
+                    wrap_ring=None) -> int:
     """Body of the acquisition process: read the source into the ring until ``stop_event`` is set.
 
     ``source_spec`` is a plain dict for :func:`controller.sources.build_source`.
     Events (source faults, dropped samples, NaN samples, start/stop) go to
     ``events_queue_or_path``. ``ready_event`` (optional) is set once the source
     is open. ``wakeup_path`` (optional): a named pipe poked after every ring
-    write, so a reader can block instead of polling (``controller.wakeup``). Returns 0 on a clean stop; a source that cannot be opened emits a
+    write, so a reader can block instead of polling (``controller.wakeup``).
+    ``wrap_ring(ring) -> ring-like`` (optional, picklable) wraps the ring the
+    source writes into; the latency benchmark uses it to stamp every write. Returns 0 on a clean stop; a source that cannot be opened emits a
     ``FAULT`` event and re-raises.
     """
     ensure_lsl_config()  # before any backend imports pylsl
@@ -213,6 +216,8 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     wakeup = None
     try:
         ring = SharedRing.attach(ring_name)
+        if wrap_ring is not None:
+            ring = wrap_ring(ring)
         source = build_source(source_spec)
         try:
             info = source.open()

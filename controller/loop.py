@@ -57,8 +57,13 @@ def open_remote(cfg, control, session_dir: Path):
 
 
 def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, stop_event, ready,
-             wakeup_path: str | None = None) -> None:
-    """Process body; puts ``{"ok": True}`` or ``{"error": ...}`` on ``ready`` once the device is open."""
+             wakeup_path: str | None = None, customize=None) -> None:
+    """Process body; puts ``{"ok": True}`` or ``{"error": ...}`` on ``ready`` once the device is open.
+
+    ``customize(loop, cfg)`` (a picklable callable, e.g. a module-level function or a partial of
+    one) may adjust the ``SeizureLoop`` before it runs; the latency benchmark uses it to request a
+    burst on every window.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orders the shutdown
     from controller.process_watch import stop_when_parent_dies
     stop_when_parent_dies(stop_event)  # orphaned (runner killed): leave the loop, stimulation off in `finally`
@@ -83,6 +88,8 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     try:
         try:
             loop = SeizureLoop.from_config(cfg, ring.fs_hz, ring.n_channels)
+            if customize is not None:
+                customize(loop, cfg)
             driver = make_driver(cfg, port, clock)
             actuator = make_actuator(cfg, driver, clock)
             events_start = actuator.heartbeat()

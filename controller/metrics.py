@@ -99,7 +99,7 @@ def compute_metrics(session_dir: Path) -> dict:
         "end_to_end_ms": percentiles_ms(end_to_end),
         "stage_ms": {k: percentiles_ms(v) for k, v in stages.items()},
         "deadline_misses": len(by_kind.get("deadline_miss", [])),
-        "dropped_samples": int(sum(int(e.get("n", 0)) for e in by_kind.get("dropped", []))),
+        "dropped_samples": int(sum(int(e.get("n", e.get("n_lost", 0)) or 0) for e in by_kind.get("dropped", []))),
         "predictions": len(predictions),
         # Operator stops (pause, emergency stop) latch the governor too, but they are not faults.
         "faults": [{"t": e["t"], "source": e["source"], "reason": e.get("reason", "")} for e in by_kind.get("fault", [])

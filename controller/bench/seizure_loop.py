@@ -35,6 +35,7 @@ leaves that wait out.
 """
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -65,12 +66,16 @@ class EveryWindowPolicy:
 
 
 class _TimedRing:
-    """Forwards to a ``SharedRing``; stamps each ``write`` (just out of the pull, and written)."""
+    """Forwards to a ``SharedRing``; stamps each ``write`` (just out of the pull, and written).
 
-    def __init__(self, ring, clock, cap: int):
+    Saved to ``out_path`` (``.npy``: ts_last, t_pulled, t_written, n) when the acquisition closes it.
+    """
+
+    def __init__(self, ring, out_path: str, cap: int):
         import numpy as np
-        self._ring, self._clock = ring, clock
-        self.rec = np.zeros((cap, 4))   # ts_last, t_pulled, t_written, n
+        import pylsl
+        self._ring, self._clock, self._out = ring, pylsl.local_clock, out_path
+        self.rec = np.zeros((cap, 4))
         self.k = 0
 
     def __getattr__(self, name):
@@ -84,49 +89,21 @@ class _TimedRing:
             self.k += 1
         return r
 
-
-def _acq_body(spec: dict, ring_name: str, stop, ready, out_path: str, cap: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from controller.lsl_config import ensure_lsl_config
-    ensure_lsl_config()
-    import numpy as np
-    import pylsl
-
-    from controller.ring import SharedRing
-    from controller.sources import build_source
-    ring = SharedRing.attach(ring_name)
-    timed = _TimedRing(ring, pylsl.local_clock, cap)
-    src = build_source(spec)
-    try:
-        src.open()
-        ready.put({"ok": True})
-        while not stop.is_set():
-            src.read_into(timed)
-    except Exception as exc:
-        ready.put({"error": f"acquisition: {exc}"})
-        raise
-    finally:
-        np.save(out_path, timed.rec[:timed.k])
-        with open(out_path + ".json", "w", encoding="utf-8") as f:
-            json.dump({"n_dropped": int(src.n_dropped), "n_samples": int(src.n_samples)}, f)
-        src.close()
-        ring.close()
+    def close(self):
+        import numpy as np
+        np.save(self._out, self.rec[:self.k])
+        self._ring.close()
 
 
-def _loop_body(cfg_json: str, ring_name: str, port: str, session_dir: str, stop, ready) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from controller.lsl_config import ensure_lsl_config
-    ensure_lsl_config()
-    from pylsl import local_clock as clock
+def timed_ring(ring, out_path: str, cap: int) -> _TimedRing:
+    """``run_acquisition(wrap_ring=partial(timed_ring, out_path=..., cap=...))``."""
+    return _TimedRing(ring, out_path, cap)
 
-    from controller.closed_loop import ChunkStep, SeizureLoop
-    from controller.config import Config
+
+def every_window(loop, cfg) -> None:
+    """``run_loop(customize=every_window)``: a burst on every valid window, no post-stimulus blanking."""
     from controller.data_quality import DataQuality
-    from controller.events import Event, EventKind
-    from controller.loop import make_actuator, make_driver
     from controller.policy_drive import PredictionDrive, stim_params
-    from controller.recorder import EventLog
-    from controller.ring import Overrun, SharedRing
 
     class NoBlankingQuality(DataQuality):
         """Data checks as in the session, minus post-stimulus blanking (see the module docstring)."""
@@ -134,46 +111,8 @@ def _loop_body(cfg_json: str, ring_name: str, port: str, session_dir: str, stop,
         def blank(self, t0: float, t1: float) -> None:
             pass
 
-    cfg = Config.model_validate_json(cfg_json)
-    log = EventLog(Path(session_dir) / "events.jsonl")
-    ring = SharedRing.attach(ring_name)
-    actuator = None
-    try:
-        try:
-            loop = SeizureLoop.from_config(cfg, ring.fs_hz, ring.n_channels)
-            loop.drive = PredictionDrive(EveryWindowPolicy(stim_params(cfg.policy.stim)), "bench_every_window")
-            loop.quality = NoBlankingQuality(ring.fs_hz, ring.n_channels, loop.window_s)
-            actuator = make_actuator(cfg, make_driver(cfg, port, clock), clock)
-            events = list(actuator.heartbeat())
-            step = ChunkStep(loop, actuator, clock, stall_timeout_s=cfg.source.stall_timeout_s,
-                             heartbeat_s=cfg.device.heartbeat_s)
-        except Exception as exc:
-            ready.put({"error": f"loop start-up: {type(exc).__name__}: {exc}"})
-            return
-        ready.put({"ok": True})
-        reader = ring.reader(start="now", max_read=min(ring.capacity, int(ring.fs_hz * 2) + 1))
-        while not stop.is_set():
-            try:
-                res = reader.read_new()
-            except Overrun as exc:
-                events.append(Event(clock(), EventKind.DROPPED, "loop", {"n": exc.lost, "reason": "ring overrun"}))
-                continue
-            got = res.samples.shape[0]
-            if got:
-                events.extend(step.step(res.samples, res.timestamps))
-            events.extend(step.housekeeping())
-            if events:
-                log.extend(events)
-                events.clear()
-            log.maybe_flush(clock())
-            if not got:
-                events.extend(step.idle())
-                time.sleep(0.0005)   # the same idle poll as controller.loop
-    finally:
-        if actuator is not None:
-            log.extend(actuator.close())
-        log.close()
-        ring.close()
+    loop.drive = PredictionDrive(EveryWindowPolicy(stim_params(cfg.policy.stim)), "bench_every_window")
+    loop.quality = NoBlankingQuality(loop.stage.source_fs_hz, loop.stage.n_channels, loop.window_s)
 
 
 def _wait(q, proc, what: str, timeout_s: float = 60.0) -> dict:
@@ -253,14 +192,24 @@ def _run(cfg, session: Path, duration_s: float, model: Path) -> dict:
         src = source_spec(cfg, info["stream"])
         ring = SharedRing.create(None, sim.n_channels, int(cfg.ring.capacity_s * sim.fs_hz), sim.fs_hz)
         cap = int((duration_s + 30) * sim.fs_hz) + 1000
-        qa = ctx.Queue()
-        p = ctx.Process(target=_acq_body, args=(src, ring.name, stops["acq"], qa, acq_path, cap), name="bench-acq")
+        # The session's own process bodies, with two hooks: stamped ring writes, a burst on every window.
+        from controller.acquisition import run_acquisition
+        from controller.loop import run_loop
+        from controller.wakeup import make_wakeup
+        wakeup = str(make_wakeup(session / "wakeup.fifo"))
+        ready_acq = ctx.Event()
+        p = ctx.Process(target=run_acquisition, name="bench-acq",
+                        args=(src, ring.name, stops["acq"], str(session / "events.jsonl"), None),
+                        kwargs={"ready_event": ready_acq, "wakeup_path": wakeup,
+                                "wrap_ring": functools.partial(timed_ring, out_path=acq_path, cap=cap)})
         p.start()
         procs["acq"] = p
-        _wait(qa, procs["acq"], "acquisition")
+        if not ready_acq.wait(60):
+            raise RuntimeError(f"acquisition did not start within 60 s (exit code {p.exitcode})")
         ql = ctx.Queue()
-        p = ctx.Process(target=_loop_body, args=(cfg.model_dump_json(), ring.name, info["port"], str(session),
-                                                 stops["loop"], ql), name="bench-loop")
+        p = ctx.Process(target=run_loop, args=(cfg.model_dump_json(), ring.name, info["port"], str(session),
+                                               stops["loop"], ql),
+                        kwargs={"wakeup_path": wakeup, "customize": every_window}, name="bench-loop")
         p.start()
         procs["loop"] = p
         _wait(ql, procs["loop"], "control loop")
@@ -303,7 +252,6 @@ def analyze(session: Path, acq_path: str, cpu_pct: dict, duration_s: float, mode
     preds = {round(e["window_end_t"], 6): e for e in events if e["kind"] == "prediction" and "t_read" in e}
     cmds = [c for c in events if c["kind"] == "command" and c.get("op") == "trigger" and c.get("window_end_t")]
     acq = np.load(acq_path) if Path(acq_path).exists() else np.zeros((0, 4))
-    acq_info = json.loads(Path(acq_path + ".json").read_text()) if Path(acq_path + ".json").exists() else {}
     order = np.argsort(acq[:, 0]) if acq.size else np.zeros(0, int)
     acq = acq[order]
     fs = 512.0
@@ -335,6 +283,6 @@ def analyze(session: Path, acq_path: str, cpu_pct: dict, duration_s: float, mode
             "predictions": m["predictions"], "refusals": m["stim"]["refusals"],
             "end_to_end_ms": stats_ms(e2e), "end_to_end_from_push_ms": stats_ms(e2e_push),
             "stages_ms": {k: stats_ms(v) for k, v in st.items()},
-            "dropped_samples": int(m["dropped_samples"]) + int(acq_info.get("n_dropped", 0)),
+            "dropped_samples": int(m["dropped_samples"]),  # DROPPED events of acquisition and loop
             "deadline_misses": int(m["deadline_misses"]), "faults": m["faults"][:10],
             "cpu_percent": cpu_pct, "_raw_s": {**st, "end_to_end": e2e}}
