@@ -1,0 +1,43 @@
+"""Faults injected into the HIL simulator during a real-time session: the controller's reaction is in its events."""
+import json
+import uuid
+
+import pytest
+
+from controller.config import parse_config
+from controller.recorder import read_jsonl
+from controller.runners.realtime import run_session
+
+pytestmark = pytest.mark.realtime
+
+
+def test_controller_reacts_to_stream_loss_bad_data_and_an_unplugged_device(tmp_path):
+    cfg = parse_config({
+        "session": {"duration_s": 16.0, "out_dir": str(tmp_path)},
+        "source": {"stream": f"stimloop-faults-{uuid.uuid4().hex[:8]}", "resolve_timeout_s": 10.0,
+                   "stall_timeout_s": 0.5},
+        "simulator": {"seizure_onsets_s": []},
+        "telemetry": {"enabled": False}, "control": {"enabled": False},
+        "faults": [
+            {"kind": "nan_burst", "at_s": 3.0, "duration_s": 0.5},
+            {"kind": "stream_loss", "at_s": 6.0, "duration_s": 2.0},
+            {"kind": "device_unplug", "at_s": 10.0, "duration_s": 1.5},
+        ],
+    })
+    session = run_session(cfg)
+    events = read_jsonl(session / "events.jsonl")
+    truth = json.loads((session / "ground_truth.json").read_text())
+    assert [f["kind"] for f in truth["faults"]] == ["nan_burst", "stream_loss", "device_unplug"]
+    whats = [(e["kind"], e.get("what"), e["source"]) for e in events]
+    # NaN burst: fault, stimulation off, released after a clean window.
+    assert ("fault", "bad_data", "loop") in whats and ("status", "data_clean", "loop") in whats
+    # Stream loss: the loop notices the silence (safe state), the source reports loss and recovery.
+    assert ("fault", "stream_stalled", "loop") in whats and ("status", "stream_resumed", "loop") in whats
+    assert any(e["kind"] == "fault" and e.get("what") == "stream_lost" for e in events)
+    # Unplugged device: driver error -> safe state, then the controller reconnects on the stable port.
+    assert any(e["kind"] == "safe_state" and "driver error" in e.get("reason", "") for e in events)
+    assert ("status", "device_reconnected", "actuator") in whats
+    # Every fault is reported with stimulation off first.
+    for e in events:
+        if e["kind"] == "fault" and e["source"] == "governor":
+            assert e["latched"] is True
