@@ -404,7 +404,11 @@ def _mount_optional() -> None:
     """Sub-commands of other parts (each its own typer app)."""
     from controller.bench.cli import app as bench_app
     from models.plasticity.cli import app as plasticity_app
+    from models.seizure.cli import evaluate as evaluate_cmd
+    from models.seizure.cli import train_app
     app.add_typer(plasticity_app, name="plasticity")
+    app.add_typer(train_app, name="train")
+    app.command("evaluate")(evaluate_cmd)
     app.add_typer(bench_app, name="bench")
 
     @bench_app.command("ads", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
