@@ -18,7 +18,7 @@ def sim_recording():
     """Held-out cohort patient 110 (never trained on), 512 Hz x 2 ch, two scheduled seizures."""
     from models.seizure.dataset import SimSpec, simulate_patient
 
-    spec = SimSpec(patient_index=110, seed=11, duration_s=240.0, fs_hz=512.0, n_channels=2, onsets_s=(60.0, 170.0),
+    spec = SimSpec(patient_index=110, seed=11, duration_s=260.0, fs_hz=512.0, n_channels=2, onsets_s=(30.0, 190.0),
                    spontaneous=False)
     x, seizures = simulate_patient(spec)
     return x, seizures
@@ -95,7 +95,7 @@ def test_evaluate_sim_recording_with_nan_run_and_json(tmp_path, sim_recording):
     assert ev["n_seizures"] == 2 and ev["n_detected"] == 2 and ev["false_alarms"] == 0
     assert 0 <= ev["median_latency_s"] <= 5
     assert r["metrics"]["window"]["auroc"] > 0.95
-    assert ev["evaluated_h"] == pytest.approx((240.0 - (b - a)) / 3600, rel=1e-3)
+    assert ev["evaluated_h"] == pytest.approx((260.0 - (b - a)) / 3600, rel=1e-3)
     s = summarize([r])
     assert s["event"]["n_detected"] == 2 and s["event"]["sensitivity_ci95"][1] == 1.0
     json.dumps({k: v for k, v in r.items() if not k.startswith("_")})  # JSON-ready
