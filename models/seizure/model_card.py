@@ -65,7 +65,7 @@ def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: s
         dl = d["delhi"]
         lines.append(f"- Delhi scalp EEG (real): {dl['segments']} segments of 5.12 s at 200 Hz, 1 channel "
                      f"({dl['classes']}), every window labelled by its segment (ictal = 1); weighted to "
-                     "15 % of the training weight.")
+                     f"{100 * metrics.get('delhi_weight', 0.4):.0f} % of the training weight.")
     for r in d.get("recordings", []):
         lines.append(f"- `{r['path']}`: {r['duration_s']:.0f} s at {r['fs_hz']:g} Hz x {r['n_channels']} ch, "
                      f"{r['seizures']} seizures.")
@@ -75,7 +75,8 @@ def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: s
               "a detection from 30 s before onset to 60 s after offset counts, events > 300 s split, events closer "
               "than 90 s merged) on the detector events (threshold + min_duration_s + refractory).", "",
               "| data | metric | value |", "|---|---|---|"]
-    lines += ["| CV, simulated " + r[1:] for r in _event_rows(cv["simulated_event"])]
+    lines += [f"| CV, simulated (threshold {cv['simulated_event']['threshold']:.2f}) |" + r[1:]
+              for r in _event_rows(cv["simulated_event"])]
     w = cv["simulated_window"]
     lines.append(f"| CV, simulated | window AUROC / sensitivity / specificity | {_num(w['auroc'], '{:.4f}')} / "
                  f"{_pct(w['recall'])} / {_pct(w['specificity'])} |")
@@ -90,7 +91,7 @@ def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: s
                          f"{_pct(di['recall'])} / {_pct(di['specificity'])} |")
     if heldout and heldout.get("event"):
         lines += [f"| **held-out simulated** | hours | {heldout['hours']:.1f} h |"]
-        lines += ["| **held-out simulated** " + r[1:] for r in _event_rows(heldout["event"])]
+        lines += ["| **held-out simulated** |" + r[1:] for r in _event_rows(heldout["event"])]
         hw = heldout.get("window") or {}
         lines.append(f"| **held-out simulated** | window precision / recall / F1 / AUROC | {_pct(hw.get('precision'))} / "
                      f"{_pct(hw.get('recall'))} / {_pct(hw.get('f1'))} / {_num(hw.get('auroc'), '{:.4f}')} |")
