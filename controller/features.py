@@ -231,6 +231,7 @@ class SzV1Pipeline(FeaturePipeline):
         + tuple(f"rel_{b}" for b in _BAND_NAMES) + ("sef80",)
     )
     context_s = 2.0
+    _age_feature = False
     _instant = tuple(f"{agg}_{f}" for f in _per_channel for agg in ("med", "max"))
     feature_names = _instant + tuple(f"{n}_avg2s" for n in _instant)
 
@@ -340,7 +341,11 @@ class SzV1Pipeline(FeaturePipeline):
         self._ctx[self._ctx_i] = out[:n_inst]
         self._ctx_i = (self._ctx_i + 1) % self._ctx.shape[0]
         self._ctx_n = min(self._ctx_n + 1, self._ctx.shape[0])
-        out[n_inst:] = self._ctx.sum(axis=0) / self._ctx_n
+        out[n_inst:2 * n_inst] = self._ctx.sum(axis=0) / self._ctx_n
+        if self._age_feature:
+            # How settled the baseline is (0 at start, 1 after warm-up): lets a model
+            # use different evidence before a patient baseline exists.
+            out[2 * n_inst] = min(1.0, self._n_steps * self.hop_s / self.warmup_s) if self.warmup_s > 0 else 1.0
         return out
 
 
@@ -350,7 +355,9 @@ class SzV2Pipeline(SzV1Pipeline):
     The ``sz_v1`` features plus the median/max over channels of the absolute
     log line length and log variance (``*_ll_abs``, ``*_pow_abs``, and their
     2 s means): before a patient baseline exists (a short recording, the
-    first seconds of a session) amplitude is the main seizure evidence.
+    first seconds of a session) amplitude is the main seizure evidence; and
+    ``warmup_frac`` (time since start / ``warmup_s``, capped at 1), which tells
+    a model whether the baseline-relative features mean anything yet.
     The running baseline's warm-up differs: it follows a 2 s EMA (no rise limit) for the first 8 s, then the
     slow rise-limited 120 s EMA. ``sz_v1`` waited 30 s, longer than the time to
     the first seizure of the default demo (10 s), during which a seizure
@@ -364,7 +371,8 @@ class SzV2Pipeline(SzV1Pipeline):
     warmup_s = 8.0
     warmup_tau_s = 2.0
     _instant = SzV1Pipeline._instant + ("med_ll_abs", "max_ll_abs", "med_pow_abs", "max_pow_abs")
-    feature_names = _instant + tuple(f"{n}_avg2s" for n in _instant)
+    _age_feature = True
+    feature_names = _instant + tuple(f"{n}_avg2s" for n in _instant) + ("warmup_frac",)
 
 
 PIPELINES: dict[str, Callable[..., FeaturePipeline]] = {

@@ -161,7 +161,7 @@ def cohort_specs(patient_ids, duration_s: float, seed: int = 0,
     """One recording per cohort patient (``hil_sim.cohort.patient_params``).
 
     Rates and channel counts rotate over ``fs_choices``/``channel_choices``.
-    Scheduled seizures every 60–150 s (every second patient: the first one
+    Scheduled seizures every 100–200 s (every second patient: the first one
     10–14 s after start, as in the default demo, so the model learns the
     start-up regime), plus the patient's spontaneous ones. With ``stim``,
     bursts of ``DEMO_STIM``: 1–2 s after some scheduled onsets (as the loop
@@ -174,7 +174,7 @@ def cohort_specs(patient_ids, duration_s: float, seed: int = 0,
         onsets = []
         while t < duration_s - 30:
             onsets.append(round(float(t), 2))
-            t += rng.uniform(60, 150)
+            t += rng.uniform(100, 200)
         stims = []
         if stim and k % 3 != 2:
             stims += [round(o + float(rng.uniform(1.0, 2.0)), 3) for o in onsets if rng.uniform() < 0.5]
@@ -212,7 +212,9 @@ def build_dataset(specs: list[SimSpec], contract: ModelContract, progress=True) 
     for k, spec in enumerate(specs):
         x, seizures = simulate_patient(spec)
         f, ends = features_for_recording(x, spec.fs_hz, contract)
-        lab = label_windows(ends, seizures, warmup_s=contract.warmup_s)
+        # Warm-up windows are labelled too: the loop acts from the first window, and
+        # the model's warmup_frac feature lets it learn that regime.
+        lab = label_windows(ends, seizures)
         X.append(f)
         y.append(lab)
         groups.append(np.full(len(lab), spec.patient_index, dtype=np.int32))
