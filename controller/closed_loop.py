@@ -65,8 +65,10 @@ class SeizureLoop:
         chunk, timestamps = self.quality.check(chunk, timestamps, events)
         if not timestamps.size:
             return []
-        return [WindowResult(t_end, feats, t_end > self.quality.invalid_until_t)
-                for t_end, feats in self.stage.step(chunk, timestamps)]
+        windows = self.stage.step(chunk, timestamps)
+        # Before the model's warm-up (its running baselines settling) results are recorded, not acted on.
+        warm = self.stage.warm
+        return [WindowResult(t_end, feats, warm and t_end > self.quality.invalid_until_t) for t_end, feats in windows]
 
     def predict(self, features: np.ndarray) -> float:
         return self.predictor.predict(features)
