@@ -214,7 +214,10 @@ def _run(cfg, session: Path, duration_s: float, model: Path) -> dict:
         procs["loop"] = p
         _wait(ql, procs["loop"], "control loop")
         cpu = CpuMeter({k: p.pid for k, p in procs.items()}).start()
-        t_end = time.monotonic() + duration_s
+        # The model acts only after its warm-up (contract.warmup_s): run that long on top of the measured time.
+        from controller.inference import read_contract
+        c = read_contract(model)
+        t_end = time.monotonic() + duration_s + c.warmup_s + c.window_s
         while time.monotonic() < t_end:
             dead = [k for k, p in procs.items() if not p.is_alive()]
             if dead:
