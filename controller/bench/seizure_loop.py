@@ -39,7 +39,6 @@ import functools
 import json
 import multiprocessing as mp
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path

@@ -34,7 +34,6 @@ def _seizure_stats(session: Path, end_t: float) -> dict:
         total += max(0.0, min(off, end_t) - s["onset_t"])
         n += 1
         by_stim += bool(s["terminated_by_stim"])
-    metrics = json.loads((session / "metrics.json").read_text()) if (session / "metrics.json").exists() else {}
     return {"seizure_s": total, "seizures": n, "terminated_by_stim": by_stim}
 
 

@@ -11,7 +11,6 @@ stimulation off (loop), sources (acq), simulator, then the report.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import platform

@@ -8,7 +8,7 @@ become :class:`controller.events.Event` objects collected with
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from models.plasticity.protocols import Protocol, expected_delta_w
-from models.plasticity.stdp import PlasticityModel, STDPRule, stdp_window
+from models.plasticity.stdp import STDPRule, stdp_window
 from models.plasticity.surrogate import (DEFAULT_MODEL_PATH, FEATURE_NAMES, RAW_INPUTS, RAW_NAMES,
                                          PlasticityPredictor)
 

@@ -286,7 +286,6 @@ def train_model(cfg: TrainConfig, progress: Callable[[str], None] | None = None)
         if rec.seizures is None:
             raise ValueError(f"recording {path} has no seizure annotations: training needs them "
                              "(EDF+ annotations or .npz onsets/offsets)")
-        from models.seizure.evaluate import OnnxDetector  # noqa: F401 - same stage path as evaluation
         from models.seizure.dataset import features_for_recording
 
         f, ends = features_for_recording(rec.data_uv, rec.fs_hz, contract, chunk_n=256)

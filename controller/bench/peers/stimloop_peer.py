@@ -2,9 +2,9 @@
 
     python -m controller.bench.peers.stimloop_peer --source-id SID --port /dev/pts/N --duration 5
 
-LSL → acquisition process (``controller.acquisition``, ``LslSource``) →
-``SharedRing`` → this loop (reads the ring like ``controller.loop``: poll,
-0.5 ms sleep when empty) → rising-edge threshold (vectorized per chunk) →
+LSL → ``LslSource`` → ``SharedRing`` → threshold, all in this one process: the
+fast path of ARCHITECTURE.md (spike-triggered stimulation runs in the process
+that receives the samples, no extra hop) → rising-edge threshold (vectorized per chunk) →
 ``Actuator`` (safety governor, MICRO profile) → ``SerialStimulator`` →
 the stimulator emulator on the pty, which stamps the TRIGGER on the LSL clock.
 So unlike the byte-writing peers it pays for the process boundary, the
@@ -14,10 +14,7 @@ command really costs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
-import time
 
 from controller.lsl_config import ensure_lsl_config
 
@@ -38,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from controller.acquisition import start_acquisition
     from controller.actuator import Actuator
     from controller.bench_ads import DEFAULT_STIM
     from controller.events import EventKind
@@ -53,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --channel {a.channel} invalid, expected 0..{info.n_channels - 1}", flush=True)
         return 1
     ring = SharedRing.create(None, info.n_channels, int(2 * info.fs_hz), info.fs_hz)
-    tmp = tempfile.TemporaryDirectory(prefix="stimloop_peer_")
-    acq = stop = act = None
+    act = source = None
     counts = {"commands": 0, "refused": 0, "faults": 0}
     try:
-        acq, stop = start_acquisition(spec, ring.name, os.path.join(tmp.name, "events.jsonl"), None)
+        from controller.sources import build_source
+        source = build_source({**spec, "wait_s": 0.005})
+        source.open()
         clock = pylsl.local_clock
         driver = SerialStimulator(a.port, timeout_s=0.05, retries=2, clock=clock)
         driver.open()
@@ -72,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             now = clock()
             if now >= t_end:
                 break
+            source.read_into(ring)  # waits up to wait_s for the first sample, returns as soon as one lands
             try:
                 res = reader.read_new()
             except Overrun:
@@ -95,20 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             if now >= next_hb:
                 act.heartbeat()
                 next_hb = now + 0.1
-            if not n:
-                time.sleep(0.0005)
     finally:
         if act is not None:
             act.close()
-        if stop is not None:
-            stop.set()
-            acq.join(5)
-            if acq.is_alive():
-                acq.terminate()
-                acq.join(2)
+        if source is not None:
+            source.close()
         ring.close()
         ring.unlink()
-        tmp.cleanup()
     print(f"done {counts['commands']} refused={counts['refused']} faults={counts['faults']}", flush=True)
     return 0
 
