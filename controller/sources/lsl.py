@@ -210,15 +210,20 @@ class LslSource(Source):
                 self._offset_s = inlet.time_correction(0.0)
             except (LslTimeoutError, LostError):
                 pass  # keep the previous estimate; a real loss shows up on the next pull
-        ts += self._offset_s
+        # Gaps are counted on the sender's own clock: a refreshed time_correction offset moves all
+        # later timestamps by a few µs, which at 30 kHz (33 µs per sample) would look like a lost sample.
         n_gaps, n_lost, t_gap = count_gaps(ts, self._last_ts, self.info.fs_hz, self.gap_factor)
+        last_raw = float(ts[-1])
+        ts += self._offset_s
+        if n_gaps:
+            t_gap += self._offset_s
         if n_gaps:
             self.n_dropped += n_lost
             self._emit(now, EventKind.DROPPED, n_lost=n_lost, n_gaps=n_gaps, at_t=t_gap, reason="timestamp_gap")
         if self._buf32 is not self._buf:
             self._buf32[:n] = self._buf[:n]
         ring.write(self._buf32[:n], ts)
-        self._last_ts = float(ts[-1])
+        self._last_ts = last_raw
         self._last_data_t = now
         self.n_samples += n
         if self._lost_since is not None:
