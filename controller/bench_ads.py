@@ -415,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", action="store_true",
                     help="run ADS, then random stimulation at the ADS run's delivered rate; report both")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None,
+                    help="folder for the ground truth (every true spike, every pulse with its receipt time, "
+                         "the synaptic weight over time) and the detections")
     ap.add_argument("--rt", action="store_true",
                     help="run the controller loop under SCHED_FIFO (needs CAP_SYS_NICE; reported in the JSON)")
     ap.add_argument("--k", type=float, default=5.0, help="threshold in σ (REFERENCE.md §2: 4-5)")
@@ -425,12 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     unit_rate = 2.5
     if args.random and not args.compare:
         rate = args.rate_hz if args.rate_hz is not None else unit_rate * len(trig)
-        res = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, rt=args.rt)
+        res = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, rt=args.rt, keep_dir=args.out)
     else:
-        res = run(args.duration, seed=args.seed, k=args.k, rt=args.rt)
+        res = run(args.duration, seed=args.seed, k=args.k, rt=args.rt, keep_dir=args.out)
         if args.compare:
             rate = args.rate_hz if args.rate_hz is not None else max(res["rate_hz"], 0.1)
-            rnd = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, rt=args.rt)
+            rnd = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, rt=args.rt, keep_dir=args.out)
             res["random"] = rnd
             res["weight_change"] = {"ads": res["weight_change"]["ads"], "random": rnd["weight_change"]["random"]}
     if args.json:
