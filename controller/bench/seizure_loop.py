@@ -115,18 +115,8 @@ def every_window(loop, cfg) -> None:
 
 
 def _wait(q, proc, what: str, timeout_s: float = 60.0) -> dict:
-    t_end = time.monotonic() + timeout_s
-    while time.monotonic() < t_end:
-        try:
-            msg = q.get(timeout=0.1)
-        except Exception:
-            if not proc.is_alive():
-                raise RuntimeError(f"{what} process exited during start-up (exit code {proc.exitcode})") from None
-            continue
-        if "error" in msg:
-            raise RuntimeError(f"{what}: {msg['error']}")
-        return msg
-    raise RuntimeError(f"{what} did not start within {timeout_s:.0f} s")
+    from controller.runners.realtime import wait_ready
+    return wait_ready(q, proc, timeout_s, what)
 
 
 def default_model_path() -> Path:

@@ -46,7 +46,8 @@ def source_spec(cfg: Config, hil_stream: str | None = None) -> dict:
     return {"kind": "brainflow", "board_id": s.board_id, "params": dict(s.board_params)}
 
 
-def _wait_ready(q, proc, timeout_s: float, what: str) -> dict:
+def wait_ready(q, proc, timeout_s: float, what: str) -> dict:
+    """The first message a starting process puts on ``q``; a clear ``SessionError`` if it fails or dies."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -111,7 +112,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
                     "faults": [f.model_dump(mode="json", exclude_none=True) for f in cfg.faults]}
             procs["hil"] = ctx.Process(target=run_hil, args=(spec, q, stops["hil"], str(session_dir)), name="stimloop-hil")
             procs["hil"].start()
-            info = _wait_ready(q, procs["hil"], 60, "simulator")
+            info = wait_ready(q, procs["hil"], 60, "simulator")
             if cfg.source.kind == "hil":
                 stream_name = info["stream"]
             if cfg.device.kind == "hil":
@@ -149,7 +150,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
                                     args=(cfg.model_dump_json(), ring.name, port, str(session_dir), stops["loop"], q_loop),
                                     kwargs={"wakeup_path": wakeup})
         procs["loop"].start()
-        _wait_ready(q_loop, procs["loop"], 60, "control loop")
+        wait_ready(q_loop, procs["loop"], 60, "control loop")
 
         _progress(cfg.session.duration_s, procs, console)
     except (KeyboardInterrupt, _Stop) as exc:
