@@ -35,27 +35,27 @@ META_FILE = "meta.json"
 class EventSink:
     """Buffers events and hands them on at most every ``flush_s``.
 
-    ``target`` is a path (JSON lines appended with one ``O_APPEND`` write per
-    flush, so concurrent writers never interleave inside a line) or an object
-    with ``put`` (a multiprocessing queue; events are put as they come).
+    ``target`` is a path (the session's JSON-lines event log,
+    :class:`controller.recorder.EventLog`) or an object with ``put`` (a
+    multiprocessing queue; events are put as they come).
     """
 
     def __init__(self, target, flush_s: float = 0.5):
+        from controller.recorder import EventLog
+
         self.flush_s = flush_s
         self._queue = target if hasattr(target, "put") else None
-        self._fd = None
+        self._log = None
         if self._queue is None and target is not None:
-            path = Path(target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._pending: list[str] = []
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            self._log = EventLog(target, flush_interval_s=flush_s)
         self._last_flush = time.monotonic()
 
     def emit(self, event: Event) -> None:
         if self._queue is not None:
             self._queue.put(event)
-        elif self._fd is not None:
-            self._pending.append(event.to_json())
+        elif self._log is not None:
+            self._log.append(event)
 
     def maybe_flush(self, mono_now: float) -> None:
         if mono_now - self._last_flush >= self.flush_s:
@@ -63,15 +63,13 @@ class EventSink:
 
     def flush(self, mono_now: float | None = None) -> None:
         self._last_flush = time.monotonic() if mono_now is None else mono_now
-        if self._fd is not None and self._pending:
-            os.write(self._fd, ("\n".join(self._pending) + "\n").encode())
-            self._pending.clear()
+        if self._log is not None:
+            self._log.flush()
 
     def close(self) -> None:
-        self.flush()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 class RawRecorder:
