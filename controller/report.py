@@ -100,8 +100,9 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
     ax_stim.set_xlabel("time since first sample (s)")
     if cmds or any(e["kind"] in ("clamp", "refusal", "fault") for e in events):
         ax_stim.legend(loc="upper right", fontsize=8)
-    for ax in (ax_sig, ax_p, ax_stim):
-        ax.set_xlim(left=0)
+    ax_sig.set_xlim(left=0)
+    for ax in (ax_p, ax_stim):  # one time axis for signal, prediction and stimulation
+        ax.set_xlim(ax_sig.get_xlim())
 
     e2e = metrics.get("end_to_end_ms", {})
     device_log = {r["seq"]: r["t_received"] for r in read_jsonl(session_dir / "device_log.jsonl") if "seq" in r}
@@ -111,7 +112,7 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
     inf = [(e["t_inference"] - e["t_read"]) * 1e3 for e in preds if "t_inference" in e]
     bins = 40
     if ring:
-        ax_lat.hist(ring, bins=bins, alpha=0.6, label="window end → read by loop")
+        ax_lat.hist(ring, bins=bins, alpha=0.6, label="window end → read by loop (incl. resampler look-ahead)")
     if inf:
         ax_lat.hist(inf, bins=bins, alpha=0.6, label="features + inference")
     if vals:
