@@ -10,6 +10,8 @@ the exact same code.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from typing import Callable
 
 import numpy as np
@@ -148,7 +150,7 @@ SZ_V1_BANDS_HZ: tuple[tuple[float, float], ...] = (
 _BAND_NAMES = ("delta", "theta", "alpha", "beta", "gamma")
 
 
-class FeaturePipeline:
+class FeaturePipeline(ABC):
     """Base class of named, versioned feature pipelines.
 
     ``step(window)`` maps one ``(n_samples, n_channels)`` window to a
@@ -183,8 +185,9 @@ class FeaturePipeline:
     def reset(self) -> None:
         """Forget the running state (baselines)."""
 
-    def step(self, window: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def step(self, window: np.ndarray) -> np.ndarray:
+        """Features of one window ``(n, ch)`` -> ``(n_features,)`` float32 (preallocated, overwritten)."""
 
 
 class SzV1Pipeline(FeaturePipeline):

@@ -215,14 +215,8 @@ def _run(cfg, session: Path, duration_s: float, model: Path) -> dict:
             time.sleep(0.1)
         cpu_pct = cpu.stop()
     finally:
-        for name in ("loop", "acq", "hil"):   # stimulation off first, as the session runner does
-            stops[name].set()
-            p = procs.get(name)
-            if p is not None:
-                p.join(10)
-                if p.is_alive():
-                    p.terminate()
-                    p.join(2)
+        from controller.runners.realtime import stop_processes
+        stop_processes(stops, procs)   # stimulation off first, as the session runner does
         if ring is not None:
             ring.close()
             ring.unlink()

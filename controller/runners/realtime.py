@@ -46,6 +46,18 @@ def source_spec(cfg: Config, hil_stream: str | None = None) -> dict:
     return {"kind": "brainflow", "board_id": s.board_id, "params": dict(s.board_params)}
 
 
+def stop_processes(stops: dict, procs: dict, order=("loop", "acq", "hil")) -> None:
+    """Stop the session's processes in order — the loop (stimulation off) first — terminating stragglers."""
+    for name in order:
+        stops[name].set()
+        p = procs.get(name)
+        if p is not None:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+                p.join(2)
+
+
 def wait_ready(q, proc, timeout_s: float, what: str) -> dict:
     """The first message a starting process puts on ``q``; a clear ``SessionError`` if it fails or dies."""
     deadline = time.monotonic() + timeout_s
@@ -162,14 +174,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
         if in_main:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the orderly shutdown
         try:
-            for name in ("loop", "acq", "hil"):  # stimulation off first
-                stops[name].set()
-                p = procs.get(name)
-                if p is not None:
-                    p.join(10)
-                    if p.is_alive():
-                        p.terminate()
-                        p.join(2)
+            stop_processes(stops, procs)
             if ring is not None:
                 ring.close()
                 ring.unlink()
