@@ -54,7 +54,7 @@ import numpy as np
 
 from controller.events import Event, EventKind
 from controller.features import band_powers
-from controller.policies.base import PolicyOutput
+from controller.policies.base import PolicyOutput, check_time
 from controller.policies.open_loop import BurstSchedule, check_number, check_stim
 from controller.safety.governor import StimRequest
 from drivers.params import StimParams
@@ -185,10 +185,7 @@ class AdaptivePolicy:
 
     def step(self, biomarker: float, t: float) -> PolicyOutput:
         """Advance to ``t`` with the biomarker value computed for the window ending at ``t``."""
-        t = check_number("t", t)
-        if t < self._last_t:
-            raise ValueError(f"t={t} invalid, expected >= previous t={self._last_t} (time must not go backwards)")
-        self._last_t = t
+        t = self._last_t = check_time(t, self._last_t)
         requests: list[StimRequest] = []
         events: list[Event] = []
         if self._t0 is None:

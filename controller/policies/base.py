@@ -6,6 +6,8 @@ still goes through ``SafetyGovernor`` via ``Actuator.submit``.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Protocol, runtime_checkable
 
 from controller.events import Event
@@ -27,3 +29,13 @@ class Policy(Protocol):
     def reset(self) -> None:
         """Forget all state (new session)."""
         ...
+
+
+def check_time(t, last_t: float) -> float:
+    """``t`` as a float, refusing non-finite values and time going backwards (every policy's ``step``)."""
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t):
+        raise ValueError(f"t={t!r} invalid, expected a finite number (s on the session clock)")
+    t = float(t)
+    if t < last_t:
+        raise ValueError(f"t={t} invalid, expected >= previous t={last_t} (time must not go backwards)")
+    return t

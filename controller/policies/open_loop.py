@@ -31,7 +31,7 @@ import numbers
 import numpy as np
 
 from controller.events import Event, EventKind
-from controller.policies.base import PolicyOutput
+from controller.policies.base import PolicyOutput, check_time
 from controller.safety.governor import StimRequest, conservative_charge_uc
 from drivers.params import StimParams
 
@@ -104,11 +104,8 @@ class _OpenLoop:
         self._last_t = -math.inf
 
     def _check_t(self, t: float) -> float:
-        t = check_number("t", t)
-        if t < self._last_t:
-            raise ValueError(f"t={t} invalid, expected >= previous t={self._last_t} (time must not go backwards)")
-        self._last_t = t
-        return t
+        self._last_t = check_time(t, self._last_t)
+        return self._last_t
 
     @property
     def n_skipped(self) -> int:

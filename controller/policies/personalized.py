@@ -41,7 +41,7 @@ import numpy as np
 from scipy import signal
 
 from controller.events import Event, EventKind
-from controller.policies.base import PolicyOutput
+from controller.policies.base import PolicyOutput, check_time
 from controller.policies.open_loop import BurstSchedule, check_number, check_stim
 from controller.safety.governor import StimRequest
 from drivers.params import StimParams, Waveform
@@ -189,10 +189,7 @@ class PersonalizedFrequencyPolicy:
 
     def step(self, chunk: np.ndarray | None, t: float) -> PolicyOutput:
         """Feed the chunk ending at ``t``; return ``(requests, events)``."""
-        t = check_number("t", t)
-        if t < self._last_t:
-            raise ValueError(f"t={t} invalid, expected >= previous t={self._last_t} (time must not go backwards)")
-        self._last_t = t
+        t = self._last_t = check_time(t, self._last_t)
         requests: list[StimRequest] = []
         events: list[Event] = []
         if self.estimate is None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from controller.events import Event, EventKind
-from controller.policies.base import PolicyOutput
+from controller.policies.base import PolicyOutput, check_time
 from controller.policies.open_loop import BurstSchedule, check_number, check_stim
 from controller.safety.governor import StimRequest
 from drivers.params import StimParams, Waveform
@@ -172,10 +172,7 @@ class PlasticityAwarePolicy:
 
     def step(self, t: float, trigger: bool = False) -> PolicyOutput:
         """Advance to ``t``; with ``period_s=None`` a burst per ``trigger=True``. Returns ``(requests, events)``."""
-        t = check_number("t", t)
-        if t < self._last_t:
-            raise ValueError(f"t={t} invalid, expected >= previous t={self._last_t} (time must not go backwards)")
-        self._last_t = t
+        t = self._last_t = check_time(t, self._last_t)
         requests: list[StimRequest] = []
         events: list[Event] = []
         if not self._started:

@@ -22,7 +22,7 @@ import math
 import numbers
 
 from controller.events import Event, EventKind
-from controller.policies.base import PolicyOutput
+from controller.policies.base import PolicyOutput, check_time
 from controller.safety.governor import StimRequest
 from drivers.params import StimParams
 
@@ -81,10 +81,7 @@ class ResponsivePolicy:
 
     def step(self, p: float, t: float) -> PolicyOutput:
         """Advance to time ``t`` with detector output ``p``; return ``(requests, events)``."""
-        t = _finite("t", t)
-        if t < self._last_t:
-            raise ValueError(f"t={t} invalid, expected >= previous t={self._last_t} (time must not go backwards)")
-        self._last_t = t
+        t = self._last_t = check_time(t, self._last_t)
         requests: list[StimRequest] = []
         events: list[Event] = []
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p):
