@@ -29,19 +29,25 @@ def _stats_us(ns: np.ndarray) -> dict:
             "max_us": float(us.max()), "mean_us": float(us.mean())}
 
 
-def bench_predictor(path: Path, use_iobinding: bool, n_calls: int, rng) -> dict:
-    pred = OnnxPredictor(path, use_iobinding=use_iobinding)
-    feats = rng.normal(size=(256, pred.contract.n_features)).astype(np.float32)
-    for i in range(200):  # warm-up: first calls allocate inside onnxruntime
-        pred.predict(feats[i % 256])
+def _time_calls(fn, inputs: list, n_calls: int, n_warmup: int = 200) -> dict:
+    """Per-call latency of ``fn(x)``, cycling through ``inputs`` (length a power of two), after a warm-up."""
+    mask = len(inputs) - 1
+    for i in range(n_warmup):  # first calls allocate inside onnxruntime
+        fn(inputs[i & mask])
     ns = np.empty(n_calls, dtype=np.int64)
     clock = time.perf_counter_ns
     for i in range(n_calls):
-        f = feats[i & 255]
+        x = inputs[i & mask]
         t0 = clock()
-        pred.predict(f)
+        fn(x)
         ns[i] = clock() - t0
     return _stats_us(ns)
+
+
+def bench_predictor(path: Path, use_iobinding: bool, n_calls: int, rng) -> dict:
+    pred = OnnxPredictor(path, use_iobinding=use_iobinding)
+    feats = rng.normal(size=(256, pred.contract.n_features)).astype(np.float32)
+    return _time_calls(pred.predict, list(feats), n_calls)
 
 
 def bench_stage(path: Path, n_calls: int, rng, fs_hz: float = 512.0, n_channels: int = 16, chunk_n: int = 32) -> dict:
@@ -65,23 +71,13 @@ def bench_stage(path: Path, n_calls: int, rng, fs_hz: float = 512.0, n_channels:
 
 def bench_plasticity(n_calls: int, rng) -> dict:
     """The plasticity surrogate: ``predict`` of one protocol per call (what a policy does)."""
+    from models.plasticity.protocols import Protocol
     from models.plasticity.surrogate import PlasticityPredictor
 
     pred = PlasticityPredictor()
-    protos = [dict(frequency_hz=float(f), waveform="pulsed", pulse_width_us=200.0, timing_ms=10.0, n_pulses=60)
+    protos = [Protocol(frequency_hz=float(f), waveform="pulsed", pulse_width_us=200.0, timing_ms=10.0, n_pulses=60)
               for f in rng.uniform(1, 100, 64)]
-    from models.plasticity.protocols import Protocol
-    protos = [Protocol(**p) for p in protos]
-    for i in range(100):
-        pred.predict(protos[i % 64])
-    ns = np.empty(n_calls, dtype=np.int64)
-    clock = time.perf_counter_ns
-    for i in range(n_calls):
-        p = protos[i & 63]
-        t0 = clock()
-        pred.predict(p)
-        ns[i] = clock() - t0
-    return _stats_us(ns)
+    return _time_calls(pred.predict, protos, n_calls)
 
 
 def bench_shipped_models(n_calls: int = 20000, seed: int = 0) -> dict:
