@@ -42,14 +42,20 @@ def test_train_seizure_cli_writes_model_contract_metrics_and_card(tmp_path, user
     assert "fold 1/4 done" in res.output and "threshold" in res.output
     pred = OnnxPredictor(out)
     c = pred.contract
-    assert c.feature_pipeline == "sz_v2" and c.model_extra["min_duration_s"] == 0.5
-    assert (tmp_path / "m.onnx.sha256").read_text().split()[0] == pred.sha256
     m = json.loads((tmp_path / "m.metrics.json").read_text())
+    # the jointly chosen operating point is what the contract carries; the whole grid is recorded
+    assert c.feature_pipeline == "sz_v2" and c.model_extra["min_duration_s"] == m["min_duration_s"]
+    assert c.threshold == m["threshold"]
+    grid = m["cv"]["operating_point_grid"]
+    assert len(grid) == 25 * 6 and {g["min_duration_s"] for g in grid} == {0.25, 0.5, 0.75, 1.0, 1.25, 1.5}
+    assert "background false alarms" in m["operating_point_rule"]
+    assert (tmp_path / "m.onnx.sha256").read_text().split()[0] == pred.sha256
     assert m["data"]["simulated"]["patients"] == [0, 1, 2]
     assert m["data"]["recordings"][0]["seizures"] == 1 and "delhi" not in m["data"]
     assert m["cv"]["simulated_event"]["n_seizures"] >= 3
     card = (tmp_path / "m.card.md").read_text()
     assert "Known limits" in card and "SzCORE" in card and "95 % CI" in card
+    assert "## Operating point" in card and f"threshold **{c.threshold:.2f}**" in card
 
 
 def test_train_seizure_cli_bad_input(tmp_path):
@@ -58,3 +64,10 @@ def test_train_seizure_cli_bad_input(tmp_path):
     r = CliRunner().invoke(train_app, ["seizure", "--out", str(tmp_path / "x.onnx"), "--recording",
                                        str(tmp_path / "nope.edf")])
     assert r.exit_code == 2 and "nope.edf does not exist" in " ".join(r.output.split())
+
+
+def test_train_seizure_cli_rejects_bad_min_durations(tmp_path):
+    r = CliRunner().invoke(train_app, ["seizure", "--out", str(tmp_path / "x.onnx"), "--min-durations", "0.5,abc"])
+    assert r.exit_code == 2 and "--min-durations" in r.output and "0.5,abc" in r.output
+    r = CliRunner().invoke(train_app, ["seizure", "--out", str(tmp_path / "x.onnx"), "--min-durations", "-1"])
+    assert r.exit_code == 2 and "[0, 60]" in " ".join(r.output.split())

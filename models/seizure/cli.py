@@ -41,8 +41,11 @@ def seizure(
     no_delhi: bool = typer.Option(False, "--no-delhi", help="train without the Delhi segments"),
     recording: Optional[List[Path]] = typer.Option(None, "--recording", "-r",
                                                    help="annotated EDF/EDF+ or .npz recording (repeatable)"),
-    max_fa_per_24h: float = typer.Option(1.0, help="false alarms per 24 h allowed (out of fold) when choosing the threshold"),
-    min_duration: float = typer.Option(0.5, help="s above threshold before a detection (the policy's min_duration_s)"),
+    max_fa_per_24h: float = typer.Option(1.0, help="out-of-fold background false alarms per 24 h allowed when "
+                                                    "choosing the operating point"),
+    min_durations: str = typer.Option("0.25,0.5,0.75,1.0,1.25,1.5",
+                                      help="min_duration_s values (s above threshold before a detection) in the "
+                                           "operating-point grid, comma-separated"),
     refractory: float = typer.Option(5.0, help="s after a detection start during which no new one counts"),
     kind: str = typer.Option("gbt", help="gbt | logreg"),
     seed: int = typer.Option(0),
@@ -61,9 +64,15 @@ def seizure(
             _fail(f"recording {r} does not exist")
     if delhi is not None and not no_delhi and not delhi.is_dir():
         _fail(f"Delhi folder {delhi} does not exist")
+    try:
+        min_durs = tuple(float(v) for v in min_durations.split(","))
+    except ValueError:
+        _fail(f"--min-durations {min_durations!r} invalid, expected comma-separated seconds like '0.5,1.0'")
+    if not all(0 <= v <= 60 for v in min_durs):
+        _fail(f"--min-durations {min_durations!r} invalid, expected seconds in [0, 60]")
     cfg = TrainConfig(out=out, train_patients=ids, duration_s=sim_duration,
                       delhi_dir=delhi, use_delhi=not no_delhi, recordings=tuple(recording or ()), kind=kind,
-                      seed=seed, max_fa_per_24h=max_fa_per_24h, min_duration_s=min_duration, refractory_s=refractory,
+                      seed=seed, max_bg_fa_per_24h=max_fa_per_24h, min_durations_s=min_durs, refractory_s=refractory,
                       extra={"command": "stimloop train seizure " + " ".join(_argv())})
     with console.status("training") as status:
         def say(msg: str) -> None:
