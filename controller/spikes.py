@@ -152,6 +152,7 @@ class SpikeDetector:
         self._med_ring = np.zeros((max(1, int(round(noise_window_s * 1e3 / block_ms))), nc))
         self._med_pos = 0
         self._sigma = np.full(nc, np.nan if initial_sigma_uv is None else float(initial_sigma_uv))
+        self._thr = -self.k * self._sigma
         self._blanks: deque[tuple[float, float]] = deque()
         self.max_chunk = int(max_chunk)
         self._buf = np.empty((self._hist_n + self.max_chunk, nc), np.float32)
@@ -203,26 +204,41 @@ class SpikeDetector:
         x = self._buf[:h + n]
         ts = self._buf_t[:h + n]
         bl = self._buf_blank[:h + n]
-        x[:h] = self._hist_x
-        ts[:h] = self._hist_t
-        bl[:h] = self._hist_blank
-        np.take(chunk, self.channels, axis=1, out=x[h:])
-        ts[h:] = timestamps
-        new_bl = bl[h:]
-        new_bl[:] = False
-        t_first, t_last = timestamps[0], timestamps[-1]
+        xn = x[h:]
+        np.take(chunk, self.channels, axis=1, out=xn)
+        t_first, t_last = float(timestamps[0]), float(timestamps[-1])
         while self._blanks and self._blanks[0][1] <= t_first:
             self._blanks.popleft()   # windows arrive in time order: the head expires first
+        new_bl = None
         for b0, b1 in self._blanks:
             if b0 > t_last or b1 <= t_first:
                 continue
+            if new_bl is None:
+                new_bl = bl[h:]
+                new_bl[:] = False
             i0 = int(np.searchsorted(timestamps, b0, "left"))
             i1 = int(np.searchsorted(timestamps, b1, "left"))
             new_bl[i0:i1] = True
-        self.n_blanked += int(new_bl.sum())
+        if new_bl is not None:
+            self.n_blanked += int(new_bl.sum())
 
-        self._update_noise(x[h:], new_bl)
-        thr = -self.k * self._sigma     # NaN before the first estimate: no crossings
+        self._update_noise(xn, new_bl)
+        thr = self._thr                  # -k·σ; NaN before the first estimate: no crossings
+        if new_bl is None and self.mode == "threshold" and not (xn < thr).any():
+            # The usual chunk (nothing below threshold, nothing blanked) cannot hold a crossing:
+            # carry the last sample and stop here. Fewer numpy calls matter on the fast path,
+            # where each costs several µs when its code is cold (bench_ads breakdown).
+            self._hist_x[:] = xn[-h:]
+            self._hist_t[:] = timestamps[-h:]
+            self._hist_blank[:] = False
+            return _EMPTY
+        if new_bl is None:
+            new_bl = bl[h:]
+            new_bl[:] = False
+        x[:h] = self._hist_x
+        ts[:h] = self._hist_t
+        bl[:h] = self._hist_blank
+        ts[h:] = timestamps
         below = x < thr                  # NaN compares False
         below |= bl[:, None]             # a blanked sample counts as "below": no crossing into or out of it
         cross = below[h:] & ~below[h - 1:-1]
@@ -298,9 +314,9 @@ class SpikeDetector:
         out_c.append(col)
         out_a.append(float(snip.min()))
 
-    def _update_noise(self, xn: np.ndarray, blanked_rows: np.ndarray) -> None:
+    def _update_noise(self, xn: np.ndarray, blanked_rows: np.ndarray | None) -> None:
         """Feed unblanked samples to the per-channel block-median noise estimate (blanking is per row)."""
-        v = xn if not blanked_rows.any() else xn[~blanked_rows]
+        v = xn if blanked_rows is None or not blanked_rows.any() else xn[~blanked_rows]
         fill, i, m = self._acc_fill, 0, v.shape[0]
         while i < m:   # at most a few iterations per chunk (one per completed block)
             take = min(self._block_n - fill, m - i)
@@ -312,6 +328,7 @@ class SpikeDetector:
                 self._med_pos += 1
                 filled = self._med_ring[:min(self._med_pos, self._med_ring.shape[0])]
                 self._sigma[:] = np.median(filled, axis=0) / MAD_TO_SIGMA
+                np.multiply(self._sigma, -self.k, out=self._thr)
                 fill = 0
         self._acc_fill = fill
 

@@ -14,10 +14,12 @@ until ``stop`` (or EOF, e.g. the parent died), writes the ground truth JSON to
 ``--out`` and prints ``done``.
 
 Pacing: the block ending at sample index i is produced and pushed once the LSL
-clock has passed t0 + i/fs (sleep-then-spin: REFERENCE.md §1, plain sleep is
-up to ~1.8 ms late), never ahead, so a pulse delivered before then is already
-in it. The push time of every block is recorded (``push_t``) so a benchmark
-can separate the wait for a sample to exist from processing latency.
+clock has passed t0 + i/fs, never ahead, so a pulse delivered before then is
+already in it. A plain sleep, no spin: its lateness (p99 ≈ 180 µs, REFERENCE.md
+§1) only shifts when a block leaves, and the push time of every block is
+recorded (``push_t``) so a benchmark measures from it; spinning 1000 times a
+second would take most of a core from the controller on a 2-core machine
+(spike → command p99 1.9 → 1.4 ms when the spin went).
 """
 from __future__ import annotations
 
@@ -39,9 +41,6 @@ from hil_sim.emulator import StimulatorEmulator  # noqa: E402
 from hil_sim.spiking import SpikingUnits  # noqa: E402
 
 __all__ = ["SpikingHil", "main"]
-
-_SPIN_S = 0.0008   # wake this long before a deadline and spin the rest
-
 
 class SpikingHil:
     """Paces ``units`` over an LSL outlet and routes emulator deliveries into it (one process)."""
@@ -86,13 +85,10 @@ class SpikingHil:
         while not stop.is_set():
             idx_last = u.n_samples + n - 1
             t_last = self.t0 + idx_last / fs
-            while True:
+            wait = t_last - clock()
+            while wait > 0:   # sleep releases the GIL for the emulator's reader and scheduler
+                time.sleep(wait)
                 wait = t_last - clock()
-                if wait <= 0:
-                    break
-                # The spin yields the GIL (sleep(0)): the emulator's reader and scheduler
-                # threads share this process and must timestamp and deliver on time.
-                time.sleep(wait - _SPIN_S if wait > _SPIN_S else 0)
             with self.lock:
                 x = u.step(n)
             self.outlet.push_chunk(x, t_last, True)

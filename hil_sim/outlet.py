@@ -124,8 +124,9 @@ class PatientOutlet:
                 wait = t_last - clock()
                 if wait <= 0 or stop_event.is_set():
                     break
-                if wait > _SPIN_S:
-                    time.sleep(wait - _SPIN_S)
+                # sleep(0) in the spin releases the GIL: the emulator's reader shares this
+                # process and must stamp a command's arrival at once, not after the spin.
+                time.sleep(wait - _SPIN_S if wait > _SPIN_S else 0)
             if self.faults is None:
                 self.outlet.push_chunk(x, t_last, True)
                 self.n_pushed += x.shape[0]

@@ -255,3 +255,30 @@ def test_garbage_request_is_refused_not_raised():
     g = gov()
     assert g.step("not a request", 0.0).events[0].data["rule"] == "invalid_request"
     assert g.step(StimRequest(0.0, "x", params={"amplitude_ua": 1}), 0.0).events[0].data["rule"] == "invalid_request"
+
+
+def test_reused_params_object_gets_the_same_decision_and_equal_values_are_checked_anew():
+    """The per-params check result is reused only for the very same object (policies resend theirs)."""
+    g = gov()
+
+    def step(params, t):
+        g.heartbeat_ok(t)
+        return g.step(req(params, t=t), t)
+
+    big = RNS_BURST.with_(amplitude_ua=20_000.0)          # above MACRO's hard limit: refused
+    first = step(RNS_BURST, 0.0)
+    second = step(RNS_BURST, 10.0)
+    assert first.allowed and second.allowed and second.params == first.params
+    assert second.events[-1].data["params"] == first.events[-1].data["params"]
+    # The event's params dict is a copy: editing one cannot change what the next decision reports.
+    second.events[-1].data["params"]["amplitude_ua"] = -1.0
+    assert step(RNS_BURST, 20.0).events[-1].data["params"]["amplitude_ua"] == 1500.0
+    refused = step(big, 30.0)
+    assert not refused.allowed and refused.events[-1].data["rule"] == "hard_max_amplitude"
+    # An *equal* object with a bool where a number belongs (True == 1.0) is not the cached one: refused.
+    one_ua = RNS_BURST.with_(amplitude_ua=1.0)
+    assert step(one_ua, 40.0).allowed
+    sneaky = RNS_BURST.with_(amplitude_ua=True)
+    assert sneaky == one_ua and hash(sneaky) == hash(one_ua)
+    d = step(sneaky, 50.0)
+    assert not d.allowed and d.events[-1].data["rule"] == "invalid_request"

@@ -159,3 +159,20 @@ def test_bad_chunk_shape_is_refused():
         det.step(np.zeros((10, 3), np.float32), np.zeros(10))
     with pytest.raises(ValueError, match="timestamps shape"):
         det.step(np.zeros((10, 4), np.float32), np.zeros(9))
+
+
+def test_crossings_at_chunk_edges_after_quiet_chunks():
+    """Quiet chunks take a short path that only carries the last sample: a crossing on the first
+    sample of the next chunk is found, and a spike that straddles two chunks counts once."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((3000, 2)) * 5).astype(np.float32)
+    x[600:604, 0] = -200.0   # starts exactly on a chunk's first sample (chunk 30)
+    x[1198:1203, 1] = -200.0  # starts on the last two samples of a chunk, continues into the next
+    ts = 10.0 + np.arange(x.shape[0]) / FS
+    det = SpikeDetector(FS, 2, k=5.0, initial_sigma_uv=5.0)
+    dt, dc = _run(det, x, ts, 30)
+    np.testing.assert_allclose(dt, [ts[600], ts[1198]])
+    np.testing.assert_array_equal(dc, [0, 1])
+    # Same answer in one call: the chunking does not change the detections.
+    one = SpikeDetector(FS, 2, k=5.0, initial_sigma_uv=5.0).step(x, ts)
+    np.testing.assert_allclose(one.t, dt)
