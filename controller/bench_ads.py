@@ -50,7 +50,7 @@ from drivers.params import StimParams, Waveform  # noqa: E402
 from drivers.serial_stimulator import SerialStimulator  # noqa: E402
 from hil_sim.pty_pair import close_pty, open_pty_pair  # noqa: E402
 
-__all__ = ["run", "evaluate", "main", "DEFAULT_STIM"]
+__all__ = ["run", "evaluate", "main", "DEFAULT_STIM", "spike_to_command_samples_ms", "chunk_latency_ms"]
 
 FS_HZ = 30_000.0
 CHUNK_N = 30                 # 1 ms at 30 kHz
@@ -75,7 +75,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         trigger_channels: tuple[int, ...] = (0, 1), unit_rate_hz: float = 2.5, k: float = 5.0,
         stim: StimParams = DEFAULT_STIM, delay_ms: float = GUGGENMOS_DELAY_MS,
         blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None, rt: bool = False,
-        telemetry=None, telemetry_signal_hz: float = 64.0) -> dict:
+        telemetry=None, telemetry_signal_hz: float = 64.0, return_samples: bool = False) -> dict:
     """One real-time run (ADS, or random stimulation at ``random_rate_hz``); returns the result dict.
 
     ``telemetry``: an optional :class:`controller.telemetry.TelemetryPublisher`. When
@@ -144,6 +144,11 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         tele_events: list = []
         pub_s = np.empty(int(duration_s * 1200) + 64)   # publish time per loop iteration (≈1 per 1 ms chunk)
         n_pub = 0
+        # Per pulled chunk: first/last sample time and when its processing (detector, policy and any
+        # commands) was done. Every chunk is a point on the spike path, not only the ~5/s with a spike.
+        cap_chunks = int(duration_s * 1100) + 64
+        ch_first, ch_last, ch_done = np.empty(cap_chunks), np.empty(cap_chunks), np.empty(cap_chunks)
+        n_chunks = 0
         proc.stdin.write("start\n")
         proc.stdin.flush()
         t_start = None
@@ -196,6 +201,11 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                         refusal_rules[rule] = refusal_rules.get(rule, 0) + 1
                     else:
                         faults.extend(str(e.data.get("reason")) for e in evs if e.kind is EventKind.FAULT)
+                if n_chunks < cap_chunks:
+                    ch_done[n_chunks] = clock()
+                    ch_first[n_chunks] = ts[0]
+                    ch_last[n_chunks] = ts[n - 1]
+                    n_chunks += 1
             if now >= next_hb:
                 # Heartbeat between chunks, never between a spike and its command.
                 hb = act.heartbeat()
@@ -253,6 +263,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                  channel=np.concatenate(det_c) if det_c else np.empty(0, int), blanks=np.asarray(blanks).reshape(-1, 2))
     detections = (np.concatenate(det_t) if det_t else np.empty(0), np.concatenate(det_c) if det_c else np.empty(0, int))
     breakdown = _breakdown(gt, cmd_spike[:n_cmd], cmd_pulled[:n_cmd], cmd_submit[:n_cmd], cmd_seq[:n_cmd])
+    chunk_ms = chunk_latency_ms(gt, ch_first[:n_chunks], ch_last[:n_chunks], ch_done[:n_chunks],
+                                t_from=t_start + WARMUP_S)
     res = evaluate(gt, detections, blanks, mode=mode, delay_s=delay_ms * 1e-3, t_eval=(t_start + WARMUP_S, t_end - 0.05))
     res.update({"mode": mode, "duration_s": float(t_end - t_start), "channels": n_channels,
                 "trigger_channels": list(trigger_channels), "fs_hz": FS_HZ, "chunk_samples": CHUNK_N,
@@ -260,11 +272,15 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
                 "controller_spike_to_submit_done_ms": _stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
                 "breakdown_ms": breakdown, "realtime_priority": rt_status,
+                "chunk_to_decision_ms": _stats_ms(chunk_ms * 1e-3),
                 "telemetry_publish_ms": None if telemetry is None else _stats_ms(pub_s[:n_pub]),
                 "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,
                 "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                          "load_avg_1min": os.getloadavg()[0]},
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if return_samples:
+        res["samples_ms"] = {"chunk_to_decision": chunk_ms.tolist(),
+                             "spike_to_command": spike_to_command_samples_ms(gt, delay_ms * 1e-3).tolist()}
     return res
 
 
@@ -279,6 +295,43 @@ def _enter_rt() -> str:
         return "SCHED_FIFO 50"
     except (AttributeError, PermissionError, OSError) as e:
         return f"unavailable: {e}"
+
+
+def spike_to_command_samples_ms(gt: dict, delay_s: float) -> np.ndarray:
+    """Spike → command (ms) per delivered ADS trigger: the emulator's receipt time of the TRIGGER
+    minus the push time of the LSL block holding the spike sample (spike time = ``at`` − delay)."""
+    if not delay_s >= 0:
+        raise ValueError(f"delay_s={delay_s!r} invalid, expected >= 0 s")
+    push_t = np.asarray(gt["push_t"], np.float64)
+    recs = [r for r in gt["emulator_records"]
+            if r.get("type") == "TRIGGER" and r.get("t_delivered") is not None and r.get("at")]
+    if not recs or push_t.size == 0:
+        return np.empty(0)
+    at = np.array([r["at"] for r in recs], np.float64)
+    received = np.array([r["t_received"] for r in recs], np.float64)
+    block = np.rint((at - delay_s - gt["t0"]) * gt["fs_hz"]).astype(np.int64) // gt["chunk_n"]
+    ok = (block >= 0) & (block < push_t.size)
+    return (received[ok] - push_t[block[ok]]) * 1e3
+
+
+def chunk_latency_ms(gt: dict, first_t, last_t, done_t, t_from: float = -np.inf) -> np.ndarray:
+    """Push of each sample block → the controller done with the chunk holding it (ms), one value per block.
+
+    A pull can return several blocks (the older ones waited longer); each block
+    counts once, with the time its chunk's detector, policy and commands were
+    done. Blocks whose samples start before ``t_from`` are left out (warm-up).
+    """
+    fs, chunk_n, t0 = gt["fs_hz"], gt["chunk_n"], gt["t0"]
+    push_t = np.asarray(gt["push_t"], np.float64)
+    first_t, last_t, done_t = (np.asarray(a, np.float64) for a in (first_t, last_t, done_t))
+    b0 = np.rint((first_t - t0) * fs).astype(np.int64) // chunk_n
+    b1 = np.rint((last_t - t0) * fs).astype(np.int64) // chunk_n
+    n_per = np.maximum(b1 - b0 + 1, 0)
+    blocks = np.repeat(b1, n_per) - (np.arange(n_per.sum()) - np.repeat(np.cumsum(n_per) - n_per, n_per))
+    done = np.repeat(done_t, n_per)
+    start = np.repeat(first_t, n_per)
+    ok = (blocks >= 0) & (blocks < push_t.size) & (start >= t_from)
+    return (done[ok] - push_t[blocks[ok]]) * 1e3
 
 
 def _breakdown(gt: dict, spike_t, pulled_t, submit_t, seq) -> dict:
@@ -301,8 +354,7 @@ def _breakdown(gt: dict, spike_t, pulled_t, submit_t, seq) -> dict:
 def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[tuple[float, float]], mode: str,
              delay_s: float, t_eval: tuple[float, float]) -> dict:
     """Score one run against the HIL ground truth (all times on the LSL clock)."""
-    fs, chunk_n, t0 = gt["fs_hz"], gt["chunk_n"], gt["t0"]
-    push_t = np.asarray(gt["push_t"])
+    t0 = gt["t0"]
     true_t = np.asarray(gt["trigger_spikes"]["t"])
     true_c = np.asarray(gt["trigger_spikes"]["channel"])
     d_t, d_c = detections
@@ -345,16 +397,13 @@ def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[t
         if nearest(by_ch_det.get(int(c), np.empty(0)), t) > MATCH_S:
             missed += 1
 
-    s2c, s2c_wait, delay_err = [], [], []
+    s2c = spike_to_command_samples_ms(gt, delay_s) * 1e-3 if mode == "ads" else []
+    s2c_wait, delay_err = [], []
     for r in delivered:
         if not r.get("at"):
             continue
         t_spike = r["at"] - delay_s if mode == "ads" else None
         if mode == "ads":
-            i = int(round((t_spike - t0) * fs))
-            b = i // chunk_n
-            if 0 <= b < push_t.size:
-                s2c.append(r["t_received"] - push_t[b])
             s2c_wait.append(r["t_received"] - t_spike)
             all_true = np.sort(true_t)
             j = np.searchsorted(all_true, t_spike)
@@ -390,7 +439,7 @@ def _table(res: dict) -> str:
     rows = [("mode", res["mode"]), ("duration_s", f"{res['duration_s']:.2f}"),
             ("channels × fs", f"{res['channels']} × {res['fs_hz']:.0f} Hz"),
             ("rate_hz (delivered)", f"{res['rate_hz']:.2f}")]
-    for key in ("spike_to_command_ms", "spike_time_to_command_ms", "delay_error_ms"):
+    for key in ("spike_to_command_ms", "spike_time_to_command_ms", "delay_error_ms", "chunk_to_decision_ms"):
         s = res[key]
         if s["n"]:
             rows.append((key, f"p50 {s['p50']:.3f}  p99 {s['p99']:.3f}  max {s['max']:.3f}  (n={s['n']})"))

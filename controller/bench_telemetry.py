@@ -17,9 +17,13 @@ With telemetry on, the fast path publishes what the real-time loop publishes
 (``controller/loop.py``): the decimated signal (``--signal-hz``), its spike
 detections and every actuator event, after the chunk's commands are submitted.
 
-Spike → command is the device's receipt time of the TRIGGER minus the push time
-of the LSL chunk holding the spike (ground truth from the HIL process, one
-clock). Rounds interleave the three modes in a rotating order so that slow
+Two measures of the spike path, both from the HIL ground truth (one clock):
+``chunk_to_decision`` — for every 1 ms block, its push time → the loop done with
+the chunk holding it (detector, policy, any commands; publishing comes after):
+~1000 samples per second, so a 10 % change at p99 is resolvable; the target is
+judged on it. ``spike_to_command`` — the device's receipt time of a TRIGGER minus
+the push time of the block holding its spike: the end-to-end figure, but only
+~10 samples per second, so its p99 ratio has a wide interval. Rounds interleave the three modes in a rotating order so that slow
 drifts of the machine's load hit every mode alike; samples are pooled per mode,
 and the p99 ratio on/off is given with a bootstrap 95 % interval. The off-mode
 spread between rounds is the noise floor: a ratio inside it is not a cost.
@@ -33,39 +37,21 @@ import platform
 import select
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
 MODES: tuple[str, ...] = ("off", "on_no_subscriber", "on_2_subscribers")
+# chunk_to_decision: every 1 ms block, push → the loop done with its chunk (detector, policy, commands):
+# ~1000 samples/s, so its p99 is well estimated. spike_to_command: only the ~10/s blocks holding a spike
+# that led to a command, push → device receipt. The target is judged on the first.
+METRICS: tuple[str, ...] = ("chunk_to_decision", "spike_to_command")
 TARGET_RATIO = 1.10  # issue 6: telemetry costs the spike-triggered path at most 10 % at p99
 BOOTSTRAP_N = 2000
 
 
 # -- functional core ---------------------------------------------------------------------------
-
-def spike_to_command_ms(gt: dict, delay_ms: float) -> np.ndarray:
-    """Spike → command (ms) per delivered ADS trigger, from the HIL ground truth.
-
-    Same definition as ``controller.bench_ads.evaluate``: the emulator's receipt
-    time of the TRIGGER minus the push time of the LSL chunk holding the spike
-    sample (the spike time is the trigger's ``at`` minus the imposed delay).
-    """
-    if not delay_ms >= 0:
-        raise ValueError(f"delay_ms={delay_ms!r} invalid, expected >= 0 ms")
-    push_t = np.asarray(gt["push_t"], np.float64)
-    recs = [r for r in gt["emulator_records"]
-            if r.get("type") == "TRIGGER" and r.get("t_delivered") is not None and r.get("at")]
-    if not recs or push_t.size == 0:
-        return np.empty(0)
-    at = np.array([r["at"] for r in recs], np.float64)
-    received = np.array([r["t_received"] for r in recs], np.float64)
-    block = np.floor(np.rint((at - delay_ms * 1e-3 - gt["t0"]) * gt["fs_hz"]) / gt["chunk_n"]).astype(np.int64)
-    ok = (block >= 0) & (block < push_t.size)
-    return (received[ok] - push_t[block[ok]]) * 1e3
-
 
 def _stats(x_ms: np.ndarray) -> dict:
     if x_ms.size == 0:
@@ -84,22 +70,23 @@ def _ratio_ci(on: np.ndarray, off: np.ndarray, rng: np.random.Generator) -> list
     return [float(lo), float(hi)]
 
 
-def summarize(runs: list[dict], seed: int = 0) -> dict:
-    """Pool each mode's samples over rounds; p99 ratios on/off with bootstrap intervals.
+def summarize(runs: list[dict], seed: int = 0, metric: str = "chunk_to_decision") -> dict:
+    """Pool each mode's samples of ``metric`` over rounds; p99 ratios on/off with bootstrap intervals.
 
     ``runs``: dicts with ``mode`` (one of ``MODES``), ``round`` and ``samples_ms``
-    (spike → command of that run). Returns ``{"modes", "ratio_p99", "ratio_p99_ci95",
-    "target_ratio", "target_met", "off_round_p99_spread"}``.
+    (``{metric: [ms, ...]}`` of that run). Returns ``{"modes", "ratio_p99",
+    "ratio_p99_ci95", "target_ratio", "target_met", "off_round_p99_spread"}``.
     """
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r} unknown, expected one of {METRICS}")
     for r in runs:
         if r.get("mode") not in MODES:
             raise ValueError(f"run mode {r.get('mode')!r} unknown, expected one of {MODES}")
-    pooled = {m: np.concatenate([np.asarray(r["samples_ms"], np.float64) for r in runs if r["mode"] == m] or
-                                [np.empty(0)]) for m in MODES}
+    per_run = [(r["mode"], np.asarray(r["samples_ms"][metric], np.float64)) for r in runs]
+    pooled = {m: np.concatenate([x for mm, x in per_run if mm == m] or [np.empty(0)]) for m in MODES}
     modes = {}
     for m in MODES:
-        per_round = [_stats(np.asarray(r["samples_ms"], np.float64))["p99"] for r in runs if r["mode"] == m]
-        modes[m] = {**_stats(pooled[m]), "per_round_p99": per_round}
+        modes[m] = {**_stats(pooled[m]), "per_round_p99": [_stats(x)["p99"] for mm, x in per_run if mm == m]}
     rng = np.random.default_rng(seed)
     off_p99 = modes["off"]["p99"]
     ratio, ci = {}, {}
@@ -197,31 +184,29 @@ def run_one(mode: str, duration_s: float, seed: int, unit_rate_hz: float, signal
     load_before = os.getloadavg()[0]
     pub = subs = None
     sub_reports: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="bench_telemetry_") as keep:
-        try:
-            if mode != "off":
-                pub = TelemetryPublisher("tcp://127.0.0.1:*", hwm=hwm)
-            if mode == "on_2_subscribers":
-                subs = _start_subscribers(pub, slow_ms)
-            warm_sent = pub.sent if pub is not None else 0
-            res = bench_ads.run(duration_s, seed=seed, unit_rate_hz=unit_rate_hz, keep_dir=keep,
-                                telemetry=pub, telemetry_signal_hz=signal_hz)
-            tele = None if pub is None else {"sent": pub.sent - warm_sent, "dropped": pub.dropped}
-        finally:
-            if subs is not None:
-                sub_reports = _stop_subscribers(subs)
-            if pub is not None:
-                pub.close()
-        with open(os.path.join(keep, "ground_truth_ads.json"), encoding="utf-8") as f:
-            gt = json.load(f)
-    samples = spike_to_command_ms(gt, res["delay_ms"])
+    try:
+        if mode != "off":
+            pub = TelemetryPublisher("tcp://127.0.0.1:*", hwm=hwm)
+        if mode == "on_2_subscribers":
+            subs = _start_subscribers(pub, slow_ms)
+        warm_sent = pub.sent if pub is not None else 0
+        res = bench_ads.run(duration_s, seed=seed, unit_rate_hz=unit_rate_hz, telemetry=pub,
+                            telemetry_signal_hz=signal_hz, return_samples=True)
+        tele = None if pub is None else {"sent": pub.sent - warm_sent, "dropped": pub.dropped}
+    finally:
+        if subs is not None:
+            sub_reports = _stop_subscribers(subs)
+        if pub is not None:
+            pub.close()
     if tele is not None:
         tele["subscribers"] = sub_reports
-    return {"mode": mode, "samples_ms": samples.tolist(), "spike_to_command_ms": _stats(samples),
+    samples = res["samples_ms"]
+    return {"mode": mode, "samples_ms": samples,
+            **{f"{m}_ms": _stats(np.asarray(samples[m], np.float64)) for m in METRICS},
             "bench_ads_spike_to_command_ms": res["spike_to_command_ms"], "duration_s": res["duration_s"],
             "pulses_delivered": res["pulses_delivered"], "missed_spikes": res["missed_spikes"],
-            "faults": res["faults"], "telemetry": tele, "telemetry_publish_ms": res.get("telemetry_publish_ms"), "load_avg_1min_before": load_before,
-            "load_avg_1min_after": os.getloadavg()[0]}
+            "faults": res["faults"], "telemetry": tele, "telemetry_publish_ms": res.get("telemetry_publish_ms"),
+            "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0]}
 
 
 def run(duration_s: float = 15.0, rounds: int = 3, seed: int = 0, unit_rate_hz: float = 5.0,
@@ -242,7 +227,8 @@ def run(duration_s: float = 15.0, rounds: int = 3, seed: int = 0, unit_rate_hz: 
             runs.append(one)
             if progress is not None:
                 progress(one)
-    out = summarize(runs, seed)
+    out = {m: summarize(runs, seed, m) for m in METRICS}
+    out["target_met"] = out[METRICS[0]]["target_met"]
     # A stall past the imposed 7.5 ms delay makes the device refuse the trigger (TOO_LATE) and the
     # actuator latch stimulation off for the rest of the run: such runs measure the machine's load.
     out["runs_with_faults"] = [f"round {x['round']} {x['mode']}" for x in runs if x["faults"]]
@@ -262,16 +248,19 @@ def table(res: dict) -> str:
     """Plain-text table of a :func:`run` result."""
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}"
-    lines = [f"{'mode':<18} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  {'p99/off':>7}  95% CI      "
-             "per-round p99 (ms)"]
-    for m in MODES:
-        s = res["modes"][m]
-        ratio = res["ratio_p99"].get(m)
-        ci = res["ratio_p99_ci95"].get(m)
-        lines.append(f"{m:<18} {s['n']:>5} {f(s['p50']):>8} {f(s['p99']):>8} {f(s['max']):>8}  "
-                     f"{'1' if m == 'off' else f(ratio):>7}  "
-                     f"{'' if ci is None else f'{ci[0]:.2f}-{ci[1]:.2f}':<11} "
-                     + " ".join(f(p) for p in s["per_round_p99"]))
+    lines = []
+    for metric in METRICS:
+        r = res[metric]
+        lines.append(f"{metric + ' (ms)':<24} {'n':>6} {'p50':>7} {'p99':>7} {'max':>7}  {'p99/off':>7}  95% CI      "
+                     "per-round p99")
+        for m in MODES:
+            s = r["modes"][m]
+            ratio = r["ratio_p99"].get(m)
+            ci = r["ratio_p99_ci95"].get(m)
+            lines.append(f"  {m:<22} {s['n']:>6} {f(s['p50']):>7} {f(s['p99']):>7} {f(s['max']):>7}  "
+                         f"{'1' if m == 'off' else f(ratio):>7}  "
+                         f"{'' if ci is None else f'{ci[0]:.2f}-{ci[1]:.2f}':<11} "
+                         + " ".join(f(p) for p in s["per_round_p99"]))
     for x in res["runs"]:
         t = x.get("telemetry")
         if t and t.get("subscribers"):
@@ -287,8 +276,10 @@ def table(res: dict) -> str:
     if pub:
         lines.append("publish time per loop iteration (ms, p50/p99/max per run): "
                      + ", ".join(f"{p['p50']:.3f}/{p['p99']:.3f}/{p['max']:.3f}" for p in pub))
-    lines.append(f"target p99 ratio <= {res['target_ratio']:.2f}: {'met' if res['target_met'] else 'NOT met'}; "
-                 f"off-mode per-round p99 spread {res['off_round_p99_spread']} ms (noise floor); "
+    primary = res[METRICS[0]]
+    lines.append(f"target {METRICS[0]} p99 ratio <= {primary['target_ratio']:.2f}: "
+                 f"{'met' if res['target_met'] else 'NOT met'}; "
+                 f"off-mode per-round p99 spread {primary['off_round_p99_spread']} ms (noise floor); "
                  f"{m['cpus']} CPUs, load avg at end {m['load_avg_at_end'][0]:.2f}")
     return "\n".join(lines)
 
@@ -314,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--rounds {args.rounds} invalid, expected 1..100")
 
     def progress(one: dict) -> None:
-        s = one["spike_to_command_ms"]
-        print(f"round {one['round']} {one['mode']:<18} n={s['n']:<4} p99={s['p99']} ms  "
+        s, c = one["spike_to_command_ms"], one["chunk_to_decision_ms"]
+        print(f"round {one['round']} {one['mode']:<18} chunk p99={c['p99']:.3f} ms (n={c['n']}), "
+              f"spike→command p99={s['p99']} ms (n={s['n']})  "
               f"load {one['load_avg_1min_before']:.2f}", file=sys.stderr, flush=True)
 
     res = run(args.duration, args.rounds, args.seed, args.unit_rate_hz, args.signal_hz, args.slow_ms, args.hwm,

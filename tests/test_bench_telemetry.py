@@ -9,12 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from controller.bench_telemetry import MODES, spike_to_command_ms, summarize
+from controller.bench_ads import chunk_latency_ms, spike_to_command_samples_ms
+from controller.bench_telemetry import METRICS, MODES, summarize
 from controller.telemetry import TelemetryPublisher, TelemetrySubscriber
 
 
 def _runs(off, on0, on2, rounds=2):
-    return [{"mode": m, "round": r, "samples_ms": list(x)} for r in range(rounds)
+    return [{"mode": m, "round": r, "samples_ms": {"chunk_to_decision": list(x)}} for r in range(rounds)
             for m, x in zip(MODES, (off, on0, on2))]
 
 
@@ -33,7 +34,9 @@ def test_summarize_pools_rounds_and_gives_p99_ratio_with_interval():
 
 def test_summarize_rejects_unknown_mode_and_handles_empty_mode():
     with pytest.raises(ValueError, match="run mode 'fast' unknown"):
-        summarize([{"mode": "fast", "round": 0, "samples_ms": [1.0]}])
+        summarize([{"mode": "fast", "round": 0, "samples_ms": {"chunk_to_decision": [1.0]}}])
+    with pytest.raises(ValueError, match="metric 'latency' unknown"):
+        summarize(_runs([1.0], [1.0], [1.0]), metric="latency")
     res = summarize(_runs([1.0, 2.0], [], [1.0, 2.0], rounds=1))
     assert res["modes"]["on_no_subscriber"]["n"] == 0 and res["ratio_p99"]["on_no_subscriber"] is None
     assert res["target_met"] is False
@@ -46,9 +49,20 @@ def test_spike_to_command_uses_the_chunk_push_time_of_the_spike():
               {"type": "TRIGGER", "at": 100.015 + 0.0075, "t_received": 100.0215, "t_delivered": 100.0225},
               {"type": "TRIGGER", "at": 100.005 + 0.0075, "t_received": 100.0130, "t_delivered": None},  # not delivered
               {"type": "HEARTBEAT"}]}
-    np.testing.assert_allclose(spike_to_command_ms(gt, 7.5), [1.5], atol=1e-9)
-    with pytest.raises(ValueError, match="delay_ms=-1"):
-        spike_to_command_ms(gt, -1)
+    np.testing.assert_allclose(spike_to_command_samples_ms(gt, 7.5e-3), [1.5], atol=1e-9)
+    with pytest.raises(ValueError, match="delay_s=-1"):
+        spike_to_command_samples_ms(gt, -1)
+
+
+def test_chunk_latency_counts_every_block_of_a_pull_once():
+    gt = {"fs_hz": 1000.0, "chunk_n": 10, "t0": 100.0, "push_t": [100.010, 100.020, 100.030, 100.040]}
+    # Pull 1: block 0 alone, done at 100.0112. Pull 2: blocks 1 and 2 together, done at 100.0305.
+    first = [100.000, 100.010]
+    last = [100.009, 100.029]
+    done = [100.0112, 100.0305]
+    np.testing.assert_allclose(chunk_latency_ms(gt, first, last, done), [1.2, 0.5, 10.5], atol=1e-9)
+    # Warm-up: pulls starting before t_from are left out.
+    np.testing.assert_allclose(chunk_latency_ms(gt, first, last, done, t_from=100.005), [0.5, 10.5], atol=1e-9)
 
 
 def test_signal_decimation_keeps_an_even_rate_across_small_blocks():
@@ -94,8 +108,11 @@ def test_short_benchmark_runs_three_modes_and_subscribers_receive(tmp_path):
     assert "on_2_subscribers" in proc.stdout and "p99/off" in proc.stdout
     res = json.loads(out.read_text())
     assert [r["mode"] for r in res["runs"]] == list(MODES)
-    for m in MODES:
-        assert res["modes"][m]["n"] > 0 and math.isfinite(res["modes"][m]["p99"])
+    for metric in METRICS:
+        for m in MODES:
+            assert res[metric]["modes"][m]["n"] > 0 and math.isfinite(res[metric]["modes"][m]["p99"])
+    # Every 1 ms block is a sample of the per-chunk measure (1.5 s minus the 0.3 s warm-up).
+    assert res["chunk_to_decision"]["modes"]["off"]["n"] > 900
     by_mode = {r["mode"]: r for r in res["runs"]}
     assert by_mode["off"]["telemetry"] is None
     assert by_mode["on_no_subscriber"]["telemetry"]["sent"] > 50
