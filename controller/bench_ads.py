@@ -112,6 +112,10 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         # Small buffer: no hidden lag can build up (REFERENCE.md §1, pylsl default 360 s).
         inlet = pylsl.StreamInlet(infos[0], max_buflen=1, max_chunklen=CHUNK_N, processing_flags=0)
         inlet.open_stream(timeout=5.0)
+        # Same host: the sender stamps samples with this very clock (pylsl.local_clock is the system's
+        # monotonic clock), so timestamps are exact as received. time_correction would only add its
+        # estimation error (tens of µs, ~1 sample at 30 kHz): enough to score a spike against the
+        # wrong 1 ms block and to bias the delivered delay. It is recorded, not applied.
         tc = inlet.time_correction(timeout=5.0)
         driver = SerialStimulator(slave, timeout_s=0.05, retries=2)
         driver.open()
@@ -158,7 +162,6 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
             n = ts.shape[0]
             now = clock()
             if n:
-                ts += tc
                 if t_start is None:
                     t_start = float(ts[0])
                 spikes = det.step(buf[:n], ts)
@@ -271,7 +274,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "k_sigma": k, "delay_ms": delay_ms, "blanking_ms": blanking_ms, "unit_rate_hz": unit_rate_hz,
                 "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
                 "controller_spike_to_submit_done_ms": _stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
-                "breakdown_ms": breakdown, "realtime_priority": rt_status,
+                "breakdown_ms": breakdown, "realtime_priority": rt_status, "lsl_time_correction_s": tc,
                 "chunk_to_decision_ms": _stats_ms(chunk_ms * 1e-3),
                 "telemetry_publish_ms": None if telemetry is None else _stats_ms(pub_s[:n_pub]),
                 "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,
@@ -317,9 +320,10 @@ def spike_to_command_samples_ms(gt: dict, delay_s: float) -> np.ndarray:
 def chunk_latency_ms(gt: dict, first_t, last_t, done_t, t_from: float = -np.inf) -> np.ndarray:
     """Push of each sample block → the controller done with the chunk holding it (ms), one value per block.
 
-    A pull can return several blocks (the older ones waited longer); each block
-    counts once, with the time its chunk's detector, policy and commands were
-    done. Blocks whose samples start before ``t_from`` are left out (warm-up).
+    A pull can return several blocks (the older ones waited longer), and a block
+    can arrive split over two pulls; each block counts once, with the time the
+    last of its samples had been through the detector, policy and commands.
+    Blocks whose samples start before ``t_from`` are left out (warm-up).
     """
     fs, chunk_n, t0 = gt["fs_hz"], gt["chunk_n"], gt["t0"]
     push_t = np.asarray(gt["push_t"], np.float64)
@@ -331,7 +335,10 @@ def chunk_latency_ms(gt: dict, first_t, last_t, done_t, t_from: float = -np.inf)
     done = np.repeat(done_t, n_per)
     start = np.repeat(first_t, n_per)
     ok = (blocks >= 0) & (blocks < push_t.size) & (start >= t_from)
-    return (done[ok] - push_t[blocks[ok]]) * 1e3
+    blocks, done = blocks[ok], done[ok]
+    # Pulls are in time order: the last one holding a block is when the whole block was handled.
+    last = blocks.size - 1 - np.unique(blocks[::-1], return_index=True)[1]
+    return (done[last] - push_t[blocks[last]]) * 1e3
 
 
 def _breakdown(gt: dict, spike_t, pulled_t, submit_t, seq) -> dict:

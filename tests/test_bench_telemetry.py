@@ -60,9 +60,12 @@ def test_chunk_latency_counts_every_block_of_a_pull_once():
     first = [100.000, 100.010]
     last = [100.009, 100.029]
     done = [100.0112, 100.0305]
-    np.testing.assert_allclose(chunk_latency_ms(gt, first, last, done), [1.2, 0.5, 10.5], atol=1e-9)
+    np.testing.assert_allclose(chunk_latency_ms(gt, first, last, done), [1.2, 10.5, 0.5], atol=1e-9)
     # Warm-up: pulls starting before t_from are left out.
-    np.testing.assert_allclose(chunk_latency_ms(gt, first, last, done, t_from=100.005), [0.5, 10.5], atol=1e-9)
+    np.testing.assert_allclose(chunk_latency_ms(gt, first, last, done, t_from=100.005), [10.5, 0.5], atol=1e-9)
+    # A block split over two pulls counts once, when its last part was handled.
+    split = chunk_latency_ms(gt, [100.000, 100.005], [100.004, 100.009], [100.0105, 100.0112])
+    np.testing.assert_allclose(split, [1.2], atol=1e-9)
 
 
 def test_signal_decimation_keeps_an_even_rate_across_small_blocks():
