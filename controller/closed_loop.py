@@ -31,24 +31,40 @@ class WindowResult:
     valid: bool  # False: the window overlaps bad samples; never act on it
 
 
+#: data-quality window of a loop without a model (spike policies): a fault clears after this much clean data
+NO_MODEL_WINDOW_S = 0.1
+
+
 @dataclass
 class SeizureLoop:
-    stage: SeizureDetectorStage
-    predictor: OnnxPredictor
+    """Chunk -> windows -> model -> policy drive. ``stage``/``predictor`` are ``None`` when the
+    policy reads no prediction (ADS, random control): then chunks only pass the data-quality
+    check on their way to the drive, and nothing is resampled or inferred."""
+    stage: SeizureDetectorStage | None
+    predictor: OnnxPredictor | None
     deadline: DeadlineAccount
     drive: PolicyDrive
-    threshold: float
+    threshold: float | None
     quality: DataQuality | None = None
+    fs_hz: float = 0.0
+    n_channels: int = 0
 
     @classmethod
     def from_config(cls, cfg: Config, fs_hz: float, n_channels: int) -> "SeizureLoop":
+        from controller.config import SPIKE_POLICY_KINDS
+        if cfg.policy.kind in SPIKE_POLICY_KINDS:
+            # 30 kHz spikes are never resampled for a seizure model the policy would not read.
+            return cls(stage=None, predictor=None, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
+                       drive=build_drive(cfg, fs_hz, n_channels, math.nan), threshold=None,
+                       fs_hz=fs_hz, n_channels=n_channels)
         path = cfg.model_path()
         contract: ModelContract = read_contract(path)
         stage = SeizureDetectorStage(contract, fs_hz, n_channels)
         predictor = OnnxPredictor(path)
         thr = cfg.policy.threshold_on if cfg.policy.threshold_on is not None else contract.threshold
         return cls(stage=stage, predictor=predictor, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
-                   drive=build_drive(cfg, fs_hz, n_channels, contract.threshold), threshold=thr)
+                   drive=build_drive(cfg, fs_hz, n_channels, contract.threshold), threshold=thr,
+                   fs_hz=fs_hz, n_channels=n_channels)
 
     @property
     def policy(self):
@@ -56,14 +72,17 @@ class SeizureLoop:
 
     @property
     def window_s(self) -> float:
-        return self.stage.contract.window_s
+        return self.stage.contract.window_s if self.stage is not None else NO_MODEL_WINDOW_S
 
     def windows(self, chunk: np.ndarray, timestamps: np.ndarray, events: list[Event]) -> list[WindowResult]:
         """Feed one chunk; return the windows it completed (``valid=False``: do not act on it)."""
         if self.quality is None:
-            self.quality = DataQuality(self.stage.source_fs_hz, self.stage.n_channels, self.window_s)
+            if self.stage is not None:
+                self.quality = DataQuality(self.stage.source_fs_hz, self.stage.n_channels, self.window_s)
+            else:
+                self.quality = DataQuality(self.fs_hz, self.n_channels, self.window_s)
         chunk, timestamps = self.quality.check(chunk, timestamps, events)
-        if not timestamps.size:
+        if not timestamps.size or self.stage is None:
             return []
         windows = self.stage.step(chunk, timestamps)
         # Before the model's warm-up (its running baselines settling) results are recorded, not acted on.
@@ -185,6 +204,12 @@ class ChunkStep:
             r.meta.setdefault("window_end_t", window_end_t)
             r.meta["t_inference"] = t_inf
             r.meta["t_decided"] = self.clock()
+            if r.meta.pop("on_time_only", False) and r.at is not None and r.at < r.meta["t_decided"]:
+                # The loop fell behind the imposed delay (ADS): a pulse at the wrong delay is worse than none.
+                events.append(Event(r.meta["t_decided"], EventKind.REFUSAL, self.source, {
+                    "rule": "too_late", "request_source": r.source, "at": r.at,
+                    "reason": f"pulse due at {r.at:.6f} s, decided {r.meta['t_decided'] - r.at:.6f} s after it"}))
+                continue
             out = self.actuator.submit(r)
             events.extend(out)
             for e in out:

@@ -45,6 +45,9 @@ class SourceConfig(_Section):
 
 
 class SimulatorConfig(_Section):
+    model: Literal["wendling", "spiking"] = Field("wendling", description=(
+        "wendling: iEEG with seizures (neural mass); spiking: 30 kHz spiking units with an STDP synapse, "
+        "for ADS/random sessions (hil_sim/spiking.py; needs fs_hz >= 10000)"))
     fs_hz: Annotated[float, Field(gt=50, le=50_000)] = 512.0
     n_channels: Annotated[int, Field(ge=1, le=256)] = 16
     patient: Annotated[int, Field(ge=0)] = 0
@@ -117,11 +120,40 @@ class PlasticityPolicyConfig(_Section):
     period_s: Annotated[float, Field(gt=0, le=86_400)] = 10.0
 
 
-POLICY_KINDS = ("responsive", "adaptive", "periodic", "poisson", "personalized", "plasticity", "none")
+class AdsConfig(_Section):
+    """Activity-dependent stimulation (ADS) and its random control (REFERENCE §2, Guggenmos 2013)."""
+    trigger_channels: list[Annotated[int, Field(ge=0, le=255)]] = Field(
+        default_factory=lambda: [0, 1], description="channels whose spikes trigger a pulse")
+    delay_ms: Annotated[float, Field(ge=0, le=1000, description="spike -> pulse delay (REFERENCE §2: 7.5 ms)")] = 7.5
+    blanking_ms: Annotated[float, Field(ge=0, le=1000, description=(
+        "detector blanked after each pulse (REFERENCE §2: 28 ms)"))] = 28.0
+    max_rate_hz: Annotated[float, Field(gt=0, le=1000, description="at most this many pulses per s (1 s window)")] = 10.0
+    k: Annotated[float, Field(ge=2, le=20, description="spike threshold, -k sigma (REFERENCE §2: 4-5)")] = 5.0
+    refractory_ms: Annotated[float, Field(ge=0, le=100, description="minimum time between detections on one channel")] = 1.0
+    rate_hz: Annotated[float, Field(gt=0, le=100, description=(
+        "random control: mean pulse rate (match the ADS run's delivered rate)"))] = 5.0
+
+    @model_validator(mode="after")
+    def _channels(self) -> "AdsConfig":
+        tc = self.trigger_channels
+        if not tc or len(set(tc)) != len(tc):
+            raise ValueError(f"trigger_channels = {tc!r}: expected at least one channel, no repeats")
+        if self.blanking_ms > 0 and self.rate_hz >= 1e3 / self.blanking_ms:
+            raise ValueError(f"rate_hz = {self.rate_hz!r}: the random control keeps blanking_ms = "
+                             f"{self.blanking_ms:g} ms between pulses, so rate_hz must be < {1e3 / self.blanking_ms:.4g} Hz")
+        return self
+
+
+POLICY_KINDS = ("responsive", "adaptive", "periodic", "poisson", "personalized", "plasticity", "ads", "random", "none")
+#: policies fed by spikes detected in the stream (no seizure model)
+SPIKE_POLICY_KINDS = ("ads", "random")
+#: the spiking simulator needs this rate to draw spike waveforms (hil_sim/spiking.py)
+SPIKING_MIN_FS_HZ = 10_000.0
 
 
 class PolicyConfig(_Section):
-    kind: Literal["responsive", "adaptive", "periodic", "poisson", "personalized", "plasticity", "none"] = "responsive"
+    kind: Literal["responsive", "adaptive", "periodic", "poisson", "personalized", "plasticity", "ads", "random",
+                  "none"] = "responsive"
     threshold_on: Annotated[float | None, Field(ge=0, le=1, description="empty: the model's own threshold")] = None
     threshold_off: Annotated[float | None, Field(ge=0, le=1)] = None
     min_duration_s: Annotated[float, Field(ge=0, le=60)] = 0.5
@@ -136,6 +168,7 @@ class PolicyConfig(_Section):
     open_loop: OpenLoopConfig = Field(default_factory=OpenLoopConfig)
     personalized: PersonalizedConfig = Field(default_factory=PersonalizedConfig)
     plasticity: PlasticityPolicyConfig = Field(default_factory=PlasticityPolicyConfig)
+    ads: AdsConfig = Field(default_factory=AdsConfig)
 
     @model_validator(mode="after")
     def _hysteresis(self) -> "PolicyConfig":
@@ -190,6 +223,40 @@ class Config(_Section):
     control: ControlConfig = Field(default_factory=ControlConfig)
     faults: list[FaultSpec] = Field(default_factory=list, description="HIL fault injection ([[faults]], docs/faults.md)")
 
+    @model_validator(mode="after")
+    def _spike_sessions(self) -> "Config":
+        """Cross-section rules of spiking simulators and spike-driven policies (ADS, random control)."""
+        sim, pol = self.simulator, self.policy
+        problems = []
+        if sim.model == "spiking":
+            if sim.fs_hz < SPIKING_MIN_FS_HZ:
+                problems.append(f"simulator.fs_hz = {sim.fs_hz:g}: the spiking simulator needs >= "
+                                f"{SPIKING_MIN_FS_HZ:g} Hz to draw spike waveforms (30000 is usual)")
+            tc = pol.ads.trigger_channels
+            if max(tc) >= sim.n_channels or sim.n_channels < len(tc) + 1:
+                problems.append(f"policy.ads.trigger_channels = {tc!r}: the spiking simulator has "
+                                f"{sim.n_channels} channels (0..{sim.n_channels - 1}) and needs one more "
+                                "than the trigger channels for its target unit")
+        if pol.kind in SPIKE_POLICY_KINDS:
+            a = pol.ads
+            if self.source.kind == "hil" and sim.model != "spiking":
+                problems.append(f'policy.kind = "{pol.kind}" needs spikes: set simulator.model = "spiking" '
+                                f"(and simulator.fs_hz >= {SPIKING_MIN_FS_HZ:g}, e.g. 30000); the "
+                                f'"{sim.model}" simulator has none')
+            if self.safety.profile != "micro":
+                problems.append(f'safety.profile = "{self.safety.profile}": policy.kind = "{pol.kind}" is '
+                                'microstimulation, set safety.profile = "micro" (REFERENCE §2, §4)')
+            if pol.stim.waveform != "biphasic":
+                problems.append(f'policy.stim.waveform = "{pol.stim.waveform}": policy.kind = "{pol.kind}" '
+                                'needs a charge-balanced biphasic pulse (REFERENCE §4)')
+            if self.source.kind == "hil" and sim.chunk_s * 1e3 >= a.delay_ms:
+                problems.append(f"simulator.chunk_s = {sim.chunk_s:g}: a spike must reach the loop before its "
+                                f"pulse is due, so chunks must be shorter than policy.ads.delay_ms = "
+                                f"{a.delay_ms:g} ms (0.001 is usual)")
+        if problems:
+            raise ValueError("\n    ".join(problems))
+        return self
+
     def model_path(self) -> Path:
         if self.model.path:
             return Path(self.model.path).expanduser()
@@ -221,6 +288,8 @@ def _describe(err: dict) -> str:
     name = ".".join(str(p) for p in loc) or "<root>"
     if err["type"] == "extra_forbidden":
         return f"{name}: unknown field (check the spelling; `stimloop config show` lists the fields)"
+    if not loc:  # a rule across sections: the message names the fields; the input is the whole file
+        return str(err["msg"]).removeprefix("Value error, ")
     text = f"{name} = {err.get('input')!r}: {err['msg']}"
     allowed = _field_range(loc)
     if allowed:

@@ -104,7 +104,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
         ready.put({"ok": True})
         reader = ring.reader(start="now", max_read=min(ring.capacity, int(ring.fs_hz * 2) + 1))
         log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "policy": loop.drive.kind, "threshold": loop.threshold,
-                                                             "model_sha256": loop.predictor.sha256}))
+                                                             "model_sha256": loop.predictor.sha256 if loop.predictor is not None else None}))
         decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))
         events: list = list(events_start)
         while not stop_event.is_set():

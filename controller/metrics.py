@@ -92,6 +92,7 @@ def compute_metrics(session_dir: Path) -> dict:
     session_end = truth.get("end_t")
     detection = score_detections(detection_starts, seizures, session_end) if truth else None
 
+    ads = ads_metrics(events, device_log, truth)
     allowed = [c for c in commands]
     charge = sum(float(c.get("burst_charge_uc", 0.0)) for c in allowed)
     unreached = [c["seq"] for c in commands if device_log and c.get("seq") not in received]
@@ -114,4 +115,148 @@ def compute_metrics(session_dir: Path) -> dict:
             "clamps": len(by_kind.get("clamp", [])),
             "refusals": len(by_kind.get("refusal", [])),
         },
+        **({"ads": ads} if ads is not None else {}),
     }
+
+
+#: a detection within this of a true spike on its channel is that spike (as ``controller.bench_ads``)
+SPIKE_MATCH_S = 0.001
+SPIKE_POLICY_SOURCES = ("ads", "random")
+
+
+def _nearest_gap(sorted_t: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """|x - nearest value of sorted_t| for each x (inf when sorted_t is empty)."""
+    if sorted_t.size == 0:
+        return np.full(x.shape, np.inf)
+    j = np.searchsorted(sorted_t, x)
+    lo = np.abs(x - sorted_t[np.clip(j - 1, 0, sorted_t.size - 1)])
+    hi = np.abs(sorted_t[np.clip(j, 0, sorted_t.size - 1)] - x)
+    return np.minimum(lo, hi)
+
+
+def ads_timeline(events: list[dict], device_log: list[dict], truth: dict) -> dict | None:
+    """What a spike-driven session (ADS, random control) did, as arrays on the session clock.
+
+    ``None`` for other sessions. Keys: ``kind``, ``delay_s``, ``blanking_s``,
+    ``det_t``/``det_ch`` (detections), ``cmd`` (per trigger command: ``seq``,
+    ``spike_t``, ``at``, ``t_delivered``; delivered from the device log),
+    ``refusals`` (rule → count), ``true_t``/``true_ch`` and ``pulses`` (ground
+    truth, empty without it), ``weight_t``/``weight_w``.
+    """
+    started = next((e for e in events if e["kind"] == "status" and e.get("status") == "started"
+                    and e.get("source") == "loop"), {})
+    kind = started.get("policy")
+    spk = truth.get("spiking") or {}
+    if kind not in SPIKE_POLICY_SOURCES and not spk:
+        return None
+    det = [e for e in events if e["kind"] == "spike"]
+    det_t = np.asarray([t for e in det for t in e.get("t_spike", [])], float)
+    det_ch = np.asarray([c for e in det for c in e.get("channel", [])], int)
+    delivered = {r["seq"]: r["t_delivered"] for r in device_log
+                 if r.get("type") == "TRIGGER" and r.get("t_delivered") is not None}
+    cmds = [e for e in events if e["kind"] == "command" and e.get("op") == "trigger"
+            and e.get("request_source") in SPIKE_POLICY_SOURCES]
+    cmd = {"seq": np.asarray([c["seq"] for c in cmds], int),
+           "spike_t": np.asarray([c.get("spike_t", np.nan) if c.get("spike_t") is not None else np.nan
+                                  for c in cmds], float),
+           "at": np.asarray([c.get("at") if c.get("at") is not None else c["t"] for c in cmds], float),
+           "t_delivered": np.asarray([delivered.get(c["seq"], np.nan) for c in cmds], float)}
+    refusals: dict[str, int] = {}
+    for e in events:
+        if e["kind"] == "refusal" and e.get("request_source") in SPIKE_POLICY_SOURCES:
+            refusals[str(e.get("rule"))] = refusals.get(str(e.get("rule")), 0) + 1
+    cfg_delay = next((c.get("delay_s") for c in cmds if c.get("delay_s") is not None), None)
+    if cfg_delay is None and kind == "ads":
+        cfg_delay = next((e.get("delay_s") for e in events if e["kind"] == "decision" and e.get("delay_s")), None)
+    blanking = next((c.get("blanking_s") for c in cmds if c.get("blanking_s") is not None), None)
+    w = spk.get("weight") or {}
+    return {
+        "kind": kind, "delay_s": cfg_delay, "blanking_s": blanking, "t_start": started.get("t"), "det_t": det_t, "det_ch": det_ch, "cmd": cmd, "refusals": refusals,
+        "true_t": np.asarray((spk.get("trigger_spikes") or {}).get("t", []), float),
+        "true_ch": np.asarray((spk.get("trigger_spikes") or {}).get("channel", []), int),
+        "pulses": spk.get("pulses", []), "trigger_channels": spk.get("trigger_channels"),
+        "weight_t": np.asarray(w.get("t", []), float), "weight_w": np.asarray(w.get("w", []), float),
+        "w_init": spk.get("w_init"), "w_final": spk.get("w_final"), "t0": truth.get("t0"), "end_t": truth.get("end_t"),
+    }
+
+
+def ads_metrics(events: list[dict], device_log: list[dict], truth: dict) -> dict | None:
+    """The ``ads`` block of ``metrics.json`` (``None`` unless the session ran ADS or its random control).
+
+    ``delivered_delay_ms``: device delivery − detected spike (ADS; the imposed
+    delay plus the device's timing error). ``delay_error_ms``: delivery − true
+    spike − imposed delay, for pulses whose spike matches a true one (±1 ms).
+    ``schedule_error_ms``: delivery − the requested ``at``. ``artifact_triggers``:
+    detections matching no true spike that fall inside a delivered pulse's
+    artifact; ``pulses_within_blanking``: delivered pulses closer than the
+    blanking to the previous one (never expected). Ground-truth counts cover
+    the time the loop ran (from its start to the end of the simulator);
+    ``missed_spikes``: true spikes there, outside every blanking window, with no
+    detection within ±1 ms.
+    """
+    tl = ads_timeline(events, device_log, truth)
+    if tl is None:
+        return None
+    cmd, delay_s = tl["cmd"], tl["delay_s"]
+    ok = np.isfinite(cmd["t_delivered"])
+    t_del = cmd["t_delivered"][ok]
+    out: dict = {"policy": tl["kind"], "imposed_delay_ms": None if delay_s is None else delay_s * 1e3,
+                 "spikes_detected": int(tl["det_t"].size),
+                 "pulses_requested": int(cmd["seq"].size + sum(tl["refusals"].values())),
+                 "pulses_commanded": int(cmd["seq"].size), "pulses_delivered": int(ok.sum()),
+                 "refusals": int(sum(tl["refusals"].values())), "refusal_rules": tl["refusals"],
+                 "schedule_error_ms": percentiles_ms(t_del - cmd["at"][ok])}
+    has_spike = ok & np.isfinite(cmd["spike_t"])
+    out["delivered_delay_ms"] = percentiles_ms(cmd["t_delivered"][has_spike] - cmd["spike_t"][has_spike])
+    d_sorted = np.sort(t_del)
+    gaps = np.diff(d_sorted)
+    blanking_s = tl["blanking_s"] if tl["blanking_s"] is not None else 0.028  # REFERENCE.md §2 when unrecorded
+    out["blanking_ms"] = blanking_s * 1e3
+    out["pulses_within_blanking"] = int(np.sum(gaps < blanking_s - 1e-4))
+    t_from = tl["t_start"] if tl["t_start"] is not None else tl["t0"]
+    if t_from is not None and tl["end_t"] is not None and tl["end_t"] > t_from:
+        out["delivered_rate_hz"] = round(float(np.sum(t_del >= t_from)) / (tl["end_t"] - t_from), 4)
+    true_t, true_ch, det_t, det_ch = tl["true_t"], tl["true_ch"], tl["det_t"], tl["det_ch"]
+    if t_from is not None:
+        keep = true_t >= t_from
+        true_t, true_ch = true_t[keep], true_ch[keep]
+    if true_t.size or tl["pulses"]:
+        matched = np.zeros(det_t.size, bool)
+        for c in np.unique(det_ch):
+            m = det_ch == c
+            matched[m] = _nearest_gap(np.sort(true_t[true_ch == c]), det_t[m]) <= SPIKE_MATCH_S
+        art = np.asarray([(p["t"], p["t"] + p["artifact_s"] + 0.001) for p in tl["pulses"]], float).reshape(-1, 2)
+        in_art = np.zeros(det_t.size, bool)
+        if art.size:
+            k = np.searchsorted(art[:, 0], det_t, "right") - 1
+            in_art = (k >= 0) & (det_t < art[np.clip(k, 0, None), 1])
+        out["true_trigger_spikes"] = int(true_t.size)
+        out["detections_matching_true_spikes"] = int(matched.sum())
+        out["artifact_triggers"] = int(np.sum(~matched & in_art))
+        out["false_detections"] = int(np.sum(~matched & ~in_art))
+        seen = np.zeros(true_t.size, bool)
+        for c in np.unique(true_ch):
+            m = true_ch == c
+            seen[m] = _nearest_gap(np.sort(det_t[det_ch == c]), true_t[m]) <= SPIKE_MATCH_S
+        # Spikes inside a blanking window (or the detector's first noise block) are not expected to be seen.
+        bl = np.sort(cmd["at"])
+        k = np.searchsorted(bl, true_t + SPIKE_MATCH_S, "right") - 1
+        blanked = (k >= 0) & (true_t < bl[np.clip(k, 0, None)] + blanking_s + SPIKE_MATCH_S) if bl.size else \
+            np.zeros(true_t.size, bool)
+        warm = true_t < (t_from + 0.1 if t_from is not None else -np.inf)
+        out["missed_spikes"] = int(np.sum(~seen & ~blanked & ~warm))
+        if delay_s is not None and has_spike.any():
+            s_t = cmd["spike_t"][has_spike]
+            gap = _nearest_gap(np.sort(true_t), s_t)
+            j = np.searchsorted(np.sort(true_t), s_t)
+            srt = np.sort(true_t)
+            cand = np.stack([srt[np.clip(j - 1, 0, srt.size - 1)], srt[np.clip(j, 0, srt.size - 1)]]) \
+                if srt.size else np.full((2, s_t.size), np.nan)
+            nearest = cand[np.argmin(np.abs(cand - s_t[None, :]), axis=0), np.arange(s_t.size)] \
+                if srt.size else np.full(s_t.size, np.nan)
+            good = gap <= SPIKE_MATCH_S
+            out["delay_error_ms"] = percentiles_ms(cmd["t_delivered"][has_spike][good] - nearest[good] - delay_s)
+    if tl["w_init"] is not None:
+        out["weight"] = {"w_init": tl["w_init"], "w_final": tl["w_final"],
+                         "change": round(float(tl["w_final"]) - float(tl["w_init"]), 6)}
+    return out

@@ -3,7 +3,8 @@
 Policies have different inputs (``controller/policies``): a seizure
 probability per window (responsive, adaptive on ``p_seizure``), the signal
 chunk (personalized frequency, adaptive on band power) or only the time
-(periodic, Poisson, plasticity-aware). A drive turns the loop's two moments —
+(periodic, Poisson, plasticity-aware), or spikes detected in the chunk
+(ADS and its random control). A drive turns the loop's two moments —
 a chunk arrived, a prediction is ready — into the right ``step`` call, so the
 runners stay the same for every policy.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from controller.config import Config, StimConfig
+from controller.events import Event, EventKind
 from drivers.params import StimParams, Waveform
 
 
@@ -27,6 +29,8 @@ class PolicyDrive:
     """Base: a policy that acts on nothing (``policy.kind = "none"``)."""
 
     kind = "none"
+    #: False: the policy never reads a seizure probability, so the loop runs no model
+    needs_model = True
 
     def __init__(self, policy=None):
         self.policy = policy
@@ -93,6 +97,78 @@ class BandPowerDrive(PolicyDrive):
         return requests, events
 
 
+class SpikeDrive(PolicyDrive):
+    """Spikes → ADS (``AdsPolicy``) or its random control (``RandomStimPolicy``), on every chunk.
+
+    ``on_chunk(chunk, ts)`` runs ``detector.step``; ADS steps with the
+    detections, random control with the chunk's last sample time. Every
+    request blanks the detector over ``blanking_window(req.at, blanking_ms)``
+    before it is returned, so the pulse's artifact can never be detected (the
+    governor still checks every request). Detections become one ``SPIKE`` event
+    per chunk that has any (``t_spike`` and ``channel`` lists). Requests carry
+    ``at = t_spike + delay`` (the device schedules the pulse) and
+    ``meta["on_time_only"]``: a pulse that can no longer be delivered at its
+    imposed delay is dropped, not moved. Functional core: the session time is
+    the chunk's last sample time.
+    """
+
+    needs_model = False
+
+    def __init__(self, policy, detector, kind: str, blanking_ms: float):
+        super().__init__(policy)
+        from controller.policies.ads import blanking_window
+        self._blanking_window = blanking_window
+        self.detector = detector
+        self.kind = kind
+        self.blanking_ms = float(blanking_ms)
+        self.n_spikes = 0
+
+    def on_chunk(self, chunk, ts):
+        det = self.detector
+        spikes = det.step(chunk, ts)
+        now = float(ts[-1])
+        events: list[Event] = []
+        if spikes.t.size:
+            self.n_spikes += int(spikes.t.size)
+            events.append(Event(now, EventKind.SPIKE, "detector", {
+                "what": "spikes", "n": int(spikes.t.size), "t_spike": spikes.t.tolist(),
+                "channel": spikes.channel.tolist()}))
+        if self.kind == "ads":
+            requests = self.policy.step(spikes.t, spikes.channel, now) if spikes.t.size else []
+        else:
+            requests = self.policy.step(now)
+        for r in requests:
+            det.blank(*self._blanking_window(r.at, self.blanking_ms))
+            r.meta["on_time_only"] = True
+            r.meta["blanking_s"] = self.blanking_ms * 1e-3  # for metrics.json: pulses never inside another's
+        return requests, events
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "n_spikes": self.n_spikes, "n_requests": self.policy.n_requests}
+
+
+def build_spike_drive(cfg: Config, fs_hz: float, n_channels: int) -> SpikeDrive:
+    """ADS or random-control drive from ``[policy.ads]``; errors name a trigger channel the stream lacks."""
+    from controller.policies.ads import AdsPolicy, RandomStimPolicy
+    from controller.spikes import SpikeDetector
+
+    a = cfg.policy.ads
+    bad = [c for c in a.trigger_channels if c >= n_channels]
+    if bad:
+        raise ValueError(f"policy.ads.trigger_channels = {list(a.trigger_channels)}: channel(s) {bad} not in "
+                         f"the stream, which has {n_channels} channels (0..{n_channels - 1})")
+    det = SpikeDetector(fs_hz, n_channels, channels=a.trigger_channels, k=a.k, refractory_ms=a.refractory_ms)
+    stim = stim_params(cfg.policy.stim)
+    if cfg.policy.kind == "ads":
+        policy = AdsPolicy(a.trigger_channels, stim, delay_ms=a.delay_ms, blanking_ms=a.blanking_ms,
+                           max_rate_hz=a.max_rate_hz)
+    else:
+        # Issued delay_ms ahead of its pulse, like ADS requests: the device schedules both the same way.
+        policy = RandomStimPolicy(a.rate_hz, stim, seed=cfg.session.seed + 1000, min_interval_s=a.blanking_ms * 1e-3,
+                                  lead_s=a.delay_ms * 1e-3)
+    return SpikeDrive(policy, det, cfg.policy.kind, a.blanking_ms)
+
+
 def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float) -> PolicyDrive:
     """The configured policy, wrapped in the drive that feeds it."""
     from controller import policies as P
@@ -101,6 +177,8 @@ def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float) ->
     kind = pc.kind
     if kind == "none":
         return PolicyDrive()
+    if kind in ("ads", "random"):
+        return build_spike_drive(cfg, fs_hz, n_channels)
     if kind == "responsive":
         thr_on = pc.threshold_on if pc.threshold_on is not None else threshold
         thr_off = pc.threshold_off if pc.threshold_off is not None else thr_on * 0.8
@@ -138,4 +216,5 @@ def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float) ->
             q.allowed_frequencies_hz, q.allowed_pulse_widths_us, stim_params(pc.stim), target=q.target,
             protocol={"timing_ms": q.timing_ms}, period_s=q.period_s,
             max_burst_duration_s=profile.max_burst_duration_s), kind)
-    raise ValueError(f"policy.kind={kind!r}: expected one of {', '.join(('responsive', 'adaptive', 'periodic'))}…")
+    from controller.config import POLICY_KINDS
+    raise ValueError(f"policy.kind={kind!r}: expected one of {', '.join(POLICY_KINDS)}")

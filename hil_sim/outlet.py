@@ -66,11 +66,15 @@ class PatientOutlet:
                  source_id: str | None = None, chunk_s: float = 1 / 64,
                  clock: Callable[[], float] = pylsl.local_clock, t0: float | None = None,
                  lock: threading.Lock | None = None, faults: FaultSchedule | None = None,
-                 fault_log: FaultLog | None = None) -> None:
+                 fault_log: FaultLog | None = None, spin_s: float = _SPIN_S) -> None:
         if not (0 < chunk_s <= 1.0):
             raise ValueError(f"PatientOutlet chunk_s={chunk_s!r}: expected a duration in (0, 1] s")
         self.patient = patient
         self.chunk_n = max(1, int(round(chunk_s * patient.fs_hz)))
+        if not (0 <= spin_s <= 0.01):
+            raise ValueError(f"PatientOutlet spin_s={spin_s!r}: expected 0..0.01 s")
+        # 0: plain sleep. Spinning before 1 ms chunks would take a whole core (hil_sim/ads_sim.py).
+        self.spin_s = float(spin_s)
         self.clock = clock
         self.t0 = t0
         self.lock = lock if lock is not None else threading.Lock()
@@ -106,7 +110,7 @@ class PatientOutlet:
 
     def run(self, stop_event: threading.Event, duration_s: float | None = None) -> float:
         """Push paced chunks until ``stop_event`` is set (or ``duration_s`` of patient time passed); return t0."""
-        p, fs, clock = self.patient, self.patient.fs_hz, self.clock
+        p, fs, clock, spin = self.patient, self.patient.fs_hz, self.clock, self.spin_s
         if self.t0 is None:
             self.t0 = clock() - p.t
         self.started.set()
@@ -126,7 +130,7 @@ class PatientOutlet:
                     break
                 # sleep(0) in the spin releases the GIL: the emulator's reader shares this
                 # process and must stamp a command's arrival at once, not after the spin.
-                time.sleep(wait - _SPIN_S if wait > _SPIN_S else 0)
+                time.sleep(wait - spin if wait > spin else 0)
             if self.faults is None:
                 self.outlet.push_chunk(x, t_last, True)
                 self.n_pushed += x.shape[0]

@@ -95,7 +95,41 @@ class EmulatedDevice:
         self.unplug()
 
 
+#: firing rate of each trigger unit of the spiking simulator (as ``stimloop bench ads``)
+SPIKING_UNIT_RATE_HZ = 2.5
+
+
+def spiking_layout(n_channels: int, trigger_channels) -> tuple[int, int]:
+    """Target-unit and stimulation-site channels for a spiking simulator of ``n_channels``.
+
+    The target sits mid-array (away from the trigger units) and the stimulation
+    site three quarters along, as in ``hil_sim.ads_sim`` (8 channels: target 4, site 6).
+    """
+    trig = {int(c) for c in trigger_channels}
+    free = [c for c in range(n_channels) if c not in trig]
+    if not free:
+        raise ValueError(f"spiking simulator n_channels={n_channels!r}: trigger_channels {sorted(trig)} "
+                         "leave no channel for the target unit; expected n_channels > len(trigger_channels)")
+    target = n_channels // 2 if n_channels // 2 in free else free[0]
+    site = min(n_channels - 1, (3 * n_channels) // 4)
+    return target, site
+
+
+def make_spiking(spec: dict):
+    """``SpikingUnits`` for a session spec (``model = "spiking"``): trigger units on ``trigger_channels``."""
+    from hil_sim.spiking import SpikingUnits
+
+    trig = tuple(int(c) for c in spec.get("trigger_channels", (0, 1)))
+    target, site = spiking_layout(int(spec["n_channels"]), trig)
+    return SpikingUnits(fs_hz=float(spec["fs_hz"]), n_channels=int(spec["n_channels"]), seed=int(spec["seed"]),
+                        trigger_channels=trig, target_channel=target, stim_site_channel=site,
+                        rate_hz=float(spec.get("unit_rate_hz", SPIKING_UNIT_RATE_HZ)))
+
+
 def make_patient(spec: dict):
+    """The simulated source of a session spec: a Wendling patient, or spiking units (``model = "spiking"``)."""
+    if spec.get("model", "wendling") == "spiking":
+        return make_spiking(spec)
     from hil_sim.cohort import patient_params
     from hil_sim.patient import SimulatedPatient
 
@@ -135,14 +169,22 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
     try:
         schedule = FaultSchedule(spec.get("faults") or [], fs_hz=spec["fs_hz"], n_channels=spec["n_channels"])
         patient = make_patient(spec)
+        spiking = spec.get("model", "wendling") == "spiking"
+        if spiking:
+            # Outlet, emulator reader and scheduler share the GIL: with the default 5 ms switch
+            # interval one of them can hold a due pulse for ms (as hil_sim/ads_sim.py).
+            import sys
+            sys.setswitchinterval(2e-4)
         # First sample slightly in the future so the controller is attached before data flows.
+        # Spiking units come in ~1 ms chunks: paced by plain sleeps, spinning would take a core.
         outlet = PatientOutlet(patient, spec["stream"], f"stimloop-hil-{spec['patient']}",
                                spec.get("chunk_s", 1 / 64), pylsl.local_clock, t0=pylsl.local_clock() + 0.5,
-                               faults=schedule, fault_log=fault_log)
+                               faults=schedule, fault_log=fault_log, **({"spin_s": 0.0} if spiking else {}))
 
         def deliver(t_lsl: float, params) -> None:
             with outlet.lock:
-                patient.stimulate(t_lsl - outlet.t0, params)
+                # A pulse just before the first sample (t0) lands on it: patient time starts at 0.
+                patient.stimulate(max(0.0, t_lsl - outlet.t0), params)
 
         def make_emulator(fd: int) -> StimulatorEmulator:
             # Replugged emulators append to the same device log: one ground truth per session.
@@ -166,9 +208,10 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
         if out is None:
             shutil.rmtree(link_dir, ignore_errors=True)
         if out is not None and outlet is not None:
-            write_ground_truth(out / "ground_truth.json", patient, outlet.t0, pylsl.local_clock(),
-                               faults=fault_log.records(),
-                               fault_errors=injector.errors if injector is not None else None)
+            with outlet.lock:  # the emulator may still deliver into the patient
+                write_ground_truth(out / "ground_truth.json", patient, outlet.t0, pylsl.local_clock(),
+                                   faults=fault_log.records(),
+                                   fault_errors=injector.errors if injector is not None else None)
 
 
 def write_ground_truth(path: Path, patient, t0: float, end_t: float, faults: list[dict] | None = None,
@@ -177,7 +220,17 @@ def write_ground_truth(path: Path, patient, t0: float, end_t: float, faults: lis
 
     ``faults``: injected faults (:meth:`hil_sim.faults.FaultLog.records`), each
     with its configured fields and real ``t_start``/``t_end`` on the session clock.
+    A spiking simulator (``SpikingUnits``) writes ``"spiking"`` instead of seizures
+    (see :func:`spiking_truth`).
     """
+    from hil_sim.spiking import SpikingUnits
+    if isinstance(patient, SpikingUnits):
+        data = {"t0": t0, "end_t": end_t, "clock": "session", "model": "spiking", "seizures": [],
+                "spiking": spiking_truth(patient, t0), "faults": list(faults or [])}
+        if fault_errors:
+            data["fault_errors"] = list(fault_errors)
+        _write_atomic(path, data)
+        return
     gt = patient.ground_truth.to_dict()
     seizures = [{"onset_t": t0 + s["onset_s"],
                  "offset_t": (t0 + s["offset_s"]) if s.get("offset_s") is not None else None,
@@ -187,6 +240,31 @@ def write_ground_truth(path: Path, patient, t0: float, end_t: float, faults: lis
             "faults": list(faults or [])}
     if fault_errors:
         data["fault_errors"] = list(fault_errors)
+    _write_atomic(path, data)
+
+
+def spiking_truth(units, t0: float) -> dict:
+    """What the spiking simulator knows, on the session clock (``t0 + unit time``).
+
+    ``trigger_spikes`` (``t`` of each true trough, ``channel``), ``target_spikes``
+    (``t``, ``cause``), ``pulses`` (each delivered burst with its onset ``t`` and
+    artifact length), ``weight`` (the trigger → target STDP weight over time).
+    """
+    gt = units.ground_truth()
+    tr, ta, w = gt["trigger_spikes"], gt["target_spikes"], gt["weight"]
+    return {
+        "fs_hz": gt["fs_hz"], "n_channels": units.n_channels, "trigger_channels": list(units.trigger_channels),
+        "target_channel": units.target_channel, "stim_site_channel": units.stim_site_channel,
+        "trigger_spikes": {"t": (tr["t_s"] + t0).tolist(), "channel": tr["channel"].tolist()},
+        "target_spikes": {"t": (ta["t_s"] + t0).tolist(), "cause": list(ta["cause"])},
+        "pulses": [{"t": p["t_s"] + t0, "artifact_s": p["artifact_s"], "amplitude_ua": p["amplitude_ua"],
+                    "pulse_width_us": p["pulse_width_us"], "late_samples": p["late_samples"]} for p in gt["pulses"]],
+        "weight": {"t": (w["t_s"] + t0).tolist(), "w": w["w"].tolist()},
+        "w_init": float(w["w"][0]), "w_final": float(gt["w_final"]),
+    }
+
+
+def _write_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=float))
     tmp.replace(path)

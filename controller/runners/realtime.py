@@ -121,6 +121,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
                     "spontaneous_seizures": sim.spontaneous_seizures,
             "seizure_rate_per_hour": sim.seizure_rate_per_hour, "stream": cfg.source.stream,
                     "chunk_s": sim.chunk_s, "watchdog_s": cfg.device.watchdog_s,
+                    "model": sim.model, "trigger_channels": list(cfg.policy.ads.trigger_channels),
                     "faults": [f.model_dump(mode="json", exclude_none=True) for f in cfg.faults]}
             procs["hil"] = ctx.Process(target=run_hil, args=(spec, q, stops["hil"], str(session_dir)), name="stimloop-hil")
             procs["hil"].start()
@@ -139,7 +140,9 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
         except Exception as exc:
             raise SessionError(f"source: {exc}") from None
         try:
-            contract.check_stream(src_info.fs_hz, src_info.n_channels)
+            from controller.config import SPIKE_POLICY_KINDS
+            if cfg.policy.kind not in SPIKE_POLICY_KINDS:  # spike policies run no seizure model
+                contract.check_stream(src_info.fs_hz, src_info.n_channels)
         except ContractError as exc:
             raise SessionError(f"model {model_path.name} does not fit the stream: {exc}") from None
         _say(console, f"source: {src_info.name} — {src_info.n_channels} ch @ {src_info.fs_hz:g} Hz")
