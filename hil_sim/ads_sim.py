@@ -2,11 +2,13 @@
 
     python -m hil_sim.ads_sim --fd MASTER_FD --spec '{"units": {...}}' --out ground_truth.json
 
-The process owns a :class:`hil_sim.spiking.SpikingUnits`, an LSL outlet
-(float32 µV, ``chunk_n`` samples per push, ~1 ms) and a
-:class:`hil_sim.emulator.StimulatorEmulator` on the inherited pty master. Each
-pulse the emulator delivers is written into the recording (artifact, evoked
-spike) at its true delivery time: unit time = LSL time − t0.
+The process owns a :class:`hil_sim.spiking.SpikingUnits` and an LSL outlet
+(float32 µV, ``chunk_n`` samples per push, ~1 ms); a child process it forks
+(:class:`EmulatorProcess`) runs the :class:`hil_sim.emulator.StimulatorEmulator`
+on the inherited pty master, so the device stamps a command's arrival without
+waiting for the generator's GIL. Each pulse the emulator delivers comes back on
+a pipe and is written into the recording (artifact, evoked spike) at its true
+delivery time: unit time = LSL time − t0.
 
 Protocol on stdin/stdout (one line each): the process prints
 ``ready <source_id>`` once the outlet exists, waits for ``start``, streams
@@ -42,11 +44,83 @@ from hil_sim.spiking import SpikingUnits  # noqa: E402
 
 __all__ = ["SpikingHil", "main"]
 
-class SpikingHil:
-    """Paces ``units`` over an LSL outlet and routes emulator deliveries into it (one process)."""
+class EmulatorProcess:
+    """The stimulator emulator in a process of its own, as a real stimulator is a device of its own.
 
-    def __init__(self, units: SpikingUnits, master_fd: int, stream_name: str = "stimloop-spikes",
-                 chunk_n: int = 30, watchdog_s: float = 1.0, log_path: str | None = None) -> None:
+    In the generator's process its reader thread would wait for the GIL while a
+    30 kHz block is produced, and the receipt stamp (the end of spike → command)
+    would include that wait. Each delivery goes back to the generator as one
+    JSON line on a pipe (``read_fd``); at ``stop()`` the emulator's records and
+    counters come back for the ground truth. Start it before any thread exists
+    in this process (it forks).
+    """
+
+    def __init__(self, master_fd: int, watchdog_s: float = 1.0, log_path: str | None = None) -> None:
+        import multiprocessing as mp
+
+        self.read_fd, write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        ctx = mp.get_context("fork")
+        self._conn, child_conn = ctx.Pipe()
+        self._proc = ctx.Process(target=_emulator_main, args=(master_fd, watchdog_s, log_path, write_fd, child_conn),
+                                 name="stimulator-emulator", daemon=True)
+        self._proc.start()
+        os.close(write_fd)
+        child_conn.close()
+        if not self._conn.poll(10.0) or self._conn.recv() != "ready":
+            raise RuntimeError("stimulator emulator process did not start within 10 s")
+        self._buf = b""
+
+    def deliveries(self) -> list[tuple[float, StimParams]]:
+        """Deliveries reported since the last call: ``(t_lsl delivered, params)`` (never blocks)."""
+        try:
+            data = os.read(self.read_fd, 1 << 16)
+        except BlockingIOError:
+            return []
+        *lines, self._buf = (self._buf + data).split(b"\n")
+        out = []
+        for line in lines:
+            d = json.loads(line)
+            out.append((float(d["t"]), StimParams.from_dict(d["params"])))
+        return out
+
+    def stop(self) -> dict:
+        """Stop the emulator; returns ``{"records", "counters"}``."""
+        self._conn.send("stop")
+        got = self._conn.recv() if self._conn.poll(10.0) else {"records": [], "counters": {}}
+        self._proc.join(timeout=5.0)
+        if self._proc.is_alive():
+            self._proc.kill()
+        os.close(self.read_fd)
+        return got
+
+
+def _emulator_main(master_fd: int, watchdog_s: float, log_path: str | None, write_fd: int, conn) -> None:
+    """Child body: run the emulator until the parent says stop, then send back its ground truth."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent orders the shutdown
+
+    def deliver(t_lsl: float, params: StimParams) -> None:
+        line = json.dumps({"t": t_lsl, "params": params.to_dict()}).encode() + b"\n"
+        os.write(write_fd, line)   # < PIPE_BUF: atomic, never interleaved
+
+    emu = StimulatorEmulator(master_fd, watchdog_s=watchdog_s, on_deliver=deliver, log_path=log_path).start()
+    conn.send("ready")
+    try:
+        conn.recv()   # "stop", or EOF when the parent died
+    except EOFError:
+        pass
+    emu.stop()
+    conn.send({"records": list(emu.records), "counters": dict(emu.counters)})
+    os.close(write_fd)
+
+
+class SpikingHil:
+    """Paces ``units`` over an LSL outlet; deliveries from the emulator process are rendered into it."""
+
+    def __init__(self, units: SpikingUnits, emulator: EmulatorProcess, stream_name: str = "stimloop-spikes",
+                 chunk_n: int = 30) -> None:
         if not 1 <= chunk_n <= 3000:
             raise ValueError(f"SpikingHil chunk_n={chunk_n!r} invalid, expected 1..3000 samples")
         self.units = units
@@ -60,21 +134,22 @@ class SpikingHil:
             ch.append_child_value("label", name)
             ch.append_child_value("unit", "microvolts")
         self.outlet = pylsl.StreamOutlet(info, self.chunk_n, 2)
-        self.lock = threading.Lock()
         self.t0: float | None = None
-        self.emulator = StimulatorEmulator(master_fd, watchdog_s=watchdog_s, on_deliver=self._on_deliver,
-                                           log_path=log_path)
+        self.emulator = emulator
+        self.emulator_result: dict = {"records": [], "counters": {}}
         self._push_t = np.zeros(1 << 16)
         self.n_blocks = 0
         self.deliveries: list[tuple[float, float]] = []   # (t_lsl delivered, unit t)
 
-    def _on_deliver(self, t_lsl: float, params: StimParams) -> None:
-        if self.t0 is None:
-            return
-        t_unit = max(0.0, t_lsl - self.t0)
-        with self.lock:
+    def _render_deliveries(self) -> None:
+        # A pulse delivered after its block left keeps its true onset (SpikingUnits.stimulate
+        # renders the rest of the artifact and counts late_samples in the ground truth).
+        for t_lsl, params in self.emulator.deliveries():
+            if self.t0 is None:
+                continue
+            t_unit = max(0.0, t_lsl - self.t0)
             self.units.stimulate(t_unit, params)
-        self.deliveries.append((t_lsl, t_unit))
+            self.deliveries.append((t_lsl, t_unit))
 
     def run(self, stop: threading.Event) -> None:
         """Stream until ``stop`` is set."""
@@ -86,11 +161,11 @@ class SpikingHil:
             idx_last = u.n_samples + n - 1
             t_last = self.t0 + idx_last / fs
             wait = t_last - clock()
-            while wait > 0:   # sleep releases the GIL for the emulator's reader and scheduler
+            while wait > 0:
                 time.sleep(wait)
                 wait = t_last - clock()
-            with self.lock:
-                x = u.step(n)
+            self._render_deliveries()
+            x = u.step(n)
             self.outlet.push_chunk(x, t_last, True)
             if k == self._push_t.size:
                 self._push_t = np.concatenate([self._push_t, np.zeros_like(self._push_t)])
@@ -100,8 +175,7 @@ class SpikingHil:
 
     def ground_truth(self) -> dict:
         """Ground truth on the LSL clock: true spikes, pulses, weight trajectory, block push times."""
-        with self.lock:
-            gt = self.units.ground_truth()
+        gt = self.units.ground_truth()
         t0 = self.t0 if self.t0 is not None else 0.0
         tr = gt["trigger_spikes"]
         return {
@@ -116,8 +190,8 @@ class SpikingHil:
             "w_init": float(gt["weight"]["w"][0]), "w_final": gt["w_final"],
             # Block i holds samples [i*chunk_n, (i+1)*chunk_n); push_t[i] is when it left.
             "push_t": self._push_t[:self.n_blocks].tolist(),
-            "emulator_records": list(self.emulator.records),
-            "emulator_counters": dict(self.emulator.counters),
+            "emulator_records": list(self.emulator_result["records"]),
+            "emulator_counters": dict(self.emulator_result["counters"]),
         }
 
 
@@ -181,23 +255,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", default="{}", help="JSON: {'units': SpikingUnits kwargs, 'chunk_n', 'stream_name'}")
     ap.add_argument("--out", required=True, help="ground truth JSON written at stop")
     args = ap.parse_args(argv)
-    # Three threads share the GIL here (outlet, emulator reader, emulator scheduler); the
-    # default 5 ms switch interval would let one of them hold a waiting device for ms.
-    sys.setswitchinterval(2e-4)
     spec = json.loads(args.spec)
     units_kw = dict(spec.get("units", {}))
     for key in ("trigger_channels", "amplitude_range_uv", "noise_band_hz", "burst_size", "w_bounds"):
         if key in units_kw:
             units_kw[key] = tuple(units_kw[key])
     units = SpikingUnits(**units_kw)
-    hil = SpikingHil(units, args.fd, stream_name=spec.get("stream_name", "stimloop-spikes"),
-                     chunk_n=int(spec.get("chunk_n", 30)), watchdog_s=float(spec.get("watchdog_s", 1.0)))
-    hil.emulator.start()
+    emulator = EmulatorProcess(args.fd, watchdog_s=float(spec.get("watchdog_s", 1.0)))   # forks: before any thread
+    hil = SpikingHil(units, emulator, stream_name=spec.get("stream_name", "stimloop-spikes"),
+                     chunk_n=int(spec.get("chunk_n", 30)))
     print(f"ready {hil.source_id}", flush=True)
     stop = threading.Event()
     line = sys.stdin.readline().strip()
     if line != "start":
-        hil.emulator.stop()
+        emulator.stop()
         return 1
     th = threading.Thread(target=hil.run, args=(stop,), name="spiking-outlet", daemon=True)
     th.start()
@@ -205,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdin.readline()          # "stop" or EOF
     stop.set()
     th.join(timeout=5.0)
-    hil.emulator.stop()
+    hil._render_deliveries()   # pulses delivered after the last block still belong to the ground truth
+    hil.emulator_result = emulator.stop()
     gt = hil.ground_truth()
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
