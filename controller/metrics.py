@@ -90,7 +90,9 @@ def compute_metrics(session_dir: Path) -> dict:
                         if e.get("what") == "detection_start"]
     seizures = truth.get("seizures", [])
     session_end = truth.get("end_t")
-    detection = score_detections(detection_starts, seizures, session_end) if truth else None
+    # A spiking simulator has no seizures to score.
+    detection = score_detections(detection_starts, seizures, session_end) \
+        if truth and truth.get("model") != "spiking" else None
 
     ads = ads_metrics(events, device_log, truth)
     allowed = [c for c in commands]
@@ -139,7 +141,7 @@ def ads_timeline(events: list[dict], device_log: list[dict], truth: dict) -> dic
 
     ``None`` for other sessions. Keys: ``kind``, ``delay_s``, ``blanking_s``,
     ``det_t``/``det_ch`` (detections), ``cmd`` (per trigger command: ``seq``,
-    ``spike_t``, ``at``, ``t_delivered``; delivered from the device log),
+    ``spike_t``, ``spike_channel``, ``at``, ``t_delivered``; delivered from the device log),
     ``refusals`` (rule → count), ``true_t``/``true_ch`` and ``pulses`` (ground
     truth, empty without it), ``weight_t``/``weight_w``.
     """
@@ -159,6 +161,8 @@ def ads_timeline(events: list[dict], device_log: list[dict], truth: dict) -> dic
     cmd = {"seq": np.asarray([c["seq"] for c in cmds], int),
            "spike_t": np.asarray([c.get("spike_t", np.nan) if c.get("spike_t") is not None else np.nan
                                   for c in cmds], float),
+           "spike_channel": np.asarray([c.get("spike_channel") if c.get("spike_channel") is not None else -1
+                                        for c in cmds], int),
            "at": np.asarray([c.get("at") if c.get("at") is not None else c["t"] for c in cmds], float),
            "t_delivered": np.asarray([delivered.get(c["seq"], np.nan) for c in cmds], float)}
     refusals: dict[str, int] = {}

@@ -34,6 +34,8 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if metrics.get("ads") is not None:
+        return plot_ads_report(session_dir, metrics)
     events = read_jsonl(session_dir / "events.jsonl")
     truth = load_ground_truth(session_dir)
     samples, ts = _load_signal(session_dir)
@@ -136,6 +138,112 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
     return out
 
 
+def plot_ads_report(session_dir: Path, metrics: dict) -> Path:
+    """Report of an ADS / random-control session: what the policy did, on one time axis.
+
+    Panels: a trigger channel around the first delivered pulse (spike, pulse,
+    blanking window); a raster of true spikes, detections and delivered pulses
+    on the trigger channels; the STDP weight from the ground truth; the
+    delivered-delay histogram (device delivery − detected spike, from the
+    device log) against the imposed delay.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from controller.metrics import ads_timeline
+    events = read_jsonl(session_dir / "events.jsonl")
+    truth = load_ground_truth(session_dir)
+    tl = ads_timeline(events, read_jsonl(session_dir / "device_log.jsonl"), truth)
+    a = metrics["ads"]
+    samples, ts = _load_signal(session_dir)
+    t_ref = float(ts[0]) if ts is not None and len(ts) else (tl["t0"] or (events[0]["t"] if events else 0.0))
+    trig = tl["trigger_channels"] or sorted({int(c) for c in tl["det_ch"]}) or [0]
+    cmd = tl["cmd"]
+    delivered = cmd["t_delivered"][np.isfinite(cmd["t_delivered"])]
+    pulses_t = np.asarray([p["t"] for p in tl["pulses"]], float) if tl["pulses"] else delivered
+    blank_s = (a.get("blanking_ms") or 28.0) * 1e-3
+
+    fig, (ax_zoom, ax_r, ax_w, ax_d) = plt.subplots(4, 1, figsize=(13, 11),
+                                                    gridspec_kw={"height_ratios": [1.6, 2, 1, 1.6]})
+    # A close look at the first delivered pulse: the spike that triggered it, the pulse, the blanking.
+    first = int(np.argmin(cmd["t_delivered"])) if np.isfinite(cmd["t_delivered"]).any() else None
+    if samples is not None and len(samples) and first is not None:
+        t_p = float(cmd["t_delivered"][first])
+        t_s = float(cmd["spike_t"][first]) if np.isfinite(cmd["spike_t"][first]) else t_p - 0.0075
+        lo, hi = np.searchsorted(ts, [t_s - 0.01, t_p + blank_s + 0.01])
+        ch = int(cmd["spike_channel"][first]) if cmd["spike_channel"][first] >= 0 else int(trig[0])
+        ch = ch if ch < samples.shape[1] else 0
+        ax_zoom.plot((ts[lo:hi] - t_p) * 1e3, samples[lo:hi, ch], lw=0.6, color="k")
+        ax_zoom.axvspan(0, blank_s * 1e3, color="tab:gray", alpha=0.2, lw=0, label=f"detector blanked {blank_s * 1e3:g} ms")
+        ax_zoom.axvline(0, color="tab:red", lw=1, label="pulse delivered")
+        ax_zoom.axvline((t_s - t_p) * 1e3, color="tab:blue", lw=1, ls="--", label="detected spike")
+        ax_zoom.set_ylim(-400, 250)  # artifacts saturate at thousands of µV: keep the spikes visible
+        ax_zoom.set_xlabel("ms from the first delivered pulse")
+        ax_zoom.set_ylabel(f"ch{ch} (µV)")
+        ax_zoom.legend(loc="lower right", fontsize=8)
+    else:
+        ax_zoom.text(0.5, 0.5, "no delivered pulse or no raw recording", ha="center", transform=ax_zoom.transAxes)
+    ax_zoom.set_title(f"Session {session_dir.name}: {a['policy']} — {a['spikes_detected']} spikes detected, "
+                      f"{a['pulses_delivered']}/{a['pulses_requested']} pulses delivered, {a['refusals']} refused, "
+                      f"{a.get('artifact_triggers', 'n/a')} artifact triggers", fontsize=10)
+
+    for i, c in enumerate(trig):
+        y = float(i)
+        tt = tl["true_t"][tl["true_ch"] == c] - t_ref
+        if tt.size:
+            ax_r.vlines(tt, y - 0.4, y - 0.05, color="0.6", lw=1, label="true spike" if i == 0 else None)
+        dt = tl["det_t"][tl["det_ch"] == c] - t_ref
+        if dt.size:
+            ax_r.vlines(dt, y + 0.05, y + 0.4, color="tab:blue", lw=1, label="detected" if i == 0 else None)
+    yp = len(trig)
+    if pulses_t.size:
+        ax_r.vlines(pulses_t - t_ref, yp - 0.4, yp + 0.4, color="tab:red", lw=1, label="pulse delivered")
+    refused = [e["t"] - t_ref for e in events if e["kind"] == "refusal"]
+    if refused:
+        ax_r.plot(refused, [yp + 0.5] * len(refused), "v", color="tab:purple", label="refused")
+    if tl["t_start"] is not None and tl["t_start"] > t_ref:
+        ax_r.axvspan(0, tl["t_start"] - t_ref, color="0.9", lw=0, label="loop starting")
+    ax_r.set_yticks(list(range(len(trig))) + [yp], [f"ch{c}" for c in trig] + ["stim"])
+    ax_r.set_ylabel("trigger channels")
+    ax_r.legend(loc="upper right", fontsize=8, ncol=4)
+
+    if tl["weight_t"].size:
+        ax_w.step(np.append(tl["weight_t"], tl["end_t"] or tl["weight_t"][-1]) - t_ref,
+                  np.append(tl["weight_w"], tl["weight_w"][-1]), where="post", color="tab:green")
+        ax_w.set_title(f"trigger → target STDP weight (ground truth): {tl['w_init']:.3f} → {tl['w_final']:.3f}",
+                       fontsize=9)
+    else:
+        ax_w.text(0.5, 0.5, "no simulator ground truth (weight unknown)", ha="center", transform=ax_w.transAxes)
+    ax_w.set_ylabel("w")
+    ax_w.set_xlabel("time since first sample (s)")
+    ax_r.set_xlim(left=0)
+    ax_w.set_xlim(ax_r.get_xlim())
+
+    has_spike = np.isfinite(cmd["t_delivered"]) & np.isfinite(cmd["spike_t"])
+    delay = a.get("imposed_delay_ms")
+    if has_spike.any():
+        vals = (cmd["t_delivered"][has_spike] - cmd["spike_t"][has_spike]) * 1e3
+        what = "delivered − detected spike"
+    else:  # random control: no spike behind a pulse; the device's timing against the planned time
+        vals = (cmd["t_delivered"][np.isfinite(cmd["t_delivered"])] - cmd["at"][np.isfinite(cmd["t_delivered"])]) * 1e3
+        what = "delivered − planned time"
+    if vals.size:
+        ax_d.hist(vals, bins=40, color="tab:red", alpha=0.8, label=f"{what} (n={vals.size})")
+        if delay is not None and has_spike.any():
+            ax_d.axvline(delay, color="k", ls="--", lw=1, label=f"imposed delay {delay:g} ms")
+        ax_d.legend(fontsize=8)
+    else:
+        ax_d.text(0.5, 0.5, "no delivered pulse", ha="center", transform=ax_d.transAxes)
+    ax_d.set_xlabel("ms")
+    ax_d.set_ylabel("pulses")
+    fig.tight_layout()
+    out = session_dir / "report.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def summary_table(metrics: dict) -> Table:
     t = Table(title="stimloop session summary", show_header=True)
     t.add_column("metric")
@@ -156,6 +264,17 @@ def summary_table(metrics: dict) -> Table:
     t.add_row("stimulation commands (received by device)", f"{stim.get('commands')} ({stim.get('received_by_device')})")
     t.add_row("charge delivered (µC)", f"{stim.get('charge_uc')}")
     t.add_row("clamps / refusals", f"{stim.get('clamps')} / {stim.get('refusals')}")
+    ads = metrics.get("ads")
+    if ads:
+        t.add_row(f"{ads['policy']}: spikes detected / artifact triggers",
+                  f"{ads['spikes_detected']} / {ads.get('artifact_triggers', 'n/a')}")
+        t.add_row(f"{ads['policy']}: pulses requested / delivered / refused",
+                  f"{ads['pulses_requested']} / {ads['pulses_delivered']} / {ads['refusals']}")
+        d = ads.get("delay_error_ms") or {}
+        if d.get("n"):
+            t.add_row("delay error vs imposed p50 / p99 (ms)", f"{d.get('p50')} / {d.get('p99')}")
+        if ads.get("weight"):
+            t.add_row("STDP weight change (ground truth)", f"{ads['weight']['change']:+.4f}")
     t.add_row("deadline misses", str(metrics.get("deadline_misses")))
     t.add_row("dropped samples", str(metrics.get("dropped_samples")))
     t.add_row("faults", str(len(metrics.get("faults") or [])))
