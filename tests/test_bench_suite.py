@@ -169,3 +169,17 @@ def test_markdown_and_strip_raw():
     md = markdown(doc)
     assert "| s | a |" in md and "| s | end_to_end |" in md and "skipped: no venv" in md
     assert "_raw_s" not in json.dumps(strip_raw(doc)) and "_raw_s" in doc["scenarios"]["s"]
+
+
+@pytest.mark.timeout(120)
+def test_peers_run_in_rounds_and_pool_them():
+    from controller.bench.peers.harness import run_peers
+    with pytest.raises(ValueError, match="rounds=0 invalid"):
+        run_peers(2.0, ["pylsl_floor"], rounds=0)
+    with pytest.raises(ValueError, match="rounds=3 invalid"):
+        run_peers(2.0, ["pylsl_floor"], rounds=3)   # under 1 s per round
+    res = run_peers(4.0, ["pylsl_floor"], rounds=2)
+    r = res["peers"]["pylsl_floor"]
+    assert res["stream"]["rounds"] == 2 and r["rounds"] == 2 and len(r["per_round_p99_ms"]) == 2
+    # ~10 pulses/s over two 2 s rounds (the first 0.2 s of each is not scored): pooled, all found.
+    assert r["pulses"] >= 25 and r["missed"] == 0 and r["end_to_end_ms"]["n"] == r["detected"] == r["pulses"]

@@ -115,7 +115,8 @@ def markdown(doc: dict) -> str:
         if ps:
             lines += [f"Stream: {ps['fs_hz']:g} Hz × {ps['n_channels']} ch, {ps['chunk_n']} sample(s) per push, "
                       f"pulses at ~{ps['pulse_rate_hz']:g} Hz; output = one byte on a pty (stimloop: a TRIGGER "
-                      f"frame to the emulator), stamped on the LSL clock on arrival.", ""]
+                      f"frame to the emulator), stamped on the LSL clock on arrival; "
+                      f"{ps.get('rounds', 1)} round(s), peers in rotated order each round, figures pooled.", ""]
         lines += ["| peer | " + " | ".join(_HEAD) + " | detected | missed | CPU % |", "|---|" + "---:|" * (len(_HEAD) + 3)]
         for name, r in peers.items():
             if not isinstance(r, dict) or "end_to_end_ms" not in r:

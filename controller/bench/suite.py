@@ -117,7 +117,7 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
         names = peer_names or (("stimloop", "pylsl_floor") if quick else PEERS)
         say(f"[bold]peers[/] {', '.join(names)} ({duration_s:g} s each) …")
         try:
-            pr = run_peers(duration_s, names)
+            pr = run_peers(duration_s, names, rounds=1 if quick or duration_s < 4 else 2)
             out["peers"] = pr["peers"]
             out["peer_stream"] = pr["stream"]
             out["peer_ratios"] = pr["ratios"]
