@@ -170,14 +170,16 @@ def plot_ads_report(session_dir: Path, metrics: dict) -> Path:
     first = int(np.argmin(cmd["t_delivered"])) if np.isfinite(cmd["t_delivered"]).any() else None
     if samples is not None and len(samples) and first is not None:
         t_p = float(cmd["t_delivered"][first])
-        t_s = float(cmd["spike_t"][first]) if np.isfinite(cmd["spike_t"][first]) else t_p - 0.0075
+        has_s = bool(np.isfinite(cmd["spike_t"][first]))  # random control: no spike behind the pulse
+        t_s = float(cmd["spike_t"][first]) if has_s else t_p - 0.0075
         lo, hi = np.searchsorted(ts, [t_s - 0.01, t_p + blank_s + 0.01])
         ch = int(cmd["spike_channel"][first]) if cmd["spike_channel"][first] >= 0 else int(trig[0])
         ch = ch if ch < samples.shape[1] else 0
         ax_zoom.plot((ts[lo:hi] - t_p) * 1e3, samples[lo:hi, ch], lw=0.6, color="k")
         ax_zoom.axvspan(0, blank_s * 1e3, color="tab:gray", alpha=0.2, lw=0, label=f"detector blanked {blank_s * 1e3:g} ms")
         ax_zoom.axvline(0, color="tab:red", lw=1, label="pulse delivered")
-        ax_zoom.axvline((t_s - t_p) * 1e3, color="tab:blue", lw=1, ls="--", label="detected spike")
+        if has_s:
+            ax_zoom.axvline((t_s - t_p) * 1e3, color="tab:blue", lw=1, ls="--", label="detected spike")
         ax_zoom.set_ylim(-400, 250)  # artifacts saturate at thousands of µV: keep the spikes visible
         ax_zoom.set_xlabel("ms from the first delivered pulse")
         ax_zoom.set_ylabel(f"ch{ch} (µV)")
