@@ -146,6 +146,9 @@ def sim(
     from controller.inference import ContractError
     from controller.runners.simulated import run_simulated
     from controller.safety import UnsafeProfileError
+    if cfg.simulator.model != "wendling":
+        _fail(f"simulator.model={cfg.simulator.model!r}: `stimloop sim` runs the Wendling patient in simulated time; "
+              "for ADS / random stimulation use `stimloop sim compare-ads` (simulated time) or `stimloop run` (real time)")
     model = cfg.model_path()
     if not model.is_file():
         _fail(f"model {model} does not exist (model.path in the config)")

@@ -202,3 +202,13 @@ def test_random_control_session_delivers_at_about_its_rate(tmp_path):
     assert a["pulses_within_blanking"] == 0 and a["artifact_triggers"] == 0
     assert a["spikes_detected"] >= 3  # the detector runs in the control too (same panels)
     assert a["schedule_error_ms"]["p50"] < 0.5
+
+
+def test_simulated_time_session_refuses_the_spiking_model_with_the_way_out():
+    from typer.testing import CliRunner
+
+    from controller.cli import app
+    res = CliRunner().invoke(app, ["sim", "--config", str(Path(__file__).resolve().parents[1] / "examples" / "ads.toml"),
+                                   "--duration", "2"])
+    assert res.exit_code != 0
+    assert "simulator.model='spiking'" in res.output and "compare-ads" in res.output

@@ -50,6 +50,12 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
     from hil_sim.process import make_patient, write_ground_truth
 
     sim = cfg.simulator
+    if sim.model != "wendling":
+        # The spiking units run at 30 kHz with sample-exact pulse scheduling; their simulated-time
+        # runner is hil_sim.ads_sim.run_simulated, exposed as `stimloop sim compare-ads`.
+        raise ValueError(f"simulator.model={sim.model!r}: the simulated-time session runs the Wendling patient; "
+                         "for ADS / random stimulation in simulated time use `stimloop sim compare-ads`, "
+                         "in real time `stimloop run`")
     loop = SeizureLoop.from_config(cfg, sim.fs_hz, sim.n_channels)  # contract errors before any folder exists
     if session_dir:
         session_dir = Path(session_dir)
