@@ -1,6 +1,7 @@
 """The shipped seizure model: contract, integrity, and separation on freshly simulated held-out patients."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,12 @@ def test_shipped_model_contract_and_sha256():
     c = read_contract(MODEL)
     assert c.version.startswith("seizure_v1") and c.feature_pipeline == "sz_v2" and c.output == "p_seizure"
     assert tuple(c.feature_names) == SzV2Pipeline.feature_names
-    # the post-processing the metrics were measured with travels in the contract
-    assert c.model_extra["min_duration_s"] == 0.5 and c.model_extra["refractory_s"] == 5.0
+    # the operating point chosen out of fold travels in the contract, untouched after training
+    metrics = json.loads(MODEL.with_name("seizure_v1.metrics.json").read_text())
+    assert c.threshold == metrics["threshold"] == metrics["cv"]["simulated_event"]["threshold"]
+    assert c.model_extra["min_duration_s"] == metrics["min_duration_s"] == metrics["cv"]["simulated_event"]["min_duration_s"]
+    assert c.model_extra["refractory_s"] == 5.0
+    assert metrics["sha256"] == OnnxPredictor(MODEL).sha256
     assert c.warmup_s <= 10.0  # the default demo's first seizure is at 10 s
     assert c.n_channels == 0 and 0.3 <= c.threshold < 1.0
     pred = OnnxPredictor(MODEL)

@@ -95,3 +95,15 @@ def test_attach_heldout_refuses_another_models_run(tmp_path):
     run.write_text(json.dumps({"model": str(shipped), "summary": {"hours": 1.0}}))
     with pytest.raises(ValueError, match="sha256"):
         attach_heldout(metrics, run, "stimloop evaluate ...")
+
+
+def test_seizure_with_a_response_burst_is_not_scored():
+    """The schedule's post-onset burst must not decide which min_duration_s detects the seizure."""
+    p, t, rec, sz, dur = _recording(300.0, 0.6)
+    sz2 = [[SEIZURE, (400.0, 420.0)]]
+    p[(t >= 400.0) & (t <= 420.0)] = 0.95
+    m = oof_event_metrics(p, t, rec, sz2, dur, 0.6, 1.5, refractory_s=5.0, stim_times=[[401.0]])
+    assert m["n_seizures"] == 1 and m["n_stimulated_not_scored"] == 1 and m["n_detected"] == 1
+    assert m["false_alarms"] == 0 and m["background_false_alarms"] == 0
+    # its tolerance window is not evaluated time either
+    assert m["evaluated_h"] < oof_event_metrics(p, t, rec, sz2, dur, 0.6, 1.5)["evaluated_h"] - 100 / 3600

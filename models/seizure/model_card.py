@@ -59,6 +59,12 @@ def _grid_summary(cv: dict) -> list[str]:
         b = (f"{best['threshold']:.2f}, {best['n_detected']}/{best['n_seizures']} = {_pct(best['sensitivity'])}, "
              f"{_num(best['median_latency_s'])} s" if best else "—")
         lines.append(f"| {md:g} | {len(ok)}/{len(rows)} | {z} | {b} |")
+    fa0 = [g for g in grid if g["background_false_alarms"] == 0]
+    fa_w = [g for g in fa0 if g["window_ok"]]
+    pts = lambda gs: ", ".join(f"{g['threshold']:.2f}/{g['min_duration_s']:g} s ({_num(g['median_latency_s'])} s)"  # noqa: E731
+                               for g in gs) or "none"
+    lines += ["", f"Points with zero background false alarms: {len(fa0)}/{len(grid)}; with the Delhi targets too: "
+              f"{pts(fa_w)}; with median latency ≤ 3 s as well: {sum(g['latency_ok'] for g in fa_w)}."]
     bh = grid[0]["background_h"]
     lines += ["", f"Background false alarms are counted over {bh:.1f} h of out-of-fold background (evaluated time "
               "outside every seizure's tolerance window); the full grid is `cv.operating_point_grid` in the metrics "
@@ -91,7 +97,8 @@ def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: s
               f"`{c['feature_pipeline']}` ({len(c['feature_names'])} features), output `{c['output']}`, "
               f"`threshold` {c['threshold']:.2f}, `warmup_s` {c['warmup_s']:g} (results before it must not be acted "
               f"upon), `min_duration_s` {c.get('min_duration_s', 0.5):g} and `refractory_s` {c.get('refractory_s', 5.0):g} "
-              "(the post-processing every event figure below was measured with: the responsive policy's).", "",
+              "(chosen out of fold with the threshold, see Operating point: the post-processing every event figure below "
+              "was measured with).", "",
               "## Training data",
               f"- Simulated: virtual cohort patients {sim['patients'][0]}–{sim['patients'][-1]} "
               f"(`hil_sim.cohort.patient_params`), {sim['duration_s_each']:g} s each = {sim['hours']:.1f} h, "
@@ -175,6 +182,13 @@ def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: s
               "- Event figures depend on the scorer; SzCORE's 30 s/60 s tolerances are generous for a closed loop, "
               "so the latency column is the figure to watch for stimulation.",
               ]
+    lines.append(f"- The Delhi targets are window-level. As events, a 5 s ictal segment must hold p ≥ "
+                 f"{c['threshold']:.2f} for `min_duration_s` {c.get('min_duration_s', 0.5):g} s: on concatenated Delhi "
+                 "segments (tests/test_replay_lsl.py) p crosses the threshold in the first ictal stretch but not for "
+                 "that long, so the shipped post-processing does not detect it there.")
+    if c.get("min_duration_s", 0.5) != 0.5:
+        lines.append(f"- `stimloop run` takes `min_duration_s` from its config (`policy.min_duration_s`, default 0.5 s), "
+                     f"not from the contract: set it to {c['min_duration_s']:g} s to act as measured here.")
     return "\n".join(lines) + "\n"
 
 
