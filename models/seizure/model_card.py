@@ -156,6 +156,11 @@ def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: s
                    f"median latency {_num(he['median_latency_s'])} s "
                    f"{'≤' if (he['median_latency_s'] or 1e9) <= 3 else '**>**'} 3 s"]
         lines += ["", "Held-out against the issue #4 targets (confirmed once, nothing chosen on it): " + "; ".join(verdict) + "."]
+    e = cv["simulated_event"]
+    lat = e.get("median_latency_s")
+    lines.append(f"Out of fold (simulated) at the same point: sensitivity {_pct(e['sensitivity'])}, "
+                 f"{e.get('background_false_alarms', '—')} background false alarms, median latency {_num(lat)} s: "
+                 f"latency target ≤ 3 s {'met' if lat is not None and lat <= 3 else '**not met**'} out of fold.")
     if "delhi_window" in cv:
         dw = cv["delhi_window"]
         ok = (dw["recall"] or 0) >= 0.9 and (dw["specificity"] or 0) >= 0.9
