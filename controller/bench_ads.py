@@ -1,6 +1,6 @@
 """Real-time ADS benchmark: spikes at 30 kHz over LSL → detector → ADS policy → governor/actuator → serial device.
 
-    python -m controller.bench_ads [--duration S] [--json F] [--random] [--compare]
+    python -m controller.bench_ads [--duration S] [--json F] [--random] [--compare] [--low-latency]
 
 A separate process (``hil_sim.ads_sim``) streams ``SpikingUnits`` (30 kHz ×
 32 channels, 1 ms chunks) over LSL and runs the stimulator emulator on a pty.
@@ -42,6 +42,7 @@ import pylsl  # noqa: E402
 
 from controller.actuator import Actuator  # noqa: E402
 from controller.events import Event, EventKind  # noqa: E402
+from controller.low_latency import LowLatency  # noqa: E402
 from controller.policies.ads import (GUGGENMOS_BLANKING_MS, GUGGENMOS_DELAY_MS, AdsPolicy,  # noqa: E402
                                      RandomStimPolicy, blanking_window)
 from controller.safety import MICRO, SafetyGovernor  # noqa: E402
@@ -74,7 +75,7 @@ def _stats_ms(x) -> dict:
 def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int = 0, n_channels: int = 32,
         trigger_channels: tuple[int, ...] = (0, 1), unit_rate_hz: float = 2.5, k: float = 5.0,
         stim: StimParams = DEFAULT_STIM, delay_ms: float = GUGGENMOS_DELAY_MS,
-        blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None, rt: bool = False,
+        blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None, low_latency: bool = False,
         telemetry=None, telemetry_signal_hz: float = 64.0, return_samples: bool = False) -> dict:
     """One real-time run (ADS, or random stimulation at ``random_rate_hz``); returns the result dict.
 
@@ -89,7 +90,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
     if not (0.5 <= duration_s <= 3600):
         raise ValueError(f"duration_s={duration_s!r} invalid, expected 0.5..3600 s")
     mode = "ads" if random_rate_hz is None else "random"
-    rt_status = _enter_rt() if rt else "off"
+    qos = LowLatency(low_latency)
+    qos.acquire()   # held for the run (released in the finally below): PM QoS, see controller/low_latency.py
     master_fd, slave = open_pty_pair()
     tmp = tempfile.TemporaryDirectory(prefix="bench_ads_")
     gt_path = os.path.join(tmp.name, "ground_truth.json")
@@ -143,6 +145,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         cmd_pulled = np.empty(cap)      # when the chunk holding the spike came out of pull_chunk
         cmd_submit = np.empty(cap)      # when submit() was called
         cmd_seq = np.empty(cap, np.int64)
+        cmd_sent = np.empty(cap)        # when the driver started writing the TRIGGER frame (COMMAND sent_t)
         n_cmd = 0
         decim = max(1, int(round(FS_HZ / telemetry_signal_hz)))
         tele_events: list = []
@@ -195,6 +198,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                         cmd_submit[n_cmd] = t_sub
                         cmd_pulled[n_cmd] = now
                         cmd_seq[n_cmd] = evs[-1].data["seq"]
+                        cmd_sent[n_cmd] = evs[-1].data["sent_t"]
                         cmd_spike[n_cmd] = req.meta.get("spike_t", req.at)
                         n_cmd += 1
                         blanks.append((b0, b1))
@@ -257,6 +261,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 proc.wait()
         close_pty(master_fd)
         tmp.cleanup()
+        status = qos.status
+        qos.release()
     if keep_dir is not None:
         # Raw material for diagnosis: ground truth, detections, blanking windows.
         os.makedirs(keep_dir, exist_ok=True)
@@ -265,7 +271,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         np.savez(os.path.join(keep_dir, f"detections_{mode}.npz"), t=np.concatenate(det_t) if det_t else np.empty(0),
                  channel=np.concatenate(det_c) if det_c else np.empty(0, int), blanks=np.asarray(blanks).reshape(-1, 2))
     detections = (np.concatenate(det_t) if det_t else np.empty(0), np.concatenate(det_c) if det_c else np.empty(0, int))
-    breakdown = _breakdown(gt, cmd_spike[:n_cmd], cmd_pulled[:n_cmd], cmd_submit[:n_cmd], cmd_seq[:n_cmd])
+    breakdown = _breakdown(gt, cmd_spike[:n_cmd], cmd_pulled[:n_cmd], cmd_submit[:n_cmd], cmd_sent[:n_cmd],
+                           cmd_seq[:n_cmd])
     chunk_ms = chunk_latency_ms(gt, ch_first[:n_chunks], ch_last[:n_chunks], ch_done[:n_chunks],
                                 t_from=t_start + WARMUP_S)
     res = evaluate(gt, detections, blanks, mode=mode, delay_s=delay_ms * 1e-3, t_eval=(t_start + WARMUP_S, t_end - 0.05))
@@ -274,7 +281,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "k_sigma": k, "delay_ms": delay_ms, "blanking_ms": blanking_ms, "unit_rate_hz": unit_rate_hz,
                 "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
                 "controller_spike_to_submit_done_ms": _stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
-                "breakdown_ms": breakdown, "realtime_priority": rt_status, "lsl_time_correction_s": tc,
+                "breakdown_ms": breakdown, "low_latency": status, "lsl_time_correction_s": tc,
                 "chunk_to_decision_ms": _stats_ms(chunk_ms * 1e-3),
                 "telemetry_publish_ms": None if telemetry is None else _stats_ms(pub_s[:n_pub]),
                 "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,
@@ -285,19 +292,6 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         res["samples_ms"] = {"chunk_to_decision": chunk_ms.tolist(),
                              "spike_to_command": spike_to_command_samples_ms(gt, delay_ms * 1e-3).tolist()}
     return res
-
-
-def _enter_rt() -> str:
-    """Opt-in SCHED_FIFO for this (controller) process only.
-
-    Safe here because the loop never spins: it blocks in ``pull_chunk`` between
-    chunks. The HIL process spins (sleep-then-spin) and is left at normal priority.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))
-        return "SCHED_FIFO 50"
-    except (AttributeError, PermissionError, OSError) as e:
-        return f"unavailable: {e}"
 
 
 def spike_to_command_samples_ms(gt: dict, delay_s: float) -> np.ndarray:
@@ -341,21 +335,25 @@ def chunk_latency_ms(gt: dict, first_t, last_t, done_t, t_from: float = -np.inf)
     return (done[last] - push_t[blocks[last]]) * 1e3
 
 
-def _breakdown(gt: dict, spike_t, pulled_t, submit_t, seq) -> dict:
-    """Where spike → command time goes: LSL (push → pull return), detect+policy (→ submit), submit → device receipt."""
+def _breakdown(gt: dict, spike_t, pulled_t, submit_t, sent_t, seq) -> dict:
+    """Where spike → command time goes: LSL (push → pull return), detect+policy (→ submit), submit → device
+    receipt, the latter split into governor+framing (submit → write starts) and write → device receipt."""
     fs, chunk_n, t0 = gt["fs_hz"], gt["chunk_n"], gt["t0"]
     push_t = np.asarray(gt["push_t"])
     recv = {r["seq"]: r["t_received"] for r in gt["emulator_records"] if r.get("type") == "TRIGGER"}
-    lsl, proc, dev = [], [], []
-    for s, p, sub, q in zip(spike_t, pulled_t, submit_t, seq):
+    lsl, proc, dev, gov, wire = [], [], [], [], []
+    for s, p, sub, snt, q in zip(spike_t, pulled_t, submit_t, sent_t, seq):
         b = int(round((s - t0) * fs)) // chunk_n
         if 0 <= b < push_t.size:
             lsl.append(p - push_t[b])
         proc.append(sub - p)
+        gov.append(snt - sub)
         if int(q) in recv:
             dev.append(recv[int(q)] - sub)
+            wire.append(recv[int(q)] - snt)
     return {"lsl_push_to_pull": _stats_ms(lsl), "detect_policy": _stats_ms(proc),
-            "submit_to_device_receipt": _stats_ms(dev)}
+            "submit_to_device_receipt": _stats_ms(dev), "governor_and_framing": _stats_ms(gov),
+            "write_to_device_receipt": _stats_ms(wire)}
 
 
 def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[tuple[float, float]], mode: str,
@@ -474,8 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None,
                     help="folder for the ground truth (every true spike, every pulse with its receipt time, "
                          "the synaptic weight over time) and the detections")
-    ap.add_argument("--rt", action="store_true",
-                    help="run the controller loop under SCHED_FIFO (needs CAP_SYS_NICE; reported in the JSON)")
+    ap.add_argument("--low-latency", action="store_true",
+                    help="hold a PM QoS request (/dev/cpu_dma_latency = 0) for the run: CPUs poll instead of "
+                         "halting when idle (needs write access; recorded in the JSON)")
     ap.add_argument("--k", type=float, default=5.0, help="threshold in σ (REFERENCE.md §2: 4-5)")
     args = ap.parse_args(argv)
     if not 0.5 <= args.duration <= 3600:
@@ -484,12 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     unit_rate = 2.5
     if args.random and not args.compare:
         rate = args.rate_hz if args.rate_hz is not None else unit_rate * len(trig)
-        res = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, rt=args.rt, keep_dir=args.out)
+        res = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out)
     else:
-        res = run(args.duration, seed=args.seed, k=args.k, rt=args.rt, keep_dir=args.out)
+        res = run(args.duration, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out)
         if args.compare:
             rate = args.rate_hz if args.rate_hz is not None else max(res["rate_hz"], 0.1)
-            rnd = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, rt=args.rt, keep_dir=args.out)
+            rnd = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out)
             res["random"] = rnd
             res["weight_change"] = {"ads": res["weight_change"]["ads"], "random": rnd["weight_change"]["random"]}
     if args.json:

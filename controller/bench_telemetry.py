@@ -174,7 +174,7 @@ def _stop_subscribers(procs: list[subprocess.Popen]) -> list[dict]:
 # -- runner ------------------------------------------------------------------------------------
 
 def run_one(mode: str, duration_s: float, seed: int, unit_rate_hz: float, signal_hz: float, slow_ms: float,
-            hwm: int) -> dict:
+            hwm: int, low_latency: bool = False) -> dict:
     """One bench_ads run in ``mode``; returns its spike → command samples and telemetry counters."""
     from controller import bench_ads
     from controller.telemetry import TelemetryPublisher
@@ -191,7 +191,7 @@ def run_one(mode: str, duration_s: float, seed: int, unit_rate_hz: float, signal
             subs = _start_subscribers(pub, slow_ms)
         warm_sent = pub.sent if pub is not None else 0
         res = bench_ads.run(duration_s, seed=seed, unit_rate_hz=unit_rate_hz, telemetry=pub,
-                            telemetry_signal_hz=signal_hz, return_samples=True)
+                            telemetry_signal_hz=signal_hz, return_samples=True, low_latency=low_latency)
         tele = None if pub is None else {"sent": pub.sent - warm_sent, "dropped": pub.dropped}
     finally:
         if subs is not None:
@@ -210,7 +210,8 @@ def run_one(mode: str, duration_s: float, seed: int, unit_rate_hz: float, signal
 
 
 def run(duration_s: float = 15.0, rounds: int = 3, seed: int = 0, unit_rate_hz: float = 5.0,
-        signal_hz: float = 64.0, slow_ms: float = 50.0, hwm: int = 1000, progress=None) -> dict:
+        signal_hz: float = 64.0, slow_ms: float = 50.0, hwm: int = 1000, progress=None,
+        low_latency: bool = False) -> dict:
     """``rounds`` × the three modes, interleaved in rotating order; returns the result dict."""
     if not 0.5 <= duration_s <= 3600:
         raise ValueError(f"duration_s={duration_s!r} invalid, expected 0.5..3600 s per run")
@@ -222,7 +223,7 @@ def run(duration_s: float = 15.0, rounds: int = 3, seed: int = 0, unit_rate_hz: 
     for r in range(rounds):
         order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
         for mode in order:
-            one = run_one(mode, duration_s, seed + r, unit_rate_hz, signal_hz, slow_ms, hwm)
+            one = run_one(mode, duration_s, seed + r, unit_rate_hz, signal_hz, slow_ms, hwm, low_latency)
             one["round"] = r
             runs.append(one)
             if progress is not None:
@@ -236,6 +237,7 @@ def run(duration_s: float = 15.0, rounds: int = 3, seed: int = 0, unit_rate_hz: 
         "runs": [{k: v for k, v in x.items() if k != "samples_ms"} for x in runs],
         "config": {"duration_s_per_run": duration_s, "rounds": rounds, "seed": seed, "unit_rate_hz": unit_rate_hz,
                    "signal_hz": signal_hz, "slow_subscriber_ms_per_message": slow_ms, "hwm": hwm,
+                   "low_latency": low_latency,
                    "fs_hz": 30_000.0, "channels": 32, "chunk_ms": 1.0},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine(), "load_avg_at_end": list(os.getloadavg())},
@@ -295,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--signal-hz", type=float, default=64.0, help="decimated signal rate (config telemetry.signal_hz)")
     ap.add_argument("--slow-ms", type=float, default=50.0, help="the slow subscriber's sleep after each message")
     ap.add_argument("--hwm", type=int, default=1000, help="publisher queue per subscriber (config telemetry.hwm)")
+    ap.add_argument("--low-latency", action="store_true",
+                    help="hold a PM QoS request during every run (as stimloop bench ads --low-latency)")
     ap.add_argument("--subscriber", default=None, help=argparse.SUPPRESS)  # child mode (internal)
     args = ap.parse_args(argv)
     if args.subscriber is not None:
@@ -311,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
               f"load {one['load_avg_1min_before']:.2f}", file=sys.stderr, flush=True)
 
     res = run(args.duration, args.rounds, args.seed, args.unit_rate_hz, args.signal_hz, args.slow_ms, args.hwm,
-              progress=progress)
+              progress=progress, low_latency=args.low_latency)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1, allow_nan=False)

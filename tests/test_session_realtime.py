@@ -25,7 +25,7 @@ def _cfg(tmp_path, **over):
 
 
 def test_closed_loop_session_end_to_end(tmp_path):
-    session = run_session(_cfg(tmp_path))
+    session = run_session(_cfg(tmp_path, session={"low_latency": True}))
     for name in ("config.toml", "session.json", "events.jsonl", "ground_truth.json", "device_log.jsonl",
                  "metrics.json", "report.png", "raw/meta.json", "raw/samples.f32", "endpoints.json"):
         assert (session / name).exists(), name
@@ -33,6 +33,9 @@ def test_closed_loop_session_end_to_end(tmp_path):
     events = read_jsonl(session / "events.jsonl")
     preds = [e for e in events if e["kind"] == "prediction"]
     assert len(preds) > 10  # a window every hop for several seconds
+    # The low-latency request is recorded, held or (without write access) unavailable, never fatal.
+    qos = [e["low_latency"] for e in events if e["kind"] == "status" and "low_latency" in e]
+    assert len(qos) == 1 and (qos[0].startswith("cpu_dma_latency 0") or qos[0].startswith("unavailable"))
     assert m["detection"]["onsets"] == 1 and m["detection"]["detected"] == 1
     assert m["detection"]["false_detections"] == 0
     # Every trigger the device received came through the governor (a COMMAND event with the same seq).

@@ -29,7 +29,10 @@ def bench(ctx: typer.Context,
           scenario: Optional[List[str]] = typer.Option(None, "--scenario",
                                                        help="spike_triggered | seizure_loop | throughput (repeatable; default all)"),
           peers: Optional[List[str]] = typer.Option(None, "--peer", help="stimloop | pylsl_floor | mne_lsl | timeflux (repeatable)"),
-          no_peers: bool = typer.Option(False, "--no-peers", help="skip the peer comparison")) -> None:
+          no_peers: bool = typer.Option(False, "--no-peers", help="skip the peer comparison"),
+          low_latency: bool = typer.Option(False, "--low-latency",
+                                           help="hold a PM QoS request (/dev/cpu_dma_latency = 0) for the whole run "
+                                                "(CPUs poll instead of halting; same for every peer)")) -> None:
     """Run all scenarios (or the ``--scenario`` ones) and the peers; print a table, write JSON/PNG/Markdown."""
     if ctx.invoked_subcommand is not None:
         return
@@ -42,7 +45,10 @@ def bench(ctx: typer.Context,
         raise typer.BadParameter(f"--scenario {bad[0]!r} unknown, expected one of {', '.join(SCENARIOS)}")
     if not 1.0 <= duration <= 3600:
         raise typer.BadParameter(f"--duration {duration} invalid, expected 1..3600 s")
-    doc = run_suite(duration, chosen, peers=not no_peers, quick=quick, peer_names=peers or None, console=console)
+    from controller.low_latency import LowLatency
+    with LowLatency(low_latency) as qos:
+        doc = run_suite(duration, chosen, peers=not no_peers, quick=quick, peer_names=peers or None, console=console)
+        doc["machine"]["low_latency"] = qos.status
     for t in rich_tables(doc):
         console.print(t)
     if json_path is not None:

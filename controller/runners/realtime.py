@@ -110,7 +110,12 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
     old_term = signal.signal(signal.SIGTERM, _raise_stop) if in_main else None
     status = "completed"
     failure: SessionError | None = None
+    from controller.events import Event, EventKind
+    from controller.low_latency import LowLatency
+    qos = LowLatency(cfg.session.low_latency)   # PM QoS for the session's length (controller/low_latency.py)
     try:
+        if qos.enabled:
+            log.append(Event(time.time(), EventKind.STATUS, "runner", {"low_latency": qos.acquire()}))
         stream_name, port = None, cfg.device.port
         if cfg.source.kind == "hil" or cfg.device.kind == "hil":
             from hil_sim.process import run_hil
@@ -183,7 +188,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
                 ring.unlink()
             if wakeup is not None:
                 Path(wakeup).unlink(missing_ok=True)
-            from controller.events import Event, EventKind
+            qos.release()
             log.append(Event(time.time(), EventKind.STATUS, "runner", {"status": status,
                              "exit_codes": {k: p.exitcode for k, p in procs.items()}}))
             log.close()
