@@ -63,7 +63,7 @@ class SeizureLoop:
         predictor = OnnxPredictor(path)
         thr = cfg.policy.threshold_on if cfg.policy.threshold_on is not None else contract.threshold
         return cls(stage=stage, predictor=predictor, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
-                   drive=build_drive(cfg, fs_hz, n_channels, contract.threshold), threshold=thr,
+                   drive=build_drive(cfg, fs_hz, n_channels, contract.threshold, contract.min_duration_s), threshold=thr,
                    fs_hz=fs_hz, n_channels=n_channels)
 
     @property

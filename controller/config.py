@@ -159,7 +159,9 @@ class PolicyConfig(_Section):
                   "none"] = "responsive"
     threshold_on: Annotated[float | None, Field(ge=0, le=1, description="empty: the model's own threshold")] = None
     threshold_off: Annotated[float | None, Field(ge=0, le=1)] = None
-    min_duration_s: Annotated[float, Field(ge=0, le=60)] = 0.5
+    min_duration_s: Annotated[float | None, Field(ge=0, le=60, description=(
+        "p must stay above threshold_on this long; empty: the model's own (its contract's min_duration_s, "
+        "the value its figures were measured with)"))] = None
     refractory_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
     bursts_per_detection: Annotated[int, Field(ge=1, le=2, description="RNS delivers up to two bursts (REFERENCE §3)")] = 1
     burst_interval_s: Annotated[float, Field(ge=0, le=60)] = 1.0

@@ -169,7 +169,8 @@ def build_spike_drive(cfg: Config, fs_hz: float, n_channels: int) -> SpikeDrive:
     return SpikeDrive(policy, det, cfg.policy.kind, a.blanking_ms)
 
 
-def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float) -> PolicyDrive:
+def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float,
+                min_duration_s: float = 0.5) -> PolicyDrive:
     """The configured policy, wrapped in the drive that feeds it."""
     from controller import policies as P
 
@@ -183,7 +184,8 @@ def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float) ->
         thr_on = pc.threshold_on if pc.threshold_on is not None else threshold
         thr_off = pc.threshold_off if pc.threshold_off is not None else thr_on * 0.8
         return PredictionDrive(P.ResponsivePolicy(
-            threshold_on=thr_on, threshold_off=thr_off, min_duration_s=pc.min_duration_s,
+            threshold_on=thr_on, threshold_off=thr_off,
+            min_duration_s=pc.min_duration_s if pc.min_duration_s is not None else min_duration_s,
             refractory_s=pc.refractory_s, stim=stim_params(pc.stim), bursts_per_detection=pc.bursts_per_detection,
             burst_interval_s=pc.burst_interval_s), kind)
     if kind == "adaptive":

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.realtime
 
 def _cfg(tmp_path, **over):
     base = {
-        "session": {"duration_s": 9.0, "out_dir": str(tmp_path)},
+        "session": {"duration_s": 12.0, "out_dir": str(tmp_path)},  # warm-up 8 s + min_duration 1.5 s
         "source": {"stream": f"stimloop-test-{uuid.uuid4().hex[:8]}", "resolve_timeout_s": 10.0},
         "simulator": {"seizure_onsets_s": [3.0]},
         "telemetry": {"address": "tcp://127.0.0.1:*"},
