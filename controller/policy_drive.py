@@ -29,8 +29,6 @@ class PolicyDrive:
     """Base: a policy that acts on nothing (``policy.kind = "none"``)."""
 
     kind = "none"
-    #: False: the policy never reads a seizure probability, so the loop runs no model
-    needs_model = True
 
     def __init__(self, policy=None):
         self.policy = policy
@@ -112,8 +110,6 @@ class SpikeDrive(PolicyDrive):
     the chunk's last sample time.
     """
 
-    needs_model = False
-
     def __init__(self, policy, detector, kind: str, blanking_ms: float):
         super().__init__(policy)
         from controller.policies.ads import blanking_window
@@ -178,7 +174,8 @@ def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float,
     kind = pc.kind
     if kind == "none":
         return PolicyDrive()
-    if kind in ("ads", "random"):
+    from controller.config import SPIKE_POLICY_KINDS
+    if kind in SPIKE_POLICY_KINDS:
         return build_spike_drive(cfg, fs_hz, n_channels)
     if kind == "responsive":
         thr_on = pc.threshold_on if pc.threshold_on is not None else threshold

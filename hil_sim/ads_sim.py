@@ -175,19 +175,11 @@ class SpikingHil:
 
     def ground_truth(self) -> dict:
         """Ground truth on the LSL clock: true spikes, pulses, weight trajectory, block push times."""
-        gt = self.units.ground_truth()
+        from hil_sim.process import spiking_truth
+
         t0 = self.t0 if self.t0 is not None else 0.0
-        tr = gt["trigger_spikes"]
         return {
-            "t0": t0, "fs_hz": gt["fs_hz"], "chunk_n": self.chunk_n, "duration_s": gt["duration_s"],
-            "n_channels": self.units.n_channels, "trigger_channels": list(self.units.trigger_channels),
-            "target_channel": self.units.target_channel,
-            "trigger_spikes": {"t": (tr["t_s"] + t0).tolist(), "channel": tr["channel"].tolist(),
-                               "unit": tr["unit"].tolist()},
-            "target_spikes": {"t": (gt["target_spikes"]["t_s"] + t0).tolist(), "cause": gt["target_spikes"]["cause"]},
-            "pulses": [{**p, "t": p["t_s"] + t0} for p in gt["pulses"]],
-            "weight": {"t": (gt["weight"]["t_s"] + t0).tolist(), "w": gt["weight"]["w"].tolist()},
-            "w_init": float(gt["weight"]["w"][0]), "w_final": gt["w_final"],
+            **spiking_truth(self.units, t0), "t0": t0, "chunk_n": self.chunk_n,
             # Block i holds samples [i*chunk_n, (i+1)*chunk_n); push_t[i] is when it left.
             "push_t": self._push_t[:self.n_blocks].tolist(),
             "emulator_records": list(self.emulator_result["records"]),

@@ -253,12 +253,13 @@ def spiking_truth(units, t0: float) -> dict:
     gt = units.ground_truth()
     tr, ta, w = gt["trigger_spikes"], gt["target_spikes"], gt["weight"]
     return {
-        "fs_hz": gt["fs_hz"], "n_channels": units.n_channels, "trigger_channels": list(units.trigger_channels),
+        "fs_hz": gt["fs_hz"], "duration_s": gt["duration_s"], "n_channels": units.n_channels,
+        "trigger_channels": list(units.trigger_channels),
         "target_channel": units.target_channel, "stim_site_channel": units.stim_site_channel,
-        "trigger_spikes": {"t": (tr["t_s"] + t0).tolist(), "channel": tr["channel"].tolist()},
+        "trigger_spikes": {"t": (tr["t_s"] + t0).tolist(), "channel": tr["channel"].tolist(),
+                           "unit": tr["unit"].tolist()},
         "target_spikes": {"t": (ta["t_s"] + t0).tolist(), "cause": list(ta["cause"])},
-        "pulses": [{"t": p["t_s"] + t0, "artifact_s": p["artifact_s"], "amplitude_ua": p["amplitude_ua"],
-                    "pulse_width_us": p["pulse_width_us"], "late_samples": p["late_samples"]} for p in gt["pulses"]],
+        "pulses": [{**p, "t": p["t_s"] + t0} for p in gt["pulses"]],
         "weight": {"t": (w["t_s"] + t0).tolist(), "w": w["w"].tolist()},
         "w_init": float(w["w"][0]), "w_final": float(gt["w_final"]),
     }

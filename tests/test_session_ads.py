@@ -93,7 +93,7 @@ def test_spike_drive_requests_at_spike_plus_delay_and_blanks_its_artifacts():
     cfg = parse_config(ADS_BASE)
     units = make_spiking({"fs_hz": 30000.0, "n_channels": 4, "seed": 3, "trigger_channels": [0, 1]})
     drive = build_drive(cfg, 30000.0, 4, float("nan"))
-    assert isinstance(drive, SpikeDrive) and not drive.needs_model
+    assert isinstance(drive, SpikeDrive)
     n = 60  # 2 ms chunks
     base = np.arange(n) / 30000.0
     pending, requests, spike_events = [], [], []
