@@ -222,8 +222,12 @@ def ads_metrics(events: list[dict], device_log: list[dict], truth: dict) -> dict
         out["delivered_rate_hz"] = round(float(np.sum(t_del >= t_from)) / (tl["end_t"] - t_from), 4)
     true_t, true_ch, det_t, det_ch = tl["true_t"], tl["true_ch"], tl["det_t"], tl["det_ch"]
     if t_from is not None:
+        # Both sides from the same instant: the loop's first chunk holds samples from just before its
+        # start event, whose true spikes would otherwise be left out while their detections count.
         keep = true_t >= t_from
         true_t, true_ch = true_t[keep], true_ch[keep]
+        keep = det_t >= t_from
+        det_t, det_ch = det_t[keep], det_ch[keep]
     if true_t.size or tl["pulses"]:
         matched = np.zeros(det_t.size, bool)
         for c in np.unique(det_ch):

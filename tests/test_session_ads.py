@@ -155,7 +155,8 @@ def test_ads_session_detects_spikes_and_delivers_at_the_imposed_delay(ads_sessio
     a = m["ads"]
     assert a["policy"] == "ads" and a["imposed_delay_ms"] == DELAY_MS
     assert a["spikes_detected"] >= 5 and a["pulses_delivered"] >= 5
-    assert a["detections_matching_true_spikes"] >= 0.9 * a["spikes_detected"]
+    # Scored from the loop's start: nearly every detection is a true spike (±1 ms), none an artifact.
+    assert a["false_detections"] <= 0.1 * a["detections_matching_true_spikes"]
     assert a["artifact_triggers"] == 0
     assert not m["faults"]
     # Delivered delay from the device log against the detected spike of each command.
