@@ -23,8 +23,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from models.seizure.recordings import Recording
-from models.seizure.scoring import (SZCORE, SzcoreRules, detector_events, nan_runs, poisson_interval, score_events,
-                                    wilson_interval, window_labels, window_scores)
+from models.seizure.scoring import (SZCORE, SzcoreRules, detector_events, nan_runs, poisson_interval, pool_scores,
+                                    score_events, wilson_interval, window_labels, window_scores)
 
 __all__ = ["Detector", "OnnxDetector", "EvaluationError", "evaluate_recording", "summarize", "simulate_cohort",
            "default_model_path", "sweep", "permutation_importance"]
@@ -179,14 +179,10 @@ def summarize(records: list[dict], rules: SzcoreRules = SZCORE) -> dict:
     p = np.concatenate([r["_p"] for r in annotated])
     y = np.concatenate([window_labels(r["_t"], r["truth"]) for r in annotated])
     out["window"] = window_scores(p, y, thr)
-    ev = [r["metrics"]["event"] for r in annotated]
-    n_sz = sum(e["n_seizures"] for e in ev)
-    n_det = sum(e["n_detected"] for e in ev)
-    n_hyp = sum(e["n_detections"] for e in ev)
-    fa = sum(e["false_alarms"] for e in ev)
-    eval_h = sum(e["evaluated_h"] for e in ev)
-    lat = [v for e in ev for v in e["latency_s"]]
-    sens = n_det / n_sz if n_sz else None
+    pooled = pool_scores(r["metrics"]["event"] for r in annotated)
+    n_sz, n_det, n_hyp = pooled["n_seizures"], pooled["n_detected"], pooled["n_detections"]
+    fa, eval_h, lat = pooled["false_alarms"], pooled["evaluated_h"], pooled["latency_s"]
+    sens = pooled["sensitivity"]
     prec = (n_hyp - fa) / n_hyp if n_hyp else None
     out["event"] = {
         "n_seizures": n_sz, "n_detected": n_det, "sensitivity": sens, "sensitivity_ci95": wilson_interval(n_det, n_sz),
@@ -250,22 +246,11 @@ def sweep(records: list[dict], min_durations_s=(0.0, 0.25, 0.5, 1.0, 2.0), thres
     rows = []
     for md in min_durations_s:
         for thr in thresholds:
-            n_sz = n_det = fa = n_hyp = 0
-            eval_h = 0.0
-            lat = []
-            for r in annotated:
-                ev = detector_events(r["_t"], r["_p"], float(thr), float(md), refractory_s)
-                s = score_events(r["truth"], ev, r["duration_s"], rules, r["not_evaluated"])
-                n_sz += s["n_seizures"]
-                n_det += s["n_detected"]
-                fa += s["false_alarms"]
-                n_hyp += s["n_detections"]
-                eval_h += s["evaluated_h"]
-                lat += s["latency_s"]
+            pooled = pool_scores(
+                score_events(r["truth"], detector_events(r["_t"], r["_p"], float(thr), float(md), refractory_s),
+                             r["duration_s"], rules, r["not_evaluated"]) for r in annotated)
             rows.append({"threshold": float(thr), "min_duration_s": float(md),
-                         "sensitivity": n_det / n_sz if n_sz else None,
-                         "false_alarms_per_24h": fa / (eval_h / 24) if eval_h else None,
-                         "median_latency_s": float(np.median(lat)) if lat else None})
+                         **{k: pooled[k] for k in ("sensitivity", "false_alarms_per_24h", "median_latency_s")}})
     return rows
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SzcoreRules", "SZCORE", "detector_events", "merge_split", "score_events", "window_scores",
+__all__ = ["SzcoreRules", "SZCORE", "detector_events", "merge_split", "score_events", "pool_scores", "window_scores",
            "wilson_interval", "poisson_interval", "window_labels", "nan_runs"]
 
 
@@ -172,6 +172,26 @@ def score_events(truth, detections, duration_s: float, rules: SzcoreRules = SZCO
                false_alarms_per_24h=(fp / (eval_s / 86400.0)) if eval_s > 0 else None, latency_s=latencies,
                median_latency_s=float(np.median(latencies)) if latencies else None)
     return out
+
+
+def pool_scores(scores) -> dict:
+    """Pool :func:`score_events` results of several recordings into one set of event figures.
+
+    Counts add up; latencies are concatenated. Returns ``n_seizures``, ``n_detected``,
+    ``sensitivity``, ``n_detections``, ``false_alarms``, ``evaluated_h``,
+    ``false_alarms_per_24h``, ``median_latency_s``, ``latency_s_p90`` and ``latency_s`` (the list).
+    """
+    scores = list(scores)
+    n_sz = sum(s["n_seizures"] for s in scores)
+    n_det = sum(s["n_detected"] for s in scores)
+    fa = sum(s["false_alarms"] for s in scores)
+    eval_h = float(sum(s["evaluated_h"] for s in scores))
+    lat = [v for s in scores for v in s["latency_s"]]
+    return {"n_seizures": n_sz, "n_detected": n_det, "sensitivity": n_det / n_sz if n_sz else None,
+            "n_detections": sum(s["n_detections"] for s in scores), "false_alarms": fa, "evaluated_h": eval_h,
+            "false_alarms_per_24h": fa / (eval_h / 24.0) if eval_h > 0 else None,
+            "median_latency_s": float(np.median(lat)) if lat else None,
+            "latency_s_p90": float(np.percentile(lat, 90)) if lat else None, "latency_s": lat}
 
 
 def window_labels(t_s, truth) -> np.ndarray:

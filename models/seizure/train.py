@@ -196,37 +196,32 @@ def _prepare_recordings(p, t_end, recording, seizures, durations_s, refractory_s
 
 
 def _score_prepared(prep: list[dict], threshold: float, min_duration_s: float, refractory_s: float) -> dict:
-    from models.seizure.scoring import SZCORE, detector_events, poisson_interval, score_events, wilson_interval
+    from models.seizure.scoring import (SZCORE, detector_events, poisson_interval, pool_scores, score_events,
+                                        wilson_interval)
 
-    n_sz = n_det = fa = n_hyp = bg_fa = n_stim = 0
-    eval_h = bg_s = 0.0
-    lat: list[float] = []
+    bg_fa = 0
+    scores = []
     for rec in prep:
         ev = detector_events(rec["t"], rec["p"], threshold, min_duration_s, refractory_s)
-        s = score_events(rec["truth"], ev, rec["duration_s"], SZCORE, rec["nan_runs"])
+        scores.append(score_events(rec["truth"], ev, rec["duration_s"], SZCORE, rec["nan_runs"]))
         starts = np.array([e[0] for e in ev]).reshape(-1, 1)
         ext = rec["ext"]
         bg_fa += int(np.count_nonzero(~((starts >= ext[:, 0]) & (starts <= ext[:, 1])).any(axis=1)))
-        bg_s += rec["background_s"]
-        n_stim += rec["n_stimulated"]
-        n_sz += s["n_seizures"]
-        n_det += s["n_detected"]
-        fa += s["false_alarms"]
-        n_hyp += s["n_detections"]
-        eval_h += s["evaluated_h"]
-        lat += s["latency_s"]
-    bg_h = bg_s / 3600
+    pooled = pool_scores(scores)
+    n_sz, n_det, fa, eval_h = pooled["n_seizures"], pooled["n_detected"], pooled["false_alarms"], pooled["evaluated_h"]
+    bg_h = sum(rec["background_s"] for rec in prep) / 3600
     return {"threshold": threshold, "min_duration_s": min_duration_s, "refractory_s": refractory_s,
-            "n_seizures": n_sz, "n_detected": n_det, "sensitivity": n_det / n_sz if n_sz else None,
-            "sensitivity_ci95": wilson_interval(n_det, n_sz), "n_stimulated_not_scored": n_stim,
-            "n_detections": n_hyp, "false_alarms": fa,
-            "evaluated_h": eval_h, "false_alarms_per_24h": fa / (eval_h / 24) if eval_h else None,
+            "n_seizures": n_sz, "n_detected": n_det, "sensitivity": pooled["sensitivity"],
+            "sensitivity_ci95": wilson_interval(n_det, n_sz),
+            "n_stimulated_not_scored": sum(rec["n_stimulated"] for rec in prep),
+            "n_detections": pooled["n_detections"], "false_alarms": fa,
+            "evaluated_h": eval_h, "false_alarms_per_24h": pooled["false_alarms_per_24h"],
             "false_alarms_per_24h_ci95": poisson_interval(fa, eval_h / 24),
             "background_false_alarms": bg_fa, "background_h": bg_h,
             "background_false_alarms_per_24h": bg_fa / (bg_h / 24) if bg_h else None,
             "background_false_alarms_per_24h_ci95": poisson_interval(bg_fa, bg_h / 24),
-            "median_latency_s": float(np.median(lat)) if lat else None,
-            "latency_s_p90": float(np.percentile(lat, 90)) if lat else None, "rules": SZCORE.describe()}
+            "median_latency_s": pooled["median_latency_s"], "latency_s_p90": pooled["latency_s_p90"],
+            "rules": SZCORE.describe()}
 
 
 def oof_event_metrics(p, t_end, recording, seizures, durations_s, threshold: float, min_duration_s: float = 0.5,
