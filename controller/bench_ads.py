@@ -1,6 +1,6 @@
 """Real-time ADS benchmark: spikes at 30 kHz over LSL → detector → ADS policy → governor/actuator → serial device.
 
-    python -m controller.bench_ads [--duration S] [--json F] [--random] [--compare] [--low-latency]
+    python -m controller.bench_ads [--duration S] [--json F] [--random] [--compare] [--no-low-latency]
 
 A separate process (``hil_sim.ads_sim``) streams ``SpikingUnits`` (30 kHz ×
 32 channels, 1 ms chunks) over LSL and runs the stimulator emulator on a pty.
@@ -75,7 +75,7 @@ def _stats_ms(x) -> dict:
 def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int = 0, n_channels: int = 32,
         trigger_channels: tuple[int, ...] = (0, 1), unit_rate_hz: float = 2.5, k: float = 5.0,
         stim: StimParams = DEFAULT_STIM, delay_ms: float = GUGGENMOS_DELAY_MS,
-        blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None, low_latency: bool = False,
+        blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None, low_latency: bool = True,
         telemetry=None, telemetry_signal_hz: float = 64.0, return_samples: bool = False) -> dict:
     """One real-time run (ADS, or random stimulation at ``random_rate_hz``); returns the result dict.
 
@@ -472,9 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None,
                     help="folder for the ground truth (every true spike, every pulse with its receipt time, "
                          "the synaptic weight over time) and the detections")
-    ap.add_argument("--low-latency", action="store_true",
-                    help="hold a PM QoS request (/dev/cpu_dma_latency = 0) for the run: CPUs poll instead of "
-                         "halting when idle (needs write access; recorded in the JSON)")
+    ap.add_argument("--low-latency", action=argparse.BooleanOptionalAction, default=True,
+                    help="hold a PM QoS request (/dev/cpu_dma_latency = 0) for the run, as cyclictest does: CPUs "
+                         "poll instead of halting when idle (needs write access; recorded in the JSON; default on)")
     ap.add_argument("--k", type=float, default=5.0, help="threshold in σ (REFERENCE.md §2: 4-5)")
     args = ap.parse_args(argv)
     if not 0.5 <= args.duration <= 3600:

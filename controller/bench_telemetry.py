@@ -174,7 +174,7 @@ def _stop_subscribers(procs: list[subprocess.Popen]) -> list[dict]:
 # -- runner ------------------------------------------------------------------------------------
 
 def run_one(mode: str, duration_s: float, seed: int, unit_rate_hz: float, signal_hz: float, slow_ms: float,
-            hwm: int, low_latency: bool = False) -> dict:
+            hwm: int, low_latency: bool = True) -> dict:
     """One bench_ads run in ``mode``; returns its spike → command samples and telemetry counters."""
     from controller import bench_ads
     from controller.telemetry import TelemetryPublisher
@@ -211,7 +211,7 @@ def run_one(mode: str, duration_s: float, seed: int, unit_rate_hz: float, signal
 
 def run(duration_s: float = 15.0, rounds: int = 3, seed: int = 0, unit_rate_hz: float = 5.0,
         signal_hz: float = 64.0, slow_ms: float = 50.0, hwm: int = 1000, progress=None,
-        low_latency: bool = False) -> dict:
+        low_latency: bool = True) -> dict:
     """``rounds`` × the three modes, interleaved in rotating order; returns the result dict."""
     if not 0.5 <= duration_s <= 3600:
         raise ValueError(f"duration_s={duration_s!r} invalid, expected 0.5..3600 s per run")
@@ -297,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--signal-hz", type=float, default=64.0, help="decimated signal rate (config telemetry.signal_hz)")
     ap.add_argument("--slow-ms", type=float, default=50.0, help="the slow subscriber's sleep after each message")
     ap.add_argument("--hwm", type=int, default=1000, help="publisher queue per subscriber (config telemetry.hwm)")
-    ap.add_argument("--low-latency", action="store_true",
-                    help="hold a PM QoS request during every run (as stimloop bench ads --low-latency)")
+    ap.add_argument("--low-latency", action=argparse.BooleanOptionalAction, default=True,
+                    help="hold a PM QoS request during every run (as stimloop bench ads; default on)")
     ap.add_argument("--subscriber", default=None, help=argparse.SUPPRESS)  # child mode (internal)
     args = ap.parse_args(argv)
     if args.subscriber is not None:

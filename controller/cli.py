@@ -418,7 +418,7 @@ def _mount_optional() -> None:
     def bench_ads(ctx: typer.Context):
         """Spike-triggered stimulation in real time: 30 kHz × 32 ch simulator, spike → command and delay error.
 
-        Options: --duration S, --json F, --random [--rate-hz R], --compare, --k K, --low-latency (see --help of
+        Options: --duration S, --json F, --random [--rate-hz R], --compare, --k K, --no-low-latency (see --help of
         `python -m controller.bench_ads`)."""
         from controller.bench_ads import main as ads_main
         raise typer.Exit(ads_main(ctx.args))
@@ -427,7 +427,7 @@ def _mount_optional() -> None:
     def bench_telemetry(ctx: typer.Context):
         """What telemetry costs the spike-triggered path: off vs on without and with subscribers.
 
-        Options: --duration S, --rounds N, --json F, --low-latency (see `python -m controller.bench_telemetry --help`)."""
+        Options: --duration S, --rounds N, --json F, --no-low-latency (see `python -m controller.bench_telemetry --help`)."""
         from controller.bench_telemetry import main as telemetry_main
         raise typer.Exit(telemetry_main(ctx.args))
 

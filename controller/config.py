@@ -29,10 +29,10 @@ class SessionConfig(_Section):
     duration_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600, description="session length, s")] = 60.0
     out_dir: str = Field("sessions", description="parent folder of session folders")
     seed: Annotated[int, Field(ge=0)] = 0
-    low_latency: bool = Field(False, description=(
+    low_latency: bool = Field(True, description=(
         "hold a PM QoS request (/dev/cpu_dma_latency = 0) while the session runs: idle CPUs poll instead of "
-        "halting, so chunks and commands are not delayed by wake-ups (needs write access; never required; "
-        "controller/low_latency.py)"))
+        "halting, so chunks and commands are not delayed by wake-ups (as cyclictest does by default; costs "
+        "idle-CPU power; needs write access, without it the session runs and says so; controller/low_latency.py)"))
 
 
 class SourceConfig(_Section):

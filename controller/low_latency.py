@@ -7,6 +7,8 @@ tolerable wake-up latency (0 µs) to ``/dev/cpu_dma_latency`` and keep the file
 open; idle CPUs then poll instead of halting until it is closed (the kernel's
 ``Documentation/power/pm_qos_interface.rst``; ``cyclictest`` does the same).
 
+On by default in sessions (``session.low_latency``) and benchmarks
+(``--no-low-latency`` to turn it off), as ``cyclictest`` holds it by default.
 Price: idle cores stay busy polling (power, and the host sees busy vCPUs), and
 the device needs write access (root, or a udev rule for your user). Never
 required: when the device cannot be written, the run goes on without it and

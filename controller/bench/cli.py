@@ -30,9 +30,9 @@ def bench(ctx: typer.Context,
                                                        help="spike_triggered | seizure_loop | throughput (repeatable; default all)"),
           peers: Optional[List[str]] = typer.Option(None, "--peer", help="stimloop | pylsl_floor | mne_lsl | timeflux (repeatable)"),
           no_peers: bool = typer.Option(False, "--no-peers", help="skip the peer comparison"),
-          low_latency: bool = typer.Option(False, "--low-latency",
-                                           help="hold a PM QoS request (/dev/cpu_dma_latency = 0) for the whole run "
-                                                "(CPUs poll instead of halting; same for every peer)")) -> None:
+          low_latency: bool = typer.Option(True, "--low-latency/--no-low-latency",
+                                           help="hold a PM QoS request (/dev/cpu_dma_latency = 0) for the whole run, "
+                                                "as cyclictest does: CPUs poll instead of halting; same for every peer")) -> None:
     """Run all scenarios (or the ``--scenario`` ones) and the peers; print a table, write JSON/PNG/Markdown."""
     if ctx.invoked_subcommand is not None:
         return
