@@ -114,11 +114,21 @@ class TelemetryPublisher:
     """
 
     def __init__(self, address: str = "tcp://127.0.0.1:5556", hwm: int = 1000,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, signal_rows: int = 8) -> None:
         if not isinstance(hwm, int) or hwm < 1:
             raise ValueError(f"telemetry hwm={hwm!r} is invalid; expected an integer >= 1 (messages)")
+        if not isinstance(signal_rows, int) or not 1 <= signal_rows <= 10_000:
+            raise ValueError(f"telemetry signal_rows={signal_rows!r} is invalid; expected an integer 1..10000")
         self.address = address
         self.hwm = hwm
+        # Decimated signal rows travel `signal_rows` to a message (8 at 64 Hz: 8 messages/s). Every message
+        # wakes libzmq's I/O thread and each subscriber; on a 2-core machine those wake-ups are what
+        # telemetry costs the spike path (measured: one row per message cost +27 % at p99 with two
+        # subscribers in the low-latency mode, controller/bench_telemetry.py).
+        self.signal_rows = signal_rows
+        self._signal_parts: list[np.ndarray] = []
+        self._signal_n = 0
+        self._signal_t = 0.0
         self.sent = 0
         self.dropped = 0
         # Decimation phase carried across signal blocks: samples to skip at the start
@@ -170,7 +180,8 @@ class TelemetryPublisher:
         One publisher carries one signal stream (the phase is the publisher's).
 
         ``t`` is the timestamp of the block's first sample, or the ``(n,)`` array of
-        per-sample timestamps; the message is stamped with its first kept sample.
+        per-sample timestamps. Kept rows are sent ``signal_rows`` (or more) to a
+        message, stamped with its first row's time.
         ``fs_hz`` is the block's rate; the message carries the published rate.
         """
         if samples.ndim != 2:
@@ -188,11 +199,19 @@ class TelemetryPublisher:
         self._signal_phase = (phase - n) % decimate
         if phase >= n:
             return True
-        t_first = float(t[phase]) if isinstance(t, np.ndarray) else float(t) + phase / float(fs_hz)
-        payload: dict[str, Any] = {"fs_hz": float(fs_hz) / decimate, "x": samples[phase::decimate]}
+        if not self._signal_parts:
+            self._signal_t = float(t[phase]) if isinstance(t, np.ndarray) else float(t) + phase / float(fs_hz)
+        kept = samples[phase::decimate]
+        self._signal_parts.append(np.array(kept, copy=True))   # the caller may reuse its block (a ring view)
+        self._signal_n += kept.shape[0]
+        if self._signal_n < self.signal_rows:
+            return True
+        x = self._signal_parts[0] if len(self._signal_parts) == 1 else np.concatenate(self._signal_parts)
+        self._signal_parts, self._signal_n = [], 0
+        payload: dict[str, Any] = {"fs_hz": float(fs_hz) / decimate, "x": x}
         if channel_names is not None:
             payload["channels"] = list(channel_names)
-        return self.publish("signal", t_first, payload)
+        return self.publish("signal", self._signal_t, payload)
 
     def close(self) -> None:
         """Close the socket (drops anything still queued)."""

@@ -71,7 +71,7 @@ def test_chunk_latency_counts_every_block_of_a_pull_once():
 def test_signal_decimation_keeps_an_even_rate_across_small_blocks():
     """1 ms blocks at 30 kHz decimated to 64 Hz publish 64 rows/s, not one row per block."""
     fs_hz, decim = 30_000.0, 469
-    with TelemetryPublisher("tcp://127.0.0.1:*", hwm=10_000) as pub, \
+    with TelemetryPublisher("tcp://127.0.0.1:*", hwm=10_000, signal_rows=1) as pub, \
             TelemetrySubscriber(pub.endpoint, topics=["signal"]) as sub:
         for _ in range(200):  # slow joiner: wait until the subscription is in place
             pub.publish("signal", -1.0, {"x": np.zeros((1, 1), np.float32)})
@@ -92,6 +92,34 @@ def test_signal_decimation_keeps_an_even_rate_across_small_blocks():
     # Each message is stamped with its first kept sample.
     assert all(t == pytest.approx(ts[int(p["x"][0, 0])]) for _, t, p in got)
     assert got[0][2]["fs_hz"] == pytest.approx(fs_hz / decim)
+
+
+def test_signal_rows_travel_several_to_a_message():
+    """Fewer messages, same rows: 64 rows/s in messages of 8 rows, stamped with their first row."""
+    fs_hz, decim = 30_000.0, 469
+    with TelemetryPublisher("tcp://127.0.0.1:*", hwm=10_000) as pub, \
+            TelemetrySubscriber(pub.endpoint, topics=["signal"]) as sub:
+        assert pub.signal_rows == 8
+        for _ in range(200):  # slow joiner
+            pub.publish("signal", -1.0, {"x": np.zeros((1, 1), np.float32)})
+            if sub.recv(timeout_ms=10) is not None:
+                break
+        while sub.recv(timeout_ms=50) is not None:
+            pass
+        buf = np.empty((30, 1), np.float32)   # one block buffer reused, as a ring view would be
+        ts = 10.0 + np.arange(30_000) / fs_hz
+        for i in range(0, 30_000, 30):
+            buf[:, 0] = np.arange(i, i + 30)
+            pub.publish_signal(ts[i:i + 30], buf, fs_hz, decimate=decim)
+        got = []
+        while (msg := sub.recv(timeout_ms=200)) is not None:
+            got.append(msg)
+    kept = np.arange(0, 30_000, decim)
+    assert len(got) == kept.size // 8 and all(p["x"].shape == (8, 1) for _, _, p in got)
+    np.testing.assert_array_equal(np.concatenate([p["x"][:, 0] for _, _, p in got]), kept[:len(got) * 8])
+    assert all(t == pytest.approx(ts[int(p["x"][0, 0])]) for _, t, p in got)
+    with pytest.raises(ValueError, match="signal_rows=0"):
+        TelemetryPublisher("tcp://127.0.0.1:*", signal_rows=0)
 
 
 def test_signal_timestamps_must_match_the_block():
@@ -118,7 +146,7 @@ def test_short_benchmark_runs_three_modes_and_subscribers_receive(tmp_path):
     assert res["chunk_to_decision"]["modes"]["off"]["n"] > 900
     by_mode = {r["mode"]: r for r in res["runs"]}
     assert by_mode["off"]["telemetry"] is None
-    assert by_mode["on_no_subscriber"]["telemetry"]["sent"] > 50
+    assert by_mode["on_no_subscriber"]["telemetry"]["sent"] > 10
     # The samples the bench pools are the ones bench_ads reports.
     for r in res["runs"]:
         assert r["spike_to_command_ms"]["p99"] == pytest.approx(r["bench_ads_spike_to_command_ms"]["p99"])
@@ -126,6 +154,7 @@ def test_short_benchmark_runs_three_modes_and_subscribers_receive(tmp_path):
     normal, slow = tele["subscribers"]
     assert normal["slow_ms"] == 0 and slow["slow_ms"] == 50
     # The fast path published its signal, spikes and commands and the normal subscriber got them.
-    assert normal["received"]["signal"] > 50 and normal["received"]["stim"] > 0 and normal["received"]["prediction"] > 0
-    assert sum(slow["received"].values()) < sum(normal["received"].values())
+    assert normal["received"]["signal"] >= 8 and normal["received"]["stim"] > 0 and normal["received"]["prediction"] > 0
+    # The slow subscriber (50 ms per message) is served too.
+    assert sum(slow["received"].values()) > 0
     assert res["machine"]["cpus"] >= 1 and isinstance(res["target_met"], bool)
