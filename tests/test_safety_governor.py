@@ -282,3 +282,18 @@ def test_reused_params_object_gets_the_same_decision_and_equal_values_are_checke
     assert sneaky == one_ua and hash(sneaky) == hash(one_ua)
     d = step(sneaky, 50.0)
     assert not d.allowed and d.events[-1].data["rule"] == "invalid_request"
+
+
+def test_subnormal_amplitudes_and_durations_are_refused_not_booked():
+    """Found by the property test: a 2e-311 µA amplitude booked a charge a few ulps below its own."""
+    g = gov()
+    for params in (RNS_BURST.with_(amplitude_ua=2.225073858507e-311), RNS_BURST.with_(amplitude_ua=1e-7)):
+        d = g.step(req(params), 0.0)
+        assert not d.allowed and d.events[-1].data["rule"] == "invalid_request" and "amplitude_ua" in d.reason
+    tes = gov(TES)
+    sine = StimParams(channel=0, waveform=Waveform.SINE, amplitude_ua=1000.0, frequency_hz=10.0, duration_s=1e-310)
+    d = tes.step(req(sine), 0.0)
+    assert not d.allowed and "duration_s" in d.reason
+    assert g.dose.bursts == 0 and tes.dose.charge_uc == 0.0
+    zero = g.step(req(RNS_BURST.with_(amplitude_ua=0.0), t=1.0), 1.0)   # no current stays allowed
+    assert zero.allowed and g.dose.charge_uc == 0.0

@@ -28,6 +28,10 @@ RATE_WINDOW_S = 60.0  # max_bursts_per_min is counted over any 60 s window
 # Charge-limit clamps land this fraction below the limit so float rounding and
 # Shannon's strict "<" can never put the clamped value on the wrong side.
 _CLAMP_MARGIN = 1e-9
+# Below these no stimulator delivers anything, and floating point could not promise that the dose
+# books at least the charge (subnormal products lose their relative precision): refused, not booked.
+MIN_AMPLITUDE_UA = 1e-6      # 1 pA (0 stays allowed: no current)
+MIN_DURATION_S = 1e-6
 _NUMERIC_FIELDS = ("amplitude_ua", "pulse_width_us", "interphase_gap_us", "frequency_hz",
                    "duration_s", "ramp_s", "carrier_hz")
 
@@ -446,6 +450,9 @@ class SafetyGovernor:
         amp = float(params.amplitude_ua)
         if amp < 0:
             raise _Refused("amplitude", f"amplitude_ua={amp} is negative; expected >= 0 (polarity is the waveform's)")
+        if 0 < amp < MIN_AMPLITUDE_UA:
+            raise _Refused("invalid_request", f"amplitude_ua={amp} is below {MIN_AMPLITUDE_UA} µA; expected 0 "
+                                              "(no current) or a deliverable amplitude")
         if amp > p.hard_max_amplitude_ua:
             raise _Refused("hard_max_amplitude", f"amplitude_ua={amp} > hard_max_amplitude_ua={p.hard_max_amplitude_ua}")
         amp_max = min(p.max_amplitude_ua, caps.max_amplitude_ua)
@@ -493,8 +500,8 @@ class SafetyGovernor:
             changes["pulse_width_us"] = pw
         else:
             dur = float(params.duration_s)
-            if not dur > 0:
-                raise _Refused("invalid_request", f"duration_s={dur}, expected > 0 for {w} stimulation")
+            if not dur >= MIN_DURATION_S:
+                raise _Refused("invalid_request", f"duration_s={dur}, expected >= {MIN_DURATION_S} s for {w} stimulation")
             if dur > p.max_burst_duration_s:
                 clamp("duration_s", dur, p.max_burst_duration_s, "max_burst_duration", act.burst_duration)
                 dur = p.max_burst_duration_s
