@@ -167,7 +167,13 @@ def test_concurrent_writer_never_yields_torn_rows():
         n_ok_rows = n_overruns = n_lost = n_latest_ok = n_latest_invalid = 0
         go.set()
         deadline = time.monotonic() + 20
+        k = 0
         while p.is_alive() and time.monotonic() < deadline:
+            k += 1
+            if k % 256 == 0:
+                # Fall behind now and then, so the writer surely laps the reader (a fast reader on an
+                # idle machine otherwise keeps up and the overrun path goes untested).
+                time.sleep(0.002)
             try:
                 res = seq.read_new(128, copy=True)  # copies are validated by read_new itself
                 assert check_rows(res.samples, res.timestamps, res.start), f"torn copy at {res.start}"
