@@ -224,20 +224,17 @@ def write_ground_truth(path: Path, patient, t0: float, end_t: float, faults: lis
     (see :func:`spiking_truth`).
     """
     from hil_sim.spiking import SpikingUnits
+    data: dict = {"t0": t0, "end_t": end_t, "clock": "session"}
     if isinstance(patient, SpikingUnits):
-        data = {"t0": t0, "end_t": end_t, "clock": "session", "model": "spiking", "seizures": [],
-                "spiking": spiking_truth(patient, t0), "faults": list(faults or [])}
-        if fault_errors:
-            data["fault_errors"] = list(fault_errors)
-        _write_atomic(path, data)
-        return
-    gt = patient.ground_truth.to_dict()
-    seizures = [{"onset_t": t0 + s["onset_s"],
-                 "offset_t": (t0 + s["offset_s"]) if s.get("offset_s") is not None else None,
-                 "terminated_by_stim": bool(s.get("terminated_by_stim", False))}
-                for s in gt.get("seizures", [])]
-    data = {"t0": t0, "end_t": end_t, "clock": "session", "seizures": seizures, "patient": gt,
-            "faults": list(faults or [])}
+        data.update(model="spiking", seizures=[], spiking=spiking_truth(patient, t0))
+    else:
+        gt = patient.ground_truth.to_dict()
+        data["seizures"] = [{"onset_t": t0 + s["onset_s"],
+                             "offset_t": (t0 + s["offset_s"]) if s.get("offset_s") is not None else None,
+                             "terminated_by_stim": bool(s.get("terminated_by_stim", False))}
+                            for s in gt.get("seizures", [])]
+        data["patient"] = gt
+    data["faults"] = list(faults or [])
     if fault_errors:
         data["fault_errors"] = list(fault_errors)
     _write_atomic(path, data)

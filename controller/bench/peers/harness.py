@@ -319,22 +319,18 @@ def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int = 2) -> dict:
         if any("skipped" in r for r in runs):
             results[name] = next(r for r in runs if "skipped" in r)
             continue
-        lat, counts = [], {"pulses": 0, "detected": 0, "missed": 0, "extra_outputs": 0}
-        for r in runs:
-            # Score pulses from 0.2 s after the peer was ready to just before it stopped.
-            m = match(summary["pulse_t"], r["stamps"], r["t_start"] + 0.2, r["t_stop"] - MATCH_WINDOW_S)
-            lat += m["latencies_s"]
-            for k in counts:
-                counts[k] += m[k]
+        # Score pulses from 0.2 s after the peer was ready to just before it stopped.
+        scored = [match(summary["pulse_t"], r["stamps"], r["t_start"] + 0.2, r["t_stop"] - MATCH_WINDOW_S)
+                  for r in runs]
+        lat = [x for m in scored for x in m["latencies_s"]]
+        counts = {k: sum(m[k] for m in scored) for k in ("pulses", "detected", "missed", "extra_outputs")}
         cpu = {}
         for r in runs:
             for k, v in (r["cpu_percent"] or {}).items():
                 cpu[k] = cpu.get(k, 0.0) + (v or 0.0) / len(runs)
         last = runs[-1]
         results[name] = {"end_to_end_ms": stats_ms(lat), **counts, "rounds": len(runs),
-                         "per_round_p99_ms": [stats_ms(match(summary["pulse_t"], r["stamps"], r["t_start"] + 0.2,
-                                                             r["t_stop"] - MATCH_WINDOW_S)["latencies_s"])["p99"]
-                                              for r in runs],
+                         "per_round_p99_ms": [stats_ms(m["latencies_s"])["p99"] for m in scored],
                          "_raw_s": {"end_to_end": lat},
                          "cpu_percent": {k: round(v, 1) for k, v in cpu.items()}, "exit_code": last["exit_code"],
                          "peer_said": last["peer_said"],
