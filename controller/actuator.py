@@ -12,12 +12,17 @@ Not thread-safe: one control loop owns the actuator. The clock is injected
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from controller.events import Event, EventKind
 from controller.safety.governor import Decision, Dose, SafetyGovernor, StimRequest, conservative_charge_uc
 from drivers.base import CommandReceipt, Stimulator, StimulatorError
 from drivers.params import DeviceCapabilities, StimParams
+
+
+WARM_PERIOD_S = 0.001   # warm() at most this often: 5–10 µs each, ~1 % of a core
+WARM_RESET_EVERY = 256
 
 
 class Actuator:
@@ -35,7 +40,8 @@ class Actuator:
     without it the governor refuses every request.
     """
 
-    __slots__ = ("_governor", "__driver", "_clock", "_source", "_configured", "_closed")
+    __slots__ = ("_governor", "__driver", "_clock", "_source", "_configured", "_closed", "_warm_params",
+                 "_warm_gov", "_warm_t", "_warm_n", "_warm_next", "warm_period_s")
 
     def __init__(self, governor: SafetyGovernor, driver: Stimulator, clock: Callable[[], float],
                  source: str = "actuator") -> None:
@@ -56,6 +62,12 @@ class Actuator:
         self._source = source
         self._configured: dict[int, StimParams] = {}  # what the device holds per channel (cleared on fault)
         self._closed = False
+        self._warm_params: StimParams | None = None   # the last params sent: what warm() rehearses
+        self._warm_gov: SafetyGovernor | None = None
+        self._warm_t = 0.0
+        self._warm_n = 0
+        self._warm_next = -math.inf
+        self.warm_period_s = WARM_PERIOD_S
 
     # ---- read-only views (none of them leads to the driver) ------------------------------
     @property
@@ -139,6 +151,7 @@ class Actuator:
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt and friends: device stopped, then let them through
             return events
+        self._warm_params = params
         meta = request.meta if isinstance(request.meta, dict) else {}
         events.append(Event(now, EventKind.COMMAND, self._source, {
             "op": "trigger", "seq": rec.seq, "sent_t": rec.sent_t, "acked_t": rec.acked_t,
@@ -149,6 +162,43 @@ class Actuator:
             **{k: v for k, v in meta.items() if k != "window_end_t"},  # stage times for metrics.json
         }))
         return events
+
+    def warm(self, params: StimParams | None = None) -> None:
+        """Rehearse the command path so the next real command finds it in the CPU caches.
+
+        Spike-triggered commands come a few times a second; in between, the
+        governor's and the encoder's code and data fall out of the caches and
+        the first command after a pause paid 50–100 µs more than a warm one
+        (docs/performance.md, "Warm command path"). Called from the loop's idle
+        iterations, at most every ``warm_period_s`` (clock time), this runs
+        ``SafetyGovernor.step`` on a *scratch* governor (same profile and
+        capabilities, its own state and its own fake clock) with ``params``
+        (default: the last params sent) and the driver's pure encoder
+        (``Stimulator.warm``). The real governor's state, the dose and the
+        device are never touched; no event is produced.
+        """
+        now = self._clock()
+        if now < self._warm_next or self._closed:
+            return
+        self._warm_next = now + self.warm_period_s
+        params = params if params is not None else self._warm_params
+        if params is None:
+            return
+        gov = self._warm_gov
+        if gov is None or self._warm_n >= WARM_RESET_EVERY:
+            # A fresh scratch governor now and then: its dose never nears the limits, so it keeps
+            # rehearsing the allowed path rather than a dose refusal.
+            gov = self._warm_gov = SafetyGovernor(self._governor.profile, self._governor.capabilities, "warm")
+            if self._governor.impedance_ohm is not None:
+                gov.set_impedance(self._governor.impedance_ohm, 0.0)
+            self._warm_n, self._warm_t = 0, 0.0
+        p = gov.profile
+        # Far enough apart in fake time that neither the interval nor the rate rule refuses.
+        self._warm_t += 2.0 * max(p.min_interval_s, 60.0 / p.max_bursts_per_min) + p.max_burst_duration_s
+        self._warm_n += 1
+        gov.heartbeat_ok(self._warm_t)
+        gov.step(StimRequest(t=self._warm_t, source="warm", params=params), self._warm_t)
+        self.__driver.warm(params.channel)
 
     def heartbeat(self) -> list[Event]:
         """Heartbeat the device (its watchdog) and, when it answers, the governor."""

@@ -76,7 +76,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         trigger_channels: tuple[int, ...] = (0, 1), unit_rate_hz: float = 2.5, k: float = 5.0,
         stim: StimParams = DEFAULT_STIM, delay_ms: float = GUGGENMOS_DELAY_MS,
         blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None, low_latency: bool = True,
-        telemetry=None, telemetry_signal_hz: float = 64.0, return_samples: bool = False) -> dict:
+        telemetry=None, telemetry_signal_hz: float = 64.0, return_samples: bool = False,
+        warm: bool = True) -> dict:
     """One real-time run (ADS, or random stimulation at ``random_rate_hz``); returns the result dict.
 
     ``telemetry``: an optional :class:`controller.telemetry.TelemetryPublisher`. When
@@ -213,6 +214,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                     ch_first[n_chunks] = ts[0]
                     ch_last[n_chunks] = ts[n - 1]
                     n_chunks += 1
+            if warm:
+                act.warm(stim)   # after the chunk's commands: never between a spike and its command
             if now >= next_hb:
                 # Heartbeat between chunks, never between a spike and its command.
                 hb = act.heartbeat()
@@ -281,7 +284,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "k_sigma": k, "delay_ms": delay_ms, "blanking_ms": blanking_ms, "unit_rate_hz": unit_rate_hz,
                 "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
                 "controller_spike_to_submit_done_ms": _stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
-                "breakdown_ms": breakdown, "low_latency": status, "lsl_time_correction_s": tc,
+                "breakdown_ms": breakdown, "low_latency": status, "warm": warm, "lsl_time_correction_s": tc,
                 "chunk_to_decision_ms": _stats_ms(chunk_ms * 1e-3),
                 "telemetry_publish_ms": None if telemetry is None else _stats_ms(pub_s[:n_pub]),
                 "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,
@@ -475,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--low-latency", action=argparse.BooleanOptionalAction, default=True,
                     help="hold a PM QoS request (/dev/cpu_dma_latency = 0) for the run, as cyclictest does: CPUs "
                          "poll instead of halting when idle (needs write access; recorded in the JSON; default on)")
+    ap.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
+                    help="rehearse the governor and the frame encoder between commands (Actuator.warm) so a "
+                         "spike finds them in the CPU caches (default on)")
     ap.add_argument("--k", type=float, default=5.0, help="threshold in σ (REFERENCE.md §2: 4-5)")
     args = ap.parse_args(argv)
     if not 0.5 <= args.duration <= 3600:
@@ -483,12 +489,15 @@ def main(argv: list[str] | None = None) -> int:
     unit_rate = 2.5
     if args.random and not args.compare:
         rate = args.rate_hz if args.rate_hz is not None else unit_rate * len(trig)
-        res = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out)
+        res = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out,
+                  warm=args.warm)
     else:
-        res = run(args.duration, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out)
+        res = run(args.duration, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out,
+                  warm=args.warm)
         if args.compare:
             rate = args.rate_hz if args.rate_hz is not None else max(res["rate_hz"], 0.1)
-            rnd = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out)
+            rnd = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out,
+                  warm=args.warm)
             res["random"] = rnd
             res["weight_change"] = {"ads": res["weight_change"]["ads"], "random": rnd["weight_change"]["random"]}
     if args.json:

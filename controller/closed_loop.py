@@ -142,13 +142,17 @@ class ChunkStep:
         return events
 
     def idle(self) -> list[Event]:
-        """No new samples this iteration: after ``stall_timeout_s`` the stream counts as lost (safe state)."""
+        """No new samples this iteration: after ``stall_timeout_s`` the stream counts as lost (safe state).
+
+        Otherwise the wait for samples is used to keep the command path warm (``Actuator.warm``).
+        """
         now = self.clock()
         if not self.stale and now - self._last_data_t > self.stall_timeout_s:
             self.stale = True
             return [Event(now, EventKind.FAULT, self.source, {"what": "stream_stalled", "reason": STALE_REASON,
                                                               "silent_s": now - self._last_data_t}),
                     *self.actuator.fault(STALE_REASON)]
+        self.actuator.warm()
         return []
 
     def step(self, samples: np.ndarray, timestamps: np.ndarray) -> list[Event]:

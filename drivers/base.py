@@ -62,6 +62,13 @@ class Stimulator(ABC):
     def heartbeat(self) -> CommandReceipt:
         """Tell the device the controller is alive (its watchdog stops stimulation otherwise)."""
 
+    def warm(self, channel: int) -> None:
+        """Run the TRIGGER encoding for ``channel`` without any I/O (see ``Actuator.warm``).
+
+        Drivers whose command path has pure work worth keeping in the CPU caches
+        override this; it must never touch the device. Default: nothing.
+        """
+
     def __enter__(self) -> "Stimulator":
         self.open()
         return self

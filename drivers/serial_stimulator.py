@@ -130,6 +130,10 @@ class SerialStimulator(Stimulator):
             raise StimulatorError(f"TRIGGER not sent: {e}") from e
         return self._command(P.MsgType.TRIGGER, payload)
 
+    def warm(self, channel: int) -> None:
+        """Encode a TRIGGER frame for ``channel`` and drop it: no byte is written, no seq is used."""
+        P.encode_frame(P.MsgType.TRIGGER, self._seq, P.encode_trigger(channel, None))
+
     def heartbeat(self) -> CommandReceipt:
         """Keep the device watchdog from stopping stimulation."""
         return self._command(P.MsgType.HEARTBEAT, P.encode_heartbeat(self.clock()))

@@ -2,6 +2,8 @@
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controller.actuator import Actuator
 from controller.events import EventKind
@@ -227,3 +229,57 @@ def test_nan_clock_from_shell_is_refused_not_sent():
     clock.t = math.nan
     ev = act.submit(StimRequest(0.0, "policy", BURST))
     assert ev[0].data["rule"] == "invalid_time" and "trigger" not in drv.names()
+
+
+def _replay(requests, warm_between, params_for_warm=None):
+    """Submit ``requests`` [(t, params)] in order, warming (every period) between them when asked."""
+    clock = Clock()
+    drv = RecordingStimulator(clock)
+    act = Actuator(SafetyGovernor(MACRO_RNS, drv.capabilities), drv, clock)
+    act.warm_period_s = 0.0
+    out = []
+    for t, params in requests:
+        if warm_between:
+            for k in range(3):
+                clock.t = t - 0.01 * (3 - k)
+                act.warm(params_for_warm)
+        clock.t = t
+        act.heartbeat()
+        out.append([(e.kind, e.data.get("reason"), e.data.get("rule")) for e in act.submit(StimRequest(t, "policy", params))])
+    return out, drv.calls, act.dose
+
+
+@given(gaps=st.lists(st.floats(0.0, 5.0), min_size=1, max_size=12),
+       amps=st.lists(st.sampled_from([500.0, 1500.0, 2500.0, 9000.0, math.nan]), min_size=1, max_size=12),
+       warm_with=st.sampled_from([None, BURST, StimParams(channel=0, amplitude_ua=1e6)]))
+@settings(max_examples=150, deadline=None)
+def test_warm_is_invisible_to_decisions_device_and_dose(gaps, amps, warm_with):
+    """Rehearsing the command path changes nothing: same decisions, same driver calls, same dose."""
+    t, reqs = 1.0, []
+    for gap, amp in zip(gaps, amps):
+        t += gap
+        reqs.append((t, StimParams(channel=1, amplitude_ua=amp, pulse_width_us=160.0, frequency_hz=200.0,
+                                   n_pulses=20)))
+    assert _replay(reqs, True, warm_with) == _replay(reqs, False)
+
+
+def test_warm_rehearses_the_last_params_at_most_once_per_period():
+    act, drv, clock = rig(RecordingStimulator)
+    act.warm()                                    # nothing sent yet: nothing to rehearse
+    assert act._warm_gov is None
+    act.submit(StimRequest(0.0, "policy", BURST))
+    act.warm_period_s = 0.01
+    clock.t = 0.02
+    act.warm()
+    scratch = act._warm_gov
+    assert scratch is not None and scratch is not act.governor and scratch.dose.bursts == 1
+    act.warm()                                    # within the period: skipped
+    assert scratch.dose.bursts == 1
+    clock.t = 0.04
+    act.warm()
+    assert scratch.dose.bursts == 2
+    assert act.dose.bursts == 1 and drv.names().count("trigger") == 1
+    act.close()
+    clock.t = 1.0
+    act.warm()                                    # closed: nothing more
+    assert scratch.dose.bursts == 2

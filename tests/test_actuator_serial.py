@@ -56,3 +56,19 @@ def test_silent_device_leads_to_safe_state(serial_rig):
     ev = act.submit(StimRequest(pylsl.local_clock(), "test", BURST))
     assert [e.kind for e in ev][-2:] == [EventKind.FAULT, EventKind.SAFE_STATE]
     assert act.governor.latched is not None and delivered == []
+
+
+def test_warm_sends_nothing_and_uses_no_sequence_number(serial_rig):
+    act, emu, delivered = serial_rig
+    act.heartbeat()
+    act.submit(StimRequest(pylsl.local_clock(), "test", BURST))
+    assert _wait(lambda: len(delivered) == 1)
+    frames = emu.counters["frames"]
+    act.warm_period_s = 0.0
+    for _ in range(50):
+        act.warm()
+    time.sleep(0.05)
+    assert emu.counters["frames"] == frames and len(delivered) == 1
+    time.sleep(1.0)   # MACRO_RNS: bursts >= 1 s apart
+    ev = act.submit(StimRequest(pylsl.local_clock(), "test", BURST))
+    assert ev[-1].kind is EventKind.COMMAND and _wait(lambda: len(delivered) == 2)

@@ -131,6 +131,13 @@ def markdown(doc: dict) -> str:
                       "| peer | p50 | p90 | p99 | p99.9 | max |", "|---|---:|---:|---:|---:|---:|"]
             for name, r in ratios.items():
                 lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in STAT_KEYS) + " |")
+        stages = (peers.get("stimloop") or {}).get("stages_ms") if isinstance(peers.get("stimloop"), dict) else None
+        if stages:
+            lines += ["", "Where the stimloop peer's time goes (per command, ms): what it does beyond the pylsl "
+                          "floor is the ring, the governor and a framed, acknowledged command:", "",
+                      "| stage | " + " | ".join(_HEAD) + " |", "|---|" + "---:|" * len(_HEAD)]
+            for stage, st in stages.items():
+                lines.append(f"| {stage} | " + " | ".join(_row(st)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,5 +174,7 @@ def rich_tables(doc: dict) -> list:
             rr = ratios.get(name, {})
             p.add_row(name, _fmt(e["p50"]), _fmt(e["p99"]), _fmt(e["max"]), str(r["missed"]),
                       _fmt(rr.get("p50")), _fmt(rr.get("p99")))
+            for stage, st in (r.get("stages_ms") or {}).items():
+                p.add_row(f"  {stage}", _fmt(st["p50"]), _fmt(st["p99"]), _fmt(st["max"]), "", "", "")
         tables.append(p)
     return tables

@@ -7,7 +7,11 @@ clock as it arrives on the pty master (the stimloop peer talks the real
 framed protocol, so there the stimulator emulator stamps the TRIGGER frame,
 same clock, same place). Latency = output stamp − LSL time of the pulse
 sample; each output is matched to the latest pulse before it (pulses are
-≥ 70 ms apart, outputs are matched within ``MATCH_WINDOW_S``).
+≥ 70 ms apart, outputs are matched within ``MATCH_WINDOW_S``). The stimloop
+peer also reports its stages per command (``PEER_STAGES``: into the ring,
+ring → decision, governor + framing, write → device receipt, joined with
+the device log by sequence number), so the gap to the floor is explained,
+not only measured.
 
 The run is split into ``rounds``; each round runs every peer once, in an order
 rotated from round to round, and a peer's figures pool its rounds. So a slow
@@ -178,13 +182,17 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
             return {"skipped": f"mne-lsl not installed in the project venv ({exc}); pip install 'stimloop[bench]'"}
     master, slave = open_pty_pair()
     stamper = emu = None
-    log = workdir / f"device_log_{name}.jsonl"
+    tag = f"{name}_{time.monotonic_ns()}"   # one device log and stage file per round
+    log = workdir / f"device_log_{tag}.jsonl"
+    stages_path = workdir / f"stages_{tag}.json"
     proc = None
     try:
         try:
             cmd, env = _peer_command(name, source_id, slave, duration_s, workdir)
         except _Skip as exc:
             return {"skipped": str(exc)}
+        if name == "stimloop":
+            cmd += ["--stages", str(stages_path)]
         if name == "stimloop":
             emu = subprocess.Popen([sys.executable, "-m", "hil_sim.emulator", "--fd", str(master), "--log", str(log),
                                     "--watchdog-s", "1.0"], pass_fds=(master,), stdout=subprocess.PIPE,
@@ -222,12 +230,16 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
             emu.wait(5)
             from controller.recorder import read_jsonl
             recs = read_jsonl(log) if log.exists() else []
-            stamps = [r["t_received"] for r in recs if r.get("type") in ("trigger", "TRIGGER") and r.get("ok", True)]
+            trig = [r for r in recs if r.get("type") in ("trigger", "TRIGGER") and r.get("ok", True)]
+            stamps = [r["t_received"] for r in trig]
+            stage_rows = _stage_rows(stages_path, {r["seq"]: r["t_received"] for r in trig})
         else:
             time.sleep(0.05)   # the last byte in flight
             stamps = stamper.stop()
+            stage_rows = None   # a byte-writing peer has no stages to report
         total_cpu = {k.split(":")[0] + ("" if i == 0 else f"_child{i}"): v for i, (k, v) in enumerate(cpu_pct.items())}
-        return {"stamps": stamps, "t_start": t_start, "t_stop": t_stop, "exit_code": proc.returncode,
+        return {"stamps": stamps, "stage_rows": stage_rows,
+                "t_start": t_start, "t_stop": t_stop, "exit_code": proc.returncode,
                 "peer_said": done[-1] if done else None, "cpu_percent": total_cpu,
                 "stderr_tail": err.strip()[-300:] if proc.returncode not in (0, -signal.SIGINT) else ""}
     finally:
@@ -241,6 +253,30 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
             emu.kill()
             emu.wait()
         close_pty(master)
+
+
+# The stimloop peer's path in stages (names as in bench ads' breakdown where they mean the same).
+PEER_STAGES = ("lsl_to_ring", "ring_to_decision", "governor_and_framing", "write_to_device_receipt")
+
+
+def _stage_rows(path: Path, received_by_seq: dict) -> list[list[float]]:
+    """The stimloop peer's per-command stage times joined with the device's receipt of the same seq.
+
+    Rows: ``[sample_t, pulled_t, submit_t, sent_t, device_t]`` (LSL clock, s); commands the device log
+    does not show are left out (the end-to-end figure counts them as missed anyway).
+    """
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    return [[*r[:4], received_by_seq[r[4]]] for r in rows if r[4] in received_by_seq]
+
+
+def stage_stats(rows) -> tuple[dict, dict]:
+    """``(stages_ms, raw_s)`` of ``_stage_rows`` rows: each stage is the step between two stamps."""
+    import numpy as np
+    a = np.asarray(rows, float).reshape(-1, 5)
+    raw = {name: (a[:, k + 1] - a[:, k]).tolist() for k, name in enumerate(PEER_STAGES)}
+    return {k: stats_ms(v) for k, v in raw.items()}, raw
 
 
 def _readline(proc: subprocess.Popen, timeout_s: float) -> str | None:
@@ -329,9 +365,14 @@ def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int = 2) -> dict:
             for k, v in (r["cpu_percent"] or {}).items():
                 cpu[k] = cpu.get(k, 0.0) + (v or 0.0) / len(runs)
         last = runs[-1]
-        results[name] = {"end_to_end_ms": stats_ms(lat), **counts, "rounds": len(runs),
+        stages, raw = {}, {}
+        if name == "stimloop":   # scored over the same span as the end-to-end figure
+            st, raw = stage_stats([row for r in runs for row in (r.get("stage_rows") or [])
+                                   if r["t_start"] + 0.2 <= row[0] <= r["t_stop"] - MATCH_WINDOW_S])
+            stages = {"stages_ms": st}
+        results[name] = {"end_to_end_ms": stats_ms(lat), **counts, "rounds": len(runs), **stages,
                          "per_round_p99_ms": [stats_ms(m["latencies_s"])["p99"] for m in scored],
-                         "_raw_s": {"end_to_end": lat},
+                         "_raw_s": {"end_to_end": lat, **raw},
                          "cpu_percent": {k: round(v, 1) for k, v in cpu.items()}, "exit_code": last["exit_code"],
                          "peer_said": last["peer_said"],
                          **({"stderr_tail": last["stderr_tail"]} if last["stderr_tail"] else {})}

@@ -7,9 +7,10 @@ fast path of ARCHITECTURE.md (spike-triggered stimulation runs in the process
 that receives the samples, no extra hop) → rising-edge threshold (vectorized per chunk) →
 ``Actuator`` (safety governor, MICRO profile) → ``SerialStimulator`` →
 the stimulator emulator on the pty, which stamps the TRIGGER on the LSL clock.
-So unlike the byte-writing peers it pays for the process boundary, the
-governor and the framed, acknowledged serial protocol: what a stimloop
-command really costs.
+So unlike the byte-writing peers it pays for the ring, the governor and the
+framed, acknowledged serial protocol: what a stimloop command really costs.
+Between chunks it keeps the command path warm (``Actuator.warm``), as the
+session loop and ``bench ads`` do.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channel", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=500.0)
     ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--stages", default=None,
+                    help="write per-command stage times here (JSON rows: sample_t, pulled_t, submit_t, sent_t, seq)")
     a = ap.parse_args(argv)
 
     import numpy as np
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ring = SharedRing.create(None, info.n_channels, int(2 * info.fs_hz), info.fs_hz)
     act = source = None
     counts = {"commands": 0, "refused": 0, "faults": 0}
+    stages: list[tuple[float, float, float, float, int]] = []
     try:
         from controller.sources import build_source
         source = build_source({**spec, "wait_s": 0.005})
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             if now >= t_end:
                 break
             source.read_into(ring)  # waits up to wait_s for the first sample, returns as soon as one lands
+            t_pulled = clock()      # the chunk is in the ring
             try:
                 res = reader.read_new()
             except Overrun:
@@ -83,13 +88,18 @@ def main(argv: list[str] | None = None) -> int:
                     starts = np.flatnonzero(hit & ~np.concatenate(([above], hit[:-1])))
                     for i in starts:
                         t_edge = float(res.timestamps[i])
+                        t_submit = clock()
                         evs = act.submit(StimRequest(t=t_edge, source="bench.stimloop_peer", params=DEFAULT_STIM,
                                                      at=None, meta={"window_end_t": t_edge}))
                         last = evs[-1].kind if evs else None
                         key = ("commands" if last is EventKind.COMMAND else
                                "refused" if last is EventKind.REFUSAL else "faults")
                         counts[key] += 1
+                        if last is EventKind.COMMAND:
+                            cmd = evs[-1].data
+                            stages.append((t_edge, t_pulled, t_submit, cmd["sent_t"], cmd["seq"]))
                 above = was
+            act.warm(DEFAULT_STIM)   # after this chunk's commands, as the session loop does when idle
             if now >= next_hb:
                 act.heartbeat()
                 next_hb = now + 0.1
@@ -100,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             source.close()
         ring.close()
         ring.unlink()
+    if a.stages:
+        import json
+        with open(a.stages, "w", encoding="utf-8") as f:
+            json.dump(stages, f)
     print(f"done {counts['commands']} refused={counts['refused']} faults={counts['faults']}", flush=True)
     return 0
 
