@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from controller.bench.common import CpuMeter, cpu_seconds, machine_info, partial_stats_ms, stats_ms
 from controller.bench.outlet import check_spec
-from controller.bench.peers.harness import match, ratio_table
+from controller.bench.peers.harness import PEER_STAGES, match, ratio_table
 from controller.bench.peers.pylsl_floor import rising_edges
 from controller.bench.report import markdown
 from controller.bench.suite import run_suite, strip_raw
@@ -81,11 +81,18 @@ def test_quick_suite_peers_pngs_markdown(quick_run):
         assert r["detected"] + r["missed"] == r["pulses"] > 0
     assert set(doc["peer_ratios"]) == {"pylsl_floor"}
     assert all(v is None or v > 0 for v in doc["peer_ratios"]["pylsl_floor"].values())
+    # The stimloop peer's stages: every command joined with its device receipt, stamps in causal order.
+    stages = doc["peers"]["stimloop"]["stages_ms"]
+    assert list(stages) == list(PEER_STAGES) and "stages_ms" not in doc["peers"]["pylsl_floor"]
+    for st in stages.values():
+        _sane(st)
+        assert st["n"] >= doc["peers"]["stimloop"]["detected"] > 0   # a receipt > 50 ms late is "missed" there
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "peer_stimloop__end_to_end.png" in pngs and "throughput__ring_visible.png" in pngs
     assert all((out / p).stat().st_size > 1000 for p in pngs)
     md = (out / "bench.md").read_text()
     assert "| scenario | stage |" in md and "Ratio stimloop / peer" in md and "pylsl_floor" in md
+    assert "| governor_and_framing |" in md and "peer_stimloop__governor_and_framing.png" in pngs
     assert "peers: end to end" in output
 
 
