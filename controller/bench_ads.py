@@ -41,11 +41,13 @@ import numpy as np  # noqa: E402
 import pylsl  # noqa: E402
 
 from controller.actuator import Actuator  # noqa: E402
+from controller.bench.common import stats_ms  # noqa: E402
 from controller.events import Event, EventKind  # noqa: E402
 from controller.low_latency import LowLatency  # noqa: E402
 from controller.policies.ads import (GUGGENMOS_BLANKING_MS, GUGGENMOS_DELAY_MS, AdsPolicy,  # noqa: E402
                                      RandomStimPolicy, blanking_window)
 from controller.safety import MICRO, SafetyGovernor  # noqa: E402
+from controller.sources.base import count_gaps  # noqa: E402
 from controller.spikes import SpikeDetector  # noqa: E402
 from drivers.params import StimParams, Waveform  # noqa: E402
 from drivers.serial_stimulator import SerialStimulator  # noqa: E402
@@ -62,14 +64,6 @@ HEARTBEAT_S = 0.2
 # (~13 ms) ends well inside the 28 ms blanking (REFERENCE.md §2).
 DEFAULT_STIM = StimParams(channel=0, waveform=Waveform.BIPHASIC, amplitude_ua=50.0, pulse_width_us=200.0,
                           frequency_hz=333.0, n_pulses=1)
-
-
-def _stats_ms(x) -> dict:
-    x = np.asarray(x, np.float64) * 1e3
-    if x.size == 0:
-        return {"n": 0, "p50": None, "p99": None, "max": None}
-    return {"n": int(x.size), "p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99)),
-            "max": float(x.max())}
 
 
 def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int = 0, n_channels: int = 32,
@@ -157,6 +151,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         cap_chunks = int(duration_s * 1100) + 64
         ch_first, ch_last, ch_done = np.empty(cap_chunks), np.empty(cap_chunks), np.empty(cap_chunks)
         n_chunks = 0
+        n_gaps = n_lost = 0
+        last_ts = None
         proc.stdin.write("start\n")
         proc.stdin.flush()
         t_start = None
@@ -214,6 +210,11 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                     ch_first[n_chunks] = ts[0]
                     ch_last[n_chunks] = ts[n - 1]
                     n_chunks += 1
+                # After the chunk's commands: lost samples show as gaps in the sender's timestamps.
+                g, lost, _ = count_gaps(ts, last_ts, FS_HZ)
+                n_gaps += g
+                n_lost += lost
+                last_ts = float(ts[n - 1])
             if warm:
                 act.warm(stim)   # after the chunk's commands: never between a spike and its command
             if now >= next_hb:
@@ -283,16 +284,18 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "trigger_channels": list(trigger_channels), "fs_hz": FS_HZ, "chunk_samples": CHUNK_N,
                 "k_sigma": k, "delay_ms": delay_ms, "blanking_ms": blanking_ms, "unit_rate_hz": unit_rate_hz,
                 "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
-                "controller_spike_to_submit_done_ms": _stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
-                "breakdown_ms": breakdown, "low_latency": status, "warm": warm, "lsl_time_correction_s": tc,
-                "chunk_to_decision_ms": _stats_ms(chunk_ms * 1e-3),
-                "telemetry_publish_ms": None if telemetry is None else _stats_ms(pub_s[:n_pub]),
+                "controller_spike_to_submit_done_ms": stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
+                "breakdown_ms": {k: stats_ms(v) for k, v in breakdown.items()},
+                "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "warm": warm, "lsl_time_correction_s": tc,
+                "chunk_to_decision_ms": stats_ms(chunk_ms * 1e-3),
+                "telemetry_publish_ms": None if telemetry is None else stats_ms(pub_s[:n_pub]),
                 "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,
                 "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                          "load_avg_1min": os.getloadavg()[0]},
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if return_samples:
         res["samples_ms"] = {"chunk_to_decision": chunk_ms.tolist(),
+                             **{k: (np.asarray(v) * 1e3).tolist() for k, v in breakdown.items()},
                              "spike_to_command": spike_to_command_samples_ms(gt, delay_ms * 1e-3).tolist()}
     return res
 
@@ -340,7 +343,10 @@ def chunk_latency_ms(gt: dict, first_t, last_t, done_t, t_from: float = -np.inf)
 
 def _breakdown(gt: dict, spike_t, pulled_t, submit_t, sent_t, seq) -> dict:
     """Where spike → command time goes: LSL (push → pull return), detect+policy (→ submit), submit → device
-    receipt, the latter split into governor+framing (submit → write starts) and write → device receipt."""
+    receipt, the latter split into governor+framing (submit → write starts) and write → device receipt.
+
+    Returns the per-command durations in seconds, per stage.
+    """
     fs, chunk_n, t0 = gt["fs_hz"], gt["chunk_n"], gt["t0"]
     push_t = np.asarray(gt["push_t"])
     recv = {r["seq"]: r["t_received"] for r in gt["emulator_records"] if r.get("type") == "TRIGGER"}
@@ -354,9 +360,8 @@ def _breakdown(gt: dict, spike_t, pulled_t, submit_t, sent_t, seq) -> dict:
         if int(q) in recv:
             dev.append(recv[int(q)] - sub)
             wire.append(recv[int(q)] - snt)
-    return {"lsl_push_to_pull": _stats_ms(lsl), "detect_policy": _stats_ms(proc),
-            "submit_to_device_receipt": _stats_ms(dev), "governor_and_framing": _stats_ms(gov),
-            "write_to_device_receipt": _stats_ms(wire)}
+    return {"lsl_push_to_pull": lsl, "detect_policy": proc, "submit_to_device_receipt": dev,
+            "governor_and_framing": gov, "write_to_device_receipt": wire}
 
 
 def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[tuple[float, float]], mode: str,
@@ -423,9 +428,9 @@ def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[t
     dur = max(t_eval[1] - t_eval[0], 1e-9)
     n_del_eval = sum(1 for r in delivered if t_eval[0] <= r["t_delivered"] <= t_eval[1])
     return {
-        "spike_to_command_ms": _stats_ms(s2c),
-        "spike_time_to_command_ms": _stats_ms(s2c_wait),
-        "delay_error_ms": _stats_ms(delay_err),
+        "spike_to_command_ms": stats_ms(s2c),
+        "spike_time_to_command_ms": stats_ms(s2c_wait),
+        "delay_error_ms": stats_ms(delay_err),
         "true_spikes": int(np.sum((true_t >= t_eval[0]) & (true_t <= t_eval[1]))),
         "scored_spikes": scored,
         "missed_spikes": missed,

@@ -32,16 +32,6 @@ def stats_ms(values_s) -> dict:
     return out
 
 
-def partial_stats_ms(summary: dict | None) -> dict:
-    """Map a summary that only has some of p50/p90/p99/p99.9/max (ms) onto :func:`stats_ms` keys (missing: None)."""
-    summary = summary or {}
-    out = {k: summary.get(k) for k in STAT_KEYS}
-    out.update(mean=summary.get("mean"), std=summary.get("std"), n=int(summary.get("n") or 0))
-    out["jitter_p99_p50"] = (round(out["p99"] - out["p50"], 4)
-                             if out["p99"] is not None and out["p50"] is not None else None)
-    return out
-
-
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
