@@ -21,8 +21,8 @@ from drivers.base import CommandReceipt, Stimulator, StimulatorError
 from drivers.params import DeviceCapabilities, StimParams
 
 
-WARM_PERIOD_S = 0.001   # warm() at most this often: 5–10 µs each, ~1 % of a core
-WARM_RESET_EVERY = 256
+WARM_PERIOD_S = 0.001   # warm() at most this often: 10–20 µs each in the loops measured, 1–2 % of a core
+WARM_RESET_EVERY = 256  # rehearsals per scratch governor (a new one costs ~0.1 ms of validation)
 
 
 class Actuator:

@@ -193,7 +193,6 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
             return {"skipped": str(exc)}
         if name == "stimloop":
             cmd += ["--stages", str(stages_path)]
-        if name == "stimloop":
             emu = subprocess.Popen([sys.executable, "-m", "hil_sim.emulator", "--fd", str(master), "--log", str(log),
                                     "--watchdog-s", "1.0"], pass_fds=(master,), stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, text=True, cwd=str(ROOT))
