@@ -418,7 +418,7 @@ def _mount_optional() -> None:
     def bench_ads(ctx: typer.Context):
         """Spike-triggered stimulation in real time: 30 kHz × 32 ch simulator, spike → command and delay error.
 
-        Options: --duration S, --json F, --random [--rate-hz R], --compare, --k K, --no-low-latency (see --help of
+        Options: --duration S, --json F, --random [--rate-hz R], --compare, --k K, --no-low-latency, --no-warm (see --help of
         `python -m controller.bench_ads`)."""
         from controller.bench_ads import main as ads_main
         raise typer.Exit(ads_main(ctx.args))
