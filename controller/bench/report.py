@@ -131,7 +131,8 @@ def markdown(doc: dict) -> str:
                       "| peer | p50 | p90 | p99 | p99.9 | max |", "|---|---:|---:|---:|---:|---:|"]
             for name, r in ratios.items():
                 lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in STAT_KEYS) + " |")
-        stages = (peers.get("stimloop") or {}).get("stages_ms") if isinstance(peers.get("stimloop"), dict) else None
+        own = peers.get("stimloop")
+        stages = own.get("stages_ms") if isinstance(own, dict) else None
         if stages:
             lines += ["", "Where the stimloop peer's time goes (per command, ms): what it does beyond the pylsl "
                           "floor is the ring, the governor and a framed, acknowledged command:", "",

@@ -109,8 +109,6 @@ def count_gaps(timestamps: np.ndarray, previous_t: float | None, fs_hz: float,
     if first_ok and (n == 1 or not (timestamps[1:] - timestamps[:-1] > limit).any()):
         return 0, 0, float("nan")
     steps = np.diff(timestamps, prepend=timestamps[0] if previous_t is None else previous_t)
-    big = steps > gap_factor / fs_hz
-    if not big.any():
-        return 0, 0, float("nan")
+    big = steps > limit
     lost = np.rint(steps[big] * fs_hz).astype(np.int64) - 1
     return int(big.sum()), int(lost.sum()), float(timestamps[np.argmax(big)])
