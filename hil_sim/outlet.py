@@ -84,6 +84,11 @@ class PatientOutlet:
         self.source_id = self.info.source_id()
         self.outlet: pylsl.StreamOutlet | None = pylsl.StreamOutlet(self.info, self.chunk_n, 360)
         self.n_pushed = 0
+        # When each chunk left (LSL clock), chunk k holding samples from push_first_sample + k * chunk_n:
+        # the ground truth a session measures the controller from (not from the spike's place in its chunk).
+        self._push_t = np.empty(4096)
+        self.n_push_t = 0
+        self.push_first_sample: int | None = None
         if faults is not None and not (faults.kinds & (SIGNAL_KINDS | STREAM_KINDS)):
             faults = None  # nothing for the outlet to do: keep the plain push path
         if faults is not None and faults.fs_hz is not None and faults.fs_hz != patient.fs_hz:
@@ -131,14 +136,29 @@ class PatientOutlet:
                 # sleep(0) in the spin releases the GIL: the emulator's reader shares this
                 # process and must stamp a command's arrival at once, not after the spin.
                 time.sleep(wait - spin if wait > spin else 0)
+            if clock() < t_last:
+                break  # stopped while waiting: a chunk never leaves before its last sample exists
             if self.faults is None:
                 self.outlet.push_chunk(x, t_last, True)
+                self._record_push(n0, clock())
                 self.n_pushed += x.shape[0]
-            else:
+            else:  # chunks are held, split or dropped: no block-to-push mapping
                 self._push_with_faults(x, n0)
         return self.t0
 
     # ------------------------------------------------------------ faults
+
+    def _record_push(self, n0: int, t: float) -> None:
+        if self.push_first_sample is None:
+            self.push_first_sample = n0
+        if self.n_push_t == self._push_t.size:
+            self._push_t = np.concatenate([self._push_t, np.empty_like(self._push_t)])
+        self._push_t[self.n_push_t] = t
+        self.n_push_t += 1
+
+    def push_times(self) -> np.ndarray:
+        """LSL-clock push time of every chunk pushed so far (empty when faults were injected)."""
+        return self._push_t[:self.n_push_t]
 
     def _push_with_faults(self, x: np.ndarray, n0: int) -> None:
         """The fault-aware chunk path: signal faults, then stream loss, then stall."""

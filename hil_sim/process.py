@@ -211,12 +211,21 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
             with outlet.lock:  # the emulator may still deliver into the patient
                 write_ground_truth(out / "ground_truth.json", patient, outlet.t0, pylsl.local_clock(),
                                    faults=fault_log.records(),
-                                   fault_errors=injector.errors if injector is not None else None)
+                                   fault_errors=injector.errors if injector is not None else None,
+                                   outlet=outlet)
+
+
+#: the simulator's chunk push times, beside ``ground_truth.json`` (``write_ground_truth``)
+PUSH_FILE = "push_t.f64"
 
 
 def write_ground_truth(path: Path, patient, t0: float, end_t: float, faults: list[dict] | None = None,
-                       fault_errors: list[str] | None = None) -> None:
+                       fault_errors: list[str] | None = None, outlet=None) -> None:
     """Seizures on the session clock (``t0 + patient time``), written atomically.
+
+    ``outlet`` (the :class:`~hil_sim.outlet.PatientOutlet`): when each chunk was pushed goes to
+    ``push_t.f64`` beside ``path`` (float64, one per chunk), described under ``"push"``, so a
+    session measures its controller from the moment the data left the amplifier.
 
     ``faults``: injected faults (:meth:`hil_sim.faults.FaultLog.records`), each
     with its configured fields and real ``t_start``/``t_end`` on the session clock.
@@ -234,6 +243,10 @@ def write_ground_truth(path: Path, patient, t0: float, end_t: float, faults: lis
                              "terminated_by_stim": bool(s.get("terminated_by_stim", False))}
                             for s in gt.get("seizures", [])]
         data["patient"] = gt
+    if outlet is not None and outlet.n_push_t:
+        outlet.push_times().astype("<f8").tofile(Path(path).parent / PUSH_FILE)
+        data["push"] = {"file": PUSH_FILE, "chunk_n": outlet.chunk_n, "first_sample": outlet.push_first_sample,
+                        "n_chunks": int(outlet.n_push_t), "fs_hz": float(patient.fs_hz)}
     data["faults"] = list(faults or [])
     if fault_errors:
         data["fault_errors"] = list(fault_errors)

@@ -61,6 +61,11 @@ def test_outlet_paces_real_time_with_patient_timestamps():
     np.testing.assert_allclose(ts, out.t0 + k / fs, atol=1e-6)
     assert ts[-1] <= pylsl.local_clock()
     assert out.patient_time(out.lsl_time(1.25)) == pytest.approx(1.25)
+    # Push times: one per chunk, in order, none before the chunk's last sample existed.
+    push = out.push_times()
+    assert push.size * out.chunk_n == out.n_pushed and np.all(np.diff(push) > 0)
+    last_sample_t = out.t0 + (out.push_first_sample + (np.arange(push.size) + 1) * out.chunk_n - 1) / fs
+    assert np.all(push >= last_sample_t)
 
 
 def test_outlet_bad_chunk():
