@@ -159,7 +159,7 @@ class ChunkStep:
         loop, actuator, clock = self.loop, self.actuator, self.clock
         modeled = self.modeled_latency_s is not None
         events: list[Event] = []
-        t_read = clock()
+        t_read = t_chunk = clock()
         self._last_data_t = t_read
         if self.stale:
             self.stale = False
@@ -195,10 +195,13 @@ class ChunkStep:
                 t_read = clock()  # the next window of the same chunk starts here
         if timestamps.size and not loop.bad_data:
             t_now = clock()
-            self._submit(*loop.drive.on_chunk(samples, timestamps), float(timestamps[-1]), t_now, events)
+            self._submit(*loop.drive.on_chunk(samples, timestamps), float(timestamps[-1]), t_now, events,
+                         t_read=None if modeled else t_chunk)
         return events
 
-    def _submit(self, requests, policy_events, window_end_t: float, t_inf: float, events: list[Event]) -> None:
+    def _submit(self, requests, policy_events, window_end_t: float, t_inf: float, events: list[Event],
+                t_read: float | None = None) -> None:
+        """``t_read``: when the chunk behind chunk-driven requests (spikes) was read, for the latency stages."""
         events.extend(policy_events)
         for r in requests:
             if self.paused:
@@ -207,6 +210,8 @@ class ChunkStep:
                 continue
             r.meta.setdefault("window_end_t", window_end_t)
             r.meta["t_inference"] = t_inf
+            if t_read is not None:
+                r.meta["t_read"] = t_read
             r.meta["t_decided"] = self.clock()
             if r.meta.pop("on_time_only", False) and r.at is not None and r.at < r.meta["t_decided"]:
                 # The loop fell behind the imposed delay (ADS): a pulse at the wrong delay is worse than none.

@@ -33,6 +33,24 @@ def load_ground_truth(session_dir: Path) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+def chunk_push_times(session_dir: Path, truth: dict, sample_t) -> np.ndarray:
+    """When the simulator pushed the chunk holding each sample time in ``sample_t`` (NaN if unknown).
+
+    From ``push_t.f64`` (``hil_sim.process.write_ground_truth``): chunk k holds
+    samples ``first_sample + k * chunk_n ...``, sample i carries ``t0 + i / fs``.
+    Real sources (and simulator runs with stream faults) have no such truth: all NaN.
+    """
+    t = np.asarray(sample_t, float)
+    push, t0 = truth.get("push"), truth.get("t0")
+    path = Path(session_dir) / push["file"] if push else None
+    if path is None or t0 is None or not path.exists():
+        return np.full(t.shape, np.nan)
+    pt = np.fromfile(path, dtype="<f8")
+    k = (np.round((t - t0) * push["fs_hz"]).astype(np.int64) - push["first_sample"]) // push["chunk_n"]
+    ok = (k >= 0) & (k < pt.size)
+    return np.where(ok, pt[np.clip(k, 0, max(pt.size - 1, 0))] if pt.size else np.nan, np.nan)
+
+
 def score_detections(detection_starts: list[float], seizures: list[dict], session_end_t: float | None = None) -> dict:
     """Event-level scoring of detections against true seizures (all times on the session clock)."""
     onsets = [s["onset_t"] for s in seizures]
@@ -75,16 +93,24 @@ def compute_metrics(session_dir: Path) -> dict:
 
     predictions = by_kind.get("prediction", [])
     commands = [c for c in by_kind.get("command", []) if c.get("op") == "trigger"]
+    chunk_cmds = [c for c in commands if "t_read" in c]   # chunk-driven (spike policies)
+    chunk_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c in chunk_cmds])
+    reached = [c for c in commands if c.get("seq") in received and c.get("window_end_t") is not None]
+    reached_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c in reached])
     stages = {
         "ring_read": [p["t_read"] - p["window_end_t"] for p in predictions if "t_read" in p],
+        # Spike policies: detected spike sample -> its chunk read by the loop (chunking, LSL, ring) ...
+        "spike_to_loop": [c["t_read"] - c["window_end_t"] for c in chunk_cmds],
+        # ... of which after the chunk left the simulator (LSL, ring): the controller's share.
+        "pushed_to_loop": [c["t_read"] - p for c, p in zip(chunk_cmds, chunk_push) if np.isfinite(p)],
         "features": [p["t_features"] - p["t_read"] for p in predictions if "t_features" in p],
         "inference": [p["t_inference"] - p["t_features"] for p in predictions if "t_inference" in p],
         "policy_governor": [c["t_decided"] - c["t_inference"] for c in commands if "t_decided" in c and "t_inference" in c],
         "port_write": [c["sent_t"] - c["t_decided"] for c in commands if "t_decided" in c],
         "device_receive": [received[c["seq"]] - c["sent_t"] for c in commands if c.get("seq") in received],
     }
-    end_to_end = [received[c["seq"]] - c["window_end_t"] for c in commands
-                  if c.get("seq") in received and c.get("window_end_t") is not None]
+    end_to_end = [received[c["seq"]] - c["window_end_t"] for c in reached]
+    pushed_to_device = [received[c["seq"]] - p for c, p in zip(reached, reached_push) if np.isfinite(p)]
 
     detection_starts = [e["t"] for e in by_kind.get("decision", [])
                         if e.get("what") == "detection_start"]
@@ -100,6 +126,9 @@ def compute_metrics(session_dir: Path) -> dict:
     unreached = [c["seq"] for c in commands if device_log and c.get("seq") not in received]
     return {
         "end_to_end_ms": percentiles_ms(end_to_end),
+        # From the moment the decision's last sample left the simulator (its chunk pushed): what the
+        # controller adds, without the wait of a sample in its chunk. Simulator sessions only.
+        "pushed_to_device_ms": percentiles_ms(pushed_to_device),
         "stage_ms": {k: percentiles_ms(v) for k, v in stages.items()},
         "deadline_misses": len(by_kind.get("deadline_miss", [])),
         "dropped_samples": int(sum(int(e.get("n", e.get("n_lost", 0)) or 0) for e in by_kind.get("dropped", []))),

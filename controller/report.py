@@ -253,8 +253,12 @@ def summary_table(metrics: dict) -> Table:
     e2e = metrics.get("end_to_end_ms") or {}
     t.add_row("end-to-end latency p50 / p99 / max (ms)",
               f"{e2e.get('p50')} / {e2e.get('p99')} / {e2e.get('max')}  (n={e2e.get('n', 0)})")
+    pushed = metrics.get("pushed_to_device_ms") or {}
+    if pushed.get("n"):
+        t.add_row("  from the chunk's push p50 / p99 (ms)", f"{pushed.get('p50')} / {pushed.get('p99')}")
     for stage, v in (metrics.get("stage_ms") or {}).items():
-        t.add_row(f"  stage {stage} p50 / p99 (ms)", f"{v.get('p50')} / {v.get('p99')}")
+        if v.get("n"):  # stages the session's policy does not have (no model, no spikes) stay out
+            t.add_row(f"  stage {stage} p50 / p99 (ms)", f"{v.get('p50')} / {v.get('p99')}")
     det = metrics.get("detection") or {}
     if det:
         sens = det.get("sensitivity")

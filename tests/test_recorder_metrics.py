@@ -53,3 +53,20 @@ def test_percentiles_ignore_missing():
     p = percentiles_ms([0.001, 0.002, None, float("nan"), 0.003])
     assert p["n"] == 3 and p["p50"] == 2.0 and p["max"] == 3.0
     assert percentiles_ms([])["p50"] is None
+
+
+def test_chunk_push_times_map_samples_to_their_chunk(tmp_path):
+    import numpy as np
+    import pytest
+
+    from controller.metrics import chunk_push_times
+    fs, chunk_n, first, t0 = 1000.0, 10, 20, 100.0
+    push = t0 + (first + (np.arange(5) + 1) * chunk_n - 1) / fs + 0.0003   # each 0.3 ms after its last sample
+    push.astype("<f8").tofile(tmp_path / "push_t.f64")
+    truth = {"t0": t0, "push": {"file": "push_t.f64", "chunk_n": chunk_n, "first_sample": first,
+                                "n_chunks": 5, "fs_hz": fs}}
+    samples = t0 + np.array([20, 29, 30, 69, 70, 19]) / fs        # first and last of chunks 0, 0, 1, 4; after; before
+    got = chunk_push_times(tmp_path, truth, samples)
+    assert got[:4] == pytest.approx(push[[0, 0, 1, 4]])
+    assert np.isnan(got[4:]).all()                                  # outside the pushed chunks: unknown
+    assert np.isnan(chunk_push_times(tmp_path, {"t0": t0}, samples)).all()   # no push truth (a real source)

@@ -180,6 +180,15 @@ def test_ads_session_detects_spikes_and_delivers_at_the_imposed_delay(ads_sessio
     assert gt["model"] == "spiking" and len(gt["spiking"]["pulses"]) == a["pulses_delivered"]
     assert a["weight"]["w_init"] == gt["spiking"]["w_init"]
     assert m["detection"] is None  # no seizures to score on spiking units
+    # Latency from the simulator's ground truth: each spike's chunk left after the spike sample
+    # existed, and the loop read it after it left (causality checks the chunk mapping too).
+    from controller.metrics import chunk_push_times
+    cmds = [e for e in events if e["kind"] == "command" and e.get("op") == "trigger"]
+    push = chunk_push_times(s, gt, [c["window_end_t"] for c in cmds])
+    assert np.isfinite(push).all() and len(cmds) >= 5
+    assert all(c["window_end_t"] <= p <= c["t_read"] for c, p in zip(cmds, push))
+    assert m["pushed_to_device_ms"]["n"] == m["end_to_end_ms"]["n"] == a["pulses_delivered"]
+    assert m["stage_ms"]["pushed_to_loop"]["n"] == m["stage_ms"]["spike_to_loop"]["n"] == len(cmds)
 
 
 @pytest.mark.realtime
