@@ -63,3 +63,92 @@ def test_backward_clock_jump_is_a_fault_and_gap_invalidates_windows():
     t3[1024:] += 0.2  # 100 samples lost
     q, events, _ = _run(_chunks(x, t3))
     assert events == [] and q.invalid_until_t >= t3[1024] - 1 / FS + 1.0
+
+
+# --- the shortcut for plainly clean chunks decides exactly as the full check --------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_TROUBLE = st.sampled_from(["none", "none", "none", "nan", "inf", "stuck", "zeros", "repeat_boundary",
+                            "backwards", "gap", "duplicate_t", "blank", "huge"])
+
+
+@st.composite
+def _chunk_plans(draw):
+    return draw(st.lists(st.tuples(st.integers(1, 12), _TROUBLE), min_size=1, max_size=40)), draw(st.integers(0, 99))
+
+
+def _apply(plan, seed):
+    """Chunks (x, t, blank-or-None) from a plan of (size, trouble) steps on a 512 Hz, 3-channel stream."""
+    rng = np.random.default_rng(seed)
+    out, k, prev_last = [], 0, None
+    for size, trouble in plan:
+        x = rng.normal(0, 20, (size, 3)).astype(np.float32)
+        t = (k + np.arange(size)) / FS
+        k += size
+        blank = None
+        i = int(rng.integers(size))
+        if trouble == "nan":
+            x[i, int(rng.integers(3))] = np.nan
+        elif trouble == "inf":
+            x[i, 0] = -np.inf
+        elif trouble == "stuck":
+            x[:, 1] = 123.0                       # a run that may carry on into the next chunks
+        elif trouble == "zeros":
+            x[:, 2] = 0.0                         # repeated zeros are not saturation
+        elif trouble == "repeat_boundary" and prev_last is not None:
+            x[0, 0] = prev_last[0]
+        elif trouble == "backwards":
+            t[i:] -= 5 / FS
+        elif trouble == "gap":
+            t[i:] += 3 / FS
+            k += 3
+        elif trouble == "duplicate_t" and size > 1:
+            t[i] = t[i - 1] if i else t[i]
+        elif trouble == "blank":
+            blank = (float(t[0]) + 0.3 / FS, float(t[-1]) + 40 / FS)
+        elif trouble == "huge":
+            x[i, 0] = 3e38                        # finite extremes are data, not a fault
+            x[i, 1] = 3e38
+        prev_last = x[-1].copy()
+        out.append((x, t, blank))
+    return out
+
+
+def _trace(q, chunks):
+    trace = []
+    for x, t, blank in chunks:
+        if blank is not None:
+            q.blank(*blank)
+        events = []
+        x2, t2 = q.check(x, t, events)
+        trace.append((x2.tobytes(), t2.tobytes(), [(e.t, e.kind, e.source, e.data) for e in events],
+                      q.invalid_until_t, q.in_bad_run, q._fault_clear_t, q._run.tolist(),
+                      q._last_row.tobytes(), q._last_t))
+    return trace
+
+
+@settings(max_examples=300, deadline=None)
+@given(_chunk_plans())
+def test_clean_chunk_shortcut_matches_the_full_check(plan_seed):
+    plan, seed = plan_seed
+    chunks = _apply(plan, seed)
+    fast = DataQuality(FS, 3, window_s=0.05, saturation_run=4)
+    full = DataQuality(FS, 3, window_s=0.05, saturation_run=4)
+    full._plainly_clean = lambda chunk, ts: False   # the definition: every chunk through the full check
+    assert _trace(fast, chunks) == _trace(full, chunks)
+
+
+def test_shortcut_is_taken_for_a_clean_stream_and_not_for_trouble():
+    q = DataQuality(FS, 4, window_s=1.0)
+    x, t = _stream(64)
+    assert q._plainly_clean(x[:8], t[:8])
+    q.check(x[:8], t[:8], [])
+    assert q._plainly_clean(x[8:16], t[8:16])
+    bad = x[8:16].copy()
+    bad[3, 1] = np.nan
+    assert not q._plainly_clean(bad, t[8:16])
+    assert not q._plainly_clean(x[8:16], t[8:16] + 2 / FS)        # gap from the previous chunk
+    q.blank(float(t[10]), float(t[12]))
+    assert not q._plainly_clean(x[8:16], t[8:16])
