@@ -222,7 +222,10 @@ class ChunkStep:
             out = self.actuator.submit(r)
             events.extend(out)
             for e in out:
-                if e.kind is EventKind.COMMAND and self.loop.quality is not None:
+                # Without a model there are no windows to protect: spike policies blank their own
+                # detector (SpikeDrive), and a blank here would only send every chunk of the next
+                # blanking_s through the data-quality check's slow path.
+                if e.kind is EventKind.COMMAND and self.loop.quality is not None and self.loop.stage is not None:
                     start = e.data.get("at") or e.t
                     burst_s = StimParams.from_dict(e.data["params"]).burst_duration_s
                     self.loop.quality.blank(start, start + burst_s + self.blanking_s)
