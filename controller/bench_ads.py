@@ -44,6 +44,7 @@ from controller.actuator import Actuator  # noqa: E402
 from controller.bench.common import stats_ms  # noqa: E402
 from controller.events import Event, EventKind  # noqa: E402
 from controller.low_latency import LowLatency  # noqa: E402
+from controller.metrics import chunk_index  # noqa: E402
 from controller.policies.ads import (GUGGENMOS_BLANKING_MS, GUGGENMOS_DELAY_MS, AdsPolicy,  # noqa: E402
                                      RandomStimPolicy, blanking_window)
 from controller.safety import MICRO, SafetyGovernor  # noqa: E402
@@ -312,7 +313,7 @@ def spike_to_command_samples_ms(gt: dict, delay_s: float) -> np.ndarray:
         return np.empty(0)
     at = np.array([r["at"] for r in recs], np.float64)
     received = np.array([r["t_received"] for r in recs], np.float64)
-    block = np.rint((at - delay_s - gt["t0"]) * gt["fs_hz"]).astype(np.int64) // gt["chunk_n"]
+    block = chunk_index(at - delay_s, gt["t0"], gt["fs_hz"], gt["chunk_n"])
     ok = (block >= 0) & (block < push_t.size)
     return (received[ok] - push_t[block[ok]]) * 1e3
 
@@ -328,8 +329,8 @@ def chunk_latency_ms(gt: dict, first_t, last_t, done_t, t_from: float = -np.inf)
     fs, chunk_n, t0 = gt["fs_hz"], gt["chunk_n"], gt["t0"]
     push_t = np.asarray(gt["push_t"], np.float64)
     first_t, last_t, done_t = (np.asarray(a, np.float64) for a in (first_t, last_t, done_t))
-    b0 = np.rint((first_t - t0) * fs).astype(np.int64) // chunk_n
-    b1 = np.rint((last_t - t0) * fs).astype(np.int64) // chunk_n
+    b0 = chunk_index(first_t, t0, fs, chunk_n)
+    b1 = chunk_index(last_t, t0, fs, chunk_n)
     n_per = np.maximum(b1 - b0 + 1, 0)
     blocks = np.repeat(b1, n_per) - (np.arange(n_per.sum()) - np.repeat(np.cumsum(n_per) - n_per, n_per))
     done = np.repeat(done_t, n_per)
@@ -347,12 +348,11 @@ def _breakdown(gt: dict, spike_t, pulled_t, submit_t, sent_t, seq) -> dict:
 
     Returns the per-command durations in seconds, per stage.
     """
-    fs, chunk_n, t0 = gt["fs_hz"], gt["chunk_n"], gt["t0"]
     push_t = np.asarray(gt["push_t"])
+    blocks = chunk_index(spike_t, gt["t0"], gt["fs_hz"], gt["chunk_n"])
     recv = {r["seq"]: r["t_received"] for r in gt["emulator_records"] if r.get("type") == "TRIGGER"}
     lsl, proc, dev, gov, wire = [], [], [], [], []
-    for s, p, sub, snt, q in zip(spike_t, pulled_t, submit_t, sent_t, seq):
-        b = int(round((s - t0) * fs)) // chunk_n
+    for b, p, sub, snt, q in zip(blocks, pulled_t, submit_t, sent_t, seq):
         if 0 <= b < push_t.size:
             lsl.append(p - push_t[b])
         proc.append(sub - p)

@@ -33,6 +33,12 @@ def load_ground_truth(session_dir: Path) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+def chunk_index(sample_t, t0: float, fs_hz: float, chunk_n: int, first_sample: int = 0) -> np.ndarray:
+    """Which simulator chunk holds each sample time: sample i carries ``t0 + i / fs_hz``, chunk k
+    holds samples ``first_sample + k * chunk_n`` onwards (the HIL outlets' layout)."""
+    return (np.rint((np.asarray(sample_t, np.float64) - t0) * fs_hz).astype(np.int64) - first_sample) // chunk_n
+
+
 def chunk_push_times(session_dir: Path, truth: dict, sample_t) -> np.ndarray:
     """When the simulator pushed the chunk holding each sample time in ``sample_t`` (NaN if unknown).
 
@@ -46,7 +52,7 @@ def chunk_push_times(session_dir: Path, truth: dict, sample_t) -> np.ndarray:
     if path is None or t0 is None or not path.exists():
         return np.full(t.shape, np.nan)
     pt = np.fromfile(path, dtype="<f8")
-    k = (np.round((t - t0) * push["fs_hz"]).astype(np.int64) - push["first_sample"]) // push["chunk_n"]
+    k = chunk_index(t, t0, push["fs_hz"], push["chunk_n"], push["first_sample"])
     ok = (k >= 0) & (k < pt.size)
     return np.where(ok, pt[np.clip(k, 0, max(pt.size - 1, 0))] if pt.size else np.nan, np.nan)
 
