@@ -42,13 +42,14 @@ from typing import Any
 
 import numpy as np
 
+from controller.bench.common import ratio_ci95
+
 MODES: tuple[str, ...] = ("off", "on_no_subscriber", "on_2_subscribers")
 # chunk_to_decision: every 1 ms block, push → the loop done with its chunk (detector, policy, commands):
 # ~1000 samples/s, so its p99 is well estimated. spike_to_command: only the ~10/s blocks holding a spike
 # that led to a command, push → device receipt. The target is judged on the first.
 METRICS: tuple[str, ...] = ("chunk_to_decision", "spike_to_command")
 TARGET_RATIO = 1.10  # issue 6: telemetry costs the spike-triggered path at most 10 % at p99
-BOOTSTRAP_N = 2000
 
 
 # -- functional core ---------------------------------------------------------------------------
@@ -58,16 +59,6 @@ def _stats(x_ms: np.ndarray) -> dict:
         return {"n": 0, "p50": None, "p99": None, "max": None}
     return {"n": int(x_ms.size), "p50": float(np.percentile(x_ms, 50)), "p99": float(np.percentile(x_ms, 99)),
             "max": float(x_ms.max())}
-
-
-def _ratio_ci(on: np.ndarray, off: np.ndarray, rng: np.random.Generator) -> list[float] | None:
-    """Bootstrap 95 % interval of p99(on) / p99(off), both resampled (vectorized)."""
-    if on.size < 2 or off.size < 2:
-        return None
-    a = np.percentile(on[rng.integers(0, on.size, (BOOTSTRAP_N, on.size))], 99, axis=1)
-    b = np.percentile(off[rng.integers(0, off.size, (BOOTSTRAP_N, off.size))], 99, axis=1)
-    lo, hi = np.percentile(a / b, [2.5, 97.5])
-    return [float(lo), float(hi)]
 
 
 def summarize(runs: list[dict], seed: int = 0, metric: str = "chunk_to_decision") -> dict:
@@ -87,13 +78,12 @@ def summarize(runs: list[dict], seed: int = 0, metric: str = "chunk_to_decision"
     modes = {}
     for m in MODES:
         modes[m] = {**_stats(pooled[m]), "per_round_p99": [_stats(x)["p99"] for mm, x in per_run if mm == m]}
-    rng = np.random.default_rng(seed)
     off_p99 = modes["off"]["p99"]
     ratio, ci = {}, {}
     for m in MODES[1:]:
         on_p99 = modes[m]["p99"]
         ratio[m] = None if on_p99 is None or not off_p99 else on_p99 / off_p99
-        ci[m] = _ratio_ci(pooled[m], pooled["off"], rng)
+        ci[m] = ratio_ci95(pooled[m], pooled["off"], 99.0, seed)
     spread = [p for p in modes["off"]["per_round_p99"] if p is not None]
     return {"modes": modes, "ratio_p99": ratio, "ratio_p99_ci95": ci, "target_ratio": TARGET_RATIO,
             "target_met": bool(ratio) and all(v is not None and v <= TARGET_RATIO for v in ratio.values()),

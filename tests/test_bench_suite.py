@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from controller.bench.common import CpuMeter, cpu_seconds, machine_info, stats_ms
+from controller.bench import common
+from controller.bench.common import CpuMeter, cpu_seconds, machine_info, ratio_ci95, stats_ms
 from controller.bench.outlet import check_spec
-from controller.bench.peers.harness import PEER_STAGES, match, ratio_table
+from controller.bench.peers.harness import PEER_STAGES, match, ratio_ci_table, ratio_table
 from controller.bench.peers.pylsl_floor import rising_edges
 from controller.bench.report import markdown
 from controller.bench.suite import SPIKE_STAGES, run_suite, strip_raw
@@ -84,6 +85,10 @@ def test_quick_suite_peers_pngs_markdown(quick_run):
         assert r["detected"] + r["missed"] == r["pulses"] > 0
     assert set(doc["peer_ratios"]) == {"pylsl_floor"}
     assert all(v is None or v > 0 for v in doc["peer_ratios"]["pylsl_floor"].values())
+    ci = doc["peer_ratio_ci95"]["pylsl_floor"]
+    assert set(ci) == {"p50", "p99"}
+    for k, iv in ci.items():   # ~20 pulses per peer in the quick run: an interval, or None below 20
+        assert iv is None or 0 < iv[0] <= iv[1], (k, iv)
     # The stimloop peer's stages: every command joined with its device receipt, stamps in causal order.
     stages = doc["peers"]["stimloop"]["stages_ms"]
     assert list(stages) == list(PEER_STAGES) and "stages_ms" not in doc["peers"]["pylsl_floor"]
@@ -131,6 +136,41 @@ def test_ratio_table_per_percentile():
     b = {"end_to_end_ms": {"p50": 1.0, "p90": 1.5, "p99": None, "p999": 2.5, "max": 3.0}}
     r = ratio_table({"stimloop": a, "x": b, "y": {"skipped": "why"}})
     assert r == {"x": {"p50": 2.0, "p90": 2.0, "p99": None, "p999": 2.0, "max": 2.0}}
+
+
+def test_ratio_ci95_covers_the_true_ratio_and_narrows_with_more_samples():
+    rng = np.random.default_rng(7)
+    peer = rng.gamma(4.0, 0.05e-3, 3000)
+    ours = 1.6 * rng.gamma(4.0, 0.05e-3, 3000)       # true ratio 1.6 at every percentile
+    lo, hi = ratio_ci95(ours, peer, 99.0)
+    assert lo < 1.6 < hi and lo > 1.0                  # clearly slower, and the interval says so
+    lo50, hi50 = ratio_ci95(ours, peer, 50.0)
+    assert lo50 < 1.6 < hi50 and hi50 - lo50 < hi - lo   # the median is better determined than p99
+    few_lo, few_hi = ratio_ci95(ours[:100], peer[:100], 99.0)
+    assert few_hi - few_lo > 2 * (hi - lo)             # ~100 latencies (a 10 s peer run): a wide p99 interval
+    same = ratio_ci95(rng.gamma(4.0, 1.0, 500), rng.gamma(4.0, 1.0, 500), 99.0)
+    assert same[0] < 1.0 < same[1]                     # same distribution: cannot be told apart
+
+
+def test_ratio_ci95_is_deterministic_chunked_and_refuses_too_few(monkeypatch):
+    rng = np.random.default_rng(3)
+    a, b = rng.gamma(3.0, 1.0, 400), rng.gamma(3.0, 1.0, 300)
+    whole = ratio_ci95(a, b, 99.0, seed=5)
+    assert whole == ratio_ci95(a, b, 99.0, seed=5)
+    monkeypatch.setattr(common, "_BOOTSTRAP_CELLS", 1000)   # 2 resamples per batch instead of all at once
+    assert ratio_ci95(a, b, 99.0, seed=5) == whole
+    assert ratio_ci95(np.r_[a, np.nan, np.inf], b, 99.0, seed=5) == whole   # non-finite values ignored
+    assert ratio_ci95(a[:19], b) is None and ratio_ci95(a, np.zeros(50)) is None
+
+
+def test_ratio_ci_table_uses_each_peers_raw_latencies():
+    rng = np.random.default_rng(2)
+    base = rng.gamma(4.0, 1.0, 200)
+    res = {"stimloop": {"_raw_s": {"end_to_end": (2 * base).tolist()}},
+           "x": {"_raw_s": {"end_to_end": base.tolist()}}, "y": {"skipped": "why"}}
+    t = ratio_ci_table(res)
+    assert set(t) == {"x"} and set(t["x"]) == {"p50", "p99"}
+    assert t["x"]["p50"][0] < 2.0 < t["x"]["p50"][1]
 
 
 def test_outlet_spec_errors_name_field_and_range():

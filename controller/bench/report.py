@@ -20,6 +20,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _with_ci(ratio, ci) -> str:
+    """``1.672 (1.45–1.92)``: a ratio with its 95 % interval when there is one."""
+    return _fmt(ratio) if not ci or ratio is None else f"{_fmt(ratio)} ({ci[0]:.2f}–{ci[1]:.2f})"
+
+
 def _row(stats: dict) -> list[str]:
     return [_fmt(stats.get(k)) for k in STAT_KEYS] + [_fmt(stats.get("jitter_p99_p50")), _fmt(stats.get("n"))]
 
@@ -126,11 +131,14 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(_row(r["end_to_end_ms"])) +
                          f" | {r['detected']}/{r['pulses']} | {r['missed']} | {r['cpu_percent']} |")
         ratios = doc.get("peer_ratios") or {}
+        cis = doc.get("peer_ratio_ci95") or {}
         if ratios:
-            lines += ["", "Ratio stimloop / peer (> 1: stimloop slower):", "",
+            lines += ["", "Ratio stimloop / peer (> 1: stimloop slower), p50 and p99 with their bootstrap 95 % "
+                          "interval: an interval that holds 1 means this run cannot tell the two apart there:", "",
                       "| peer | p50 | p90 | p99 | p99.9 | max |", "|---|---:|---:|---:|---:|---:|"]
             for name, r in ratios.items():
-                lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in STAT_KEYS) + " |")
+                ci = cis.get(name) or {}
+                lines.append(f"| {name} | " + " | ".join(_with_ci(r.get(k), ci.get(k)) for k in STAT_KEYS) + " |")
         own = peers.get("stimloop")
         stages = own.get("stages_ms") if isinstance(own, dict) else None
         if stages:
@@ -164,17 +172,18 @@ def rich_tables(doc: dict) -> list:
     peers = doc.get("peers") or {}
     if peers:
         p = Table(title="peers: end to end (ms), same stream")
-        for col in ("peer", "p50", "p99", "max", "missed", "stimloop/peer p50", "stimloop/peer p99"):
+        for col in ("peer", "p50", "p99", "max", "missed", "stimloop/peer p50 (95 % CI)", "stimloop/peer p99 (95 % CI)"):
             p.add_column(col, justify="left" if col == "peer" else "right")
         ratios = doc.get("peer_ratios") or {}
+        cis = doc.get("peer_ratio_ci95") or {}
         for name, r in peers.items():
             if not isinstance(r, dict) or "end_to_end_ms" not in r:
                 p.add_row(name, f"[yellow]skipped: {r.get('skipped') if isinstance(r, dict) else r}[/]", "", "", "", "", "")
                 continue
             e = r["end_to_end_ms"]
-            rr = ratios.get(name, {})
+            rr, ci = ratios.get(name, {}), cis.get(name) or {}
             p.add_row(name, _fmt(e["p50"]), _fmt(e["p99"]), _fmt(e["max"]), str(r["missed"]),
-                      _fmt(rr.get("p50")), _fmt(rr.get("p99")))
+                      _with_ci(rr.get("p50"), ci.get("p50")), _with_ci(rr.get("p99"), ci.get("p99")))
             for stage, st in (r.get("stages_ms") or {}).items():
                 p.add_row(f"  {stage}", _fmt(st["p50"]), _fmt(st["p99"]), _fmt(st["max"]), "", "", "")
         tables.append(p)

@@ -122,6 +122,7 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
             out["peers"] = pr["peers"]
             out["peer_stream"] = pr["stream"]
             out["peer_ratios"] = pr["ratios"]
+            out["peer_ratio_ci95"] = pr["ratio_ci95"]
         except Exception as exc:
             out["peers"] = {"error": f"{type(exc).__name__}: {exc}"}
     return out

@@ -16,8 +16,10 @@ not only measured.
 The run is split into ``rounds``; each round runs every peer once, in an order
 rotated from round to round, and a peer's figures pool its rounds. So a slow
 drift of the machine's load (other processes, thermal state) falls on every
-peer alike instead of on whichever ran last, and each peer sees ~10 pulses a
-second: enough for a p99 that is not simply the maximum.
+peer alike instead of on whichever ran last. Each peer sees ~10 pulses a
+second: at the default 10 s that is ~100 latencies, whose p99 is nearly their
+maximum, so every stimloop / peer ratio at p50 and p99 comes with a bootstrap
+95 % interval (``ratio_ci95``); a longer ``--duration`` narrows it.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from controller.bench.common import CpuMeter, check_duration, cpu_seconds, stats_ms
+from controller.bench.common import CpuMeter, check_duration, cpu_seconds, ratio_ci95, stats_ms
 from controller.lsl_config import ensure_lsl_config
 
 PEERS = ("stimloop", "pylsl_floor", "mne_lsl", "timeflux")
@@ -377,7 +379,7 @@ def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int = 2) -> dict:
                          **({"stderr_tail": last["stderr_tail"]} if last["stderr_tail"] else {})}
     return {"stream": {**STREAM, "threshold_uv": THRESHOLD_UV, "rounds": rounds, "outlet_max_behind_ms":
                        round(summary["max_behind_s"] * 1e3, 3), "outlet_cpu_percent": outlet_cpu},
-            "peers": results, "ratios": ratio_table(results)}
+            "peers": results, "ratios": ratio_table(results), "ratio_ci95": ratio_ci_table(results)}
 
 
 def ratio_table(results: dict, ref: str = "stimloop") -> dict:
@@ -390,6 +392,18 @@ def ratio_table(results: dict, ref: str = "stimloop") -> dict:
         out[name] = {k: (round(base[k] / r["end_to_end_ms"][k], 3)
                          if base.get(k) and r["end_to_end_ms"].get(k) else None)
                      for k in ("p50", "p90", "p99", "p999", "max")}
+    return out
+
+
+def ratio_ci_table(results: dict, ref: str = "stimloop", seed: int = 0) -> dict:
+    """``{peer: {"p50": [lo, hi], "p99": [lo, hi]}}``: bootstrap 95 % intervals of stimloop/peer (None if too few)."""
+    base = results.get(ref, {}).get("_raw_s", {}).get("end_to_end")
+    out = {}
+    for name, r in results.items():
+        other = r.get("_raw_s", {}).get("end_to_end") if isinstance(r, dict) else None
+        if name == ref or base is None or other is None:
+            continue
+        out[name] = {k: ratio_ci95(base, other, q, seed) for k, q in (("p50", 50.0), ("p99", 99.0))}
     return out
 
 
