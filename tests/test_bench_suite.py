@@ -232,3 +232,13 @@ def test_peers_run_in_rounds_and_pool_them():
     assert res["stream"]["rounds"] == 2 and r["rounds"] == 2 and len(r["per_round_p99_ms"]) == 2
     # ~10 pulses/s over two 2 s rounds (the first 0.2 s of each is not scored): pooled, all found.
     assert r["pulses"] >= 25 and r["missed"] == 0 and r["end_to_end_ms"]["n"] == r["detected"] == r["pulses"]
+
+
+@pytest.mark.timeout(60)
+def test_throughput_point_closes_its_reader_before_the_outlet(capfd):
+    """The outlet outlives the acquisition: no liblsl "transmission broke off" error on the user's terminal."""
+    from controller.bench.throughput import run_point
+    r = run_point(8, duration_s=0.5)
+    assert r["pushed_samples"] > 0 and r["dropped_samples"] == 0
+    err = capfd.readouterr().err
+    assert "broke off" not in err and "ERR|" not in err, err[-500:]

@@ -7,6 +7,7 @@ Protocol on stdin/stdout (one line each), like ``hil_sim.ads_sim``: prints
 then prints one JSON line: ``t0``, ``n_pushed``, ``pulse_t`` (LSL time of
 every pulse sample), ``max_behind_s`` (how far the pacing fell behind the
 nominal sample clock: a throughput limit of the generator, not of the reader).
+The outlet stays open, silent, until stdin closes, so readers can close first.
 
 Pulses are ``pulse_uv`` on channel ``pulse_channel`` for one sample over
 Gaussian noise; inter-pulse intervals are ``1/pulse_rate_hz`` ± 30 % (seeded),
@@ -115,15 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ready {po.source_id}", flush=True)
     if sys.stdin.readline().strip() != "start":
         return 1
-    stop = threading.Event()
+    stop, released = threading.Event(), threading.Event()
 
     def watch_stdin() -> None:
         sys.stdin.readline()  # "stop" or EOF (the parent died): either way stop streaming
         stop.set()
+        while sys.stdin.readline():
+            pass
+        released.set()
 
     threading.Thread(target=watch_stdin, daemon=True).start()
     summary = po.run(stop)
     print(json.dumps(summary), flush=True)
+    # Keep the outlet open until the parent closes stdin: readers still connected then close their
+    # inlets first, instead of liblsl logging "Stream transmission broke off" for each of them.
+    released.wait()
     return 0
 
 
@@ -153,7 +160,8 @@ class OutletProcess:
         self.proc.stdin.write("start\n")
         self.proc.stdin.flush()
 
-    def stop(self, timeout_s: float = 10.0) -> dict:
+    def stop(self) -> dict:
+        """Stop streaming; returns the summary. The outlet stays open (no data) until :meth:`close`."""
         if self.summary is None:
             self.proc.stdin.write("stop\n")
             self.proc.stdin.flush()
@@ -161,7 +169,6 @@ class OutletProcess:
             if not line:
                 raise RuntimeError(f"benchmark outlet ended without a summary (exit code {self.proc.poll()})")
             self.summary = json.loads(line)
-            self.proc.wait(timeout_s)
         return self.summary
 
     def close(self) -> None:

@@ -24,6 +24,14 @@ DEFAULT_CHANNELS = (16, 32, 64, 128, 256)
 TARGET_CHANNELS = 64   # issue 5: zero drops at 64 × 30 kHz is the target
 
 
+def _stop_acquisition(acq, stop) -> None:
+    stop.set()
+    acq.join(5)
+    if acq.is_alive():
+        acq.terminate()
+        acq.join(2)
+
+
 def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0, chunk_s: float = 0.001) -> dict:
     """One sweep point; returns latency stats, drops and CPU use per process."""
     ensure_lsl_config()
@@ -73,24 +81,22 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
                     time.sleep(0.0005)
             cpu_pct = cpu.stop()
             summary = out.stop()
-        # Let the acquisition drain what was pushed before counting drops.
-        last, t_quiet = -1, time.monotonic()
-        while time.monotonic() - t_quiet < 0.3:
-            c = ring.counter
-            if c != last:
-                last, t_quiet = c, time.monotonic()
-            if c >= summary["n_pushed"]:
-                break
-            time.sleep(0.02)
+            # Let the acquisition drain what was pushed before counting drops, then stop it while
+            # the outlet is still open (a vanished outlet makes liblsl log an error per reader).
+            last, t_quiet = -1, time.monotonic()
+            while time.monotonic() - t_quiet < 0.3:
+                c = ring.counter
+                if c != last:
+                    last, t_quiet = c, time.monotonic()
+                if c >= summary["n_pushed"]:
+                    break
+                time.sleep(0.02)
+            _stop_acquisition(acq, stop)
         written = ring.counter
         last_t = float(ring.reader(max(0, written - 1)).read_new(1).timestamps[-1]) if written else None
     finally:
         if stop is not None:
-            stop.set()
-            acq.join(5)
-            if acq.is_alive():
-                acq.terminate()
-                acq.join(2)
+            _stop_acquisition(acq, stop)
         ring.close()
         ring.unlink()
     events = read_jsonl(events_path) if events_path.exists() else []
