@@ -246,29 +246,34 @@ def plot_ads_report(session_dir: Path, metrics: dict) -> Path:
     return out
 
 
+def _num(v, digits: int = 3) -> str:
+    """A figure for the summary table: fixed decimals (metrics.json keeps full precision), "–" if absent."""
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
+
+
 def summary_table(metrics: dict) -> Table:
     t = Table(title="stimloop session summary", show_header=True)
     t.add_column("metric")
     t.add_column("value", justify="right")
     e2e = metrics.get("end_to_end_ms") or {}
     t.add_row("end-to-end latency p50 / p99 / max (ms)",
-              f"{e2e.get('p50')} / {e2e.get('p99')} / {e2e.get('max')}  (n={e2e.get('n', 0)})")
+              f"{_num(e2e.get('p50'))} / {_num(e2e.get('p99'))} / {_num(e2e.get('max'))}  (n={e2e.get('n', 0)})")
     pushed = metrics.get("pushed_to_device_ms") or {}
     if pushed.get("n"):
-        t.add_row("  from the chunk's push p50 / p99 (ms)", f"{pushed.get('p50')} / {pushed.get('p99')}")
+        t.add_row("  from the chunk's push p50 / p99 (ms)", f"{_num(pushed.get('p50'))} / {_num(pushed.get('p99'))}")
     for stage, v in (metrics.get("stage_ms") or {}).items():
         if v.get("n"):  # stages the session's policy does not have (no model, no spikes) stay out
-            t.add_row(f"  stage {stage} p50 / p99 (ms)", f"{v.get('p50')} / {v.get('p99')}")
+            t.add_row(f"  stage {stage} p50 / p99 (ms)", f"{_num(v.get('p50'))} / {_num(v.get('p99'))}")
     det = metrics.get("detection") or {}
     if det:
         sens = det.get("sensitivity")
         t.add_row("seizures detected", f"{det.get('detected')}/{det.get('onsets')}"
                   + (f" ({sens:.0%})" if sens is not None else ""))
         t.add_row("false detections", str(det.get("false_detections")))
-        t.add_row("median detection latency (s)", f"{det.get('latency_s_median')}")
+        t.add_row("median detection latency (s)", _num(det.get("latency_s_median"), 2))
     stim = metrics.get("stim") or {}
     t.add_row("stimulation commands (received by device)", f"{stim.get('commands')} ({stim.get('received_by_device')})")
-    t.add_row("charge delivered (µC)", f"{stim.get('charge_uc')}")
+    t.add_row("charge delivered (µC)", _num(stim.get("charge_uc"), 1))
     t.add_row("clamps / refusals", f"{stim.get('clamps')} / {stim.get('refusals')}")
     ads = metrics.get("ads")
     if ads:
@@ -278,7 +283,7 @@ def summary_table(metrics: dict) -> Table:
                   f"{ads['pulses_requested']} / {ads['pulses_delivered']} / {ads['refusals']}")
         d = ads.get("delay_error_ms") or {}
         if d.get("n"):
-            t.add_row("delay error vs imposed p50 / p99 (ms)", f"{d.get('p50')} / {d.get('p99')}")
+            t.add_row("delay error vs imposed p50 / p99 (ms)", f"{_num(d.get('p50'))} / {_num(d.get('p99'))}")
         if ads.get("weight"):
             t.add_row("STDP weight change (ground truth)", f"{ads['weight']['change']:+.4f}")
     t.add_row("deadline misses", str(metrics.get("deadline_misses")))

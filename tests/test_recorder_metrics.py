@@ -70,3 +70,21 @@ def test_chunk_push_times_map_samples_to_their_chunk(tmp_path):
     assert got[:4] == pytest.approx(push[[0, 0, 1, 4]])
     assert np.isnan(got[4:]).all()                                  # outside the pushed chunks: unknown
     assert np.isnan(chunk_push_times(tmp_path, {"t0": t0}, samples)).all()   # no push truth (a real source)
+
+
+def test_summary_table_rounds_figures_and_marks_missing_ones():
+    from rich.console import Console
+
+    from controller.report import summary_table
+    metrics = {"end_to_end_ms": {"p50": 3.4452183, "p99": 3.6027, "max": None, "n": 3},
+               "stage_ms": {"features": {"p50": 0.59641, "p99": 0.79552, "n": 3}, "spike_to_loop": {"n": 0}},
+               "detection": {"detected": 3, "onsets": 3, "sensitivity": 1.0, "false_detections": 0,
+                             "latency_s_median": 2.183573844999046},
+               "stim": {"commands": 3, "received_by_device": 3, "charge_uc": 288.0, "clamps": 0, "refusals": 0},
+               "deadline_misses": 0, "dropped_samples": 0, "faults": []}
+    con = Console(record=True, width=120)
+    con.print(summary_table(metrics))
+    text = con.export_text()
+    assert "3.445 / 3.603 / –  (n=3)" in text and "0.596 / 0.796" in text
+    assert "2.18" in text and "2.1835" not in text and "288.0" in text
+    assert "spike_to_loop" not in text   # a stage the policy does not have stays out
