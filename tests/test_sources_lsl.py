@@ -111,6 +111,36 @@ def test_resolves_pulls_and_counts_a_timestamp_gap_as_dropped():
         ring.unlink()
 
 
+def test_a_refreshed_clock_offset_shifts_timestamps_without_faking_a_gap():
+    """Offsets move later stamps; gaps are counted on the sender's clock, so a jump is not a loss."""
+    name = f"stimloop-test-{uuid.uuid4().hex[:8]}"
+    p = start_outlet(name, duration_s=4.0)
+    src = LslSource(name=name, resolve_timeout_s=10.0, time_correction_interval_s=0.0)   # refresh every chunk
+    try:
+        src.open()
+        # liblsl's offset on one host is ~0 and steady: make each refresh 5 ms later than the last
+        # (more than a 250 Hz gap limit of 6 ms minus one 4 ms sample period).
+        jump = 0.005
+        offsets = iter(src._offset_s + jump * np.arange(1, 100_000))
+        src._inlet.time_correction = lambda timeout=0.0: float(next(offsets))
+        ring = SharedRing.create(None, N_CH, 4096, FS)
+        reader = ring.reader("oldest")
+        events = pump(src, ring, 5.0, until=lambda ev: ring.counter > 300)
+        res = reader.read_new(copy=True)
+        vals = res.samples[:, 0].astype(np.int64)
+        assert ring.counter > 300 and (np.diff(vals) == 1).all()
+        assert not [e for e in events if e.kind is EventKind.DROPPED] and src.n_dropped == 0
+        # Stamps within a chunk keep the sender's spacing; across chunks they carry the offset's jumps.
+        extra = np.diff(res.timestamps) - 1 / FS
+        assert np.all(np.isclose(extra, 0, atol=1e-6) | np.isclose(extra, jump, atol=1e-6))
+        assert np.isclose(extra, jump, atol=1e-6).sum() >= 10
+    finally:
+        src.close()
+        stop(p)
+        ring.close()
+        ring.unlink()
+
+
 def test_unknown_stream_fails_after_timeout_listing_streams_seen():
     name = f"stimloop-test-{uuid.uuid4().hex[:8]}"
     p = start_outlet(name, duration_s=20.0)

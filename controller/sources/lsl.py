@@ -183,9 +183,8 @@ class LslSource(Source):
             if ring.capacity < self.chunk:
                 raise SourceError(f"ring {ring.name!r} capacity {ring.capacity} < LslSource chunk {self.chunk}")
             self._checked_ring = ring.name
-        now = pylsl.local_clock()
         if self._lost_since is not None:
-            self._try_reconnect(now)
+            self._try_reconnect(pylsl.local_clock())
         inlet = self._inlet
         if inlet is None:
             time.sleep(self.wait_s)  # nothing to block on while reconnecting: do not spin
@@ -199,30 +198,34 @@ class LslSource(Source):
             self._declare_lost(pylsl.local_clock(), "lost_error")
             return 0
         n = ts.shape[0]
-        now = pylsl.local_clock()
         if n == 0:
+            now = pylsl.local_clock()
             if now - self._last_data_t > self.stall_timeout_s:
                 self._declare_lost(now, "stall")
             return 0
-        if now >= self._next_tc_t:
+        # Commit first, account after: a reader may be waiting for exactly this chunk (the loop is
+        # woken as soon as we return), and nothing below changes what is written.
+        off = self._offset_s
+        last_raw = float(ts[-1])
+        ts += off
+        if self._buf32 is not self._buf:
+            self._buf32[:n] = self._buf[:n]
+        ring.write(self._buf32[:n], ts)
+        now = pylsl.local_clock()
+        # Gaps are counted on the sender's own clock: a refreshed time_correction offset moves all
+        # later timestamps by a few µs, which at 30 kHz (33 µs per sample) would look like a lost
+        # sample. So the previous chunk's last raw stamp is shifted by this chunk's offset.
+        n_gaps, n_lost, t_gap = count_gaps(ts, None if self._last_ts is None else self._last_ts + off,
+                                           self.info.fs_hz, self.gap_factor)
+        if n_gaps:
+            self.n_dropped += n_lost
+            self._emit(now, EventKind.DROPPED, n_lost=n_lost, n_gaps=n_gaps, at_t=t_gap, reason="timestamp_gap")
+        if now >= self._next_tc_t:   # takes effect from the next chunk on
             self._next_tc_t = now + self.time_correction_interval_s
             try:
                 self._offset_s = inlet.time_correction(0.0)
             except (LslTimeoutError, LostError):
                 pass  # keep the previous estimate; a real loss shows up on the next pull
-        # Gaps are counted on the sender's own clock: a refreshed time_correction offset moves all
-        # later timestamps by a few µs, which at 30 kHz (33 µs per sample) would look like a lost sample.
-        n_gaps, n_lost, t_gap = count_gaps(ts, self._last_ts, self.info.fs_hz, self.gap_factor)
-        last_raw = float(ts[-1])
-        ts += self._offset_s
-        if n_gaps:
-            t_gap += self._offset_s
-        if n_gaps:
-            self.n_dropped += n_lost
-            self._emit(now, EventKind.DROPPED, n_lost=n_lost, n_gaps=n_gaps, at_t=t_gap, reason="timestamp_gap")
-        if self._buf32 is not self._buf:
-            self._buf32[:n] = self._buf[:n]
-        ring.write(self._buf32[:n], ts)
         self._last_ts = last_raw
         self._last_data_t = now
         self.n_samples += n
