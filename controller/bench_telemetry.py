@@ -25,7 +25,8 @@ judged on it. ``spike_to_command`` — the device's receipt time of a TRIGGER mi
 the push time of the block holding its spike: the end-to-end figure, but only
 ~10 samples per second, so its p99 ratio has a wide interval. Rounds interleave the three modes in a rotating order so that slow
 drifts of the machine's load hit every mode alike; samples are pooled per mode,
-and the p99 ratio on/off is given with a bootstrap 95 % interval. The off-mode
+and the p99 ratio on/off is given with a 95 % interval that resamples rounds, then
+samples (``controller.bench.common.ratio_ci95``; at least 3 rounds). The off-mode
 spread between rounds is the noise floor: a ratio inside it is not a cost.
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _stats(x_ms: np.ndarray) -> dict:
 
 
 def summarize(runs: list[dict], seed: int = 0, metric: str = "chunk_to_decision") -> dict:
-    """Pool each mode's samples of ``metric`` over rounds; p99 ratios on/off with bootstrap intervals.
+    """Pool each mode's samples of ``metric`` over rounds; p99 ratios on/off with intervals over rounds.
 
     ``runs``: dicts with ``mode`` (one of ``MODES``), ``round`` and ``samples_ms``
     (``{metric: [ms, ...]}`` of that run). Returns ``{"modes", "ratio_p99",
@@ -83,7 +84,7 @@ def summarize(runs: list[dict], seed: int = 0, metric: str = "chunk_to_decision"
     for m in MODES[1:]:
         on_p99 = modes[m]["p99"]
         ratio[m] = None if on_p99 is None or not off_p99 else on_p99 / off_p99
-        ci[m] = ratio_ci95(pooled[m], pooled["off"], 99.0, seed)
+        ci[m] = ratio_ci95([x for mm, x in per_run if mm == m], [x for mm, x in per_run if mm == "off"], 99.0, seed)
     spread = [p for p in modes["off"]["per_round_p99"] if p is not None]
     return {"modes": modes, "ratio_p99": ratio, "ratio_p99_ci95": ci, "target_ratio": TARGET_RATIO,
             "target_met": bool(ratio) and all(v is not None and v <= TARGET_RATIO for v in ratio.values()),

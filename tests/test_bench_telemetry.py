@@ -22,8 +22,8 @@ def _runs(off, on0, on2, rounds=2):
 def test_summarize_pools_rounds_and_gives_p99_ratio_with_interval():
     rng = np.random.default_rng(1)
     off = rng.gamma(4.0, 0.25, 400)
-    res = summarize(_runs(off, off * 1.05, off * 1.5), seed=3)
-    assert res["modes"]["off"]["n"] == 800 and len(res["modes"]["off"]["per_round_p99"]) == 2
+    res = summarize(_runs(off, off * 1.05, off * 1.5, rounds=3), seed=3)
+    assert res["modes"]["off"]["n"] == 1200 and len(res["modes"]["off"]["per_round_p99"]) == 3
     assert res["ratio_p99"]["on_no_subscriber"] == pytest.approx(1.05)
     assert res["ratio_p99"]["on_2_subscribers"] == pytest.approx(1.5)
     lo, hi = res["ratio_p99_ci95"]["on_2_subscribers"]

@@ -15,7 +15,7 @@ import numpy as np
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 STAT_KEYS = ("p50", "p90", "p99", "p999", "max")
 BOOTSTRAP_N = 2000      # resamples per interval: the bounds move by ~1 % between seeds (600 vs 600 values)
-_BOOTSTRAP_CELLS = 4_000_000   # values resampled at once (32 MB), so hour-long runs do not need GBs
+MIN_ROUNDS = 3          # fewer rounds say nothing about how much a run differs from the next one
 
 
 def stats_ms(values_s) -> dict:
@@ -34,27 +34,47 @@ def stats_ms(values_s) -> dict:
     return out
 
 
-def ratio_ci95(a, b, q: float = 99.0, seed: int = 0, n_boot: int = BOOTSTRAP_N) -> list[float] | None:
-    """Bootstrap 95 % interval of ``percentile(a, q) / percentile(b, q)``, both samples resampled.
+def ratio_ci95(a_rounds, b_rounds, q: float = 99.0, seed: int = 0,
+               n_boot: int = BOOTSTRAP_N) -> list[float] | None:
+    """Bootstrap 95 % interval of ``percentile(a, q) / percentile(b, q)``, resampling rounds, then values.
 
-    A p99 from a few hundred latencies rests on its few largest values, so two
-    tools' p99s can differ by chance alone; this interval says how far. Non-finite
-    values are ignored; None when either side has fewer than 20 values or its
-    resampled percentiles include 0. Deterministic for a given ``seed``.
+    ``a_rounds`` and ``b_rounds`` are the latencies of each side, one array per
+    round (a stretch of time in which that side ran). On a shared machine the
+    latencies of one round are not independent: a noisy spell raises a whole
+    round. Resampling single values treats them as independent and gave a copy
+    of the pylsl floor a p99 ratio to the floor of 0.31 with an interval of
+    0.07–0.80, "a real difference" between two identical programs
+    (docs/performance.md, "Intervals over rounds"). So each resample draws the
+    rounds with replacement, then the values within each drawn round: the
+    interval holds the spread between rounds as well as the sampling of values.
+
+    Non-finite values are ignored. None when either side has fewer than
+    ``MIN_ROUNDS`` rounds or fewer than 20 values, or its resampled percentiles
+    include 0. Deterministic for a given ``seed``.
     """
-    x = np.asarray(a, dtype=np.float64).ravel()
-    y = np.asarray(b, dtype=np.float64).ravel()
-    x, y = x[np.isfinite(x)], y[np.isfinite(y)]
-    if x.size < 20 or y.size < 20:
-        return None
+    sides = []
+    for rounds in (a_rounds, b_rounds):
+        arrs = [np.asarray(r, dtype=np.float64).ravel() for r in rounds]
+        arrs = [r[np.isfinite(r)] for r in arrs]
+        arrs = [r for r in arrs if r.size]
+        if len(arrs) < MIN_ROUNDS or sum(r.size for r in arrs) < 20:
+            return None
+        sides.append(arrs)
     rng = np.random.default_rng(seed)
 
-    def resampled(v: np.ndarray) -> np.ndarray:
-        step = max(1, _BOOTSTRAP_CELLS // v.size)
-        return np.concatenate([np.percentile(v[rng.integers(0, v.size, (min(step, n_boot - i), v.size))], q, axis=1)
-                               for i in range(0, n_boot, step)])
+    def resampled(arrs: list[np.ndarray]) -> np.ndarray:
+        values = np.concatenate(arrs)
+        sizes = np.array([r.size for r in arrs])
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        out = np.empty(n_boot)
+        for i in range(n_boot):
+            pick = rng.integers(0, len(arrs), len(arrs))
+            n = np.repeat(sizes[pick], sizes[pick])
+            idx = np.repeat(starts[pick], sizes[pick]) + (rng.random(n.size) * n).astype(np.int64)
+            out[i] = np.percentile(values[idx], q)
+        return out
 
-    pa, pb = resampled(x), resampled(y)
+    pa, pb = resampled(sides[0]), resampled(sides[1])
     if not np.all(pb > 0):
         return None
     lo, hi = np.percentile(pa / pb, [2.5, 97.5])

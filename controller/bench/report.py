@@ -133,8 +133,9 @@ def markdown(doc: dict) -> str:
         ratios = doc.get("peer_ratios") or {}
         cis = doc.get("peer_ratio_ci95") or {}
         if ratios:
-            lines += ["", "Ratio stimloop / peer (> 1: stimloop slower), p50 and p99 with their bootstrap 95 % "
-                          "interval: an interval that holds 1 means this run cannot tell the two apart there:", "",
+            lines += ["", "Ratio stimloop / peer (> 1: stimloop slower), p50 and p99 with their 95 % interval "
+                          "(bootstrap over rounds, then pulses; none under 3 rounds): an interval that holds 1 "
+                          "means this run cannot tell the two apart there:", "",
                       "| peer | p50 | p90 | p99 | p99.9 | max |", "|---|---:|---:|---:|---:|---:|"]
             for name, r in ratios.items():
                 ci = cis.get(name) or {}

@@ -118,7 +118,7 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
         names = peer_names or (("stimloop", "pylsl_floor") if quick else PEERS)
         say(f"[bold]peers[/] {', '.join(names)} ({duration_s:g} s each) …")
         try:
-            pr = run_peers(duration_s, names, rounds=1 if quick or duration_s < 4 else 2)
+            pr = run_peers(duration_s, names)   # rounds_for(duration_s): ~5 s rounds, at least 3
             out["peers"] = pr["peers"]
             out["peer_stream"] = pr["stream"]
             out["peer_ratios"] = pr["ratios"]
@@ -129,9 +129,9 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
 
 
 def strip_raw(doc: dict) -> dict:
-    """A copy of the suite document without the raw ``_raw_s`` arrays (kept only for the histograms)."""
+    """A copy of the suite document without the raw ``_raw_s``/``_rounds_s`` arrays (histograms, intervals)."""
     if isinstance(doc, dict):
-        return {k: strip_raw(v) for k, v in doc.items() if k != "_raw_s"}
+        return {k: strip_raw(v) for k, v in doc.items() if k not in ("_raw_s", "_rounds_s")}
     if isinstance(doc, list):
         return [strip_raw(v) for v in doc]
     return doc

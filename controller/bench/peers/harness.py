@@ -18,8 +18,11 @@ rotated from round to round, and a peer's figures pool its rounds. So a slow
 drift of the machine's load (other processes, thermal state) falls on every
 peer alike instead of on whichever ran last. Each peer sees ~10 pulses a
 second: at the default 10 s that is ~100 latencies, whose p99 is nearly their
-maximum, so every stimloop / peer ratio at p50 and p99 comes with a bootstrap
-95 % interval (``ratio_ci95``); a longer ``--duration`` narrows it.
+maximum, and a noisy spell of the machine raises a whole round. So every
+stimloop / peer ratio at p50 and p99 comes with a 95 % interval that resamples
+the rounds, then the pulses within them (``ratio_ci95``; at least
+``MIN_ROUNDS`` rounds). ``rounds_for`` picks ~5 s rounds; a longer
+``--duration`` gives more rounds and a narrower interval.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from controller.bench.common import CpuMeter, check_duration, cpu_seconds, ratio_ci95, stats_ms
+from controller.bench.common import MIN_ROUNDS, CpuMeter, check_duration, cpu_seconds, ratio_ci95, stats_ms
 from controller.lsl_config import ensure_lsl_config
 
 PEERS = ("stimloop", "pylsl_floor", "mne_lsl", "timeflux")
@@ -323,14 +326,23 @@ def _kill(proc: subprocess.Popen) -> str:
         return ""
 
 
-def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int = 2) -> dict:
+def rounds_for(duration_s: float) -> int:
+    """Rounds for a peer run of ``duration_s``: ~5 s each, at least ``MIN_ROUNDS`` (1 under 3 s), at most 20."""
+    if duration_s < MIN_ROUNDS:
+        return 1
+    return int(min(20, max(MIN_ROUNDS, duration_s // 5)))
+
+
+def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int | None = None) -> dict:
     """All ``peers`` on one pulse stream, ``duration_s`` each, interleaved in ``rounds`` (rotated order).
 
-    Returns ``{"stream", "peers": {peer: {end_to_end_ms, detected, missed, ...} | {skipped}}, "ratios"}``.
+    ``rounds`` defaults to ``rounds_for(duration_s)``. Returns ``{"stream", "peers": {peer:
+    {end_to_end_ms, detected, missed, ...} | {skipped}}, "ratios", "ratio_ci95"}``.
     """
     ensure_lsl_config()
     from controller.bench.outlet import OutletProcess
     check_duration("duration_s", duration_s, 1.0)
+    rounds = rounds_for(duration_s) if rounds is None else rounds
     if not (isinstance(rounds, int) and 1 <= rounds <= 20 and duration_s / rounds >= 1.0):
         raise ValueError(f"rounds={rounds!r} invalid, expected an integer 1..20 with duration_s/rounds >= 1 s")
     unknown = [p for p in peers if p not in PEERS]
@@ -374,6 +386,7 @@ def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int = 2) -> dict:
         results[name] = {"end_to_end_ms": stats_ms(lat), **counts, "rounds": len(runs), **stages,
                          "per_round_p99_ms": [stats_ms(m["latencies_s"])["p99"] for m in scored],
                          "_raw_s": {"end_to_end": lat, **raw},
+                         "_rounds_s": [m["latencies_s"] for m in scored],   # for the intervals over rounds
                          "cpu_percent": {k: round(v, 1) for k, v in cpu.items()}, "exit_code": last["exit_code"],
                          "peer_said": last["peer_said"],
                          **({"stderr_tail": last["stderr_tail"]} if last["stderr_tail"] else {})}
@@ -396,11 +409,11 @@ def ratio_table(results: dict, ref: str = "stimloop") -> dict:
 
 
 def ratio_ci_table(results: dict, ref: str = "stimloop", seed: int = 0) -> dict:
-    """``{peer: {"p50": [lo, hi], "p99": [lo, hi]}}``: bootstrap 95 % intervals of stimloop/peer (None if too few)."""
-    base = results.get(ref, {}).get("_raw_s", {}).get("end_to_end")
+    """``{peer: {"p50": [lo, hi], "p99": [lo, hi]}}``: 95 % intervals of stimloop/peer over rounds (None if too few)."""
+    base = results.get(ref, {}).get("_rounds_s")
     out = {}
     for name, r in results.items():
-        other = r.get("_raw_s", {}).get("end_to_end") if isinstance(r, dict) else None
+        other = r.get("_rounds_s") if isinstance(r, dict) else None
         if name == ref or base is None or other is None:
             continue
         out[name] = {k: ratio_ci95(base, other, q, seed) for k, q in (("p50", 50.0), ("p99", 99.0))}
