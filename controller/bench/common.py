@@ -14,8 +14,9 @@ import numpy as np
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 STAT_KEYS = ("p50", "p90", "p99", "p999", "max")
-BOOTSTRAP_N = 2000      # resamples per interval: the bounds move by ~1 % between seeds (600 vs 600 values)
+BOOTSTRAP_N = 2000      # resamples per interval: the bounds move by 1–3 % between seeds (12 rounds × ~50 values)
 MIN_ROUNDS = 3          # fewer rounds say nothing about how much a run differs from the next one
+MIN_ROUND_S = 1.0       # a peer round shorter than this is mostly start-up
 
 
 def stats_ms(values_s) -> dict:

@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from controller.bench.common import MIN_ROUNDS, CpuMeter, check_duration, cpu_seconds, ratio_ci95, stats_ms
+from controller.bench.common import MIN_ROUND_S, MIN_ROUNDS, CpuMeter, check_duration, cpu_seconds, ratio_ci95, stats_ms
 from controller.lsl_config import ensure_lsl_config
 
 PEERS = ("stimloop", "pylsl_floor", "mne_lsl", "timeflux")
@@ -328,7 +328,7 @@ def _kill(proc: subprocess.Popen) -> str:
 
 def rounds_for(duration_s: float) -> int:
     """Rounds for a peer run of ``duration_s``: ~5 s each, at least ``MIN_ROUNDS`` (1 under 3 s), at most 20."""
-    if duration_s < MIN_ROUNDS:
+    if duration_s < MIN_ROUNDS * MIN_ROUND_S:
         return 1
     return int(min(20, max(MIN_ROUNDS, duration_s // 5)))
 
@@ -343,7 +343,7 @@ def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int | None = None) 
     from controller.bench.outlet import OutletProcess
     check_duration("duration_s", duration_s, 1.0)
     rounds = rounds_for(duration_s) if rounds is None else rounds
-    if not (isinstance(rounds, int) and 1 <= rounds <= 20 and duration_s / rounds >= 1.0):
+    if not (isinstance(rounds, int) and 1 <= rounds <= 20 and duration_s / rounds >= MIN_ROUND_S):
         raise ValueError(f"rounds={rounds!r} invalid, expected an integer 1..20 with duration_s/rounds >= 1 s")
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
