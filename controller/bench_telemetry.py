@@ -74,17 +74,15 @@ def summarize(runs: list[dict], seed: int = 0, metric: str = "chunk_to_decision"
     for r in runs:
         if r.get("mode") not in MODES:
             raise ValueError(f"run mode {r.get('mode')!r} unknown, expected one of {MODES}")
-    per_run = [(r["mode"], np.asarray(r["samples_ms"][metric], np.float64)) for r in runs]
-    pooled = {m: np.concatenate([x for mm, x in per_run if mm == m] or [np.empty(0)]) for m in MODES}
-    modes = {}
-    for m in MODES:
-        modes[m] = {**_stats(pooled[m]), "per_round_p99": [_stats(x)["p99"] for mm, x in per_run if mm == m]}
+    rounds = {m: [np.asarray(r["samples_ms"][metric], np.float64) for r in runs if r["mode"] == m] for m in MODES}
+    modes = {m: {**_stats(np.concatenate(rounds[m] or [np.empty(0)])),
+                 "per_round_p99": [_stats(x)["p99"] for x in rounds[m]]} for m in MODES}
     off_p99 = modes["off"]["p99"]
     ratio, ci = {}, {}
     for m in MODES[1:]:
         on_p99 = modes[m]["p99"]
         ratio[m] = None if on_p99 is None or not off_p99 else on_p99 / off_p99
-        ci[m] = ratio_ci95([x for mm, x in per_run if mm == m], [x for mm, x in per_run if mm == "off"], 99.0, seed)
+        ci[m] = ratio_ci95(rounds[m], rounds["off"], 99.0, seed)
     spread = [p for p in modes["off"]["per_round_p99"] if p is not None]
     return {"modes": modes, "ratio_p99": ratio, "ratio_p99_ci95": ci, "target_ratio": TARGET_RATIO,
             "target_met": bool(ratio) and all(v is not None and v <= TARGET_RATIO for v in ratio.values()),
