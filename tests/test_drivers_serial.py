@@ -76,7 +76,9 @@ def test_scheduled_trigger_delivered_at_requested_time(rig):
     stim.trigger(1, at=at)
     assert emu.status().pending_mask == 0b10
     assert _wait_until(lambda: len(delivered) == 1, 1.0)
-    assert abs(delivered[0][0] - at) < 0.005
+    # Never early (the emulator spins to the deadline); how late is the machine's scheduling, which
+    # bench ads measures (delay error), so here only "not left for later".
+    assert at <= delivered[0][0] < at + 0.1
     assert emu.deliveries()[0]["at"] == at
 
 
