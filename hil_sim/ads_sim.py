@@ -19,7 +19,7 @@ Pacing: the block ending at sample index i is produced and pushed once the LSL
 clock has passed t0 + i/fs, never ahead, so a pulse delivered before then is
 already in it. A plain sleep, no spin: its lateness (p99 ≈ 180 µs, REFERENCE.md
 §1) only shifts when a block leaves, and the push time of every block is
-recorded (``push_t``) so a benchmark measures from it; spinning 1000 times a
+recorded (``push_t``, as the block is handed to ``push_chunk``) so a benchmark measures from it; spinning 1000 times a
 second would take most of a core from the controller on a 2-core machine
 (spike → command p99 1.9 → 1.4 ms when the spin went).
 """
@@ -166,10 +166,11 @@ class SpikingHil:
                 wait = t_last - clock()
             self._render_deliveries()
             x = u.step(n)
+            t_push = clock()   # as handed over: the reader may have the block before push_chunk returns
             self.outlet.push_chunk(x, t_last, True)
             if k == self._push_t.size:
                 self._push_t = np.concatenate([self._push_t, np.zeros_like(self._push_t)])
-            self._push_t[k] = clock()
+            self._push_t[k] = t_push
             k += 1
             self.n_blocks = k
 

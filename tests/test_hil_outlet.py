@@ -40,7 +40,7 @@ def test_outlet_paces_real_time_with_patient_timestamps():
         assert labels == patient.channel_names and set(units) == {"microvolts"}
         inlet.open_stream(timeout=5.0)
         buf = np.empty((int(fs), n_ch), dtype=np.float32)
-        ts_all, n_got = [], 0
+        ts_all, got_t, n_got = [], [], 0
         t_start = pylsl.local_clock()
         inlet.pull_chunk(timeout=1.0, max_samples=int(fs), dest_obj=buf)  # drop what was queued on connect
         t_start = pylsl.local_clock()
@@ -48,6 +48,7 @@ def test_outlet_paces_real_time_with_patient_timestamps():
             _, ts = inlet.pull_chunk(timeout=0.2, max_samples=int(fs), dest_obj=buf)
             n_got += len(ts)
             ts_all.extend(ts)
+            got_t.extend([pylsl.local_clock()] * len(ts))
         elapsed = pylsl.local_clock() - t_start
     finally:
         stop.set()
@@ -66,6 +67,10 @@ def test_outlet_paces_real_time_with_patient_timestamps():
     assert push.size * out.chunk_n == out.n_pushed and np.all(np.diff(push) > 0)
     last_sample_t = out.t0 + (out.push_first_sample + (np.arange(push.size) + 1) * out.chunk_n - 1) / fs
     assert np.all(push >= last_sample_t)
+    # ... and none after the reader had it (the stamp is taken as the chunk is handed to liblsl).
+    chunk = ((np.rint((ts - out.t0) * fs) - out.push_first_sample) // out.chunk_n).astype(int)
+    assert chunk.min() >= 0 and chunk.max() < push.size
+    assert np.all(push[chunk] <= np.asarray(got_t))
 
 
 def test_outlet_bad_chunk():
