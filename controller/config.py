@@ -193,6 +193,9 @@ class DeviceConfig(_Section):
     baudrate: Annotated[int, Field(ge=1200, le=12_000_000)] = 1_000_000
     timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 50.0
     retries: Annotated[int, Field(ge=0, le=10)] = 3
+    connect_timeout_s: Annotated[float, Field(ge=0, le=60, description=(
+        "how long opening the device keeps saying HELLO before giving up (a device still starting, "
+        "or one that resets when its port opens)"))] = 2.0
     heartbeat_s: Annotated[float, Field(gt=0, le=10)] = 0.1
     watchdog_s: Annotated[float, Field(gt=0, le=60, description="emulator stops stimulation when the controller is silent this long")] = 0.5
     impedance_ohm: Annotated[float | None, Field(gt=0, le=1e7, description=(

@@ -17,7 +17,8 @@ def make_driver(cfg, port: str | None, clock):
     if cfg.device.kind in ("hil", "serial"):
         from drivers.serial_stimulator import SerialStimulator
         return SerialStimulator(port, baudrate=cfg.device.baudrate, timeout_s=cfg.device.timeout_ms / 1e3,
-                                retries=cfg.device.retries, clock=clock)
+                                retries=cfg.device.retries, clock=clock,
+                                connect_timeout_s=cfg.device.connect_timeout_s)
     from drivers.simulated import SimulatedStimulator
     return SimulatedStimulator(clock=clock)
 

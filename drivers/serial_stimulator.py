@@ -25,13 +25,20 @@ class SerialStimulator(Stimulator):
 
     ``timeout_s`` is the wait for one reply; a command gives up after
     ``1 + retries`` attempts, i.e. at most ``(1 + retries) * timeout_s``.
+    ``connect_timeout_s`` is how long ``open()`` keeps saying HELLO to a device
+    that does not answer yet (a board still starting, or one that resets when
+    its port opens, as USB CDC boards with auto-reset do): new HELLOs until
+    that much time has passed since the port opened, at least one full command
+    (``1 + retries`` attempts). 0 = that one command only.
     ``clock`` stamps ``sent_t``/``acked_t`` (the session clock shared with the device).
     """
 
     def __init__(self, port: str, baudrate: int = 1_000_000, timeout_s: float = 0.05, retries: int = 3,
-                 clock: Callable[[], float] = pylsl.local_clock) -> None:
+                 clock: Callable[[], float] = pylsl.local_clock, connect_timeout_s: float = 2.0) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s {timeout_s} invalid, expected > 0 seconds")
+        if not connect_timeout_s >= 0:
+            raise ValueError(f"connect_timeout_s {connect_timeout_s} invalid, expected >= 0 seconds")
         if retries < 0:
             raise ValueError(f"retries {retries} invalid, expected >= 0")
         if baudrate <= 0:
@@ -40,6 +47,7 @@ class SerialStimulator(Stimulator):
         self.baudrate = int(baudrate)
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
+        self.connect_timeout_s = float(connect_timeout_s)
         self.clock = clock
         self.capabilities = DeviceCapabilities()
         self.device_version: int | None = None
@@ -87,7 +95,7 @@ class SerialStimulator(Stimulator):
         self._fd = ser.fileno()
         self._decoder.reset()
         try:
-            reply, _, _ = self._transact(P.MsgType.HELLO, P.encode_hello())
+            reply = self._hello_until(self.clock() + self.connect_timeout_s)
             _, _, body = P.decode_ack(reply.payload)
             ver, caps, wd = P.decode_capabilities(body)
         except P.ProtocolError as e:
@@ -103,6 +111,22 @@ class SerialStimulator(Stimulator):
         self.device_version = ver
         self.capabilities = caps
         self.device_watchdog_s = wd
+
+    def _hello_until(self, deadline: float) -> P.Frame:
+        """HELLO, again with a new seq after each timed-out command, until one is answered or ``deadline``."""
+        n_commands = 0
+        while True:
+            try:
+                reply, _, _ = self._transact(P.MsgType.HELLO, P.encode_hello())
+                return reply
+            except DeviceTimeout as e:
+                n_commands += 1
+                if self.clock() >= deadline:
+                    raise DeviceTimeout(
+                        f"HELLO: no reply from {self.port} within {self.connect_timeout_s} s of opening it "
+                        f"({n_commands * (1 + self.retries)} attempts, {self.timeout_s} s each): is the device "
+                        f"powered, on this port and speaking protocol v{P.PROTOCOL_VERSION} (drivers/PROTOCOL.md)? "
+                        "A device that needs longer to start needs a longer device.connect_timeout_s") from e
 
     def close(self) -> None:
         ser, self._ser, self._fd = self._ser, None, -1

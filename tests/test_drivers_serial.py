@@ -213,11 +213,40 @@ def test_missing_port_raises_clear_error():
 def test_no_device_on_port_times_out_on_hello():
     master_fd, slave = open_pty_pair()
     try:
-        stim = SerialStimulator(slave, timeout_s=0.02, retries=1)
-        with pytest.raises(DeviceTimeout, match="HELLO"):
+        stim = SerialStimulator(slave, timeout_s=0.02, retries=1, connect_timeout_s=0.2)
+        t0 = pylsl.local_clock()
+        with pytest.raises(DeviceTimeout, match=r"HELLO: no reply .* within 0.2 s of opening it \((\d+) attempts") as e:
             stim.open()
-        assert not stim.is_open
+        assert pylsl.local_clock() - t0 >= 0.2   # kept asking for the whole window ...
+        assert int(e.value.args[0].split("(")[1].split()[0]) >= 4   # ... with new HELLOs, not one command
+        assert "connect_timeout_s" in str(e.value) and not stim.is_open
+        # 0: one command of 1 + retries attempts, as any other.
+        stim = SerialStimulator(slave, timeout_s=0.02, retries=1, connect_timeout_s=0.0)
+        with pytest.raises(DeviceTimeout, match=r"\(2 attempts"):
+            stim.open()
     finally:
+        close_pty(master_fd)
+
+
+def test_device_that_answers_late_is_found_within_connect_timeout(tmp_path):
+    """A device still starting when the port opens (silent, then answering) is connected, not refused."""
+    import threading
+    master_fd, slave = open_pty_pair()
+    emu = StimulatorEmulator(master_fd, watchdog_s=0.5, log_path=tmp_path / "device_log.jsonl").start()
+    emu.set_mute(True)
+    wake = threading.Timer(0.3, emu.set_mute, args=(False,))
+    try:
+        stim = SerialStimulator(slave, timeout_s=0.02, retries=1, connect_timeout_s=5.0)
+        t0 = pylsl.local_clock()
+        wake.start()
+        stim.open()
+        assert stim.is_open and stim.device_version == P.PROTOCOL_VERSION
+        assert pylsl.local_clock() - t0 >= 0.3   # answered only once the device woke: many HELLOs
+        assert stim.heartbeat().ok
+        stim.close()
+    finally:
+        wake.cancel()
+        emu.stop()
         close_pty(master_fd)
 
 
@@ -226,3 +255,5 @@ def test_bad_constructor_arguments():
         SerialStimulator("/dev/null", timeout_s=0)
     with pytest.raises(ValueError, match="retries -1"):
         SerialStimulator("/dev/null", retries=-1)
+    with pytest.raises(ValueError, match="connect_timeout_s -1"):
+        SerialStimulator("/dev/null", connect_timeout_s=-1)
