@@ -6,6 +6,9 @@ private slot and no public attribute or method returns it, so the rest of the
 controller cannot reach the device without passing the governor. Any driver
 exception, or a receipt with ``ok=False``, is a fault: ``driver.stop()`` (best
 effort), the governor latches, and ``FAULT`` + ``SAFE_STATE`` events are returned.
+One exception is not a fault: the device refusing a scheduled trigger because
+its time had passed (``TriggerTooLate``) is a missed deadline, reported as a
+``REFUSAL`` with rule ``too_late`` like the loop's own late requests.
 
 Not thread-safe: one control loop owns the actuator. The clock is injected
 (``pylsl.local_clock`` in real time, a virtual clock in simulation).
@@ -17,7 +20,7 @@ from typing import Any, Callable
 
 from controller.events import Event, EventKind
 from controller.safety.governor import Decision, Dose, SafetyGovernor, StimRequest, conservative_charge_uc
-from drivers.base import CommandReceipt, Stimulator, StimulatorError
+from drivers.base import CommandReceipt, Stimulator, StimulatorError, TriggerTooLate
 from drivers.params import DeviceCapabilities, StimParams
 
 
@@ -146,6 +149,15 @@ class Actuator:
                 cfg = _checked(self.__driver.configure(params), "configure")
                 self._configured[params.channel] = params
             rec = _checked(self.__driver.trigger(params.channel, at), "trigger")
+        except TriggerTooLate as exc:
+            # Nothing was delivered and the device is otherwise as it was: under load the command
+            # reached it after its time, the same outcome as the loop's own too_late refusal (a
+            # pulse at the wrong delay is worse than none), so the session goes on. The burst's
+            # dose stays booked (never undercount).
+            events.append(Event(now, EventKind.REFUSAL, self._source, {
+                "rule": "too_late", "request_source": request.source, "at": at,
+                "reason": f"the device refused the trigger, its time had passed: {exc}"}))
+            return events
         except BaseException as exc:
             events += self._enter_safe_state(f"driver error during submit: {_describe(exc)}", now)
             if not isinstance(exc, Exception):

@@ -219,8 +219,8 @@ def run(duration_s: float = 15.0, rounds: int = 3, seed: int = 0, unit_rate_hz: 
                 progress(one)
     out = {m: summarize(runs, seed, m) for m in METRICS}
     out["target_met"] = out[METRICS[0]]["target_met"]
-    # A stall past the imposed 7.5 ms delay makes the device refuse the trigger (TOO_LATE) and the
-    # actuator latch stimulation off for the rest of the run: such runs measure the machine's load.
+    # Runs with a fault (a device that stopped answering, ...) measure the machine, not telemetry.
+    # (A stall past the imposed 7.5 ms delay is not one: the device's TOO_LATE is a refusal.)
     out["runs_with_faults"] = [f"round {x['round']} {x['mode']}" for x in runs if x["faults"]]
     out.update({
         "runs": [{k: v for k, v in x.items() if k != "samples_ms"} for x in runs],

@@ -15,6 +15,14 @@ class DeviceTimeout(StimulatorError):
     """The device did not answer within the timeout, after all retries."""
 
 
+class TriggerTooLate(StimulatorError):
+    """The device refused a scheduled trigger whose deliver-at time had passed (NACK ``TOO_LATE``).
+
+    Nothing was delivered and nothing else changed on the device: a missed
+    deadline, not a broken device (drivers/PROTOCOL.md §6).
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class CommandReceipt:
     """What the driver learned about one command.

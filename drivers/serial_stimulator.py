@@ -16,7 +16,7 @@ import pylsl
 import serial
 
 from drivers import protocol as P
-from drivers.base import CommandReceipt, DeviceTimeout, Stimulator, StimulatorError
+from drivers.base import CommandReceipt, DeviceTimeout, Stimulator, StimulatorError, TriggerTooLate
 from drivers.params import DeviceCapabilities, StimParams
 
 
@@ -81,7 +81,7 @@ class SerialStimulator(Stimulator):
             raise StimulatorError(f"serial port {self.port} not found: expected an existing serial device "
                                   "path (e.g. /dev/ttyUSB0, /dev/ttyACM0 or a pty slave /dev/pts/N)")
         try:
-            ser = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=self.timeout_s, exclusive=True)
+            ser = serial.Serial(self.port, self.baudrate, timeout=0, exclusive=True)   # writes: _write_all
         except (serial.SerialException, OSError, ValueError) as e:
             raise StimulatorError(f"serial port {self.port} cannot be opened at {self.baudrate} baud: {e}") from e
         # FTDI latency timer 16 ms -> 1 ms; raises on a pty or a non-FTDI device (REFERENCE.md §8).
@@ -204,10 +204,7 @@ class SerialStimulator(Stimulator):
                 sent_t = self.clock()
                 if first_sent_t is None:
                     first_sent_t = sent_t
-                try:
-                    self._ser.write(frame)
-                except (serial.SerialException, OSError) as e:
-                    raise StimulatorError(f"{msg_type.name} seq {seq}: write to {self.port} failed: {e}") from e
+                self._write_all(frame, f"{msg_type.name} seq {seq}")
                 reply = self._await_reply(seq, sent_t + self.timeout_s)
                 if reply is None:
                     continue
@@ -215,7 +212,8 @@ class SerialStimulator(Stimulator):
                 if reply.msg_type == P.MsgType.NACK:
                     _, code, detail, dev_t = P.decode_nack(reply.payload)
                     self.last_receipt_device_t = dev_t
-                    raise StimulatorError(
+                    error = TriggerTooLate if code == P.ErrorCode.TOO_LATE else StimulatorError
+                    raise error(
                         f"device refused {msg_type.name} seq {seq}: {P.error_name(code)} "
                         f"({P.ERROR_TEXT.get(code, 'unknown error')}){_detail_text(msg_type, code, detail)}")
                 _, dev_t, _ = P.decode_ack(reply.payload)
@@ -223,6 +221,33 @@ class SerialStimulator(Stimulator):
                 return reply, first_sent_t, acked_t
             raise DeviceTimeout(f"{msg_type.name} seq {seq}: no reply from {self.port} within "
                                 f"{self.timeout_s} s after {n_retries + 1} attempts")
+
+    def _write_all(self, frame: bytes, what: str) -> None:
+        """Every byte of ``frame`` to the port, waiting at most ``timeout_s`` for room, or StimulatorError.
+
+        Not pyserial's ``write``: with a write timeout it raises when the call *took* longer than
+        the timeout even if every byte went out (pyserial issue #281, open), and a process
+        descheduled for 50 ms on a loaded machine turned a sent HEARTBEAT into a fault.
+        """
+        view = memoryview(frame)
+        deadline = self.clock() + self.timeout_s
+        while view:
+            try:
+                view = view[os.write(self._fd, view):]
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise StimulatorError(f"{what}: write to {self.port} failed: {e}") from e
+            if not view:
+                return
+            left = deadline - self.clock()
+            try:
+                ready = left > 0 and select.select([], [self._fd], [], left)[1]
+            except (OSError, ValueError) as e:
+                raise StimulatorError(f"{what}: write to {self.port} failed: {e}") from e
+            if not ready:
+                raise StimulatorError(f"{what}: write to {self.port} timed out: {len(view)} of {len(frame)} "
+                                      f"bytes not taken within {self.timeout_s} s (is the device reading?)")
 
     def _await_reply(self, seq: int, deadline: float) -> P.Frame | None:
         """Read until an ACK/NACK for ``seq`` arrives or ``deadline`` (clock time) passes."""

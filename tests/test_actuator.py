@@ -144,6 +144,28 @@ def test_driver_exception_stops_device_latches_and_reports(failing):
     assert ev[-1].kind is EventKind.COMMAND and drv.names()[-2:] == ["configure", "trigger"]
 
 
+def test_trigger_refused_as_too_late_is_a_refusal_not_a_fault():
+    """The command reached the device after its deliver-at time: nothing delivered, the session goes on."""
+    host = Clock()
+    drv = SimulatedStimulator(clock=lambda: host.t + 0.010)   # the device sees 10 ms later than the host
+    act = Actuator(SafetyGovernor(MACRO_RNS, drv.capabilities), drv, host)
+    act.open()
+    act.heartbeat()
+    ev = act.submit(StimRequest(0.0, "policy", BURST, at=0.005))   # future for the host, past for the device
+    assert ev[-1].kind is EventKind.REFUSAL and ev[-1].data["rule"] == "too_late"
+    assert "TOO_LATE" in ev[-1].data["reason"] and ev[-1].data["at"] == 0.005
+    assert not [e for e in ev if e.kind in (EventKind.FAULT, EventKind.SAFE_STATE)]
+    assert act.governor.latched is None and drv.pending == [] and drv.delivered == []
+    assert act.dose.bursts == 1   # booked when allowed: never undercount
+    # Not latched: the next request on time is commanded and delivered (params still configured).
+    host.t = 1.0
+    act.heartbeat()
+    ev = act.submit(StimRequest(1.0, "policy", BURST, at=1.05))
+    assert ev[-1].kind is EventKind.COMMAND and ev[-1].data["configure_seq"] is None
+    host.t = 1.045   # the device sees 1.055: due
+    assert act.poll() == [(1.05, BURST)] and drv.delivered == [(1.05, BURST)]
+
+
 def test_not_ok_receipt_is_a_fault_and_stop_failure_is_reported():
     act, drv, clock = rig(lambda c: RecordingStimulator(c, bad_receipt_on={"trigger"}, stop_fails=True))
     ev = act.submit(StimRequest(0.0, "policy", BURST))

@@ -72,3 +72,33 @@ def test_warm_sends_nothing_and_uses_no_sequence_number(serial_rig):
     time.sleep(1.0)   # MACRO_RNS: bursts >= 1 s apart
     ev = act.submit(StimRequest(pylsl.local_clock(), "test", BURST))
     assert ev[-1].kind is EventKind.COMMAND and _wait(lambda: len(delivered) == 2)
+
+
+def test_trigger_the_device_calls_too_late_is_refused_and_the_session_goes_on():
+    """A scheduled TRIGGER that reaches the real emulator after its time: NACK TOO_LATE → refusal, not a fault."""
+    master_fd, slave = open_pty_pair()
+    delivered = []
+    emu = StimulatorEmulator(master_fd, watchdog_s=0.5, on_deliver=lambda t, p: delivered.append((t, p))).start()
+    drv = SerialStimulator(slave, timeout_s=0.05, retries=1)
+    try:
+        drv.open()
+
+        def host():   # the host's clock 50 ms behind the device's: its "soon" is the device's past
+            return pylsl.local_clock() - 0.050
+
+        act = Actuator(SafetyGovernor(MACRO_RNS, drv.capabilities), drv, host)
+        act.heartbeat()
+        ev = act.submit(StimRequest(host(), "test", BURST, at=host() + 0.010))
+        assert ev[-1].kind is EventKind.REFUSAL and ev[-1].data["rule"] == "too_late", ev
+        assert "TOO_LATE" in ev[-1].data["reason"] and act.governor.latched is None
+        assert emu.status().pending_mask == 0
+        # The next burst, far enough ahead for the device too, is delivered.
+        time.sleep(max(MACRO_RNS.min_interval_s, BURST.burst_duration_s) + 0.01)
+        act.heartbeat()
+        ev = act.submit(StimRequest(host(), "test", BURST, at=host() + 0.150))
+        assert ev[-1].kind is EventKind.COMMAND, ev
+        assert _wait(lambda: len(delivered) == 1) and delivered[0][1] == BURST
+        act.close()
+    finally:
+        emu.stop()
+        close_pty(master_fd)

@@ -9,7 +9,7 @@ import pylsl
 import pytest
 
 from drivers import protocol as P
-from drivers.base import DeviceTimeout, StimulatorError
+from drivers.base import DeviceTimeout, StimulatorError, TriggerTooLate
 from drivers.params import StimParams, Waveform
 from drivers.serial_stimulator import SerialStimulator
 from hil_sim.emulator import StimulatorEmulator
@@ -151,7 +151,7 @@ def test_nack_becomes_stimulator_error_with_code_name(rig):
     with pytest.raises(StimulatorError, match="OUT_OF_RANGE.*field amplitude_ua"):
         stim.configure(BURST.with_(amplitude_ua=20_000.0))
     stim.configure(BURST)
-    with pytest.raises(StimulatorError, match="TOO_LATE"):
+    with pytest.raises(TriggerTooLate, match="TOO_LATE"):   # its own type: a missed deadline, not a fault
         stim.trigger(1, at=pylsl.local_clock() - 1.0)
     stim.trigger(1)
     with pytest.raises(StimulatorError, match="BUSY"):
@@ -257,3 +257,25 @@ def test_bad_constructor_arguments():
         SerialStimulator("/dev/null", retries=-1)
     with pytest.raises(ValueError, match="connect_timeout_s -1"):
         SerialStimulator("/dev/null", connect_timeout_s=-1)
+
+
+def test_write_all_sends_every_byte_however_late_it_returns_and_times_out_on_a_full_port():
+    """The frame writer (not pyserial's write, which raises on a slow call that sent everything: pyserial #281)."""
+    master_fd, slave = open_pty_pair()
+    emu = StimulatorEmulator(master_fd, watchdog_s=0.5).start()
+    stim = SerialStimulator(slave, timeout_s=0.05, retries=0, connect_timeout_s=0.0)
+    try:
+        stim.open()
+        emu.stop()   # nobody reads the device side from here on
+        ticks = iter(range(1000))
+        stim.clock = lambda: 10.0 * next(ticks)   # 10 s pass between any two looks at the clock
+        frame = P.encode_frame(P.MsgType.HEARTBEAT, 7, b"")
+        stim._write_all(frame, "HEARTBEAT seq 7")   # all written: no clock question asked, no error
+        assert os.read(master_fd, 4096) == frame
+        stim.clock = pylsl.local_clock
+        with pytest.raises(StimulatorError, match=r"TEST: write to .* timed out: \d+ of 1000000 bytes not taken "
+                                                  r"within 0.05 s \(is the device reading\?\)"):
+            stim._write_all(b"\x00" * 1_000_000, "TEST")   # more than the pty holds, nobody reading
+    finally:
+        stim.close()
+        close_pty(master_fd)

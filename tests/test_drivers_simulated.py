@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from drivers.base import DeviceTimeout, StimulatorError
+from drivers.base import DeviceTimeout, StimulatorError, TriggerTooLate
 from drivers.params import StimParams, Waveform
 from drivers.simulated import SimulatedStimulator
 
@@ -56,7 +56,7 @@ def test_scheduled_trigger_is_delivered_exactly_at_time_by_poll(sim):
     clock.t = 100.7
     assert s.poll() == [(100.5, P1)]
     assert got == [(100.5, P1)] and s.pending == []
-    with pytest.raises(StimulatorError, match="TOO_LATE"):
+    with pytest.raises(TriggerTooLate, match="TOO_LATE"):
         s.trigger(1, at=100.6)
 
 

@@ -58,8 +58,9 @@ def run_spike_triggered(duration_s: float = 10.0) -> dict:
             "delay_error_ms": res["delay_error_ms"],
             "dropped_samples": int(res["dropped_samples"]),
             "dropped_samples_definition": "samples missing between consecutive LSL timestamps (gaps > 1.5 sample periods)",
-            "deadline_misses": int(res["dropped_too_late"]),
-            "deadline_definition": "spikes whose imposed 7.5 ms delay had already passed when processed",
+            "deadline_misses": int(res["dropped_too_late"]) + int(res["refusal_rules"].get("too_late", 0)),
+            "deadline_definition": "spikes whose imposed 7.5 ms delay had already passed when processed, "
+                                   "or when their command reached the device (refused there: TOO_LATE)",
             "missed_spikes": res["missed_spikes"], "artifact_triggers": res["artifact_triggers"],
             "cpu_percent": cpu_pct, "_raw_s": {"end_to_end": e2e, **raw}}
 
