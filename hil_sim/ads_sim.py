@@ -19,9 +19,10 @@ Pacing: the block ending at sample index i is produced and pushed once the LSL
 clock has passed t0 + i/fs, never ahead, so a pulse delivered before then is
 already in it. A plain sleep, no spin: its lateness (p99 ≈ 180 µs, REFERENCE.md
 §1) only shifts when a block leaves, and the push time of every block is
-recorded (``push_t``, as the block is handed to ``push_chunk``) so a benchmark measures from it; spinning 1000 times a
-second would take most of a core from the controller on a 2-core machine
-(spike → command p99 1.9 → 1.4 ms when the spin went).
+recorded (``push_t``, as the block is handed to ``push_chunk``) so a benchmark
+measures from it; spinning 1000 times a second would take most of a core from
+the controller on a 2-core machine (spike → command p99 1.9 → 1.4 ms when the
+spin went).
 """
 from __future__ import annotations
 

@@ -73,3 +73,12 @@ def test_unsafe_configs_are_refused_at_start_up_with_the_rule(tmp_path, toml, ex
                            env={**__import__("os").environ, "COLUMNS": "400"})
         assert r.returncode == 2, (cmd, r.stdout, r.stderr)
         assert expected in r.stderr, r.stderr
+
+
+def test_device_connect_timeout_reaches_the_serial_driver():
+    from controller.loop import make_driver
+    cfg = parse_config({"device": {"kind": "serial", "port": "/dev/ttyACM0", "connect_timeout_s": 5.5}})
+    drv = make_driver(cfg, cfg.device.port, lambda: 0.0)   # built, not opened
+    assert drv.connect_timeout_s == 5.5 and drv.timeout_s == cfg.device.timeout_ms / 1e3
+    with pytest.raises(ConfigError, match=r"device.connect_timeout_s = -1"):
+        parse_config({"device": {"connect_timeout_s": -1}})
