@@ -43,6 +43,9 @@ class SourceConfig(_Section):
     resolve_timeout_s: Annotated[float, Field(gt=0, le=120)] = 5.0
     max_buflen_s: Annotated[int, Field(ge=1, le=60, description="pylsl inlet buffer; small avoids hidden lag (REFERENCE §1)")] = 1
     stall_timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    busy_poll: bool = Field(False, description=(
+        "wait for samples by polling without sleeping: less latency and jitter, one CPU core spent by the "
+        "acquisition process (docs/performance.md, 'Busy polling'); for a machine with a core to spare"))
     board_id: int = Field(-1, description="BrainFlow board id (-1 = synthetic board)")
     board_params: dict[str, Any] = Field(default_factory=dict, description="BrainFlowInputParams fields")
 

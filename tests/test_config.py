@@ -82,3 +82,16 @@ def test_device_connect_timeout_reaches_the_serial_driver():
     assert drv.connect_timeout_s == 5.5 and drv.timeout_s == cfg.device.timeout_ms / 1e3
     with pytest.raises(ConfigError, match=r"device.connect_timeout_s = -1"):
         parse_config({"device": {"connect_timeout_s": -1}})
+
+
+def test_source_busy_poll_reaches_the_source_it_builds():
+    from controller.runners.realtime import source_spec
+    from controller.sources import build_source
+    for kind, extra in (("lsl", {}), ("brainflow", {"board_id": -1})):
+        cfg = parse_config({"source": {"kind": kind, "busy_poll": True, **extra}})
+        spec = source_spec(cfg, "a-stream")
+        assert spec["busy_poll"] is True
+        assert build_source(spec).busy_poll is True   # built, not opened
+    assert source_spec(parse_config({}), "a-stream")["busy_poll"] is False   # default: block, spend no core
+    with pytest.raises(ConfigError, match=r"source.busy_poll"):
+        parse_config({"source": {"busy_poll": "sometimes"}})

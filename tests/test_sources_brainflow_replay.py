@@ -17,9 +17,10 @@ from shared_data import DELHI  # noqa: E402
 
 
 @pytest.mark.realtime
-def test_brainflow_synthetic_board_reads_into_ring():
+@pytest.mark.parametrize("busy_poll", [False, True])
+def test_brainflow_synthetic_board_reads_into_ring(busy_poll):
     import pylsl
-    src = build_source({"kind": "brainflow", "board_id": -1, "params": {}})
+    src = build_source({"kind": "brainflow", "board_id": -1, "params": {}, "busy_poll": busy_poll})
     info = src.open()
     ring = SharedRing.create(None, info.n_channels, 2048, info.fs_hz)
     try:
@@ -46,6 +47,8 @@ def test_brainflow_synthetic_board_reads_into_ring():
 def test_brainflow_bad_arguments():
     with pytest.raises(ValueError, match="not BrainFlowInputParams fields"):
         BrainFlowSource(-1, {"serial_prt": "/dev/x"})
+    with pytest.raises(ValueError, match="busy_poll=1"):
+        BrainFlowSource(-1, busy_poll=1)
     with pytest.raises(ValueError, match="channels='abc'"):
         BrainFlowSource(-1, channels="abc").open()
     with pytest.raises(SourceError, match="board 424242"):

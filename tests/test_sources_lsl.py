@@ -158,9 +158,54 @@ def test_unknown_stream_fails_after_timeout_listing_streams_seen():
         stop(p)
 
 
+def test_busy_poll_reads_every_sample_in_order():
+    name = f"stimloop-test-{uuid.uuid4().hex[:8]}"
+    p = start_outlet(name, duration_s=4.0)
+    src = LslSource(name=name, resolve_timeout_s=10.0, busy_poll=True)
+    try:
+        src.open()
+        ring = SharedRing.create(None, N_CH, 4096, FS)
+        reader = ring.reader("oldest")
+        events = pump(src, ring, 5.0, until=lambda ev: ring.counter > 300)
+        vals = reader.read_new(copy=True).samples[:, 0].astype(np.int64)
+        assert ring.counter > 300 and (np.diff(vals) == 1).all() and src.n_dropped == 0
+        assert not [e for e in events if e.kind in (EventKind.DROPPED, EventKind.FAULT)]
+    finally:
+        src.close()
+        stop(p)
+        ring.close()
+        ring.unlink()
+
+
+def test_busy_poll_spends_the_wait_on_the_cpu_and_blocking_does_not():
+    """A stream with no samples: both wait ``wait_s`` and return 0; only busy polling keeps a core busy."""
+    name = f"stimloop-test-{uuid.uuid4().hex[:8]}"
+    outlet = pylsl.StreamOutlet(pylsl.StreamInfo(name, "EEG", N_CH, FS, "float32", name + "-sid"))
+    ring = SharedRing.create(None, N_CH, 1024, FS)
+    cpu = {}
+    try:
+        for busy in (False, True):
+            src = LslSource(name=name, resolve_timeout_s=10.0, wait_s=0.3, stall_timeout_s=60.0, busy_poll=busy)
+            src.open()
+            try:
+                c0 = time.process_time()
+                assert src.read_into(ring) == 0 and src.read_into(ring) == 0
+                cpu[busy] = time.process_time() - c0
+            finally:
+                src.close()
+        # 0.6 s of waiting: polling burns (most of) it, liblsl's blocking wait nearly none of it.
+        assert cpu[True] > 0.1 and cpu[True] > 4 * cpu[False], cpu
+    finally:
+        del outlet
+        ring.close()
+        ring.unlink()
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="at least one of name, type or source_id"):
         LslSource()
+    with pytest.raises(ValueError, match="busy_poll='yes'"):
+        LslSource(name="x", busy_poll="yes")
     with pytest.raises(ValueError, match="max_buflen_s=0.5"):
         LslSource(name="x", max_buflen_s=0.5)
     with pytest.raises(ValueError, match="kind='nope'"):

@@ -35,6 +35,25 @@ def build_predicate(name: str | None, type: str | None, source_id: str | None) -
     return " and ".join(parts)
 
 
+def pull_into(inlet: pylsl.StreamInlet, buf: np.ndarray, wait_s: float, busy_poll: bool = False) -> np.ndarray:
+    """Pull what the inlet has into ``buf`` (rows = samples); return the samples' timestamps.
+
+    Waits at most ``wait_s`` for the first sample and returns as soon as there
+    is one. Blocking (default): liblsl wakes this thread when a sample lands.
+    ``busy_poll``: ask again and again without sleeping, which saves that
+    wake-up and spends a CPU core (docs/performance.md, "Busy polling").
+    """
+    if not busy_poll:
+        # min_samples=1: back with the first sample (without it liblsl waits for a full buffer)
+        return inlet.pull_chunk(timeout=wait_s, max_samples=buf.shape[0], dest_obj=buf, min_samples=1,
+                                as_numpy=True)[1]
+    give_up = pylsl.local_clock() + wait_s
+    while True:   # each call returns at once, and ctypes lets go of the GIL during it
+        ts = inlet.pull_chunk(timeout=0.0, max_samples=buf.shape[0], dest_obj=buf, as_numpy=True)[1]
+        if ts.shape[0] or pylsl.local_clock() >= give_up:
+            return ts
+
+
 class LslSource(Source):
     """Pulls an LSL stream into a ring.
 
@@ -44,6 +63,11 @@ class LslSource(Source):
     - pulls into preallocated arrays (``chunk`` samples at most per read,
       waiting at most ``wait_s`` for the first one); small ``max_buflen_s`` so
       no hidden lag builds up (REFERENCE.md §1: pylsl's default is 360 s);
+    - ``busy_poll``: wait for the first sample by polling the inlet without
+      sleeping instead of blocking in liblsl. It saves the thread's wake-up
+      (p50 ~70 µs, p99 ~0.2 ms less on the 2-core VM of docs/performance.md,
+      "Busy polling") and costs a whole CPU core while it waits: for a machine
+      with a core to spare;
     - timestamp steps above ``gap_factor / fs`` are reported as ``DROPPED`` events;
     - no data for ``stall_timeout_s`` or a ``LostError`` → ``FAULT`` event
       (``what="stream_lost"``); the source keeps looking for a stream matching
@@ -56,7 +80,7 @@ class LslSource(Source):
     def __init__(self, name: str | None = None, type: str | None = None, source_id: str | None = None,
                  resolve_timeout_s: float = 5.0, max_buflen_s: int = 1, chunk: int = 256,
                  wait_s: float = 0.005, stall_timeout_s: float = 1.0, gap_factor: float = 1.5,
-                 time_correction_interval_s: float = 2.0, recover_poll_s: float = 0.1):
+                 time_correction_interval_s: float = 2.0, recover_poll_s: float = 0.1, busy_poll: bool = False):
         super().__init__()
         self.predicate = build_predicate(name, type, source_id)
         for label, value, lo in (("resolve_timeout_s", resolve_timeout_s, 0.0), ("wait_s", wait_s, 0.0),
@@ -75,6 +99,9 @@ class LslSource(Source):
         self.gap_factor = float(gap_factor)
         self.time_correction_interval_s = float(time_correction_interval_s)
         self.recover_poll_s = float(recover_poll_s)
+        if not isinstance(busy_poll, bool):
+            raise ValueError(f"LslSource busy_poll={busy_poll!r}: expected true or false")
+        self.busy_poll = busy_poll
         self._inlet: pylsl.StreamInlet | None = None
         self._uid = ""
         self._resolver: pylsl.ContinuousResolver | None = None
@@ -190,8 +217,7 @@ class LslSource(Source):
             time.sleep(self.wait_s)  # nothing to block on while reconnecting: do not spin
             return 0
         try:
-            _, ts = inlet.pull_chunk(timeout=self.wait_s, max_samples=self.chunk, dest_obj=self._buf,
-                                     min_samples=1, as_numpy=True)
+            ts = pull_into(inlet, self._buf, self.wait_s, self.busy_poll)
         except LostError:
             self._inlet = None
             inlet.close_stream()
