@@ -49,6 +49,7 @@ from controller.policies.ads import (GUGGENMOS_BLANKING_MS, GUGGENMOS_DELAY_MS, 
                                      RandomStimPolicy, blanking_window)
 from controller.safety import MICRO, SafetyGovernor  # noqa: E402
 from controller.sources.base import count_gaps  # noqa: E402
+from controller.sources.lsl import pull_into  # noqa: E402
 from controller.spikes import SpikeDetector  # noqa: E402
 from drivers.params import StimParams, Waveform  # noqa: E402
 from drivers.serial_stimulator import SerialStimulator  # noqa: E402
@@ -72,7 +73,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         stim: StimParams = DEFAULT_STIM, delay_ms: float = GUGGENMOS_DELAY_MS,
         blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None, low_latency: bool = True,
         telemetry=None, telemetry_signal_hz: float = 64.0, return_samples: bool = False,
-        warm: bool = True) -> dict:
+        warm: bool = True, busy_poll: bool = False) -> dict:
     """One real-time run (ADS, or random stimulation at ``random_rate_hz``); returns the result dict.
 
     ``telemetry``: an optional :class:`controller.telemetry.TelemetryPublisher`. When
@@ -80,6 +81,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
     after the chunk's commands are submitted, the decimated signal
     (``telemetry_signal_hz``), one ``spike`` event per chunk with detections, and
     every actuator event (decisions, commands, refusals, faults).
+    ``busy_poll``: wait for each chunk by polling the inlet without sleeping
+    (``controller.sources.lsl.pull_into``; one CPU core spent on it).
     """
     if telemetry is not None and not (0 < telemetry_signal_hz <= FS_HZ):
         raise ValueError(f"telemetry_signal_hz={telemetry_signal_hz!r} invalid, expected 0 < Hz <= {FS_HZ:g}")
@@ -159,7 +162,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         t_start = None
         next_hb = clock() + HEARTBEAT_S
         while True:
-            _, ts = inlet.pull_chunk(timeout=0.01, max_samples=max_n, dest_obj=buf, min_samples=1, as_numpy=True)
+            ts = pull_into(inlet, buf, 0.01, busy_poll)
             n = ts.shape[0]
             now = clock()
             if n:
@@ -287,7 +290,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
                 "controller_spike_to_submit_done_ms": stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
                 "breakdown_ms": {k: stats_ms(v) for k, v in breakdown.items()},
-                "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "warm": warm, "lsl_time_correction_s": tc,
+                "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "warm": warm, "busy_poll": busy_poll, "lsl_time_correction_s": tc,
                 "chunk_to_decision_ms": stats_ms(chunk_ms * 1e-3),
                 "telemetry_publish_ms": None if telemetry is None else stats_ms(pub_s[:n_pub]),
                 "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,
@@ -449,7 +452,8 @@ def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[t
 
 
 def _table(res: dict) -> str:
-    rows = [("mode", res["mode"]), ("duration_s", f"{res['duration_s']:.2f}"),
+    rows = [("mode", res["mode"] + (" (busy poll)" if res.get("busy_poll") else "")),
+            ("duration_s", f"{res['duration_s']:.2f}"),
             ("channels × fs", f"{res['channels']} × {res['fs_hz']:.0f} Hz"),
             ("rate_hz (delivered)", f"{res['rate_hz']:.2f}")]
     for key in ("spike_to_command_ms", "spike_time_to_command_ms", "delay_error_ms", "chunk_to_decision_ms"):
@@ -486,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
                     help="rehearse the governor and the frame encoder between commands (Actuator.warm) so a "
                          "spike finds them in the CPU caches (default on)")
+    ap.add_argument("--busy-poll", action="store_true",
+                    help="wait for chunks by polling without sleeping: less latency, one CPU core spent "
+                         "(docs/performance.md, 'Busy polling')")
     ap.add_argument("--k", type=float, default=5.0, help="threshold in σ (REFERENCE.md §2: 4-5)")
     args = ap.parse_args(argv)
     if not 0.5 <= args.duration <= 3600:
@@ -495,14 +502,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.random and not args.compare:
         rate = args.rate_hz if args.rate_hz is not None else unit_rate * len(trig)
         res = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out,
-                  warm=args.warm)
+                  warm=args.warm, busy_poll=args.busy_poll)
     else:
         res = run(args.duration, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out,
-                  warm=args.warm)
+                  warm=args.warm, busy_poll=args.busy_poll)
         if args.compare:
             rate = args.rate_hz if args.rate_hz is not None else max(res["rate_hz"], 0.1)
             rnd = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out,
-                  warm=args.warm)
+                  warm=args.warm, busy_poll=args.busy_poll)
             res["random"] = rnd
             res["weight_change"] = {"ads": res["weight_change"]["ads"], "random": rnd["weight_change"]["random"]}
     if args.json:

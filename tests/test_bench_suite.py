@@ -47,7 +47,7 @@ def test_quick_suite_writes_wellformed_json(quick_run):
     out, doc, _ = quick_run
     m = doc["machine"]
     assert m["cores"] >= 1 and len(m["load_average"]) == 3 and m["python"] and m["cpu_model"]
-    assert set(doc["scenarios"]) == {"spike_triggered", "seizure_loop", "throughput"}
+    assert set(doc["scenarios"]) == {"spike_triggered", "spike_triggered_busy_poll", "seizure_loop", "throughput"}
     for name, sc in doc["scenarios"].items():
         assert "error" not in sc, f"{name}: {sc.get('error')}\n{sc.get('traceback')}"
         if sc.get("skipped"):
@@ -61,9 +61,11 @@ def test_quick_suite_writes_wellformed_json(quick_run):
         assert isinstance(sc["dropped_samples"], int) and sc["dropped_samples"] >= 0
         assert sc["cpu_percent"] and all(v is None or v >= 0 for v in sc["cpu_percent"].values())
         assert "_raw_s" not in json.dumps(sc)   # raw arrays stay out of the JSON
-    sp = doc["scenarios"]["spike_triggered"]
-    assert list(sp["stages_ms"]) == [*SPIKE_STAGES, "push_to_decision_every_chunk"]
-    assert sp["stages_ms"]["governor_and_framing"]["n"] > 0 and sp["commands"] > 0
+    for name, busy in (("spike_triggered", False), ("spike_triggered_busy_poll", True)):
+        sp = doc["scenarios"][name]
+        assert list(sp["stages_ms"]) == [*SPIKE_STAGES, "push_to_decision_every_chunk"]
+        assert sp["stages_ms"]["governor_and_framing"]["n"] > 0 and sp["commands"] > 0
+        assert sp["busy_poll"] is busy
     sz = doc["scenarios"]["seizure_loop"]
     if not sz.get("skipped"):
         assert set(sz["stages_ms"]) >= {"lsl_transport", "ring_write", "ring_to_loop", "features", "inference",
@@ -78,27 +80,31 @@ def test_quick_suite_writes_wellformed_json(quick_run):
 @pytest.mark.timeout(120)
 def test_quick_suite_peers_pngs_markdown(quick_run):
     out, doc, output = quick_run
-    assert set(doc["peers"]) == {"stimloop", "pylsl_floor"}
+    assert set(doc["peers"]) == {"stimloop", "stimloop_busy_poll", "pylsl_floor"}
     for name, r in doc["peers"].items():
         _sane(r["end_to_end_ms"])
         assert r["detected"] + r["missed"] == r["pulses"] > 0
-    assert set(doc["peer_ratios"]) == {"pylsl_floor"}
-    assert all(v is None or v > 0 for v in doc["peer_ratios"]["pylsl_floor"].values())
-    # The quick run is one round per peer: too few to say how much rounds differ, so no interval.
-    assert doc["peer_ratio_ci95"]["pylsl_floor"] == {"p50": None, "p99": None}
-    assert doc["peer_stream"]["rounds"] == 1
-    # The stimloop peer's stages: every command joined with its device receipt, stamps in causal order.
-    stages = doc["peers"]["stimloop"]["stages_ms"]
-    assert list(stages) == list(PEER_STAGES) and "stages_ms" not in doc["peers"]["pylsl_floor"]
-    for st in stages.values():
-        _sane(st)
-        assert st["n"] >= doc["peers"]["stimloop"]["detected"] > 0   # a receipt > 50 ms late is "missed" there
+    # Each stimloop mode against each other peer, never against the other mode.
+    assert {k: set(v) for k, v in doc["peer_ratios"].items()} == {"stimloop": {"pylsl_floor"},
+                                                                  "stimloop_busy_poll": {"pylsl_floor"}}
+    for ours in ("stimloop", "stimloop_busy_poll"):
+        assert all(v is None or v > 0 for v in doc["peer_ratios"][ours]["pylsl_floor"].values())
+        # The quick run is one round per peer: too few to say how much rounds differ, so no interval.
+        assert doc["peer_ratio_ci95"][ours]["pylsl_floor"] == {"p50": None, "p99": None}
+        # Its stages: every command joined with its device receipt, stamps in causal order.
+        stages = doc["peers"][ours]["stages_ms"]
+        assert list(stages) == list(PEER_STAGES)
+        for st in stages.values():
+            _sane(st)
+            assert st["n"] >= doc["peers"][ours]["detected"] > 0   # a receipt > 50 ms late is "missed" there
+    assert doc["peer_stream"]["rounds"] == 1 and "stages_ms" not in doc["peers"]["pylsl_floor"]
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "peer_stimloop__end_to_end.png" in pngs and "throughput__ring_visible.png" in pngs
     assert "spike_triggered__governor_and_framing.png" in pngs
     assert all((out / p).stat().st_size > 1000 for p in pngs)
     md = (out / "bench.md").read_text()
-    assert "| scenario | stage |" in md and "Ratio stimloop / peer" in md and "pylsl_floor" in md
+    assert "| scenario | stage |" in md and "Ratio stimloop / peer" in md
+    assert "| stimloop | pylsl_floor |" in md and "| stimloop_busy_poll | pylsl_floor |" in md
     assert "| governor_and_framing |" in md and "peer_stimloop__governor_and_framing.png" in pngs
     assert "peers: end to end" in output
 
@@ -133,7 +139,10 @@ def test_ratio_table_per_percentile():
     a = {"end_to_end_ms": {"p50": 2.0, "p90": 3.0, "p99": 4.0, "p999": 5.0, "max": 6.0}}
     b = {"end_to_end_ms": {"p50": 1.0, "p90": 1.5, "p99": None, "p999": 2.5, "max": 3.0}}
     r = ratio_table({"stimloop": a, "x": b, "y": {"skipped": "why"}})
-    assert r == {"x": {"p50": 2.0, "p90": 2.0, "p99": None, "p999": 2.0, "max": 2.0}}
+    assert r == {"stimloop": {"x": {"p50": 2.0, "p90": 2.0, "p99": None, "p999": 2.0, "max": 2.0}}}
+    both = ratio_table({"stimloop": a, "stimloop_busy_poll": b, "x": b})
+    assert set(both) == {"stimloop", "stimloop_busy_poll"} and set(both["stimloop"]) == {"x"}
+    assert both["stimloop_busy_poll"]["x"]["p50"] == 1.0
 
 
 def test_ratio_ci95_covers_the_true_ratio_and_narrows_with_more_samples():
@@ -186,7 +195,7 @@ def test_ratio_ci_table_uses_each_peers_rounds():
     res = {"stimloop": {"_rounds_s": [(2 * x).tolist() for x in base]},
            "x": {"_rounds_s": [x.tolist() for x in base]}, "y": {"skipped": "why"},
            "one_round": {"_rounds_s": [np.concatenate(base).tolist()]}}
-    t = ratio_ci_table(res)
+    t = ratio_ci_table(res)["stimloop"]
     assert set(t) == {"x", "one_round"} and set(t["x"]) == {"p50", "p99"}
     assert t["x"]["p50"][0] < 2.0 < t["x"]["p50"][1]
     assert t["one_round"] == {"p50": None, "p99": None}

@@ -136,14 +136,17 @@ def markdown(doc: dict) -> str:
             lines += ["", "Ratio stimloop / peer (> 1: stimloop slower), p50 and p99 with their 95 % interval "
                           "(bootstrap over rounds, then pulses; none under 3 rounds): an interval that holds 1 "
                           "means this run cannot tell the two apart there:", "",
-                      "| peer | p50 | p90 | p99 | p99.9 | max |", "|---|---:|---:|---:|---:|---:|"]
-            for name, r in ratios.items():
-                ci = cis.get(name) or {}
-                lines.append(f"| {name} | " + " | ".join(_with_ci(r.get(k), ci.get(k)) for k in STAT_KEYS) + " |")
-        own = peers.get("stimloop")
-        stages = own.get("stages_ms") if isinstance(own, dict) else None
-        if stages:
-            lines += ["", "Where the stimloop peer's time goes (per command, ms): what it does beyond the pylsl "
+                      "| stimloop | peer | p50 | p90 | p99 | p99.9 | max |", "|---|---|---:|---:|---:|---:|---:|"]
+            for ours, by_peer in ratios.items():
+                for name, r in by_peer.items():
+                    ci = (cis.get(ours) or {}).get(name) or {}
+                    lines.append(f"| {ours} | {name} | " +
+                                 " | ".join(_with_ci(r.get(k), ci.get(k)) for k in STAT_KEYS) + " |")
+        for ours, own in peers.items():
+            stages = own.get("stages_ms") if isinstance(own, dict) else None
+            if not stages:
+                continue
+            lines += ["", f"Where the `{ours}` peer's time goes (per command, ms): what it does beyond the pylsl "
                           "floor is the ring, the governor and a framed, acknowledged command:", "",
                       "| stage | " + " | ".join(_HEAD) + " |", "|---|" + "---:|" * len(_HEAD)]
             for stage, st in stages.items():
@@ -173,19 +176,26 @@ def rich_tables(doc: dict) -> list:
     peers = doc.get("peers") or {}
     if peers:
         p = Table(title="peers: end to end (ms), same stream")
-        for col in ("peer", "p50", "p99", "max", "missed", "stimloop/peer p50 (95 % CI)", "stimloop/peer p99 (95 % CI)"):
+        for col in ("peer", "p50", "p99", "max", "missed"):
             p.add_column(col, justify="left" if col == "peer" else "right")
-        ratios = doc.get("peer_ratios") or {}
-        cis = doc.get("peer_ratio_ci95") or {}
         for name, r in peers.items():
             if not isinstance(r, dict) or "end_to_end_ms" not in r:
-                p.add_row(name, f"[yellow]skipped: {r.get('skipped') if isinstance(r, dict) else r}[/]", "", "", "", "", "")
+                p.add_row(name, f"[yellow]skipped: {r.get('skipped') if isinstance(r, dict) else r}[/]", "", "", "")
                 continue
             e = r["end_to_end_ms"]
-            rr, ci = ratios.get(name, {}), cis.get(name) or {}
-            p.add_row(name, _fmt(e["p50"]), _fmt(e["p99"]), _fmt(e["max"]), str(r["missed"]),
-                      _with_ci(rr.get("p50"), ci.get("p50")), _with_ci(rr.get("p99"), ci.get("p99")))
+            p.add_row(name, _fmt(e["p50"]), _fmt(e["p99"]), _fmt(e["max"]), str(r["missed"]))
             for stage, st in (r.get("stages_ms") or {}).items():
-                p.add_row(f"  {stage}", _fmt(st["p50"]), _fmt(st["p99"]), _fmt(st["max"]), "", "", "")
+                p.add_row(f"  {stage}", _fmt(st["p50"]), _fmt(st["p99"]), _fmt(st["max"]), "")
         tables.append(p)
+        ratios = doc.get("peer_ratios") or {}
+        if ratios:
+            cis = doc.get("peer_ratio_ci95") or {}
+            q = Table(title="stimloop / peer (> 1: stimloop slower; 95 % interval over rounds)")
+            for col in ("stimloop", "peer", "p50", "p99"):
+                q.add_column(col, justify="left" if col in ("stimloop", "peer") else "right")
+            for ours, by_peer in ratios.items():
+                for name, rr in by_peer.items():
+                    ci = (cis.get(ours) or {}).get(name) or {}
+                    q.add_row(ours, name, _with_ci(rr.get("p50"), ci.get("p50")), _with_ci(rr.get("p99"), ci.get("p99")))
+            tables.append(q)
     return tables

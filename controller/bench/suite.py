@@ -18,13 +18,16 @@ import traceback
 
 from controller.bench.common import CpuMeter, check_duration, machine_info, stats_ms
 
-SCENARIOS = ("spike_triggered", "seizure_loop", "throughput")
+SCENARIOS = ("spike_triggered", "spike_triggered_busy_poll", "seizure_loop", "throughput")
 # The spike path per command: LSL push → pull, detector + ADS policy, governor + framing, write → device receipt.
 SPIKE_STAGES = ("lsl_push_to_pull", "detect_policy", "governor_and_framing", "write_to_device_receipt")
 
 
-def run_spike_triggered(duration_s: float = 10.0) -> dict:
+def run_spike_triggered(duration_s: float = 10.0, busy_poll: bool = False) -> dict:
     """ADS spike-triggered loop (30 kHz × 32 ch) via ``controller.bench_ads.run``, re-summarized.
+
+    ``busy_poll``: the loop polls the inlet without sleeping (scenario
+    ``spike_triggered_busy_poll``; one CPU core spent on it).
 
     End to end (chunk holding the spike pushed → TRIGGER received by the
     device, bench_ads' ``spike_to_command``) is recomputed from its ground
@@ -39,7 +42,7 @@ def run_spike_triggered(duration_s: float = 10.0) -> dict:
         ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = CpuMeter({"controller": os.getpid()}).start()
         t0 = time.monotonic()
-        res = bench_ads.run(duration_s, n_channels=32, keep_dir=keep, return_samples=True)
+        res = bench_ads.run(duration_s, n_channels=32, keep_dir=keep, return_samples=True, busy_poll=busy_poll)
         wall = time.monotonic() - t0
         cpu_pct = cpu.stop()
         ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -51,7 +54,7 @@ def run_spike_triggered(duration_s: float = 10.0) -> dict:
     # Every 1 ms block, not only the ~5/s with a spike: push → the loop done with it.
     raw["push_to_decision_every_chunk"] = (np.asarray(res["samples_ms"]["chunk_to_decision"]) * 1e-3).tolist()
     return {"fs_hz": res["fs_hz"], "n_channels": res["channels"], "chunk_samples": res["chunk_samples"],
-            "duration_s": res["duration_s"], "commands": len(e2e),
+            "busy_poll": busy_poll, "duration_s": res["duration_s"], "commands": len(e2e),
             "end_to_end_ms": stats_ms(e2e),
             "end_to_end_definition": "LSL push of the chunk holding the spike -> TRIGGER received by the device",
             "stages_ms": {k: stats_ms(v) for k, v in raw.items()},
@@ -70,7 +73,7 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
     """All requested scenarios (+ peers); errors in one scenario are recorded, the others still run.
 
     ``quick``: a few seconds per scenario, a short throughput sweep (16, 64 ch) and the
-    cheap peers only (stimloop, pylsl floor) — for tests.
+    cheap peers only (stimloop in both modes, pylsl floor) — for tests.
     """
     from controller.bench import seizure_loop, throughput
     from controller.bench.peers import PEERS, run_peers
@@ -92,8 +95,8 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
         say(f"[bold]{name}[/] ({duration_s:g} s) …")
         t0 = time.monotonic()
         try:
-            if name == "spike_triggered":
-                out["scenarios"][name] = run_spike_triggered(duration_s)
+            if name in ("spike_triggered", "spike_triggered_busy_poll"):
+                out["scenarios"][name] = run_spike_triggered(duration_s, busy_poll=name.endswith("busy_poll"))
             elif name == "seizure_loop":
                 out["scenarios"][name] = seizure_loop.run(duration_s)
             else:
@@ -116,7 +119,7 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
     if "throughput" not in scenarios:
         out["throughput"] = {"max_channels_at_30khz": None, "note": "throughput scenario not run"}
     if peers:
-        names = peer_names or (("stimloop", "pylsl_floor") if quick else PEERS)
+        names = peer_names or (("stimloop", "stimloop_busy_poll", "pylsl_floor") if quick else PEERS)
         say(f"[bold]peers[/] {', '.join(names)} ({duration_s:g} s each) …")
         try:
             pr = run_peers(duration_s, names)   # rounds_for(duration_s): ~5 s rounds, at least 3

@@ -40,7 +40,13 @@ from pathlib import Path
 from controller.bench.common import MIN_ROUND_S, MIN_ROUNDS, CpuMeter, check_duration, cpu_seconds, ratio_ci95, stats_ms
 from controller.lsl_config import ensure_lsl_config
 
-PEERS = ("stimloop", "pylsl_floor", "mne_lsl", "timeflux")
+PEERS = ("stimloop", "stimloop_busy_poll", "pylsl_floor", "pylsl_floor_busy_poll", "mne_lsl", "timeflux")
+#: stimloop itself, as configured by default and with ``source.busy_poll``; every other peer is compared with each.
+OURS = ("stimloop", "stimloop_busy_poll")
+#: Python peers: module in this folder and its flags.
+_PY_PEERS = {"stimloop": ("stimloop_peer", []), "stimloop_busy_poll": ("stimloop_peer", ["--busy-poll"]),
+             "pylsl_floor": ("pylsl_floor", []), "pylsl_floor_busy_poll": ("pylsl_floor", ["--busy-poll"]),
+             "mne_lsl": ("mne_lsl_peer", [])}
 MATCH_WINDOW_S = 0.05
 PEER_DIR = Path(__file__).resolve().parent
 ROOT = PEER_DIR.parent.parent.parent
@@ -150,9 +156,9 @@ def _peer_command(name: str, source_id: str, port: str, duration_s: float, workd
     env = dict(os.environ)
     common = ["--source-id", source_id, "--port", port, "--channel", "0", "--threshold", str(THRESHOLD_UV),
               "--duration", str(duration_s)]
-    if name in ("stimloop", "pylsl_floor", "mne_lsl"):
-        mod = {"stimloop": "stimloop_peer", "pylsl_floor": "pylsl_floor", "mne_lsl": "mne_lsl_peer"}[name]
-        return [sys.executable, "-m", f"controller.bench.peers.{mod}", *common], env
+    if name in _PY_PEERS:
+        mod, flags = _PY_PEERS[name]
+        return [sys.executable, "-m", f"controller.bench.peers.{mod}", *common, *flags], env
     if name == "timeflux":
         venv = timeflux_venv()
         exe = venv / "bin" / "timeflux"
@@ -196,7 +202,7 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
             cmd, env = _peer_command(name, source_id, slave, duration_s, workdir)
         except _Skip as exc:
             return {"skipped": str(exc)}
-        if name == "stimloop":
+        if name in OURS:
             cmd += ["--stages", str(stages_path)]
             emu = subprocess.Popen([sys.executable, "-m", "hil_sim.emulator", "--fd", str(master), "--log", str(log),
                                     "--watchdog-s", "1.0"], pass_fds=(master,), stdout=subprocess.PIPE,
@@ -229,7 +235,7 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
         t_stop = min(pylsl.local_clock(), t_start + duration_s)
         out, err = _finish(proc)
         done = [ln for ln in out.splitlines() if ln.startswith("done")]
-        if name == "stimloop":
+        if name in OURS:
             emu.send_signal(signal.SIGTERM)
             emu.wait(5)
             from controller.recorder import read_jsonl
@@ -379,7 +385,7 @@ def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int | None = None) 
                 cpu[k] = cpu.get(k, 0.0) + (v or 0.0) / len(runs)
         last = runs[-1]
         stages, raw = {}, {}
-        if name == "stimloop":   # scored over the same span as the end-to-end figure
+        if name in OURS:   # scored over the same span as the end-to-end figure
             st, raw = stage_stats([row for r in runs for row in (r.get("stage_rows") or [])
                                    if r["t_start"] + 0.2 <= row[0] <= r["t_stop"] - MATCH_WINDOW_S])
             stages = {"stages_ms": st}
@@ -395,28 +401,31 @@ def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int | None = None) 
             "peers": results, "ratios": ratio_table(results), "ratio_ci95": ratio_ci_table(results)}
 
 
-def ratio_table(results: dict, ref: str = "stimloop") -> dict:
-    """``{peer: {p50: stimloop/peer, ...}}`` per percentile (None where either side has no figure)."""
-    base = results.get(ref, {}).get("end_to_end_ms")
-    out = {}
-    for name, r in results.items():
-        if name == ref or base is None or "end_to_end_ms" not in r:
+def _pairs(results: dict, key: str):
+    """``(ours, peer, our_value, peer_value)`` for every stimloop variant and every other peer that has ``key``."""
+    for ref in OURS:
+        base = (results.get(ref) or {}).get(key)
+        if base is None:
             continue
-        out[name] = {k: (round(base[k] / r["end_to_end_ms"][k], 3)
-                         if base.get(k) and r["end_to_end_ms"].get(k) else None)
-                     for k in ("p50", "p90", "p99", "p999", "max")}
+        for name, r in results.items():
+            if name not in OURS and isinstance(r, dict) and r.get(key) is not None:
+                yield ref, name, base, r[key]
+
+
+def ratio_table(results: dict) -> dict:
+    """``{ours: {peer: {p50: ours/peer, ...}}}`` per percentile, for each of ``OURS`` that ran (None: no figure)."""
+    out: dict = {}
+    for ref, name, base, other in _pairs(results, "end_to_end_ms"):
+        out.setdefault(ref, {})[name] = {k: (round(base[k] / other[k], 3) if base.get(k) and other.get(k) else None)
+                                         for k in ("p50", "p90", "p99", "p999", "max")}
     return out
 
 
-def ratio_ci_table(results: dict, ref: str = "stimloop", seed: int = 0) -> dict:
-    """``{peer: {"p50": [lo, hi], "p99": [lo, hi]}}``: 95 % intervals of stimloop/peer over rounds (None if too few)."""
-    base = results.get(ref, {}).get("_rounds_s")
-    out = {}
-    for name, r in results.items():
-        other = r.get("_rounds_s") if isinstance(r, dict) else None
-        if name == ref or base is None or other is None:
-            continue
-        out[name] = {k: ratio_ci95(base, other, q, seed) for k, q in (("p50", 50.0), ("p99", 99.0))}
+def ratio_ci_table(results: dict, seed: int = 0) -> dict:
+    """``{ours: {peer: {"p50": [lo, hi], "p99": [lo, hi]}}}``: 95 % intervals of ours/peer over rounds (None if too few)."""
+    out: dict = {}
+    for ref, name, base, other in _pairs(results, "_rounds_s"):
+        out.setdefault(ref, {})[name] = {k: ratio_ci95(base, other, q, seed) for k, q in (("p50", 50.0), ("p99", 99.0))}
     return out
 
 

@@ -8,6 +8,9 @@ full chunk or the 10 ms timeout), rising-edge threshold on one channel
 (vectorized per chunk), ``os.write`` of one byte per detected edge. Small
 ``max_buflen`` so no hidden lag builds up (REFERENCE.md §1). Prints ``ready``
 once the inlet is open, streams for ``--duration`` s, prints ``done <n>``.
+
+``--busy-poll`` (peer ``pylsl_floor_busy_poll``): ``pull_chunk(timeout=0.0)``
+in a loop that never sleeps — the floor for ``LslSource(busy_poll=True)``.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channel", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=500.0)
     ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--busy-poll", action="store_true", help="poll without sleeping (spends a CPU core)")
     a = ap.parse_args(argv)
     infos = pylsl.resolve_byprop("source_id", a.source_id, 1, 5.0)
     if not infos:
@@ -55,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     above = False
     n_out = 0
     clock = pylsl.local_clock
+    # Blocking: liblsl wakes this thread when a sample lands (min_samples=1). Busy poll: ask again at once.
+    wait = {"timeout": 0.0} if a.busy_poll else {"timeout": 0.01, "min_samples": 1}
     print("ready", flush=True)
     t_end = clock() + a.duration
     while clock() < t_end:
-        _, ts = inlet.pull_chunk(timeout=0.01, max_samples=buf.shape[0], dest_obj=buf, min_samples=1)
+        _, ts = inlet.pull_chunk(max_samples=buf.shape[0], dest_obj=buf, **wait)
         n = len(ts)
         if n:
             k, above = rising_edges(buf[:n, a.channel], a.threshold, above)

@@ -10,7 +10,9 @@ the stimulator emulator on the pty, which stamps the TRIGGER on the LSL clock.
 So unlike the byte-writing peers it pays for the ring, the governor and the
 framed, acknowledged serial protocol: what a stimloop command really costs.
 Between chunks it keeps the command path warm (``Actuator.warm``), as the
-session loop and ``bench ads`` do.
+session loop and ``bench ads`` do. ``--busy-poll`` (peer ``stimloop_busy_poll``)
+opens the source with ``busy_poll=True``, as ``source.busy_poll = true`` does
+in a session.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channel", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=500.0)
     ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--busy-poll", action="store_true", help="LslSource(busy_poll=True): spends a CPU core")
     ap.add_argument("--stages", default=None,
                     help="write per-command stage times here (JSON rows: sample_t, pulled_t, submit_t, sent_t, seq)")
     a = ap.parse_args(argv)
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from controller.sources import probe_source
     from drivers.serial_stimulator import SerialStimulator
 
-    spec = {"kind": "lsl", "source_id": a.source_id, "resolve_timeout_s": 5.0, "max_buflen_s": 1}
+    spec = {"kind": "lsl", "source_id": a.source_id, "resolve_timeout_s": 5.0, "max_buflen_s": 1,
+            "busy_poll": a.busy_poll}
     info = probe_source(spec)
     if not 0 <= a.channel < info.n_channels:
         print(f"error: --channel {a.channel} invalid, expected 0..{info.n_channels - 1}", flush=True)
