@@ -152,8 +152,9 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         n_pub = 0
         # Per pulled chunk: first/last sample time and when its processing (detector, policy and any
         # commands) was done. Every chunk is a point on the spike path, not only the ~5/s with a spike.
-        cap_chunks = int(duration_s * 1100) + 64
-        ch_first, ch_last, ch_done = np.empty(cap_chunks), np.empty(cap_chunks), np.empty(cap_chunks)
+        # A busy-polled pull can return part of a block (liblsl queues samples one by one as they
+        # arrive), so there can be several pulls per block: the arrays grow when full.
+        ch_rec = np.empty((int(duration_s * 1100) + 64, 3))   # first sample t, last sample t, done t
         n_chunks = 0
         n_gaps = n_lost = 0
         last_ts = None
@@ -209,11 +210,10 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                         refusal_rules[rule] = refusal_rules.get(rule, 0) + 1
                     else:
                         faults.extend(str(e.data.get("reason")) for e in evs if e.kind is EventKind.FAULT)
-                if n_chunks < cap_chunks:
-                    ch_done[n_chunks] = clock()
-                    ch_first[n_chunks] = ts[0]
-                    ch_last[n_chunks] = ts[n - 1]
-                    n_chunks += 1
+                if n_chunks == ch_rec.shape[0]:
+                    ch_rec = np.concatenate((ch_rec, np.empty_like(ch_rec)))   # after this chunk's commands
+                ch_rec[n_chunks] = (ts[0], ts[n - 1], clock())
+                n_chunks += 1
                 # After the chunk's commands: lost samples show as gaps in the sender's timestamps.
                 g, lost, _ = count_gaps(ts, last_ts, FS_HZ)
                 n_gaps += g
@@ -281,7 +281,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
     detections = (np.concatenate(det_t) if det_t else np.empty(0), np.concatenate(det_c) if det_c else np.empty(0, int))
     breakdown = _breakdown(gt, cmd_spike[:n_cmd], cmd_pulled[:n_cmd], cmd_submit[:n_cmd], cmd_sent[:n_cmd],
                            cmd_seq[:n_cmd])
-    chunk_ms = chunk_latency_ms(gt, ch_first[:n_chunks], ch_last[:n_chunks], ch_done[:n_chunks],
+    chunk_ms = chunk_latency_ms(gt, ch_rec[:n_chunks, 0], ch_rec[:n_chunks, 1], ch_rec[:n_chunks, 2],
                                 t_from=t_start + WARMUP_S)
     res = evaluate(gt, detections, blanks, mode=mode, delay_s=delay_ms * 1e-3, t_eval=(t_start + WARMUP_S, t_end - 0.05))
     res.update({"mode": mode, "duration_s": float(t_end - t_start), "channels": n_channels,
@@ -290,7 +290,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
                 "controller_spike_to_submit_done_ms": stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
                 "breakdown_ms": {k: stats_ms(v) for k, v in breakdown.items()},
-                "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "warm": warm, "busy_poll": busy_poll, "lsl_time_correction_s": tc,
+                "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "warm": warm, "busy_poll": busy_poll, "pulls": n_chunks,
+                "lsl_time_correction_s": tc,
                 "chunk_to_decision_ms": stats_ms(chunk_ms * 1e-3),
                 "telemetry_publish_ms": None if telemetry is None else stats_ms(pub_s[:n_pub]),
                 "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,

@@ -19,6 +19,7 @@ from controller.bench.peers.harness import PEER_STAGES, match, ratio_ci_table, r
 from controller.bench.peers.pylsl_floor import rising_edges
 from controller.bench.report import markdown
 from controller.bench.suite import SPIKE_STAGES, run_suite, strip_raw
+from controller.bench_ads import WARMUP_S
 
 KEYS = ("p50", "p90", "p99", "p999", "max")
 
@@ -66,6 +67,10 @@ def test_quick_suite_writes_wellformed_json(quick_run):
         assert list(sp["stages_ms"]) == [*SPIKE_STAGES, "push_to_decision_every_chunk"]
         assert sp["stages_ms"]["governor_and_framing"]["n"] > 0 and sp["commands"] > 0
         assert sp["busy_poll"] is busy
+        # Every 1 ms block after the warm-up counts once, however many pulls it came in (a busy-polled
+        # pull can return part of a block).
+        blocks = (sp["duration_s"] - WARMUP_S) * 1000
+        assert 0.95 * blocks <= sp["stages_ms"]["push_to_decision_every_chunk"]["n"] <= blocks + 1
     sz = doc["scenarios"]["seizure_loop"]
     if not sz.get("skipped"):
         assert set(sz["stages_ms"]) >= {"lsl_transport", "ring_write", "ring_to_loop", "features", "inference",
