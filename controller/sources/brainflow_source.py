@@ -15,6 +15,7 @@ without any loss (3 s at 250 Hz, p99.9 = 2.2 periods), hence ``gap_factor=2.5``.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -131,7 +132,7 @@ class BrainFlowSource(Source):
                 if self.busy_poll:
                     give_up = time.monotonic() + self.wait_s
                     while board.get_board_data_count() == 0 and time.monotonic() < give_up:
-                        pass
+                        os.sched_yield()   # as LslSource's busy poll: other runnable tasks go first
                 else:
                     time.sleep(self.wait_s)  # BrainFlow has no blocking read: a short sleep
             data = board.get_board_data()  # (rows, n) float64, removed from BrainFlow's buffer

@@ -10,7 +10,8 @@ full chunk or the 10 ms timeout), rising-edge threshold on one channel
 once the inlet is open, streams for ``--duration`` s, prints ``done <n>``.
 
 ``--busy-poll`` (peer ``pylsl_floor_busy_poll``): ``pull_chunk(timeout=0.0)``
-in a loop that never sleeps — the floor for ``LslSource(busy_poll=True)``.
+in a loop that never sleeps, ``sched_yield`` when empty — the floor for
+``LslSource(busy_poll=True)``.
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     while clock() < t_end:
         _, ts = inlet.pull_chunk(max_samples=buf.shape[0], dest_obj=buf, **wait)
         n = len(ts)
+        if not n and a.busy_poll:
+            os.sched_yield()   # as LslSource's busy poll does: other runnable tasks on this core go first
         if n:
             k, above = rising_edges(buf[:n, a.channel], a.threshold, above)
             if k:
