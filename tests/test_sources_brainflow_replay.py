@@ -44,6 +44,32 @@ def test_brainflow_synthetic_board_reads_into_ring(busy_poll):
         ring.unlink()
 
 
+@pytest.mark.realtime
+def test_a_closed_board_object_dying_late_does_not_end_a_newer_session():
+    """BoardShim.__del__ releases whatever session has its board id and params; a closed source's
+    board object collected during a newer source's session (same board) must not release it."""
+    import gc
+    old = build_source({"kind": "brainflow", "board_id": -1, "params": {}})
+    old.open()
+    stale = old._board   # held, as BrainFlow's kept frames hold it, until after the next open
+    old.close()
+    new = build_source({"kind": "brainflow", "board_id": -1, "params": {}, "busy_poll": True})
+    info = new.open()
+    ring = SharedRing.create(None, info.n_channels, 2048, info.fs_hz)
+    try:
+        del stale
+        gc.collect()
+        t_end = time.monotonic() + 0.3
+        n = 0
+        while time.monotonic() < t_end:
+            n += new.read_into(ring)
+        assert n > 0 and new._board.is_prepared()
+    finally:
+        new.close()
+        ring.close()
+        ring.unlink()
+
+
 def test_brainflow_bad_arguments():
     with pytest.raises(ValueError, match="not BrainFlowInputParams fields"):
         BrainFlowSource(-1, {"serial_prt": "/dev/x"})

@@ -35,6 +35,9 @@ _CHANNEL_GETTERS = {
 }
 
 
+_NO_BOARD_ID = -987_654   # no BrainFlow board has this id (see close())
+
+
 class BrainFlowSource(Source):
     """Reads a BrainFlow board with ``get_board_data`` on every read.
 
@@ -171,3 +174,9 @@ class BrainFlowSource(Source):
             board.release_session()
         except BrainFlowError:
             pass
+        # BoardShim.__del__ releases the session of its (board id, params), whichever object opened
+        # it. BrainFlow's first call keeps its callers' frames alive until a garbage collection, so a
+        # closed board object can die later, in the middle of a newer source's session on the same
+        # board: it released that session (seen as BOARD_NOT_CREATED a few reads after opening).
+        # A released object points at no board, so its __del__ finds nothing to release.
+        board.board_id = _NO_BOARD_ID
