@@ -154,44 +154,6 @@ class CpuMeter:
         return out
 
 
-def machine_cpu_ticks() -> list[int] | None:
-    """The whole machine's CPU time so far, in ticks: ``/proc/stat``'s ``cpu`` line (user, nice,
-    system, idle, iowait, irq, softirq, steal); None where there is no ``/proc/stat``."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    return [int(x) for x in fields[1:9]] if fields and fields[0] == "cpu" else None
-
-
-class MachineMeter:
-    """The whole machine over an interval: ``start()``, then ``stop() -> {"busy_percent", "steal_percent"}``.
-
-    Both in % of all cores. Steal is time the hypervisor ran something else while this VM
-    wanted the CPU: a noisy run with high steal was disturbed from outside, not by us.
-    """
-
-    def __init__(self):
-        self._t0: list[int] | None = None
-
-    def start(self) -> "MachineMeter":
-        self._t0 = machine_cpu_ticks()
-        return self
-
-    def stop(self) -> dict:
-        t1 = machine_cpu_ticks()
-        if self._t0 is None or t1 is None:
-            return {"busy_percent": None, "steal_percent": None}
-        d = [b - a for a, b in zip(self._t0, t1)]
-        total = sum(d)
-        if total <= 0:
-            return {"busy_percent": None, "steal_percent": None}
-        idle, iowait, steal = d[3], d[4], d[7]
-        return {"busy_percent": round(100.0 * (total - idle - iowait - steal) / total, 1),
-                "steal_percent": round(100.0 * steal / total, 2)}
-
-
 def check_duration(name: str, value: float, lo: float = 0.5, hi: float = 3600.0) -> float:
     """``value`` as float if ``lo <= value <= hi``; else ValueError naming ``name``."""
     v = float(value)

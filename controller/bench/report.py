@@ -100,7 +100,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {name} | {stage} | " + " | ".join(_row(st)) + " |")
     lines.append("")
     for name, sc in doc.get("scenarios", {}).items():
-        extra = {k: sc.get(k) for k in ("dropped_samples", "deadline_misses", "cpu_percent", "machine_cpu", "commands",
+        extra = {k: sc.get(k) for k in ("dropped_samples", "deadline_misses", "cpu_percent", "commands",
                                        "skipped", "error") if k in sc}
         lines.append(f"- **{name}**: " + ", ".join(f"{k} = {v}" for k, v in extra.items()))
     tp = doc.get("throughput") or {}
@@ -121,8 +121,7 @@ def markdown(doc: dict) -> str:
             lines += [f"Stream: {ps['fs_hz']:g} Hz × {ps['n_channels']} ch, {ps['chunk_n']} sample(s) per push, "
                       f"pulses at ~{ps['pulse_rate_hz']:g} Hz; output = one byte on a pty (stimloop: a TRIGGER "
                       f"frame to the emulator), stamped on the LSL clock on arrival; "
-                      f"{ps.get('rounds', 1)} round(s), peers in rotated order each round, figures pooled; "
-                      f"whole machine meanwhile: {ps.get('machine_cpu')}.", ""]
+                      f"{ps.get('rounds', 1)} round(s), peers in rotated order each round, figures pooled.", ""]
         lines += ["| peer | " + " | ".join(_HEAD) + " | detected | missed | CPU % |", "|---|" + "---:|" * (len(_HEAD) + 3)]
         for name, r in peers.items():
             if not isinstance(r, dict) or "end_to_end_ms" not in r:

@@ -16,7 +16,7 @@ import tempfile
 import time
 import traceback
 
-from controller.bench.common import CpuMeter, MachineMeter, check_duration, machine_info, stats_ms
+from controller.bench.common import CpuMeter, check_duration, machine_info, stats_ms
 
 SCENARIOS = ("spike_triggered", "spike_triggered_busy_poll", "seizure_loop", "throughput")
 # The spike path per command: LSL push → pull, detector + ADS policy, governor + framing, write → device receipt.
@@ -94,7 +94,6 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
     for name in scenarios:
         say(f"[bold]{name}[/] ({duration_s:g} s) …")
         t0 = time.monotonic()
-        machine = MachineMeter().start()
         try:
             if name in ("spike_triggered", "spike_triggered_busy_poll"):
                 out["scenarios"][name] = run_spike_triggered(duration_s, busy_poll=name.endswith("busy_poll"))
@@ -117,17 +116,15 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
             out["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}",
                                       "traceback": traceback.format_exc(limit=5)}
         out["scenarios"][name]["wall_s"] = round(time.monotonic() - t0, 1)
-        out["scenarios"][name]["machine_cpu"] = machine.stop()
     if "throughput" not in scenarios:
         out["throughput"] = {"max_channels_at_30khz": None, "note": "throughput scenario not run"}
     if peers:
         names = peer_names or (("stimloop", "stimloop_busy_poll", "pylsl_floor") if quick else PEERS)
         say(f"[bold]peers[/] {', '.join(names)} ({duration_s:g} s each) …")
-        machine = MachineMeter().start()
         try:
             pr = run_peers(duration_s, names)   # rounds_for(duration_s): ~5 s rounds, at least 3
             out["peers"] = pr["peers"]
-            out["peer_stream"] = {**pr["stream"], "machine_cpu": machine.stop()}
+            out["peer_stream"] = pr["stream"]
             out["peer_ratios"] = pr["ratios"]
             out["peer_ratio_ci95"] = pr["ratio_ci95"]
         except Exception as exc:
