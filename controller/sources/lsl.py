@@ -72,7 +72,7 @@ class LslSource(Source):
       no hidden lag builds up (REFERENCE.md §1: pylsl's default is 360 s);
     - ``busy_poll``: wait for the first sample by polling the inlet without
       sleeping instead of blocking in liblsl. It saves the thread's wake-up
-      (p50 ~70 µs, p99 ~0.2 ms less on the 2-core VM of docs/performance.md,
+      (0.02–0.1 ms at p50, 0.1–0.3 ms at p99 in the runs of docs/performance.md,
       "Busy polling") and costs a whole CPU core while it waits: for a machine
       with a core to spare;
     - timestamp steps above ``gap_factor / fs`` are reported as ``DROPPED`` events;
