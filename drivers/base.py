@@ -4,6 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from drivers import protocol as P
 from drivers.params import DeviceCapabilities, StimParams
 
 
@@ -21,6 +22,11 @@ class TriggerTooLate(StimulatorError):
     Nothing was delivered and nothing else changed on the device: a missed
     deadline, not a broken device (drivers/PROTOCOL.md §6).
     """
+
+
+def nack_error(code: int) -> type[StimulatorError]:
+    """The exception a driver raises for a NACK with error ``code``: ``TriggerTooLate`` or ``StimulatorError``."""
+    return TriggerTooLate if code == P.ErrorCode.TOO_LATE else StimulatorError
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ import pylsl
 import serial
 
 from drivers import protocol as P
-from drivers.base import CommandReceipt, DeviceTimeout, Stimulator, StimulatorError, TriggerTooLate
+from drivers.base import CommandReceipt, DeviceTimeout, Stimulator, StimulatorError, nack_error
 from drivers.params import DeviceCapabilities, StimParams
 
 
@@ -212,8 +212,7 @@ class SerialStimulator(Stimulator):
                 if reply.msg_type == P.MsgType.NACK:
                     _, code, detail, dev_t = P.decode_nack(reply.payload)
                     self.last_receipt_device_t = dev_t
-                    error = TriggerTooLate if code == P.ErrorCode.TOO_LATE else StimulatorError
-                    raise error(
+                    raise nack_error(code)(
                         f"device refused {msg_type.name} seq {seq}: {P.error_name(code)} "
                         f"({P.ERROR_TEXT.get(code, 'unknown error')}){_detail_text(msg_type, code, detail)}")
                 _, dev_t, _ = P.decode_ack(reply.payload)

@@ -16,7 +16,7 @@ import math
 from typing import Callable
 
 from drivers import protocol as P
-from drivers.base import CommandReceipt, DeviceTimeout, Stimulator, StimulatorError, TriggerTooLate
+from drivers.base import CommandReceipt, DeviceTimeout, Stimulator, StimulatorError, nack_error
 from drivers.params import DeviceCapabilities, StimParams, Waveform
 
 SIMULATED_CAPABILITIES = DeviceCapabilities(
@@ -168,8 +168,7 @@ class SimulatedStimulator(Stimulator):
         return CommandReceipt(seq=seq, sent_t=now, acked_t=now)
 
     def _nack(self, what: str, seq: int, code: P.ErrorCode, msg: str) -> None:
-        error = TriggerTooLate if code == P.ErrorCode.TOO_LATE else StimulatorError
-        raise error(f"device refused {what} seq {seq}: {code.name} ({P.ERROR_TEXT[code]}): {msg}")
+        raise nack_error(code)(f"device refused {what} seq {seq}: {code.name} ({P.ERROR_TEXT[code]}): {msg}")
 
     def _refuse_if(self, bad, what: str, seq: int) -> None:
         if bad is not None:
