@@ -30,6 +30,7 @@ class WakeupReader:
     def __init__(self, path: str | Path):
         # O_RDWR keeps the pipe open even while no writer is connected (no EOF spin).
         self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        self.path = Path(path)
 
     def wait(self, timeout_s: float) -> bool:
         """Block until woken or ``timeout_s``; drain the pipe. True if woken."""
@@ -44,9 +45,15 @@ class WakeupReader:
         return True
 
     def close(self) -> None:
+        """Close and remove the pipe's name.
+
+        The runner removes it too, but a runner that was killed cannot; the loop
+        process outlives it (it stops when it sees its parent gone) and so cleans up.
+        """
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            self.path.unlink(missing_ok=True)
 
 
 class WakeupWriter:
