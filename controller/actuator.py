@@ -6,6 +6,10 @@ private slot and no public attribute or method returns it, so the rest of the
 controller cannot reach the device without passing the governor. Any driver
 exception, or a receipt with ``ok=False``, is a fault: ``driver.stop()`` (best
 effort), the governor latches, and ``FAULT`` + ``SAFE_STATE`` events are returned.
+So is an exception out of the governor itself, and a device that reports stopping
+on its own (its watchdog, ``Stimulator.drain_device_events``). Events of a fault
+found where no events can be returned (``poll``, which re-raises) are returned by
+the next call that returns events.
 One exception is not a fault: the device refusing a scheduled trigger because
 its time had passed (``TriggerTooLate``) is a missed deadline, reported as a
 ``REFUSAL`` with rule ``too_late`` like the loop's own late requests.
@@ -20,6 +24,7 @@ from typing import Any, Callable
 
 from controller.events import Event, EventKind
 from controller.safety.governor import Decision, Dose, SafetyGovernor, StimRequest, conservative_charge_uc
+from drivers import protocol as P
 from drivers.base import CommandReceipt, Stimulator, StimulatorError, TriggerTooLate
 from drivers.params import DeviceCapabilities, StimParams
 
@@ -44,7 +49,7 @@ class Actuator:
     """
 
     __slots__ = ("_governor", "__driver", "_clock", "_source", "_configured", "_closed", "_warm_params",
-                 "_warm_gov", "_warm_t", "_warm_n", "_warm_next", "warm_period_s")
+                 "_warm_gov", "_warm_t", "_warm_n", "_warm_next", "warm_period_s", "_pending_events")
 
     def __init__(self, governor: SafetyGovernor, driver: Stimulator, clock: Callable[[], float],
                  source: str = "actuator") -> None:
@@ -71,6 +76,7 @@ class Actuator:
         self._warm_n = 0
         self._warm_next = -math.inf
         self.warm_period_s = WARM_PERIOD_S
+        self._pending_events: list[Event] = []  # from a fault in poll(), which can only raise
 
     # ---- read-only views (none of them leads to the driver) ------------------------------
     @property
@@ -113,9 +119,11 @@ class Actuator:
         if self._closed:
             return []
         now = self._clock()
+        events = self._take_pending()
         # A normal close is not a fault: keep the stop and the latch, drop the governor's FAULT event.
-        events = [e for e in self._enter_safe_state("actuator closed", now, emergency=True)
-                  if e.kind is not EventKind.FAULT]
+        events += [e for e in self._enter_safe_state("actuator closed", now, emergency=True)
+                   if e.kind is not EventKind.FAULT]
+        events += self._device_events(now)  # latched by now: reported only
         self._closed = True
         try:
             self.__driver.close()
@@ -134,8 +142,18 @@ class Actuator:
     def submit(self, request: StimRequest) -> list[Event]:
         """Check ``request`` with the governor and, if allowed, configure (if changed) and trigger."""
         now = self._clock()
-        decision: Decision = self._governor.step(request, now)
-        events = list(decision.events)
+        # A device that already stopped on its own latches first: this request is then refused.
+        events = self._take_pending() + self._device_events(now)
+        try:
+            decision: Decision = self._governor.step(request, now)
+        except BaseException as exc:
+            # step() refuses rather than raises; if it still raises, nothing was sent, but the
+            # governor can no longer be trusted to have said no to anything: stop and latch.
+            events += self._enter_safe_state(f"governor error during submit: {_describe(exc)}", now)
+            if not isinstance(exc, Exception):
+                raise
+            return events
+        events += decision.events
         params = decision.params
         if params is None:
             return events
@@ -157,12 +175,12 @@ class Actuator:
             events.append(Event(now, EventKind.REFUSAL, self._source, {
                 "rule": "too_late", "request_source": request.source, "at": at,
                 "reason": f"the device refused the trigger, its time had passed: {exc}"}))
-            return events
+            return events + self._device_events(now)
         except BaseException as exc:
             events += self._enter_safe_state(f"driver error during submit: {_describe(exc)}", now)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt and friends: device stopped, then let them through
-            return events
+            return events + self._device_events(now)
         self._warm_params = params
         meta = request.meta if isinstance(request.meta, dict) else {}
         events.append(Event(now, EventKind.COMMAND, self._source, {
@@ -173,7 +191,8 @@ class Actuator:
             "burst_charge_uc": conservative_charge_uc(params),
             **{k: v for k, v in meta.items() if k != "window_end_t"},  # stage times for metrics.json
         }))
-        return events
+        # A trip the device reported on this very exchange: the burst just sent is stopped again.
+        return events + self._device_events(now)
 
     def warm(self, params: StimParams | None = None) -> None:
         """Rehearse the command path so the next real command finds it in the CPU caches.
@@ -215,14 +234,18 @@ class Actuator:
     def heartbeat(self) -> list[Event]:
         """Heartbeat the device (its watchdog) and, when it answers, the governor."""
         now = self._clock()
+        events = self._take_pending()
         try:
             _checked(self.__driver.heartbeat(), "heartbeat")
         except Exception as exc:
-            if self._governor.latched is not None:
-                return []  # already off and reported: a device that stays silent is not news every beat
-            return self._enter_safe_state(f"driver error during heartbeat: {_describe(exc)}", now)
+            if self._governor.latched is None:
+                # Latched as a driver error before any device event is looked at: that reason
+                # decides what the runner does next (reconnect).
+                events += self._enter_safe_state(f"driver error during heartbeat: {_describe(exc)}", now)
+            # else: already off and reported; a device that stays silent is not news every beat
+            return events + self._device_events(now)
         self._governor.heartbeat_ok(now)
-        return []
+        return events + self._device_events(now)
 
     def poll(self) -> list[tuple[float, StimParams]]:
         """Let drivers with a ``poll()`` (simulated time) deliver scheduled bursts; returns deliveries."""
@@ -232,24 +255,27 @@ class Actuator:
         try:
             return poll()
         except Exception as exc:
-            self._enter_safe_state(f"driver error during poll: {_describe(exc)}", self._clock())
+            # poll() returns deliveries, not events, and re-raises: its FAULT and SAFE_STATE events
+            # wait for the next call that returns events (the runners' close() in their finally).
+            self._pending_events += self._enter_safe_state(f"driver error during poll: {_describe(exc)}",
+                                                           self._clock())
             raise
 
     def set_impedance(self, ohm: float) -> list[Event]:
         """Report an impedance reading; outside the window the device is stopped at once."""
         now = self._clock()
-        events = self._governor.set_impedance(ohm, now)
+        events = self._take_pending() + self._governor.set_impedance(ohm, now)
         if not self._governor.impedance_ok():
             events += self._stop(f"impedance_ohm={ohm!r} outside the window", now)
         return events
 
     def fault(self, reason: str) -> list[Event]:
         """A fault found elsewhere (deadline miss, lost stream, ...): stop and latch until ``reset``."""
-        return self._enter_safe_state(str(reason), self._clock())
+        return self._take_pending() + self._enter_safe_state(str(reason), self._clock())
 
     def safe_state(self, reason: str = "operator") -> list[Event]:
         """Emergency stop: stimulation off now, governor latched until ``reset``."""
-        return self._enter_safe_state(str(reason), self._clock(), emergency=True)
+        return self._take_pending() + self._enter_safe_state(str(reason), self._clock(), emergency=True)
 
     def reconnect(self) -> list[Event]:
         """After a driver fault (device unplugged, port gone): close and reopen the device.
@@ -261,6 +287,7 @@ class Actuator:
         if self._closed:
             raise RuntimeError("actuator is closed; build a new one to stimulate again")
         now = self._clock()
+        events = self._take_pending()
         try:
             self.__driver.close()
         except Exception:
@@ -268,20 +295,23 @@ class Actuator:
         try:
             self.__driver.open()
         except Exception:
-            return []
+            return events
         self._configured.clear()  # the device may have restarted: send the configuration again
+        # Reported before the caller resets the latch: a watchdog trip while the link was down is
+        # part of the fault being recovered from, not a new one.
+        events += self._device_events(now)
         caps = getattr(self.__driver, "capabilities", None)
         if caps != self._governor.capabilities:
             self.__driver.close()
-            return [Event(now, EventKind.FAULT, self._source,
-                          {"what": "device_changed", "reason": "reconnected device reports other capabilities"})]
-        return [Event(now, EventKind.STATUS, self._source, {"what": "device_reconnected"})]
+            return events + [Event(now, EventKind.FAULT, self._source, {
+                "what": "device_changed", "reason": "reconnected device reports other capabilities"})]
+        return events + [Event(now, EventKind.STATUS, self._source, {"what": "device_reconnected"})]
 
     def reset(self) -> list[Event]:
         """Clear the governor's latch (not after ``close``). Dose and rate history are kept."""
         if self._closed:
             raise RuntimeError("actuator is closed; build a new one to stimulate again")
-        return self._governor.reset(self._clock())
+        return self._take_pending() + self._governor.reset(self._clock())
 
     # ---- internals ---------------------------------------------------------------------
     def _stop(self, reason: str, now: float) -> list[Event]:
@@ -298,6 +328,33 @@ class Actuator:
                 errors.append(_describe(exc))
         return [Event(now, EventKind.SAFE_STATE, self._source,
                       {"reason": reason, "stop_ok": not errors, "stop_errors": errors})]
+
+    def _take_pending(self) -> list[Event]:
+        events, self._pending_events = self._pending_events, []
+        return events
+
+    def _device_events(self, now: float) -> list[Event]:
+        """A ``FAULT`` per unsolicited device event; the safe state (latched) unless already in it."""
+        try:
+            raw = self.__driver.drain_device_events()
+        except Exception as exc:
+            if self._governor.latched is not None:
+                return []
+            return self._enter_safe_state(f"driver error reading device events: {_describe(exc)}", now)
+        if not raw:
+            return []
+        events = []
+        for code, device_t in raw:
+            if code == P.EventCode.WATCHDOG:
+                what, reason = "device_watchdog", "the device's watchdog stopped all stimulation (host silent too long)"
+            else:
+                what, reason = "device_event", f"unknown device event code {code}"
+            events.append(Event(now, EventKind.FAULT, self._source,
+                                {"what": what, "code": code, "device_t": device_t, "reason": reason}))
+        if self._governor.latched is None:
+            # The device is already off; the host must stop believing otherwise until someone resets.
+            events += self._enter_safe_state(f"{what}: {reason} at device t={device_t}", now)
+        return events
 
     def _enter_safe_state(self, reason: str, now: float, emergency: bool = False) -> list[Event]:
         stop_events = self._stop(reason, now)

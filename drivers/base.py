@@ -76,6 +76,15 @@ class Stimulator(ABC):
     def heartbeat(self) -> CommandReceipt:
         """Tell the device the controller is alive (its watchdog stops stimulation otherwise)."""
 
+    def drain_device_events(self) -> list[tuple[int, float]]:
+        """Unsolicited device events since the last call, as ``(code, device_t)``; each is returned once.
+
+        ``code`` is a ``protocol.EventCode`` (``WATCHDOG``: the device stopped all stimulation on its
+        own because the host went silent). Never does I/O: it hands over what the driver already
+        read. Default: a device that reports nothing on its own.
+        """
+        return []
+
     def warm(self, channel: int) -> None:
         """Run the TRIGGER encoding for ``channel`` without any I/O (see ``Actuator.warm``).
 

@@ -30,6 +30,8 @@ OVERHEAD = HEADER_SIZE + CRC.size      # 10 bytes around every payload
 # decoder wait for this many bytes before it gives up on it and resynchronizes.
 MAX_PAYLOAD = 192
 SEQ_MOD = 1 << 16
+# A device refuses a TRIGGER whose deliver-at time is further ahead than this (PROTOCOL.md §5.3).
+MAX_SCHEDULE_AHEAD_S = 60.0
 
 
 class MsgType(IntEnum):

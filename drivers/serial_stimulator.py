@@ -8,6 +8,7 @@ device acts once) up to ``retries`` times. No sleeps anywhere.
 from __future__ import annotations
 
 import os
+import random
 import select
 import threading
 from typing import Callable
@@ -56,9 +57,12 @@ class SerialStimulator(Stimulator):
         self.last_receipt_device_t: float | None = None
         self.device_events: list[tuple[int, float]] = []   # unsolicited EVENT frames: (code, device_t)
         self.retries_used = 0                                # resends over the driver's life
+        self._events_drained = 0                             # device_events[:n] already handed out
         self._ser: serial.Serial | None = None
         self._fd = -1
-        self._seq = 0
+        # Not 0: a host restarted against a still-powered device would resend the seqs of its previous
+        # session, which the device's dedup memory may still hold (PROTOCOL.md §4).
+        self._seq = random.SystemRandom().randrange(P.SEQ_MOD)
         self._decoder = P.FrameDecoder()
         self._lock = threading.Lock()
         self._rbuf = bytearray(4096)
@@ -111,6 +115,11 @@ class SerialStimulator(Stimulator):
         self.device_version = ver
         self.capabilities = caps
         self.device_watchdog_s = wd
+        # An EVENT read before the HELLO was answered is about the previous host (a device left
+        # powered trips its watchdog after that host went quiet), not about this session: kept in
+        # device_events, never handed out as this session's fault.
+        with self._lock:
+            self._events_drained = len(self.device_events)
 
     def _hello_until(self, deadline: float) -> P.Frame:
         """HELLO, again with a new seq after each timed-out command, until one is answered or ``deadline``."""
@@ -165,8 +174,20 @@ class SerialStimulator(Stimulator):
     def status(self) -> P.DeviceStatus:
         """Ask the device for its channel masks and counters."""
         reply, _, _ = self._transact(P.MsgType.STATUS, b"")
-        _, _, body = P.decode_ack(reply.payload)
-        return P.decode_status(body)
+        try:
+            _, _, body = P.decode_ack(reply.payload)
+            return P.decode_status(body)
+        except P.ProtocolError as e:
+            raise StimulatorError(f"STATUS seq {reply.seq}: malformed reply from {self.port}: {e}") from e
+
+    def drain_device_events(self) -> list[tuple[int, float]]:
+        """EVENT frames read since the last call (``device_events`` keeps them all)."""
+        if len(self.device_events) == self._events_drained:
+            return []   # the usual case, on the command path: no lock taken
+        with self._lock:
+            new = self.device_events[self._events_drained:]
+            self._events_drained = len(self.device_events)
+        return new
 
     def stop(self) -> CommandReceipt | None:
         """All channels off. Never raises for device trouble and never waits longer
@@ -209,14 +230,21 @@ class SerialStimulator(Stimulator):
                 if reply is None:
                     continue
                 acked_t = self.clock()
+                # A reply with the right seq and CRC but a payload that does not decode is device
+                # trouble like any other: StimulatorError, so stop() keeps its promise not to raise.
+                try:
+                    if reply.msg_type == P.MsgType.NACK:
+                        _, code, detail, dev_t = P.decode_nack(reply.payload)
+                    else:
+                        _, dev_t, _ = P.decode_ack(reply.payload)
+                except P.ProtocolError as e:
+                    raise StimulatorError(f"{msg_type.name} seq {seq}: malformed "
+                                          f"{P.MsgType(reply.msg_type).name} from {self.port}: {e}") from e
+                self.last_receipt_device_t = dev_t
                 if reply.msg_type == P.MsgType.NACK:
-                    _, code, detail, dev_t = P.decode_nack(reply.payload)
-                    self.last_receipt_device_t = dev_t
                     raise nack_error(code)(
                         f"device refused {msg_type.name} seq {seq}: {P.error_name(code)} "
                         f"({P.ERROR_TEXT.get(code, 'unknown error')}){_detail_text(msg_type, code, detail)}")
-                _, dev_t, _ = P.decode_ack(reply.payload)
-                self.last_receipt_device_t = dev_t
                 return reply, first_sent_t, acked_t
             raise DeviceTimeout(f"{msg_type.name} seq {seq}: no reply from {self.port} within "
                                 f"{self.timeout_s} s after {n_retries + 1} attempts")

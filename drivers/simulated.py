@@ -48,6 +48,7 @@ class SimulatedStimulator(Stimulator):
         self.watchdog_s = watchdog_s
         self.delivered: list[tuple[float, StimParams]] = []
         self.watchdog_trips: list[float] = []
+        self._trips_drained = 0
         self.last_receipt_device_t: float | None = None
         self._configs: dict[int, StimParams] = {}
         self._active_until: dict[int, float] = {}
@@ -100,6 +101,12 @@ class SimulatedStimulator(Stimulator):
             self.watchdog_trips.append(trip_t)
             self._last_cmd_t = None
         return self._deliver_due(now)
+
+    def drain_device_events(self) -> list[tuple[int, float]]:
+        """Watchdog trips (``EventCode.WATCHDOG``, trip time) not returned before, like the device's EVENT frames."""
+        new = self.watchdog_trips[self._trips_drained:]
+        self._trips_drained = len(self.watchdog_trips)
+        return [(int(P.EventCode.WATCHDOG), t) for t in new]
 
     # ------------------------------------------------------------ commands
 

@@ -2,7 +2,8 @@
 
 It behaves as the device firmware should: validates every frame and field,
 answers ACK/NACK stamped with its receipt time on the shared clock,
-de-duplicates retried sequence numbers, delivers scheduled triggers on time
+de-duplicates retried sequence numbers (never HELLO, which starts a new host
+session from nothing: PROTOCOL.md §4), delivers scheduled triggers on time
 (sleep, then a short spin), runs the heartbeat watchdog, and records ground
 truth of what it was asked and what it delivered, so tests and benchmarks can
 compare the controller's view with the device's.
@@ -16,6 +17,7 @@ import argparse
 import errno
 import heapq
 import json
+import math
 import os
 import select
 import sys
@@ -41,7 +43,7 @@ DEFAULT_CAPABILITIES = DeviceCapabilities(
 SPIN_MARGIN_S = 0.002
 # A deliver-at time this far in the past is still delivered (late); beyond it the trigger is refused.
 LATE_TOLERANCE_S = 0.002
-MAX_SCHEDULE_AHEAD_S = 60.0
+MAX_SCHEDULE_AHEAD_S = P.MAX_SCHEDULE_AHEAD_S
 DEDUP_DEPTH = 32
 FLUSH_EVERY_S = 0.5
 
@@ -272,8 +274,12 @@ class StimulatorEmulator:
             self._watchdog_tripped = False
             key = frame.seq
             cached = self._dedup.get(key)
-            if cached is not None and cached[0] == frame.msg_type and cached[1] == frame.payload:
-                # Retried command: answer again, act once (PROTOCOL.md §8).
+            # HELLO is never a retry: a restarted host starts its seq anew and may repeat a HELLO
+            # remembered from the previous host session; answering that from memory would keep the
+            # old session's dedup entries and configurations alive (PROTOCOL.md §4).
+            if (cached is not None and frame.msg_type != P.MsgType.HELLO
+                    and cached[0] == frame.msg_type and cached[1] == frame.payload):
+                # Retried command: answer again, act once (PROTOCOL.md §4).
                 self.counters["duplicates"] += 1
                 reply = cached[2]
                 recs.append(self._record(now, frame.seq, _type_name(frame.msg_type), None, None, True, "",
@@ -320,8 +326,12 @@ class StimulatorEmulator:
                 if host_ver != P.PROTOCOL_VERSION:
                     return nack(P.ErrorCode.VERSION_MISMATCH, detail=P.PROTOCOL_VERSION,
                                 msg=f"host version {host_ver}")
+                # A new host session starts from nothing: what the previous host configured or
+                # scheduled was approved by its governor, not by this host's (PROTOCOL.md §4, §5.1).
+                stopped = self._stop_all_locked(now, "hello")
+                self._configs.clear()
                 self._handshake = True
-                return ack(P.encode_capabilities(self.capabilities, self.watchdog_s))
+                return ack(P.encode_capabilities(self.capabilities, self.watchdog_s), stopped_channels=stopped)
             if mtype not in (P.MsgType.CONFIGURE, P.MsgType.TRIGGER, P.MsgType.STOP,
                              P.MsgType.HEARTBEAT, P.MsgType.STATUS):
                 return nack(P.ErrorCode.UNKNOWN_TYPE, detail=mtype & 0xFF)
@@ -364,6 +374,11 @@ class StimulatorEmulator:
             params = self._configs.get(channel)
             if params is None:
                 return nack(P.ErrorCode.NOT_CONFIGURED, channel=channel)
+            if not math.isfinite(at) or at < 0:
+                # NaN compares false with every deadline: accepted, it would never come due and
+                # hold the channel BUSY for good.
+                return nack(P.ErrorCode.OUT_OF_RANGE, detail=1, msg=f"deliver-at {at!r} is not a finite time >= 0",
+                            channel=channel, params=params)
             if self._busy_locked(channel, now):
                 return nack(P.ErrorCode.BUSY, channel=channel, params=params)
             if at != 0.0:

@@ -10,7 +10,7 @@ from controller.bench.peers import run_peers
 @pytest.mark.timeout(90)
 def test_simulated_loopback_detects_every_artifact_after_the_command():
     r = run_simulated(n_triggers=4, interval_s=0.3)
-    assert r["simulated"] and r["triggers"] == 4 and r["refused"] == 0
+    assert r["simulated"] and r["triggers"] == 4 and r["refused"] == 0 and r["faults"] == []
     assert r["detected"] + r["missed"] == 4 and r["detected"] >= 3
     s = r["command_to_artifact_ms"]
     # The artifact sample can never precede the command; it lands within a few sample periods.

@@ -84,6 +84,10 @@ def loopback(port: Optional[str] = typer.Option(None, "--port", help="stimulator
     console.print(f"loopback {'(simulator)' if res.get('simulated') else res['port']}: channel {res['channel']}, "
                   f"threshold {res['threshold_uv']} µV, detected {res['detected']}/{res['triggers']}")
     console.print(f"command → artifact sample (ms): p50 {s['p50']}  p90 {s['p90']}  p99 {s['p99']}  max {s['max']}")
+    if res["refused"] or res["faults"]:
+        from rich.markup import escape
+        console.print(f"[red]{res['refused']} trigger(s) refused[/]" + "".join(f"\n  fault: {escape(f)}" for f in res["faults"]),
+                      highlight=False)
     if json_path is not None:
         write_json({"loopback": res}, json_path)
 

@@ -66,7 +66,12 @@ def measure(port: str, stream: str, channel: int, n_triggers: int = 20, interval
     driver = SerialStimulator(port, timeout_s=0.05, retries=2, clock=clock)
     driver.open()
     act = Actuator(SafetyGovernor(build_profile(profile, overrides), driver.capabilities), driver, clock)
-    act.heartbeat()
+    faults: list[str] = []   # a latched actuator refuses every trigger after it: say why
+
+    def beat() -> None:
+        faults.extend(e.data.get("reason", e.data.get("what", "")) for e in act.heartbeat() if e.kind is EventKind.FAULT)
+
+    beat()
 
     def pull():
         _, ts = inlet.pull_chunk(timeout=0.005, max_samples=buf.shape[0], dest_obj=buf, min_samples=1)
@@ -76,9 +81,13 @@ def measure(port: str, stream: str, channel: int, n_triggers: int = 20, interval
     try:
         base = []
         t_b = clock() + 1.0   # 1 s of baseline
+        next_hb = clock() + 0.1
         while clock() < t_b:
             x, _ = pull()
             base.append(x)
+            if clock() >= next_hb:   # longer than the device's watchdog: it would stop and latch us
+                beat()
+                next_hb = clock() + 0.1
         base = np.concatenate(base) if base else np.zeros(0)
         if base.size < 10:
             raise RuntimeError(f"stream {stream!r}: only {base.size} samples in 1 s of baseline")
@@ -86,15 +95,15 @@ def measure(port: str, stream: str, channel: int, n_triggers: int = 20, interval
         sigma = float(np.median(np.abs(base - med)) / 0.6745)
         thr = threshold_uv if threshold_uv is not None else k_sigma * max(sigma, 1e-6)
         lat, seen_after, missed, refused = [], [], 0, 0
-        next_hb = clock() + 0.1
         for i in range(n_triggers):
             t_go = clock() + (interval_s if i else 0.2)
             while clock() < t_go:   # keep the heartbeat alive and the inlet drained between triggers
                 pull()
                 if clock() >= next_hb:
-                    act.heartbeat()
+                    beat()
                     next_hb = clock() + 0.1
             evs = act.submit(StimRequest(t=clock(), source="bench.loopback", params=stim, at=None))
+            faults.extend(e.data.get("reason", e.data.get("what", "")) for e in evs if e.kind is EventKind.FAULT)
             cmd = next((e for e in evs if e.kind is EventKind.COMMAND), None)
             if cmd is None:
                 refused += 1
@@ -113,14 +122,14 @@ def measure(port: str, stream: str, channel: int, n_triggers: int = 20, interval
             else:
                 lat.append(found - sent_t)
             if clock() >= next_hb:
-                act.heartbeat()
+                beat()
                 next_hb = clock() + 0.1
     finally:
         act.close()
         inlet.close_stream()
     return {"port": port, "stream": stream, "channel": channel, "fs_hz": fs, "threshold_uv": round(thr, 3),
             "baseline_sigma_uv": round(sigma, 3), "triggers": n_triggers, "detected": len(lat), "missed": missed,
-            "refused": refused, "command_to_artifact_ms": stats_ms(lat),
+            "refused": refused, "faults": faults, "command_to_artifact_ms": stats_ms(lat),
             "command_to_detected_in_stream_ms": stats_ms(seen_after),
             "sample_period_ms": round(1e3 / fs, 4) if fs else None, "stim": stim.to_dict(), "_raw_s": {"end_to_end": lat}}
 

@@ -11,9 +11,15 @@ __all__ = ["BUILTIN_PROFILES", "MACRO_RNS", "MICRO", "TES", "Decision", "Dose", 
 
 def check_session_safety(cfg) -> SafetyProfile:
     """Start-up check of a session config: the profile obeys the safety rules, and the configured
-    stimulation fits the profile. Raises ``UnsafeProfileError`` / ``ValueError`` naming the rule.
+    stimulation is something the governor would let through. Raises ``UnsafeProfileError`` /
+    ``ValueError`` naming the rule.
 
-    Device limits are checked later, when the device is open and has told its capabilities.
+    The decision is the governor's own, on one request at the start of an empty session: what it
+    refuses here it refuses on every request at run time (a session that starts and never
+    stimulates), while what it only clamps (amplitude above the profile cap but below the hard
+    max, pulse width above the maximum, charge per phase / density / Shannon, burst length, each
+    as ``on_violation`` says) is fine. Device limits are checked later, when the device is open and
+    has told its capabilities; the impedance is the one measured beforehand (``device.impedance_ohm``).
     """
     from dataclasses import replace as _replace
 
@@ -29,11 +35,29 @@ def check_session_safety(cfg) -> SafetyProfile:
     # A device that can do anything: only the profile's own rules speak here.
     any_device = DeviceCapabilities(n_channels=256, waveforms=tuple(Waveform), max_amplitude_ua=1e9,
                                     min_pulse_width_us=0.0, max_pulse_width_us=1e9, max_frequency_hz=1e9)
-    problems = check_params(profile, any_device, stim)
-    # Amplitude, pulse width, charge and burst length are clamped (reduced) at run time; the rest is refused.
-    hard = [p for p in problems if any(k in p for k in ("waveform", "balanced", "frequency"))]
-    if hard:
+    impedance_ohm = getattr(getattr(cfg, "device", None), "impedance_ohm", None)
+    if profile.require_impedance_check and impedance_ohm is None:
+        raise UnsafeProfileError("device.impedance_ohm", None,
+                                 f"profile {profile.name} refuses all stimulation until an electrode impedance "
+                                 f"in {profile.impedance_min_ohm:g}..{profile.impedance_max_ohm:g} Ω is known: "
+                                 "set device.impedance_ohm to the value measured before the session")
+    governor = SafetyGovernor(profile, any_device, source="start-up check")
+    governor.heartbeat_ok(0.0)
+    if impedance_ohm is not None:
+        governor.set_impedance(impedance_ohm, 0.0)
+        if not governor.impedance_ok():
+            raise UnsafeProfileError("device.impedance_ohm", impedance_ohm,
+                                     f"outside the impedance window {profile.impedance_min_ohm:g}.."
+                                     f"{profile.impedance_max_ohm:g} Ω of profile {profile.name}: "
+                                     "every request would be refused")
+    decision = governor.step(StimRequest(t=0.0, source="start-up check", params=stim), 0.0)
+    if not decision.allowed:
+        rule = decision.events[-1].data.get("rule")
         summary = (f"{stim.waveform}, {stim.amplitude_ua:g} µA, {stim.pulse_width_us:g} µs, "
                    f"{stim.frequency_hz:g} Hz")
-        raise UnsafeProfileError("policy.stim", summary, "; ".join(hard) + f" (profile {profile.name})")
+        problems = check_params(profile, any_device, stim)
+        also = f"; every problem with these settings: {'; '.join(problems)}" if problems else ""
+        raise UnsafeProfileError("policy.stim", summary,
+                                 f"the governor would refuse every request ({rule}: "
+                                 f"{decision.events[-1].data.get('reason')}){also} (profile {profile.name})")
     return profile

@@ -36,6 +36,45 @@ _NUMERIC_FIELDS = ("amplitude_ua", "pulse_width_us", "interphase_gap_us", "frequ
                    "duration_s", "ramp_s", "carrier_hz")
 
 
+def _finite_real(x: Any) -> bool:
+    """True for a real number (not a bool) that is finite *as a float*.
+
+    ``math.isfinite`` raises ``OverflowError`` on an int beyond float range (10**400), and every
+    later product or quotient would too: such a value is garbage to refuse, not a crash.
+    """
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return False
+    try:
+        return math.isfinite(x)
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
+def _show(x: Any) -> str:
+    """A short repr for refusal reasons: a 5000-digit int has no repr (ValueError) and floods logs."""
+    if isinstance(x, numbers.Integral) and not isinstance(x, bool) and not _finite_real(x):
+        return f"<int of {int(x).bit_length()} bits>"
+    try:
+        r = repr(x)
+    except Exception:
+        return f"<{type(x).__name__}>"
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _json_value(x: Any) -> Any:
+    """``x`` itself when an event can serialise it (NaN/inf become null there), else ``_show(x)``."""
+    if x is None or isinstance(x, (str, bool)):
+        return x
+    if isinstance(x, numbers.Real) and (_finite_real(x) or isinstance(x, float)):
+        return x
+    return _show(x)
+
+
+def _pulse_count(n: Any) -> bool:
+    """True for an int >= 1 that float arithmetic (n / frequency_hz, charge) can hold."""
+    return (not isinstance(n, bool) and isinstance(n, numbers.Integral) and n >= 1 and _finite_real(n))
+
+
 @dataclass(frozen=True, slots=True)
 class StimRequest:
     """A policy's request for one burst on one channel.
@@ -113,13 +152,15 @@ def check_params(profile: SafetyProfile, caps: DeviceCapabilities, params: StimP
         return ["params must be a StimParams with a Waveform"]
     for f in _NUMERIC_FIELDS:
         x = getattr(params, f)
-        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
-            v.append(f"{f}={x!r} is not a finite number")
+        if not _finite_real(x):
+            v.append(f"{f}={_show(x)} is not a finite number")
+    if params.is_pulsed and not _pulse_count(params.n_pulses):
+        v.append(f"n_pulses={_show(params.n_pulses)} must be an int >= 1")
     if v:
         return v
     ch = params.channel
     if isinstance(ch, bool) or not isinstance(ch, numbers.Integral) or not 0 <= ch < caps.n_channels:
-        v.append(f"channel={ch!r} outside 0..{caps.n_channels - 1}")
+        v.append(f"channel={_show(ch)} outside 0..{caps.n_channels - 1}")
     w = params.waveform
     if w not in profile.allowed_waveforms or w not in caps.waveforms:
         v.append(f"waveform={w} not allowed")
@@ -137,9 +178,6 @@ def check_params(profile: SafetyProfile, caps: DeviceCapabilities, params: StimP
         lo, hi = max(profile.min_pulse_width_us, caps.min_pulse_width_us), min(profile.max_pulse_width_us, caps.max_pulse_width_us)
         if not lo <= pw <= hi:
             v.append(f"pulse_width_us={pw} outside {lo}..{hi}")
-        n = params.n_pulses
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            v.append(f"n_pulses={n!r} must be an int >= 1")
         if params.interphase_gap_us < 0:
             v.append(f"interphase_gap_us={params.interphase_gap_us} < 0")
         if params.frequency_hz > 0 and 2 * pw + params.interphase_gap_us > 1e6 / params.frequency_hz:
@@ -239,11 +277,17 @@ class SafetyGovernor:
         return self._impedance_ohm
 
     def impedance_ok(self) -> bool:
-        """True when the last impedance is inside the window (or no window and no check required)."""
+        """True when the last impedance is inside the window (or no window and no check required).
+
+        A reading that was not a finite positive number is never ok, window or not (docs/safety.md rule 5).
+        """
         p = self._profile
         z = self._impedance_ohm
         if z is None:
             return not p.require_impedance_check
+        if not (math.isfinite(z) and z > 0):
+            # A failed or nonsense reading says the contact is unknown: with or without a window.
+            return False
         if p.impedance_min_ohm is None:
             return True
         return p.impedance_min_ohm <= z <= p.impedance_max_ohm
@@ -254,12 +298,12 @@ class SafetyGovernor:
         if timeout is None:
             return True
         hb = self._last_heartbeat_t
-        return hb is not None and math.isfinite(now) and now - hb <= timeout
+        return hb is not None and _finite_real(now) and now - hb <= timeout
 
     # ---- inputs ----------------------------------------------------------------------
     def heartbeat_ok(self, now: float) -> None:
         """Record that the control loop is alive at ``now`` (non-finite ``now`` is ignored: fail safe)."""
-        if isinstance(now, numbers.Real) and not isinstance(now, bool) and math.isfinite(now):
+        if _finite_real(now):
             self._last_heartbeat_t = now if self._last_heartbeat_t is None else max(self._last_heartbeat_t, now)
 
     def set_impedance(self, ohm: float, now: float) -> list[Event]:
@@ -268,10 +312,11 @@ class SafetyGovernor:
         Returns a ``FAULT`` event when the impedance is out of the window (or not
         a finite positive number, which counts as out of window), else ``STATUS``.
         """
-        ok_number = isinstance(ohm, numbers.Real) and not isinstance(ohm, bool) and math.isfinite(ohm) and ohm > 0
+        ok_number = _finite_real(ohm) and ohm > 0
         self._impedance_ohm = float(ohm) if ok_number else math.nan
         p = self._profile
-        data = {"what": "impedance", "impedance_ohm": ohm, "window_ohm": [p.impedance_min_ohm, p.impedance_max_ohm]}
+        data = {"what": "impedance", "impedance_ohm": _json_value(ohm),
+                "window_ohm": [p.impedance_min_ohm, p.impedance_max_ohm]}
         if ok_number and self.impedance_ok():
             return [Event(now, EventKind.STATUS, self._source, {**data, "in_window": True})]
         return [Event(now, EventKind.FAULT, self._source,
@@ -297,10 +342,32 @@ class SafetyGovernor:
 
     # ---- the decision ----------------------------------------------------------------
     def step(self, request: StimRequest, now: float) -> Decision:
-        """Check one request at session time ``now``; return the decision and its events."""
+        """Check one request at session time ``now``; return the decision and its events.
+
+        Never raises: garbage is refused with its rule, and an error inside the checks
+        themselves is refused with rule ``internal`` (a raise would leave the caller
+        without a decision, and the actuator's caller without the safe state).
+        """
         try:
-            if isinstance(now, bool) or not isinstance(now, numbers.Real) or not math.isfinite(now):
-                raise _Refused("invalid_time", f"now={now!r} is not a finite time")
+            return self._step(request, now)
+        except Exception as exc:
+            try:
+                reason = f"error inside the governor: {type(exc).__name__}: {exc}"[:500]
+            except Exception:
+                reason = f"error inside the governor: {type(exc).__name__}"
+            try:
+                return self._refusal(request, now, "internal", reason)
+            except Exception:
+                # Even the refusal's data could not be built from this request: the bare minimum.
+                t = now if _finite_real(now) else (self._last_now if math.isfinite(self._last_now) else 0.0)
+                ev = Event(t, EventKind.REFUSAL, self._source,
+                           {"allowed": False, "rule": "internal", "reason": reason})
+                return Decision(request, None, [ev], f"refused (internal): {reason}")
+
+    def _step(self, request: StimRequest, now: float) -> Decision:
+        try:
+            if not _finite_real(now):
+                raise _Refused("invalid_time", f"now={_show(now)} is not a finite time")
             if now < self._last_now:
                 raise _Refused("clock", f"now={now} is before the previous step ({self._last_now}): clock went backwards")
             self._last_now = now
@@ -344,14 +411,18 @@ class SafetyGovernor:
     # ---- helpers ---------------------------------------------------------------------
     def _base_data(self, request: Any) -> dict[str, Any]:
         if isinstance(request, StimRequest):
-            return {"request_source": request.source, "request_t": request.t}
+            return {"request_source": _json_value(request.source), "request_t": _json_value(request.t)}
         return {"request_source": None, "request_t": None}
 
-    def _refusal(self, request: Any, now: float, rule: str, reason: str) -> Decision:
+    def _refusal(self, request: Any, now: Any, rule: str, reason: str) -> Decision:
         data = {**self._base_data(request), "allowed": False, "rule": rule, "reason": reason}
         params = getattr(request, "params", None)
         if isinstance(params, StimParams) and isinstance(params.waveform, Waveform):
-            data["requested"] = params.to_dict()
+            data["requested"] = {k: _json_value(v) for k, v in params.to_dict().items()}
+        if not _finite_real(now):
+            # The event still needs a time a log can hold: the last good one; the bad one is in the data.
+            data["now"] = _show(now)
+            now = self._last_now if math.isfinite(self._last_now) else 0.0
         ev = Event(now, EventKind.REFUSAL, self._source, data)
         return Decision(request, None, [ev], f"refused ({rule}): {reason}")
 
@@ -365,8 +436,8 @@ class SafetyGovernor:
         at = request.at
         if at is None:
             return now
-        if isinstance(at, bool) or not isinstance(at, numbers.Real) or not math.isfinite(at):
-            raise _Refused("invalid_request", f"at={at!r} is not a finite time")
+        if not _finite_real(at):
+            raise _Refused("invalid_request", f"at={_show(at)} is not a finite time")
         if at > now + self._profile.max_schedule_ahead_s:
             raise _Refused("schedule", f"at={at} is more than max_schedule_ahead_s="
                                        f"{self._profile.max_schedule_ahead_s} after now={now}")
@@ -430,14 +501,14 @@ class SafetyGovernor:
         if not isinstance(params, StimParams):
             raise _Refused("invalid_request", f"params must be a StimParams, got {type(params).__name__}")
         if not isinstance(params.waveform, Waveform):
-            raise _Refused("invalid_request", f"waveform={params.waveform!r} is not a Waveform")
+            raise _Refused("invalid_request", f"waveform={_show(params.waveform)} is not a Waveform")
         for f in _NUMERIC_FIELDS:
             x = getattr(params, f)
-            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
-                raise _Refused("invalid_request", f"{f}={x!r} is not a finite number")
+            if not _finite_real(x):
+                raise _Refused("invalid_request", f"{f}={_show(x)} is not a finite number")
         ch = params.channel
         if isinstance(ch, bool) or not isinstance(ch, numbers.Integral) or not 0 <= ch < caps.n_channels:
-            raise _Refused("channel", f"channel={ch!r}, expected an int in 0..{caps.n_channels - 1}")
+            raise _Refused("channel", f"channel={_show(ch)}, expected an int in 0..{caps.n_channels - 1}")
         w = params.waveform
         if w not in p.allowed_waveforms:
             raise _Refused("waveform", f"waveform={w} not in profile {p.name!r} allowed_waveforms "
@@ -468,8 +539,8 @@ class SafetyGovernor:
         changes: dict[str, Any] = {}
         if params.is_pulsed:
             n = params.n_pulses
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-                raise _Refused("invalid_request", f"n_pulses={n!r}, expected an int >= 1")
+            if not _pulse_count(n):
+                raise _Refused("invalid_request", f"n_pulses={_show(n)}, expected an int >= 1 (and within float range)")
             if params.interphase_gap_us < 0:
                 raise _Refused("invalid_request", f"interphase_gap_us={params.interphase_gap_us}, expected >= 0")
             pw = float(params.pulse_width_us)

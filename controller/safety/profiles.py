@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from drivers.params import Waveform
+from drivers.protocol import MAX_SCHEDULE_AHEAD_S
 
 Kind = Literal["macro", "micro", "tes"]
 Action = Literal["clamp", "refuse"]
@@ -130,6 +131,10 @@ class SafetyProfile(BaseModel):
             v = getattr(self, f)
             if v is not None and not v > 0:
                 bad(f, "must be > 0 or None")
+        if self.max_schedule_ahead_s > MAX_SCHEDULE_AHEAD_S:
+            # The governor would book such a burst and the device then refuse it (NACK OUT_OF_RANGE): a fault.
+            bad("max_schedule_ahead_s", f"must be <= {MAX_SCHEDULE_AHEAD_S} s: devices refuse triggers further "
+                                        "ahead (drivers/PROTOCOL.md §5.3)")
         if self.max_bursts_per_min < 1:
             bad("max_bursts_per_min", "must be >= 1")
         if self.max_amplitude_ua > self.hard_max_amplitude_ua:
