@@ -139,13 +139,22 @@ class RawRecorder:
         _write_all(self._fd_t, memoryview(timestamps).cast("B"))
         self.n_written += samples.shape[0]
 
+    def n_on_disk(self) -> int:
+        """Whole records in both files now (what :func:`load_raw` returns), whatever writes failed."""
+        s_size = (self.raw_dir / SAMPLES_FILE).stat().st_size
+        t_size = (self.raw_dir / TIMESTAMPS_FILE).stat().st_size
+        return min(s_size // (4 * self.n_channels), t_size // 8)
+
     def close(self) -> None:
+        """Write what is staged and close the files; a failed write is raised, the files are closed anyway."""
         if self._fd_s is None:
             return
-        self.flush()
-        os.close(self._fd_s)
-        os.close(self._fd_t)
-        self._fd_s = self._fd_t = None
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd_s)
+            os.close(self._fd_t)
+            self._fd_s = self._fd_t = None
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -194,12 +203,21 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     is open. ``wakeup_path`` (optional): a named pipe poked after every ring
     write, so a reader can block instead of polling (``controller.wakeup``).
     ``wrap_ring(ring) -> ring-like`` (optional, picklable) wraps the ring the
-    source writes into; the latency benchmark uses it to stamp every write. Returns 0 on a clean stop; a source that cannot be opened emits a
-    ``FAULT`` event and re-raises.
+    source writes into; the latency benchmark uses it to stamp every write.
+
+    Returns 0 on a clean stop. Anything else emits a ``FAULT`` event naming the cause
+    (``source_open_failed``, ``source_read_failed``, ``recording_flush_failed`` — then
+    ``acquisition_stopped`` reports the samples really on disk —, ``acquisition_crashed``)
+    and re-raises. In a child process Ctrl-C is ignored and SIGTERM stops it (after a short
+    grace, see :func:`controller.runners.realtime.stop_on_signals`).
     """
     ensure_lsl_config()  # before any backend imports pylsl
     import pylsl
 
+    from controller.runners.realtime import stop_on_signals
+    # Ctrl-C is the runner's to order; on SIGTERM keep recording until the runner stops us after
+    # the loop (stimulation off first), or stop by ourselves if it does not within the grace.
+    stop_on_signals(stop_event, sigterm_grace_s=3.0)
     from controller.process_watch import stop_when_parent_dies
     stop_when_parent_dies(stop_event)  # a killed runner must not leave this process recording forever
 
@@ -212,6 +230,7 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     ring = None
     recorder = None
     wakeup = None
+    reported = False  # a FAULT naming the cause is already out
     try:
         ring = SharedRing.attach(ring_name)
         if wrap_ring is not None:
@@ -223,6 +242,7 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
         except Exception as exc:
             sink.emit(Event(clock(), EventKind.FAULT, "acquisition", {"what": "source_open_failed",
                                                                       "error": str(exc)}))
+            reported = True
             raise
         if raw_dir is not None:
             recorder = RawRecorder(raw_dir, info.n_channels, info.fs_hz, meta={"source": info.to_dict()},
@@ -239,7 +259,13 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
         n_nan = 0
         nan_first_t = None
         while not stop_event.is_set():
-            n = source.read_into(ring)
+            try:
+                n = source.read_into(ring)
+            except Exception as exc:  # the device read failed (BrainFlow, ...): nothing left to record
+                sink.emit(Event(clock(), EventKind.FAULT, "acquisition", {"what": "source_read_failed",
+                                                                          "error": f"{type(exc).__name__}: {exc}"}))
+                reported = True
+                raise
             if n:
                 if wakeup is not None:
                     wakeup.notify()  # first: the loop's latency, then our own bookkeeping
@@ -267,19 +293,40 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
                                     {"what": "nan_samples", "n_samples": n_nan, "first_t": nan_first_t}))
                     n_nan, nan_first_t = 0, None
                 sink.flush(mono)
+        flush_error = None
+        if recorder is not None:
+            try:
+                recorder.close()  # the last write can fail (disk full): report what is really on disk
+            except OSError as exc:
+                flush_error = exc
+                sink.emit(Event(clock(), EventKind.FAULT, "acquisition",
+                                {"what": "recording_flush_failed", "error": f"{type(exc).__name__}: {exc}",
+                                 "n_recorded": recorder.n_on_disk()}))
         sink.emit(Event(clock(), EventKind.STATUS, "acquisition",
                         {"what": "acquisition_stopped", "n_samples": ring.counter,
-                         "n_recorded": recorder.n_written + recorder._k if recorder else 0}))
+                         "n_recorded": recorder.n_on_disk() if recorder else 0}))
+        if flush_error is not None:
+            reported = True
+            raise flush_error  # samples were lost: not a clean stop
         return 0
+    except Exception as exc:
+        if not reported:  # e.g. a recording write failing mid-session
+            sink.emit(Event(clock(), EventKind.FAULT, "acquisition", {"what": "acquisition_crashed",
+                                                                      "error": f"{type(exc).__name__}: {exc}"}))
+        raise
     finally:
-        for closer in (source.close if source else None, recorder.close if recorder else None,
-                       wakeup.close if wakeup else None,
-                       ring.close if ring else None, sink.close):
+        for what, closer in (("source", source.close if source else None),
+                             ("recorder", recorder.close if recorder else None),
+                             ("wakeup", wakeup.close if wakeup else None),
+                             ("ring", ring.close if ring else None)):
             if closer is not None:
                 try:
                     closer()
-                except Exception:
-                    pass  # shutting down: every resource gets its chance to close
+                except Exception as exc:  # every resource still gets its chance to close
+                    sink.emit(Event(clock(), EventKind.FAULT, "acquisition",
+                                    {"what": "close_failed", "resource": what,
+                                     "error": f"{type(exc).__name__}: {exc}"}))
+        sink.close()
 
 
 def start_acquisition(source_spec: dict, ring_name: str, events_queue_or_path, raw_dir: str | Path | None = None,

@@ -7,7 +7,6 @@ end-to-end latency into stages. Any fault puts the actuator in the safe state
 """
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
@@ -57,6 +56,18 @@ def open_remote(cfg, control, session_dir: Path):
     return tele, server
 
 
+def read_chunk(reader):
+    """The reader's new samples ``-> (samples, timestamps)``, copied out of the ring.
+
+    Copied (into the reader's preallocated buffers, overwritten by the next read) so that
+    the ring's own check after the copy covers the data the loop computes on: a zero-copy
+    view could be overwritten by a writer lapping the reader while features and the model
+    run on it, unnoticed. A lapped read raises :class:`controller.ring.Overrun`.
+    """
+    res = reader.read_new(copy=True)
+    return res.samples, res.timestamps
+
+
 def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, stop_event, ready,
              wakeup_path: str | None = None, customize=None) -> None:
     """Process body; puts ``{"ok": True}`` or ``{"error": ...}`` on ``ready`` once the device is open.
@@ -65,7 +76,8 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     one) may adjust the ``SeizureLoop`` before it runs; the latency benchmark uses it to request a
     burst on every window.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orders the shutdown
+    from controller.runners.realtime import stop_on_signals
+    stop_on_signals(stop_event)  # SIGTERM: leave the loop now, stimulation off in `finally`
     from controller.process_watch import stop_when_parent_dies
     stop_when_parent_dies(stop_event)  # orphaned (runner killed): leave the loop, stimulation off in `finally`
     from controller.lsl_config import ensure_lsl_config
@@ -83,6 +95,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     log = EventLog(Path(session_dir) / "events.jsonl")
     ring = SharedRing.attach(ring_name)
     actuator = tele = server = wakeup = None
+    events: list = []
     if wakeup_path is not None:
         from controller.wakeup import WakeupReader
         wakeup = WakeupReader(wakeup_path)
@@ -107,39 +120,47 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
         log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "policy": loop.drive.kind, "threshold": loop.threshold,
                                                              "model_sha256": loop.predictor.sha256 if loop.predictor is not None else None}))
         decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))
-        events: list = list(events_start)
-        while not stop_event.is_set():
-            try:
-                res = reader.read_new()
-            except Overrun as exc:
-                events.append(Event(clock(), EventKind.DROPPED, "loop", {"n": exc.lost, "reason": "ring overrun"}))
-                continue
-            got = res.samples.shape[0]
-            if got:
-                events.extend(step.step(res.samples, res.timestamps))
-                if tele is not None:
-                    tele.publish_signal(res.timestamps, res.samples, ring.fs_hz, decimate=decim)
-            now = clock()
-            if server is not None:  # never waits; emergency stop acts within this iteration
-                events.extend(server.poll_once(now))
-                events.extend(control.drain())
-            events.extend(step.housekeeping())
-            if events:
-                if tele is not None:
-                    for e in events:
-                        tele.publish_event(e)
-                log.extend(events)
-                events.clear()
-            log.maybe_flush(now)
-            if not got:
-                events.extend(step.idle())
-                if wakeup is not None:
-                    wakeup.wait(0.005)  # woken by the acquisition process as soon as samples land
-                else:
-                    time.sleep(0.0005)
+        events.extend(events_start)
+        try:
+            while not stop_event.is_set():
+                try:
+                    samples, timestamps = read_chunk(reader)
+                except Overrun as exc:
+                    events.append(Event(clock(), EventKind.DROPPED, "loop", {"n": exc.lost, "reason": "ring overrun"}))
+                    continue
+                got = samples.shape[0]
+                if got:
+                    events.extend(step.step(samples, timestamps))
+                    if tele is not None:
+                        tele.publish_signal(timestamps, samples, ring.fs_hz, decimate=decim)
+                now = clock()
+                if server is not None:  # never waits; emergency stop acts within this iteration
+                    events.extend(server.poll_once(now))
+                    events.extend(control.drain())
+                events.extend(step.housekeeping())
+                if events:
+                    if tele is not None:
+                        for e in events:
+                            tele.publish_event(e)
+                    log.extend(events)
+                    events.clear()
+                log.maybe_flush(now)
+                if not got:
+                    events.extend(step.idle())
+                    if wakeup is not None:
+                        wakeup.wait(0.005)  # woken by the acquisition process as soon as samples land
+                    else:
+                        time.sleep(0.0005)
+        except Exception as exc:
+            events.append(Event(clock(), EventKind.FAULT, "loop", {"what": "loop_crashed",
+                                                                   "reason": f"{type(exc).__name__}: {exc}"}))
+            raise
     finally:
-        if actuator is not None:
-            log.extend(actuator.close())
+        # Stimulation off before anything that could fail (writing the log); the iteration's
+        # pending events are then written ahead of the close's own, keeping the log in time order.
+        closing = actuator.close() if actuator is not None else []
+        log.extend(events)
+        log.extend(closing)
         for closable in (server, tele, wakeup):
             if closable is not None:
                 closable.close()

@@ -6,7 +6,8 @@ Layout of ``sessions/<UTC timestamp>/`` (ARCHITECTURE.md "Session folder"):
 - ``session.json``         start time, command line, versions, real-time options
 - ``models.json``          sha256 of every model used
 - ``events.jsonl``         every event of every process, one JSON object a line
-- ``ground_truth.jsonl``   what the simulator knows: seizures, every command the device received
+- ``ground_truth.json``    what the simulator knows: seizures, injected faults (``push_t.f64`` beside it)
+- ``device_log.jsonl``     every frame the simulated device received
 - ``raw/``                 samples (float32) and timestamps (float64), appended as they arrive
 - ``metrics.json``, ``report.png``  rebuilt at any time by ``stimloop report``
 

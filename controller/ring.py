@@ -277,10 +277,14 @@ class ReadResult:
 class RingReader:
     """One consumer's cursor on a :class:`SharedRing` (any process, any number of them).
 
-    Reads never block and never return torn data: a read that the writer may
-    have overwritten raises :class:`Overrun` with the number of samples lost.
-    Copies go into buffers preallocated here (``max_read`` rows), which the next
-    read overwrites: copy them yourself if you keep them.
+    Reads never block. A read checks, after taking the data, that the writer has
+    not overwritten it and raises :class:`Overrun` with the number of samples
+    lost otherwise: a copy (``copy=True``, or a read across the ring's end) is
+    therefore never torn. A zero-copy view (the default where the data is
+    contiguous) is checked only up to the moment it is returned; the writer can
+    overwrite it while you use it, so call :meth:`valid` after using it, or ask
+    for a copy. Copies go into buffers preallocated here (``max_read`` rows),
+    which the next read overwrites: copy them yourself if you keep them.
     """
 
     def __init__(self, ring: SharedRing, start: str | int = "now", max_read: int | None = None):

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -150,8 +149,12 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
     spontaneous_seizures, stream, chunk_s, watchdog_s, faults (list of fault tables).
     Puts ``{"stream", "port", "pty", "t0"}`` (or ``{"error": ...}``) on ``ready``:
     ``port`` is the stable symlink to use, ``pty`` the current slave it points to.
-    Runs until ``stop_event`` is set."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent orders the shutdown
+    Runs until ``stop_event`` is set (or, in a child process, a few seconds after SIGTERM;
+    Ctrl-C is ignored there: the parent orders the shutdown)."""
+    from controller.runners.realtime import stop_on_signals
+    # SIGTERM to the whole group (systemctl/docker stop): the stimulator must outlive the loop's
+    # STOP, which the runner orders before stopping us; the grace is the fallback without it.
+    stop_on_signals(stop_event, sigterm_grace_s=6.0)
     from controller.process_watch import stop_when_parent_dies
     stop_when_parent_dies(stop_event)
     from controller.lsl_config import ensure_lsl_config

@@ -37,6 +37,51 @@ def _raise_stop(signum, frame):  # SIGTERM -> same orderly path as Ctrl-C
     raise _Stop(signal.Signals(signum).name)
 
 
+def stop_on_signals(stop_event, sigterm_grace_s: float = 0.0) -> None:
+    """In a session child process: leave Ctrl-C and SIGTERM to the ordered shutdown.
+
+    Ctrl-C reaches the whole foreground group and ``systemctl stop`` / ``docker stop``
+    SIGTERM the whole group: a child dying there would skip its own cleanup (stimulation
+    off, recording flushed, ground truth written). SIGINT is ignored (the runner orders
+    the stop); SIGTERM sets ``stop_event``, after ``sigterm_grace_s`` so that a process
+    others still need (the simulated device until the loop has sent STOP) outlives them
+    when the runner orders the stop itself in time. Only in the main thread of a child
+    process: a test calling a process body in-process keeps its own handlers.
+    """
+    import multiprocessing as mp
+    if mp.parent_process() is None or threading.current_thread() is not threading.main_thread():
+        return
+
+    def setter() -> None:
+        if sigterm_grace_s > 0:
+            time.sleep(sigterm_grace_s)
+        stop_event.set()
+
+    def on_term(signum, frame) -> None:
+        # Not stop_event.set() here: the main thread may hold the event's (non-reentrant) lock
+        # inside is_set() when the signal lands, and the handler runs on that same thread.
+        threading.Thread(target=setter, name="sigterm-stop", daemon=True).start()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def hil_spec(cfg: Config, stream: str | None = None) -> dict:
+    """Settings of the simulator process (``hil_sim.process.run_hil``) for ``cfg``.
+
+    ``stream``: the LSL name it publishes under (default ``cfg.source.stream``).
+    """
+    sim = cfg.simulator
+    return {"fs_hz": sim.fs_hz, "n_channels": sim.n_channels, "patient": sim.patient,
+            "seed": cfg.session.seed, "seizure_onsets_s": sim.seizure_onsets_s,
+            "spontaneous_seizures": sim.spontaneous_seizures,
+            "seizure_rate_per_hour": sim.seizure_rate_per_hour,
+            "stream": stream if stream is not None else cfg.source.stream,
+            "chunk_s": sim.chunk_s, "watchdog_s": cfg.device.watchdog_s,
+            "model": sim.model, "trigger_channels": list(cfg.policy.ads.trigger_channels),
+            "faults": [f.model_dump(mode="json", exclude_none=True) for f in cfg.faults]}
+
+
 def source_spec(cfg: Config, hil_stream: str | None = None) -> dict:
     s = cfg.source
     if s.kind in ("hil", "lsl"):
@@ -46,16 +91,26 @@ def source_spec(cfg: Config, hil_stream: str | None = None) -> dict:
     return {"kind": "brainflow", "board_id": s.board_id, "params": dict(s.board_params), "busy_poll": s.busy_poll}
 
 
-def stop_processes(stops: dict, procs: dict, order=("loop", "acq", "hil")) -> None:
-    """Stop the session's processes in order — the loop (stimulation off) first — terminating stragglers."""
+def stop_processes(stops: dict, procs: dict, order=("loop", "acq", "hil")) -> set[str]:
+    """Stop the session's processes in order — the loop (stimulation off) first — terminating stragglers.
+
+    Returns the names of the processes it had to terminate (or then kill), so that a -SIGTERM
+    exit code sent from here can be told from one sent from outside.
+    """
+    forced: set[str] = set()
     for name in order:
         stops[name].set()
         p = procs.get(name)
         if p is not None:
             p.join(10)
             if p.is_alive():
+                forced.add(name)
                 p.terminate()
                 p.join(2)
+            if p.is_alive():  # a child's SIGTERM handler only sets the stop event it already ignores
+                p.kill()
+                p.join(2)
+    return forced
 
 
 def wait_ready(q, proc, timeout_s: float, what: str) -> dict:
@@ -113,21 +168,20 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
     from controller.events import Event, EventKind
     from controller.low_latency import LowLatency
     qos = LowLatency(cfg.session.low_latency)   # PM QoS for the session's length (controller/low_latency.py)
+    from pylsl import local_clock
+    forced: set[str] = set()
     try:
         if qos.enabled:
-            log.append(Event(time.time(), EventKind.STATUS, "runner", {"low_latency": qos.acquire()}))
+            log.append(Event(local_clock(), EventKind.STATUS, "runner", {"low_latency": qos.acquire()}))
         stream_name, port = None, cfg.device.port
         if cfg.source.kind == "hil" or cfg.device.kind == "hil":
             from hil_sim.process import run_hil
             q = ctx.Queue()
-            sim = cfg.simulator
-            spec = {"fs_hz": sim.fs_hz, "n_channels": sim.n_channels, "patient": sim.patient,
-                    "seed": cfg.session.seed, "seizure_onsets_s": sim.seizure_onsets_s,
-                    "spontaneous_seizures": sim.spontaneous_seizures,
-            "seizure_rate_per_hour": sim.seizure_rate_per_hour, "stream": cfg.source.stream,
-                    "chunk_s": sim.chunk_s, "watchdog_s": cfg.device.watchdog_s,
-                    "model": sim.model, "trigger_channels": list(cfg.policy.ads.trigger_channels),
-                    "faults": [f.model_dump(mode="json", exclude_none=True) for f in cfg.faults]}
+            # Started only for its stimulator, the simulator must not publish under the name the
+            # user asked for: the controller would silently record the simulator instead of a
+            # missing stream, or meet two streams of that name.
+            sim_stream = None if cfg.source.kind == "hil" else f"stimloop-hil-unused-{session_dir.name}-{os.getpid()}"
+            spec = hil_spec(cfg, sim_stream)
             procs["hil"] = ctx.Process(target=run_hil, args=(spec, q, stops["hil"], str(session_dir)), name="stimloop-hil")
             procs["hil"].start()
             info = wait_ready(q, procs["hil"], 60, "simulator")
@@ -135,7 +189,8 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
                 stream_name = info["stream"]
             if cfg.device.kind == "hil":
                 port = info["port"]
-            _say(console, f"simulator: LSL stream [bold]{info['stream']}[/], stimulator on [bold]{info['port']}[/]")
+            _say(console, f"simulator: stimulator on [bold]{info['port']}[/]" if sim_stream else
+                 f"simulator: LSL stream [bold]{info['stream']}[/], stimulator on [bold]{info['port']}[/]")
         if cfg.device.kind == "serial" and not port:
             raise SessionError("device.kind = serial needs device.port (or --port PATH)")
 
@@ -174,29 +229,36 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
 
         _progress(cfg.session.duration_s, procs, console)
     except (KeyboardInterrupt, _Stop) as exc:
-        status = f"stopped by {exc or 'SIGINT'}"
+        status = f"stopped by {str(exc) or 'SIGINT'}"  # KeyboardInterrupt() carries no text
         _say(console, f"[yellow]{status}: stimulation off, then sources, then recorder[/]")
     except SessionError as exc:
         status, failure = "failed", exc
     finally:
         if in_main:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the orderly shutdown
+            # A second Ctrl-C or SIGTERM must not cut the orderly shutdown (children left running,
+            # shared memory and the wake-up FIFO leaked).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            stop_processes(stops, procs)
+            forced = stop_processes(stops, procs)
             if ring is not None:
                 ring.close()
                 ring.unlink()
             if wakeup is not None:
                 Path(wakeup).unlink(missing_ok=True)
             qos.release()
-            log.append(Event(time.time(), EventKind.STATUS, "runner", {"status": status,
-                             "exit_codes": {k: p.exitcode for k, p in procs.items()}}))
+            log.append(Event(local_clock(), EventKind.STATUS, "runner", {"status": status,
+                             "exit_codes": {k: p.exitcode for k, p in procs.items()},
+                             "forced_stop": sorted(forced)}))
             log.close()
         finally:
             if in_main:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.signal(signal.SIGTERM, old_term)
-    crashed = {k: p.exitcode for k, p in procs.items() if p.exitcode not in (0, None, -signal.SIGTERM)}
+    # -SIGTERM is a clean end only when this runner sent it (a straggler); from outside it killed
+    # the child before its cleanup.
+    crashed = {k: p.exitcode for k, p in procs.items()
+               if p.exitcode not in (0, None) and not (k in forced and p.exitcode == -signal.SIGTERM)}
     from controller.report import build_report
     build_report(session_dir)  # also after a failure: whatever was recorded is kept and shown
     if failure is not None:

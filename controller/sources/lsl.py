@@ -79,7 +79,9 @@ class LslSource(Source):
     - no data for ``stall_timeout_s`` or a ``LostError`` → ``FAULT`` event
       (``what="stream_lost"``); the source keeps looking for a stream matching
       the same predicate and resumes with a ``STATUS`` event
-      (``what="stream_recovered"``) when data flows again.
+      (``what="stream_recovered"``) when data flows again. A stream that comes
+      back with another channel count, nominal rate or channel format is refused
+      (one ``reconnect_failed`` event per stream instance): the stream stays lost.
     """
 
     event_source = "lsl"
@@ -90,6 +92,8 @@ class LslSource(Source):
                  time_correction_interval_s: float = 2.0, recover_poll_s: float = 0.1, busy_poll: bool = False):
         super().__init__()
         self.predicate = build_predicate(name, type, source_id)
+        self._wanted = " ".join(f"{label} {val!r}" for label, val in
+                                (("named", name), ("of type", type), ("with source_id", source_id)) if val)
         for label, value, lo in (("resolve_timeout_s", resolve_timeout_s, 0.0), ("wait_s", wait_s, 0.0),
                                  ("stall_timeout_s", stall_timeout_s, 0.0), ("gap_factor", gap_factor, 1.0)):
             if not (value > lo and np.isfinite(value)):
@@ -111,6 +115,8 @@ class LslSource(Source):
         self.busy_poll = busy_poll
         self._inlet: pylsl.StreamInlet | None = None
         self._uid = ""
+        self._fmt: int | None = None
+        self._refused: set[str] = set()  # uids of streams that came back unusable: refused once, not per poll
         self._resolver: pylsl.ContinuousResolver | None = None
         self._lost_since: float | None = None
         self._last_data_t = 0.0
@@ -133,8 +139,8 @@ class LslSource(Source):
             seen = pylsl.resolve_streams(0.5)
             listing = ", ".join(f"(name={s.name()!r}, type={s.type()!r}, source_id={s.source_id()!r}, "
                                 f"{s.channel_count()} ch, {s.nominal_srate():g} Hz)" for s in seen) or "none"
-            raise SourceError(f"no LSL stream matching [{self.predicate}] within {self.resolve_timeout_s:g} s; "
-                              f"streams seen: {listing}")
+            raise SourceError(f"no LSL stream {self._wanted} within {self.resolve_timeout_s:g} s "
+                              f"(source.resolve_timeout_s; predicate [{self.predicate}]); streams seen: {listing}")
         self._connect(found[0], self.resolve_timeout_s)
         return self.info
 
@@ -143,6 +149,19 @@ class LslSource(Source):
         if fmt in (pylsl.cf_string, pylsl.cf_undefined):
             raise SourceError(f"LSL stream {stream.name()!r} has a string/undefined channel format; "
                               f"expected a numeric stream")
+        if self.info is not None:
+            # The ring, the recording and the model were sized for the first stream: one that comes
+            # back different cannot be fed into them (a silently new rate would shift every window).
+            # Checked on the resolved info, before opening an inlet.
+            n_ch, fs = stream.channel_count(), float(stream.nominal_srate())
+            if n_ch != self.info.n_channels:
+                raise SourceError(f"LSL stream {stream.name()!r} came back with {n_ch} channels, "
+                                  f"expected {self.info.n_channels}")
+            if fs != self.info.fs_hz:
+                raise SourceError(f"LSL stream {stream.name()!r} came back at {fs:g} Hz, expected {self.info.fs_hz:g} Hz")
+            if fmt != self._fmt:
+                raise SourceError(f"LSL stream {stream.name()!r} came back with channel format {fmt}, "
+                                  f"expected {self._fmt}")
         inlet = pylsl.StreamInlet(stream, max_buflen=self.max_buflen_s, max_chunklen=0, recover=False)
         try:
             full = inlet.info(timeout_s)
@@ -153,10 +172,6 @@ class LslSource(Source):
             inlet.close_stream()
             raise SourceError(f"LSL stream {stream.name()!r} found but not readable: {exc}") from exc
         n_ch = full.channel_count()
-        if self.info is not None and n_ch != self.info.n_channels:
-            inlet.close_stream()
-            raise SourceError(f"LSL stream {full.name()!r} came back with {n_ch} channels, "
-                              f"expected {self.info.n_channels}")
         names, units = [], []
         ch = full.desc().child("channels").child("channel")
         for i in range(n_ch):
@@ -166,6 +181,7 @@ class LslSource(Source):
         self.info = SourceInfo(name=full.name(), type=full.type(), source_id=full.source_id(), n_channels=n_ch,
                                channel_names=tuple(names), units=tuple(units), fs_hz=float(full.nominal_srate()))
         self._inlet = inlet
+        self._fmt = fmt
         self._uid = full.uid()
         self._buf = np.empty((self.chunk, n_ch), dtype=inlet.np_dtype)
         self._buf32 = self._buf if self._buf.dtype == np.float32 else np.empty((self.chunk, n_ch), np.float32)
@@ -194,11 +210,13 @@ class LslSource(Source):
             return
         self._next_poll_t = now + self.recover_poll_s
         for stream in self._resolver.results():
-            if stream.uid() != self._uid:  # a new outlet instance (the old one is gone or stalled)
+            uid = stream.uid()
+            if uid != self._uid and uid not in self._refused:  # a new outlet instance (the old one is gone or stalled)
                 old = self._inlet
                 try:
                     self._connect(stream, min(self.resolve_timeout_s, 1.0), wait_time_correction=False)
                 except SourceError as exc:
+                    self._refused.add(uid)
                     self._emit(now, EventKind.STATUS, what="reconnect_failed", error=str(exc))
                     continue
                 if old is not None:
