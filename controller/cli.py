@@ -1,7 +1,8 @@
 """The ``stimloop`` command.
 
 Heavy imports (onnxruntime, pylsl, matplotlib) happen inside the commands so
-that ``stimloop --help`` and ``stimloop config ...`` stay instant.
+that ``stimloop --help`` and ``stimloop config show`` stay instant
+(``config validate`` builds the policy, which takes about a second of imports).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from controller.config import ConfigError, load_config
 
@@ -24,17 +26,72 @@ err_console = Console(stderr=True)
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    # Messages quote config sections ("[policy.adaptive]"), which rich would take for markup; soft_wrap
+    # keeps each problem on one line in logs and pipes.
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def _check_safety(cfg, origin: str) -> None:
     """Unsafe profiles and stimulation outside the profile are refused before anything starts."""
-    from controller.safety import check_session_safety
+    from pydantic import ValidationError
+
+    from controller.config import describe_errors
+    from controller.safety import SafetyProfile, check_session_safety
     try:
         check_session_safety(cfg)
-    except Exception as exc:  # UnsafeProfileError and pydantic errors name the field and the rule
+    except ValidationError as exc:  # an override the profile lacks or of the wrong type: name it in the file
+        _fail(describe_errors(exc, f"{origin}: safety", prefix=("safety", "overrides"), root=SafetyProfile,
+                              unknown_hint="the profile fields are those of SafetyProfile, "
+                                           "controller/safety/profiles.py"))
+    except Exception as exc:  # UnsafeProfileError and the other start-up refusals name the field and the rule
         _fail(f"{origin}: safety: {exc}")
+
+
+#: Sections each policy kind is built from, so that a refusal points at the settings to change.
+_POLICY_SECTIONS = {"responsive": "[policy] and [policy.stim]", "adaptive": "[policy.adaptive] and [policy.stim]",
+                    "periodic": "[policy.open_loop] and [policy.stim]",
+                    "poisson": "[policy.open_loop] and [policy.stim]",
+                    "personalized": "[policy.personalized] and [policy.stim]",
+                    "plasticity": "[policy.plasticity], [policy.stim] and the safety profile",
+                    "ads": "[policy.ads] and [policy.stim]", "random": "[policy.ads] and [policy.stim]"}
+#: Stand-in stream rate for an LSL/BrainFlow source, whose rate is known only once it is resolved: the
+#: config's highest simulator rate, so that only the policy's own settings can fail here.
+_STAND_IN_FS_HZ = 50_000.0
+
+
+def _check_policy(cfg, origin: str) -> None:
+    """Build the configured policy as the session will (``controller.policy_drive.build_drive``), so
+    settings its constructor refuses fail here, as a config error, instead of mid-session.
+
+    The built-in simulator's stream is known from ``[simulator]``; an external stream's rate and
+    channels are checked when the session starts.
+    """
+    from controller.config import SPIKE_POLICY_KINDS
+    from controller.policy_drive import build_drive
+    kind = cfg.policy.kind
+    threshold, min_duration_s = float("nan"), 0.5
+    if kind not in SPIKE_POLICY_KINDS:  # the session reads the model's contract for every other kind
+        from controller.inference import contract_min_duration_s, read_contract
+        path = cfg.model_path()
+        if not path.is_file():
+            _fail(f"{origin}: model {path} does not exist (model.path in the config)")
+        try:
+            contract = read_contract(path)
+        except Exception as exc:  # ContractError, or protobuf's DecodeError for a file that is not ONNX
+            _fail(f"{origin}: model {path} (model.path): {exc}")
+        threshold, min_duration_s = contract.threshold, contract_min_duration_s(contract)
+    if kind == "none":
+        return
+    if cfg.source.kind == "hil":
+        fs_hz, n_channels = cfg.simulator.fs_hz, cfg.simulator.n_channels
+    else:
+        fs_hz, n_channels = _STAND_IN_FS_HZ, max(cfg.policy.ads.trigger_channels) + 1
+    try:
+        build_drive(cfg, fs_hz, n_channels, threshold, min_duration_s)
+    except ValueError as exc:
+        _fail(f'{origin}: policy.kind = "{kind}" cannot be built from {_POLICY_SECTIONS.get(kind, "[policy]")}: '
+              f"{exc}")
 
 
 def _load(config: Optional[Path], overrides: dict | None = None):
@@ -46,10 +103,14 @@ def _load(config: Optional[Path], overrides: dict | None = None):
 
 @config_app.command("validate")
 def config_validate(file: Path = typer.Argument(..., help="TOML config file")):
-    """Check a config file; print every problem with its field, value and allowed range."""
+    """Check a config file: every problem with its field, value and allowed range; the safety start-up
+    check; and the policy, built as the session builds it."""
     cfg = _load(file)
     _check_safety(cfg, str(file))
-    console.print(f"[green]ok[/] {file}")
+    _check_policy(cfg, str(file))
+    later = "" if cfg.source.kind == "hil" else \
+        f" (the {cfg.source.kind} stream's rate and channels are checked when the session starts)"
+    console.print(f"[green]ok[/] {escape(str(file))}{later}", highlight=False, soft_wrap=True)
 
 
 @config_app.command("show")
@@ -87,6 +148,9 @@ def run(
     if port is not None:
         overrides.setdefault("device", {})["port"] = port
     cfg = _load(config, overrides)
+    origin = str(config or "config")
+    _check_safety(cfg, origin)
+    _check_policy(cfg, origin)
     from controller.runners.realtime import SessionError, run_session
     try:
         session_dir = run_session(cfg, console=console)
@@ -149,10 +213,8 @@ def sim(
     if cfg.simulator.model != "wendling":
         _fail(f"simulator.model={cfg.simulator.model!r}: `stimloop sim` runs the Wendling patient in simulated time; "
               "for ADS / random stimulation use `stimloop sim compare-ads` (simulated time) or `stimloop run` (real time)")
-    model = cfg.model_path()
-    if not model.is_file():
-        _fail(f"model {model} does not exist (model.path in the config)")
     _check_safety(cfg, str(config or "config"))
+    _check_policy(cfg, str(config or "config"))  # also refuses a missing or unreadable model
     with Progress(TextColumn("simulated time"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
                   console=console, transient=True) as bar:
         task = bar.add_task("sim", total=cfg.session.duration_s)
@@ -266,13 +328,10 @@ def hil(
     import multiprocessing as mp
     import time
     cfg = _load(config)
+    from controller.runners.realtime import hil_spec
     from hil_sim.process import run_hil
     sim_cfg = cfg.simulator
-    spec = {"fs_hz": sim_cfg.fs_hz, "n_channels": sim_cfg.n_channels, "patient": sim_cfg.patient,
-            "seed": cfg.session.seed, "seizure_onsets_s": sim_cfg.seizure_onsets_s,
-            "spontaneous_seizures": sim_cfg.spontaneous_seizures,
-            "seizure_rate_per_hour": sim_cfg.seizure_rate_per_hour, "stream": cfg.source.stream,
-            "chunk_s": sim_cfg.chunk_s, "watchdog_s": cfg.device.watchdog_s}
+    spec = hil_spec(cfg)  # the same simulator as `stimloop run` (model, trigger channels, [[faults]])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
@@ -380,11 +439,14 @@ def keys(dir: Path = typer.Option(Path("keys"), "--dir", help="folder for the ke
          name: str = typer.Option("client", "--name", help="key name (server, or a client's name)"),
          overwrite: bool = typer.Option(False, help="replace existing keys")):
     """Make a CURVE key pair for authenticated remote control."""
-    from controller.keys import make_keys
+    from controller.keys import KeyPairExists, make_keys
     try:
         public, secret = make_keys(dir, name, overwrite=overwrite)
-    except FileExistsError as exc:
-        _fail(f"{exc} (use --overwrite to replace)")
+    except KeyPairExists as exc:
+        _fail(f"key pair {exc.name!r} already exists in {exc.folder}; use --overwrite to replace it "
+              "(whoever holds the old key is locked out)")
+    except (ValueError, RuntimeError) as exc:  # a name that is not a file name; a libzmq without CURVE
+        _fail(str(exc))
     console.print(f"public key: {public}\nsecret key: {secret} (keep it private)")
 
 
@@ -414,20 +476,23 @@ def _mount_optional() -> None:
     app.command("evaluate")(evaluate_cmd)
     app.add_typer(bench_app, name="bench")
 
-    @bench_app.command("ads", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    # These two forward every argument, --help included, to their argparse parser: it is the one list of
+    # their options, so the help cannot fall behind it.
+    passthrough = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+    @bench_app.command("ads", context_settings=passthrough, add_help_option=False)
     def bench_ads(ctx: typer.Context):
         """Spike-triggered stimulation in real time: 30 kHz × 32 ch simulator, spike → command and delay error.
 
-        Options: --duration S, --json F, --random [--rate-hz R], --compare, --k K, --no-low-latency, --no-warm (see --help of
-        `python -m controller.bench_ads`)."""
+        Options: `stimloop bench ads --help`."""
         from controller.bench_ads import main as ads_main
         raise typer.Exit(ads_main(ctx.args))
 
-    @bench_app.command("telemetry", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @bench_app.command("telemetry", context_settings=passthrough, add_help_option=False)
     def bench_telemetry(ctx: typer.Context):
         """What telemetry costs the spike-triggered path: off vs on without and with subscribers.
 
-        Options: --duration S, --rounds N, --json F, --no-low-latency (see `python -m controller.bench_telemetry --help`)."""
+        Options: `stimloop bench telemetry --help`."""
         from controller.bench_telemetry import main as telemetry_main
         raise typer.Exit(telemetry_main(ctx.args))
 

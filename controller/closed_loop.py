@@ -19,7 +19,8 @@ import numpy as np
 from controller.config import Config
 from controller.data_quality import DataQuality
 from controller.events import Event, EventKind
-from controller.inference import DeadlineAccount, ModelContract, OnnxPredictor, SeizureDetectorStage, read_contract
+from controller.inference import (DeadlineAccount, ModelContract, OnnxPredictor, SeizureDetectorStage, contract_min_duration_s,
+                                  read_contract)
 from controller.policy_drive import PolicyDrive, build_drive
 from drivers.params import StimParams
 
@@ -63,7 +64,7 @@ class SeizureLoop:
         predictor = OnnxPredictor(path)
         thr = cfg.policy.threshold_on if cfg.policy.threshold_on is not None else contract.threshold
         return cls(stage=stage, predictor=predictor, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
-                   drive=build_drive(cfg, fs_hz, n_channels, contract.threshold, contract.min_duration_s), threshold=thr,
+                   drive=build_drive(cfg, fs_hz, n_channels, contract.threshold, contract_min_duration_s(contract)), threshold=thr,
                    fs_hz=fs_hz, n_channels=n_channels)
 
     @property

@@ -6,6 +6,7 @@ errors into one readable message per problem: field, value, allowed range.
 from __future__ import annotations
 
 import tomllib
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -89,7 +90,13 @@ class StimConfig(_Section):
 
 
 class AdaptiveConfig(_Section):
-    """aDBS-like: a biomarker sets the amplitude (REFERENCE §3, Summit RC+S defaults)."""
+    """aDBS-like: a biomarker sets the amplitude (REFERENCE §3).
+
+    The defaults here are faster than the Summit RC+S example of REFERENCE §3: ramps 500 / 1000 µA/s,
+    a decision every 1 s, 2 s blanking, where RC+S has 30 / 120 µA/s, 30 s and 15 s. At the RC+S pace
+    the default 60 s session would hold only two decisions. The RC+S values are ``AdaptivePolicy``'s
+    own defaults (``RCS_*`` in controller/policies/adaptive.py); set them here for a slow biomarker.
+    """
     biomarker: Literal["p_seizure", "band_power"] = "p_seizure"
     band_hz: tuple[float, float] = Field((8.0, 30.0), description="band of the band_power biomarker (Percept 8-30 Hz)")
     mode: Literal["single", "dual"] = "single"
@@ -277,16 +284,39 @@ class Config(_Section):
         return dump_toml(self.model_dump(mode="json"))
 
 
-def _field_range(loc: tuple) -> str:
-    """The documented range of the field at ``loc`` (e.g. "> 0, <= 120"), from its annotations."""
-    model: Any = Config
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model inside a field annotation (``X``, ``X | None``), or ``None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _field_info(loc: tuple, root: Any) -> tuple[Any, Any]:
+    """``(model that holds the last field of loc, its FieldInfo)``; ``(None, None)`` when loc leaves the models."""
+    model: Any = root
     info = None
-    for part in loc:
+    for i, part in enumerate(loc):
+        if isinstance(part, int):  # an item of a list of models (faults.2.level_uv): same model
+            if i == len(loc) - 1:
+                return None, None
+            continue
         fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return ""
+        if not fields:
+            return None, None
+        if part not in fields:
+            return (model, None) if i == len(loc) - 1 else (None, None)
         info = fields[part]
-        model = info.annotation
+        if i < len(loc) - 1:
+            model = _model_of(info.annotation)
+    return model, info
+
+
+def _field_range(loc: tuple, root: Any = None) -> str:
+    """The documented range of the field at ``loc`` (e.g. "> 0, <= 120"), from its annotations."""
+    _, info = _field_info(loc, root or Config)
     if info is None:
         return ""
     ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
@@ -294,26 +324,47 @@ def _field_range(loc: tuple) -> str:
     return ", ".join(parts)
 
 
-def _describe(err: dict) -> str:
+def _describe(err: dict, prefix: tuple = (), root: Any = None, unknown_hint: str = "") -> str:
+    """One problem as ``dotted.name = value: why (allowed range: ...)``.
+
+    ``prefix`` and ``root``: errors of a model validated on its own from part of the file
+    (the safety profile built from ``safety.overrides``), named by their full path in the file.
+    """
     loc = tuple(p for p in err["loc"] if not str(p).startswith("function-after"))
-    name = ".".join(str(p) for p in loc) or "<root>"
+    name = ".".join(str(p) for p in prefix + loc) or "<root>"
+    # pydantic's prefix for a validator's ValueError says nothing the message does not.
+    msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        return f"{name}: unknown field (check the spelling; `stimloop config show` lists the fields)"
-    if not loc:  # a rule across sections: the message names the fields; the input is the whole file
-        return str(err["msg"]).removeprefix("Value error, ")
-    text = f"{name} = {err.get('input')!r}: {err['msg']}"
-    allowed = _field_range(loc)
+        model, _ = _field_info(loc, root or Config)
+        close = get_close_matches(str(loc[-1]), list(getattr(model, "model_fields", ())), n=1) if loc else []
+        where = unknown_hint or ("docs/faults.md lists the fields of each kind" if loc[:1] == ("faults",)
+                                 else "`stimloop config show` lists the fields")
+        if close:
+            return f"{name}: unknown field, did you mean {close[0]}? ({where})"
+        return f"{name}: unknown field (check the spelling; {where})"
+    if not prefix + loc:  # a rule across sections: the message names the fields; the input is the whole file
+        return msg
+    if not loc:  # a rule across the fields of the part given: its input is all of them
+        return f"{name}: {msg}"
+    text = f"{name} = {err.get('input')!r}: {msg}"
+    allowed = _field_range(loc, root)
     if allowed:
         text += f" (allowed range: {allowed})"
     return text
+
+
+def describe_errors(exc: ValidationError, origin: str, prefix: tuple = (), root: Any = None,
+                    unknown_hint: str = "") -> str:
+    """The message of a ``ConfigError``: ``origin: N problem(s)`` then one line per problem."""
+    problems = "\n".join(f"  - {_describe(e, prefix, root, unknown_hint)}" for e in exc.errors())
+    return f"{origin}: {exc.error_count()} problem(s)\n{problems}"
 
 
 def parse_config(data: dict, origin: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
-        raise ConfigError(f"{origin}: {exc.error_count()} problem(s)\n{problems}") from None
+        raise ConfigError(describe_errors(exc, origin)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:

@@ -41,6 +41,16 @@ CONTRACT_KEY = "stimloop.contract"
 MAX_RATE_ERROR = 1e-3
 
 
+#: Seconds above threshold before a detection when a model's contract has no ``min_duration_s``
+#: (an optional extra key; the shipped seizure model carries it, models/seizure/train.py).
+DEFAULT_MIN_DURATION_S = 0.5
+
+
+def contract_min_duration_s(contract: "ModelContract") -> float:
+    """The contract's ``min_duration_s``, or ``DEFAULT_MIN_DURATION_S`` for a model that does not declare it."""
+    return float((contract.model_extra or {}).get("min_duration_s", DEFAULT_MIN_DURATION_S))
+
+
 class ContractError(ValueError):
     """The model's contract is malformed or cannot be fitted to the stream."""
 

@@ -18,11 +18,21 @@ import zmq.auth
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+class KeyPairExists(FileExistsError):
+    """``make_keys`` refused to replace a key pair; ``name`` and ``folder`` say which, so that a
+    front end can tell its own way to replace it (the CLI's ``--overwrite``)."""
+
+    def __init__(self, name: str, folder: Path) -> None:
+        super().__init__(f"key pair {name!r} already exists in {folder}; pass overwrite=True to replace it")
+        self.name, self.folder = name, folder
+
+
 def make_keys(dir: str | os.PathLike, name: str = "client", overwrite: bool = False) -> tuple[Path, Path]:
     """Create a CURVE key pair ``dir/name.key`` + ``dir/name.key_secret``.
 
     Returns ``(public_path, secret_path)``. Refuses to overwrite an existing pair
-    unless ``overwrite`` (replacing a key silently locks out whoever holds the old one).
+    unless ``overwrite`` (replacing a key silently locks out whoever holds the old one):
+    raises ``KeyPairExists``.
     """
     if not zmq.has("curve"):
         raise RuntimeError("this libzmq has no CURVE support; cannot create control keys")
@@ -32,7 +42,7 @@ def make_keys(dir: str | os.PathLike, name: str = "client", overwrite: bool = Fa
     folder.mkdir(parents=True, exist_ok=True)
     public_path, secret_path = folder / f"{name}.key", folder / f"{name}.key_secret"
     if not overwrite and (public_path.exists() or secret_path.exists()):
-        raise FileExistsError(f"key pair {name!r} already exists in {folder}; pass overwrite=True to replace it")
+        raise KeyPairExists(name, folder)
     pub, sec = zmq.auth.create_certificates(str(folder), name)
     os.chmod(sec, 0o600)
     return Path(pub), Path(sec)

@@ -157,3 +157,18 @@ def test_stage_rejects_bad_input():
         st.step(np.zeros((4, 2)), np.zeros(5))
     with pytest.raises(ContractError, match="needs 4 channels"):
         SeizureDetectorStage(_contract(n_channels=4), 256.0, 2)
+
+
+def test_a_model_without_min_duration_builds_the_session_loop_with_the_default(toy_model):
+    # min_duration_s is an optional extra contract key: a third-party model need not carry it.
+    from controller.closed_loop import SeizureLoop
+    from controller.config import load_config
+    from controller.inference import DEFAULT_MIN_DURATION_S, contract_min_duration_s
+    path, _, _ = toy_model
+    c = read_contract(path)
+    assert "min_duration_s" not in (c.model_extra or {})
+    assert contract_min_duration_s(c) == DEFAULT_MIN_DURATION_S
+    assert contract_min_duration_s(_contract(min_duration_s=2.0)) == 2.0
+    cfg = load_config(overrides={"model": {"path": str(path)}, "policy": {"kind": "responsive"}})
+    loop = SeizureLoop.from_config(cfg, fs_hz=256.0, n_channels=4)
+    assert loop.policy is not None

@@ -62,7 +62,7 @@ class OnnxDetector:
 
     def __init__(self, path: str | Path | None = None, threshold: float | None = None,
                  min_duration_s: float | None = None, refractory_s: float | None = None, chunk_s: float = 0.25):
-        from controller.inference import OnnxPredictor
+        from controller.inference import DEFAULT_MIN_DURATION_S, OnnxPredictor
 
         self.path = Path(path) if path else default_model_path()
         self.predictor = OnnxPredictor(self.path)
@@ -70,7 +70,7 @@ class OnnxDetector:
         extra = c.model_extra or {}
         self.name = c.version
         self.threshold = float(c.threshold if threshold is None else threshold)
-        self.min_duration_s = float(extra.get("min_duration_s", 0.5) if min_duration_s is None else min_duration_s)
+        self.min_duration_s = float(extra.get("min_duration_s", DEFAULT_MIN_DURATION_S) if min_duration_s is None else min_duration_s)
         self.refractory_s = float(extra.get("refractory_s", 5.0) if refractory_s is None else refractory_s)
         self.hop_s = c.hop_s
         self.chunk_s = chunk_s

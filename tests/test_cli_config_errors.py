@@ -1,0 +1,132 @@
+"""Config errors through the CLI: policies that cannot be built, safety overrides, one message format."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller.config import ConfigError, parse_config
+from controller.keys import KeyPairExists, make_keys
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "COLUMNS": "400"}
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True, text=True,
+                          env=ENV, cwd=cwd)
+
+
+def _write(tmp_path, text, name="c.toml"):
+    f = tmp_path / name
+    f.write_text(text)
+    return f
+
+
+# Configs that pass the field checks but whose policy refuses its settings when it is built.
+UNBUILDABLE = [
+    ('[policy]\nkind = "adaptive"\n[policy.adaptive]\nmode = "dual"\nthresholds = [0.5]\n',
+     '[policy.adaptive]', "thresholds=[0.5] invalid for mode='dual'"),
+    ('[policy]\nkind = "adaptive"\n[policy.adaptive]\nbiomarker = "band_power"\nband_hz = [30.0, 8.0]\n',
+     '[policy.adaptive]', "band=(30.0, 8.0) invalid"),
+    ('[safety]\nprofile = "tes"\n[device]\nimpedance_ohm = 1500.0\n[policy]\nkind = "personalized"\n'
+     '[policy.stim]\nwaveform = "sine"\namplitude_ua = 1000.0\nfrequency_hz = 10.0\nduration_s = 30.0\n'
+     'ramp_s = 10.0\n',
+     '[policy.personalized]', "period_s=15.0 invalid"),
+]
+
+
+@pytest.mark.parametrize("toml, section, why", UNBUILDABLE)
+def test_validate_builds_the_policy_and_names_its_sections(tmp_path, toml, section, why):
+    r = _cli("config", "validate", str(_write(tmp_path, toml)))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line, line                       # one line, also when the terminal is narrow
+    assert "policy.kind =" in line and section in line and why in line, line
+
+
+def test_sim_and_run_refuse_an_unbuildable_policy_before_starting(tmp_path):
+    cfg = _write(tmp_path, UNBUILDABLE[0][0])
+    out = tmp_path / "sessions"
+    for cmd in (["sim", "-c", str(cfg), "-d", "2", "--out", str(out)],
+                ["run", "-c", str(cfg), "-d", "2", "--out", str(out)]):
+        r = _cli(*cmd)
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and "thresholds=[0.5] invalid for mode='dual'" in r.stderr, r.stderr
+    assert not out.exists()                              # refused before any session folder
+
+
+def test_one_line_error_in_a_narrow_terminal(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "config", "validate",
+                        str(_write(tmp_path, UNBUILDABLE[0][0]))],
+                       capture_output=True, text=True, env={**os.environ, "COLUMNS": "60"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_external_stream_policy_is_checked_without_the_stream(tmp_path):
+    # A band far above the simulator's Nyquist is fine for an LSL source: its rate is known only at start.
+    high = '[source]\nkind = "lsl"\n[policy]\nkind = "adaptive"\n[policy.adaptive]\nbiomarker = "band_power"\n'
+    r = _cli("config", "validate", str(_write(tmp_path, high + "band_hz = [300.0, 1000.0]\n")))
+    assert r.returncode == 0, r.stderr
+    assert "lsl stream's rate and channels are checked when the session starts" in r.stdout
+    # ... but what does not depend on the stream is still refused.
+    r = _cli("config", "validate", str(_write(tmp_path, high + "band_hz = [30.0, 8.0]\n", "bad.toml")))
+    assert r.returncode == 2 and "band=(30.0, 8.0) invalid" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_validates(example):
+    r = _cli("config", "validate", str(example))
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ("max_amplitud = 2000.0", "safety.overrides.max_amplitud: unknown field, did you mean max_amplitude_ua?"),
+    ('max_amplitude_ua = "big"', "safety.overrides.max_amplitude_ua = 'big': Input should be a valid number"),
+])
+def test_bad_safety_overrides_are_named_by_their_path(tmp_path, overrides, expected):
+    r = _cli("config", "validate", str(_write(tmp_path, f"[safety]\noverrides = {{ {overrides} }}\n")))
+    assert r.returncode == 2
+    assert expected in r.stderr, r.stderr
+    assert "validation error for SafetyProfile" not in r.stderr and "errors.pydantic.dev" not in r.stderr
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"policy": {"threshold_on": 0.3, "threshold_off": 0.6}},
+     "policy = {'threshold_on': 0.3, 'threshold_off': 0.6}: threshold_off (0.6) must be <= threshold_on (0.3)"),
+    ({"faults": [{"kind": "nan_burst", "at_s": 1.0, "duration_s": 0.5},
+                 {"kind": "saturation", "at_s": 4.0, "duration_s": 1.0}]},
+     "faults.1 = {'kind': 'saturation', 'at_s': 4.0, 'duration_s': 1.0}: fault kind='saturation' at_s=4.0: "
+     "missing level_uv"),
+    ({"faults": [{"kind": "nan_burst", "at_s": 4.0, "duration_s": 1.0, "level": 3}]},
+     "faults.0.level: unknown field, did you mean level_uv? (docs/faults.md lists the fields of each kind)"),
+    ({"policy": {"stim": {"amplitud_ua": 1.0}}}, "policy.stim.amplitud_ua: unknown field, did you mean amplitude_ua?"),
+])
+def test_cross_field_errors_keep_the_format(data, expected):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert expected in str(exc.value)
+    assert "Value error" not in str(exc.value)
+
+
+def test_bench_ads_help_is_the_full_option_list():
+    r = _cli("bench", "ads", "--help")
+    assert r.returncode == 0, r.stderr
+    for option in ("--busy-poll", "--seed", "--out", "--duration", "--no-warm"):
+        assert option in r.stdout, option
+    r = _cli("bench", "telemetry", "--help")
+    assert r.returncode == 0 and "--rounds" in r.stdout and "--hwm" in r.stdout
+
+
+def test_keys_exists_message_speaks_to_each_caller(tmp_path):
+    make_keys(tmp_path, "alice")
+    with pytest.raises(KeyPairExists, match="pass overwrite=True") as exc:
+        make_keys(tmp_path, "alice")
+    assert isinstance(exc.value, FileExistsError) and exc.value.name == "alice"
+    r = _cli("keys", "--dir", str(tmp_path), "--name", "alice")
+    assert r.returncode == 2
+    assert "use --overwrite to replace it" in r.stderr and "overwrite=True" not in r.stderr, r.stderr
+    r = _cli("keys", "--dir", str(tmp_path), "--name", "../x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "key name '../x' is invalid" in r.stderr
