@@ -122,9 +122,9 @@ def compute_metrics(session_dir: Path) -> dict:
                         if e.get("what") == "detection_start"]
     seizures = truth.get("seizures", [])
     session_end = truth.get("end_t")
-    # A spiking simulator has no seizures to score.
+    # A spiking simulator has no seizures to score, nor has a simulator that was only the stimulator.
     detection = score_detections(detection_starts, seizures, session_end) \
-        if truth and truth.get("model") != "spiking" else None
+        if truth and truth.get("model") != "spiking" and not truth.get("stimulator_only") else None
 
     ads = ads_metrics(events, device_log, truth)
     allowed = [c for c in commands]

@@ -215,7 +215,7 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
                 write_ground_truth(out / "ground_truth.json", patient, outlet.t0, pylsl.local_clock(),
                                    faults=fault_log.records(),
                                    fault_errors=injector.errors if injector is not None else None,
-                                   outlet=outlet)
+                                   outlet=outlet, stimulator_only=bool(spec.get("stimulator_only", False)))
 
 
 #: the simulator's chunk push times, beside ``ground_truth.json`` (``write_ground_truth``)
@@ -223,7 +223,7 @@ PUSH_FILE = "push_t.f64"
 
 
 def write_ground_truth(path: Path, patient, t0: float, end_t: float, faults: list[dict] | None = None,
-                       fault_errors: list[str] | None = None, outlet=None) -> None:
+                       fault_errors: list[str] | None = None, outlet=None, stimulator_only: bool = False) -> None:
     """Seizures on the session clock (``t0 + patient time``), written atomically.
 
     ``outlet`` (the :class:`~hil_sim.outlet.PatientOutlet`): when each chunk was pushed goes to
@@ -234,9 +234,21 @@ def write_ground_truth(path: Path, patient, t0: float, end_t: float, faults: lis
     with its configured fields and real ``t_start``/``t_end`` on the session clock.
     A spiking simulator (``SpikingUnits``) writes ``"spiking"`` instead of seizures
     (see :func:`spiking_truth`).
+
+    ``stimulator_only``: the session recorded another source (its own LSL stream or board) and
+    used the simulator for its stimulator only. Then the patient is not what was recorded, so no
+    seizures, spikes or push times are written (a report would score the user's data against
+    them), only ``"stimulator_only": true`` and the device faults.
     """
     from hil_sim.spiking import SpikingUnits
     data: dict = {"t0": t0, "end_t": end_t, "clock": "session"}
+    if stimulator_only:
+        data.update(stimulator_only=True, seizures=[])
+        data["faults"] = list(faults or [])
+        if fault_errors:
+            data["fault_errors"] = list(fault_errors)
+        _write_atomic(path, data)
+        return
     if isinstance(patient, SpikingUnits):
         data.update(model="spiking", seizures=[], spiking=spiking_truth(patient, t0))
     else:

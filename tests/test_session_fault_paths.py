@@ -216,6 +216,25 @@ def test_lsl_source_with_the_hil_device_fails_clearly_on_a_missing_stream(tmp_pa
     assert time.monotonic() - t0 < 30
 
 
+def test_another_source_with_the_hil_device_is_not_scored_against_the_simulators_patient(tmp_path):
+    # BrainFlow's synthetic board is recorded; the simulator is only the stimulator. Its patient's
+    # seizures are not in the recording, so nothing may be scored against them.
+    from controller.config import parse_config
+    from controller.runners.realtime import run_session
+    cfg = parse_config({"session": {"duration_s": 6.0, "out_dir": str(tmp_path)},
+                        "source": {"kind": "brainflow", "board_id": -1},
+                        "simulator": {"seizure_onsets_s": [1.0]},
+                        "telemetry": {"enabled": False}, "control": {"enabled": False}})
+    session = run_session(cfg)
+    truth = json.loads((session / "ground_truth.json").read_text())
+    assert truth["stimulator_only"] is True and truth["seizures"] == [] and "push" not in truth
+    assert not (session / "push_t.f64").exists()
+    m = json.loads((session / "metrics.json").read_text())
+    assert m["detection"] is None
+    meta = json.loads((session / "raw" / "meta.json").read_text())
+    assert meta["fs_hz"] == 250.0   # the board's rate, not the simulator's
+
+
 # ------------------------------------------------------------------ `stimloop hil` and `run` start the same simulator
 def test_hil_spec_carries_model_triggers_and_faults():
     from controller.config import load_config

@@ -182,6 +182,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             # missing stream, or meet two streams of that name.
             sim_stream = None if cfg.source.kind == "hil" else f"stimloop-hil-unused-{session_dir.name}-{os.getpid()}"
             spec = hil_spec(cfg, sim_stream)
+            spec["stimulator_only"] = sim_stream is not None   # its patient is not what is recorded
             procs["hil"] = ctx.Process(target=run_hil, args=(spec, q, stops["hil"], str(session_dir)), name="stimloop-hil")
             procs["hil"].start()
             info = wait_ready(q, procs["hil"], 60, "simulator")
