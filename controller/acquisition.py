@@ -209,12 +209,12 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     (``source_open_failed``, ``source_read_failed``, ``recording_flush_failed`` — then
     ``acquisition_stopped`` reports the samples really on disk —, ``acquisition_crashed``)
     and re-raises. In a child process Ctrl-C is ignored and SIGTERM stops it (after a short
-    grace, see :func:`controller.runners.realtime.stop_on_signals`).
+    grace, see :func:`controller.process_watch.stop_on_signals`).
     """
     ensure_lsl_config()  # before any backend imports pylsl
     import pylsl
 
-    from controller.runners.realtime import stop_on_signals
+    from controller.process_watch import stop_on_signals
     # Ctrl-C is the runner's to order; on SIGTERM keep recording until the runner stops us after
     # the loop (stimulation off first), or stop by ourselves if it does not within the grace.
     stop_on_signals(stop_event, sigterm_grace_s=3.0)

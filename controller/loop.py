@@ -76,7 +76,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     one) may adjust the ``SeizureLoop`` before it runs; the latency benchmark uses it to request a
     burst on every window.
     """
-    from controller.runners.realtime import stop_on_signals
+    from controller.process_watch import stop_on_signals
     stop_on_signals(stop_event)  # SIGTERM: leave the loop now, stimulation off in `finally`
     from controller.process_watch import stop_when_parent_dies
     stop_when_parent_dies(stop_event)  # orphaned (runner killed): leave the loop, stimulation off in `finally`

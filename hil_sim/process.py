@@ -151,7 +151,7 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
     ``port`` is the stable symlink to use, ``pty`` the current slave it points to.
     Runs until ``stop_event`` is set (or, in a child process, a few seconds after SIGTERM;
     Ctrl-C is ignored there: the parent orders the shutdown)."""
-    from controller.runners.realtime import stop_on_signals
+    from controller.process_watch import stop_on_signals
     # SIGTERM to the whole group (systemctl/docker stop): the stimulator must outlive the loop's
     # STOP, which the runner orders before stopping us; the grace is the fallback without it.
     stop_on_signals(stop_event, sigterm_grace_s=6.0)

@@ -4,6 +4,7 @@ Each test runs the real CLI in its own process group (as a terminal, systemd or 
 sends the signal and checks the session folder: stimulation off at the device, the recording
 finished, the simulator's ground truth written, every child ended cleanly.
 """
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,19 @@ import pytest
 from controller.recorder import read_jsonl
 
 pytestmark = pytest.mark.realtime
+
+
+@contextlib.contextmanager
+def _running_session(tmp_path: Path):
+    """``(process, session folder)`` of a `stimloop run` in its own process group, recording;
+    whatever is left of it is killed on the way out."""
+    proc, out = _start(tmp_path)
+    try:
+        yield proc, _wait_running(proc, out)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
@@ -86,53 +100,35 @@ def _check_ordered_stop(session: Path, t_signal: float) -> list[dict]:
 
 
 def test_sigterm_to_the_process_group_stops_stimulation_then_sources(tmp_path):
-    proc, out = _start(tmp_path)
-    try:
-        session = _wait_running(proc, out)
-        from pylsl import local_clock
+    from pylsl import local_clock
+    with _running_session(tmp_path) as (proc, session):
         t_term = local_clock()
         os.killpg(proc.pid, signal.SIGTERM)  # systemctl stop / docker stop: every process at once
         _finish(proc)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
     events = _check_ordered_stop(session, t_term)
     assert _runner_status(events)["status"] == "stopped by SIGTERM"
 
 
 def test_ctrl_c_to_the_foreground_group_stops_in_order(tmp_path):
-    proc, out = _start(tmp_path)
-    try:
-        session = _wait_running(proc, out)
-        from pylsl import local_clock
+    from pylsl import local_clock
+    with _running_session(tmp_path) as (proc, session):
         t_int = local_clock()
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
         rc = _finish(proc)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
     events = _check_ordered_stop(session, t_int)
     assert _runner_status(events)["status"] == "stopped by SIGINT"
     assert rc == 0, (tmp_path / "cli.log").read_text()[-2000:]
 
 
 def test_repeated_sigterm_during_shutdown_does_not_cut_it(tmp_path):
-    proc, out = _start(tmp_path)
-    try:
-        session = _wait_running(proc, out)
-        from pylsl import local_clock
+    from pylsl import local_clock
+    with _running_session(tmp_path) as (proc, session):
         t_term = local_clock()
         t_end = time.monotonic() + 2.0
         while time.monotonic() < t_end and proc.poll() is None:  # an impatient operator or supervisor
             os.kill(proc.pid, signal.SIGTERM)
             time.sleep(0.05)
         _finish(proc)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
     events = _check_ordered_stop(session, t_term)
     ring = next(e["ring"] for e in events if e.get("what") == "acquisition_started")
     assert not Path("/dev/shm", ring).exists(), "shared memory ring leaked"
