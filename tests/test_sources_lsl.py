@@ -239,3 +239,16 @@ def test_stream_lost_then_back_recovers():
             stop(p2)
         ring.close()
         ring.unlink()
+
+
+@pytest.mark.parametrize("fmt, rate, why", [("float32", pylsl.IRREGULAR_RATE, "is irregular"),
+                                            ("string", 100.0, "string/undefined channel format")])
+def test_a_stream_that_cannot_feed_the_ring_is_refused_by_name(fmt, rate, why):
+    name = f"stimloop-test-{uuid.uuid4().hex[:8]}"
+    outlet = pylsl.StreamOutlet(pylsl.StreamInfo(name, "Markers", 1, rate, fmt, name + "-sid"))
+    try:
+        src = build_source({"kind": "lsl", "name": name, "resolve_timeout_s": 5.0})
+        with pytest.raises(SourceError, match=f"LSL stream '{name}'.*{why}"):
+            src.open()
+    finally:
+        del outlet

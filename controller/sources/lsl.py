@@ -149,6 +149,11 @@ class LslSource(Source):
         if fmt in (pylsl.cf_string, pylsl.cf_undefined):
             raise SourceError(f"LSL stream {stream.name()!r} has a string/undefined channel format; "
                               f"expected a numeric stream")
+        if not stream.nominal_srate() > 0:
+            # The ring, windows and gap checks are all in samples at a fixed rate; an irregular
+            # stream (markers, events) is usually the wrong stream picked by name or type.
+            raise SourceError(f"LSL stream {stream.name()!r} (type {stream.type()!r}) is irregular (nominal rate "
+                              f"{stream.nominal_srate():g} Hz); expected a signal stream with a fixed sample rate")
         if self.info is not None:
             # The ring, the recording and the model were sized for the first stream: one that comes
             # back different cannot be fed into them (a silently new rate would shift every window).
