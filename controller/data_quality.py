@@ -2,9 +2,10 @@
 
 What counts as bad data, and what the loop does about it:
 
-- non-finite samples (NaN/inf), amplifier saturation (a channel stuck at the
-  same non-zero value for ``saturation_run`` samples), timestamps going
-  backwards (clock jump): **fault** — stimulation off until the data has been
+- non-finite samples (NaN/inf), a stuck channel (the same value for
+  ``saturation_run`` samples: amplifier saturation at a rail, or a flat line at
+  zero when an electrode comes off), timestamps going backwards (clock jump):
+  **fault** — stimulation off until the data has been
   clean for a whole window; non-finite and saturated samples are left out of
   what the filters and running baselines see (zeros or rails would skew them
   for long after the fault);
@@ -47,10 +48,14 @@ class DataQuality:
         self._blanks.append((t0, t1))
         self.invalid_until_t = max(self.invalid_until_t, t1 + self.window_s)
 
-    def _saturated_rows(self, x: np.ndarray) -> np.ndarray:
-        """Boolean (n,): rows where some channel has been stuck at one non-zero value for a full run."""
+    def _stuck(self, x: np.ndarray) -> np.ndarray:
+        """Boolean (n, ch): samples where the channel has been stuck at one value for a full run.
+
+        Zero counts: a detached electrode reads a flat zero on many amplifiers, and a flat
+        channel would drag the model's running baselines down for minutes after it recovers.
+        """
         prev = np.vstack([self._last_row[None, :], x[:-1]])
-        eq = (x == prev) & (x != 0)
+        eq = x == prev
         c = np.cumsum(eq, axis=0)
         reset = np.maximum.accumulate(np.where(eq, 0, c), axis=0)
         run = c - reset
@@ -58,7 +63,7 @@ class DataQuality:
         run += np.where(broken, 0, self._run[None, :])  # runs that started in earlier chunks
         self._run = run[-1].copy()
         self._last_row = x[-1].copy()
-        return (run >= self.saturation_run - 1).any(axis=1)
+        return run >= self.saturation_run - 1
 
     def check(self, chunk: np.ndarray, ts: np.ndarray, events: list[Event]) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(samples, timestamps)`` to feed the filters (bad rows left out); append FAULT/STATUS events."""
@@ -106,9 +111,12 @@ class DataQuality:
         bad_rows = nonfinite.any(axis=1)
         if bad_rows.any():
             problems.append(("non-finite samples", bad_rows))
-        sat = self._saturated_rows(np.where(nonfinite, np.float32(0), chunk) if bad_rows.any() else chunk)
+        # NaN equals nothing, so a non-finite sample (reported above) ends a run instead of extending one
+        stuck = self._stuck(np.where(nonfinite, np.float32(np.nan), chunk) if bad_rows.any() else chunk)
+        sat = stuck.any(axis=1)
         if sat.any():
-            problems.append(("amplifier saturation", sat))
+            chans = ", ".join(str(c) for c in np.flatnonzero(stuck.any(axis=0)))
+            problems.append((f"channel(s) {chans} stuck at one value (saturation or electrode off)", sat))
         steps = np.diff(ts, prepend=self._last_t if math.isfinite(self._last_t) else ts[0])
         back = steps < 0
         if back.any():

@@ -227,6 +227,9 @@ class SzV1Pipeline(FeaturePipeline):
     version = 1
     baseline_tau_s = 120.0
     baseline_max_rise_per_s = 0.005  # log units/s: a 60 s seizure lifts it by <= 0.3 (×1.35)
+    #: µV²: below this a window is flat (no amplifier's noise floor is that low: 0.1 µV rms is
+    #: 0.01 µV²) and leaves the running baseline alone
+    flat_var_uv2 = 1e-4
     warmup_s = 30.0
     warmup_tau_s = 5.0
     _per_channel = (
@@ -249,7 +252,8 @@ class SzV1Pipeline(FeaturePipeline):
         self._n_abs = (len(self._instant) - 2 * self._n_pc) // 2
         self._abs = np.zeros((self._n_abs, ch), dtype=np.float64)
         self._baseline = np.zeros((self._n_log, ch), dtype=np.float64)
-        self._have_baseline = False
+        self._have_baseline = np.zeros(ch, dtype=bool)
+        self._flat_log_var = float(np.log(self.flat_var_uv2 + 1e-6))
         self._alpha = min(1.0, self.hop_s / self.baseline_tau_s)
         self._alpha_warm = min(1.0, self.hop_s / self.warmup_tau_s)
         self._max_rise = self.baseline_max_rise_per_s * self.hop_s
@@ -277,7 +281,7 @@ class SzV1Pipeline(FeaturePipeline):
 
     def reset(self) -> None:
         self._baseline[:] = 0.0
-        self._have_baseline = False
+        self._have_baseline[:] = False
         self._n_steps = 0
         self._ctx[:] = 0.0
         self._ctx_i = self._ctx_n = 0
@@ -316,9 +320,15 @@ class SzV1Pipeline(FeaturePipeline):
             # Absolute log line length / variance, before baseline subtraction (sz_v2):
             # they carry amplitude when there is no baseline yet (short recordings).
             self._abs[:] = logs[:2]
-        if not self._have_baseline:
-            self._baseline[:] = logs
-            self._have_baseline = True
+        # A flat window (a detached electrode, a zero-filled gap) says nothing about the patient's
+        # normal: its log variance sits at log(eps) ≈ -14, and since the baseline falls freely it
+        # would drop there and then take minutes to climb back (rise-limited), every later window
+        # looking like a seizure meanwhile. Such channels neither start nor move the baseline.
+        flat = pc[1] < self._flat_log_var
+        start = ~self._have_baseline & ~flat
+        if start.any():
+            self._baseline[:, start] = logs[:, start]
+            self._have_baseline |= start
         dev = logs - self._baseline
         # Asymmetric, rate-limited EMA: rises at most baseline_max_rise_per_s (a
         # seizure must not become the new normal), falls freely. During warm-up
@@ -328,6 +338,7 @@ class SzV1Pipeline(FeaturePipeline):
         step = (self._alpha_warm if warm else self._alpha) * dev
         if not warm:
             np.minimum(step, self._max_rise, out=step)
+        step[:, flat] = 0.0
         self._baseline += step
         pc[:self._n_log] = dev
         out = self._out

@@ -48,8 +48,28 @@ def test_saturation_detected_across_chunk_boundaries():
     x[2000:2100, 1] = 3200.0  # rail
     q, events, _ = _run(_chunks(x, t, size=5))  # runs straddle chunks
     assert [e.data.get("what") for e in events] == ["bad_data", "data_clean"]
-    assert "saturation" in events[0].data["reason"]
+    assert "saturation" in events[0].data["reason"] and "channel(s) 1 " in events[0].data["reason"]
     assert t[2000] < events[0].t <= t[2016]
+
+
+def test_flat_zero_channel_is_a_fault_and_its_samples_are_left_out():
+    # A detached electrode reads a flat zero on many amplifiers: fed to the filters, those
+    # windows would drag the seizure model's running baseline down for minutes.
+    x, t = _stream(4096)
+    x[1000:3000, 3] = 0.0
+    q, events, kept = _run(_chunks(x, t))
+    assert [e.data.get("what") for e in events] == ["bad_data", "data_clean"]
+    assert "channel(s) 3 " in events[0].data["reason"] and "electrode off" in events[0].data["reason"]
+    assert t[1000] < events[0].t <= t[1016]
+    assert events[1].t >= t[2999] + 1.0
+    assert len(kept) == 4096 - (2000 - 15)   # the first 15 zeros are not yet a run
+
+
+def test_a_nan_burst_is_not_also_reported_as_a_stuck_channel():
+    x, t = _stream(4096)
+    x[1000:1100, 2] = np.nan
+    _, events, _ = _run(_chunks(x, t))
+    assert events[0].data["reason"] == "bad samples: non-finite samples"
 
 
 def test_backward_clock_jump_is_a_fault_and_gap_invalidates_windows():
@@ -96,7 +116,7 @@ def _apply(plan, seed):
         elif trouble == "stuck":
             x[:, 1] = 123.0                       # a run that may carry on into the next chunks
         elif trouble == "zeros":
-            x[:, 2] = 0.0                         # repeated zeros are not saturation
+            x[:, 2] = 0.0                         # a flat zero (electrode off) is stuck too
         elif trouble == "repeat_boundary" and prev_last is not None:
             x[0, 0] = prev_last[0]
         elif trouble == "backwards":

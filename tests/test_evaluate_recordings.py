@@ -102,6 +102,20 @@ def test_evaluate_sim_recording_with_nan_run_and_json(tmp_path, sim_recording):
 
 
 @pytest.mark.skipif(not MODEL.is_file(), reason="shipped model missing")
+def test_evaluate_a_detached_electrode_as_the_loop_would(tmp_path, sim_recording):
+    """30 s of flat zero on every channel: not evaluated, and no false alarm for minutes after
+    (a zero-filled stretch used to drag the baseline down: false detections followed)."""
+    x, sz = sim_recording
+    x = x.copy()
+    x[int(100 * 512):int(130 * 512)] = 0.0
+    r = evaluate_recording(OnnxDetector(MODEL), load_npz(_write_npz(tmp_path / "z.npz", x, 512.0, sz)))
+    (a, b), = r["not_evaluated"]
+    assert 99.5 <= a <= 100.5 and 130.5 <= b <= 131.5
+    ev = r["metrics"]["event"]
+    assert ev["false_alarms"] == 0 and ev["n_detected"] == 2
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason="shipped model missing")
 def test_evaluate_bad_input_messages(tmp_path, sim_recording):
     x, sz = sim_recording
     det = OnnxDetector(MODEL)

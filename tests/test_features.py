@@ -99,6 +99,38 @@ def test_pipeline_is_amplitude_invariant_after_baseline_and_flags_a_burst():
     assert f[ll] > 0.6
 
 
+def test_flat_windows_leave_the_running_baseline_alone():
+    """A detached electrode (flat zero) for 30 s must not pull the baseline down: the next
+    normal windows look normal, as if the gap had not been there."""
+    rng = np.random.default_rng(4)
+    bg = rng.normal(size=(400, 256, 4)) * 20
+    with_gap, clean = make_pipeline("sz_v2", 256.0, 4), make_pipeline("sz_v2", 256.0, 4)
+    names = with_gap.feature_names
+    for w in bg[:200]:
+        with_gap.step(w), clean.step(w)
+    for _ in range(120):                     # 30 s of hops, all channels flat
+        with_gap.step(np.zeros((256, 4)))
+    flat_one = make_pipeline("sz_v2", 256.0, 4)
+    for w in bg[:200]:
+        flat_one.step(w)
+    for w in bg[200:320]:                    # 30 s with channel 0 flat, the others live
+        w = w.copy()
+        w[:, 0] = 0.0
+        flat_one.step(w)
+    for w in bg[320:330]:
+        fg, fc, f1 = with_gap.step(w).copy(), clean.step(w).copy(), flat_one.step(w).copy()
+    for name in ("med_pow_z", "max_pow_z", "max_ll_z"):
+        i = names.index(name)
+        assert abs(fg[i]) < 0.5 and abs(f1[i]) < 0.5, (name, fg[i], f1[i])
+        assert abs(fg[i] - fc[i]) < 0.3 and abs(f1[i] - fc[i]) < 0.3, (name, fg[i], f1[i], fc[i])
+    # and a channel flat from the start gets its baseline from its first live window
+    late = make_pipeline("sz_v2", 256.0, 1)
+    late.step(np.zeros((256, 1)))
+    for w in bg[:40, :, :1]:
+        f = late.step(w)
+    assert abs(f[names.index("max_pow_z")]) < 0.5
+
+
 def test_pipeline_rejects_low_rate():
     with pytest.raises(ValueError, match="fs_hz >= 160"):
         SzV1Pipeline(100.0, 1)

@@ -51,11 +51,37 @@ class Detector(Protocol):
     def predict(self, x_uv: np.ndarray, fs_hz: float) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+def _with_missing_windows(t_end: np.ndarray, F: np.ndarray, valid: np.ndarray, hop_s: float,
+                          duration_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows on the hop grid where none came out (their samples were left out as bad) added as
+    not valid, so a stretch of bad data is reported as not evaluated rather than skipped over."""
+    if not t_end.size:
+        return t_end, F, valid
+    grid_t, grid_F, grid_v = [t_end[:1]], [F[:1]], [valid[:1]]
+    nexts = np.r_[t_end[1:], duration_s + hop_s]
+    for i in range(t_end.size):
+        missing = int(np.floor((nexts[i] - t_end[i]) / hop_s + 1e-6)) - 1
+        if missing > 0:
+            fill_t = t_end[i] + hop_s * np.arange(1, missing + 1)
+            fill_t = fill_t[fill_t <= duration_s + 1e-9]
+            grid_t.append(fill_t)
+            grid_F.append(np.zeros((fill_t.size, F.shape[1]), F.dtype))
+            grid_v.append(np.zeros(fill_t.size, bool))
+        if i + 1 < t_end.size:
+            grid_t.append(t_end[i + 1:i + 2])
+            grid_F.append(F[i + 1:i + 2])
+            grid_v.append(valid[i + 1:i + 2])
+    return np.concatenate(grid_t), np.concatenate(grid_F), np.concatenate(grid_v)
+
+
 class OnnxDetector:
     """A stimloop ONNX model run as the loop runs it: per chunk through ``SeizureDetectorStage``.
 
-    Windows that overlap non-finite samples get ``p = NaN`` (the samples are
-    zeroed before the filters, as ``SeizureLoop`` does, so the state recovers).
+    Each chunk passes the loop's own data-quality check first
+    (``controller.data_quality.DataQuality``): non-finite samples and channels
+    stuck at one value (a rail, a detached electrode's flat zero) are left out of
+    what the filters see, and windows within ``window_s`` of them get ``p = NaN``,
+    as a session would not act on them.
     ``min_duration_s``/``refractory_s`` default to the contract's extra fields
     when present, else the responsive policy defaults (0.5 s, 5 s).
     """
@@ -91,6 +117,7 @@ class OnnxDetector:
 
     def features(self, x_uv: np.ndarray, fs_hz: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(t_end_s, features (w, f), valid (w,))`` for a whole recording."""
+        from controller.data_quality import DataQuality
         from controller.inference import SeizureDetectorStage
 
         x = np.asarray(x_uv, dtype=np.float32)
@@ -98,26 +125,23 @@ class OnnxDetector:
             x = x[:, None]
         self.check(fs_hz, x.shape[1], x.shape[0])
         stage = SeizureDetectorStage(self.contract, fs_hz, x.shape[1])
-        bad_rows = ~np.isfinite(x).all(axis=1)
-        if bad_rows.any():
-            x = np.where(np.isfinite(x), x, np.float32(0))
+        # The loop's own data-quality check (NaN, stuck or flat channels): bad rows are left out of
+        # what the filters see and windows within window_s of them are not acted on, as in a session.
+        quality = DataQuality(fs_hz, x.shape[1], self.contract.window_s)
         t = np.arange(x.shape[0]) / fs_hz
         step = max(1, int(round(self.chunk_s * fs_hz)))
-        ends, feats = [], []
+        ends, feats, valid = [], [], []
         for i in range(0, x.shape[0], step):
-            for t_end, f in stage.step(x[i:i + step], t[i:i + step]):
+            xc, tc = quality.check(x[i:i + step], t[i:i + step], [])
+            if not tc.size:
+                continue
+            for t_end, f in stage.step(xc, tc):
                 ends.append(t_end)
                 feats.append(f)
+                valid.append(t_end > quality.invalid_until_t)
         t_end = np.asarray(ends, dtype=np.float64)
         F = np.asarray(feats, dtype=np.float32).reshape(-1, self.contract.n_features)
-        valid = np.ones(t_end.size, dtype=bool)
-        if bad_rows.any():
-            # A window is invalid if a bad sample lies within window_s before its end (as SeizureLoop).
-            bad_t = t[bad_rows]
-            j = np.searchsorted(bad_t, t_end, side="right")  # bad samples at or before the window end
-            last_bad = np.where(j > 0, bad_t[np.maximum(j - 1, 0)], -np.inf)
-            valid = ~(t_end - last_bad <= self.contract.window_s + 1e-9)
-        return t_end, F, valid
+        return _with_missing_windows(t_end, F, np.asarray(valid, dtype=bool), self.hop_s, x.shape[0] / fs_hz)
 
     def predict(self, x_uv: np.ndarray, fs_hz: float) -> tuple[np.ndarray, np.ndarray]:
         """Window end times (s from the first sample) and ``p`` per window, NaN where not evaluated."""
