@@ -191,9 +191,9 @@ def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: s
                  f"{c['threshold']:.2f} for `min_duration_s` {c.get('min_duration_s', 0.5):g} s: on concatenated Delhi "
                  "segments (tests/test_replay_lsl.py) p crosses the threshold in the first ictal stretch but not for "
                  "that long, so the shipped post-processing does not detect it there.")
-    if c.get("min_duration_s", 0.5) != 0.5:
-        lines.append(f"- `stimloop run` takes `min_duration_s` from its config (`policy.min_duration_s`, default 0.5 s), "
-                     f"not from the contract: set it to {c['min_duration_s']:g} s to act as measured here.")
+    if "min_duration_s" in c:
+        lines.append(f"- `stimloop run` acts with the contract's `min_duration_s` ({c['min_duration_s']:g} s), as measured "
+                     "here, unless the config sets `policy.min_duration_s`.")
     return "\n".join(lines) + "\n"
 
 
