@@ -73,6 +73,10 @@ class ModelContract(BaseModel):
     # Seconds of stream after start-up during which the pipeline's running state
     # is still settling: results exist but must not be acted upon.
     warmup_s: float = Field(default=0.0, ge=0.0)
+    # Lowest source rate the model takes (sources are resampled to fs_hz, but below the rates it was
+    # trained on its beta/gamma bands hold nothing). 100 Hz: the lowest rate in the shipped seizure
+    # model's training data (models/seizure/MODEL_CARD.md).
+    min_source_fs_hz: float = Field(default=100.0, gt=0)
 
     @field_validator("feature_names")
     @classmethod
@@ -118,6 +122,9 @@ class ModelContract(BaseModel):
             raise ContractError(f"model {self.version} needs {self.n_channels} channels, the stream has {n_channels}")
         if not (isinstance(fs_hz, (int, float, np.floating)) and math.isfinite(fs_hz) and fs_hz > 0):
             raise ContractError(f"stream fs_hz must be a finite rate > 0 Hz, got {fs_hz!r}")
+        if fs_hz < self.min_source_fs_hz:
+            raise ContractError(f"stream rate {fs_hz:g} Hz is below the {self.min_source_fs_hz:g} Hz model {self.version} "
+                                f"takes (min_source_fs_hz: the lowest rate it was trained on)")
         if self.feature_pipeline not in PIPELINES:
             raise ContractError(f"model {self.version} names feature pipeline {self.feature_pipeline!r}, "
                                 f"which this controller does not have (known: {sorted(PIPELINES)})")
@@ -131,8 +138,17 @@ class ModelContract(BaseModel):
         if self.window_n < 8 or self.hop_n < 1:
             raise ContractError(f"model window {self.window_s} s / hop {self.hop_s} s at {self.fs_hz} Hz is too short "
                                 f"(window >= 8 samples, hop >= 1 sample expected)")
+        try:   # one window through the pipeline now, so a window it cannot use fails here, not mid-session
+            pipe.step(np.zeros((self.window_n, max(1, n_channels)), dtype=np.float32))
+        except ValueError as e:
+            raise ContractError(f"model {self.version}: pipeline {self.feature_pipeline!r} cannot use a "
+                                f"{self.window_s:g} s window at {self.fs_hz:g} Hz: {e}") from None
         if fs_hz != self.fs_hz:
-            rs = StreamResampler(fs_hz, self.fs_hz, 1)
+            try:
+                rs = StreamResampler(fs_hz, self.fs_hz, 1)
+            except ValueError as e:
+                raise ContractError(f"stream rate {fs_hz:g} Hz cannot be resampled to the model's {self.fs_hz:g} Hz: "
+                                    f"{e}") from None
             if abs(rs.rate_error) > MAX_RATE_ERROR:
                 raise ContractError(f"stream rate {fs_hz} Hz cannot be resampled to the model's {self.fs_hz} Hz within "
                                     f"{MAX_RATE_ERROR:.1%} (best {rs.up}/{rs.down}, error {rs.rate_error:+.3%})")
@@ -185,13 +201,20 @@ class OnnxPredictor:
         if isinstance(width, int) and width != c.n_features:
             raise ContractError(f"{self.path}: model input {c.input_name!r} has {width} features, "
                                 f"contract lists {c.n_features}")
+        if inputs[c.input_name].type != "tensor(float)":
+            raise ContractError(f"{self.path}: model input {c.input_name!r} is {inputs[c.input_name].type}, "
+                                f"expected tensor(float) (float32 features)")
         outputs = {o.name: o for o in self.session.get_outputs()}
         if c.output not in outputs:
             raise ContractError(f"{self.path}: contract output {c.output!r} not in model outputs {sorted(outputs)}")
         self._x = np.zeros((1, c.n_features), dtype=np.float32)
+        probe = self.session.run([c.output], {c.input_name: self._x})[0]
+        if np.asarray(probe).size != 1:
+            # e.g. (1, 2) class probabilities: taking the first would read P(no seizure) as p_seizure
+            raise ContractError(f"{self.path}: contract output {c.output!r} has shape {np.shape(probe)} for one "
+                                f"feature vector, expected one value (the probability)")
         self._use_iobinding = bool(use_iobinding)
         if self._use_iobinding:
-            probe = self.session.run([c.output], {c.input_name: self._x})[0]
             self._y = np.zeros(probe.shape, dtype=probe.dtype)
             self._binding = self.session.io_binding()
             # CPU OrtValues wrap the numpy buffers: writing self._x updates the input in place.

@@ -22,18 +22,26 @@ from scipy import signal
 __all__ = ["StreamResampler", "rational_ratio"]
 
 
-def rational_ratio(fs_in_hz: float, fs_out_hz: float, max_factor: int = 64) -> tuple[int, int]:
-    """Best ``(up, down)`` with both <= ``max_factor`` such that fs_in*up/down ≈ fs_out.
+#: Largest factor of an exact ratio: amplifiers' usual rates reach the models' 256 Hz only through
+#: large exact ones (2000 -> 256 is 16/125, 30000 -> 256 is 32/3750); the FIR grows with the
+#: factor (20 taps per unit), which stays affordable at 256 Hz out.
+MAX_EXACT_FACTOR = 4096
 
-    Exact ratios are found first (e.g. 200 -> 256 gives 32/25); otherwise the
-    ratio with the smallest relative error wins (ties: smallest factors).
+
+def rational_ratio(fs_in_hz: float, fs_out_hz: float, max_factor: int = 64) -> tuple[int, int]:
+    """Best ``(up, down)`` with fs_in*up/down ≈ fs_out.
+
+    An exact ratio with both factors <= ``max(max_factor, MAX_EXACT_FACTOR)`` is
+    taken first (200 -> 256 gives 32/25, 2000 -> 256 gives 16/125); otherwise the
+    ratio with both factors <= ``max_factor`` and the smallest relative error wins
+    (ties: smallest factors).
     """
     if not (fs_in_hz > 0 and fs_out_hz > 0):
         raise ValueError(f"sample rates must be > 0, got fs_in_hz={fs_in_hz}, fs_out_hz={fs_out_hz}")
     if max_factor < 1:
         raise ValueError(f"max_factor must be >= 1, got {max_factor}")
     exact = Fraction(str(fs_out_hz)) / Fraction(str(fs_in_hz))
-    if exact.numerator <= max_factor and exact.denominator <= max_factor:
+    if max(exact.numerator, exact.denominator) <= max(max_factor, MAX_EXACT_FACTOR):
         return exact.numerator, exact.denominator
     ratio = fs_out_hz / fs_in_hz
     best = (np.inf, 1, 1)

@@ -66,6 +66,46 @@ def test_contract_errors_name_the_problem():
         ModelContract.from_json(json.dumps({**json.loads(_contract().to_json()), "feature_names": ["a", "a"]}))
 
 
+def test_contract_check_refuses_at_start_up_what_would_fail_mid_session():
+    # a window the pipeline cannot use (too short for the delta band): refused now, not at the first step
+    with pytest.raises(ContractError, match="cannot use a 0.25 s window at 256 Hz.*delta"):
+        _contract(window_s=0.25, hop_s=0.125).check_stream(256.0, 1)
+    # a rate below what the model was trained on (its bands above the source's Nyquist) ...
+    with pytest.raises(ContractError, match="stream rate 50 Hz is below the 100 Hz model test_v0 takes"):
+        _contract().check_stream(50.0, 1)
+    # ... and a rate no ratio reaches are ContractErrors like the others, naming both rates
+    with pytest.raises(ContractError, match="stream rate 1e\\+06 Hz cannot be resampled to the model's 256 Hz"):
+        _contract().check_stream(1e6, 1)
+
+
+@pytest.mark.parametrize("fs_in", [1000.0, 2000.0, 4000.0, 5000.0, 10000.0, 30000.0])
+def test_amplifier_rates_reach_the_model_rate_exactly(fs_in):
+    """Usual amplifier rates need large exact ratios (2000 -> 256 is 16/125): no rate error."""
+    _contract().check_stream(fs_in, 2)
+    st = SeizureDetectorStage(_contract(), fs_in, 2)
+    assert st.resampler.rate_error == 0.0
+    n = int(fs_in * 2)
+    out = st.step(np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32) * 20, np.arange(n) / fs_in)
+    assert len(out) >= 4 and all(np.isfinite(f).all() for _, f in out)
+
+
+def test_predictor_refuses_a_two_column_output(tmp_path):
+    """A classifier exporting (n, 2) class probabilities: its first column is P(no seizure)."""
+    from onnx import TensorProto, helper, numpy_helper
+    n_f = len(SzV1Pipeline.feature_names)
+    w = numpy_helper.from_array(np.zeros((n_f, 2), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["features", "w"], ["p_seizure"])], "two",
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, n_f])],
+                              [helper.make_tensor_value_info("p_seizure", TensorProto.FLOAT, [None, 2])], [w])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    helper.set_model_props(m, {CONTRACT_KEY: _contract().to_json()})
+    path = tmp_path / "two.onnx"
+    onnx.save(m, str(path))
+    with pytest.raises(ContractError, match=r"output 'p_seizure' has shape \(1, 2\).*expected one value"):
+        OnnxPredictor(path)
+
+
 def test_predictor_rejects_model_without_contract_or_with_missing_output(toy_model, tmp_path):
     path, _, _ = toy_model
     m = onnx.load(str(path))
