@@ -87,8 +87,8 @@ class SeizureLoop:
             return []
         windows = self.stage.step(chunk, timestamps)
         # Before the model's warm-up (its running baselines settling) results are recorded, not acted on.
-        warm = self.stage.warm
-        return [WindowResult(t_end, feats, warm and t_end > self.quality.invalid_until_t) for t_end, feats in windows]
+        return [WindowResult(t_end, feats, self.stage.is_warm(t_end) and t_end > self.quality.invalid_until_t)
+                for t_end, feats in windows]
 
     def predict(self, features: np.ndarray) -> float:
         return self.predictor.predict(features)

@@ -325,14 +325,23 @@ class SeizureDetectorStage:
         self._tbuf = np.zeros(self._cap, dtype=np.float64)
         self._fill = 0
         self._since_hop = 0       # model-rate samples since the last emitted window
-        self._n_total = 0         # model-rate samples seen
+        self._n_windows = 0       # windows emitted
+        #: end time of the first window past the warm-up (``None`` until then)
+        self.warm_from_t: float | None = None
+        self._warm_windows = math.ceil(contract.warmup_s / contract.hop_s - 1e-9)
         self._src_t = np.zeros(0, dtype=np.float64)  # recent source timestamps (resampling only)
         self._src_base = 0        # absolute source index of _src_t[0]
 
     @property
     def warm(self) -> bool:
-        """True once ``contract.warmup_s`` of stream has gone through (results may be acted upon)."""
-        return self._n_total >= self.contract.warmup_s * self.contract.fs_hz
+        """True once a window past the warm-up has come out (see ``is_warm``)."""
+        return self.warm_from_t is not None
+
+    def is_warm(self, window_end_t: float) -> bool:
+        """May the window ending at ``window_end_t`` be acted upon? Only once ``contract.warmup_s``
+        of windows (counted from the first, as the pipeline counts its warm-up) have gone by; per
+        window, so a chunk that completes the warm-up does not make its earlier windows actionable."""
+        return self.warm_from_t is not None and window_end_t >= self.warm_from_t
 
     def _grow(self, need: int) -> None:
         cap = max(need, 2 * self._cap)
@@ -382,9 +391,12 @@ class SeizureDetectorStage:
         for end in range(first_end, self._fill + 1, self.hop_n):
             if end >= self.window_n:
                 feats = self.pipeline.step(self._buf[end - self.window_n:end])
-                out.append((float(self._tbuf[end - 1]), feats.copy()))
+                t_end = float(self._tbuf[end - 1])
+                self._n_windows += 1
+                if self.warm_from_t is None and self._n_windows >= self._warm_windows:
+                    self.warm_from_t = t_end
+                out.append((t_end, feats.copy()))
         self._since_hop = (self._since_hop + n) % self.hop_n
-        self._n_total += n
         # Keep only the last window_n samples (the rest can never be in a future window).
         if self._fill > self.window_n:
             k = self.window_n

@@ -175,6 +175,24 @@ def test_stage_windows_hops_and_timestamps(fs_in, n_ch):
     assert not st.warm
 
 
+def test_warm_up_is_decided_per_window_as_the_pipeline_counts_it():
+    """sz_v2 counts its warm-up from its first window: the first actionable window is the one
+    whose warmup_frac feature reaches 1, also when one chunk carries the whole start-up."""
+    from controller.features import SzV2Pipeline
+    c = _contract(feature_pipeline="sz_v2", feature_names=SzV2Pipeline.feature_names, warmup_s=8.0)
+    st = SeizureDetectorStage(c, 256.0, 2)
+    n = 256 * 12
+    x = (np.random.default_rng(7).normal(size=(n, 2)) * 20).astype(np.float32)
+    out = st.step(x, np.arange(n) / 256.0)           # one 12 s chunk
+    frac = np.array([f[c.feature_names.index("warmup_frac")] for _, f in out])
+    warm = np.array([st.is_warm(t) for t, _ in out])
+    first = int(np.argmax(warm))
+    assert warm[first:].all() and not warm[:first].any()
+    assert frac[first] == 1.0 and frac[first - 1] < 1.0
+    assert out[first][0] == pytest.approx(1.0 + 8.0 - 0.25, abs=1 / 256)   # 8 s of hops after the first window
+    assert st.warm and st.warm_from_t == out[first][0]
+
+
 def test_stage_chunking_does_not_change_features():
     c = _contract()
     rng = np.random.default_rng(6)

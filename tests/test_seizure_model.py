@@ -52,7 +52,7 @@ def test_shipped_model_separates_seizures_on_held_out_patient(fs_hz, n_channels,
         for t, f in stage.step(x[i:i + 32], ts[i:i + 32]):
             t_end.append(t)
             p.append(pred.predict(f))
-            warm.append(stage.warm)
+            warm.append(stage.is_warm(t))
     t_end, p, warm = np.array(t_end), np.array(p), np.array(warm)
     assert warm[-1] and not warm[0]
     y = label_windows(t_end, seizures)

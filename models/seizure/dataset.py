@@ -10,9 +10,13 @@ seizure, 0 if it lies in background, -1 (dropped from training and scoring)
 in the ambiguous edges: the first ``onset_guard_s`` after onset (the window is
 still mostly background), and from ``offset_guard_s`` before offset to
 ``postictal_s`` after it (seizure end is gradual in the model and the window
-still holds ictal samples). Windows in the pipeline's warm-up (the first
-``contract.warmup_s``, while the running baseline settles) are -1 too: the
-controller must not act on them either.
+still holds ictal samples). ``label_windows(warmup_s=...)`` can also mark the
+pipeline's warm-up -1, but the dataset builders keep those windows: ``sz_v2``
+carries ``warmup_frac`` and absolute amplitudes so the model learns what an
+unsettled baseline looks like (the Delhi segments, 5.12 s each, are warm-up
+throughout). The controller does not act on them all the same
+(``SeizureDetectorStage.is_warm``), and the operating point is chosen with
+them masked (``models/seizure/train.py``, ``warmup_s``).
 """
 from __future__ import annotations
 
