@@ -123,7 +123,7 @@ def test_evaluate_bad_input_messages(tmp_path, sim_recording):
     with pytest.raises(EvaluationError, match="300 samples at 512 Hz is shorter than one 1 s window"):
         evaluate_recording(det, short)
     odd = load_npz(_write_npz(tmp_path / "o.npz", x[:5000], 7.77))
-    with pytest.raises(EvaluationError, match="stream rate 7.77 Hz cannot be resampled"):
+    with pytest.raises(EvaluationError, match="stream rate 7.77 Hz is below the 100 Hz model"):
         evaluate_recording(det, odd)
     unannotated = load_npz(_write_npz(tmp_path / "u.npz", x, 512.0))
     r = evaluate_recording(det, unannotated)
