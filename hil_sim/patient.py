@@ -427,8 +427,14 @@ class SimulatedPatient:
             if self._active is not None and not self._active_terminating and t_stim >= gt.seizures[self._active].onset_s:
                 since = t_stim - gt.seizures[self._active].onset_s
                 prob = termination_probability(p, stim, since)
-                effect.update(in_seizure=True, since_onset_s=since, p_terminate=prob, terminated=u < prob)
-                if u < prob:
+                # Only a burst that lands before the seizure's own wind-down and ends it sooner can
+                # terminate it; otherwise it would lengthen the seizure and be credited with its end.
+                shortens = (t_eff < self._active_offset - p.termination_s
+                            and t_eff + p.stim_termination_s < self._active_offset)
+                effect.update(in_seizure=True, since_onset_s=since, p_terminate=prob, terminated=shortens and u < prob)
+                if not shortens:
+                    effect["ending_anyway"] = True
+                if shortens and u < prob:
                     now_bg = tuple(self._path_at(t_eff))
                     self._set_path([t_eff, t_eff + p.stim_termination_s], [now_bg, tuple(self._bg)])
                     self._active_offset = t_eff + p.stim_termination_s

@@ -136,6 +136,30 @@ def test_early_strong_stimulation_ends_seizures_sooner():
     assert np.all(d_stim[[by for _, by in with_stim]] < 3.0)  # 1 s after onset + burst + 0.75 s ramp
 
 
+def test_a_burst_during_the_seizures_own_wind_down_neither_lengthens_it_nor_takes_the_credit():
+    quiet = PatientParams(interictal_spike_rate_per_min=0.0, seizure_rate_per_hour=0.0)
+    strong = StimParams(channel=0, amplitude_ua=6000.0, pulse_width_us=500.0, frequency_hz=150.0, n_pulses=30)
+
+    def run(stim_at=None):
+        pt = SimulatedPatient(128.0, 2, seed=3, params=quiet)
+        pt.schedule_seizure(2.0)
+        if stim_at is not None:
+            pt.step(int(stim_at * 128))
+            pt.stimulate(stim_at, strong)
+        pt.step(int(60 * 128) - pt.n_samples)
+        return pt.ground_truth.seizures[0], pt.ground_truth.stim_effects
+
+    natural, _ = run()
+    stim_at = natural.offset_s - 0.3 - strong.burst_duration_s      # its effect lands 0.3 s before the end
+    sz, effects = run(stim_at)
+    assert effects[0]["p_terminate"] > 0.9 and effects[0]["ending_anyway"]
+    assert not effects[0]["terminated"] and not sz.terminated_by_stim
+    assert sz.offset_s == pytest.approx(natural.offset_s)
+    # the same burst early in the seizure still ends it sooner, and is credited
+    early, eff = run(10.0)
+    assert eff[0]["terminated"] and early.terminated_by_stim and early.offset_s < natural.offset_s
+
+
 def test_stimulation_outside_seizure_changes_nothing_but_artifacts_and_records():
     pt = SimulatedPatient(FS, 4, seed=1, params=PatientParams(**QUIET))
     pt.stimulate(1.0, STRONG)
