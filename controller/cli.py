@@ -94,6 +94,19 @@ def _check_policy(cfg, origin: str) -> None:
               f"{exc}")
 
 
+def _check_simulator(cfg, origin: str) -> None:
+    """The simulated patient's settings, checked as the simulator will apply them (a seizure rate
+    its seizures cannot fit fails here, naming the key, not in the simulator process)."""
+    if cfg.source.kind != "hil" or cfg.simulator.model != "wendling":
+        return
+    from controller.runners.realtime import hil_spec
+    from hil_sim.process import patient_params_for
+    try:
+        patient_params_for(hil_spec(cfg))
+    except ValueError as exc:
+        _fail(f"{origin}: {exc}")
+
+
 def _load(config: Optional[Path], overrides: dict | None = None):
     try:
         return load_config(config, overrides)
@@ -108,6 +121,7 @@ def config_validate(file: Path = typer.Argument(..., help="TOML config file")):
     cfg = _load(file)
     _check_safety(cfg, str(file))
     _check_policy(cfg, str(file))
+    _check_simulator(cfg, str(file))
     later = "" if cfg.source.kind == "hil" else \
         f" (the {cfg.source.kind} stream's rate and channels are checked when the session starts)"
     console.print(f"[green]ok[/] {escape(str(file))}{later}", highlight=False, soft_wrap=True)
@@ -151,6 +165,7 @@ def run(
     origin = str(config or "config")
     _check_safety(cfg, origin)
     _check_policy(cfg, origin)
+    _check_simulator(cfg, origin)
     from controller.runners.realtime import SessionError, run_session
     try:
         session_dir = run_session(cfg, console=console)
@@ -215,6 +230,7 @@ def sim(
               "for ADS / random stimulation use `stimloop sim compare-ads` (simulated time) or `stimloop run` (real time)")
     _check_safety(cfg, str(config or "config"))
     _check_policy(cfg, str(config or "config"))  # also refuses a missing or unreadable model
+    _check_simulator(cfg, str(config or "config"))
     with Progress(TextColumn("simulated time"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
                   console=console, transient=True) as bar:
         task = bar.add_task("sim", total=cfg.session.duration_s)

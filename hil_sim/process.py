@@ -125,20 +125,41 @@ def make_spiking(spec: dict):
                         rate_hz=float(spec.get("unit_rate_hz", SPIKING_UNIT_RATE_HZ)))
 
 
+def patient_params_for(spec: dict):
+    """The cohort patient's parameters with the session's seizure settings applied.
+
+    ``seizure_rate_per_hour`` overrides the cohort's draw (e.g. short comparisons): onsets may then
+    come every 0.5 × 3600 / rate s, so seizures longer than 90 % of that are shortened to fit
+    (a patient with seizures every 30 s cannot keep 30 s seizures). A rate even the shortest
+    possible seizure cannot fit is a ``ValueError`` naming the config key.
+    """
+    from hil_sim.cohort import patient_params
+
+    params = patient_params(spec["patient"])
+    if not spec.get("spontaneous_seizures", False):
+        return dataclasses.replace(params, seizure_rate_per_hour=0.0)
+    rate = spec.get("seizure_rate_per_hour")
+    if rate is None:
+        return params
+    min_interval_s = min(params.min_interval_s, 0.5 * 3600.0 / rate)
+    lo, hi = params.seizure_duration_s
+    shortest = params.onset_duration_s + params.transition_s + params.termination_s
+    fit = 0.9 * min_interval_s
+    if fit < shortest:
+        raise ValueError(f"simulator.seizure_rate_per_hour = {rate:g}: patient {spec['patient']}'s seizures last at "
+                         f"least {shortest:.3g} s, so at most {0.9 * 0.5 * 3600.0 / shortest:.3g} per hour fit")
+    return dataclasses.replace(params, seizure_rate_per_hour=float(rate), min_interval_s=min_interval_s,
+                               seizure_duration_s=(min(lo, fit), min(hi, fit)) if hi > fit else (lo, hi))
+
+
 def make_patient(spec: dict):
     """The simulated source of a session spec: a Wendling patient, or spiking units (``model = "spiking"``)."""
     if spec.get("model", "wendling") == "spiking":
         return make_spiking(spec)
-    from hil_sim.cohort import patient_params
     from hil_sim.patient import SimulatedPatient
 
-    params = patient_params(spec["patient"])
-    if not spec.get("spontaneous_seizures", False):
-        params = dataclasses.replace(params, seizure_rate_per_hour=0.0)
-    elif spec.get("seizure_rate_per_hour") is not None:  # override the cohort's draw (e.g. short comparisons)
-        params = dataclasses.replace(params, seizure_rate_per_hour=float(spec["seizure_rate_per_hour"]),
-                                     min_interval_s=min(params.min_interval_s, 0.5 * 3600.0 / spec["seizure_rate_per_hour"]))
-    patient = SimulatedPatient(fs_hz=spec["fs_hz"], n_channels=spec["n_channels"], seed=spec["seed"], params=params)
+    patient = SimulatedPatient(fs_hz=spec["fs_hz"], n_channels=spec["n_channels"], seed=spec["seed"],
+                               params=patient_params_for(spec))
     for onset in spec.get("seizure_onsets_s", []):
         patient.schedule_seizure(float(onset))
     return patient

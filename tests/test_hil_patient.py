@@ -253,3 +253,18 @@ def test_cohort_patients_differ_are_valid_and_reproducible():
     assert np.isfinite(x).all()
     with pytest.raises(ValueError, match="patient_id"):
         patient_params(-1)
+
+
+def test_the_highest_configurable_seizure_rate_fits_every_cohort_patient():
+    """config allows up to 120 seizures/h: onsets may then come every 15 s, so each patient's longer
+    seizures are shortened to fit instead of the simulator refusing a key the user never set."""
+    from hil_sim.process import make_patient, patient_params_for
+    for pid in range(20):
+        spec = {"patient": pid, "spontaneous_seizures": True, "seizure_rate_per_hour": 120.0, "fs_hz": 128.0,
+                "n_channels": 1, "seed": 0}
+        params = patient_params_for(spec)
+        assert params.min_interval_s == 15.0 and params.seizure_duration_s[1] <= 13.5
+        make_patient(spec)   # validates the parameters
+    # the cohort's own rate and durations are left alone when no rate is given
+    own = patient_params_for({"patient": 3, "spontaneous_seizures": True, "seizure_rate_per_hour": None})
+    assert own == patient_params(3)
