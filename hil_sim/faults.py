@@ -501,12 +501,18 @@ class DeviceFaultInjector:
 
     def run(self) -> None:
         """Apply each device fault edge at its time until the plan is done or :meth:`stop`."""
-        watching: dict[int, int] = {}   # schedule index -> corrupted-replies count to reach
+        # schedule index -> (the emulator corrupting, its corrupted-replies count to reach)
+        watching: dict[int, tuple[object, int]] = {}
         plan = list(self._plan)
         while not self._done.is_set() and (plan or watching):
             now = self.clock()
-            for idx, target in list(watching.items()):
-                if self.device.emulator.counters["replies_corrupted"] >= target:
+            for idx, (emu, target) in list(watching.items()):
+                if self.device.emulator is not emu:
+                    # unplugged (and maybe plugged again: a fresh emulator, fresh counters) before
+                    # the corrupted replies were all sent: what was left of the fault went with it
+                    self.log.end(idx, now, cut_short_by="device_unplug")
+                    del watching[idx]
+                elif emu.counters["replies_corrupted"] >= target:
                     self.log.end(idx, now)
                     del watching[idx]
             while plan and plan[0][0] <= now:
@@ -532,7 +538,11 @@ class DeviceFaultInjector:
                 self.log.end(tr.index, self.clock())
         elif f.kind == "corrupt_frames":
             emu = dev.emulator
-            watching[tr.index] = emu.counters["replies_corrupted"] + f.n
+            if emu is None:   # unplugged at that moment: no device to corrupt replies of
+                self.log.start(tr.index, f, self.clock())
+                self.log.end(tr.index, self.clock(), skipped="device unplugged")
+                return
+            watching[tr.index] = (emu, emu.counters["replies_corrupted"] + f.n)
             emu.corrupt_next(f.n)
             self.log.start(tr.index, f, self.clock())
         elif f.kind == "device_unplug":

@@ -186,3 +186,39 @@ def test_apply_sim_faults_mutes_simulated_stimulator_and_logs():
     # the safe state still works while muted: stop never raises
     stim.set_mute(True)
     assert stim.stop().ok is False
+
+
+def test_an_unplug_during_corrupt_frames_leaves_the_injector_running_and_the_device_plugged_back(tmp_path):
+    """Real emulator on a real pty, no host: the corrupted replies never come, then the device is
+    unplugged and plugged again. The injector must carry on (it used to die reading the counters
+    of the unplugged emulator, and never plug the device back in)."""
+    import time
+
+    from hil_sim.emulator import StimulatorEmulator
+    from hil_sim.faults import DeviceFaultInjector
+    from hil_sim.process import EmulatedDevice
+
+    device = EmulatedDevice(lambda fd: StimulatorEmulator(fd, clock=time.monotonic), tmp_path / "port")
+    device.plug()
+    sched = FaultSchedule([{"kind": "corrupt_frames", "at_s": 0.05, "n": 3},
+                           {"kind": "device_unplug", "at_s": 0.10, "duration_s": 0.1},
+                           {"kind": "corrupt_frames", "at_s": 0.15, "n": 1}])   # while unplugged
+    log = FaultLog()
+    inj = DeviceFaultInjector(sched, device, time.monotonic, time.monotonic(), log).start()
+    try:
+        deadline = time.monotonic() + 10.0
+        while inj._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not inj._thread.is_alive(), "the injector should finish its plan"
+        assert inj.errors == []
+        assert device.emulator is not None          # plugged back in
+        by_kind = {}
+        for r in log.records():
+            by_kind.setdefault(r["kind"], []).append(r)
+        first, during = by_kind["corrupt_frames"]
+        assert first.get("cut_short_by") == "device_unplug" and first["t_end"] is not None
+        assert during.get("skipped") == "device unplugged"
+        assert by_kind["device_unplug"][0]["t_end"] is not None
+    finally:
+        inj.stop()
+        device.unplug()
