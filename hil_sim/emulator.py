@@ -23,7 +23,7 @@ import select
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,6 +46,17 @@ LATE_TOLERANCE_S = 0.002
 MAX_SCHEDULE_AHEAD_S = P.MAX_SCHEDULE_AHEAD_S
 DEDUP_DEPTH = 32
 FLUSH_EVERY_S = 0.5
+# A partial frame still waiting for bytes after the line has been quiet this long is abandoned
+# (FrameDecoder.flush, counted ``truncated``) and what follows it is rescanned (PROTOCOL.md §2
+# step 4). Far above the byte gaps inside one frame (the largest, 202 bytes, takes ~2 ms at
+# 1 Mbaud), far below the host's default 50 ms reply timeout: a command hidden behind a false
+# header in line noise is answered before the host gives up on it and calls it failed.
+QUIET_FLUSH_S = 0.010
+# Records of every kind kept in memory (``recent_records``); the JSONL log keeps them all.
+RECENT_RECORDS = 1000
+# Routine successful frames: kept in the log and in ``recent_records`` only, not in ``records``
+# (heartbeats every 0.1 s would otherwise grow it by ~290 MB a day).
+_ROUTINE_TYPES = frozenset({"HEARTBEAT", "STATUS"})
 
 
 @dataclass(slots=True)
@@ -64,9 +75,16 @@ class _Pending:
 class StimulatorEmulator:
     """Device emulator on the master end of a pty (or any serial device path).
 
-    ``records`` is the ground truth: one dict per received frame once its
-    outcome is final (triggers when delivered or cancelled), plus ``WATCHDOG``
-    entries. ``counters`` holds decoder error counts and protocol counters.
+    Ground truth, one dict per received frame once its outcome is final
+    (triggers when delivered or cancelled, also when the emulator stops), plus
+    ``WATCHDOG`` entries. The JSONL log (``log_path``) holds every record.
+    In memory, ``records`` holds every record except successful HEARTBEAT and
+    STATUS frames (routine: ~10 a second for as long as a session runs), so it
+    grows with the commands that matter (HELLO, CONFIGURE, TRIGGER, STOP,
+    refusals, retries of those, watchdog trips), not with time;
+    ``recent_records`` holds the last ``RECENT_RECORDS`` records of every kind.
+    ``counters`` holds protocol counters (``records_routine``: routine records
+    left out of ``records``); ``decoder.errors`` the decoder's error counts.
     """
 
     def __init__(self, master_fd: int | str, clock: Callable[[], float] = pylsl.local_clock,
@@ -91,9 +109,10 @@ class StimulatorEmulator:
         self.watchdog_s = float(watchdog_s)
         self.on_deliver = on_deliver
         self.records: list[dict] = []
+        self.recent_records: deque[dict] = deque(maxlen=RECENT_RECORDS)
         self.counters: dict[str, int] = {"frames": 0, "acks": 0, "nacks": 0, "duplicates": 0,
                                          "deliveries": 0, "watchdog_trips": 0, "replies_dropped": 0,
-                                         "replies_corrupted": 0}
+                                         "replies_corrupted": 0, "records_routine": 0}
         self.decoder = P.FrameDecoder()
         self._lock = threading.Condition()
         self._configs: dict[int, StimParams] = {}
@@ -127,13 +146,22 @@ class StimulatorEmulator:
         return self
 
     def stop(self) -> None:
-        """Stop the threads, flush and close the log (and the fd if we opened it)."""
+        """Stop the threads, flush and close the log (and the fd if we opened it).
+
+        The device goes off: running bursts end and scheduled triggers not yet delivered are
+        cancelled and recorded (``cancelled: emulator stopped``), so the ground truth holds
+        every TRIGGER the device accepted, also when a session ends or the device is unplugged.
+        """
         self._stop_evt.set()
         with self._lock:
             self._lock.notify_all()
         for th in self._threads:
             th.join(timeout=2.0)
         self._threads = []
+        with self._lock:
+            # After the join: a trigger the scheduler was delivering is delivered (and off the
+            # heap) or still pending here, never both.
+            self._stop_all_locked(self.clock(), "emulator stopped")
         with self._write_lock:
             if self._log is not None:
                 self._log.flush()
@@ -188,12 +216,21 @@ class StimulatorEmulator:
 
     def _reader_loop(self) -> None:
         fd = self._fd
+        # monotonic time of the last read that left a partial frame in the decoder, else None
+        partial_since: float | None = None
         while not self._stop_evt.is_set():
+            timeout = 0.05
+            if partial_since is not None:
+                timeout = max(0.0, min(timeout, partial_since + QUIET_FLUSH_S - time.monotonic()))
             try:
-                r, _, _ = select.select([fd], [], [], 0.05)
+                r, _, _ = select.select([fd], [], [], timeout)
             except (OSError, ValueError):
                 return
             if not r:
+                if partial_since is not None and time.monotonic() - partial_since >= QUIET_FLUSH_S:
+                    partial_since = None
+                    if not self._mute:
+                        self._flush_decoder()
                 continue
             try:
                 data = os.read(fd, 4096)
@@ -210,6 +247,21 @@ class StimulatorEmulator:
             if self._mute:
                 continue
             for frame in self.decoder.feed(data):
+                self._handle(frame, now)
+            # A lone trailing sync byte cannot hide a frame; anything longer may be a false header.
+            partial_since = time.monotonic() if self.decoder.pending >= len(P.SYNC) else None
+
+    def _flush_decoder(self) -> None:
+        """The line went quiet with a partial frame buffered (PROTOCOL.md §2 step 4): abandon it
+        (``truncated``, part of STATUS ``rx_errors``) and act on the frames found behind it.
+
+        Those frames are stamped with the time the device could decode them, now: a deliver-at
+        time is then judged late or not from when the device could act on it.
+        """
+        frames = self.decoder.flush()
+        if frames:
+            now = self.clock()
+            for frame in frames:
                 self._handle(frame, now)
 
     def _scheduler_loop(self) -> None:
@@ -483,7 +535,11 @@ class StimulatorEmulator:
                 if k != "channel":
                     rec[k] = v
         with self._lock:
-            self.records.append(rec)
+            self.recent_records.append(rec)
+            if rec["ok"] and rec["type"] in _ROUTINE_TYPES:
+                self.counters["records_routine"] += 1
+            else:
+                self.records.append(rec)
         with self._write_lock:
             if self._log is not None:
                 self._log.write(json.dumps(rec, separators=(",", ":")) + "\n")
