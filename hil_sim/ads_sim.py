@@ -27,6 +27,7 @@ spin went).
 from __future__ import annotations
 
 import argparse
+import signal
 import json
 import os
 import sys
@@ -63,7 +64,9 @@ class EmulatorProcess:
         os.set_blocking(self.read_fd, False)
         ctx = mp.get_context("fork")
         self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_emulator_main, args=(master_fd, watchdog_s, log_path, write_fd, child_conn),
+        # The child is forked: it also gets this side's pipe ends, which it closes first (see _emulator_main).
+        self._proc = ctx.Process(target=_emulator_main,
+                                 args=(master_fd, watchdog_s, log_path, write_fd, child_conn, (self._conn, self.read_fd)),
                                  name="stimulator-emulator", daemon=True)
         self._proc.start()
         os.close(write_fd)
@@ -96,11 +99,20 @@ class EmulatorProcess:
         return got
 
 
-def _emulator_main(master_fd: int, watchdog_s: float, log_path: str | None, write_fd: int, conn) -> None:
-    """Child body: run the emulator until the parent says stop, then send back its ground truth."""
+def _emulator_main(master_fd: int, watchdog_s: float, log_path: str | None, write_fd: int, conn,
+                   parent_ends: tuple = ()) -> None:
+    """Child body: run the emulator until the parent says stop (or dies), then send back its ground truth."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent orders the shutdown
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a group SIGTERM: the parent stops us in order
+    # Forked with the parent's ends of both pipes: while we hold them, the parent's death never
+    # shows here as EOF, and we would outlive it holding the pty (orphaned, PPID 1).
+    for end in parent_ends:
+        if isinstance(end, int):
+            os.close(end)
+        else:
+            end.close()
 
     def deliver(t_lsl: float, params: StimParams) -> None:
         line = json.dumps({"t": t_lsl, "params": params.to_dict()}).encode() + b"\n"
@@ -243,6 +255,14 @@ def run_simulated(mode: str = "ads", duration_s: float = 20.0, seed: int = 0, ra
             "n_pulses": len(gt["pulses"]), "rate_hz": len(gt["pulses"]) / units.t, "ground_truth": gt}
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hil_sim.ads_sim", description=__doc__.splitlines()[0])
     ap.add_argument("--fd", type=int, required=True, help="inherited pty master fd for the emulator")
@@ -260,14 +280,23 @@ def main(argv: list[str] | None = None) -> int:
                      chunk_n=int(spec.get("chunk_n", 30)))
     print(f"ready {hil.source_id}", flush=True)
     stop = threading.Event()
-    line = sys.stdin.readline().strip()
+    # SIGTERM (ours, or the whole group's) takes the same path as "stop": ground truth still written,
+    # the emulator process stopped rather than orphaned.
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        line = sys.stdin.readline().strip()
+    except _Terminated:
+        line = ""
     if line != "start":
         emulator.stop()
         return 1
     th = threading.Thread(target=hil.run, args=(stop,), name="spiking-outlet", daemon=True)
     th.start()
-
-    sys.stdin.readline()          # "stop" or EOF
+    try:
+        sys.stdin.readline()          # "stop" or EOF
+    except _Terminated:
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not cut the ground truth short
     stop.set()
     th.join(timeout=5.0)
     hil._render_deliveries()   # pulses delivered after the last block still belong to the ground truth

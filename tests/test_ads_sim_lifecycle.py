@@ -1,0 +1,49 @@
+"""hil_sim.ads_sim's stimulator-emulator process does not outlive the simulator that started it."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+PARENT = """
+import sys, time
+from hil_sim.pty_pair import open_pty_pair
+from hil_sim.ads_sim import EmulatorProcess
+fd, path = open_pty_pair()
+ep = EmulatorProcess(fd, watchdog_s=1.0)
+print(ep._proc.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_the_emulator_process_stops_when_its_parent_dies(sig):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.send_signal(sig)
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), f"emulator process {child} outlived its parent (signal {sig.name})"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
