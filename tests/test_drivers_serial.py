@@ -141,7 +141,8 @@ def test_truncated_command_then_valid_command(rig):
     stim.configure(BURST)
     stim.trigger(1)
     assert _wait_until(lambda: len(delivered) == 1)
-    assert emu.decoder.errors["crc"] >= 1
+    # a CRC error, or "truncated" when the line went quiet for 10 ms between the two writes (PROTOCOL.md §2)
+    assert emu.decoder.errors["crc"] + emu.decoder.errors["truncated"] >= 1
 
 
 def test_nack_becomes_stimulator_error_with_code_name(rig):
