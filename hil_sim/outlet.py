@@ -123,10 +123,7 @@ class PatientOutlet:
         while not stop_event.is_set():
             if t_end is not None and p.t >= t_end - 1e-12:
                 break
-            with self.lock:
-                n0 = p.n_samples
-                n_next = n0 + self.chunk_n
-                x = p.step(self.chunk_n)
+            n_next = p.n_samples + self.chunk_n   # only this thread steps the patient
             t_last = self.t0 + (n_next - 1) / fs
             # Sleep-then-spin until the last sample of the chunk "exists".
             while True:
@@ -138,6 +135,12 @@ class PatientOutlet:
                 time.sleep(wait - spin if wait > spin else 0)
             if clock() < t_last:
                 break  # stopped while waiting: a chunk never leaves before its last sample exists
+            # Computed only now that its last sample exists, as an amplifier measures it: a pulse
+            # delivered while we waited is in it (computed before the wait, a burst starting within
+            # one chunk of a push never showed in the signal).
+            with self.lock:
+                n0 = p.n_samples
+                x = p.step(self.chunk_n)
             if self.faults is None:
                 # Stamped as the chunk is handed over, not after push_chunk returns: the reader may
                 # have it before the call returns (a 32-channel chunk's call: p50 30 µs, p99 ~250 µs

@@ -60,7 +60,6 @@ def test_outlet_paces_real_time_with_patient_timestamps():
     # Timestamps are t0 + patient time, and each sample leaves after its own time.
     k = np.rint((ts - out.t0) * fs)
     np.testing.assert_allclose(ts, out.t0 + k / fs, atol=1e-6)
-    assert ts[-1] <= pylsl.local_clock()
     assert out.patient_time(out.lsl_time(1.25)) == pytest.approx(1.25)
     # Push times: one per chunk, in order, none before the chunk's last sample existed.
     push = out.push_times()
@@ -71,6 +70,51 @@ def test_outlet_paces_real_time_with_patient_timestamps():
     chunk = ((np.rint((ts - out.t0) * fs) - out.push_first_sample) // out.chunk_n).astype(int)
     assert chunk.min() >= 0 and chunk.max() < push.size
     assert np.all(push[chunk] <= np.asarray(got_t))
+
+
+def test_a_pulse_delivered_while_the_outlet_waits_shows_in_the_chunk_it_falls_in():
+    """The controller reacts to a chunk and the stimulator delivers a burst at once: its artifact
+    must be in the very next samples (the outlet used to compute each chunk before waiting for its
+    time, so a burst starting within one chunk of a push never showed in the signal)."""
+    from drivers.params import StimParams
+    from hil_sim.patient import PatientParams
+
+    fs, n_ch = 512.0, 4
+    patient = SimulatedPatient(fs_hz=fs, n_channels=n_ch, seed=1,
+                               params=PatientParams(interictal_spike_rate_per_min=0.0, seizure_rate_per_hour=0.0))
+    source_id = f"test-hil-outlet-pulse-{id(patient)}"
+    out = PatientOutlet(patient, stream_name="stimloop-sim-test", source_id=source_id, chunk_s=1 / 32)
+    burst = StimParams(channel=0, amplitude_ua=1000.0, pulse_width_us=100.0, frequency_hz=150.0, n_pulses=3)
+    stop = threading.Event()
+    th = threading.Thread(target=out.run, args=(stop,), daemon=True)
+    th.start()
+    xs, tss, t_deliver = [], [], None
+    try:
+        assert out.started.wait(5.0)
+        inlet = pylsl.StreamInlet(pylsl.resolve_byprop("source_id", source_id, 1, 5.0)[0], max_buflen=5)
+        inlet.open_stream(timeout=5.0)
+        buf = np.empty((512, n_ch), dtype=np.float32)
+        t_give_up = pylsl.local_clock() + 10.0
+        while pylsl.local_clock() < t_give_up:
+            _, ts = inlet.pull_chunk(timeout=0.2, max_samples=512, dest_obj=buf)
+            if len(ts):
+                xs.append(buf[:len(ts)].copy())
+                tss.append(np.asarray(ts))
+                if t_deliver is None and ts[-1] - out.t0 > 1.0:
+                    t_deliver = pylsl.local_clock()        # as hil_sim.process delivers a TRIGGER
+                    with out.lock:
+                        patient.stimulate(out.patient_time(t_deliver), burst)
+                elif t_deliver is not None and ts[-1] > t_deliver + 0.1:
+                    break
+    finally:
+        stop.set()
+        th.join(5.0)
+    assert t_deliver is not None
+    x, ts = np.concatenate(xs), np.concatenate(tss)
+    before = np.abs(x[ts < t_deliver]).max()
+    first = (ts >= t_deliver) & (ts < t_deliver + 3 / fs)       # the samples at the first pulse
+    assert first.any()
+    assert np.abs(x[first]).max() > 5 * before, (np.abs(x[first]).max(), before)
 
 
 def test_outlet_bad_chunk():
