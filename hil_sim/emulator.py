@@ -90,7 +90,8 @@ class StimulatorEmulator:
     def __init__(self, master_fd: int | str, clock: Callable[[], float] = pylsl.local_clock,
                  capabilities: DeviceCapabilities = DEFAULT_CAPABILITIES, watchdog_s: float = 0.5,
                  on_deliver: Callable[[float, StimParams], None] | None = None,
-                 log_path: str | os.PathLike | None = None) -> None:
+                 log_path: str | os.PathLike | None = None,
+                 on_stop: Callable[[float, list[int]], None] | None = None) -> None:
         if not watchdog_s > 0:
             raise ValueError(f"watchdog_s {watchdog_s} invalid, expected > 0 seconds")
         if not 1 <= capabilities.n_channels <= 8:
@@ -108,6 +109,9 @@ class StimulatorEmulator:
         self.capabilities = capabilities
         self.watchdog_s = float(watchdog_s)
         self.on_deliver = on_deliver
+        # Called (with the emulator's lock held: it must not call back into the emulator) when bursts
+        # running on channels are cut short (STOP, watchdog, HELLO, stop()): (t, channels).
+        self.on_stop = on_stop
         self.records: list[dict] = []
         self.recent_records: deque[dict] = deque(maxlen=RECENT_RECORDS)
         self.counters: dict[str, int] = {"frames": 0, "acks": 0, "nacks": 0, "duplicates": 0,
@@ -467,6 +471,8 @@ class StimulatorEmulator:
         stopped = sorted(ch for ch, until in self._active_until.items() if until > now)
         for ch in stopped:
             self._active_until[ch] = now
+        if stopped and self.on_stop is not None:
+            self.on_stop(now, list(stopped))
         for p in self._pending:
             if not p.cancelled:
                 p.cancelled = True

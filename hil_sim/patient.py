@@ -223,6 +223,7 @@ class _Burst:
     pulse_t: np.ndarray     # pulse onset times (s)
     amp_uv: np.ndarray      # (n_channels,) peak per channel
     tau_s: float
+    channel: int = 0        # stimulator channel that delivered it
 
 
 class SimulatedPatient:
@@ -353,10 +354,38 @@ class SimulatedPatient:
             amp = (p.artifact_uv_per_ua * params.amplitude_ua
                    * np.exp(-np.abs(self._ch_pos - site) / p.artifact_spread))
             tau = p.artifact_tau_base_s + p.artifact_tau_per_pulse_width * params.pulse_width_us * 1e-6
-            self._bursts.append(_Burst(t + np.arange(params.n_pulses) / params.frequency_hz, amp, tau))
+            self._bursts.append(_Burst(t + np.arange(params.n_pulses) / params.frequency_hz, amp, tau, params.channel))
         # The burst acts on the seizure once fully delivered.
         self._pending_effects.append((t + params.burst_duration_s, float(t), params, idx))
         self._pending_effects.sort(key=lambda e: e[0])
+
+    def stop_stimulation(self, t: float, channels) -> None:
+        """The stimulator stopped what it was delivering on ``channels`` at patient time ``t`` (STOP,
+        its watchdog, a HELLO): pulses after ``t`` never came, and a cut burst acts on the seizure
+        with what it delivered, at ``t``. The ground truth keeps the cut (``stopped_at_s``,
+        ``n_pulses_delivered`` or ``duration_delivered_s``)."""
+        chans = set(int(c) for c in channels)
+        for b in self._bursts:
+            if b.channel in chans:
+                b.pulse_t = b.pulse_t[b.pulse_t < t]
+        kept = []
+        for t_eff, t_stim, params, idx in self._pending_effects:
+            if params.channel not in chans or not t_stim <= t < t_eff:
+                kept.append((t_eff, t_stim, params, idx))
+                continue
+            rec = self.ground_truth.stim[idx]
+            if params.is_pulsed:
+                k = int(np.count_nonzero(t_stim + np.arange(params.n_pulses) / params.frequency_hz < t))
+                cut = params.with_(n_pulses=k) if k else None
+                self.ground_truth.stim[idx] = StimRecord(rec.t, {**rec.params, "stopped_at_s": float(t),
+                                                                  "n_pulses_delivered": k})
+            else:
+                cut = params.with_(duration_s=t - t_stim) if t > t_stim else None
+                self.ground_truth.stim[idx] = StimRecord(rec.t, {**rec.params, "stopped_at_s": float(t),
+                                                                  "duration_delivered_s": float(t - t_stim)})
+            if cut is not None:
+                kept.append((float(t), t_stim, cut, idx))
+        self._pending_effects = sorted(kept, key=lambda e: e[0])
 
     def step(self, n: int) -> np.ndarray:
         """Produce the next ``n`` samples: (n, n_channels) float32 µV; advances ``t``."""
@@ -512,8 +541,8 @@ class SimulatedPatient:
         keep = []
         for b in self._bursts:
             horizon = 10.0 * b.tau_s + 2.0 / fs
-            if b.pulse_t[-1] + horizon < t_first:
-                continue  # fully in the past: drop
+            if not b.pulse_t.size or b.pulse_t[-1] + horizon < t_first:
+                continue  # fully in the past (or stopped before its first pulse): drop
             keep.append(b)
             sel = b.pulse_t[(b.pulse_t <= t_last) & (b.pulse_t + horizon >= t_first)]
             if sel.size == 0:

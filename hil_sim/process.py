@@ -210,10 +210,18 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
                 # A pulse just before the first sample (t0) lands on it: patient time starts at 0.
                 patient.stimulate(max(0.0, t_lsl - outlet.t0), params)
 
+        def stop_bursts(t_lsl: float, channels: list[int]) -> None:
+            # A burst the device cut short (STOP, watchdog, HELLO) is cut in the patient too (the
+            # spiking units get single ADS pulses: nothing to cut there).
+            if hasattr(patient, "stop_stimulation"):
+                with outlet.lock:
+                    patient.stop_stimulation(max(0.0, t_lsl - outlet.t0), channels)
+
         def make_emulator(fd: int) -> StimulatorEmulator:
             # Replugged emulators append to the same device log: one ground truth per session.
             return StimulatorEmulator(fd, clock=pylsl.local_clock, watchdog_s=spec.get("watchdog_s", 0.5),
-                                      on_deliver=deliver, log_path=(out / "device_log.jsonl") if out else None)
+                                      on_deliver=deliver, on_stop=stop_bursts,
+                                      log_path=(out / "device_log.jsonl") if out else None)
 
         device = EmulatedDevice(make_emulator, link_dir / PORT_LINK_NAME)
         pty = device.plug()

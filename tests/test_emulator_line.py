@@ -16,6 +16,7 @@ import select
 import time
 import tty
 
+import numpy as np
 import pylsl
 import pytest
 
@@ -199,3 +200,42 @@ def test_routine_heartbeats_are_logged_but_not_kept_in_memory(line):
     recent = list(emu.recent_records)
     assert 0 < len(recent) < n and recent[-1]["type"] == "STATUS"
     assert emu.counters["records_routine"] == n + 1
+
+
+# ---------------------------------------------------------------- a burst cut short reaches the patient
+
+def test_a_burst_stopped_on_the_device_is_cut_in_the_patient_too():
+    """STOP 0.1 s into a 2 s burst: the device's on_stop hook cuts it in the simulated patient
+    (hil_sim.process wires it so), whose pulses and seizure effect end there too; the ground
+    truth says how much was delivered."""
+    from hil_sim.patient import PatientParams, SimulatedPatient
+
+    pt = SimulatedPatient(512.0, 8, seed=0, params=PatientParams(interictal_spike_rate_per_min=0.0,
+                                                                  seizure_rate_per_hour=0.0))
+    t0 = pylsl.local_clock()
+    master_fd, slave = open_pty_pair()
+    emu = StimulatorEmulator(master_fd, watchdog_s=30.0,
+                             on_deliver=lambda t, p: pt.stimulate(t - t0, p),
+                             on_stop=lambda t, chans: pt.stop_stimulation(t - t0, chans)).start()
+    long_burst = StimParams(channel=0, amplitude_ua=1000.0, pulse_width_us=100.0, frequency_hz=100.0, n_pulses=200)
+    stim = SerialStimulator(slave, timeout_s=0.5, retries=3)
+    stim.open()
+    try:
+        stim.configure(long_burst)
+        stim.trigger(0)
+        assert _wait(lambda: emu.deliveries())
+        time.sleep(0.1)
+        stim.stop()
+    finally:
+        stim.close()
+        emu.stop()
+        close_pty(master_fd)
+    (t_stim, params), = [(r.t, r.params) for r in pt.ground_truth.stim]
+    t_stop = params["stopped_at_s"]
+    assert 0.05 < t_stop - t_stim < 1.9
+    k = params["n_pulses_delivered"]
+    assert 1 <= k < 200 and k == int(np.ceil((t_stop - t_stim) * 100.0 - 1e-9))
+    burst = pt._bursts[0]
+    assert burst.pulse_t.size == k and burst.pulse_t.max() < t_stop
+    (t_eff, _, cut, _), = pt._pending_effects
+    assert t_eff == t_stop and cut.n_pulses == k                      # acts with the charge it got, when cut
