@@ -36,7 +36,7 @@ def test_background_vs_spike_wave_vs_fast_onset():
     assert 3.0 <= _peak_hz(sw) <= 6.0
     assert 10.0 <= _peak_hz(fast) <= 20.0
     assert sw.std(axis=0).min() > 10 * bg.std(axis=0).max()
-    assert fast.std(axis=0).mean() < 1.5 * bg.std(axis=0).mean()   # "low-voltage"
+    assert fast.std(axis=0).mean() < bg.std(axis=0).mean()   # "low-voltage": below background (0.77× here)
     ll = lambda y: np.abs(np.diff(y, axis=0)).mean()  # noqa: E731
     assert ll(sw) > 5 * ll(bg)
     # The fast onset carries more 10–20 Hz power than background does.
