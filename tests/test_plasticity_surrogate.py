@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -116,3 +117,15 @@ def test_cli_evaluate_sensitivity_curves(tmp_path):
 def test_raw_from_protocols_maps_no_reward_to_zero():
     raw = raw_from_protocols([Protocol(frequency_hz=10.0, reward=0.8, reward_delay_s=None)])
     assert raw[0, RAW_NAMES.index("reward_um")] == 0.0 and raw[0, RAW_NAMES.index("reward_delay_s")] == 0.0
+
+
+def test_ti_with_another_carrier_than_the_training_one_is_refused():
+    """The carrier is not an input; the simulator's Δw depends on it (its remnant adds drive)."""
+    pred = PlasticityPredictor()
+    ok = Protocol(frequency_hz=100.0, waveform="ti", amplitude_ua=1000.0, n_pulses=300)
+    assert math.isfinite(pred.predict(ok))
+    with pytest.raises(ValueError, match="carrier_hz=500.*2000 Hz carrier only"):
+        pred.predict(Protocol(frequency_hz=100.0, waveform="ti", amplitude_ua=1000.0, n_pulses=300, carrier_hz=500.0))
+    lo = expected_delta_w([Protocol(frequency_hz=100.0, waveform="ti", amplitude_ua=1000.0, n_pulses=300,
+                                    carrier_hz=c) for c in (150.0, 2000.0)])
+    assert lo[0] > 2 * lo[1]

@@ -233,7 +233,10 @@ over 400 random protocols.
   only with Δt < 0 in this model: with Δt > 0 and rare pairings the minimal
   triplet rule gives ≈ 0.
 - Recruitment, jitter and dopamine gain constants are model choices, unverified.
-- TI carrier frequency is not an input (the model's Δw does not depend on it).
+- TI carrier frequency is not an input: it was trained with a 2 kHz carrier, and the
+  predictor refuses TI with any other. The simulator's Δw does depend on the carrier
+  (its low-passed remnant adds drive): at a 100 Hz beat, 1000 µA, 300 pulses,
+  Δw 0.152 / 0.059 / 0.037 / 0.031 for carriers of 150 / 500 / 2000 / 20 000 Hz.
 
 Trained by `python -m models.plasticity.train` in {elapsed_s:.0f} s.
 """

@@ -142,6 +142,10 @@ def make_contract(metrics: dict, version: str = "1") -> dict:
     }
 
 
+#: The TI carrier of every training protocol (models/plasticity/train.py CARRIER_HZ).
+TRAINING_CARRIER_HZ = 2000.0
+
+
 class PlasticityPredictor:
     """Predict Δw of a stimulation protocol with the shipped ONNX surrogate.
 
@@ -185,6 +189,10 @@ class PlasticityPredictor:
 
     def predict(self, protocol: Protocol) -> float:
         """Expected Δw of one protocol (raises if a parameter is outside the trained range)."""
+        if protocol.waveform == "ti" and protocol.carrier_hz != TRAINING_CARRIER_HZ:
+            # not an input: every training protocol had this carrier, and the simulated Δw moves with it
+            raise ValueError(f"TI carrier_hz={protocol.carrier_hz:g}: this model was trained with a "
+                             f"{TRAINING_CARRIER_HZ:g} Hz carrier only (models/plasticity/MODEL_CARD.md)")
         rewarded = protocol.reward_delay_s is not None
         raw = (float(protocol.frequency_hz), float(_WF_CODE[protocol.waveform]), float(protocol.pulse_width_us),
                float(protocol.timing_ms), float(protocol.n_pulses), float(protocol.baseline_w),

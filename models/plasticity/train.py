@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from models.plasticity.protocols import expected_delta_w_arrays
-from models.plasticity.surrogate import (CONTRACT_KEY, DEFAULT_MODEL_PATH, FEATURE_NAMES, RAW_INPUTS, RAW_NAMES,
+from models.plasticity.surrogate import (TRAINING_CARRIER_HZ, CONTRACT_KEY, DEFAULT_MODEL_PATH, FEATURE_NAMES, RAW_INPUTS, RAW_NAMES,
                                          encode, make_contract)
 
 TRAIN_SEED = 20240601
 HELDOUT_SEED = 777
-CARRIER_HZ = 2000.0  # TI carrier for sampled protocols; Δw does not depend on it (tested)
+CARRIER_HZ = TRAINING_CARRIER_HZ  # TI carrier of every training protocol: the predictor takes no other
 
 
 def sample_raw(n: int, rng: np.random.Generator) -> np.ndarray:
