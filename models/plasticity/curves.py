@@ -183,7 +183,9 @@ protocols in microseconds. It knows only what the simulator knows: a toy model
   parameters (τ+ 16.8 ms, τ− 33.7 ms, τy 125 ms, A2+ 5e-10, A3+ 6.2e-3,
   A2− 7e-3), soft weight bounds [0, 1].
 - Reward: Izhikevich 2007 eligibility c (τc = 1 s) × dopamine d (τd = 0.2 s),
-  REFERENCE.md §7; reward delivered `reward_delay_s` after the last spike.
+  REFERENCE.md §7; reward delivered `reward_delay_s` after the last spike. A
+  hybrid: STDP also changes w directly (Izhikevich's rule has only the c·d path;
+  `models/plasticity/stdp.py`).
 - Protocol → spikes: each event recruits a pre/post pair with probability p
   (pulsed: Hill of charge amplitude × pulse width, Q50 = 100 nC; sine:
   phase-locked at peaks, membrane low-pass τm = 10 ms; TI: follows the beat

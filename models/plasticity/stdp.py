@@ -23,11 +23,16 @@ Rules (all facts from REFERENCE.md §7):
   J Neurosci 26:9673, Table 4, "visual cortex, all-to-all, minimal"; the table
   number is from memory and unverified; NEST's ``stdp_triplet`` defaults quote
   the same τ values for the full model).
-* **Reward-modulated STDP** (Izhikevich 2007): the STDP updates also feed an
+* **Reward-modulated STDP** (after Izhikevich 2007): the STDP updates also feed an
   eligibility trace c (τc = 1 s); a reward raises dopamine d by ``reward_um``
   which decays with τd = 0.2 s; dw/dt = gain·c·d (REFERENCE.md §7). After the
   last spike c and d are pure exponentials, so the reward contribution is the
-  closed form gain·R·c_end·exp(−delay/τc)·τc·τd/(τc+τd).
+  closed form gain·R·c_end·exp(−delay/τc)·τc·τd/(τc+τd). A deliberate hybrid:
+  here the STDP updates *also* change w directly, so a protocol's Δw is its
+  plain STDP plus the dopamine-gated part (the surrogate covers rewarded and
+  unrewarded protocols with one rule). Izhikevich's rule has only the c·d path;
+  ``hil_sim/spiking.py`` runs that pure form (with reward on, STDP goes only
+  into c), so the two differ for a synapse that gets no reward.
 
 Weight bounds: ``bounds="hard"`` clips to [w_min, w_max] after every update
 (Song et al. 2000); ``bounds="soft"`` scales LTP by (w_max − w) and LTD by
