@@ -363,6 +363,10 @@ class SeizureDetectorStage:
             raise ValueError(f"timestamps must have shape ({x.shape[0]},), got {ts.shape}")
         if x.shape[0] == 0:
             return []
+        if not np.isfinite(x).all():
+            # One NaN would poison the filters' state and the running baselines for good; the loop
+            # leaves such rows out before this (controller.data_quality.DataQuality).
+            raise ValueError("chunk holds NaN/inf samples: leave them out first (controller.data_quality)")
         if self.resampler is not None:
             y, src_idx = self.resampler.process(x)
             # Keep just enough source timestamps to map this chunk's outputs.

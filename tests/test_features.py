@@ -182,26 +182,30 @@ def test_resampler_errors():
 
 @pytest.mark.skipif(not DELHI.is_dir(), reason="real EEG folder missing")
 def test_real_eeg_200hz_ictal_has_higher_line_length():
-    """Real scalp EEG (200 Hz, 1 channel) through resampling to 256 Hz and sz_v1: finite features,
-    and ictal segments have larger line length than interictal ones (Esteller 2001)."""
+    """Real scalp EEG (200 Hz, 1 channel) through resampling to 256 Hz and the shipped pipeline
+    (sz_v2): finite features, and the pipeline's own absolute log line length is larger for ictal
+    segments than interictal ones (Esteller 2001), as the raw signal's is."""
     from scipy.io import loadmat
 
-    from controller.features import SzV1Pipeline
+    from controller.features import SzV2Pipeline
     from controller.inference import ModelContract, SeizureDetectorStage
 
-    contract = ModelContract(fs_hz=256.0, window_s=1.0, hop_s=0.25, n_channels=0, feature_pipeline="sz_v1",
-                             feature_names=SzV1Pipeline.feature_names, threshold=0.5, version="test")
-    ll_raw = {}
+    contract = ModelContract(fs_hz=256.0, window_s=1.0, hop_s=0.25, n_channels=0, feature_pipeline="sz_v2",
+                             feature_names=SzV2Pipeline.feature_names, threshold=0.5, version="test")
+    i_ll = SzV2Pipeline.feature_names.index("med_ll_abs")
+    ll_raw, ll_feat = {}, {}
     for kind in ("ictal", "interictal"):
         files = sorted((DELHI / kind).glob("*.mat"))[:20]
         assert files, f"no files in {DELHI / kind}"
-        vals = []
+        raw, feat = [], []
         for fpath in files:
             x = loadmat(fpath)[kind].ravel().astype(np.float32)[:, None]
             st = SeizureDetectorStage(contract, 200.0, 1)
             out = st.step(x, np.arange(x.shape[0]) / 200.0)
             assert len(out) >= 14  # 5.12 s -> windows every 0.25 s after the first 1 s
             assert all(np.all(np.isfinite(f)) for _, f in out)
-            vals.append(line_length(x) / x.shape[0])
-        ll_raw[kind] = np.median(vals)
+            raw.append(line_length(x) / x.shape[0])
+            feat.append(np.median([f[i_ll] for _, f in out]))
+        ll_raw[kind], ll_feat[kind] = np.median(raw), np.median(feat)
     assert ll_raw["ictal"] > 2 * ll_raw["interictal"]
+    assert ll_feat["ictal"] > ll_feat["interictal"] + np.log(2)   # log units: the same factor of 2

@@ -215,6 +215,10 @@ def test_stage_rejects_bad_input():
         st.step(np.zeros((4, 2)), np.zeros(5))
     with pytest.raises(ContractError, match="needs 4 channels"):
         SeizureDetectorStage(_contract(n_channels=4), 256.0, 2)
+    bad = np.zeros((4, 2))
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN/inf samples: leave them out first"):
+        st.step(bad, np.arange(4) / 256.0)
 
 
 def test_a_model_without_min_duration_builds_the_session_loop_with_the_default(toy_model):

@@ -390,6 +390,10 @@ def train_model(cfg: TrainConfig, progress: Callable[[str], None] | None = None)
                              "(EDF+ annotations or .npz onsets/offsets)")
         from models.seizure.dataset import features_for_recording
 
+        bad = int(np.count_nonzero(~np.isfinite(rec.data_uv)))
+        if bad:
+            raise ValueError(f"recording {path} holds {bad} NaN/inf samples: training needs finite data "
+                             "(cut those stretches out, or evaluate it with `stimloop evaluate`, which skips them)")
         f, ends = features_for_recording(rec.data_uv, rec.fs_hz, contract, chunk_n=256)
         lab = label_windows(ends, rec.seizures)
         X.append(f)
