@@ -591,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
+    # A benchmark killed outright must not leave its emulator running, holding the pty.
+    from controller.process_watch import stop_when_parent_dies
+    stop_when_parent_dies(done)
     emu.start()
     print("ready", flush=True)
     while not done.wait(0.5):

@@ -1,4 +1,4 @@
-"""hil_sim.ads_sim's stimulator-emulator process does not outlive the simulator that started it."""
+"""Simulator-side processes (the ADS simulator's emulator, a benchmark's emulator) do not outlive their parent."""
 import os
 import signal
 import subprocess
@@ -42,6 +42,35 @@ def test_the_emulator_process_stops_when_its_parent_dies(sig):
         while _alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(child), f"emulator process {child} outlived its parent (signal {sig.name})"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+EMULATOR_PARENT = """
+import subprocess, sys, time
+p = subprocess.Popen([sys.executable, "-m", "hil_sim.emulator", "--pty"], stdout=subprocess.PIPE, text=True)
+p.stdout.readline(); p.stdout.readline()   # the pty path, "ready"
+print(p.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_benchmarks_emulator_process_stops_when_the_benchmark_is_killed():
+    """``python -m hil_sim.emulator`` (benchmarks run it as a process of its own) watches its parent."""
+    parent = subprocess.Popen([sys.executable, "-c", EMULATOR_PARENT], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), f"emulator process {child} outlived the benchmark that started it"
     finally:
         if parent.poll() is None:
             parent.kill()
