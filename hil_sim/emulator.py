@@ -130,6 +130,7 @@ class StimulatorEmulator:
         self._mute = False
         self._corrupt_next = 0
         self._drop_next = 0
+        self._knob_lock = threading.Lock()   # the two knobs above: set by a fault injector, spent by _send
         self._stop_evt = threading.Event()
         self._threads: list[threading.Thread] = []
         self._log = open(log_path, "a", encoding="utf-8") if log_path is not None else None
@@ -190,12 +191,15 @@ class StimulatorEmulator:
         self._mute = bool(mute)
 
     def corrupt_next(self, n: int = 1) -> None:
-        """Flip a bit in the CRC of the next ``n`` replies (the command itself is still executed)."""
-        self._corrupt_next = int(n)
+        """Flip a bit in the CRC of ``n`` more replies (the command itself is still executed). Adds to
+        any still pending, so overlapping faults each get theirs."""
+        with self._knob_lock:
+            self._corrupt_next += int(n)
 
     def drop_next_replies(self, n: int = 1) -> None:
-        """Execute the next ``n`` commands but lose their replies (forces host retries)."""
-        self._drop_next = int(n)
+        """Execute ``n`` more commands but lose their replies (forces host retries); adds to any pending."""
+        with self._knob_lock:
+            self._drop_next += int(n)
 
     # ------------------------------------------------------------ views
 
@@ -512,14 +516,16 @@ class StimulatorEmulator:
     # ------------------------------------------------------------ output
 
     def _send(self, frame: bytes, is_reply: bool = True) -> None:
-        if is_reply and self._drop_next > 0:
-            self._drop_next -= 1
-            self.counters["replies_dropped"] += 1
-            return
-        if is_reply and self._corrupt_next > 0:
-            self._corrupt_next -= 1
-            self.counters["replies_corrupted"] += 1
-            frame = frame[:-1] + bytes([frame[-1] ^ 0x01])
+        if is_reply and (self._drop_next or self._corrupt_next):
+            with self._knob_lock:
+                if self._drop_next > 0:
+                    self._drop_next -= 1
+                    self.counters["replies_dropped"] += 1
+                    return
+                if self._corrupt_next > 0:
+                    self._corrupt_next -= 1
+                    self.counters["replies_corrupted"] += 1
+                    frame = frame[:-1] + bytes([frame[-1] ^ 0x01])
         try:
             os.write(self._fd, frame)
         except OSError:

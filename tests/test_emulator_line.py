@@ -239,3 +239,20 @@ def test_a_burst_stopped_on_the_device_is_cut_in_the_patient_too():
     assert burst.pulse_t.size == k and burst.pulse_t.max() < t_stop
     (t_eff, _, cut, _), = pt._pending_effects
     assert t_eff == t_stop and cut.n_pulses == k                      # acts with the charge it got, when cut
+
+
+def test_overlapping_corrupt_faults_each_get_their_replies(line):
+    """Two corrupt_frames faults in a row: 2 + 1 replies corrupted (the second used to replace the first's)."""
+    emu, slave, delivered, log = line
+    host = RawHost(slave)
+    try:
+        assert host.request(P.MsgType.HELLO, 1, P.encode_hello()).msg_type == P.MsgType.ACK
+        emu.corrupt_next(2)
+        emu.corrupt_next(1)
+        for seq in (2, 3, 4):
+            host.send(P.encode_frame(P.MsgType.HEARTBEAT, seq, P.encode_heartbeat(0.0)))
+            assert host.replies(seq, timeout_s=0.5) == []          # its reply arrives with a bad CRC
+        assert host.request(P.MsgType.HEARTBEAT, 5, P.encode_heartbeat(0.0)).msg_type == P.MsgType.ACK
+    finally:
+        host.close()
+    assert emu.counters["replies_corrupted"] == 3
