@@ -238,9 +238,10 @@ class Actuator:
         try:
             _checked(self.__driver.heartbeat(), "heartbeat")
         except Exception as exc:
-            if self._governor.latched is None:
+            if not self._latched_for("driver error"):
                 # Latched as a driver error before any device event is looked at: that reason
-                # decides what the runner does next (reconnect).
+                # decides what the runner does next (reconnect). Also under another latch (bad
+                # data, a stall): when that one is released, this one must still hold.
                 events += self._enter_safe_state(f"driver error during heartbeat: {_describe(exc)}", now)
             # else: already off and reported; a device that stays silent is not news every beat
             return events + self._device_events(now)
@@ -307,11 +308,12 @@ class Actuator:
                 "what": "device_changed", "reason": "reconnected device reports other capabilities"})]
         return events + [Event(now, EventKind.STATUS, self._source, {"what": "device_reconnected"})]
 
-    def reset(self) -> list[Event]:
-        """Clear the governor's latch (not after ``close``). Dose and rate history are kept."""
+    def reset(self, reason: str | None = None) -> list[Event]:
+        """Clear the governor's latch (not after ``close``): every reason, or only ``reason`` (its cause
+        went away; the others stay latched). Dose and rate history are kept."""
         if self._closed:
             raise RuntimeError("actuator is closed; build a new one to stimulate again")
-        return self._take_pending() + self._governor.reset(self._clock())
+        return self._take_pending() + self._governor.reset(self._clock(), reason)
 
     # ---- internals ---------------------------------------------------------------------
     def _stop(self, reason: str, now: float) -> list[Event]:
@@ -338,7 +340,7 @@ class Actuator:
         try:
             raw = self.__driver.drain_device_events()
         except Exception as exc:
-            if self._governor.latched is not None:
+            if self._latched_for("driver error"):
                 return []
             return self._enter_safe_state(f"driver error reading device events: {_describe(exc)}", now)
         if not raw:
@@ -351,10 +353,15 @@ class Actuator:
                 what, reason = "device_event", f"unknown device event code {code}"
             events.append(Event(now, EventKind.FAULT, self._source,
                                 {"what": what, "code": code, "device_t": device_t, "reason": reason}))
-        if self._governor.latched is None:
-            # The device is already off; the host must stop believing otherwise until someone resets.
+        if not (self._latched_for(what) or self._latched_for("driver error")):
+            # The device is already off; the host must stop believing otherwise until someone resets
+            # (also under bad data, a stall or a pause, which may be released first). Under a driver
+            # fault it is that fault's consequence (the host could not reach it): reported only.
             events += self._enter_safe_state(f"{what}: {reason} at device t={device_t}", now)
         return events
+
+    def _latched_for(self, prefix: str) -> bool:
+        return any(r.startswith(prefix) for r in self._governor.latch_reasons)
 
     def _enter_safe_state(self, reason: str, now: float, emergency: bool = False) -> list[Event]:
         stop_events = self._stop(reason, now)

@@ -131,12 +131,14 @@ class ChunkStep:
         """Heartbeat the device when due; after a device fault, try to reconnect once per ``reconnect_s``."""
         now = self.clock()
         events: list[Event] = []
-        if now >= self._next_reconnect and (self.actuator.governor.latched or "").startswith(DRIVER_FAULT):
+        driver_faults = [r for r in self.actuator.governor.latch_reasons if r.startswith(DRIVER_FAULT)]
+        if now >= self._next_reconnect and driver_faults:
             self._next_reconnect = now + self.reconnect_s
             back = self.actuator.reconnect()
             events.extend(back)
             if any(e.data.get("what") == "device_reconnected" for e in back):
-                events.extend(self.actuator.reset())
+                for reason in driver_faults:   # only the device's faults: bad data or an e-stop stay latched
+                    events.extend(self.actuator.reset(reason))
         if now >= self._next_hb:
             self._next_hb = now + self.heartbeat_s
             events.extend(self.actuator.heartbeat())
@@ -165,14 +167,14 @@ class ChunkStep:
         if self.stale:
             self.stale = False
             events.append(Event(t_read, EventKind.STATUS, self.source, {"what": "stream_resumed"}))
-            if actuator.governor.latched == STALE_REASON:
-                events.extend(actuator.reset())
+            if STALE_REASON in actuator.governor.latch_reasons:
+                events.extend(actuator.reset(STALE_REASON))
         was_bad = loop.bad_data
         windows = loop.windows(samples, timestamps, events)
         if loop.bad_data and not was_bad:
             events.extend(actuator.fault(BAD_DATA_REASON))
-        elif was_bad and not loop.bad_data and actuator.governor.latched == BAD_DATA_REASON:
-            events.extend(actuator.reset())
+        elif was_bad and not loop.bad_data and BAD_DATA_REASON in actuator.governor.latch_reasons:
+            events.extend(actuator.reset(BAD_DATA_REASON))
         for w in windows:
             if modeled:
                 t_feat = t_inf = w.window_end_t + self.modeled_latency_s

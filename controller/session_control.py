@@ -44,13 +44,15 @@ class SessionControl:
             self.pending_events += self.actuator.safe_state(f"{ESTOP_REASON} ({who})")
             return {"ok": True, "stimulation": "off"}
         if name == "resume":
-            latch = self.actuator.governor.latched
-            cause = (latch or "").removeprefix("emergency_stop: ")
-            if latch and not (cause.startswith(PAUSE_REASON) or cause.startswith(ESTOP_REASON)):
-                return {"ok": False, "error": f"cannot resume: stimulation is off after a fault ({latch}); "
+            operator, faults = [], []
+            for latch in self.actuator.governor.latch_reasons:
+                cause = latch.removeprefix("emergency_stop: ")
+                (operator if cause.startswith((PAUSE_REASON, ESTOP_REASON)) else faults).append(latch)
+            if faults:
+                return {"ok": False, "error": f"cannot resume: stimulation is off after a fault ({'; '.join(faults)}); "
                                               "fix the cause and restart the session"}
-            if latch:
-                self.pending_events += self.actuator.reset()
+            for latch in operator:   # the operator's own pause / e-stop, and nothing else
+                self.pending_events += self.actuator.reset(latch)
             self.step.paused = False
             return {"ok": True, "paused": False}
         if name == "set_param":

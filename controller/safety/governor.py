@@ -234,7 +234,9 @@ class SafetyGovernor:
         self._profile = profile
         self._caps = capabilities
         self._source = source
-        self._latched: str | None = None
+        # Every latched reason, oldest first: each cause is released on its own (bad data clean
+        # again, stream back, device reconnected) and one cause's release must not clear another's.
+        self._latches: dict[str, None] = {}
         self._impedance_ohm: float | None = None
         self._last_heartbeat_t: float | None = None
         self._last_now = -math.inf
@@ -269,8 +271,13 @@ class SafetyGovernor:
 
     @property
     def latched(self) -> str | None:
-        """Reason of the latched fault, or ``None`` when not latched."""
-        return self._latched
+        """Reason of the oldest latched fault, or ``None`` when not latched."""
+        return next(iter(self._latches), None)
+
+    @property
+    def latch_reasons(self) -> tuple[str, ...]:
+        """Every latched reason, oldest first (empty when not latched)."""
+        return tuple(self._latches)
 
     @property
     def impedance_ohm(self) -> float | None:
@@ -325,20 +332,29 @@ class SafetyGovernor:
 
     def fault(self, reason: str, now: float) -> list[Event]:
         """Latch the safe state: every request is refused until ``reset``. Returns one ``FAULT`` event."""
-        first = self._latched is None
-        if first:
-            self._latched = str(reason)
+        first = not self._latches
+        self._latches.setdefault(str(reason))
         return [Event(now, EventKind.FAULT, self._source,
-                      {"reason": str(reason), "latched": True, "latched_reason": self._latched, "first": first})]
+                      {"reason": str(reason), "latched": True, "latched_reason": self.latched, "first": first})]
 
     def emergency_stop(self, now: float, reason: str = "emergency_stop") -> list[Event]:
         """Same latch as ``fault``, with its own reason (operator or runner stop)."""
         return self.fault(reason if reason.startswith("emergency_stop") else f"emergency_stop: {reason}", now)
 
-    def reset(self, now: float) -> list[Event]:
-        """Clear a latched fault. Dose, rate history, impedance and heartbeat state are kept."""
-        cleared, self._latched = self._latched, None
-        return [Event(now, EventKind.STATUS, self._source, {"what": "reset", "cleared": cleared})]
+    def reset(self, now: float, reason: str | None = None) -> list[Event]:
+        """Clear the latch: every reason (``reason=None``: an operator's reset), or only ``reason`` (its
+        cause went away); the others stay latched. Dose, rate history, impedance and heartbeat state
+        are kept. ``cleared`` in the event is the oldest reason cleared (``None``: nothing was)."""
+        if reason is None:
+            gone, self._latches = list(self._latches), {}
+        elif reason in self._latches:
+            del self._latches[reason]
+            gone = [reason]
+        else:
+            gone = []
+        return [Event(now, EventKind.STATUS, self._source,
+                      {"what": "reset", "cleared": gone[0] if gone else None, "cleared_all": gone,
+                       "still_latched": list(self._latches)})]
 
     # ---- the decision ----------------------------------------------------------------
     def step(self, request: StimRequest, now: float) -> Decision:
@@ -372,8 +388,8 @@ class SafetyGovernor:
                 raise _Refused("clock", f"now={now} is before the previous step ({self._last_now}): clock went backwards")
             self._last_now = now
             self._prune(now)
-            if self._latched is not None:
-                raise _Refused("safe_state", f"latched safe state ({self._latched}); reset required")
+            if self._latches:
+                raise _Refused("safe_state", f"latched safe state ({'; '.join(self._latches)}); reset required")
             if not self.heartbeat_fresh(now):
                 raise _Refused("heartbeat", f"no heartbeat within {self._profile.heartbeat_timeout_s} s "
                                             f"(last at {self._last_heartbeat_t})")
