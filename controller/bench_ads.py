@@ -15,7 +15,11 @@ Measured against ground truth (one clock: ``pylsl.local_clock``):
 * ``spike_to_command_ms``: the device's receipt time of the TRIGGER minus the
   push time of the LSL chunk holding the detected spike sample — processing
   only (``spike_time_to_command_ms`` adds the wait for the chunk to be complete);
-* ``delay_error_ms``: delivered time − true spike time − 7.5 ms;
+* ``delay_error_ms``: delivered time − true spike time − 7.5 ms, every delivered
+  trigger included (one the device got after its time and delivered at once too);
+* ``deadline_misses``: spikes whose 7.5 ms delay had passed when the loop got to
+  submit them (dropped), whose TRIGGER the device refused as too late, or whose
+  TRIGGER reached the device after its time and was delivered at once (late);
 * ``missed_spikes``: true trigger spikes outside blanking windows with no
   detection within ±1 ms;
 * ``artifact_triggers``: detections matching no true spike within ±1 ms that
@@ -41,7 +45,7 @@ import numpy as np  # noqa: E402
 import pylsl  # noqa: E402
 
 from controller.actuator import Actuator  # noqa: E402
-from controller.bench.common import stats_ms  # noqa: E402
+from controller.bench.common import CpuMeter, stats_ms  # noqa: E402
 from controller.events import Event, EventKind  # noqa: E402
 from controller.low_latency import LowLatency  # noqa: E402
 from controller.metrics import chunk_index  # noqa: E402
@@ -55,7 +59,8 @@ from drivers.params import StimParams, Waveform  # noqa: E402
 from drivers.serial_stimulator import SerialStimulator  # noqa: E402
 from hil_sim.pty_pair import close_pty, open_pty_pair  # noqa: E402
 
-__all__ = ["run", "evaluate", "main", "DEFAULT_STIM", "spike_to_command_samples_ms", "chunk_latency_ms"]
+__all__ = ["run", "evaluate", "main", "DEFAULT_STIM", "spike_to_command_samples_ms", "chunk_latency_ms",
+           "intended_at"]
 
 FS_HZ = 30_000.0
 CHUNK_N = 30                 # 1 ms at 30 kHz
@@ -66,6 +71,9 @@ HEARTBEAT_S = 0.2
 # (~13 ms) ends well inside the 28 ms blanking (REFERENCE.md §2).
 DEFAULT_STIM = StimParams(channel=0, waveform=Waveform.BIPHASIC, amplitude_ua=50.0, pulse_width_us=200.0,
                           frequency_hz=333.0, n_pulses=1)
+# The protocol's deliver-at for "now" (drivers/PROTOCOL.md): the emulator records an immediate TRIGGER with
+# at = 0.0. It is not a time: such a record's intended time is the one the controller asked for.
+IMMEDIATE_AT = 0.0
 
 
 def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int = 0, n_channels: int = 32,
@@ -145,6 +153,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         cmd_submit = np.empty(cap)      # when submit() was called
         cmd_seq = np.empty(cap, np.int64)
         cmd_sent = np.empty(cap)        # when the driver started writing the TRIGGER frame (COMMAND sent_t)
+        cmd_at = np.empty(cap)          # the deliver-at time the policy asked for (req.at)
         n_cmd = 0
         decim = max(1, int(round(FS_HZ / telemetry_signal_hz)))
         tele_events: list = []
@@ -158,6 +167,9 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         n_chunks = 0
         n_gaps = n_lost = 0
         last_ts = None
+        # CPU of the simulator and of this process over the streaming run only: not the simulator's
+        # start-up (its imports cost ~1.4 s of CPU) nor the scoring afterwards.
+        cpu = CpuMeter({"controller": os.getpid(), "hil_sim (ads_sim)": proc.pid}).start()
         proc.stdin.write("start\n")
         proc.stdin.flush()
         t_start = None
@@ -186,11 +198,16 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                     # Blank before the pulse exists: its artifact can never reach the detector.
                     b0, b1 = blanking_window(req.at, blanking_ms)
                     det.blank(b0, b1)
-                    if req.at < now:
+                    # A fresh clock, not the pull's ``now``: the detector, the policy and earlier
+                    # commands of this chunk take time, and a request whose delay passes in between
+                    # would reach the governor in the past, which maps it to "now" (an immediate
+                    # trigger at the wrong delay). What still slips past this check (the governor
+                    # reads its clock a few µs later) is scored as a late delivery in ``evaluate``.
+                    t_sub = clock()
+                    if req.at < t_sub:
                         # Stalled past the imposed delay: a pulse at the wrong delay is worse than none.
                         n_too_late += 1
                         continue
-                    t_sub = clock()
                     evs = act.submit(req)
                     if telemetry is not None:
                         tele_events.extend(evs)
@@ -201,6 +218,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                         cmd_pulled[n_cmd] = now
                         cmd_seq[n_cmd] = evs[-1].data["seq"]
                         cmd_sent[n_cmd] = evs[-1].data["sent_t"]
+                        cmd_at[n_cmd] = req.at
                         cmd_spike[n_cmd] = req.meta.get("spike_t", req.at)
                         n_cmd += 1
                         blanks.append((b0, b1))
@@ -242,6 +260,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
             if t_start is not None and now - t_start >= duration_s:
                 break
         t_end = clock()
+        cpu_pct = cpu.stop()
         inlet.close_stream()
         del inlet
         proc.stdin.write("stop\n")
@@ -279,15 +298,22 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         np.savez(os.path.join(keep_dir, f"detections_{mode}.npz"), t=np.concatenate(det_t) if det_t else np.empty(0),
                  channel=np.concatenate(det_c) if det_c else np.empty(0, int), blanks=np.asarray(blanks).reshape(-1, 2))
     detections = (np.concatenate(det_t) if det_t else np.empty(0), np.concatenate(det_c) if det_c else np.empty(0, int))
+    # What the controller asked each TRIGGER for, by seq: an immediate delivery's record carries no time.
+    requested_at = {int(q): float(a) for q, a in zip(cmd_seq[:n_cmd], cmd_at[:n_cmd])}
     breakdown = _breakdown(gt, cmd_spike[:n_cmd], cmd_pulled[:n_cmd], cmd_submit[:n_cmd], cmd_sent[:n_cmd],
                            cmd_seq[:n_cmd])
     chunk_ms = chunk_latency_ms(gt, ch_rec[:n_chunks, 0], ch_rec[:n_chunks, 1], ch_rec[:n_chunks, 2],
                                 t_from=t_start + WARMUP_S)
-    res = evaluate(gt, detections, blanks, mode=mode, delay_s=delay_ms * 1e-3, t_eval=(t_start + WARMUP_S, t_end - 0.05))
+    res = evaluate(gt, detections, blanks, mode=mode, delay_s=delay_ms * 1e-3, t_eval=(t_start + WARMUP_S, t_end - 0.05),
+                   requested_at=requested_at)
+    misses = {"too_late_in_loop": n_too_late, "refused_too_late_by_device": int(refusal_rules.get("too_late", 0)),
+              "delivered_late": res["late_deliveries"]}
     res.update({"mode": mode, "duration_s": float(t_end - t_start), "channels": n_channels,
                 "trigger_channels": list(trigger_channels), "fs_hz": FS_HZ, "chunk_samples": CHUNK_N,
                 "k_sigma": k, "delay_ms": delay_ms, "blanking_ms": blanking_ms, "unit_rate_hz": unit_rate_hz,
                 "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
+                "deadline_misses": sum(misses.values()), "deadline_miss_breakdown": misses,
+                "cpu_percent": cpu_pct,
                 "controller_spike_to_submit_done_ms": stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
                 "breakdown_ms": {k: stats_ms(v) for k, v in breakdown.items()},
                 "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "warm": warm, "busy_poll": busy_poll, "pulls": n_chunks,
@@ -301,21 +327,41 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
     if return_samples:
         res["samples_ms"] = {"chunk_to_decision": chunk_ms.tolist(),
                              **{k: (np.asarray(v) * 1e3).tolist() for k, v in breakdown.items()},
-                             "spike_to_command": spike_to_command_samples_ms(gt, delay_ms * 1e-3).tolist()}
+                             "spike_to_command": spike_to_command_samples_ms(gt, delay_ms * 1e-3, requested_at).tolist()}
     return res
 
 
-def spike_to_command_samples_ms(gt: dict, delay_s: float) -> np.ndarray:
+def intended_at(rec: dict, requested_at: dict | None = None) -> float | None:
+    """The deliver-at time a TRIGGER record was meant for, or None if unknown.
+
+    A scheduled trigger's record carries it (``at``). An immediate one carries
+    ``IMMEDIATE_AT`` (0.0, "now"), which the governor sends when the requested
+    time had passed by the time it decided: its intended time is the
+    controller's own request, joined by ``seq`` from ``requested_at``. (Testing
+    ``at`` for truth dropped exactly those, the latest commands of a run.)
+    """
+    at = rec.get("at")
+    if at is not None and at != IMMEDIATE_AT:
+        return float(at)
+    if requested_at is None:
+        return None
+    return requested_at.get(rec.get("seq"))
+
+
+def spike_to_command_samples_ms(gt: dict, delay_s: float, requested_at: dict | None = None) -> np.ndarray:
     """Spike → command (ms) per delivered ADS trigger: the emulator's receipt time of the TRIGGER
-    minus the push time of the LSL block holding the spike sample (spike time = ``at`` − delay)."""
+    minus the push time of the LSL block holding the spike sample (spike time = intended ``at`` − delay;
+    ``requested_at``: ``{seq: at}`` the controller asked for, see :func:`intended_at`)."""
     if not delay_s >= 0:
         raise ValueError(f"delay_s={delay_s!r} invalid, expected >= 0 s")
     push_t = np.asarray(gt["push_t"], np.float64)
-    recs = [r for r in gt["emulator_records"]
-            if r.get("type") == "TRIGGER" and r.get("t_delivered") is not None and r.get("at")]
+    recs = [(r, intended_at(r, requested_at)) for r in gt["emulator_records"]
+            if r.get("type") == "TRIGGER" and r.get("t_delivered") is not None]
+    recs = [(r, a) for r, a in recs if a is not None]
     if not recs or push_t.size == 0:
         return np.empty(0)
-    at = np.array([r["at"] for r in recs], np.float64)
+    at = np.array([a for _, a in recs], np.float64)
+    recs = [r for r, _ in recs]
     received = np.array([r["t_received"] for r in recs], np.float64)
     block = chunk_index(at - delay_s, gt["t0"], gt["fs_hz"], gt["chunk_n"])
     ok = (block >= 0) & (block < push_t.size)
@@ -369,8 +415,14 @@ def _breakdown(gt: dict, spike_t, pulled_t, submit_t, sent_t, seq) -> dict:
 
 
 def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[tuple[float, float]], mode: str,
-             delay_s: float, t_eval: tuple[float, float]) -> dict:
-    """Score one run against the HIL ground truth (all times on the LSL clock)."""
+             delay_s: float, t_eval: tuple[float, float], requested_at: dict | None = None) -> dict:
+    """Score one run against the HIL ground truth (all times on the LSL clock).
+
+    ``requested_at``: ``{seq: deliver-at}`` as the controller asked (see :func:`intended_at`).
+    ``late_deliveries``: delivered TRIGGERs that reached the device after their intended time, so
+    the device delivered them at once (immediate, or scheduled but accepted within its lateness
+    tolerance): deadline misses that still stimulated, counted in ``delay_error_ms`` as they were.
+    """
     t0 = gt["t0"]
     true_t = np.asarray(gt["trigger_spikes"]["t"])
     true_c = np.asarray(gt["trigger_spikes"]["channel"])
@@ -414,12 +466,16 @@ def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[t
         if nearest(by_ch_det.get(int(c), np.empty(0)), t) > MATCH_S:
             missed += 1
 
-    s2c = spike_to_command_samples_ms(gt, delay_s) * 1e-3 if mode == "ads" else []
+    s2c = spike_to_command_samples_ms(gt, delay_s, requested_at) * 1e-3 if mode == "ads" else []
     s2c_wait, delay_err = [], []
+    late = 0
     for r in delivered:
-        if not r.get("at"):
+        at = intended_at(r, requested_at)
+        if at is None:
             continue
-        t_spike = r["at"] - delay_s if mode == "ads" else None
+        if r["t_received"] > at:
+            late += 1
+        t_spike = at - delay_s if mode == "ads" else None
         if mode == "ads":
             s2c_wait.append(r["t_received"] - t_spike)
             all_true = np.sort(true_t)
@@ -444,6 +500,7 @@ def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[t
         "unmatched_detections": unmatched,
         "pulses_requested": len(recs),
         "pulses_delivered": len(delivered),
+        "late_deliveries": late,
         "rate_hz": n_del_eval / dur,
         "weight_change": {mode: gt["w_final"] - gt["w_init"]},
         "w_init": gt["w_init"], "w_final": gt["w_final"],
@@ -457,14 +514,17 @@ def _table(res: dict) -> str:
             ("duration_s", f"{res['duration_s']:.2f}"),
             ("channels × fs", f"{res['channels']} × {res['fs_hz']:.0f} Hz"),
             ("rate_hz (delivered)", f"{res['rate_hz']:.2f}")]
+    def f(v) -> str:
+        return "–" if v is None else f"{v:.3f}"   # too few values for that percentile (stats_ms)
+
     for key in ("spike_to_command_ms", "spike_time_to_command_ms", "delay_error_ms", "chunk_to_decision_ms"):
         s = res[key]
         if s["n"]:
-            rows.append((key, f"p50 {s['p50']:.3f}  p99 {s['p99']:.3f}  max {s['max']:.3f}  (n={s['n']})"))
+            rows.append((key, f"p50 {f(s['p50'])}  p99 {f(s['p99'])}  max {f(s['max'])}  (n={s['n']})"))
         else:
             rows.append((key, "n/a"))
     for key in ("true_spikes", "scored_spikes", "missed_spikes", "detections", "artifact_triggers",
-                "false_detections", "pulses_delivered", "refused"):
+                "false_detections", "pulses_delivered", "refused", "deadline_misses"):
         rows.append((key, str(res[key])))
     rows.append(("weight_change", ", ".join(f"{k} {v:+.4f}" for k, v in res["weight_change"].items())))
     w = max(len(r[0]) for r in rows)

@@ -33,18 +33,27 @@ def bench(ctx: typer.Context,
           low_latency: bool = typer.Option(True, "--low-latency/--no-low-latency",
                                            help="hold a PM QoS request (/dev/cpu_dma_latency = 0) for the whole run, "
                                                 "as cyclictest does: CPUs poll instead of halting; same for every peer")) -> None:
-    """Run all scenarios (or the ``--scenario`` ones) and the peers; print a table, write JSON/PNG/Markdown."""
+    """Run all scenarios (or the ``--scenario`` ones) and the peers; print a table, write JSON/PNG/Markdown.
+
+    Exit code 1 (after the JSON/Markdown are written) when a scenario or a peer failed.
+    """
     if ctx.invoked_subcommand is not None:
         return
-    from controller.bench.report import rich_tables, write_json, write_markdown, write_pngs
-    from controller.bench.suite import SCENARIOS, run_suite
-    console = Console()
+    from controller.bench.peers import PEERS
+    from controller.bench.suite import SCENARIOS
+    # Every argument is checked before anything runs: a typo must not cost minutes of scenarios first.
     chosen = list(scenario) if scenario else list(SCENARIOS)
     bad = [s for s in chosen if s not in SCENARIOS]
     if bad:
-        raise typer.BadParameter(f"--scenario {bad[0]!r} unknown, expected one of {', '.join(SCENARIOS)}")
+        raise typer.BadParameter(f"{bad[0]!r} unknown, expected one of {', '.join(SCENARIOS)}", param_hint="--scenario")
+    bad = [p for p in (peers or []) if p not in PEERS]
+    if bad:
+        raise typer.BadParameter(f"{bad[0]!r} unknown, expected one of {', '.join(PEERS)}", param_hint="--peer")
     if not 1.0 <= duration <= 3600:
-        raise typer.BadParameter(f"--duration {duration} invalid, expected 1..3600 s")
+        raise typer.BadParameter(f"{duration} invalid, expected 1..3600 s", param_hint="--duration")
+    from controller.bench.report import rich_tables, write_json, write_markdown, write_pngs
+    from controller.bench.suite import failures, run_suite
+    console = Console()
     from controller.low_latency import LowLatency
     with LowLatency(low_latency) as qos:
         doc = run_suite(duration, chosen, peers=not no_peers, quick=quick, peer_names=peers or None, console=console)
@@ -58,32 +67,76 @@ def bench(ctx: typer.Context,
         pngs = write_pngs(doc, out)
         console.print(f"{out}: bench.json, bench.md, {len(pngs)} histogram(s); "
                       f"{write_markdown(doc, out / 'bench.md').name}")
+    failed = failures(doc)
+    if failed:
+        from rich.markup import escape
+        console.print(f"[red]{len(failed)} part(s) of the benchmark failed:[/]\n" +
+                      "\n".join(f"  {escape(f)}" for f in failed), highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command("loopback")
 def loopback(port: Optional[str] = typer.Option(None, "--port", help="stimulator serial port (omit: simulator)"),
              stream: Optional[str] = typer.Option(None, "--stream", help="LSL stream name of the amplifier"),
              channel: Optional[int] = typer.Option(None, "--channel", help="channel wired to the stimulator output"),
-             n: int = typer.Option(20, "--n", help="number of triggers"),
-             interval: float = typer.Option(3.2, "--interval", help="s between triggers (MACRO: <= 20 bursts/min)"),
+             n: int = typer.Option(20, "--n", help="number of triggers (1..10000)"),
+             interval: float = typer.Option(3.2, "--interval",
+                                            help="s between triggers, 0.05..600 (MACRO: <= 20 bursts/min); "
+                                                 "the simulator uses at most 0.4 s"),
              threshold_uv: Optional[float] = typer.Option(None, "--threshold-uv", help="default: 8 σ of the baseline"),
-             profile: str = typer.Option("macro", "--profile", help="safety profile for the triggers"),
+             profile: str = typer.Option("macro", "--profile",
+                                         help="safety profile for the triggers (hardware; the simulator uses macro "
+                                              "with its rate ceiling raised)"),
              json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here")) -> None:
     """Command → artifact seen in the incoming stream (hardware loopback; simulator without --port)."""
-    from controller.bench.loopback import measure, run_simulated
+    from controller.bench import loopback as lb
     from controller.bench.report import write_json
     console = Console()
+    # Checked before the simulator (or the port) is touched: a bad value costs no start-up.
+    if not lb.N_TRIGGERS_RANGE[0] <= n <= lb.N_TRIGGERS_RANGE[1]:
+        raise typer.BadParameter(f"{n} invalid, expected {lb.N_TRIGGERS_RANGE[0]}..{lb.N_TRIGGERS_RANGE[1]}",
+                                 param_hint="--n")
+    if not lb.INTERVAL_RANGE_S[0] <= interval <= lb.INTERVAL_RANGE_S[1]:
+        raise typer.BadParameter(f"{interval} invalid, expected {lb.INTERVAL_RANGE_S[0]:g}..{lb.INTERVAL_RANGE_S[1]:g} s",
+                                 param_hint="--interval")
+    if threshold_uv is not None and not threshold_uv > 0:
+        raise typer.BadParameter(f"{threshold_uv} invalid, expected > 0 µV", param_hint="--threshold-uv")
     if port is None:
-        res = run_simulated(n_triggers=n, interval_s=min(interval, 0.4), channel=channel)
+        if channel is not None and not 0 <= channel < lb.SIM_N_CHANNELS:
+            raise typer.BadParameter(f"{channel} invalid, the simulator streams channels 0..{lb.SIM_N_CHANNELS - 1}",
+                                     param_hint="--channel")
+        sim_interval = min(interval, lb.SIM_MAX_INTERVAL_S)
+        if sim_interval < interval:
+            console.print(f"simulator: --interval {interval:g} s clamped to {sim_interval:g} s (its governor allows "
+                          f"{lb.SIM_OVERRIDES['max_bursts_per_min']} bursts/min; the wait would only lengthen the run)")
     else:
         if not stream or channel is None:
             raise typer.BadParameter("--port needs --stream NAME and --channel K (the channel wired to the output)")
-        res = measure(port, stream, channel, n_triggers=n, interval_s=interval, threshold_uv=threshold_uv,
-                      profile=profile)
+        if channel < 0:
+            raise typer.BadParameter(f"{channel} invalid, expected a channel index >= 0", param_hint="--channel")
+        try:
+            from controller.safety import build_profile
+            build_profile(profile)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--profile") from None
+    try:
+        if port is None:
+            res = lb.run_simulated(n_triggers=n, interval_s=sim_interval, channel=channel)
+        else:
+            res = lb.measure(port, stream, channel, n_triggers=n, interval_s=interval, threshold_uv=threshold_uv,
+                             profile=profile)
+    except (ValueError, RuntimeError, OSError) as exc:
+        # What the stream or the device turned out to be (no such stream, a channel it does not have,
+        # a port that does not open): one line, no traceback.
+        from rich.markup import escape
+        console.print(f"[red]loopback failed:[/] {escape(f'{type(exc).__name__}: {exc}')}", highlight=False)
+        raise typer.Exit(1) from None
     s = res["command_to_artifact_ms"]
     console.print(f"loopback {'(simulator)' if res.get('simulated') else res['port']}: channel {res['channel']}, "
                   f"threshold {res['threshold_uv']} µV, detected {res['detected']}/{res['triggers']}")
-    console.print(f"command → artifact sample (ms): p50 {s['p50']}  p90 {s['p90']}  p99 {s['p99']}  max {s['max']}")
+    from controller.bench.report import fmt   # "–" where there are too few triggers for a percentile
+    console.print(f"command → artifact sample (ms): p50 {fmt(s['p50'])}  p90 {fmt(s['p90'])}  "
+                  f"p99 {fmt(s['p99'])}  max {fmt(s['max'])}  (n = {s['n']})")
     if res["refused"] or res["faults"]:
         from rich.markup import escape
         console.print(f"[red]{res['refused']} trigger(s) refused[/]" + "".join(f"\n  fault: {escape(f)}" for f in res["faults"]),
@@ -95,8 +148,14 @@ def loopback(port: Optional[str] = typer.Option(None, "--port", help="stimulator
 @app.command("setup-timeflux")
 def setup_timeflux(path: Optional[Path] = typer.Option(None, "--path", help="venv folder (default: user cache)")) -> None:
     """Create Timeflux's own virtual environment for the peer comparison."""
-    from controller.bench.peers import create_timeflux_venv
-    Console().print(f"Timeflux venv: {create_timeflux_venv(path)}")
+    from controller.bench.peers.harness import SetupError, create_timeflux_venv
+    console = Console()
+    try:
+        console.print(f"Timeflux venv: {create_timeflux_venv(path)}")
+    except SetupError as exc:
+        from rich.markup import escape
+        console.print(f"[red]setup-timeflux failed:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

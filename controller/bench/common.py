@@ -19,19 +19,37 @@ MIN_ROUNDS = 3          # fewer rounds say nothing about how much a run differs 
 MIN_ROUND_S = 1.0       # a peer round shorter than this is mostly start-up
 
 
+def min_n_for(q_percent: float) -> int:
+    """Fewest values that can estimate percentile ``q_percent``: ``1 / (1 − q)`` (p99: 100, p99.9: 1000).
+
+    With fewer, the top ``1 − q`` of the distribution holds less than one value and
+    ``np.percentile`` only interpolates between the largest few: a "p99" of ~45
+    values is their second-largest value, not a p99.
+    """
+    return int(round(1.0 / (1.0 - q_percent / 100.0)))
+
+
+#: per reported percentile key, the fewest values it is reported for (``None`` below)
+MIN_N = {k: min_n_for(q) for k, q in zip(STAT_KEYS, PERCENTILES)}
+
+
 def stats_ms(values_s) -> dict:
     """Summary of latencies given in seconds: p50/p90/p99/p99.9/max, mean, jitter (std, p99 − p50), n; in ms.
 
-    Non-finite values are ignored; an empty input gives ``None`` figures and ``n = 0``.
+    Non-finite values are ignored. A percentile is ``None`` when there are too few
+    values to estimate it (``MIN_N``: n < 100 for p99, n < 1000 for p99.9), and so
+    is the p99 − p50 jitter then; ``max`` and ``n`` are always given. Every key is
+    always present: an empty input gives ``None`` figures and ``n = 0``.
     """
     v = np.asarray(values_s, dtype=np.float64).ravel()
     v = v[np.isfinite(v)] * 1e3
     if v.size == 0:
         return {**{k: None for k in STAT_KEYS}, "mean": None, "std": None, "jitter_p99_p50": None, "n": 0}
     q = np.percentile(v, PERCENTILES)
-    out = {k: round(float(x), 4) for k, x in zip(STAT_KEYS, (*q, v.max()))}
-    out.update(mean=round(float(v.mean()), 4), std=round(float(v.std()), 4),
-               jitter_p99_p50=round(float(q[2] - q[0]), 4), n=int(v.size))
+    out = {k: (round(float(x), 4) if v.size >= MIN_N[k] else None) for k, x in zip(STAT_KEYS, q)}
+    out["max"] = round(float(v.max()), 4)
+    jitter = None if out["p99"] is None or out["p50"] is None else round(float(q[2] - q[0]), 4)
+    out.update(mean=round(float(v.mean()), 4), std=round(float(v.std()), 4), jitter_p99_p50=jitter, n=int(v.size))
     return out
 
 
@@ -50,15 +68,16 @@ def ratio_ci95(a_rounds, b_rounds, q: float = 99.0, seed: int = 0,
     interval holds the spread between rounds as well as the sampling of values.
 
     Non-finite values are ignored. None when either side has fewer than
-    ``MIN_ROUNDS`` rounds or fewer than 20 values, or its resampled percentiles
-    include 0. Deterministic for a given ``seed``.
+    ``MIN_ROUNDS`` rounds, fewer than 20 values or fewer than ``min_n_for(q)``
+    (the same rule as ``stats_ms``: no p99 interval from under 100 values), or
+    its resampled percentiles include 0. Deterministic for a given ``seed``.
     """
     sides = []
     for rounds in (a_rounds, b_rounds):
         arrs = [np.asarray(r, dtype=np.float64).ravel() for r in rounds]
         arrs = [r[np.isfinite(r)] for r in arrs]
         arrs = [r for r in arrs if r.size]
-        if len(arrs) < MIN_ROUNDS or sum(r.size for r in arrs) < 20:
+        if len(arrs) < MIN_ROUNDS or sum(r.size for r in arrs) < max(20, min_n_for(q)):
             return None
         sides.append(arrs)
     rng = np.random.default_rng(seed)

@@ -25,6 +25,12 @@ import time
 from controller.bench.common import stats_ms
 
 SIM_OVERRIDES = {"max_bursts_per_min": 300}   # simulator only: MACRO's 20/min ceiling would need 3 s per trigger
+# The simulator's triggers come at most this far apart: its governor allows 300/min (0.2 s), and a longer
+# wait (the 3.2 s default, sized for MACRO's 20/min on hardware) would only lengthen the run.
+SIM_MAX_INTERVAL_S = 0.4
+SIM_N_CHANNELS = 16
+N_TRIGGERS_RANGE = (1, 10_000)
+INTERVAL_RANGE_S = (0.05, 600.0)
 # The HIL outlet generates a chunk before waiting to push it: an artifact delivered inside an already
 # generated chunk is lost, so the simulated loopback streams 1-sample chunks (artifact in the next sample).
 SIM_CHUNK_S = 1 / 512
@@ -45,10 +51,7 @@ def measure(port: str, stream: str, channel: int, n_triggers: int = 20, interval
     from drivers.params import StimParams, Waveform
     from drivers.serial_stimulator import SerialStimulator
 
-    if not 1 <= n_triggers <= 10_000:
-        raise ValueError(f"n_triggers={n_triggers!r} invalid, expected 1..10000")
-    if not 0.05 <= interval_s <= 600:
-        raise ValueError(f"interval_s={interval_s!r} invalid, expected 0.05..600 s")
+    _check_counts(n_triggers, interval_s)
     stim = stim or StimParams(channel=0, waveform=Waveform.BIPHASIC, amplitude_ua=3000.0, pulse_width_us=160.0,
                               frequency_hz=200.0, n_pulses=1)
     infos = pylsl.resolve_byprop("name", stream, 1, 5.0)
@@ -134,12 +137,25 @@ def measure(port: str, stream: str, channel: int, n_triggers: int = 20, interval
             "sample_period_ms": round(1e3 / fs, 4) if fs else None, "stim": stim.to_dict(), "_raw_s": {"end_to_end": lat}}
 
 
-def run_simulated(n_triggers: int = 20, interval_s: float = 0.4, channel: int | None = None, fs_hz: float = 512.0,
-                  n_channels: int = 16) -> dict:
+def _check_counts(n_triggers: int, interval_s: float) -> None:
+    lo, hi = N_TRIGGERS_RANGE
+    if not lo <= n_triggers <= hi:
+        raise ValueError(f"n_triggers={n_triggers!r} invalid, expected {lo}..{hi}")
+    lo, hi = INTERVAL_RANGE_S
+    if not lo <= interval_s <= hi:
+        raise ValueError(f"interval_s={interval_s!r} invalid, expected {lo:g}..{hi:g} s")
+
+
+def run_simulated(n_triggers: int = 20, interval_s: float = SIM_MAX_INTERVAL_S, channel: int | None = None,
+                  fs_hz: float = 512.0, n_channels: int = SIM_N_CHANNELS) -> dict:
     """The loopback on the simulator: HIL patient + emulator in their own process, same code path as hardware.
 
     ``channel=None``: the recording channel nearest to stimulation site 0 (largest artifact).
+    Arguments are checked before the simulator starts (ValueError naming value and range).
     """
+    _check_counts(n_triggers, interval_s)
+    if channel is not None and not 0 <= channel < n_channels:
+        raise ValueError(f"channel={channel!r} invalid, the simulator streams channels 0..{n_channels - 1}")
     from controller.lsl_config import ensure_lsl_config
     ensure_lsl_config()
     import os

@@ -7,13 +7,13 @@ import re
 from pathlib import Path
 
 from controller.bench.common import STAT_KEYS
-from controller.bench.suite import strip_raw
+from controller.bench.suite import failures, strip_raw
 
 _HEAD = ("p50", "p90", "p99", "p99.9", "max", "jitter p99−p50", "n")
 
 
-def _fmt(v) -> str:
-    if v is None:
+def fmt(v) -> str:
+    if v is None:   # no value: not measured, failed, or too few samples for that percentile (stats_ms)
         return "–"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
@@ -22,17 +22,28 @@ def _fmt(v) -> str:
 
 def _with_ci(ratio, ci) -> str:
     """``1.672 (1.45–1.92)``: a ratio with its 95 % interval when there is one."""
-    return _fmt(ratio) if not ci or ratio is None else f"{_fmt(ratio)} ({ci[0]:.2f}–{ci[1]:.2f})"
+    return fmt(ratio) if not ci or ratio is None else f"{fmt(ratio)} ({ci[0]:.2f}–{ci[1]:.2f})"
 
 
 def _row(stats: dict) -> list[str]:
-    return [_fmt(stats.get(k)) for k in STAT_KEYS] + [_fmt(stats.get("jitter_p99_p50")), _fmt(stats.get("n"))]
+    return [fmt(stats.get(k)) for k in STAT_KEYS] + [fmt(stats.get("jitter_p99_p50")), fmt(stats.get("n"))]
+
+
+def _ran(entry) -> bool:
+    """A scenario or peer entry with figures (failed and skipped ones keep the keys, empty)."""
+    return isinstance(entry, dict) and "end_to_end_ms" in entry and not entry.get("error") and not entry.get("skipped")
+
+
+def _why_not(entry) -> str:
+    if not isinstance(entry, dict):
+        return str(entry)
+    return f"error: {entry['error']}" if entry.get("error") else f"skipped: {entry.get('skipped')}"
 
 
 def scenario_rows(doc: dict):
     """``(scenario, stage, stats)`` for every stage and the end to end of every scenario that ran."""
     for name, sc in doc.get("scenarios", {}).items():
-        if "end_to_end_ms" not in sc:
+        if not _ran(sc):
             continue
         for stage, st in sc.get("stages_ms", {}).items():
             yield name, stage, st
@@ -102,17 +113,22 @@ def markdown(doc: dict) -> str:
     for name, sc in doc.get("scenarios", {}).items():
         extra = {k: sc.get(k) for k in ("dropped_samples", "deadline_misses", "cpu_percent", "commands",
                                        "skipped", "error") if k in sc}
-        lines.append(f"- **{name}**: " + ", ".join(f"{k} = {v}" for k, v in extra.items()))
+        lines.append(f"- **{name}**: " + ", ".join(f"{k} = {fmt(v)}" for k, v in extra.items()))
     tp = doc.get("throughput") or {}
-    lines += ["", "## Throughput (30 kHz)", "", f"max_channels_at_30khz = {tp.get('max_channels_at_30khz')} "
-              f"(target: {tp.get('target', '–')}, met: {tp.get('target_met')})", ""]
+    lines += ["", "## Throughput (30 kHz)", "", f"max_channels_at_30khz = {fmt(tp.get('max_channels_at_30khz'))} "
+              f"(target: {tp.get('target', '–')}, met: {fmt(tp.get('target_met'))})"
+              + (f"; error: {tp['error']}" if tp.get("error") else "")
+              + (f". A point passes if {tp['pass_rule']}." if tp.get("pass_rule") else ""), ""]
     sweep = doc.get("scenarios", {}).get("throughput", {}).get("sweep", [])
     if sweep:
-        lines += ["| channels | MB/s | pushed | dropped | ring visible p50 | p99 | max | CPU % |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["| channels | MB/s | pushed / due | dropped | outlet behind, ms | ring visible p50 | p99 | max | CPU % | passed |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         for p in sweep:
             rv = p["stages_ms"]["ring_visible"]
-            lines.append(f"| {p['n_channels']} | {p['mb_per_s']} | {p['pushed_samples']} | {p['dropped_samples']} | "
-                         f"{_fmt(rv['p50'])} | {_fmt(rv['p99'])} | {_fmt(rv['max'])} | {p['cpu_percent']} |")
+            verdict = "yes" if p.get("passed") else "no: " + "; ".join(p.get("fail_reasons") or [])
+            lines.append(f"| {p['n_channels']} | {p['mb_per_s']} | {p['pushed_samples']} / {fmt(p.get('due_samples'))} | "
+                         f"{p['dropped_samples']} | {fmt(p.get('outlet_max_behind_ms'))} | "
+                         f"{fmt(rv['p50'])} | {fmt(rv['p99'])} | {fmt(rv['max'])} | {p['cpu_percent']} | {verdict} |")
     peers = doc.get("peers") or {}
     if peers:
         lines += ["", "## Peers: same stream, same machine (end to end, ms)", ""]
@@ -122,14 +138,15 @@ def markdown(doc: dict) -> str:
                       f"pulses at ~{ps['pulse_rate_hz']:g} Hz; output = one byte on a pty (stimloop: a TRIGGER "
                       f"frame to the emulator), stamped on the LSL clock on arrival; "
                       f"{ps.get('rounds', 1)} round(s), peers in rotated order each round, figures pooled.", ""]
-        lines += ["| peer | " + " | ".join(_HEAD) + " | detected | missed | CPU % |", "|---|" + "---:|" * (len(_HEAD) + 3)]
+        lines += ["| peer | " + " | ".join(_HEAD) + " | detected | missed | refused | CPU % |",
+                  "|---|" + "---:|" * (len(_HEAD) + 4)]
         for name, r in peers.items():
-            if not isinstance(r, dict) or "end_to_end_ms" not in r:
-                reason = r.get("skipped") or r.get("error") if isinstance(r, dict) else r
-                lines.append(f"| {name} | skipped: {reason} |")
+            if not _ran(r):
+                lines.append(f"| {name} | {_why_not(r)} |")
                 continue
             lines.append(f"| {name} | " + " | ".join(_row(r["end_to_end_ms"])) +
-                         f" | {r['detected']}/{r['pulses']} | {r['missed']} | {r['cpu_percent']} |")
+                         f" | {r['detected']}/{r['pulses']} | {r['missed']} | {fmt(r.get('refused'))} | {r['cpu_percent']} |")
+        lines += ["", "(refused: the safety governor's refusals, scored as missed; – for peers without a governor.)"]
         ratios = doc.get("peer_ratios") or {}
         cis = doc.get("peer_ratio_ci95") or {}
         if ratios:
@@ -143,7 +160,7 @@ def markdown(doc: dict) -> str:
                     lines.append(f"| {ours} | {name} | " +
                                  " | ".join(_with_ci(r.get(k), ci.get(k)) for k in STAT_KEYS) + " |")
         for ours, own in peers.items():
-            stages = own.get("stages_ms") if isinstance(own, dict) else None
+            stages = own.get("stages_ms") if _ran(own) else None
             if not stages:
                 continue
             lines += ["", f"Where the `{ours}` peer's time goes (per command, ms): what it does beyond the pylsl "
@@ -151,6 +168,9 @@ def markdown(doc: dict) -> str:
                       "| stage | " + " | ".join(_HEAD) + " |", "|---|" + "---:|" * len(_HEAD)]
             for stage, st in stages.items():
                 lines.append(f"| {stage} | " + " | ".join(_row(st)) + " |")
+    failed = failures(doc)
+    if failed:
+        lines += ["", "## Failed", ""] + [f"- {f}" for f in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +183,7 @@ def write_markdown(doc: dict, path: str | Path) -> Path:
 
 def rich_tables(doc: dict) -> list:
     """Rich tables for the terminal: scenarios × stages, then peers with ratios."""
+    from rich.markup import escape
     from rich.table import Table
     t = Table(title="stimloop bench (ms)")
     for col in ("scenario", "stage", *_HEAD):
@@ -170,22 +191,23 @@ def rich_tables(doc: dict) -> list:
     for name, stage, st in scenario_rows(doc):
         t.add_row(name, stage, *_row(st))
     for name, sc in doc.get("scenarios", {}).items():
-        if "end_to_end_ms" not in sc:
-            t.add_row(name, f"[yellow]{sc.get('skipped') or sc.get('error')}[/]", *[""] * len(_HEAD))
+        if not _ran(sc):
+            t.add_row(name, f"[{'red' if sc.get('error') else 'yellow'}]{escape(_why_not(sc))}[/]", *[""] * len(_HEAD))
     tables = [t]
     peers = doc.get("peers") or {}
     if peers:
         p = Table(title="peers: end to end (ms), same stream")
-        for col in ("peer", "p50", "p99", "max", "missed"):
+        for col in ("peer", "p50", "p99", "max", "missed", "refused"):
             p.add_column(col, justify="left" if col == "peer" else "right")
         for name, r in peers.items():
-            if not isinstance(r, dict) or "end_to_end_ms" not in r:
-                p.add_row(name, f"[yellow]skipped: {r.get('skipped') if isinstance(r, dict) else r}[/]", "", "", "")
+            if not _ran(r):
+                err = isinstance(r, dict) and r.get("error")
+                p.add_row(name, f"[{'red' if err else 'yellow'}]{escape(_why_not(r))}[/]", "", "", "", "")
                 continue
             e = r["end_to_end_ms"]
-            p.add_row(name, _fmt(e["p50"]), _fmt(e["p99"]), _fmt(e["max"]), str(r["missed"]))
+            p.add_row(name, fmt(e["p50"]), fmt(e["p99"]), fmt(e["max"]), str(r["missed"]), fmt(r.get("refused")))
             for stage, st in (r.get("stages_ms") or {}).items():
-                p.add_row(f"  {stage}", _fmt(st["p50"]), _fmt(st["p99"]), _fmt(st["max"]), "")
+                p.add_row(f"  {stage}", fmt(st["p50"]), fmt(st["p99"]), fmt(st["max"]), "", "")
         tables.append(p)
         ratios = doc.get("peer_ratios") or {}
         if ratios:

@@ -16,9 +16,11 @@ A dedicated harness built from the session's own objects and processes (as
           upon, so artifacts never trigger stimulation) is off here: with 1 s windows every 0.25 s
           it would leave one command per ~1.5 s; this policy ignores ``p`` anyway.
 
-Stages (per command, seconds on ``pylsl.local_clock``; the window's last sample defines the event):
+Stages (per command, seconds; the window's last sample defines the event):
 
-    lsl_transport   chunk pushed (its last sample's LSL timestamp) → out of ``pull_chunk``
+    lsl_transport   the chunk holding the window's last sample handed to ``push_chunk`` by the
+                    simulator (its real push time, ``push_t.f64`` in the session folder) → the
+                    pull that returned that sample came out of ``pull_chunk``
     ring_write      out of ``pull_chunk`` → written to the ring
     ring_to_loop    written to the ring → read by the loop
     features        read → features computed      (``ChunkStep`` PREDICTION ``t_read``/``t_features``)
@@ -26,15 +28,28 @@ Stages (per command, seconds on ``pylsl.local_clock``; the window's last sample 
     policy_governor ONNX output → governor decided (COMMAND ``t_decided``)
     port_write      decided → frame written to the port (``sent_t``)
     device_receive  written → received by the device (emulator ``t_received``)
-    end_to_end      window complete → received by the device: from the push of the chunk that
-                    holds the window's last sample (that chunk's last LSL timestamp; the outlet
-                    pushes once that time has passed), the moment the window's data exists for
-                    any software — issue 5's "from window complete to command received"
+    end_to_end      window complete → received by the device: from the real push of the chunk
+                    that holds the window's last sample, the moment the window's data exists
+                    for any software — issue 5's "from window complete to command received".
+                    The stages above add up to it, command by command.
+
+One clock domain: every stamp above is a raw ``pylsl.local_clock()`` reading
+taken on this host (simulator, acquisition, loop and emulator processes). The
+sample timestamps in the ring are not: ``LslSource`` adds its
+``time_correction`` estimate to them (tens of µs of estimation error on one
+host). They serve only to find which simulator chunk holds a window's last
+sample (at 512 Hz a sample is 1.95 ms wide: the offset cannot move the match);
+the times are the simulator's own stamps from its ground truth. The
+simulator's lateness in pushing (``simulator_push_late_ms``: real push − the
+nominal time of the chunk's last sample) is reported apart, not counted as
+transport: it is the amplifier's, not the loop's.
 
 ``end_to_end_from_window_end_ms`` measures from the window's last sample's own
-timestamp instead (as ``controller.metrics`` does for a session): it adds the
-wait for the simulated amplifier to complete that chunk (up to one chunk,
-``simulator.chunk_s`` = 1/64 s, 8 samples), which is the amplifier's, not the loop's.
+timestamp instead (as ``controller.metrics`` does for a session), as the
+simulator stamped it (``t0 + i / fs``, its ground truth): it adds the wait for
+the simulated amplifier to complete that chunk (up to one chunk,
+``simulator.chunk_s`` = 1/64 s, 8 samples) and to push it, which are the
+amplifier's, not the loop's.
 """
 from __future__ import annotations
 
@@ -226,14 +241,72 @@ def _run(cfg, session: Path, duration_s: float, model: Path) -> dict:
     return analyze(session, acq_path, cpu_pct, duration_s, model)
 
 
-def analyze(session: Path, acq_path: str, cpu_pct: dict, duration_s: float, model: Path) -> dict:
-    """Stage and end-to-end statistics from the recorded events, device log and acquisition chunk stamps."""
+def stage_samples(cmds: list[dict], preds: dict, received: dict, acq, push_t, truth: dict) -> dict:
+    """Per-command stage times (s) from already-loaded records; no I/O.
+
+    ``cmds``: COMMAND events with ``window_end_t``; ``preds``: PREDICTION events by
+    ``round(window_end_t, 6)``; ``received``: device receipt time by seq; ``acq``: rows
+    ``(ts_last, t_pulled, t_written, n)`` of the acquisition's ring writes (ring
+    timestamps, raw-clock stamps); ``push_t``: the simulator's real push time per
+    chunk; ``truth``: its ground truth (``t0`` and ``push`` layout). Returns
+    ``{stage: [...], "end_to_end": [...], "end_to_end_from_window_end": [...],
+    "simulator_push_late": [...]}``.
+    """
     import numpy as np
 
-    from controller.metrics import compute_metrics
+    from controller.metrics import chunk_index
+    push = truth["push"]
+    fs, t0, chunk_n, first = float(push["fs_hz"]), float(truth["t0"]), int(push["chunk_n"]), int(push["first_sample"])
+    push_t = np.asarray(push_t, np.float64)
+    acq = np.asarray(acq, np.float64).reshape(-1, 4)
+    acq = acq[np.argsort(acq[:, 0], kind="stable")]
+    out: dict = {k: [] for k in (*STAGES, "end_to_end", "end_to_end_from_window_end", "simulator_push_late")}
+    for c in cmds:
+        w = c["window_end_t"]
+        p = preds.get(round(w, 6))
+        seq = c.get("seq")
+        if p is None or seq not in received:
+            continue
+        # The window's last sample as the simulator stamped it (sample i carries t0 + i / fs), on
+        # its raw clock: the ring's copy carries LslSource's time-correction offset on top.
+        i = int(np.rint((w - t0) * fs))
+        out["end_to_end_from_window_end"].append(received[seq] - (t0 + i / fs))
+        k = int(chunk_index(w, t0, fs, chunk_n, first))
+        # The pull that delivered the window's last sample: the first whose newest sample is not older.
+        j = int(np.searchsorted(acq[:, 0], w - 0.5 / fs))
+        if 0 <= k < push_t.size and j < acq.shape[0]:
+            _, t_pulled, t_written, _ = acq[j]
+            t_push = push_t[k]
+            out["lsl_transport"].append(t_pulled - t_push)
+            out["ring_write"].append(t_written - t_pulled)
+            out["ring_to_loop"].append(p["t_read"] - t_written)
+            out["end_to_end"].append(received[seq] - t_push)
+            out["simulator_push_late"].append(t_push - (t0 + (first + (k + 1) * chunk_n - 1) / fs))
+        out["features"].append(p["t_features"] - p["t_read"])
+        out["inference"].append(p["t_inference"] - p["t_features"])
+        out["policy_governor"].append(c["t_decided"] - c["t_inference"])
+        out["port_write"].append(c["sent_t"] - c["t_decided"])
+        out["device_receive"].append(received[seq] - c["sent_t"])
+    return out
+
+
+def analyze(session: Path, acq_path: str, cpu_pct: dict, duration_s: float, model: Path) -> dict:
+    """Stage and end-to-end statistics from the recorded events, device log, acquisition chunk stamps
+    and the simulator's ground truth (its real chunk push times)."""
+    import numpy as np
+
+    from controller.metrics import compute_metrics, load_ground_truth
     from controller.recorder import read_jsonl
     events = read_jsonl(session / "events.jsonl")
     device = read_jsonl(session / "device_log.jsonl") if (session / "device_log.jsonl").exists() else []
+    truth = load_ground_truth(session)
+    push = truth.get("push")
+    if not push or truth.get("t0") is None or not (session / push["file"]).exists():
+        # Without them end to end would start from nominal timestamps and count the simulator's own
+        # lateness as the loop's: no figure is better than that one.
+        raise RuntimeError(f"seizure_loop: the simulator left no chunk push times in {session} "
+                           f"(ground_truth.json 'push' / push_t.f64): cannot measure from the real push")
+    push_t = np.fromfile(session / push["file"], dtype="<f8")
     received = {}
     for r in device:
         if r.get("type") in ("trigger", "TRIGGER") and r.get("ok", True):
@@ -241,39 +314,24 @@ def analyze(session: Path, acq_path: str, cpu_pct: dict, duration_s: float, mode
     preds = {round(e["window_end_t"], 6): e for e in events if e["kind"] == "prediction" and "t_read" in e}
     cmds = [c for c in events if c["kind"] == "command" and c.get("op") == "trigger" and c.get("window_end_t")]
     acq = np.load(acq_path) if Path(acq_path).exists() else np.zeros((0, 4))
-    order = np.argsort(acq[:, 0]) if acq.size else np.zeros(0, int)
-    acq = acq[order]
-    fs = 512.0
-    st = {k: [] for k in STAGES}
-    e2e, e2e_sample = [], []
-    for c in cmds:
-        w = c["window_end_t"]
-        p = preds.get(round(w, 6))
-        seq = c.get("seq")
-        if p is None or seq not in received:
-            continue
-        j = int(np.searchsorted(acq[:, 0], w - 0.5 / fs)) if acq.size else 0
-        if acq.size and j < acq.shape[0]:
-            ts_last, t_pulled, t_written, _ = acq[j]
-            st["lsl_transport"].append(t_pulled - ts_last)
-            st["ring_write"].append(t_written - t_pulled)
-            st["ring_to_loop"].append(p["t_read"] - t_written)
-            e2e.append(received[seq] - ts_last)
-        st["features"].append(p["t_features"] - p["t_read"])
-        st["inference"].append(p["t_inference"] - p["t_features"])
-        st["policy_governor"].append(c["t_decided"] - c["t_inference"])
-        st["port_write"].append(c["sent_t"] - c["t_decided"])
-        st["device_receive"].append(received[seq] - c["sent_t"])
-        e2e_sample.append(received[seq] - w)
+    raw = stage_samples(cmds, preds, received, acq, push_t, truth)
+    # LslSource's time-correction offset as applied to the ring's timestamps: ring stamp − the
+    # simulator's own stamp of the same sample (a diagnostic; no figure above depends on it).
+    fs, t0 = float(push["fs_hz"]), float(truth["t0"])
+    offset_s = acq[:, 0] - (t0 + np.rint((acq[:, 0] - t0) * fs) / fs) if acq.size else np.zeros(0)
     m = compute_metrics(session)
+    st = {k: raw[k] for k in STAGES}
     return {"fs_hz": fs, "n_channels": 16, "model": str(model), "duration_s": duration_s,
             "policy": "every window (EveryWindowPolicy), MACRO profile with overrides " + json.dumps(BENCH_SAFETY_OVERRIDES),
             "commands": len(cmds), "received_by_device": sum(1 for c in cmds if c.get("seq") in received),
             "predictions": m["predictions"], "refusals": m["stim"]["refusals"],
-            "end_to_end_ms": stats_ms(e2e), "end_to_end_from_window_end_ms": stats_ms(e2e_sample),
-            "end_to_end_definition": "push of the chunk holding the window's last sample (window complete) "
-                                     "-> command received by the device",
+            "end_to_end_ms": stats_ms(raw["end_to_end"]),
+            "end_to_end_from_window_end_ms": stats_ms(raw["end_to_end_from_window_end"]),
+            "end_to_end_definition": "real push of the chunk holding the window's last sample (window complete) "
+                                     "-> command received by the device; raw local clock throughout",
             "stages_ms": {k: stats_ms(v) for k, v in st.items()},
+            "simulator_push_late_ms": stats_ms(raw["simulator_push_late"]),
+            "lsl_time_correction_offset_ms": None if offset_s.size == 0 else round(float(np.median(offset_s)) * 1e3, 4),
             "dropped_samples": int(m["dropped_samples"]),  # DROPPED events of acquisition and loop
             "deadline_misses": int(m["deadline_misses"]), "faults": m["faults"][:10],
-            "cpu_percent": cpu_pct, "_raw_s": {**st, "end_to_end": e2e}}
+            "cpu_percent": cpu_pct, "_raw_s": {**st, "end_to_end": raw["end_to_end"]}}

@@ -23,6 +23,13 @@ stimloop / peer ratio at p50 and p99 comes with a 95 % interval that resamples
 the rounds, then the pulses within them (``ratio_ci95``; at least
 ``MIN_ROUNDS`` rounds). ``rounds_for`` picks ~5 s rounds; a longer
 ``--duration`` gives more rounds and a narrower interval.
+
+A peer that cannot run here (not installed) is ``skipped``; one that fails
+(does not start, or raises) gets ``error``, and the other peers keep their
+results. Both keep the ``end_to_end_ms`` key, with no figures. The stimloop
+peers also report the governor's refusals of scored pulses (``refused``, by
+rule in ``refused_rules``): a refused pulse is scored as missed, so a miss
+count is read with it.
 """
 from __future__ import annotations
 
@@ -66,14 +73,37 @@ def timeflux_venv() -> Path:
     return cache / "stimloop" / "timeflux-venv"
 
 
+class SetupError(RuntimeError):
+    """Creating the Timeflux venv failed; the message is one line saying which step and why."""
+
+
 def create_timeflux_venv(path: Path | None = None) -> Path:
-    """Create the Timeflux venv (``python -m venv`` + ``pip install timeflux timeflux-dsp pylsl==1.16.2``); returns its path."""
+    """Create the Timeflux venv (``python -m venv`` + ``pip install timeflux timeflux-dsp pylsl==1.16.2``); returns its path.
+
+    Raises :class:`SetupError` with a one-line message when a step fails.
+    """
     path = Path(path or timeflux_venv())
-    if not (path / "bin" / "timeflux").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-        # timeflux 0.17 imports pylsl.resolve_stream, which pylsl 1.18 removed: pin the last pylsl that has
-        # it; that one carries no liblsl, hence PYLSL_LIB (REFERENCE.md §8).
-        subprocess.run([str(path / "bin" / "pip"), "install", "timeflux", "timeflux-dsp", TIMEFLUX_PYLSL], check=True)
+    if (path / "bin" / "timeflux").exists():
+        return path
+    try:
+        # venv's own complaint is short and says why (permissions, a bad path): keep its last line.
+        mk = subprocess.run([sys.executable, "-m", "venv", str(path)], capture_output=True, text=True)
+    except OSError as exc:
+        raise SetupError(f"could not create the Timeflux venv at {path}: {exc}") from None
+    if mk.returncode != 0:
+        why = (mk.stderr.strip().splitlines() or [f"exit code {mk.returncode}"])[-1]
+        raise SetupError(f"could not create the Timeflux venv at {path} (set ${TIMEFLUX_VENV_ENV} or --path "
+                         f"to another folder): {why}")
+    # timeflux 0.17 imports pylsl.resolve_stream, which pylsl 1.18 removed: pin the last pylsl that has
+    # it; that one carries no liblsl, hence PYLSL_LIB (REFERENCE.md §8). pip's progress stays on the
+    # terminal: it takes a while, and on failure its own output above says what went wrong.
+    try:
+        pip = subprocess.run([str(path / "bin" / "pip"), "install", "timeflux", "timeflux-dsp", TIMEFLUX_PYLSL])
+    except OSError as exc:
+        raise SetupError(f"could not run pip in {path}: {exc}") from None
+    if pip.returncode != 0:
+        raise SetupError(f"pip install timeflux timeflux-dsp {TIMEFLUX_PYLSL} into {path} failed "
+                         f"(exit code {pip.returncode}; pip's output above says why)")
     return path
 
 
@@ -186,6 +216,8 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
     import pylsl
 
     from hil_sim.pty_pair import close_pty, open_pty_pair
+    # {"skipped": why}: the peer cannot run on this machine (not installed); {"error": why}: it should
+    # have run and did not. Exceptions are left to the caller (run_peers), which records them per peer.
     if name == "mne_lsl":
         try:
             import mne_lsl  # noqa: F401
@@ -208,7 +240,7 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
                                     "--watchdog-s", "1.0"], pass_fds=(master,), stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, text=True, cwd=str(ROOT))
             if emu.stdout.readline().strip() != "ready":
-                return {"skipped": f"stimulator emulator did not start (exit code {emu.poll()})"}
+                return {"error": f"stimulator emulator did not start (exit code {emu.poll()})"}
         else:
             stamper = _ByteStamper(master, slave)
             stamper.start()
@@ -218,8 +250,8 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
         line = _readline(proc, ready_timeout_s)
         if line is None or line.strip() != "ready":
             err = _kill(proc)
-            return {"skipped": f"{name} did not start: said {line!r}, exit code {proc.returncode}; "
-                               f"stderr: {err[-400:].strip()!r}"}
+            return {"error": f"{name} did not start: said {line!r}, exit code {proc.returncode}; "
+                             f"stderr: {err[-400:].strip()!r}"}
         t_start = pylsl.local_clock()
         pids = _tree_pids(proc.pid)
         cpu = CpuMeter({f"{name}:{p}": p for p in pids}).start()
@@ -242,15 +274,16 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
             recs = read_jsonl(log) if log.exists() else []
             trig = [r for r in recs if r.get("type") in ("trigger", "TRIGGER") and r.get("ok", True)]
             stamps = [r["t_received"] for r in trig]
-            stage_rows = _stage_rows(stages_path, {r["seq"]: r["t_received"] for r in trig})
+            stage_rows, refusals = _stage_rows(stages_path, {r["seq"]: r["t_received"] for r in trig})
         else:
             time.sleep(0.05)   # the last byte in flight
             stamps = stamper.stop()
-            stage_rows = None   # a byte-writing peer has no stages to report
+            stage_rows = refusals = None   # a byte-writing peer has no stages and no governor to report
         total_cpu = {k.split(":")[0] + ("" if i == 0 else f"_child{i}"): v for i, (k, v) in enumerate(cpu_pct.items())}
-        return {"stamps": stamps, "stage_rows": stage_rows,
+        return {"stamps": stamps, "stage_rows": stage_rows, "refusals": refusals,
                 "t_start": t_start, "t_stop": t_stop, "exit_code": proc.returncode,
                 "peer_said": done[-1] if done else None, "cpu_percent": total_cpu,
+                "peer_counts": parse_done(done[-1]) if done else {},
                 "stderr_tail": err.strip()[-300:] if proc.returncode not in (0, -signal.SIGINT) else ""}
     finally:
         if proc is not None:
@@ -265,20 +298,37 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
         close_pty(master)
 
 
+def parse_done(line: str) -> dict:
+    """Counts from a peer's last line: ``done N`` (outputs) or, from the stimloop peer,
+    ``done N refused=R faults=F`` (commands, governor refusals, faults); ``{}`` if unreadable (pure)."""
+    parts = line.split()
+    if len(parts) < 2 or parts[0] != "done" or not parts[1].isdigit():
+        return {}
+    out = {"outputs": int(parts[1])}
+    for p in parts[2:]:
+        k, _, v = p.partition("=")
+        if v.isdigit():
+            out[k] = int(v)
+    return out
+
+
 # The stimloop peer's path in stages (names as in bench ads' breakdown where they mean the same).
 PEER_STAGES = ("lsl_to_ring", "ring_to_decision", "governor_and_framing", "write_to_device_receipt")
 
 
-def _stage_rows(path: Path, received_by_seq: dict) -> list[list[float]]:
-    """The stimloop peer's per-command stage times joined with the device's receipt of the same seq.
+def _stage_rows(path: Path, received_by_seq: dict) -> tuple[list[list[float]], list[list]]:
+    """The stimloop peer's per-command stage times joined with the device's receipt of the same seq,
+    and its governor refusals.
 
     Rows: ``[sample_t, pulled_t, submit_t, sent_t, device_t]`` (LSL clock, s); commands the device log
-    does not show are left out (the end-to-end figure counts them as missed anyway).
+    does not show are left out (the end-to-end figure counts them as missed anyway). Refusals:
+    ``[sample_t, rule]``.
     """
     if not path.exists():
-        return []
-    rows = json.loads(path.read_text())
-    return [[*r[:4], received_by_seq[r[4]]] for r in rows if r[4] in received_by_seq]
+        return [], []
+    doc = json.loads(path.read_text())
+    rows = [[*r[:4], received_by_seq[r[4]]] for r in doc["commands"] if r[4] in received_by_seq]
+    return rows, [list(r) for r in doc["refusals"]]
 
 
 def stage_stats(rows) -> tuple[dict, dict]:
@@ -343,7 +393,8 @@ def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int | None = None) 
     """All ``peers`` on one pulse stream, ``duration_s`` each, interleaved in ``rounds`` (rotated order).
 
     ``rounds`` defaults to ``rounds_for(duration_s)``. Returns ``{"stream", "peers": {peer:
-    {end_to_end_ms, detected, missed, ...} | {skipped}}, "ratios", "ratio_ci95"}``.
+    {end_to_end_ms, detected, missed, ...} | {end_to_end_ms, skipped} | {end_to_end_ms, error}},
+    "ratios", "ratio_ci95"}``. One peer's failure (an exception included) is that peer's ``error``.
     """
     ensure_lsl_config()
     from controller.bench.outlet import OutletProcess
@@ -363,52 +414,78 @@ def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int | None = None) 
         t0 = time.monotonic()
         for r in range(rounds):
             for name in peers[r % len(peers):] + peers[:r % len(peers)]:
-                if raw[name] and "skipped" in raw[name][-1]:
-                    continue   # a peer that cannot run here does not get another try
-                raw[name].append(run_peer(name, out.source_id, duration_s / rounds, Path(tmp)))
+                if raw[name] and ("skipped" in raw[name][-1] or "error" in raw[name][-1]):
+                    continue   # a peer that cannot run here, or failed, does not get another try
+                try:
+                    raw[name].append(run_peer(name, out.source_id, duration_s / rounds, Path(tmp)))
+                except Exception as exc:   # this peer's failure; the others keep their results
+                    raw[name].append({"error": f"{type(exc).__name__}: {exc}"})
         c1 = cpu_seconds(out.pid)
         summary = out.stop()
     outlet_cpu = None if c0 is None or c1 is None else round(100 * (c1 - c0) / (time.monotonic() - t0), 1)
     results: dict = {}
     for name, runs in raw.items():
-        if any("skipped" in r for r in runs):
-            results[name] = next(r for r in runs if "skipped" in r)
-            continue
-        # Score pulses from 0.2 s after the peer was ready to just before it stopped.
-        scored = [match(summary["pulse_t"], r["stamps"], r["t_start"] + 0.2, r["t_stop"] - MATCH_WINDOW_S)
-                  for r in runs]
-        lat = [x for m in scored for x in m["latencies_s"]]
-        counts = {k: sum(m[k] for m in scored) for k in ("pulses", "detected", "missed", "extra_outputs")}
-        cpu = {}
-        for r in runs:
-            for k, v in (r["cpu_percent"] or {}).items():
-                cpu[k] = cpu.get(k, 0.0) + (v or 0.0) / len(runs)
-        last = runs[-1]
-        stages, raw = {}, {}
-        if name in OURS:   # scored over the same span as the end-to-end figure
-            st, raw = stage_stats([row for r in runs for row in (r.get("stage_rows") or [])
-                                   if r["t_start"] + 0.2 <= row[0] <= r["t_stop"] - MATCH_WINDOW_S])
-            stages = {"stages_ms": st}
-        results[name] = {"end_to_end_ms": stats_ms(lat), **counts, "rounds": len(runs), **stages,
-                         "per_round_p99_ms": [stats_ms(m["latencies_s"])["p99"] for m in scored],
-                         "_raw_s": {"end_to_end": lat, **raw},
-                         "_rounds_s": [m["latencies_s"] for m in scored],   # for the intervals over rounds
-                         "cpu_percent": {k: round(v, 1) for k, v in cpu.items()}, "exit_code": last["exit_code"],
-                         "peer_said": last["peer_said"],
-                         **({"stderr_tail": last["stderr_tail"]} if last["stderr_tail"] else {})}
+        try:
+            results[name] = peer_result(name, runs, summary["pulse_t"])
+        except Exception as exc:   # scoring one peer's output must not lose the others'
+            results[name] = {"error": f"scoring failed: {type(exc).__name__}: {exc}"}
+        results[name].setdefault("end_to_end_ms", stats_ms([]))   # the required key, with no figures
     return {"stream": {**STREAM, "threshold_uv": THRESHOLD_UV, "rounds": rounds, "outlet_max_behind_ms":
                        round(summary["max_behind_s"] * 1e3, 3), "outlet_cpu_percent": outlet_cpu},
             "peers": results, "ratios": ratio_table(results), "ratio_ci95": ratio_ci_table(results)}
 
 
+def peer_result(name: str, runs: list[dict], pulse_t) -> dict:
+    """One peer's entry from its rounds (``run_peer`` results) and the stream's pulse times (pure)."""
+    for key in ("error", "skipped"):
+        if any(key in r for r in runs):
+            return {key: next(r[key] for r in runs if key in r)}
+    # Score pulses from 0.2 s after the peer was ready to just before it stopped.
+    scored = [match(pulse_t, r["stamps"], r["t_start"] + 0.2, r["t_stop"] - MATCH_WINDOW_S) for r in runs]
+    lat = [x for m in scored for x in m["latencies_s"]]
+    counts = {k: sum(m[k] for m in scored) for k in ("pulses", "detected", "missed", "extra_outputs")}
+    cpu = {}
+    for r in runs:
+        for k, v in (r["cpu_percent"] or {}).items():
+            cpu[k] = cpu.get(k, 0.0) + (v or 0.0) / len(runs)
+    last = runs[-1]
+    own, raw = {}, {}
+    if name in OURS:   # scored over the same span as the end-to-end figure
+        def scored_span(r, t) -> bool:
+            return r["t_start"] + 0.2 <= t <= r["t_stop"] - MATCH_WINDOW_S
+
+        st, raw = stage_stats([row for r in runs for row in (r.get("stage_rows") or []) if scored_span(r, row[0])])
+        # The governor's refusals of scored pulses: pulses it did not send, so counted in "missed";
+        # by rule, so a rate limit shows as one. (Pulses before the span, e.g. a backlog pulled at
+        # start-up and refused by min_interval, are not scored either way.)
+        rules: dict[str, int] = {}
+        for r in runs:
+            for t, rule in r.get("refusals") or []:
+                if scored_span(r, t):
+                    rules[rule] = rules.get(rule, 0) + 1
+        said = [r.get("peer_counts") or {} for r in runs]
+        own = {"stages_ms": st, "refused": sum(rules.values()), "refused_rules": rules,
+               "faults": sum(c["faults"] for c in said) if all("faults" in c for c in said) else None}
+    return {"end_to_end_ms": stats_ms(lat), **counts, "rounds": len(runs), **own,
+            "per_round_p99_ms": [stats_ms(m["latencies_s"])["p99"] for m in scored],
+            "_raw_s": {"end_to_end": lat, **raw},
+            "_rounds_s": [m["latencies_s"] for m in scored],   # for the intervals over rounds
+            "cpu_percent": {k: round(v, 1) for k, v in cpu.items()}, "exit_code": last["exit_code"],
+            "peer_said": last["peer_said"],
+            **({"stderr_tail": last["stderr_tail"]} if last["stderr_tail"] else {})}
+
+
 def _pairs(results: dict, key: str):
     """``(ours, peer, our_value, peer_value)`` for every stimloop variant and every other peer that has ``key``."""
+    def usable(r) -> bool:   # a failed or skipped peer keeps its keys, with no figures to compare
+        return isinstance(r, dict) and r.get(key) is not None and "error" not in r and "skipped" not in r
+
     for ref in OURS:
-        base = (results.get(ref) or {}).get(key)
-        if base is None:
+        if not usable(results.get(ref)):
             continue
+        base = results[ref][key]
         for name, r in results.items():
-            if name not in OURS and isinstance(r, dict) and r.get(key) is not None:
+            if name not in OURS and usable(r):
                 yield ref, name, base, r[key]
 
 
