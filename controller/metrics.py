@@ -8,11 +8,23 @@ command received by the device (the emulator's receipt time, same clock).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from controller.recorder import read_jsonl
+
+#: Device-log records that are a trigger command's receipt: the emulator writes ``TRIGGER`` (one per
+#: executed frame: delivered, refused, or a scheduled one cancelled), the simulated runner ``TRIGGER``
+#: too, older logs ``trigger``. A retry the device answered from its dedup memory (``duplicate``) is
+#: the same command again, stamped when the retry arrived: not a receipt (PROTOCOL.md §4).
+TRIGGER_RECORD_TYPES = ("trigger", "TRIGGER")
+#: A receipt later than this after the command was sent is not its receipt. The host gives up on a
+#: command after ``(1 + retries) × timeout_s`` (0.2 s by default) and then records no COMMAND event;
+#: a receipt this late can only be another command's that reused the seq (PROTOCOL.md §4: the seq
+#: is 16-bit and wraps, from a random start, in about 1.8 h of heartbeats at 10 Hz).
+MAX_RECEIPT_DELAY_S = 10.0
 
 # Detection scoring for the built-in demo: a detection counts for a seizure when it
 # starts between the onset and the offset (+ this grace, for stimulation-shortened seizures).
@@ -26,6 +38,89 @@ def percentiles_ms(values_s) -> dict:
     q = np.percentile(v, [50, 90, 99, 99.9])
     return {"p50": round(float(q[0]), 4), "p90": round(float(q[1]), 4), "p99": round(float(q[2]), 4),
             "p999": round(float(q[3]), 4), "max": round(float(v.max()), 4), "n": int(v.size)}
+
+
+def trigger_commands(events: list[dict]) -> list[dict]:
+    """The session's trigger COMMAND events (every trigger the device acknowledged), in log order."""
+    return [e for e in events if e["kind"] == "command" and e.get("op") == "trigger"]
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+
+@dataclass
+class ReceiptJoin:
+    """Each trigger command paired with its device receipt (``join_receipts``).
+
+    ``records[i]``: the device-log record of command ``i``'s receipt, ``None`` when none fits.
+    ``received_t[i]``: its ``t_received`` when the device accepted the trigger (``ok``), else ``None``.
+    ``before_send``: same-seq receipts passed over because they precede the send of the command
+    that would have claimed them (a negative latency, never reported). ``too_late``: commands left
+    unpaired because their next same-seq receipt came after ``MAX_RECEIPT_DELAY_S`` or after the
+    next command with that seq was sent (an implausible latency, never reported).
+    """
+    records: list
+    received_t: list
+    before_send: int = 0
+    too_late: int = 0
+
+
+def join_receipts(commands: list[dict], device_log: list[dict],
+                  max_delay_s: float = MAX_RECEIPT_DELAY_S) -> ReceiptJoin:
+    """Pair each trigger command with the device receipt of the same ``seq`` sent in reply to it.
+
+    The 16-bit seq wraps (and restarts at random with each host connection), so a seq alone does
+    not name one command. Receipts (``TRIGGER_RECORD_TYPES``, duplicates left out) are queued per
+    seq in ``t_received`` order; commands are taken in send order (``sent_t``, else their event
+    time) and each takes the first receipt of its seq at or after its send time, within
+    ``max_delay_s`` and before the next command with the same seq was sent. Every receipt is used
+    at most once; none earlier than its command's send is ever paired. The one join behind
+    ``metrics.json``, the ADS timeline and the report's histogram.
+    """
+    queues: dict = {}
+    for k, r in enumerate(device_log):
+        if r.get("type") not in TRIGGER_RECORD_TYPES or r.get("duplicate") or r.get("seq") is None:
+            continue
+        if not _finite(r.get("t_received")):
+            continue
+        queues.setdefault(r["seq"], []).append((float(r["t_received"]), k, r))
+    for q in queues.values():
+        q.sort(key=lambda x: (x[0], x[1]))
+    send = [c.get("sent_t") if _finite(c.get("sent_t")) else c.get("t") for c in commands]
+    order = sorted((i for i, c in enumerate(commands) if c.get("seq") is not None and _finite(send[i])),
+                   key=lambda i: (send[i], i))
+    next_send: dict[int, float] = {}
+    last_of_seq: dict = {}
+    for i in reversed(order):
+        seq = commands[i]["seq"]
+        next_send[i] = last_of_seq.get(seq, float("inf"))
+        last_of_seq[seq] = send[i]
+    out = ReceiptJoin(records=[None] * len(commands), received_t=[None] * len(commands))
+    cursor: dict = {}
+    for i in order:
+        seq, t_send = commands[i]["seq"], float(send[i])
+        q, k = queues.get(seq, ()), cursor.get(seq, 0)
+        while k < len(q) and q[k][0] < t_send:
+            k += 1
+            out.before_send += 1
+        if k < len(q):
+            if q[k][0] <= t_send + max_delay_s and q[k][0] < next_send[i]:
+                rec = q[k][2]
+                k += 1
+                out.records[i] = rec
+                if rec.get("ok", True):
+                    out.received_t[i] = float(rec["t_received"])
+            else:
+                out.too_late += 1
+        cursor[seq] = k
+    return out
+
+
+def end_to_end_pairs(commands: list[dict], received_t: list) -> list[tuple[dict, float]]:
+    """``(command, device receipt time)`` of the commands that reached the device and carry the
+    end of their deciding window: the end-to-end latency is ``receipt − window_end_t``."""
+    return [(c, r) for c, r in zip(commands, received_t) if r is not None and c.get("window_end_t") is not None]
 
 
 def load_ground_truth(session_dir: Path) -> dict:
@@ -88,21 +183,18 @@ def compute_metrics(session_dir: Path) -> dict:
     device_log = read_jsonl(session_dir / "device_log.jsonl")
     truth = load_ground_truth(session_dir)
 
-    received = {}
-    for rec in device_log:
-        if rec.get("type") in ("trigger", "TRIGGER") and rec.get("ok", True):
-            received.setdefault(rec["seq"], rec["t_received"])
-
     by_kind: dict[str, list[dict]] = {}
     for e in events:
         by_kind.setdefault(e["kind"], []).append(e)
 
     predictions = by_kind.get("prediction", [])
     commands = [c for c in by_kind.get("command", []) if c.get("op") == "trigger"]
+    join = join_receipts(commands, device_log)
+    received = join.received_t   # per command: its device receipt time, None if it has none
     chunk_cmds = [c for c in commands if "t_read" in c]   # chunk-driven (spike policies)
     chunk_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c in chunk_cmds])
-    reached = [c for c in commands if c.get("seq") in received and c.get("window_end_t") is not None]
-    reached_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c in reached])
+    reached = end_to_end_pairs(commands, received)
+    reached_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c, _ in reached])
     stages = {
         "ring_read": [p["t_read"] - p["window_end_t"] for p in predictions if "t_read" in p],
         # Spike policies: detected spike sample -> its chunk read by the loop (chunking, LSL, ring) ...
@@ -113,10 +205,10 @@ def compute_metrics(session_dir: Path) -> dict:
         "inference": [p["t_inference"] - p["t_features"] for p in predictions if "t_inference" in p],
         "policy_governor": [c["t_decided"] - c["t_inference"] for c in commands if "t_decided" in c and "t_inference" in c],
         "port_write": [c["sent_t"] - c["t_decided"] for c in commands if "t_decided" in c],
-        "device_receive": [received[c["seq"]] - c["sent_t"] for c in commands if c.get("seq") in received],
+        "device_receive": [r - c["sent_t"] for c, r in zip(commands, received) if r is not None],
     }
-    end_to_end = [received[c["seq"]] - c["window_end_t"] for c in reached]
-    pushed_to_device = [received[c["seq"]] - p for c, p in zip(reached, reached_push) if np.isfinite(p)]
+    end_to_end = [r - c["window_end_t"] for c, r in reached]
+    pushed_to_device = [r - p for (_, r), p in zip(reached, reached_push) if np.isfinite(p)]
 
     detection_starts = [e["t"] for e in by_kind.get("decision", [])
                         if e.get("what") == "detection_start"]
@@ -129,7 +221,7 @@ def compute_metrics(session_dir: Path) -> dict:
     ads = ads_metrics(events, device_log, truth)
     allowed = [c for c in commands]
     charge = sum(float(c.get("burst_charge_uc", 0.0)) for c in allowed)
-    unreached = [c["seq"] for c in commands if device_log and c.get("seq") not in received]
+    unreached = [c["seq"] for c, r in zip(commands, received) if device_log and r is None]
     return {
         "end_to_end_ms": percentiles_ms(end_to_end),
         # From the moment the decision's last sample left the simulator (its chunk pushed): what the
@@ -148,6 +240,8 @@ def compute_metrics(session_dir: Path) -> dict:
         "stim": {
             "commands": len(commands),
             "received_by_device": len(commands) - len(unreached),
+            # Same-seq receipts refused as a command's (join_receipts): before its send, or too late.
+            "receipts_refused": {"before_send": join.before_send, "too_late": join.too_late},
             "charge_uc": round(charge, 3),
             "clamps": len(by_kind.get("clamp", [])),
             "refusals": len(by_kind.get("refusal", [])),
@@ -189,17 +283,21 @@ def ads_timeline(events: list[dict], device_log: list[dict], truth: dict) -> dic
     det = [e for e in events if e["kind"] == "spike"]
     det_t = np.asarray([t for e in det for t in e.get("t_spike", [])], float)
     det_ch = np.asarray([c for e in det for c in e.get("channel", [])], int)
-    delivered = {r["seq"]: r["t_delivered"] for r in device_log
-                 if r.get("type") == "TRIGGER" and r.get("t_delivered") is not None}
-    cmds = [e for e in events if e["kind"] == "command" and e.get("op") == "trigger"
-            and e.get("request_source") in SPIKE_POLICY_SOURCES]
+    # Joined over every trigger command, so each claims its own receipt before the spike ones are kept.
+    all_cmds = trigger_commands(events)
+    join = join_receipts(all_cmds, device_log)
+    spike_cmds = [(c, rec) for c, rec in zip(all_cmds, join.records)
+                  if c.get("request_source") in SPIKE_POLICY_SOURCES]
+    cmds = [c for c, _ in spike_cmds]
+    delivered = [rec.get("t_delivered") if rec is not None and rec.get("t_delivered") is not None else np.nan
+                 for _, rec in spike_cmds]
     cmd = {"seq": np.asarray([c["seq"] for c in cmds], int),
            "spike_t": np.asarray([c.get("spike_t", np.nan) if c.get("spike_t") is not None else np.nan
                                   for c in cmds], float),
            "spike_channel": np.asarray([c.get("spike_channel") if c.get("spike_channel") is not None else -1
                                         for c in cmds], int),
            "at": np.asarray([c.get("at") if c.get("at") is not None else c["t"] for c in cmds], float),
-           "t_delivered": np.asarray([delivered.get(c["seq"], np.nan) for c in cmds], float)}
+           "t_delivered": np.asarray(delivered, float)}
     refusals: dict[str, int] = {}
     for e in events:
         if e["kind"] == "refusal" and e.get("request_source") in SPIKE_POLICY_SOURCES:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from controller.metrics import compute_metrics, load_ground_truth
+from controller.metrics import compute_metrics, end_to_end_pairs, join_receipts, load_ground_truth, trigger_commands
 from controller.recorder import read_jsonl, write_json
 
 
@@ -76,7 +76,7 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
     if preds:
         ax_p.legend(loc="upper right", fontsize=8)
 
-    cmds = [e for e in events if e["kind"] == "command" and e.get("op") == "trigger"]
+    cmds = trigger_commands(events)
     amps = [float((c.get("params") or {}).get("amplitude_ua", 0.0)) for c in cmds]
     if cmds:
         ax_stim.vlines([c["t"] - t_ref for c in cmds], 0, amps, color="tab:green", lw=2,
@@ -107,9 +107,9 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
         ax.set_xlim(ax_sig.get_xlim())
 
     e2e = metrics.get("end_to_end_ms", {})
-    device_log = {r["seq"]: r["t_received"] for r in read_jsonl(session_dir / "device_log.jsonl") if "seq" in r}
-    vals = [(device_log[c["seq"]] - c["window_end_t"]) * 1e3 for c in cmds
-            if c.get("seq") in device_log and c.get("window_end_t") is not None]
+    # The pairing metrics.json uses (join_receipts): a seq reused after a wrap is not an old receipt.
+    received = join_receipts(cmds, read_jsonl(session_dir / "device_log.jsonl")).received_t
+    vals = [(r - c["window_end_t"]) * 1e3 for c, r in end_to_end_pairs(cmds, received)]
     ring = [(e["t_read"] - e["window_end_t"]) * 1e3 for e in preds if "t_read" in e]
     inf = [(e["t_inference"] - e["t_read"]) * 1e3 for e in preds if "t_inference" in e]
     bins = 40
