@@ -149,8 +149,13 @@ def test_short_benchmark_runs_three_modes_and_subscribers_receive(tmp_path):
     assert by_mode["on_no_subscriber"]["telemetry"]["sent"] > 10
     # The samples the bench pools are the ones bench_ads reports.
     for r in res["runs"]:
-        # (bench_ads reports ms rounded to 0.1 µs, as every bench summary does)
-        assert r["spike_to_command_ms"]["p99"] == pytest.approx(r["bench_ads_spike_to_command_ms"]["p99"], abs=1e-4)
+        # (bench_ads reports ms rounded to 0.1 µs, as every bench summary does; it gives no p99 from
+        # fewer than 100 values, so the p99 is compared only where it reports one)
+        ours, theirs = r["spike_to_command_ms"], r["bench_ads_spike_to_command_ms"]
+        for q in ("p50", "max"):
+            assert ours[q] == pytest.approx(theirs[q], abs=1e-4)
+        if theirs["p99"] is not None:
+            assert ours["p99"] == pytest.approx(theirs["p99"], abs=1e-4)
     tele = by_mode["on_2_subscribers"]["telemetry"]
     normal, slow = tele["subscribers"]
     assert normal["slow_ms"] == 0 and slow["slow_ms"] == 50
