@@ -48,7 +48,7 @@ from controller.actuator import Actuator  # noqa: E402
 from controller.bench.common import CpuMeter, stats_ms  # noqa: E402
 from controller.events import Event, EventKind  # noqa: E402
 from controller.low_latency import LowLatency  # noqa: E402
-from controller.metrics import chunk_index  # noqa: E402
+from controller.metrics import chunk_index, join_receipts  # noqa: E402
 from controller.policies.ads import (GUGGENMOS_BLANKING_MS, GUGGENMOS_DELAY_MS, AdsPolicy,  # noqa: E402
                                      RandomStimPolicy, blanking_window)
 from controller.safety import MICRO, SafetyGovernor  # noqa: E402
@@ -298,10 +298,10 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         np.savez(os.path.join(keep_dir, f"detections_{mode}.npz"), t=np.concatenate(det_t) if det_t else np.empty(0),
                  channel=np.concatenate(det_c) if det_c else np.empty(0, int), blanks=np.asarray(blanks).reshape(-1, 2))
     detections = (np.concatenate(det_t) if det_t else np.empty(0), np.concatenate(det_c) if det_c else np.empty(0, int))
-    # What the controller asked each TRIGGER for, by seq: an immediate delivery's record carries no time.
-    requested_at = {int(q): float(a) for q, a in zip(cmd_seq[:n_cmd], cmd_at[:n_cmd])}
+    requested_at, receipt_t = command_receipts(cmd_seq[:n_cmd], cmd_sent[:n_cmd], cmd_at[:n_cmd],
+                                               gt["emulator_records"])
     breakdown = _breakdown(gt, cmd_spike[:n_cmd], cmd_pulled[:n_cmd], cmd_submit[:n_cmd], cmd_sent[:n_cmd],
-                           cmd_seq[:n_cmd])
+                           receipt_t)
     chunk_ms = chunk_latency_ms(gt, ch_rec[:n_chunks, 0], ch_rec[:n_chunks, 1], ch_rec[:n_chunks, 2],
                                 t_from=t_start + WARMUP_S)
     res = evaluate(gt, detections, blanks, mode=mode, delay_s=delay_ms * 1e-3, t_eval=(t_start + WARMUP_S, t_end - 0.05),
@@ -331,27 +331,46 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
     return res
 
 
+def command_receipts(seq, sent_t, at, records: list[dict]) -> tuple[dict, list]:
+    """Each TRIGGER command's own device receipt, for commands given as parallel arrays (seq, send
+    time, the deliver-at the controller asked for) and the emulator's records.
+
+    The 16-bit seq wraps in a long run, so a seq alone names several commands:
+    :func:`controller.metrics.join_receipts` pairs them by send order and receipt time.
+    Returns ``({receipt_key: at}, [receipt time or None per command])``.
+    """
+    join = join_receipts([{"seq": int(q), "sent_t": float(s)} for q, s in zip(seq, sent_t)], records)
+    requested_at = {receipt_key(r): float(a) for r, a in zip(join.records, at) if r is not None}
+    return requested_at, [None if r is None else float(r["t_received"]) for r in join.records]
+
+
+def receipt_key(rec: dict) -> tuple:
+    """One device receipt's key, ``(seq, t_received)``: the seq alone repeats once it wraps."""
+    return rec.get("seq"), rec.get("t_received")
+
+
 def intended_at(rec: dict, requested_at: dict | None = None) -> float | None:
     """The deliver-at time a TRIGGER record was meant for, or None if unknown.
 
     A scheduled trigger's record carries it (``at``). An immediate one carries
     ``IMMEDIATE_AT`` (0.0, "now"), which the governor sends when the requested
     time had passed by the time it decided: its intended time is the
-    controller's own request, joined by ``seq`` from ``requested_at``. (Testing
-    ``at`` for truth dropped exactly those, the latest commands of a run.)
+    controller's own request, looked up by :func:`receipt_key` in ``requested_at``
+    (built from the command ↔ receipt join). (Testing ``at`` for truth dropped
+    exactly those, the latest commands of a run.)
     """
     at = rec.get("at")
     if at is not None and at != IMMEDIATE_AT:
         return float(at)
     if requested_at is None:
         return None
-    return requested_at.get(rec.get("seq"))
+    return requested_at.get(receipt_key(rec))
 
 
 def spike_to_command_samples_ms(gt: dict, delay_s: float, requested_at: dict | None = None) -> np.ndarray:
     """Spike → command (ms) per delivered ADS trigger: the emulator's receipt time of the TRIGGER
     minus the push time of the LSL block holding the spike sample (spike time = intended ``at`` − delay;
-    ``requested_at``: ``{seq: at}`` the controller asked for, see :func:`intended_at`)."""
+    ``requested_at``: ``{receipt_key: at}`` the controller asked for, see :func:`intended_at`)."""
     if not delay_s >= 0:
         raise ValueError(f"delay_s={delay_s!r} invalid, expected >= 0 s")
     push_t = np.asarray(gt["push_t"], np.float64)
@@ -392,24 +411,24 @@ def chunk_latency_ms(gt: dict, first_t, last_t, done_t, t_from: float = -np.inf)
     return (done[last] - push_t[blocks[last]]) * 1e3
 
 
-def _breakdown(gt: dict, spike_t, pulled_t, submit_t, sent_t, seq) -> dict:
+def _breakdown(gt: dict, spike_t, pulled_t, submit_t, sent_t, receipt_t) -> dict:
     """Where spike → command time goes: LSL (push → pull return), detect+policy (→ submit), submit → device
     receipt, the latter split into governor+framing (submit → write starts) and write → device receipt.
 
+    ``receipt_t``: each command's own device receipt time (None if it has none).
     Returns the per-command durations in seconds, per stage.
     """
     push_t = np.asarray(gt["push_t"])
     blocks = chunk_index(spike_t, gt["t0"], gt["fs_hz"], gt["chunk_n"])
-    recv = {r["seq"]: r["t_received"] for r in gt["emulator_records"] if r.get("type") == "TRIGGER"}
     lsl, proc, dev, gov, wire = [], [], [], [], []
-    for b, p, sub, snt, q in zip(blocks, pulled_t, submit_t, sent_t, seq):
+    for b, p, sub, snt, rt in zip(blocks, pulled_t, submit_t, sent_t, receipt_t):
         if 0 <= b < push_t.size:
             lsl.append(p - push_t[b])
         proc.append(sub - p)
         gov.append(snt - sub)
-        if int(q) in recv:
-            dev.append(recv[int(q)] - sub)
-            wire.append(recv[int(q)] - snt)
+        if rt is not None:
+            dev.append(rt - sub)
+            wire.append(rt - snt)
     return {"lsl_push_to_pull": lsl, "detect_policy": proc, "submit_to_device_receipt": dev,
             "governor_and_framing": gov, "write_to_device_receipt": wire}
 
@@ -418,7 +437,7 @@ def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[t
              delay_s: float, t_eval: tuple[float, float], requested_at: dict | None = None) -> dict:
     """Score one run against the HIL ground truth (all times on the LSL clock).
 
-    ``requested_at``: ``{seq: deliver-at}`` as the controller asked (see :func:`intended_at`).
+    ``requested_at``: ``{receipt_key: deliver-at}`` as the controller asked (see :func:`intended_at`).
     ``late_deliveries``: delivered TRIGGERs that reached the device after their intended time, so
     the device delivered them at once (immediate, or scheduled but accepted within its lateness
     tolerance): deadline misses that still stimulated, counted in ``delay_error_ms`` as they were.

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from controller.bench_ads import evaluate, intended_at, spike_to_command_samples_ms
+from controller.bench_ads import command_receipts, evaluate, intended_at, receipt_key, spike_to_command_samples_ms
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,13 +26,13 @@ def _ground_truth():
     gt = {"t0": t0, "fs_hz": fs, "chunk_n": n, "push_t": push_t, "emulator_records": recs,
           "trigger_spikes": {"t": spikes, "channel": [0, 0]}, "pulses": [], "w_init": 0.5, "w_final": 0.5,
           "emulator_counters": {}}
-    return gt, {1: at1, 2: at2}
+    return gt, {receipt_key(recs[0]): at1, receipt_key(recs[1]): at2}
 
 
 def test_a_late_trigger_delivered_at_once_is_scored_not_dropped():
     gt, requested = _ground_truth()
     imm = gt["emulator_records"][1]
-    assert intended_at(imm) is None and intended_at(imm, requested) == requested[2]   # 0.0 is "now", not a time
+    assert intended_at(imm) is None and intended_at(imm, requested) == requested[receipt_key(imm)]   # 0.0 is "now", not a time
     assert spike_to_command_samples_ms(gt, DELAY_S).size == 1                           # the record alone
     s2c = spike_to_command_samples_ms(gt, DELAY_S, requested)
     assert s2c.size == 2 and s2c.max() > DELAY_S * 1e3   # the late one: received after its 7.5 ms had passed
@@ -41,6 +41,17 @@ def test_a_late_trigger_delivered_at_once_is_scored_not_dropped():
     assert res["late_deliveries"] == 1 and res["pulses_delivered"] == 2
     assert res["delay_error_ms"]["n"] == 2 and res["delay_error_ms"]["max"] == pytest.approx(1.2, abs=1e-3)
     assert res["spike_to_command_ms"]["n"] == 2
+
+
+def test_commands_with_a_wrapped_seq_each_get_their_own_receipt_and_request():
+    """Two immediate TRIGGERs 1 s apart carry the same seq (it wrapped): each keeps its own intended
+    time and receipt (a join by seq gave both the first one's)."""
+    recs = [{"type": "TRIGGER", "seq": 5, "t_received": 10.0012, "t_delivered": 10.0012, "at": 0.0, "ok": True},
+            {"type": "TRIGGER", "seq": 5, "t_received": 11.0020, "t_delivered": 11.0020, "at": 0.0, "ok": True}]
+    requested, receipt_t = command_receipts([5, 5], [10.0010, 11.0010], [10.0005, 11.0005], recs)
+    assert receipt_t == [pytest.approx(10.0012), pytest.approx(11.0020)]
+    assert intended_at(recs[0], requested) == pytest.approx(10.0005)
+    assert intended_at(recs[1], requested) == pytest.approx(11.0005)
 
 
 def test_bench_ads_short_run_writes_wellformed_json(tmp_path):

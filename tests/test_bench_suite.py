@@ -478,14 +478,14 @@ def test_seizure_stages_start_from_the_real_push_and_add_up():
             "t_inference": push_t[k] + 0.0011}
     cmd = {"window_end_t": w, "seq": 7, "t_inference": pred["t_inference"], "t_decided": push_t[k] + 0.0012,
            "sent_t": push_t[k] + 0.0013}
-    received = {7: push_t[k] + 0.0015}
+    received = [push_t[k] + 0.0015]
     out = stage_samples([cmd], {round(w, 6): pred}, received, acq, push_t, truth)
     assert out["lsl_transport"] == [pytest.approx(0.0004)]    # from the real push, not from the nominal time
     assert out["simulator_push_late"] == [pytest.approx(0.003)]
     assert out["end_to_end"] == [pytest.approx(0.0015)]
     assert sum(out[s][0] for s in STAGES) == pytest.approx(out["end_to_end"][0])
     # From the window's last sample as the simulator stamped it: no time-correction offset in it.
-    assert out["end_to_end_from_window_end"] == [pytest.approx(received[7] - nominal)]
+    assert out["end_to_end_from_window_end"] == [pytest.approx(received[0] - nominal)]
 
 
 def test_stimloop_peer_profile_lets_the_peer_stream_through_where_micro_refuses():

@@ -241,11 +241,12 @@ def _run(cfg, session: Path, duration_s: float, model: Path) -> dict:
     return analyze(session, acq_path, cpu_pct, duration_s, model)
 
 
-def stage_samples(cmds: list[dict], preds: dict, received: dict, acq, push_t, truth: dict) -> dict:
+def stage_samples(cmds: list[dict], preds: dict, received: list, acq, push_t, truth: dict) -> dict:
     """Per-command stage times (s) from already-loaded records; no I/O.
 
     ``cmds``: COMMAND events with ``window_end_t``; ``preds``: PREDICTION events by
-    ``round(window_end_t, 6)``; ``received``: device receipt time by seq; ``acq``: rows
+    ``round(window_end_t, 6)``; ``received``: each command's own device receipt time, or None
+    (from :func:`controller.metrics.join_receipts`: the seq wraps); ``acq``: rows
     ``(ts_last, t_pulled, t_written, n)`` of the acquisition's ring writes (ring
     timestamps, raw-clock stamps); ``push_t``: the simulator's real push time per
     chunk; ``truth``: its ground truth (``t0`` and ``push`` layout). Returns
@@ -261,16 +262,17 @@ def stage_samples(cmds: list[dict], preds: dict, received: dict, acq, push_t, tr
     acq = np.asarray(acq, np.float64).reshape(-1, 4)
     acq = acq[np.argsort(acq[:, 0], kind="stable")]
     out: dict = {k: [] for k in (*STAGES, "end_to_end", "end_to_end_from_window_end", "simulator_push_late")}
-    for c in cmds:
+    if len(received) != len(cmds):
+        raise ValueError(f"received has {len(received)} receipt times for {len(cmds)} commands")
+    for c, t_recv in zip(cmds, received):
         w = c["window_end_t"]
         p = preds.get(round(w, 6))
-        seq = c.get("seq")
-        if p is None or seq not in received:
+        if p is None or t_recv is None:
             continue
         # The window's last sample as the simulator stamped it (sample i carries t0 + i / fs), on
         # its raw clock: the ring's copy carries LslSource's time-correction offset on top.
         i = int(np.rint((w - t0) * fs))
-        out["end_to_end_from_window_end"].append(received[seq] - (t0 + i / fs))
+        out["end_to_end_from_window_end"].append(t_recv - (t0 + i / fs))
         k = int(chunk_index(w, t0, fs, chunk_n, first))
         # The pull that delivered the window's last sample: the first whose newest sample is not older.
         j = int(np.searchsorted(acq[:, 0], w - 0.5 / fs))
@@ -280,13 +282,13 @@ def stage_samples(cmds: list[dict], preds: dict, received: dict, acq, push_t, tr
             out["lsl_transport"].append(t_pulled - t_push)
             out["ring_write"].append(t_written - t_pulled)
             out["ring_to_loop"].append(p["t_read"] - t_written)
-            out["end_to_end"].append(received[seq] - t_push)
+            out["end_to_end"].append(t_recv - t_push)
             out["simulator_push_late"].append(t_push - (t0 + (first + (k + 1) * chunk_n - 1) / fs))
         out["features"].append(p["t_features"] - p["t_read"])
         out["inference"].append(p["t_inference"] - p["t_features"])
         out["policy_governor"].append(c["t_decided"] - c["t_inference"])
         out["port_write"].append(c["sent_t"] - c["t_decided"])
-        out["device_receive"].append(received[seq] - c["sent_t"])
+        out["device_receive"].append(t_recv - c["sent_t"])
     return out
 
 
@@ -295,7 +297,7 @@ def analyze(session: Path, acq_path: str, cpu_pct: dict, duration_s: float, mode
     and the simulator's ground truth (its real chunk push times)."""
     import numpy as np
 
-    from controller.metrics import compute_metrics, load_ground_truth
+    from controller.metrics import compute_metrics, join_receipts, load_ground_truth
     from controller.recorder import read_jsonl
     events = read_jsonl(session / "events.jsonl")
     device = read_jsonl(session / "device_log.jsonl") if (session / "device_log.jsonl").exists() else []
@@ -307,12 +309,9 @@ def analyze(session: Path, acq_path: str, cpu_pct: dict, duration_s: float, mode
         raise RuntimeError(f"seizure_loop: the simulator left no chunk push times in {session} "
                            f"(ground_truth.json 'push' / push_t.f64): cannot measure from the real push")
     push_t = np.fromfile(session / push["file"], dtype="<f8")
-    received = {}
-    for r in device:
-        if r.get("type") in ("trigger", "TRIGGER") and r.get("ok", True):
-            received.setdefault(r["seq"], r["t_received"])
     preds = {round(e["window_end_t"], 6): e for e in events if e["kind"] == "prediction" and "t_read" in e}
     cmds = [c for c in events if c["kind"] == "command" and c.get("op") == "trigger" and c.get("window_end_t")]
+    received = join_receipts(cmds, device).received_t
     acq = np.load(acq_path) if Path(acq_path).exists() else np.zeros((0, 4))
     raw = stage_samples(cmds, preds, received, acq, push_t, truth)
     # LslSource's time-correction offset as applied to the ring's timestamps: ring stamp − the
@@ -323,7 +322,7 @@ def analyze(session: Path, acq_path: str, cpu_pct: dict, duration_s: float, mode
     st = {k: raw[k] for k in STAGES}
     return {"fs_hz": fs, "n_channels": 16, "model": str(model), "duration_s": duration_s,
             "policy": "every window (EveryWindowPolicy), MACRO profile with overrides " + json.dumps(BENCH_SAFETY_OVERRIDES),
-            "commands": len(cmds), "received_by_device": sum(1 for c in cmds if c.get("seq") in received),
+            "commands": len(cmds), "received_by_device": sum(1 for r in received if r is not None),
             "predictions": m["predictions"], "refusals": m["stim"]["refusals"],
             "end_to_end_ms": stats_ms(raw["end_to_end"]),
             "end_to_end_from_window_end_ms": stats_ms(raw["end_to_end_from_window_end"]),
