@@ -31,13 +31,41 @@ MAX_RECEIPT_DELAY_S = 10.0
 DETECTION_GRACE_S = 3.0
 
 
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+STAT_KEYS = ("p50", "p90", "p99", "p999", "max")
+
+
+def min_n_for(q_percent: float) -> int:
+    """Fewest values that can estimate percentile ``q_percent``: ``1 / (1 − q)`` (p99: 100, p99.9: 1000).
+
+    With fewer, the top ``1 − q`` of the distribution holds less than one value and
+    ``np.percentile`` only interpolates between the largest few: a "p99" of ~45
+    values is their second-largest value, not a p99.
+    """
+    return int(round(1.0 / (1.0 - q_percent / 100.0)))
+
+
+#: per reported percentile key, the fewest values it is reported for (``None`` below); the rule is
+#: for tails: the median of one value is that value (a session with one trigger has a p50).
+MIN_N = {k: (1 if q <= 50.0 else min_n_for(q)) for k, q in zip(STAT_KEYS, PERCENTILES)}
+
+
 def percentiles_ms(values_s) -> dict:
-    v = np.asarray([x for x in values_s if x is not None and np.isfinite(x)], dtype=float) * 1e3
+    """p50/p90/p99/p99.9/max and n of latencies given in seconds (None and non-finite ignored), in ms.
+
+    The same rule as the benchmarks' ``stats_ms``: a percentile is ``None`` below ``MIN_N``
+    values (a session with 12 commands has a p50 and a max, not a p99); ``max`` and ``n``
+    are always given.
+    """
+    v = np.asarray(values_s, dtype=np.float64).ravel()     # None becomes NaN
+    v = v[np.isfinite(v)] * 1e3
     if v.size == 0:
-        return {"p50": None, "p90": None, "p99": None, "p999": None, "max": None, "n": 0}
-    q = np.percentile(v, [50, 90, 99, 99.9])
-    return {"p50": round(float(q[0]), 4), "p90": round(float(q[1]), 4), "p99": round(float(q[2]), 4),
-            "p999": round(float(q[3]), 4), "max": round(float(v.max()), 4), "n": int(v.size)}
+        return {**{k: None for k in STAT_KEYS}, "n": 0}
+    q = np.percentile(v, PERCENTILES)
+    out = {k: (round(float(x), 4) if v.size >= MIN_N[k] else None) for k, x in zip(STAT_KEYS, q)}
+    out["max"] = round(float(v.max()), 4)
+    out["n"] = int(v.size)
+    return out
 
 
 def trigger_commands(events: list[dict]) -> list[dict]:

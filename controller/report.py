@@ -118,7 +118,9 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
     if inf:
         ax_lat.hist(inf, bins=bins, alpha=0.6, label="features + inference")
     if vals:
-        ax_lat.hist(vals, bins=bins, alpha=0.8, label=f"end to end (p99 {e2e.get('p99')} ms)")
+        # (no p99 from fewer than 100 commands: metrics.MIN_N)
+        tail = f"p99 {e2e['p99']} ms" if e2e.get("p99") is not None else f"max {e2e.get('max')} ms"
+        ax_lat.hist(vals, bins=bins, alpha=0.8, label=f"end to end ({tail}, n={len(vals)})")
     ax_lat.set_xlabel("latency (ms)")
     ax_lat.set_ylabel("count")
     if vals and not (ring or inf) and np.ptp(vals) < 1e-6:

@@ -172,11 +172,13 @@ def test_stats_ms_gives_no_percentile_from_too_few_values():
     assert s45["n"] == 45 and s45["p50"] is not None and s45["p90"] is not None
     assert s45["p99"] is None and s45["p999"] is None and s45["jitter_p99_p50"] is None
     assert s45["max"] == pytest.approx(2.0)
-    assert MIN_N == {"p50": 2, "p90": 10, "p99": 100, "p999": 1000}
+    assert MIN_N == {"p50": 1, "p90": 10, "p99": 100, "p999": 1000}
     assert stats_ms(np.ones(99) * 1e-3)["p99"] is None and stats_ms(np.ones(100) * 1e-3)["p99"] == 1.0
     assert stats_ms(np.ones(999) * 1e-3)["p999"] is None and stats_ms(np.ones(1000) * 1e-3)["p999"] == 1.0
     one = stats_ms([0.003])
-    assert one["n"] == 1 and one["max"] == 3.0 and all(one[k] is None for k in ("p50", "p90", "p99", "p999"))
+    # the median of one value is that value; no tail percentile from it
+    assert one["n"] == 1 and one["max"] == 3.0 and one["p50"] == 3.0
+    assert all(one[k] is None for k in ("p90", "p99", "p999"))
     # The intervals follow the same rule: no p99 ratio interval from under 100 values a side.
     rng = np.random.default_rng(1)
     few = [rng.gamma(4.0, 1.0, 30) for _ in range(3)]        # 90 values

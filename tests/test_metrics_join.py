@@ -109,7 +109,7 @@ def test_seq_reused_after_a_wrap_pairs_with_its_own_receipt_in_the_report(tmp_pa
 def test_session_without_wrap_keeps_its_figures(tmp_path, monkeypatch):
     s = _seizure_session(tmp_path / "plain", wrap=False)
     m = compute_metrics(s)
-    assert m["end_to_end_ms"] == {"p50": 6.0, "p90": 9.52, "p99": 10.312, "p999": 10.3912, "max": 10.4, "n": 3}
+    assert m["end_to_end_ms"] == {"p50": 6.0, "p90": None, "p99": None, "p999": None, "max": 10.4, "n": 3}
     _same_figures(m["stage_ms"]["device_receive"], [0.4, 0.5, 0.6])
     assert m["stim"]["commands"] == m["stim"]["received_by_device"] == 3
     assert m["stim"]["charge_uc"] == 6.0

@@ -55,6 +55,19 @@ def test_percentiles_ignore_missing():
     assert percentiles_ms([])["p50"] is None
 
 
+def test_session_percentiles_need_enough_values_like_the_benchmarks():
+    """A p99 of 3 values would only interpolate between the two largest: none is given below 100,
+    the same rule as the benchmarks' stats_ms (one rule, in controller.metrics)."""
+    from controller.bench.common import stats_ms
+    few = percentiles_ms([0.001, 0.002, 0.003])
+    assert few["p50"] == 2.0 and few["p90"] is None and few["p99"] is None and few["max"] == 3.0
+    many = [i * 1e-5 for i in range(1, 101)]
+    p = percentiles_ms(many)
+    assert p["p99"] is not None and p["p999"] is None
+    s = stats_ms(many)
+    assert all(s[k] == p[k] for k in ("p50", "p90", "p99", "p999", "max", "n"))
+
+
 def test_chunk_push_times_map_samples_to_their_chunk(tmp_path):
     import numpy as np
     import pytest

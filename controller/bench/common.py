@@ -12,25 +12,12 @@ import time
 
 import numpy as np
 
-PERCENTILES = (50.0, 90.0, 99.0, 99.9)
-STAT_KEYS = ("p50", "p90", "p99", "p999", "max")
+# One percentile rule for sessions and benchmarks (re-exported: the bench modules import it from here).
+from controller.metrics import MIN_N, PERCENTILES, STAT_KEYS, min_n_for, percentiles_ms  # noqa: F401
+
 BOOTSTRAP_N = 2000      # resamples per interval: the bounds move by 1–3 % between seeds (12 rounds × ~50 values)
 MIN_ROUNDS = 3          # fewer rounds say nothing about how much a run differs from the next one
 MIN_ROUND_S = 1.0       # a peer round shorter than this is mostly start-up
-
-
-def min_n_for(q_percent: float) -> int:
-    """Fewest values that can estimate percentile ``q_percent``: ``1 / (1 − q)`` (p99: 100, p99.9: 1000).
-
-    With fewer, the top ``1 − q`` of the distribution holds less than one value and
-    ``np.percentile`` only interpolates between the largest few: a "p99" of ~45
-    values is their second-largest value, not a p99.
-    """
-    return int(round(1.0 / (1.0 - q_percent / 100.0)))
-
-
-#: per reported percentile key, the fewest values it is reported for (``None`` below)
-MIN_N = {k: min_n_for(q) for k, q in zip(STAT_KEYS, PERCENTILES)}
 
 
 def stats_ms(values_s) -> dict:
@@ -41,15 +28,15 @@ def stats_ms(values_s) -> dict:
     is the p99 − p50 jitter then; ``max`` and ``n`` are always given. Every key is
     always present: an empty input gives ``None`` figures and ``n = 0``.
     """
+    out = percentiles_ms(values_s)
+    if out["n"] == 0:
+        return {**out, "mean": None, "std": None, "jitter_p99_p50": None}
     v = np.asarray(values_s, dtype=np.float64).ravel()
     v = v[np.isfinite(v)] * 1e3
-    if v.size == 0:
-        return {**{k: None for k in STAT_KEYS}, "mean": None, "std": None, "jitter_p99_p50": None, "n": 0}
-    q = np.percentile(v, PERCENTILES)
-    out = {k: (round(float(x), 4) if v.size >= MIN_N[k] else None) for k, x in zip(STAT_KEYS, q)}
-    out["max"] = round(float(v.max()), 4)
-    jitter = None if out["p99"] is None or out["p50"] is None else round(float(q[2] - q[0]), 4)
-    out.update(mean=round(float(v.mean()), 4), std=round(float(v.std()), 4), jitter_p99_p50=jitter, n=int(v.size))
+    p50, p99 = np.percentile(v, [50.0, 99.0])
+    jitter = None if out["p99"] is None or out["p50"] is None else round(float(p99 - p50), 4)
+    n = out.pop("n")
+    out.update(mean=round(float(v.mean()), 4), std=round(float(v.std()), 4), jitter_p99_p50=jitter, n=n)
     return out
 
 
