@@ -108,3 +108,26 @@ def test_trigger_the_device_calls_too_late_is_refused_and_the_session_goes_on():
     finally:
         emu.stop()
         close_pty(master_fd)
+
+
+def test_a_burst_back_to_back_with_a_running_one_is_refused_not_a_device_fault(serial_rig):
+    """The device answers BUSY to a command while it holds a burst, and the actuator takes BUSY as a
+    fault (stimulation off for the session). A burst scheduled right at the end of a running one is
+    no overlap, so it passed the governor and latched the session: now the governor refuses it
+    (device_busy) and the next burst, once the device is free, goes through."""
+    from controller.safety.governor import DEVICE_BUSY_GUARD_S
+    act, emu, delivered = serial_rig
+    long_burst = BURST.with_(n_pulses=20)                                     # 0.1 s at 200 Hz
+    act.heartbeat()
+    ev = act.submit(StimRequest(pylsl.local_clock(), "test", long_burst))
+    assert ev[-1].kind is EventKind.COMMAND, ev
+    t_first = ev[-1].t
+    ev = act.submit(StimRequest(pylsl.local_clock(), "test", long_burst, at=t_first + long_burst.burst_duration_s))
+    assert ev[-1].kind is EventKind.REFUSAL and ev[-1].data["rule"] == "device_busy", ev
+    assert not [e for e in ev if e.kind in (EventKind.FAULT, EventKind.SAFE_STATE)]
+    time.sleep(long_burst.burst_duration_s + DEVICE_BUSY_GUARD_S + 0.01)
+    act.heartbeat()
+    ev = act.submit(StimRequest(pylsl.local_clock(), "test", long_burst))
+    assert ev[-1].kind is EventKind.COMMAND, ev
+    assert _wait(lambda: len(delivered) == 2)
+    assert emu.counters["nacks"] == 0

@@ -93,6 +93,8 @@ def test_poisson_rate_within_statistical_bounds_and_seeded():
 @pytest.mark.parametrize("ctor, needle", [
     (lambda: PeriodicPolicy(0.0, STIM), "period_s=0.0"),
     (lambda: PeriodicPolicy(0.05, STIM), "period_s=0.05"),
+    # back to back: the device would still hold the previous burst (governor rule device_busy)
+    (lambda: PeriodicPolicy(0.1, STIM), "period_s=0.1 invalid, expected >= 0.105 s"),
     (lambda: PeriodicPolicy(1.0, "stim"), "StimParams"),
     (lambda: PoissonPolicy(-1.0, STIM, seed=0), "rate_hz=-1.0"),
     (lambda: PoissonPolicy(20.0, STIM, seed=0), "rate_hz=20.0"),
@@ -138,3 +140,25 @@ def test_matched_periodic_rounds_to_whole_bursts_and_checks_inputs():
         matched_periodic(2000 * q, 100.0, STIM)
     with pytest.raises(ValueError, match="duration_s=-1"):
         matched_periodic(q, -1, STIM)
+
+
+def test_a_late_burst_pushes_out_a_due_time_the_device_would_refuse():
+    """A burst requested 10 ms late starts then, so the next grid point (period 0.11 s for a 0.1 s
+    burst + 5 ms device-busy guard) would reach the device while it still holds it: that due time
+    is skipped and counted, and every request passes the governor."""
+    pol = PeriodicPolicy(0.11, STIM)
+    clock = type("Clock", (), {"t": 0.0, "__call__": lambda self: self.t})()
+    drv = SimulatedStimulator(clock=clock)
+    act = Actuator(SafetyGovernor(MACRO_RNS, drv.capabilities), drv, clock)
+    act.open()
+    got = []
+    for t in (0.0, 0.12, 0.22, 0.23, 0.33):
+        clock.t = t
+        act.heartbeat()
+        for r in pol.step(t)[0]:
+            ev = act.submit(r)
+            assert ev[-1].kind is EventKind.COMMAND, ev
+            got.append((r.meta["due_t"], t))
+        act.poll()
+    assert got == [(0.0, 0.0), (pytest.approx(0.11), 0.12), (pytest.approx(0.33), 0.33)]
+    assert pol.n_skipped == 1 and len(drv.delivered) == 3

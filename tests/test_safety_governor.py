@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from controller.events import EventKind
+from controller.safety.governor import DEVICE_BUSY_GUARD_S
 from controller.safety import (MACRO_RNS, MICRO, TES, SafetyGovernor, SafetyProfile, StimRequest,
                                conservative_charge_uc)
 from drivers.params import DeviceCapabilities, StimParams, Waveform
@@ -118,12 +119,19 @@ def test_min_interval_and_no_overlap():
     assert g.step(req(RNS_BURST), 0.0).allowed                   # 0.1 s burst
     d = g.step(req(RNS_BURST), 0.05)
     assert not d.allowed and d.events[0].data["rule"] == "min_interval"
-    assert g.step(req(RNS_BURST), 0.1).allowed
+    # Back to back is no overlap, but the device would still hold the first burst when the command
+    # arrives (BUSY, a fault): refused here, and allowed once the device-busy guard has passed.
+    d = g.step(req(RNS_BURST), 0.1)
+    assert not d.allowed and d.events[0].data["rule"] == "device_busy" and "running" in d.reason
+    assert g.step(req(RNS_BURST), 0.1 + DEVICE_BUSY_GUARD_S).allowed
     # a scheduled burst landing on top of an allowed one is refused as well
     g.heartbeat_ok(0.5)
     assert g.step(req(RNS_BURST, at=1.0), 0.5).allowed
     d = g.step(req(RNS_BURST, at=0.95), 0.6)
     assert not d.allowed and d.events[0].data["rule"] == "min_interval"
+    # and a burst far enough from it, sent while it is still scheduled on the device
+    d = g.step(req(RNS_BURST), 0.6)
+    assert not d.allowed and d.events[0].data["rule"] == "device_busy" and "scheduled" in d.reason
 
 
 def test_rate_limit_per_minute():

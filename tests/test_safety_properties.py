@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from controller.events import EventKind
 from controller.safety import MACRO_RNS, MICRO, TES, SafetyGovernor, SafetyProfile, StimRequest, check_params
 from controller.safety.profiles import UnsafeProfileError
+from controller.safety.governor import DEVICE_BUSY_GUARD_S
 from drivers.params import DeviceCapabilities, StimParams, Waveform
 
 ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True)
@@ -225,6 +226,8 @@ class GovernorMachine(RuleBasedStateMachine):
             first_d = d0 if t0 <= start else dur
             assert abs(start - t0) >= max(self.p.min_interval_s, first_d) - 1e-9
         assert sum(1 for t0, _ in self.allowed if abs(t0 - start) < 60.0) < self.p.max_bursts_per_min
+        # the device holds one burst at a time: none allowed earlier is scheduled or running now
+        assert all(t0 + d0 + DEVICE_BUSY_GUARD_S <= self.now + 1e-9 for t0, d0 in self.allowed)
         self.allowed.append((start, dur))
         self.allowed_charge_uc += oracle_charge_uc(s)
         self.allowed_stim_s += dur
@@ -301,3 +304,28 @@ def test_profile_construction_refuses_beyond_kind_ceilings(base, field, value):
     if p.shannon_k_max is not None:
         assert p.shannon_k_max < 1.85
     assert p.max_amplitude_ua <= p.hard_max_amplitude_ua
+
+
+@settings(max_examples=300, deadline=None)
+@given(profile=st.sampled_from(PROFILES), caps=caps_strategy, data=st.data(),
+       first_at=st.one_of(st.none(), st.floats(0.0, 1.0)), dt=st.floats(0.0, 2.0),
+       second_at=st.one_of(st.none(), st.floats(0.0, 1.0)))
+def test_no_command_reaches_a_device_still_holding_a_burst(profile, caps, data, first_at, dt, second_at):
+    """The device holds one burst at a time, running or scheduled, and answers BUSY (a fault) to
+    another command meanwhile: the governor allows a command only once every burst it allowed has
+    ended, with DEVICE_BUSY_GUARD_S to spare for transport."""
+    caps = dataclasses.replace(caps, waveforms=tuple(set(caps.waveforms) | set(profile.allowed_waveforms)),
+                               scheduled_trigger=True)
+    g = SafetyGovernor(profile, caps)
+    g.heartbeat_ok(0.0)
+    g.set_impedance(1000.0, 0.0)
+    d1 = g.step(StimRequest(0.0, "prop", data.draw(profile_params(profile, caps)), at=first_at), 0.0)
+    assume(d1.allowed)
+    end1 = (first_at or 0.0) + d1.params.burst_duration_s
+    g.heartbeat_ok(dt)
+    at2 = None if second_at is None else dt + second_at
+    d2 = g.step(StimRequest(dt, "prop", data.draw(profile_params(profile, caps)), at=at2), dt)
+    if end1 + DEVICE_BUSY_GUARD_S > dt:
+        assert not d2.allowed
+    if not d2.allowed and d2.events[-1].data["rule"] == "device_busy":
+        assert end1 + DEVICE_BUSY_GUARD_S > dt      # refused only while the device is busy

@@ -54,7 +54,7 @@ import numpy as np
 
 from controller.events import Event, EventKind
 from controller.features import band_powers
-from controller.policies.base import PolicyOutput, check_time
+from controller.policies.base import PolicyOutput, check_burst_spacing, check_time, min_burst_spacing_s
 from controller.policies.open_loop import BurstSchedule, check_number, check_stim
 from controller.safety.governor import StimRequest
 from drivers.params import StimParams
@@ -105,9 +105,7 @@ class AdaptivePolicy:
         self.decision_period_s = check_number("decision_period_s", decision_period_s, 0.0, lo_open=True)
         self.blanking_s = check_number("blanking_s", blanking_s, 0.0)
         self.stim_period_s = check_number("stim_period_s", stim_period_s, 0.0, lo_open=True)
-        if self.stim_period_s < stim.burst_duration_s:
-            raise ValueError(f"stim_period_s={stim_period_s} invalid, expected >= the burst duration "
-                             f"{stim.burst_duration_s} s so bursts do not overlap")
+        check_burst_spacing("stim_period_s", self.stim_period_s, stim, "AdaptivePolicy")
         self.source = source
         self.reset()
 
@@ -194,7 +192,7 @@ class AdaptivePolicy:
             self._next_decision_t = t + self.decision_period_s
             t0 = t
             self._sched = BurstSchedule(t0, lambda due: t0 + (round((due - t0) / self.stim_period_s) + 1)
-                                        * self.stim_period_s)
+                                        * self.stim_period_s, min_spacing_s=min_burst_spacing_s(self.stim))
         # Decisions strictly before t use only values received before them.
         while self._next_decision_t < t:
             self._decide(self._next_decision_t, events)

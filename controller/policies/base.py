@@ -11,7 +11,7 @@ import numbers
 from typing import Protocol, runtime_checkable
 
 from controller.events import Event
-from controller.safety.governor import StimRequest
+from controller.safety.governor import DEVICE_BUSY_GUARD_S, StimRequest
 
 PolicyOutput = tuple[list[StimRequest], list[Event]]
 
@@ -39,3 +39,19 @@ def check_time(t, last_t: float) -> float:
     if t < last_t:
         raise ValueError(f"t={t} invalid, expected >= previous t={last_t} (time must not go backwards)")
     return t
+
+
+def min_burst_spacing_s(stim) -> float:
+    """The shortest start-to-start spacing of two bursts of ``stim`` the governor allows: the burst
+    duration plus ``DEVICE_BUSY_GUARD_S`` (the device holds one burst at a time, docs/safety.md)."""
+    return stim.burst_duration_s + DEVICE_BUSY_GUARD_S
+
+
+def check_burst_spacing(name: str, value: float, stim, who: str = "") -> None:
+    """A policy's planned spacing between bursts (``name`` = ``value`` s) must leave the device
+    free: shorter, the governor would refuse every other burst (rule ``device_busy``)."""
+    need = min_burst_spacing_s(stim)
+    if value < need:
+        raise ValueError(f"{who + ' ' if who else ''}{name}={value!r} invalid, expected >= {need:.6g} s: the burst "
+                         f"duration {stim.burst_duration_s:.6g} s + {DEVICE_BUSY_GUARD_S} s for the device to be free "
+                         "again (back-to-back bursts get device_busy refusals, docs/safety.md)")

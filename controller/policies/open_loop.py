@@ -31,7 +31,7 @@ import numbers
 import numpy as np
 
 from controller.events import Event, EventKind
-from controller.policies.base import PolicyOutput, check_time
+from controller.policies.base import PolicyOutput, check_burst_spacing, check_time, min_burst_spacing_s
 from controller.safety.governor import StimRequest, conservative_charge_uc
 from drivers.params import StimParams
 
@@ -67,10 +67,16 @@ class BurstSchedule:
     ``next_due`` is a callable returning the due time that follows a given one.
     ``take(t)`` returns ``(due_t, at, skipped)`` for the burst to request now,
     or ``None``.
+
+    ``min_spacing_s`` (``min_burst_spacing_s`` of the stim): a burst requested late
+    starts when it is requested, not at its due time, so the next due time can
+    fall closer to it than the governor allows; that due time is skipped (counted
+    in ``n_skipped``) rather than requested and refused.
     """
 
-    def __init__(self, first_due_t: float, next_due, lookahead_s: float = 0.0) -> None:
+    def __init__(self, first_due_t: float, next_due, lookahead_s: float = 0.0, min_spacing_s: float = 0.0) -> None:
         self.lookahead_s = check_number("lookahead_s", lookahead_s, 0.0)
+        self.min_spacing_s = check_number("min_spacing_s", min_spacing_s, 0.0)
         self._next_due = next_due
         self.due_t = float(first_due_t)
         self.n_skipped = 0
@@ -87,9 +93,14 @@ class BurstSchedule:
             self.due_t = nxt
             nxt = self._next_due(nxt)
         due = self.due_t
+        at = due if due > t else None
+        start = due if at is not None else t
+        while nxt < start + self.min_spacing_s:
+            self.n_skipped += 1
+            nxt = self._next_due(nxt)
         self.due_t = nxt
         self.n_skipped += skipped
-        return due, (due if due > t else None), skipped
+        return due, at, skipped
 
 
 class _OpenLoop:
@@ -143,9 +154,7 @@ class PeriodicPolicy(_OpenLoop):
                  lookahead_s: float = 0.0, source: str = "policy.periodic") -> None:
         self._init_common(stim, stop_t, lookahead_s, "PeriodicPolicy")
         self.period_s = check_number("period_s", period_s, 0.0, lo_open=True)
-        if self.period_s < stim.burst_duration_s:
-            raise ValueError(f"period_s={period_s} invalid, expected >= the burst duration {stim.burst_duration_s} s "
-                             "so bursts do not overlap")
+        check_burst_spacing("period_s", self.period_s, stim, "PeriodicPolicy")
         self.start_t = check_number("start_t", start_t)
         self.source = source
         self.reset()
@@ -156,7 +165,7 @@ class PeriodicPolicy(_OpenLoop):
         self.n_requests = 0
         # The grid is computed from k (not by accumulating period_s) so due
         # times stay exact over hours: start_t + k * period_s.
-        self._sched = BurstSchedule(self.start_t, self._next, self.lookahead_s)
+        self._sched = BurstSchedule(self.start_t, self._next, self.lookahead_s, min_burst_spacing_s(self.stim))
 
     def _next(self, due: float) -> float:
         k = round((due - self.start_t) / self.period_s)
@@ -175,7 +184,8 @@ class PoissonPolicy(_OpenLoop):
 
     Inter-burst intervals are ``dead_time_s`` + exponential, the exponential
     mean chosen so the mean rate stays exactly ``rate_hz``. ``dead_time_s``
-    defaults to the burst duration (bursts never overlap). The first burst is
+    defaults to (and is at least) the burst duration + the device-busy guard
+    (``min_burst_spacing_s``: bursts never overlap and the device is free again). The first burst is
     due one interval after ``start_t``. Same seed → same due times.
     ``step(t) -> (requests, events)``.
     """
@@ -185,8 +195,9 @@ class PoissonPolicy(_OpenLoop):
                  source: str = "policy.poisson") -> None:
         self._init_common(stim, stop_t, lookahead_s, "PoissonPolicy")
         self.rate_hz = check_number("rate_hz", rate_hz, 0.0, lo_open=True)
-        dead = stim.burst_duration_s if dead_time_s is None else dead_time_s
-        self.dead_time_s = check_number("dead_time_s", dead, stim.burst_duration_s)
+        dead = min_burst_spacing_s(stim) if dead_time_s is None else dead_time_s
+        self.dead_time_s = check_number("dead_time_s", dead, 0.0)
+        check_burst_spacing("dead_time_s", self.dead_time_s, stim, "PoissonPolicy")
         if not self.dead_time_s < 1.0 / self.rate_hz:
             raise ValueError(f"rate_hz={rate_hz} invalid with dead_time_s={self.dead_time_s}: expected "
                              f"rate_hz < 1/dead_time_s = {1.0 / self.dead_time_s:.6g} Hz")
@@ -203,7 +214,8 @@ class PoissonPolicy(_OpenLoop):
         self.n_requests = 0
         self._rng = np.random.default_rng(self.seed)
         self._mean_exp_s = 1.0 / self.rate_hz - self.dead_time_s
-        self._sched = BurstSchedule(self.start_t + self._draw(), lambda due: due + self._draw(), self.lookahead_s)
+        self._sched = BurstSchedule(self.start_t + self._draw(), lambda due: due + self._draw(), self.lookahead_s,
+                                    min_burst_spacing_s(self.stim))
 
     def _draw(self) -> float:
         return self.dead_time_s + float(self._rng.exponential(self._mean_exp_s))
@@ -230,7 +242,8 @@ def matched_periodic(total_charge_uc: float, duration_s: float, stim: StimParams
         raise ValueError(f"total_charge_uc={total_charge_uc} invalid, expected >= half a burst "
                          f"({q / 2:.6g} µC for this stim) to match with at least one burst")
     period = dur / n
-    if period < stim.burst_duration_s:
+    if period < min_burst_spacing_s(stim):
         raise ValueError(f"total_charge_uc={total_charge_uc} needs {n} bursts in {dur} s (period {period:.6g} s), "
-                         f"expected a period >= the burst duration {stim.burst_duration_s} s")
+                         f"expected a period >= {min_burst_spacing_s(stim):.6g} s (the burst duration "
+                         f"{stim.burst_duration_s} s + the device-busy guard)")
     return period

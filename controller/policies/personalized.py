@@ -41,7 +41,7 @@ import numpy as np
 from scipy import signal
 
 from controller.events import Event, EventKind
-from controller.policies.base import PolicyOutput, check_time
+from controller.policies.base import PolicyOutput, check_burst_spacing, check_time, min_burst_spacing_s
 from controller.policies.open_loop import BurstSchedule, check_number, check_stim
 from controller.safety.governor import StimRequest
 from drivers.params import StimParams, Waveform
@@ -148,7 +148,8 @@ class PersonalizedFrequencyPolicy:
         self.stim = check_stim(stim, "PersonalizedFrequencyPolicy")
         if stim.waveform is not Waveform.SINE:
             raise ValueError(f"PersonalizedFrequencyPolicy stim waveform={stim.waveform} invalid, expected sine (tACS)")
-        self.period_s = check_number("period_s", period_s, stim.burst_duration_s)
+        self.period_s = check_number("period_s", period_s, 0.0, lo_open=True)
+        check_burst_spacing("period_s", self.period_s, stim, "PersonalizedFrequencyPolicy")
         if isinstance(n_channels, bool) or not isinstance(n_channels, numbers.Integral) or n_channels < 1:
             raise ValueError(f"n_channels={n_channels!r} invalid, expected an integer >= 1")
         self.n_channels = int(n_channels)
@@ -215,7 +216,8 @@ class PersonalizedFrequencyPolicy:
             if est["accepted"]:
                 t0 = t + self.delay_s
                 self._sched = BurstSchedule(
-                    t0, lambda due: t0 + (round((due - t0) / self.period_s) + 1) * self.period_s, self.lookahead_s)
+                    t0, lambda due: t0 + (round((due - t0) / self.period_s) + 1) * self.period_s, self.lookahead_s,
+                    min_burst_spacing_s(self.stim))
         if self._sched is None or (self.n_bursts is not None and self.n_requests >= self.n_bursts):
             return requests, events
         got = self._sched.take(t)

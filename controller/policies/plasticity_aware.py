@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from controller.events import Event, EventKind
-from controller.policies.base import PolicyOutput, check_time
+from controller.policies.base import PolicyOutput, check_burst_spacing, check_time, min_burst_spacing_s
 from controller.policies.open_loop import BurstSchedule, check_number, check_stim
 from controller.safety.governor import StimRequest
 from drivers.params import StimParams, Waveform
@@ -91,7 +91,7 @@ class PlasticityAwarePolicy:
             raise ValueError(f"protocol fields {sorted(unknown)} invalid, expected a subset of {list(_PROTOCOL_FIELDS)} "
                              "(frequency, pulse width, amplitude, pulses and waveform come from the allowed values and stim)")
         self.protocol = protocol
-        self.period_s = None if period_s is None else check_number("period_s", period_s, stim.burst_duration_s)
+        self.period_s = None if period_s is None else check_number("period_s", period_s, 0.0, lo_open=True)
         self.lookahead_s = check_number("lookahead_s", lookahead_s, 0.0)
         self.max_burst_duration_s = (None if max_burst_duration_s is None else
                                      check_number("max_burst_duration_s", max_burst_duration_s, 0.0, lo_open=True))
@@ -107,6 +107,8 @@ class PlasticityAwarePolicy:
         self.predictor = predictor
         self.choice: dict = {}
         self._choice_event = self._choose()  # fails here, not mid-session, if a candidate cannot be predicted
+        if self.period_s is not None:      # against the chosen burst (its frequency sets its duration)
+            check_burst_spacing("period_s", self.period_s, self.params, "PlasticityAwarePolicy")
         self.reset()
 
     @staticmethod
@@ -181,7 +183,8 @@ class PlasticityAwarePolicy:
             self._started = True
             if self.period_s is not None:
                 t0, p = t, self.period_s
-                self._sched = BurstSchedule(t0, lambda due: t0 + (round((due - t0) / p) + 1) * p, self.lookahead_s)
+                self._sched = BurstSchedule(t0, lambda due: t0 + (round((due - t0) / p) + 1) * p, self.lookahead_s,
+                                            min_burst_spacing_s(self.params))
         at = None
         skipped = 0
         if self._sched is not None:
@@ -196,7 +199,8 @@ class PlasticityAwarePolicy:
             due = t
         else:
             return requests, events
-        self._busy_until = (at if at is not None else t) + self.params.burst_duration_s
+        # Until the device is free again (the governor's device-busy guard included).
+        self._busy_until = (at if at is not None else t) + min_burst_spacing_s(self.params)
         self.n_requests += 1
         meta = {"due_t": due, "skipped": skipped, "burst_index": self.n_requests,
                 "predicted_delta_w": self.choice["delta_w"], "window_end_t": t}

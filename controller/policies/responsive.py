@@ -22,7 +22,7 @@ import math
 import numbers
 
 from controller.events import Event, EventKind
-from controller.policies.base import PolicyOutput, check_time
+from controller.policies.base import PolicyOutput, check_burst_spacing, check_time
 from controller.safety.governor import StimRequest
 from drivers.params import StimParams
 
@@ -56,9 +56,8 @@ class ResponsivePolicy:
             raise ValueError(f"bursts_per_detection={bursts_per_detection!r} invalid, expected 1 or 2 "
                              "(RNS: up to two bursts per therapy, REFERENCE.md §3)")
         self.burst_interval_s = _finite("burst_interval_s", burst_interval_s, 0.0)
-        if bursts_per_detection == 2 and self.burst_interval_s < stim.burst_duration_s:
-            raise ValueError(f"burst_interval_s={burst_interval_s} invalid, expected >= the burst duration "
-                             f"{stim.burst_duration_s} s so bursts do not overlap")
+        if bursts_per_detection == 2:
+            check_burst_spacing("burst_interval_s", self.burst_interval_s, stim, "ResponsivePolicy")
         self.stim = stim
         self.bursts_per_detection = int(bursts_per_detection)
         self.source = source

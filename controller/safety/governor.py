@@ -25,6 +25,12 @@ from controller.safety.profiles import CHARGE_BALANCED_WAVEFORMS, SafetyProfile
 from drivers.params import DeviceCapabilities, StimParams, Waveform
 
 RATE_WINDOW_S = 60.0  # max_bursts_per_min is counted over any 60 s window
+#: A device holds one burst at a time, running or scheduled (drivers/PROTOCOL.md: a TRIGGER then gets
+#: BUSY, which the actuator must treat as a fault). A request sent sooner than this after the end of
+#: the last allowed burst is refused here instead: the device starts an immediate burst when the
+#: command arrives, one transport delay after the host decided, so the host's idea of the end
+#: can be early by that much (≤ 1 ms on this machine's pty; 5 ms covers a loaded USB-serial link).
+DEVICE_BUSY_GUARD_S = 0.005
 # Charge-limit clamps land this fraction below the limit so float rounding and
 # Shannon's strict "<" can never put the clamped value on the wrong side.
 _CLAMP_MARGIN = 1e-9
@@ -403,6 +409,7 @@ class SafetyGovernor:
             start_t = self._start_time(request, now)
             duration_s = params.burst_duration_s
             self._check_rate(start_t, duration_s)
+            self._check_device_free(now)
             charge_uc = conservative_charge_uc(params)
             self._check_dose(charge_uc, duration_s)
         except _Refused as r:
@@ -461,6 +468,17 @@ class SafetyGovernor:
             raise _Refused("schedule", f"at={at} is in the future but device {self._caps.name!r} "
                                        "cannot schedule triggers")
         return max(at, now)  # a time in the past means "now"
+
+    def _check_device_free(self, now: float) -> None:
+        """Refuse a command the device would answer BUSY: an allowed burst is still scheduled or
+        running at ``now`` (plus ``DEVICE_BUSY_GUARD_S``). Any channel, as the no-overlap rule."""
+        ts, ds = self._hist_t, self._hist_d
+        for i in range(bisect.bisect_left(ts, now - self._hist_max_d - DEVICE_BUSY_GUARD_S), len(ts)):
+            end = ts[i] + ds[i]
+            if end + DEVICE_BUSY_GUARD_S > now:
+                state = "scheduled" if ts[i] > now else "running"
+                raise _Refused("device_busy", f"the burst at {ts[i]} is still {state} until {end:.6g} "
+                                              f"(+{DEVICE_BUSY_GUARD_S} s guard); the device holds one at a time")
 
     def _check_rate(self, start_t: float, duration_s: float) -> None:
         p = self._profile
