@@ -39,6 +39,10 @@ def seizure(
     sim_duration: float = typer.Option(1800.0, help="simulated seconds per training patient"),
     delhi: Optional[Path] = typer.Option(None, help="Delhi segments folder (default <repo>/../shared/data/delhi)"),
     no_delhi: bool = typer.Option(False, "--no-delhi", help="train without the Delhi segments"),
+    group_identical_delhi: bool = typer.Option(
+        False, "--group-identical-delhi",
+        help="put identical Delhi segments (4 pairs) in one CV group; off reproduces the shipped model "
+             "(MODEL_CARD.md, Audits)"),
     recording: Optional[List[Path]] = typer.Option(None, "--recording", "-r",
                                                    help="annotated EDF/EDF+ or .npz recording (repeatable)"),
     max_fa_per_24h: float = typer.Option(1.0, help="out-of-fold background false alarms per 24 h allowed when "
@@ -71,7 +75,7 @@ def seizure(
     if not all(0 <= v <= 60 for v in min_durs):
         _fail(f"--min-durations {min_durations!r} invalid, expected seconds in [0, 60]")
     cfg = TrainConfig(out=out, train_patients=ids, duration_s=sim_duration,
-                      delhi_dir=delhi, use_delhi=not no_delhi, recordings=tuple(recording or ()), kind=kind,
+                      delhi_dir=delhi, use_delhi=not no_delhi, delhi_group_identical=group_identical_delhi, recordings=tuple(recording or ()), kind=kind,
                       seed=seed, max_bg_fa_per_24h=max_fa_per_24h, min_durations_s=min_durs, refractory_s=refractory,
                       extra={"command": "stimloop train seizure " + " ".join(_argv())})
     with console.status("training") as status:

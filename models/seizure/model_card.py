@@ -194,6 +194,11 @@ def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: s
     if "min_duration_s" in c:
         lines.append(f"- `stimloop run` acts with the contract's `min_duration_s` ({c['min_duration_s']:g} s), as measured "
                      "here, unless the config sets `policy.min_duration_s`.")
+    audits = metrics.get("audits") or []
+    if audits:
+        # Checks made on this model after training (the figures above are untouched by them).
+        lines += ["", "## Audits", ""]
+        lines += [f"- {a['date']}, `{a['command']}`: {a['finding']}" for a in audits]
     return "\n".join(lines) + "\n"
 
 

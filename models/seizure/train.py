@@ -330,6 +330,7 @@ class TrainConfig:
     duration_s: float = 1800.0
     delhi_dir: Path | None = None          # None: <repo>/../shared/data/delhi
     use_delhi: bool = True
+    delhi_group_identical: bool = False    # True: identical Delhi segments share a CV group (see delhi_dataset)
     recordings: tuple[Path, ...] = ()
     kind: str = "gbt"
     seed: int = 0
@@ -372,7 +373,7 @@ def train_model(cfg: TrainConfig, progress: Callable[[str], None] | None = None)
     if cfg.use_delhi:
         root = default_delhi_dir() if cfg.delhi_dir is None else Path(cfg.delhi_dir)
         say(f"Delhi segments from {root} ...")
-        delhi = delhi_dataset(contract, root)
+        delhi = delhi_dataset(contract, root, group_identical=cfg.delhi_group_identical)
         nd = len(delhi["y"])
         X.append(delhi["X"])
         y.append(delhi["y"])
