@@ -121,8 +121,9 @@ def test_a_burst_back_to_back_with_a_running_one_is_refused_not_a_device_fault(s
     act.heartbeat()
     ev = act.submit(StimRequest(pylsl.local_clock(), "test", long_burst))
     assert ev[-1].kind is EventKind.COMMAND, ev
-    t_first = ev[-1].t
-    ev = act.submit(StimRequest(pylsl.local_clock(), "test", long_burst, at=t_first + long_burst.burst_duration_s))
+    start = next(e.data["start_t"] for e in ev if e.kind is EventKind.DECISION and e.data.get("allowed"))
+    # right at its end (1 µs later: start + duration can round below it, a min_interval refusal)
+    ev = act.submit(StimRequest(pylsl.local_clock(), "test", long_burst, at=start + long_burst.burst_duration_s + 1e-6))
     assert ev[-1].kind is EventKind.REFUSAL and ev[-1].data["rule"] == "device_busy", ev
     assert not [e for e in ev if e.kind in (EventKind.FAULT, EventKind.SAFE_STATE)]
     time.sleep(long_burst.burst_duration_s + DEVICE_BUSY_GUARD_S + 0.01)
