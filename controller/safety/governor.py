@@ -471,7 +471,8 @@ class SafetyGovernor:
 
     def _check_device_free(self, now: float) -> None:
         """Refuse a command the device would answer BUSY: an allowed burst is still scheduled or
-        running at ``now`` (plus ``DEVICE_BUSY_GUARD_S``). Any channel, as the no-overlap rule."""
+        running at ``now``, or ended less than ``DEVICE_BUSY_GUARD_S`` ago. Any channel, as the
+        no-overlap rule."""
         ts, ds = self._hist_t, self._hist_d
         for i in range(bisect.bisect_left(ts, now - self._hist_max_d - DEVICE_BUSY_GUARD_S), len(ts)):
             end = ts[i] + ds[i]
