@@ -57,6 +57,20 @@ def test_huge_times_are_refused_not_raised():
     assert g.set_impedance(HUGE, 0.0)[0].kind is EventKind.FAULT
 
 
+@pytest.mark.parametrize("fields", [{"pulse_width_us": 2 ** 1023, "amplitude_ua": 4450},
+                                    {"pulse_width_us": 2 ** 1023, "amplitude_ua": 0.0, "frequency_hz": 1.0}])
+def test_the_stateless_check_refuses_ints_whose_products_overflow(fields):
+    """2**1023 is a finite float, but 2 * 2**1023 or 4450 * 2**1023 is not: check_params raised
+    OverflowError (found by the property test below in CI); it now names the params as refused."""
+    params = RNS_BURST.with_(**fields)
+    v = check_params(MICRO, CAPS, params)
+    assert v and any("overflow" in x or "outside" in x for x in v)
+    # The governor refuses it, or clamps it into a burst the same check passes (0 µA: pulse width clamped).
+    d = _gov(MICRO).step(StimRequest(0.0, "t", params), 0.0)
+    assert not d.allowed or (check_params(MICRO, CAPS, d.params) == [] and d.params.pulse_width_us <= 1000.0)
+    json.loads(d.events[-1].to_json())
+
+
 def test_an_error_inside_the_checks_is_a_refusal_with_rule_internal():
     class Hostile(StimParams):
         @property

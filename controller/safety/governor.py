@@ -164,6 +164,16 @@ def check_params(profile: SafetyProfile, caps: DeviceCapabilities, params: StimP
         v.append(f"n_pulses={_show(params.n_pulses)} must be an int >= 1")
     if v:
         return v
+    try:
+        _check_values(profile, caps, params, v)
+    except OverflowError:
+        # An int below the float maximum whose double or product is not (2 * 9e307): refused, not raised.
+        v.append("the params' products overflow a float (values near the float range)")
+    return v
+
+
+def _check_values(profile: SafetyProfile, caps: DeviceCapabilities, params: StimParams, v: list[str]) -> None:
+    """The rules of :func:`check_params` on params already known to be finite numbers; appends to ``v``."""
     ch = params.channel
     if isinstance(ch, bool) or not isinstance(ch, numbers.Integral) or not 0 <= ch < caps.n_channels:
         v.append(f"channel={_show(ch)} outside 0..{caps.n_channels - 1}")
@@ -210,7 +220,6 @@ def check_params(profile: SafetyProfile, caps: DeviceCapabilities, params: StimP
             v.append(f"carrier_hz={params.carrier_hz} must be > frequency_hz")
     if params.burst_duration_s > profile.max_burst_duration_s:
         v.append(f"burst duration {params.burst_duration_s} s > {profile.max_burst_duration_s}")
-    return v
 
 
 class _Refused(Exception):
