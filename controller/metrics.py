@@ -57,15 +57,24 @@ def percentiles_ms(values_s) -> dict:
     values (a session with 12 commands has a p50 and a max, not a p99); ``max`` and ``n``
     are always given.
     """
-    v = np.asarray(values_s, dtype=np.float64).ravel()     # None becomes NaN
-    v = v[np.isfinite(v)] * 1e3
-    if v.size == 0:
-        return {**{k: None for k in STAT_KEYS}, "n": 0}
-    q = np.percentile(v, PERCENTILES)
-    out = {k: (round(float(x), 4) if v.size >= MIN_N[k] else None) for k, x in zip(STAT_KEYS, q)}
-    out["max"] = round(float(v.max()), 4)
-    out["n"] = int(v.size)
-    return out
+    return summarize_ms(finite_ms(values_s))[0]
+
+
+def finite_ms(values_s) -> np.ndarray:
+    """The finite values of ``values_s`` (seconds; None becomes NaN and is dropped), in ms."""
+    v = np.asarray(values_s, dtype=np.float64).ravel()
+    return v[np.isfinite(v)] * 1e3
+
+
+def summarize_ms(v_ms: np.ndarray) -> tuple[dict, np.ndarray]:
+    """``(percentiles_ms's dict, the unrounded PERCENTILES)`` of finite values in ms (``q`` empty if none)."""
+    if v_ms.size == 0:
+        return {**{k: None for k in STAT_KEYS}, "n": 0}, np.empty(0)
+    q = np.percentile(v_ms, PERCENTILES)
+    out = {k: (round(float(x), 4) if v_ms.size >= MIN_N[k] else None) for k, x in zip(STAT_KEYS, q)}
+    out["max"] = round(float(v_ms.max()), 4)
+    out["n"] = int(v_ms.size)
+    return out, q
 
 
 def trigger_commands(events: list[dict]) -> list[dict]:

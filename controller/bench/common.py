@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 # One percentile rule for sessions and benchmarks (re-exported: the bench modules import it from here).
-from controller.metrics import MIN_N, PERCENTILES, STAT_KEYS, min_n_for, percentiles_ms  # noqa: F401
+from controller.metrics import MIN_N, PERCENTILES, STAT_KEYS, finite_ms, min_n_for, summarize_ms  # noqa: F401
 
 BOOTSTRAP_N = 2000      # resamples per interval: the bounds move by 1–3 % between seeds (12 rounds × ~50 values)
 MIN_ROUNDS = 3          # fewer rounds say nothing about how much a run differs from the next one
@@ -28,13 +28,11 @@ def stats_ms(values_s) -> dict:
     is the p99 − p50 jitter then; ``max`` and ``n`` are always given. Every key is
     always present: an empty input gives ``None`` figures and ``n = 0``.
     """
-    out = percentiles_ms(values_s)
-    if out["n"] == 0:
+    v = finite_ms(values_s)
+    out, q = summarize_ms(v)
+    if v.size == 0:
         return {**out, "mean": None, "std": None, "jitter_p99_p50": None}
-    v = np.asarray(values_s, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)] * 1e3
-    p50, p99 = np.percentile(v, [50.0, 99.0])
-    jitter = None if out["p99"] is None or out["p50"] is None else round(float(p99 - p50), 4)
+    jitter = None if out["p99"] is None or out["p50"] is None else round(float(q[2] - q[0]), 4)
     n = out.pop("n")
     out.update(mean=round(float(v.mean()), 4), std=round(float(v.std()), 4), jitter_p99_p50=jitter, n=n)
     return out
