@@ -11,6 +11,7 @@ from drivers.params import StimParams
 from drivers.serial_stimulator import SerialStimulator
 from hil_sim.emulator import StimulatorEmulator
 from hil_sim.pty_pair import close_pty, open_pty_pair
+from polling import wait_until
 
 pytestmark = pytest.mark.realtime
 
@@ -31,13 +32,6 @@ def serial_rig():
     close_pty(master_fd)
 
 
-def _wait(cond, timeout_s=1.0):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end and not cond():
-        time.sleep(0.002)
-    return cond()
-
-
 def test_submit_reaches_the_emulated_device(serial_rig):
     act, emu, delivered = serial_rig
     assert act.heartbeat() == []
@@ -45,7 +39,7 @@ def test_submit_reaches_the_emulated_device(serial_rig):
     assert ev[-1].kind is EventKind.COMMAND, ev
     cmd = ev[-1].data
     assert cmd["acked_t"] >= cmd["sent_t"] and cmd["window_end_t"] == 1.0
-    assert _wait(lambda: len(delivered) == 1)
+    assert wait_until(lambda: len(delivered) == 1)
     assert delivered[0][1] == BURST
 
 
@@ -66,7 +60,7 @@ def test_warm_sends_nothing_and_uses_no_sequence_number(serial_rig):
     act, emu, delivered = serial_rig
     act.heartbeat()
     act.submit(StimRequest(pylsl.local_clock(), "test", BURST))
-    assert _wait(lambda: len(delivered) == 1)
+    assert wait_until(lambda: len(delivered) == 1)
     frames = emu.counters["frames"]
     act.warm_period_s = 0.0
     for _ in range(50):
@@ -77,7 +71,7 @@ def test_warm_sends_nothing_and_uses_no_sequence_number(serial_rig):
         time.sleep(0.1)
         assert act.heartbeat() == []
     ev = act.submit(StimRequest(pylsl.local_clock(), "test", BURST))
-    assert ev[-1].kind is EventKind.COMMAND and _wait(lambda: len(delivered) == 2)
+    assert ev[-1].kind is EventKind.COMMAND and wait_until(lambda: len(delivered) == 2)
 
 
 def test_trigger_the_device_calls_too_late_is_refused_and_the_session_goes_on():
@@ -103,7 +97,7 @@ def test_trigger_the_device_calls_too_late_is_refused_and_the_session_goes_on():
         act.heartbeat()
         ev = act.submit(StimRequest(host(), "test", BURST, at=host() + 0.150))
         assert ev[-1].kind is EventKind.COMMAND, ev
-        assert _wait(lambda: len(delivered) == 1) and delivered[0][1] == BURST
+        assert wait_until(lambda: len(delivered) == 1) and delivered[0][1] == BURST
         act.close()
     finally:
         emu.stop()
@@ -130,5 +124,5 @@ def test_a_burst_back_to_back_with_a_running_one_is_refused_not_a_device_fault(s
     act.heartbeat()
     ev = act.submit(StimRequest(pylsl.local_clock(), "test", long_burst))
     assert ev[-1].kind is EventKind.COMMAND, ev
-    assert _wait(lambda: len(delivered) == 2)
+    assert wait_until(lambda: len(delivered) == 2)
     assert emu.counters["nacks"] == 0

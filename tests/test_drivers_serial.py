@@ -14,6 +14,7 @@ from drivers.params import StimParams, Waveform
 from drivers.serial_stimulator import SerialStimulator
 from hil_sim.emulator import StimulatorEmulator
 from hil_sim.pty_pair import close_pty, open_pty_pair
+from polling import wait_until
 
 pytestmark = pytest.mark.realtime
 
@@ -35,15 +36,6 @@ def rig(tmp_path):
     close_pty(master_fd)
 
 
-def _wait_until(cond, timeout_s=1.0):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.002)
-    return cond()
-
-
 def test_handshake_reads_capabilities(rig):
     stim, emu, *_ = rig
     assert stim.device_version == 1
@@ -60,7 +52,7 @@ def test_configure_trigger_round_trip_and_timestamps(rig):
     rt = stim.trigger(1)
     assert rt.seq == (rc.seq + 1) % P.SEQ_MOD and rt.ok   # host seqs start at a random value
     assert rt.sent_t <= stim.last_receipt_device_t <= rt.acked_t
-    assert _wait_until(lambda: len(delivered) == 1)
+    assert wait_until(lambda: len(delivered) == 1)
     t, params = delivered[0]
     assert params == BURST
     assert rt.sent_t <= t < rt.acked_t + 0.05
@@ -75,7 +67,7 @@ def test_scheduled_trigger_delivered_at_requested_time(rig):
     at = pylsl.local_clock() + 0.08
     stim.trigger(1, at=at)
     assert emu.status().pending_mask == 0b10
-    assert _wait_until(lambda: len(delivered) == 1, 1.0)
+    assert wait_until(lambda: len(delivered) == 1, 1.0)
     # Never early (the emulator spins to the deadline); how late is the machine's scheduling, which
     # bench ads measures (delay error), so here only "not left for later".
     assert at <= delivered[0][0] < at + 0.1
@@ -89,7 +81,7 @@ def test_stop_cancels_scheduled_and_running_bursts(rig):
     stim.configure(BURST)
     stim.trigger(0)
     stim.trigger(1, at=pylsl.local_clock() + 0.2)
-    assert _wait_until(lambda: emu.active_channels == [0])
+    assert wait_until(lambda: emu.active_channels == [0])
     r = stim.stop()
     assert r is not None and r.ok
     assert emu.active_channels == []
@@ -105,7 +97,7 @@ def test_lost_replies_are_retried_with_same_seq_and_acted_once(rig):
     emu.drop_next_replies(2)
     r = stim.trigger(1)
     assert stim.retries_used == 2
-    assert _wait_until(lambda: len(delivered) >= 1)
+    assert wait_until(lambda: len(delivered) >= 1)
     time.sleep(0.05)
     assert len(delivered) == 1
     assert emu.counters["duplicates"] == 2
@@ -129,7 +121,7 @@ def test_garbage_on_both_directions_is_skipped(rig):
     stim._ser.write(garbage)              # host -> device line noise
     stim.configure(BURST)
     stim.trigger(1)
-    assert _wait_until(lambda: len(delivered) == 1)
+    assert wait_until(lambda: len(delivered) == 1)
     assert emu.decoder.errors["garbage_bytes"] > 0
     assert stim.decoder_errors["garbage_bytes"] > 0
 
@@ -140,7 +132,7 @@ def test_truncated_command_then_valid_command(rig):
     stim._ser.write(full[:20])            # cut mid-payload
     stim.configure(BURST)
     stim.trigger(1)
-    assert _wait_until(lambda: len(delivered) == 1)
+    assert wait_until(lambda: len(delivered) == 1)
     # a CRC error, or "truncated" when the line went quiet for 10 ms between the two writes (PROTOCOL.md §2)
     assert emu.decoder.errors["crc"] + emu.decoder.errors["truncated"] >= 1
 
@@ -182,8 +174,8 @@ def test_watchdog_stops_stimulation_when_heartbeats_stop(rig):
         stim.heartbeat()
     assert emu.counters["watchdog_trips"] == 0
     stim.trigger(0)
-    assert _wait_until(lambda: emu.active_channels == [0])
-    assert _wait_until(lambda: emu.counters["watchdog_trips"] == 1, 1.5)
+    assert wait_until(lambda: emu.active_channels == [0])
+    assert wait_until(lambda: emu.counters["watchdog_trips"] == 1, 1.5)
     assert emu.active_channels == []
     wd = [r for r in emu.records if r["type"] == "WATCHDOG"]
     assert wd and wd[0]["stopped_channels"] == [0] and wd[0]["silence_s"] >= 0.5
@@ -197,7 +189,7 @@ def test_device_log_is_append_only_jsonl(rig):
     stim, emu, delivered, _, log_path = rig
     stim.configure(BURST)
     r = stim.trigger(1)
-    _wait_until(lambda: len(delivered) == 1)
+    wait_until(lambda: len(delivered) == 1)
     emu.stop()   # flushes
     lines = [json.loads(x) for x in log_path.read_text().splitlines()]
     assert [x["type"] for x in lines] == ["HELLO", "CONFIGURE", "TRIGGER"]

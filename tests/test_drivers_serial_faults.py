@@ -22,6 +22,7 @@ from drivers.serial_stimulator import SerialStimulator
 from drivers.simulated import SimulatedStimulator
 from hil_sim.emulator import DEFAULT_CAPABILITIES, StimulatorEmulator
 from hil_sim.pty_pair import close_pty, open_pty_pair
+from polling import wait_until
 
 pytestmark = pytest.mark.realtime
 
@@ -65,13 +66,6 @@ def emu_pty():
     close_pty(master_fd)
 
 
-def _wait(cond, timeout_s=1.0):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end and not cond():
-        time.sleep(0.002)
-    return cond()
-
-
 # ---------------------------------------------------------------- HELLO starts a new host session
 
 def test_a_restarted_host_reusing_seqs_never_fires_the_previous_sessions_configuration(emu_pty):
@@ -88,7 +82,7 @@ def test_a_restarted_host_reusing_seqs_never_fires_the_previous_sessions_configu
     assert new.request(P.MsgType.TRIGGER, 5, P.encode_trigger(0, None)) == ("NACK", "NOT_CONFIGURED:0")
     assert new.request(P.MsgType.CONFIGURE, 2, P.encode_configure(SMALL)) == ("ACK", "")
     assert new.request(P.MsgType.TRIGGER, 3, P.encode_trigger(0, None)) == ("ACK", "")
-    assert _wait(lambda: len(delivered) == 1)
+    assert wait_until(lambda: len(delivered) == 1)
     assert delivered == [SMALL] and emu.counters["duplicates"] == 0
     new.close()
 
@@ -147,7 +141,7 @@ def test_restarted_serial_host_triggers_only_what_it_configured(emu_pty):
         s2.trigger(0)
     s2.configure(SMALL)
     s2.trigger(0)
-    assert _wait(lambda: len(delivered) == 1) and delivered == [SMALL]
+    assert wait_until(lambda: len(delivered) == 1) and delivered == [SMALL]
     s2.stop()
     s2.close()
 
@@ -163,7 +157,7 @@ def test_trigger_at_nan_or_negative_is_refused_and_the_channel_stays_free(emu_pt
     assert host.request(P.MsgType.TRIGGER, 3, struct.pack("<Bd", 0, at)) == ("NACK", "OUT_OF_RANGE:1")
     assert emu.status().pending_mask == 0
     assert host.request(P.MsgType.TRIGGER, 4, P.encode_trigger(0, None)) == ("ACK", "")
-    assert _wait(lambda: len(delivered) == 1)
+    assert wait_until(lambda: len(delivered) == 1)
     host.close()
 
 
@@ -238,7 +232,7 @@ def test_a_device_watchdog_trip_is_reported_and_latches_the_actuator():
         burst = StimParams(amplitude_ua=1000.0, pulse_width_us=100.0, frequency_hz=100.0, n_pulses=200)  # 2 s
         ev = act.submit(StimRequest(pylsl.local_clock(), "t", burst))
         assert ev[-1].kind is EventKind.COMMAND
-        assert _wait(lambda: emu.counters["watchdog_trips"] == 1, 1.0)   # the host stalls; the device stops
+        assert wait_until(lambda: emu.counters["watchdog_trips"] == 1, 1.0)   # the host stalls; the device stops
         ev = act.heartbeat()
         wd = [e for e in ev if e.data.get("what") == "device_watchdog"]
         assert len(wd) == 1 and wd[0].kind is EventKind.FAULT and wd[0].data["device_t"] > 0
@@ -281,7 +275,7 @@ def test_a_trip_left_over_from_the_previous_host_is_not_this_sessions_fault():
         first.open()
         first.heartbeat()
         first.close()
-        assert _wait(lambda: emu.counters["watchdog_trips"] == 1, 1.0)
+        assert wait_until(lambda: emu.counters["watchdog_trips"] == 1, 1.0)
         drv = SerialStimulator(slave, timeout_s=0.05, retries=1)
         drv.open()
         act = Actuator(SafetyGovernor(MACRO_RNS, drv.capabilities), drv, pylsl.local_clock)

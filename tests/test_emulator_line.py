@@ -15,6 +15,7 @@ import os
 import select
 import time
 import tty
+from functools import partial
 
 import numpy as np
 import pylsl
@@ -26,6 +27,8 @@ from drivers.serial_stimulator import SerialStimulator
 from hil_sim.emulator import StimulatorEmulator
 from hil_sim.pty_pair import close_pty, open_pty_pair
 
+from polling import wait_until
+
 pytestmark = pytest.mark.realtime
 
 SMALL = StimParams(channel=0, amplitude_ua=500.0, pulse_width_us=100.0, frequency_hz=100.0, n_pulses=1)
@@ -33,6 +36,7 @@ SMALL = StimParams(channel=0, amplitude_ua=500.0, pulse_width_us=100.0, frequenc
 # the decoder would wait for 202 bytes before the CRC could reject it.
 FALSE_HEADER = bytes([0xA5, 0x5A, 0x01, 0x05, 0x00, 0x00, 0xC0, 0x00])
 WAIT_S = 5.0
+_wait = partial(wait_until, timeout_s=WAIT_S, poll_s=0.005)
 
 
 class RawHost:
@@ -77,13 +81,6 @@ def line(tmp_path):
     yield emu, slave, delivered, log
     emu.stop()
     close_pty(master_fd)
-
-
-def _wait(cond, timeout_s: float = WAIT_S) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end and not cond():
-        time.sleep(0.005)
-    return cond()
 
 
 def _log(path) -> list[dict]:
