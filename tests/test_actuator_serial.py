@@ -11,7 +11,7 @@ from drivers.params import StimParams
 from drivers.serial_stimulator import SerialStimulator
 from hil_sim.emulator import StimulatorEmulator
 from hil_sim.pty_pair import close_pty, open_pty_pair
-from polling import wait_until
+from conftest import wait_until
 
 pytestmark = pytest.mark.realtime
 

@@ -22,7 +22,7 @@ from drivers.serial_stimulator import SerialStimulator
 from drivers.simulated import SimulatedStimulator
 from hil_sim.emulator import DEFAULT_CAPABILITIES, StimulatorEmulator
 from hil_sim.pty_pair import close_pty, open_pty_pair
-from polling import wait_until
+from conftest import wait_until
 
 pytestmark = pytest.mark.realtime
 

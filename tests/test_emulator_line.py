@@ -27,7 +27,7 @@ from drivers.serial_stimulator import SerialStimulator
 from hil_sim.emulator import StimulatorEmulator
 from hil_sim.pty_pair import close_pty, open_pty_pair
 
-from polling import wait_until
+from conftest import wait_until
 
 pytestmark = pytest.mark.realtime
 
