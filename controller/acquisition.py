@@ -49,7 +49,8 @@ class EventSink:
         if self._queue is None and target is not None:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             self._log = EventLog(target, flush_interval_s=flush_s)
-        self._last_flush = time.monotonic()
+        # The caller's clock, not ours: -inf makes the first maybe_flush write, whatever clock it passes.
+        self._last_flush = float("-inf")
 
     def emit(self, event: Event) -> None:
         if self._queue is not None:
@@ -57,12 +58,16 @@ class EventSink:
         elif self._log is not None:
             self._log.append(event)
 
-    def maybe_flush(self, mono_now: float) -> None:
-        if mono_now - self._last_flush >= self.flush_s:
-            self.flush(mono_now)
+    def due(self, now: float) -> bool:
+        """``flush_s`` has passed since the last timed flush (``now`` on the caller's clock)."""
+        return now - self._last_flush >= self.flush_s
 
-    def flush(self, mono_now: float | None = None) -> None:
-        self._last_flush = time.monotonic() if mono_now is None else mono_now
+    def maybe_flush(self, now: float) -> None:
+        if self.due(now):
+            self.flush()
+            self._last_flush = now
+
+    def flush(self) -> None:
         if self._log is not None:
             self._log.flush()
 
@@ -109,7 +114,9 @@ class RawRecorder:
         self._stage = np.empty((cap, self.n_channels), dtype="<f4")
         self._stage_t = np.empty((cap,), dtype="<f8")
         self._k = 0
-        self._last_flush = time.monotonic()
+        # Timed flushes run on the caller's clock (monotonic in acquisition, virtual in the simulated
+        # runner): -inf makes the first maybe_flush write, whatever clock it passes.
+        self._last_flush = float("-inf")
         self.n_written = n_done
 
     def append(self, samples: np.ndarray, timestamps: np.ndarray) -> None:
@@ -123,12 +130,13 @@ class RawRecorder:
         self._stage_t[self._k:self._k + n] = timestamps
         self._k += n
 
-    def maybe_flush(self, mono_now: float) -> None:
-        if mono_now - self._last_flush >= self.flush_s:
-            self.flush(mono_now)
+    def maybe_flush(self, now: float) -> None:
+        """Write the staged samples if ``flush_s`` has passed since the last timed flush (``now`` on the caller's clock)."""
+        if now - self._last_flush >= self.flush_s:
+            self.flush()
+            self._last_flush = now
 
-    def flush(self, mono_now: float | None = None) -> None:
-        self._last_flush = time.monotonic() if mono_now is None else mono_now
+    def flush(self) -> None:
         if self._k:
             self._write(self._stage[:self._k], self._stage_t[:self._k])
             self._k = 0
@@ -287,12 +295,12 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
             mono = time.monotonic()
             if recorder is not None:
                 recorder.maybe_flush(mono)
-            if mono - sink._last_flush >= sink.flush_s:
+            if sink.due(mono):
                 if n_nan:  # aggregated: one event per flush period, not one per chunk
                     sink.emit(Event(clock(), EventKind.STATUS, "acquisition",
                                     {"what": "nan_samples", "n_samples": n_nan, "first_t": nan_first_t}))
                     n_nan, nan_first_t = 0, None
-                sink.flush(mono)
+                sink.maybe_flush(mono)
         flush_error = None
         if recorder is not None:
             try:

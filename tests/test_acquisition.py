@@ -97,3 +97,21 @@ def test_source_that_cannot_open_is_reported(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert events[0]["kind"] == str(EventKind.FAULT) and events[0]["what"] == "source_open_failed"
     assert "stimloop-absent" in events[0]["error"]
+
+
+def test_raw_recorder_flushes_on_the_callers_clock(tmp_path):
+    """The simulated runner passes virtual time (from 0 s): timed writes follow that clock, not the
+    recorder's own (a monotonic baseline of hours kept virtual-time sessions from flushing until the
+    stage filled)."""
+    rec = RawRecorder(tmp_path / "raw", 2, FS, flush_s=1.0)
+    on_disk = lambda: os.path.getsize(tmp_path / "raw" / "timestamps.f64") // 8  # noqa: E731
+    block = np.zeros((50, 2), np.float32)
+    rec.append(block, np.arange(50) / FS)
+    rec.maybe_flush(0.0)
+    assert on_disk() == 50            # the first timed flush writes
+    rec.append(block, (50 + np.arange(50)) / FS)
+    rec.maybe_flush(0.9)
+    assert on_disk() == 50            # not yet: 0.9 s < flush_s
+    rec.maybe_flush(1.0)
+    assert on_disk() == 100
+    rec.close()
