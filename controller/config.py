@@ -87,6 +87,15 @@ class StimConfig(_Section):
     n_pulses: Annotated[int, Field(ge=1, le=100_000)] = 100
     duration_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
     ramp_s: Annotated[float, Field(ge=0, le=120)] = 0.0
+    carrier_hz: Annotated[float, Field(ge=0, le=100_000, description=(
+        "ti only: carrier f1 (f2 = f1 + frequency_hz, the beat); the governor wants >= 1 kHz (REFERENCE.md §7)"))] = 0.0
+
+    @model_validator(mode="after")
+    def _carrier_only_for_ti(self) -> "StimConfig":
+        if self.carrier_hz and self.waveform != "ti":
+            raise ValueError(f"carrier_hz={self.carrier_hz} applies to waveform 'ti' only (waveform is "
+                             f"{self.waveform!r}): remove it or set waveform = \"ti\"")
+        return self
 
 
 class AdaptiveConfig(_Section):

@@ -21,7 +21,7 @@ def stim_params(cfg: StimConfig, **changes) -> StimParams:
     p = StimParams(channel=cfg.channel, waveform=Waveform(cfg.waveform), amplitude_ua=cfg.amplitude_ua,
                    pulse_width_us=cfg.pulse_width_us, interphase_gap_us=cfg.interphase_gap_us,
                    frequency_hz=cfg.frequency_hz, n_pulses=cfg.n_pulses, duration_s=cfg.duration_s,
-                   ramp_s=cfg.ramp_s)
+                   ramp_s=cfg.ramp_s, carrier_hz=cfg.carrier_hz)
     return p.with_(**changes) if changes else p
 
 

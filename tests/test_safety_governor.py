@@ -7,7 +7,7 @@ import pytest
 
 from controller.events import EventKind
 from controller.safety.governor import DEVICE_BUSY_GUARD_S
-from controller.safety import (MACRO_RNS, MICRO, TES, SafetyGovernor, SafetyProfile, StimRequest,
+from controller.safety import (MACRO_RNS, MICRO, TES, SafetyGovernor, SafetyProfile, StimRequest, check_params,
                                conservative_charge_uc)
 from drivers.params import DeviceCapabilities, StimParams, Waveform
 
@@ -250,6 +250,19 @@ def test_ti_charge_is_booked_for_both_pairs():
     g = gov(p)
     assert g.step(req(ti), 0.0).allowed and g.dose.charge_uc == pytest.approx(120_000.0)
     assert g.step(req(ti.with_(carrier_hz=5.0)), 100.0).allowed is False
+
+
+def test_ti_carrier_must_be_khz_not_only_above_the_beat():
+    """REFERENCE.md §7: TI's carriers are kHz, which neurons do not follow. A 500 Hz carrier is above a
+    10 Hz beat, and it is plain low-frequency stimulation at the TI amplitude: refused."""
+    p = SafetyProfile(**{**TES.model_dump(), "allowed_waveforms": (Waveform.DC, Waveform.SINE, Waveform.TI)})
+    ti = StimParams(waveform=Waveform.TI, amplitude_ua=1000.0, frequency_hz=10.0, carrier_hz=500.0,
+                    duration_s=60.0, ramp_s=10.0)
+    d = gov(p).step(req(ti), 0.0)
+    assert not d.allowed and d.events[0].data["rule"] == "invalid_request" and "1000" in d.events[0].data["reason"]
+    assert any("carrier_hz" in v for v in check_params(p, CAPS, ti))
+    assert gov(p).step(req(ti.with_(carrier_hz=1000.0)), 0.0).allowed
+    assert check_params(p, CAPS, ti.with_(carrier_hz=1000.0)) == []
 
 
 def test_numpy_scalars_are_accepted_and_normalised():

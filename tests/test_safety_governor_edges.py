@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.actuator import Actuator
-from controller.config import load_config, parse_config
+from controller.config import ConfigError, load_config, parse_config
 from controller.events import EventKind
 from controller.safety import (MACRO_RNS, MICRO, TES, SafetyGovernor, SafetyProfile, StimRequest,
                                UnsafeProfileError, check_params, check_session_safety)
@@ -199,3 +199,18 @@ def test_profiles_cannot_schedule_further_ahead_than_devices_accept():
     with pytest.raises(UnsafeProfileError, match="max_schedule_ahead_s"):
         SafetyProfile(**{**MACRO_RNS.model_dump(), "max_schedule_ahead_s": 61.0})
     assert SafetyProfile(**{**MACRO_RNS.model_dump(), "max_schedule_ahead_s": 60.0}).max_schedule_ahead_s == 60.0
+
+
+def test_a_ti_session_is_configurable_and_its_carrier_reaches_the_governor():
+    """policy.stim.carrier_hz is how a TI session names its carrier: without it every TI command was refused."""
+    from controller.policy_drive import stim_params
+    base = {"safety": {"profile": "tes", "overrides": {"allowed_waveforms": ["dc", "sine", "ti"]}},
+            "device": {"impedance_ohm": 1000.0}}
+    stim = {"waveform": "ti", "amplitude_ua": 1000.0, "frequency_hz": 10.0, "duration_s": 60.0, "ramp_s": 10.0}
+    cfg = parse_config({**base, "policy": {"stim": {**stim, "carrier_hz": 2000.0}}})
+    assert check_session_safety(cfg).name == "tes"
+    assert stim_params(cfg.policy.stim).carrier_hz == 2000.0
+    with pytest.raises(UnsafeProfileError, match="carrier_hz"):     # a carrier neurons follow
+        check_session_safety(parse_config({**base, "policy": {"stim": {**stim, "carrier_hz": 200.0}}}))
+    with pytest.raises(ConfigError, match="carrier_hz=2000.0 applies to waveform 'ti' only"):
+        parse_config({"policy": {"stim": {"carrier_hz": 2000.0}}})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.events import Event, EventKind
-from controller.safety.profiles import CHARGE_BALANCED_WAVEFORMS, SafetyProfile
+from controller.safety.profiles import CHARGE_BALANCED_WAVEFORMS, TI_MIN_CARRIER_HZ, SafetyProfile
 from drivers.params import DeviceCapabilities, StimParams, Waveform
 
 RATE_WINDOW_S = 60.0  # max_bursts_per_min is counted over any 60 s window
@@ -216,8 +216,8 @@ def _check_values(profile: SafetyProfile, caps: DeviceCapabilities, params: Stim
         if profile.max_ramp_rate_ua_per_s is not None and amp > 0 and (
                 params.ramp_s <= 0 or amp / params.ramp_s > profile.max_ramp_rate_ua_per_s):
             v.append(f"ramp rate above {profile.max_ramp_rate_ua_per_s} µA/s")
-        if w is Waveform.TI and not params.carrier_hz > params.frequency_hz:
-            v.append(f"carrier_hz={params.carrier_hz} must be > frequency_hz")
+        if w is Waveform.TI and not (params.carrier_hz >= TI_MIN_CARRIER_HZ and params.carrier_hz > params.frequency_hz):
+            v.append(f"carrier_hz={params.carrier_hz} must be >= {TI_MIN_CARRIER_HZ} Hz and > frequency_hz")
     if params.burst_duration_s > profile.max_burst_duration_s:
         v.append(f"burst duration {params.burst_duration_s} s > {profile.max_burst_duration_s}")
 
@@ -628,8 +628,9 @@ class SafetyGovernor:
             if p.max_ramp_rate_ua_per_s is not None and amp > 0 and (
                     ramp <= 0 or amp / ramp > p.max_ramp_rate_ua_per_s):
                 raise _Refused("ramp", f"ramp rate {amp}/{ramp} µA/s > max_ramp_rate_ua_per_s={p.max_ramp_rate_ua_per_s}")
-            if w is Waveform.TI and not params.carrier_hz > params.frequency_hz:
-                raise _Refused("invalid_request", f"carrier_hz={params.carrier_hz}, expected > frequency_hz={params.frequency_hz}")
+            if w is Waveform.TI and not (params.carrier_hz >= TI_MIN_CARRIER_HZ and params.carrier_hz > params.frequency_hz):
+                raise _Refused("invalid_request", f"carrier_hz={params.carrier_hz}, expected >= {TI_MIN_CARRIER_HZ} Hz "
+                                                  f"(REFERENCE.md §7: kHz carriers) and > frequency_hz={params.frequency_hz}")
             changes["duration_s"] = dur
         changes["amplitude_ua"] = amp
         # Plain Python numbers out (numpy scalars in): drivers and JSON see one type.

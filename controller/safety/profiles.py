@@ -35,6 +35,10 @@ RNS_IMPEDANCE_OHM = (250.0, 3_500.0)  # REFERENCE.md §3: lead impedance flagged
 TES_HARD_MAX_UA = 4_000.0          # REFERENCE.md §4 (Bikson 2016): <= 4 mA
 TES_MAX_SESSION_S = 40 * 60.0      # REFERENCE.md §4: <= 40 min
 TES_MAX_SESSION_UC = 7.2e6         # REFERENCE.md §4: <= 7.2 C per session (= 7.2e6 µC)
+# REFERENCE.md §7: temporal interference uses kHz carriers, which neurons do not follow; only the
+# envelope at |f1 - f2| drives them. A carrier below 1 kHz is low-frequency tACS at the TI amplitude,
+# not TI: refused, whatever the profile.
+TI_MIN_CARRIER_HZ = 1_000.0
 
 
 class UnsafeProfileError(Exception):
