@@ -202,7 +202,7 @@ def load_raw_meta(raw_dir: str | Path) -> dict:
 def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_or_path,
                     raw_dir: str | Path | None = None, *, raw_flush_s: float = 1.0,
                     events_flush_s: float = 0.5, ready_event=None, wakeup_path: str | None = None,
-                    wrap_ring=None) -> int:
+                    wrap_ring=None, nice: int | None = None) -> int:
     """Body of the acquisition process: read the source into the ring until ``stop_event`` is set.
 
     ``source_spec`` is a plain dict for :func:`controller.sources.build_source`.
@@ -212,6 +212,8 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     write, so a reader can block instead of polling (``controller.wakeup``).
     ``wrap_ring(ring) -> ring-like`` (optional, picklable) wraps the ring the
     source writes into; the latency benchmark uses it to stamp every write.
+    ``nice`` (optional): run this process at that nice value
+    (:func:`controller.low_latency.set_nice`; the outcome is in ``acquisition_started``).
 
     Returns 0 on a clean stop. Anything else emits a ``FAULT`` event naming the cause
     (``source_open_failed``, ``source_read_failed``, ``recording_flush_failed`` — then
@@ -221,6 +223,9 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     """
     ensure_lsl_config()  # before any backend imports pylsl
     import pylsl
+
+    from controller.low_latency import set_nice
+    nice_status = "unchanged" if nice is None else set_nice(nice)   # before the source starts its threads
 
     from controller.process_watch import stop_on_signals
     # Ctrl-C is the runner's to order; on SIGTERM keep recording until the runner stops us after
@@ -260,7 +265,7 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
             from controller.wakeup import WakeupWriter
             wakeup = WakeupWriter(wakeup_path)
         sink.emit(Event(clock(), EventKind.STATUS, "acquisition",
-                        {"what": "acquisition_started", "ring": ring_name, **info.to_dict()}))
+                        {"what": "acquisition_started", "ring": ring_name, "nice": nice_status, **info.to_dict()}))
         sink.flush()
         if ready_event is not None:
             ready_event.set()

@@ -30,6 +30,7 @@ Measured against ground truth (one clock: ``pylsl.local_clock``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -47,7 +48,7 @@ import pylsl  # noqa: E402
 from controller.actuator import Actuator  # noqa: E402
 from controller.bench.common import CpuMeter, stats_ms  # noqa: E402
 from controller.events import Event, EventKind  # noqa: E402
-from controller.low_latency import LowLatency  # noqa: E402
+from controller.low_latency import DEFAULT_NICE, LowLatency, nice_for, nice_while  # noqa: E402
 from controller.metrics import chunk_index, join_receipts  # noqa: E402
 from controller.policies.ads import (GUGGENMOS_BLANKING_MS, GUGGENMOS_DELAY_MS, AdsPolicy,  # noqa: E402
                                      RandomStimPolicy, blanking_window)
@@ -81,7 +82,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         stim: StimParams = DEFAULT_STIM, delay_ms: float = GUGGENMOS_DELAY_MS,
         blanking_ms: float = GUGGENMOS_BLANKING_MS, keep_dir: str | None = None, low_latency: bool = True,
         telemetry=None, telemetry_signal_hz: float = 64.0, return_samples: bool = False,
-        warm: bool = True, busy_poll: bool = False) -> dict:
+        warm: bool = True, busy_poll: bool = False, nice: int | None = DEFAULT_NICE) -> dict:
     """One real-time run (ADS, or random stimulation at ``random_rate_hz``); returns the result dict.
 
     ``telemetry``: an optional :class:`controller.telemetry.TelemetryPublisher`. When
@@ -91,6 +92,10 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
     every actuator event (decisions, commands, refusals, faults).
     ``busy_poll``: wait for each chunk by polling the inlet without sleeping
     (``controller.sources.lsl.pull_into``; one CPU core spent on it).
+    ``nice``: this thread (the controller) runs at that nice value once the
+    simulator has started, as a session's controller processes do
+    (``session.nice``); ``None`` leaves it alone, and so does ``busy_poll``
+    (:func:`controller.low_latency.nice_for`).
     """
     if telemetry is not None and not (0 < telemetry_signal_hz <= FS_HZ):
         raise ValueError(f"telemetry_signal_hz={telemetry_signal_hz!r} invalid, expected 0 < Hz <= {FS_HZ:g}")
@@ -111,6 +116,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                             pass_fds=(master_fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     act = None
+    priority = contextlib.ExitStack()
     try:
         line = proc.stdout.readline().split()
         if len(line) != 2 or line[0] != "ready":
@@ -118,6 +124,9 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         infos = pylsl.resolve_byprop("source_id", line[1], 1, 5.0)
         if not infos:
             raise RuntimeError(f"LSL stream with source_id {line[1]!r} not found within 5 s")
+        # The simulator runs at its own priority: raised here, after it started, and before the
+        # inlet's threads start (they inherit it).
+        nice_status = priority.enter_context(nice_while(nice_for(nice, busy_poll)))
         # Small buffer: no hidden lag can build up (REFERENCE.md §1, pylsl default 360 s).
         inlet = pylsl.StreamInlet(infos[0], max_buflen=1, max_chunklen=CHUNK_N, processing_flags=0)
         inlet.open_stream(timeout=5.0)
@@ -288,6 +297,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 proc.wait()
         close_pty(master_fd)
         tmp.cleanup()
+        priority.close()
         status = qos.status
         qos.release()
     if keep_dir is not None:
@@ -316,7 +326,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "cpu_percent": cpu_pct,
                 "controller_spike_to_submit_done_ms": stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
                 "breakdown_ms": {k: stats_ms(v) for k, v in breakdown.items()},
-                "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "warm": warm, "busy_poll": busy_poll, "pulls": n_chunks,
+                "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "nice": nice_status, "warm": warm, "busy_poll": busy_poll, "pulls": n_chunks,
                 "lsl_time_correction_s": tc,
                 "chunk_to_decision_ms": stats_ms(chunk_ms * 1e-3),
                 "telemetry_publish_ms": None if telemetry is None else stats_ms(pub_s[:n_pub]),
@@ -573,23 +583,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--busy-poll", action="store_true",
                     help="wait for chunks by polling without sleeping: less latency, one CPU core spent "
                          "(docs/performance.md, 'Busy polling')")
+    ap.add_argument("--nice", type=int, default=DEFAULT_NICE,
+                    help=f"the controller's nice value (-20..19; default {DEFAULT_NICE}, as session.nice; below 0 "
+                         "needs root or CAP_SYS_NICE, recorded in the JSON)")
     ap.add_argument("--k", type=float, default=5.0, help="threshold in σ (REFERENCE.md §2: 4-5)")
     args = ap.parse_args(argv)
     if not 0.5 <= args.duration <= 3600:
         ap.error(f"--duration {args.duration} invalid, expected 0.5..3600 s")
+    if not -20 <= args.nice <= 19:
+        ap.error(f"--nice {args.nice} invalid, expected -20..19")
     trig = (0, 1)
     unit_rate = 2.5
     if args.random and not args.compare:
         rate = args.rate_hz if args.rate_hz is not None else unit_rate * len(trig)
         res = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out,
-                  warm=args.warm, busy_poll=args.busy_poll)
+                  warm=args.warm, busy_poll=args.busy_poll, nice=args.nice)
     else:
         res = run(args.duration, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out,
-                  warm=args.warm, busy_poll=args.busy_poll)
+                  warm=args.warm, busy_poll=args.busy_poll, nice=args.nice)
         if args.compare:
             rate = args.rate_hz if args.rate_hz is not None else max(res["rate_hz"], 0.1)
             rnd = run(args.duration, random_rate_hz=rate, seed=args.seed, k=args.k, low_latency=args.low_latency, keep_dir=args.out,
-                  warm=args.warm, busy_poll=args.busy_poll)
+                  warm=args.warm, busy_poll=args.busy_poll, nice=args.nice)
             res["random"] = rnd
             res["weight_change"] = {"ads": res["weight_change"]["ads"], "random": rnd["weight_change"]["random"]}
     if args.json:

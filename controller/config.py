@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from controller.low_latency import DEFAULT_NICE
 from hil_sim.faults import FaultSpec  # noqa: E402  (plain pydantic model; no I/O at import)
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.toml")
@@ -34,6 +35,11 @@ class SessionConfig(_Section):
         "hold a PM QoS request (/dev/cpu_dma_latency = 0) while the session runs: idle CPUs poll instead of "
         "halting, so chunks and commands are not delayed by wake-ups (as cyclictest does by default; costs "
         "idle-CPU power; needs write access, without it the session runs and says so; controller/low_latency.py)"))
+    nice: Annotated[int, Field(ge=-20, le=19, description=(
+        "scheduling priority of the controller's processes (acquisition, loop): -20 highest .. 19; below 0 "
+        "needs root or CAP_SYS_NICE, without it the session runs at its inherited priority and says so. "
+        "The simulator keeps its own, and so does a busy-polling acquisition (source.busy_poll). "
+        "controller/low_latency.py, docs/performance.md 'Priority'"))] = DEFAULT_NICE
 
 
 class SourceConfig(_Section):

@@ -92,6 +92,8 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     from controller.ring import Overrun, SharedRing
 
     cfg = Config.model_validate_json(cfg_json)
+    from controller.low_latency import set_nice
+    nice = set_nice(cfg.session.nice)   # before the device's and telemetry's threads start: they inherit it
     log = EventLog(Path(session_dir) / "events.jsonl")
     ring = SharedRing.attach(ring_name)
     actuator = tele = server = wakeup = None
@@ -117,7 +119,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             return
         ready.put({"ok": True})
         reader = ring.reader(start="now", max_read=min(ring.capacity, int(ring.fs_hz * 2) + 1))
-        log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "policy": loop.drive.kind, "threshold": loop.threshold,
+        log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "nice": nice, "policy": loop.drive.kind, "threshold": loop.threshold,
                                                              "model_sha256": loop.predictor.sha256 if loop.predictor is not None else None}))
         decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))
         events.extend(events_start)

@@ -18,12 +18,73 @@ spike → command p50 0.39–0.49 ms, p99 0.90–1.09 ms without; p50 0.30 ms, p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+from typing import Iterator
 
-__all__ = ["LowLatency", "PM_QOS_DEVICE"]
+__all__ = ["LowLatency", "PM_QOS_DEVICE", "DEFAULT_NICE", "set_nice", "nice_while", "nice_for"]
 
 PM_QOS_DEVICE = "/dev/cpu_dma_latency"
+
+
+#: The controller's processes run at this nice value by default (``session.nice``, ``stimloop bench --nice``).
+#: Not a busy-polling one (:func:`nice_for`).
+DEFAULT_NICE = -10
+
+
+def nice_for(nice: int | None, busy_poll: bool) -> int | None:
+    """The nice value a process that waits for samples should run at: ``nice``, unless it busy-polls.
+
+    A raised priority pays off for a thread that sleeps until a sample lands: it wins the CPU as
+    it wakes. A busy-polling thread never sleeps; raised, it crowds out the other tasks of its core
+    (under EEVDF its ``sched_yield`` gives way for a shorter time the heavier it is). Measured on the
+    2-core VM, spike path p99 0.94 and 1.84 ms at nice -10 against 0.62 and 0.63 at 0
+    (docs/performance.md, "Priority"). So a busy-polling process keeps its inherited priority (``None``).
+    """
+    return None if busy_poll else nice
+
+
+def set_nice(nice: int) -> str:
+    """Run the calling thread at ``nice`` (-20 highest priority .. 19), and the threads it starts after.
+
+    Returns the status for the record: ``"nice -10"``, or ``"unavailable: <why>"``
+    when raising the priority is not permitted (needs root or ``CAP_SYS_NICE``, or
+    an ``RLIMIT_NICE`` allowing it); the caller then goes on at its old priority.
+    Never raises for that. On Linux a nice value belongs to a thread, not a
+    process: call this before starting threads (liblsl starts its own when an
+    inlet opens), and in each process that needs it; processes spawned later inherit it.
+    """
+    if not (isinstance(nice, int) and not isinstance(nice, bool) and -20 <= nice <= 19):
+        raise ValueError(f"nice={nice!r} invalid, expected an integer -20..19")
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)   # who=0: the calling thread on Linux
+    except OSError as exc:
+        return f"unavailable: nice {nice}: {exc.strerror or exc}"
+    return f"nice {nice}"
+
+
+@contextlib.contextmanager
+def nice_while(nice: int | None) -> Iterator[str]:
+    """The calling thread at ``nice`` inside the block, its old value back after; yields the status.
+
+    For a benchmark that runs the controller in the caller's own thread: start
+    the simulator's processes before entering, or they inherit it. ``None``
+    leaves the priority alone (status ``"unchanged"``).
+    """
+    if nice is None:
+        yield "unchanged"
+        return
+    old = os.getpriority(os.PRIO_PROCESS, 0)
+    status = set_nice(nice)
+    try:
+        yield status
+    finally:
+        if status.startswith("nice"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, old)   # going back up from a raised priority is always allowed
+            except OSError:
+                pass
 
 
 class LowLatency:

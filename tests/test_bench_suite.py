@@ -72,6 +72,10 @@ def test_quick_suite_writes_wellformed_json(quick_run):
         assert list(sp["stages_ms"]) == [*SPIKE_STAGES, "push_to_decision_every_chunk"]
         assert sp["stages_ms"]["governor_and_framing"]["n"] > 0 and sp["commands"] > 0
         assert sp["busy_poll"] is busy
+        # The blocking controller ran at the suite's nice value (root here; otherwise said unavailable);
+        # the busy-polling one at its own (controller.low_latency.nice_for).
+        assert doc["settings"]["nice"] == -10
+        assert (sp["nice"] == "unchanged") if busy else (sp["nice"] == "nice -10" or sp["nice"].startswith("unavailable"))
         # Deadline misses are the sum of their kinds (too late in the loop, refused late by the
         # device, delivered late), each a count; the simulator's CPU is measured by its pid.
         parts = sp["deadline_miss_breakdown"]
@@ -119,6 +123,10 @@ def test_quick_suite_peers_pngs_markdown(quick_run):
         assert isinstance(r["refused"], int) and 0 <= r["refused"] <= r["missed"] and r["faults"] == 0
         assert r["refused"] == sum(r["refused_rules"].values()) and "rate_limit" not in r["refused_rules"]
     assert "refused" not in doc["peers"]["pylsl_floor"]
+    # The stimloop peer runs at the suite's nice value, as a session does; the busy-polling one and the
+    # plain loop keep their own.
+    assert doc["peers"]["stimloop"]["nice"] == "nice -10" or doc["peers"]["stimloop"]["nice"].startswith("unavailable")
+    assert doc["peers"]["stimloop_busy_poll"]["nice"] == doc["peers"]["pylsl_floor"]["nice"] == "unchanged"
     # Each stimloop mode against each other peer, never against the other mode.
     assert {k: set(v) for k, v in doc["peer_ratios"].items()} == {"stimloop": {"pylsl_floor"},
                                                                   "stimloop_busy_poll": {"pylsl_floor"}}

@@ -1,10 +1,14 @@
-"""Low-latency mode (PM QoS): held while entered, withdrawn on exit, never fatal when unavailable."""
+"""Low-latency mode (PM QoS) and priority (nice): held while entered, withdrawn on exit, never fatal when unavailable."""
 import os
 import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
-from controller.low_latency import LowLatency
+from controller.low_latency import LowLatency, nice_while, set_nice
 
 
 def test_request_is_written_held_and_withdrawn(tmp_path):
@@ -35,3 +39,63 @@ def test_disabled_does_nothing_and_bad_value_is_refused(tmp_path):
 def test_the_real_device_accepts_the_request():
     with LowLatency() as qos:
         assert qos.held, qos.status
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a fresh thread and return its result: a nice value belongs to a thread on Linux, so
+    the test runner's own priority is never touched."""
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=fn()))
+    t.start()
+    t.join()
+    return out["r"]
+
+
+def test_set_nice_applies_to_the_calling_thread_and_the_threads_it_starts():
+    def body():
+        status = set_nice(7)   # lowering a priority is always allowed
+        return status, os.getpriority(os.PRIO_PROCESS, 0), _in_thread(lambda: os.getpriority(os.PRIO_PROCESS, 0))
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    assert _in_thread(body) == ("nice 7", 7, 7)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+
+
+def test_nice_while_restores_the_old_value_and_none_leaves_it_alone():
+    def body():
+        start = os.getpriority(os.PRIO_PROCESS, 0)
+        with nice_while(start + 3) as status:
+            inside = os.getpriority(os.PRIO_PROCESS, 0)
+        after = os.getpriority(os.PRIO_PROCESS, 0)
+        with nice_while(None) as unchanged:
+            same = os.getpriority(os.PRIO_PROCESS, 0)
+        return start, status, inside, after, unchanged, same
+
+    start, status, inside, after, unchanged, same = _in_thread(body)
+    assert status == f"nice {start + 3}" and inside == start + 3 and after == start
+    assert unchanged == "unchanged" and same == start
+
+
+def test_raising_priority_without_permission_is_reported_not_raised():
+    # As an unprivileged user (root drops to "nobody" in a child process first).
+    code = ("import os\n"
+            "from controller.low_latency import set_nice\n"   # imported first: "nobody" may not read the venv
+            "if os.getuid() == 0: os.setuid(65534)\n"
+            "print(set_nice(-10)); print(os.getpriority(os.PRIO_PROCESS, 0))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent, check=True).stdout.splitlines()
+    assert out[0].startswith("unavailable: nice -10") and int(out[1]) >= 0
+
+
+def test_bad_nice_values_are_refused():
+    for bad in (-21, 20, 1.5, True, "5"):
+        with pytest.raises(ValueError, match="nice="):
+            set_nice(bad)
+
+
+def test_a_busy_polling_process_keeps_its_priority():
+    """A spinner at a raised priority crowds out its core's other tasks (docs/performance.md, "Priority")."""
+    from controller.low_latency import nice_for
+    assert nice_for(-10, busy_poll=False) == -10
+    assert nice_for(-10, busy_poll=True) is None
+    assert nice_for(None, busy_poll=False) is None

@@ -39,6 +39,11 @@ def test_closed_loop_session_end_to_end(tmp_path):
     # The low-latency request is recorded, held or (without write access) unavailable, never fatal.
     qos = [e["low_latency"] for e in events if e["kind"] == "status" and "low_latency" in e]
     assert len(qos) == 1 and (qos[0].startswith("cpu_dma_latency 0") or qos[0].startswith("unavailable"))
+    # So is the controller processes' priority (session.nice, default -10): raised or, without the
+    # privilege, unavailable; the session runs either way.
+    nice = [e["nice"] for e in events if e.get("what") == "acquisition_started" or
+            (e.get("source") == "loop" and e.get("status") == "started")]
+    assert len(nice) == 2 and all(n in ("nice -10",) or n.startswith("unavailable: nice -10") for n in nice), nice
     assert m["detection"]["onsets"] == 1 and m["detection"]["detected"] == 1
     assert m["detection"]["false_detections"] == 0
     # Every trigger the device received came through the governor (a COMMAND event with the same seq).

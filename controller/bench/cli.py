@@ -12,6 +12,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from controller.low_latency import DEFAULT_NICE
 from controller.lsl_config import ensure_lsl_config
 
 ensure_lsl_config()   # every bench path loads liblsl; its config must be in place first
@@ -32,7 +33,11 @@ def bench(ctx: typer.Context,
           no_peers: bool = typer.Option(False, "--no-peers", help="skip the peer comparison"),
           low_latency: bool = typer.Option(True, "--low-latency/--no-low-latency",
                                            help="hold a PM QoS request (/dev/cpu_dma_latency = 0) for the whole run, "
-                                                "as cyclictest does: CPUs poll instead of halting; same for every peer")) -> None:
+                                                "as cyclictest does: CPUs poll instead of halting; same for every peer"),
+          nice: int = typer.Option(DEFAULT_NICE, "--nice", min=-20, max=19,
+                                   help="nice value of the controller's processes and the stimloop peers, as "
+                                        "session.nice (below 0 needs root or CAP_SYS_NICE); simulators and the "
+                                        "other peers keep the default")) -> None:
     """Run all scenarios (or the ``--scenario`` ones) and the peers; print a table, write JSON/PNG/Markdown.
 
     Exit code 1 (after the JSON/Markdown are written) when a scenario or a peer failed.
@@ -56,7 +61,8 @@ def bench(ctx: typer.Context,
     console = Console()
     from controller.low_latency import LowLatency
     with LowLatency(low_latency) as qos:
-        doc = run_suite(duration, chosen, peers=not no_peers, quick=quick, peer_names=peers or None, console=console)
+        doc = run_suite(duration, chosen, peers=not no_peers, quick=quick, peer_names=peers or None, console=console,
+                        nice=nice)
         doc["machine"]["low_latency"] = qos.status
     for t in rich_tables(doc):
         console.print(t)

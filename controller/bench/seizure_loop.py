@@ -62,6 +62,7 @@ import time
 from pathlib import Path
 
 from controller.bench.common import CpuMeter, check_duration, stats_ms
+from controller.low_latency import DEFAULT_NICE
 
 STAGES = ("lsl_transport", "ring_write", "ring_to_loop", "features", "inference", "policy_governor",
           "port_write", "device_receive")
@@ -143,8 +144,13 @@ def default_model_path() -> Path:
     return Config().model_path()
 
 
-def run(duration_s: float = 20.0, model_path: str | Path | None = None, keep_dir: str | Path | None = None) -> dict:
-    """Run the scenario; ``{"skipped": "no model"}`` when the ONNX file is missing."""
+def run(duration_s: float = 20.0, model_path: str | Path | None = None, keep_dir: str | Path | None = None,
+        nice: int | None = DEFAULT_NICE) -> dict:
+    """Run the scenario; ``{"skipped": "no model"}`` when the ONNX file is missing.
+
+    ``nice``: the acquisition and loop processes run at that nice value (``session.nice``; ``None``:
+    this process's own, i.e. unchanged); the simulator keeps the default.
+    """
     from controller.lsl_config import ensure_lsl_config
     ensure_lsl_config()
     check_duration("duration_s", duration_s, 1.0)
@@ -153,7 +159,8 @@ def run(duration_s: float = 20.0, model_path: str | Path | None = None, keep_dir
         return {"skipped": "no model", "model_path": str(model)}
     from controller.config import load_config
     cfg = load_config(overrides={
-        "session": {"duration_s": duration_s},
+        "session": {"duration_s": duration_s,
+                    "nice": os.getpriority(os.PRIO_PROCESS, 0) if nice is None else nice},
         "model": {"path": str(model)},
         "simulator": {"fs_hz": 512.0, "n_channels": 16, "seizure_onsets_s": []},
         "policy": {"stim": BENCH_STIM},
@@ -207,7 +214,7 @@ def _run(cfg, session: Path, duration_s: float, model: Path) -> dict:
         ready_acq = ctx.Event()
         p = ctx.Process(target=run_acquisition, name="bench-acq",
                         args=(src, ring.name, stops["acq"], str(session / "events.jsonl"), None),
-                        kwargs={"ready_event": ready_acq, "wakeup_path": wakeup,
+                        kwargs={"ready_event": ready_acq, "wakeup_path": wakeup, "nice": cfg.session.nice,
                                 "wrap_ring": functools.partial(timed_ring, out_path=acq_path, cap=cap)})
         p.start()
         procs["acq"] = p

@@ -13,6 +13,7 @@ import time
 import traceback
 
 from controller.bench.common import check_duration, machine_info, stats_ms
+from controller.low_latency import DEFAULT_NICE
 
 SCENARIOS = ("spike_triggered", "spike_triggered_busy_poll", "seizure_loop", "throughput")
 # The spike path per command: LSL push → pull, detector + ADS policy, governor + framing, write → device receipt.
@@ -61,7 +62,7 @@ def failures(doc: dict) -> list[str]:
     return out
 
 
-def run_spike_triggered(duration_s: float = 10.0, busy_poll: bool = False) -> dict:
+def run_spike_triggered(duration_s: float = 10.0, busy_poll: bool = False, nice: int | None = DEFAULT_NICE) -> dict:
     """ADS spike-triggered loop (30 kHz × 32 ch) via ``controller.bench_ads.run``, re-summarized.
 
     ``busy_poll``: the loop polls the inlet without sleeping (scenario
@@ -77,13 +78,13 @@ def run_spike_triggered(duration_s: float = 10.0, busy_poll: bool = False) -> di
 
     from controller import bench_ads
     check_duration("duration_s", duration_s, 1.0)
-    res = bench_ads.run(duration_s, n_channels=32, return_samples=True, busy_poll=busy_poll)
+    res = bench_ads.run(duration_s, n_channels=32, return_samples=True, busy_poll=busy_poll, nice=nice)
     e2e = (np.asarray(res["samples_ms"]["spike_to_command"]) * 1e-3).tolist()
     raw = {k: (np.asarray(res["samples_ms"][k]) * 1e-3).tolist() for k in SPIKE_STAGES}
     # Every 1 ms block, not only the ~5/s with a spike: push → the loop done with it.
     raw["push_to_decision_every_chunk"] = (np.asarray(res["samples_ms"]["chunk_to_decision"]) * 1e-3).tolist()
     return {"fs_hz": res["fs_hz"], "n_channels": res["channels"], "chunk_samples": res["chunk_samples"],
-            "busy_poll": busy_poll, "duration_s": res["duration_s"], "commands": len(e2e),
+            "busy_poll": busy_poll, "nice": res["nice"], "duration_s": res["duration_s"], "commands": len(e2e),
             "end_to_end_ms": stats_ms(e2e),
             "end_to_end_definition": "LSL push of the chunk holding the spike -> TRIGGER received by the device",
             "stages_ms": {k: stats_ms(v) for k, v in raw.items()},
@@ -118,7 +119,7 @@ def throughput_entry(sweep: dict, target_channels: int) -> dict:
 
 
 def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True, quick: bool = False,
-              peer_names=None, console=None) -> dict:
+              peer_names=None, console=None, nice: int | None = DEFAULT_NICE) -> dict:
     """All requested scenarios (+ peers); errors in one scenario or peer are recorded, the others still run.
 
     Every scenario entry has ``SCENARIO_KEYS`` (None / empty statistics when it
@@ -128,6 +129,10 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
 
     ``quick``: a few seconds per scenario, a short throughput sweep (16, 64 ch) and the
     cheap peers only (stimloop in both modes, pylsl floor) — for tests.
+
+    ``nice``: the controller's processes (and the stimloop peers) run at that nice value, as a
+    session's do (``session.nice``); simulators and the other peers keep the default. ``None``:
+    nobody's priority is touched.
     """
     from controller.bench import seizure_loop, throughput
     from controller.bench.peers import PEERS, run_peers
@@ -142,7 +147,7 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
     if quick:
         duration_s = min(duration_s, 2.5)
     check_duration("duration_s", duration_s, 1.0)
-    out: dict = {"machine": machine_info(), "settings": {"duration_s": duration_s, "quick": quick},
+    out: dict = {"machine": machine_info(), "settings": {"duration_s": duration_s, "quick": quick, "nice": nice},
                  "scenarios": {}, "peers": {}, "throughput": {}}
 
     def say(msg: str) -> None:
@@ -154,12 +159,12 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
         t0 = time.monotonic()
         try:
             if name in ("spike_triggered", "spike_triggered_busy_poll"):
-                entry = run_spike_triggered(duration_s, busy_poll=name.endswith("busy_poll"))
+                entry = run_spike_triggered(duration_s, busy_poll=name.endswith("busy_poll"), nice=nice)
             elif name == "seizure_loop":
-                entry = seizure_loop.run(duration_s)
+                entry = seizure_loop.run(duration_s, nice=nice)
             else:
                 chans = (16, 64) if quick else throughput.DEFAULT_CHANNELS
-                sweep = throughput.run_sweep(chans, duration_s=min(duration_s, 1.5) if quick else duration_s)
+                sweep = throughput.run_sweep(chans, duration_s=min(duration_s, 1.5) if quick else duration_s, nice=nice)
                 entry = throughput_entry(sweep, throughput.TARGET_CHANNELS)
                 out["throughput"] = {k: v for k, v in sweep.items() if k != "points"}
         except Exception as exc:   # one broken scenario must not hide the others' figures
@@ -174,7 +179,7 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
     if peers:
         say(f"[bold]peers[/] {', '.join(names)} ({duration_s:g} s each) …")
         try:
-            pr = run_peers(duration_s, names)   # rounds_for(duration_s): ~5 s rounds, at least 3
+            pr = run_peers(duration_s, names, nice=nice)   # rounds_for(duration_s): ~5 s rounds, at least 3
             out["peers"] = pr["peers"]
             out["peer_stream"] = pr["stream"]
             out["peer_ratios"] = pr["ratios"]

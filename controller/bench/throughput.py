@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from controller.bench.common import CpuMeter, check_duration, stats_ms
+from controller.low_latency import DEFAULT_NICE
 from controller.lsl_config import ensure_lsl_config
 
 DEFAULT_CHANNELS = (16, 32, 64, 128, 256)
@@ -79,8 +80,12 @@ def _stop_acquisition(acq, stop) -> None:
         acq.join(2)
 
 
-def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0, chunk_s: float = 0.001) -> dict:
-    """One sweep point; returns latency stats, drops and CPU use per process."""
+def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0, chunk_s: float = 0.001,
+              nice: int | None = DEFAULT_NICE) -> dict:
+    """One sweep point; returns latency stats, drops and CPU use per process.
+
+    ``nice``: the acquisition process's nice value, as in a session (``session.nice``; ``None``: unchanged).
+    """
     ensure_lsl_config()
     import numpy as np
     import pylsl
@@ -104,7 +109,7 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
         with OutletProcess(spec) as out:
             src = {"kind": "lsl", "source_id": out.source_id, "resolve_timeout_s": 5.0, "max_buflen_s": 1,
                    "stall_timeout_s": 1.0}
-            acq, stop = start_acquisition(src, ring.name, str(events_path), None, ready_timeout_s=20.0)
+            acq, stop = start_acquisition(src, ring.name, str(events_path), None, ready_timeout_s=20.0, nice=nice)
             reader = ring.reader("now", max_read=ring.capacity)
             cap = int(duration_s * 4000) + 1000
             ages = np.empty(cap)
@@ -171,11 +176,11 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
 
 
 def run_sweep(channels=DEFAULT_CHANNELS, fs_hz: float = 30_000.0, duration_s: float = 3.0,
-              stop_at_first_drop: bool = True) -> dict:
+              stop_at_first_drop: bool = True, nice: int | None = DEFAULT_NICE) -> dict:
     """The sweep; ``max_channels_at_30khz`` = largest channel count that passed (``point_verdict``)."""
     points = []
     for ch in sorted(int(c) for c in channels):
-        p = run_point(ch, fs_hz, duration_s)
+        p = run_point(ch, fs_hz, duration_s, nice=nice)
         points.append(p)
         if not p["passed"] and stop_at_first_drop:
             break

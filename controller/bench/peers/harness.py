@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from controller.bench.common import MIN_ROUND_S, MIN_ROUNDS, CpuMeter, check_duration, cpu_seconds, ratio_ci95, stats_ms
+from controller.low_latency import DEFAULT_NICE, nice_for
 from controller.lsl_config import ensure_lsl_config
 
 PEERS = ("stimloop", "stimloop_busy_poll", "pylsl_floor", "pylsl_floor_busy_poll", "mne_lsl", "timeflux")
@@ -211,8 +212,14 @@ class _Skip(Exception):
     pass
 
 
-def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_timeout_s: float = 60.0) -> dict:
-    """Run one peer against the streaming outlet; returns output stamps and process facts (or ``skipped``)."""
+def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_timeout_s: float = 60.0,
+             nice: int | None = DEFAULT_NICE) -> dict:
+    """Run one peer against the streaming outlet; returns output stamps and process facts (or ``skipped``).
+
+    ``nice``: the stimloop peer runs at that nice value, as a session's controller processes do
+    (``session.nice``; not the busy-polling one, ``nice_for``); the other peers, plain loops as their
+    users run them, keep the default.
+    """
     import pylsl
 
     from hil_sim.pty_pair import close_pty, open_pty_pair
@@ -235,7 +242,8 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
         except _Skip as exc:
             return {"skipped": str(exc)}
         if name in OURS:
-            cmd += ["--stages", str(stages_path)]
+            own = nice_for(nice, busy_poll=name == "stimloop_busy_poll")
+            cmd += ["--stages", str(stages_path)] + ([] if own is None else ["--nice", str(own)])
             emu = subprocess.Popen([sys.executable, "-m", "hil_sim.emulator", "--fd", str(master), "--log", str(log),
                                     "--watchdog-s", "1.0"], pass_fds=(master,), stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, text=True, cwd=str(ROOT))
@@ -275,12 +283,14 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
             trig = [r for r in recs if r.get("type") in ("trigger", "TRIGGER") and r.get("ok", True)]
             stamps = [r["t_received"] for r in trig]
             stage_rows, refusals = _stage_rows(stages_path, {r["seq"]: r["t_received"] for r in trig})
+            nice_status = json.loads(stages_path.read_text()).get("nice") if stages_path.exists() else None
         else:
             time.sleep(0.05)   # the last byte in flight
             stamps = stamper.stop()
             stage_rows = refusals = None   # a byte-writing peer has no stages and no governor to report
+            nice_status = "unchanged"
         total_cpu = {k.split(":")[0] + ("" if i == 0 else f"_child{i}"): v for i, (k, v) in enumerate(cpu_pct.items())}
-        return {"stamps": stamps, "stage_rows": stage_rows, "refusals": refusals,
+        return {"stamps": stamps, "stage_rows": stage_rows, "refusals": refusals, "nice": nice_status,
                 "t_start": t_start, "t_stop": t_stop, "exit_code": proc.returncode,
                 "peer_said": done[-1] if done else None, "cpu_percent": total_cpu,
                 "peer_counts": parse_done(done[-1]) if done else {},
@@ -389,10 +399,11 @@ def rounds_for(duration_s: float) -> int:
     return int(min(20, max(MIN_ROUNDS, duration_s // 5)))
 
 
-def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int | None = None) -> dict:
+def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int | None = None,
+              nice: int | None = DEFAULT_NICE) -> dict:
     """All ``peers`` on one pulse stream, ``duration_s`` each, interleaved in ``rounds`` (rotated order).
 
-    ``rounds`` defaults to ``rounds_for(duration_s)``. Returns ``{"stream", "peers": {peer:
+    ``rounds`` defaults to ``rounds_for(duration_s)``; ``nice``: see :func:`run_peer`. Returns ``{"stream", "peers": {peer:
     {end_to_end_ms, detected, missed, ...} | {end_to_end_ms, skipped} | {end_to_end_ms, error}},
     "ratios", "ratio_ci95"}``. One peer's failure (an exception included) is that peer's ``error``.
     """
@@ -417,7 +428,7 @@ def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int | None = None) 
                 if raw[name] and ("skipped" in raw[name][-1] or "error" in raw[name][-1]):
                     continue   # a peer that cannot run here, or failed, does not get another try
                 try:
-                    raw[name].append(run_peer(name, out.source_id, duration_s / rounds, Path(tmp)))
+                    raw[name].append(run_peer(name, out.source_id, duration_s / rounds, Path(tmp), nice=nice))
                 except Exception as exc:   # this peer's failure; the others keep their results
                     raw[name].append({"error": f"{type(exc).__name__}: {exc}"})
         c1 = cpu_seconds(out.pid)
@@ -471,7 +482,7 @@ def peer_result(name: str, runs: list[dict], pulse_t) -> dict:
             "_raw_s": {"end_to_end": lat, **raw},
             "_rounds_s": [m["latencies_s"] for m in scored],   # for the intervals over rounds
             "cpu_percent": {k: round(v, 1) for k, v in cpu.items()}, "exit_code": last["exit_code"],
-            "peer_said": last["peer_said"],
+            "peer_said": last["peer_said"], "nice": last.get("nice"),
             **({"stderr_tail": last["stderr_tail"]} if last["stderr_tail"] else {})}
 
 

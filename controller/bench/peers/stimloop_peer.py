@@ -49,10 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=500.0)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--busy-poll", action="store_true", help="LslSource(busy_poll=True): spends a CPU core")
+    ap.add_argument("--nice", type=int, default=None,
+                    help="run the peer at this nice value, as a session's controller processes run (session.nice)")
     ap.add_argument("--stages", default=None,
                     help="write per-command stage times here (JSON: {\"commands\": rows of sample_t, pulled_t, "
                          "submit_t, sent_t, seq; \"refusals\": rows of sample_t, rule})")
     a = ap.parse_args(argv)
+    nice_status = "unchanged"
+    if a.nice is not None:   # first: liblsl's threads, started when the inlet opens, inherit it
+        from controller.low_latency import set_nice
+        nice_status = set_nice(a.nice)
 
     import numpy as np
 
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.stages:
         import json
         with open(a.stages, "w", encoding="utf-8") as f:
-            json.dump({"commands": stages, "refusals": refusals}, f)
+            json.dump({"commands": stages, "refusals": refusals, "nice": nice_status}, f)
     print(f"done {counts['commands']} refused={counts['refused']} faults={counts['faults']}", flush=True)
     return 0
 
