@@ -49,6 +49,9 @@ class SeizureLoop:
     quality: DataQuality | None = None
     fs_hz: float = 0.0
     n_channels: int = 0
+    #: window length + how long p must stay above threshold: a seizure starting less than this before
+    #: the session ends cannot be confirmed, and is left out of the detection score (None: no model)
+    min_detect_s: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, fs_hz: float, n_channels: int) -> "SeizureLoop":
@@ -63,9 +66,12 @@ class SeizureLoop:
         stage = SeizureDetectorStage(contract, fs_hz, n_channels)
         predictor = OnnxPredictor(path)
         thr = cfg.policy.threshold_on if cfg.policy.threshold_on is not None else contract.threshold
+        min_duration_s = contract_min_duration_s(contract)
+        if cfg.policy.min_duration_s is not None:
+            min_duration_s = cfg.policy.min_duration_s
         return cls(stage=stage, predictor=predictor, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
                    drive=build_drive(cfg, fs_hz, n_channels, contract.threshold, contract_min_duration_s(contract)), threshold=thr,
-                   fs_hz=fs_hz, n_channels=n_channels)
+                   fs_hz=fs_hz, n_channels=n_channels, min_detect_s=contract.window_s + min_duration_s)
 
     @property
     def policy(self):

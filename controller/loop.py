@@ -120,6 +120,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
         ready.put({"ok": True})
         reader = ring.reader(start="now", max_read=min(ring.capacity, int(ring.fs_hz * 2) + 1))
         log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "nice": nice, "policy": loop.drive.kind, "threshold": loop.threshold,
+                                                             "min_detect_s": loop.min_detect_s,
                                                              "model_sha256": loop.predictor.sha256 if loop.predictor is not None else None}))
         decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))
         events.extend(events_start)

@@ -189,28 +189,38 @@ def chunk_push_times(session_dir: Path, truth: dict, sample_t) -> np.ndarray:
     return np.where(ok, pt[np.clip(k, 0, max(pt.size - 1, 0))] if pt.size else np.nan, np.nan)
 
 
-def score_detections(detection_starts: list[float], seizures: list[dict], session_end_t: float | None = None) -> dict:
-    """Event-level scoring of detections against true seizures (all times on the session clock)."""
-    onsets = [s["onset_t"] for s in seizures]
+def score_detections(detection_starts: list[float], seizures: list[dict], session_end_t: float | None = None,
+                     min_detect_s: float = 0.0) -> dict:
+    """Event-level scoring of detections against true seizures (all times on the session clock).
+
+    A seizure starting less than ``min_detect_s`` (the model's window + how long p must stay
+    above threshold) before ``session_end_t`` could not be confirmed before the end: it is
+    listed in ``unscored_near_end`` and counts neither as detected nor as missed; a detection
+    it explains is not a false one.
+    """
+    cut = session_end_t - min_detect_s if session_end_t is not None and min_detect_s > 0 else float("inf")
+    onsets = [s["onset_t"] for s in seizures if s["onset_t"] <= cut]
     latencies, detected = [], 0
     used = set()
     for s in seizures:
         end = s.get("offset_t") or session_end_t or float("inf")
         hits = [d for d in detection_starts if s["onset_t"] <= d <= end + DETECTION_GRACE_S]
-        if hits:
+        used.update(hits)
+        if hits and s["onset_t"] <= cut:
             detected += 1
             latencies.append(hits[0] - s["onset_t"])
-            used.update(hits)
     false = [d for d in detection_starts if d not in used]
     return {
         "onsets": len(onsets),
+        "unscored_near_end": [s["onset_t"] for s in seizures if s["onset_t"] > cut],
         "detected": detected,
         "sensitivity": (detected / len(onsets)) if onsets else None,
         "false_detections": len(false),
         "false_detection_t": false,
         "latency_s_median": float(np.median(latencies)) if latencies else None,
         "latency_s": latencies,
-        "scoring": f"detection start within [onset, offset + {DETECTION_GRACE_S} s]",
+        "scoring": f"detection start within [onset, offset + {DETECTION_GRACE_S} s]; onsets less than "
+                   f"{min_detect_s:g} s (window + min duration) before the end are not scored",
     }
 
 
@@ -252,7 +262,9 @@ def compute_metrics(session_dir: Path) -> dict:
     seizures = truth.get("seizures", [])
     session_end = truth.get("end_t")
     # A spiking simulator has no seizures to score, nor has a simulator that was only the stimulator.
-    detection = score_detections(detection_starts, seizures, session_end) \
+    started = [e for e in by_kind.get("status", []) if e.get("status") == "started" and "min_detect_s" in e]
+    min_detect_s = (started[0]["min_detect_s"] or 0.0) if started else 0.0
+    detection = score_detections(detection_starts, seizures, session_end, min_detect_s) \
         if truth and truth.get("model") != "spiking" and not truth.get("stimulator_only") else None
 
     ads = ads_metrics(events, device_log, truth)

@@ -271,6 +271,9 @@ def summary_table(metrics: dict) -> Table:
         sens = det.get("sensitivity")
         t.add_row("seizures detected", f"{det.get('detected')}/{det.get('onsets')}"
                   + (f" ({sens:.0%})" if sens is not None else ""))
+        if det.get("unscored_near_end"):
+            t.add_row("  not scored: onset too near the end (s)",
+                      ", ".join(f"{x:.1f}" for x in det["unscored_near_end"]))
         t.add_row("false detections", str(det.get("false_detections")))
         t.add_row("median detection latency (s)", _num(det.get("latency_s_median"), 2))
     stim = metrics.get("stim") or {}

@@ -101,3 +101,16 @@ def test_summary_table_rounds_figures_and_marks_missing_ones():
     assert "3.445 / 3.603 / –  (n=3)" in text and "0.596 / 0.796" in text
     assert "2.18" in text and "2.1835" not in text and "288.0" in text
     assert "spike_to_loop" not in text   # a stage the policy does not have stays out
+
+
+def test_a_seizure_starting_too_near_the_end_is_not_scored():
+    """A seizure whose onset leaves less than window + min duration before the end cannot be confirmed:
+    neither missed nor detected; a detection it explains is not a false one."""
+    seizures = [{"onset_t": 10.0, "offset_t": 20.0}, {"onset_t": 77.0, "offset_t": None}]
+    s = score_detections([11.5], seizures, session_end_t=80.0, min_detect_s=3.5)
+    assert s["onsets"] == 1 and s["detected"] == 1 and s["sensitivity"] == 1.0
+    assert s["unscored_near_end"] == [77.0]
+    s = score_detections([11.5, 79.5], seizures, session_end_t=80.0, min_detect_s=3.5)
+    assert s["detected"] == 1 and s["false_detections"] == 0 and s["latency_s"] == [1.5]
+    # Without the model's span (the default) every onset is scored, as before.
+    assert score_detections([11.5], seizures, session_end_t=80.0)["onsets"] == 2

@@ -37,6 +37,15 @@ def test_closed_loop_detects_and_stimulates_through_the_governor(tmp_path):
     assert (s / "report.png").stat().st_size > 10_000
 
 
+def test_a_seizure_starting_as_the_session_ends_is_not_scored_as_missed(tmp_path):
+    from controller.metrics import compute_metrics
+    s = run_simulated(_cfg(tmp_path, simulator={"seizure_onsets_s": [8.0, 39.0]}), write_report=False)
+    det = compute_metrics(s)["detection"]
+    started = next(e for e in read_jsonl(s / "events.jsonl") if e.get("status") == "started")
+    assert started["min_detect_s"] > 1.0   # the shipped model's window + min duration
+    assert det["unscored_near_end"] == [39.0] and det["onsets"] == 1 and det["detected"] == 1
+
+
 def test_faults_from_config_reach_the_events(tmp_path):
     faults = [{"kind": "nan_burst", "at_s": 4.0, "duration_s": 1.0},
               {"kind": "saturation", "at_s": 15.0, "duration_s": 0.5, "level_uv": 40.0},

@@ -93,6 +93,7 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
     events: list[Event] = []
     events.extend(actuator.heartbeat())
     events.append(Event(0.0, EventKind.STATUS, "sim", {"status": "started", "policy": loop.drive.kind, "threshold": loop.threshold,
+                                                       "min_detect_s": loop.min_detect_s,
                                                        "model_sha256": loop.predictor.sha256}))
     step = ChunkStep(loop, actuator, clock, modeled_latency_s=latency_s, source="sim",
                      heartbeat_s=cfg.device.heartbeat_s, blanking_s=cfg.policy.blanking_s)
