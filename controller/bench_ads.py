@@ -270,6 +270,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 break
         t_end = clock()
         cpu_pct = cpu.stop()
+        retries_used = driver.retries_used   # resends during the run (a reply not in time), not at shutdown
         inlet.close_stream()
         del inlet
         proc.stdin.write("stop\n")
@@ -326,7 +327,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "cpu_percent": cpu_pct,
                 "controller_spike_to_submit_done_ms": stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
                 "breakdown_ms": {k: stats_ms(v) for k, v in breakdown.items()},
-                "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "nice": nice_status, "warm": warm, "busy_poll": busy_poll, "pulls": n_chunks,
+                "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "nice": nice_status, "driver_retries": retries_used, "warm": warm, "busy_poll": busy_poll, "pulls": n_chunks,
                 "lsl_time_correction_s": tc,
                 "chunk_to_decision_ms": stats_ms(chunk_ms * 1e-3),
                 "telemetry_publish_ms": None if telemetry is None else stats_ms(pub_s[:n_pub]),

@@ -77,6 +77,7 @@ def test_bench_ads_short_run_writes_wellformed_json(tmp_path):
     assert res["channels"] == 32 and res["fs_hz"] == 30000.0
     assert res["duration_s"] == pytest.approx(3.0, abs=0.2)
     assert res["nice"] == "nice -10" or res["nice"].startswith("unavailable: nice -10")   # --nice default
+    assert isinstance(res["driver_retries"], int) and res["driver_retries"] >= 0   # resends during the run
     # On a loaded machine some pulses can be refused or late; the chain must still deliver and never self-trigger.
     assert res["true_spikes"] > 5 and res["pulses_delivered"] >= 1
     # Stimulation artifacts never trigger stimulation: blanking covers them.

@@ -97,6 +97,7 @@ def run_spike_triggered(duration_s: float = 10.0, busy_poll: bool = False, nice:
                                    "them (dropped), whose TRIGGER the device refused as too late, or whose "
                                    "TRIGGER reached the device after its time and was delivered at once (late)",
             "missed_spikes": res["missed_spikes"], "artifact_triggers": res["artifact_triggers"],
+            "driver_retries": res["driver_retries"],
             "cpu_percent": res["cpu_percent"], "_raw_s": {"end_to_end": e2e, **raw}}
 
 
