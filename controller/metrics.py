@@ -296,7 +296,19 @@ def compute_metrics(session_dir: Path) -> dict:
             "refusals": len(by_kind.get("refusal", [])),
         },
         **({"ads": ads} if ads is not None else {}),
+        "scheduling": scheduling(by_kind.get("status", [])),
     }
+
+
+def scheduling(status_events: list[dict]) -> dict:
+    """What the real-time session got from the OS, as its processes recorded it (``None``: not recorded,
+    e.g. a simulated-time session): the PM QoS request and each controller process's priority."""
+    def first(pred, key):
+        return next((e[key] for e in status_events if pred(e) and key in e), None)
+
+    return {"low_latency": first(lambda e: e.get("source") == "runner", "low_latency"),
+            "nice": {"acquisition": first(lambda e: e.get("what") == "acquisition_started", "nice"),
+                     "loop": first(lambda e: e.get("source") == "loop" and e.get("status") == "started", "nice")}}
 
 
 #: a detection within this of a true spike on its channel is that spike (as ``controller.bench_ads``)

@@ -294,4 +294,9 @@ def summary_table(metrics: dict) -> Table:
     t.add_row("deadline misses", str(metrics.get("deadline_misses")))
     t.add_row("dropped samples", str(metrics.get("dropped_samples")))
     t.add_row("faults", str(len(metrics.get("faults") or [])))
+    sched = metrics.get("scheduling") or {}
+    nice = sched.get("nice") or {}
+    if sched.get("low_latency") or any(nice.values()):   # real-time sessions: what the OS granted
+        t.add_row("low-latency mode", str(sched.get("low_latency")))
+        t.add_row("priority: acquisition / loop", f"{nice.get('acquisition')} / {nice.get('loop')}")
     return t

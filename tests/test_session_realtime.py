@@ -44,6 +44,10 @@ def test_closed_loop_session_end_to_end(tmp_path):
     nice = [e["nice"] for e in events if e.get("what") == "acquisition_started" or
             (e.get("source") == "loop" and e.get("status") == "started")]
     assert len(nice) == 2 and all(n in ("nice -10",) or n.startswith("unavailable: nice -10") for n in nice), nice
+    # metrics.json (and the report) say what the session got, process by process.
+    acq_nice = next(e["nice"] for e in events if e.get("what") == "acquisition_started")
+    loop_nice = next(e["nice"] for e in events if e.get("source") == "loop" and e.get("status") == "started")
+    assert m["scheduling"] == {"low_latency": qos[0], "nice": {"acquisition": acq_nice, "loop": loop_nice}}
     assert m["detection"]["onsets"] == 1 and m["detection"]["detected"] == 1
     assert m["detection"]["false_detections"] == 0
     # Every trigger the device received came through the governor (a COMMAND event with the same seq).
