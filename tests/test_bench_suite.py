@@ -84,6 +84,7 @@ def test_quick_suite_writes_wellformed_json(quick_run):
         assert isinstance(sp["deadline_misses"], int) and sp["deadline_misses"] == sum(parts.values())
         assert set(sp["cpu_percent"]) == {"controller", "hil_sim (ads_sim)"}
         assert isinstance(sp["driver_retries"], int) and sp["driver_retries"] >= 0
+        assert 0 <= sp["slowest_block_at_s"] <= sp["duration_s"]
         # Every 1 ms block after the warm-up counts once, however many pulls it came in (a busy-polled
         # pull can return part of a block).
         blocks = (sp["duration_s"] - WARMUP_S) * 1000

@@ -98,6 +98,10 @@ def run_spike_triggered(duration_s: float = 10.0, busy_poll: bool = False, nice:
                                    "TRIGGER reached the device after its time and was delivered at once (late)",
             "missed_spikes": res["missed_spikes"], "artifact_triggers": res["artifact_triggers"],
             "driver_retries": res["driver_retries"],
+            # When the slowest 1 ms block came (s after the warm-up; one block per ms): a stall at the
+            # same moment run after run points at something periodic, a random one at the machine.
+            "slowest_block_at_s": (round(int(np.argmax(raw["push_to_decision_every_chunk"])) * 1e-3, 3)
+                                   if raw["push_to_decision_every_chunk"] else None),
             "cpu_percent": res["cpu_percent"], "_raw_s": {"end_to_end": e2e, **raw}}
 
 
