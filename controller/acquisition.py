@@ -213,7 +213,8 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     ``wrap_ring(ring) -> ring-like`` (optional, picklable) wraps the ring the
     source writes into; the latency benchmark uses it to stamp every write.
     ``nice`` (optional): run this process at that nice value
-    (:func:`controller.low_latency.set_nice`; the outcome is in ``acquisition_started``).
+    (:func:`controller.low_latency.set_nice`; the outcome is in ``acquisition_started``),
+    unless the source busy-polls (:func:`controller.low_latency.nice_for`).
 
     Returns 0 on a clean stop. Anything else emits a ``FAULT`` event naming the cause
     (``source_open_failed``, ``source_read_failed``, ``recording_flush_failed`` — then
@@ -224,8 +225,9 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     ensure_lsl_config()  # before any backend imports pylsl
     import pylsl
 
-    from controller.low_latency import set_nice
-    nice_status = "unchanged" if nice is None else set_nice(nice)   # before the source starts its threads
+    from controller.low_latency import nice_for, set_nice
+    own_nice = nice_for(nice, bool(source_spec.get("busy_poll")))
+    nice_status = "unchanged" if own_nice is None else set_nice(own_nice)   # before the source starts its threads
 
     from controller.process_watch import stop_on_signals
     # Ctrl-C is the runner's to order; on SIGTERM keep recording until the runner stops us after

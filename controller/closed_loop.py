@@ -21,7 +21,7 @@ from controller.data_quality import DataQuality
 from controller.events import Event, EventKind
 from controller.inference import (DeadlineAccount, ModelContract, OnnxPredictor, SeizureDetectorStage, contract_min_duration_s,
                                   read_contract)
-from controller.policy_drive import PolicyDrive, build_drive
+from controller.policy_drive import PolicyDrive, build_drive, detection_min_duration_s
 from drivers.params import StimParams
 
 
@@ -66,12 +66,11 @@ class SeizureLoop:
         stage = SeizureDetectorStage(contract, fs_hz, n_channels)
         predictor = OnnxPredictor(path)
         thr = cfg.policy.threshold_on if cfg.policy.threshold_on is not None else contract.threshold
-        min_duration_s = contract_min_duration_s(contract)
-        if cfg.policy.min_duration_s is not None:
-            min_duration_s = cfg.policy.min_duration_s
+        model_min_s = contract_min_duration_s(contract)
         return cls(stage=stage, predictor=predictor, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
-                   drive=build_drive(cfg, fs_hz, n_channels, contract.threshold, contract_min_duration_s(contract)), threshold=thr,
-                   fs_hz=fs_hz, n_channels=n_channels, min_detect_s=contract.window_s + min_duration_s)
+                   drive=build_drive(cfg, fs_hz, n_channels, contract.threshold, model_min_s), threshold=thr,
+                   fs_hz=fs_hz, n_channels=n_channels,
+                   min_detect_s=contract.window_s + detection_min_duration_s(cfg, model_min_s))
 
     @property
     def policy(self):

@@ -165,6 +165,11 @@ def build_spike_drive(cfg: Config, fs_hz: float, n_channels: int) -> SpikeDrive:
     return SpikeDrive(policy, det, cfg.policy.kind, a.blanking_ms)
 
 
+def detection_min_duration_s(cfg: Config, model_min_duration_s: float) -> float:
+    """How long p must stay above threshold for a detection: ``policy.min_duration_s``, else the model's own."""
+    return cfg.policy.min_duration_s if cfg.policy.min_duration_s is not None else model_min_duration_s
+
+
 def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float,
                 min_duration_s: float = 0.5) -> PolicyDrive:
     """The configured policy, wrapped in the drive that feeds it."""
@@ -182,7 +187,7 @@ def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float,
         thr_off = pc.threshold_off if pc.threshold_off is not None else thr_on * 0.8
         return PredictionDrive(P.ResponsivePolicy(
             threshold_on=thr_on, threshold_off=thr_off,
-            min_duration_s=pc.min_duration_s if pc.min_duration_s is not None else min_duration_s,
+            min_duration_s=detection_min_duration_s(cfg, min_duration_s),
             refractory_s=pc.refractory_s, stim=stim_params(pc.stim), bursts_per_detection=pc.bursts_per_detection,
             burst_interval_s=pc.burst_interval_s), kind)
     if kind == "adaptive":

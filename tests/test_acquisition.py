@@ -115,3 +115,24 @@ def test_raw_recorder_flushes_on_the_callers_clock(tmp_path):
     rec.maybe_flush(1.0)
     assert on_disk() == 100
     rec.close()
+
+
+@pytest.mark.parametrize("busy_poll, expected", [(False, "nice 5"), (True, "unchanged")])
+def test_acquisition_runs_at_the_given_nice_unless_its_source_busy_polls(tmp_path, busy_poll, expected):
+    """The process that polls decides (controller.low_latency.nice_for): a raised busy-poller would crowd out
+    its core. nice 5 (lowering a priority) is permitted to anyone, so the outcome is known."""
+    ring = SharedRing.create(None, 16, 4096, 250.0)
+    events_path = tmp_path / "events.jsonl"
+    spec = {"kind": "brainflow", "board_id": -1, "params": {}, "busy_poll": busy_poll}   # BrainFlow's synthetic board
+    proc, stop_event = start_acquisition(spec, ring.name, events_path, None, nice=5)
+    try:
+        time.sleep(0.6)   # the start event is flushed at once; let a data flush pass too
+    finally:
+        stop_event.set()
+        proc.join(10)
+        ring.close()
+        ring.unlink()
+    assert proc.exitcode == 0
+    started = [json.loads(line) for line in events_path.read_text().splitlines()
+               if json.loads(line).get("what") == "acquisition_started"]
+    assert [e["nice"] for e in started] == [expected]

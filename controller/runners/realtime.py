@@ -184,14 +184,12 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
         ring = SharedRing.create(None, src_info.n_channels, capacity, src_info.fs_hz)
 
         from controller.acquisition import run_acquisition
-        from controller.low_latency import nice_for
         from controller.wakeup import make_wakeup
         wakeup = str(make_wakeup(Path(tempfile.gettempdir()) / f"stimloop-wakeup-{ring.name}"))
         procs["acq"] = ctx.Process(target=run_acquisition, name="stimloop-acq",
                                    args=(spec_src, ring.name, stops["acq"], str(session_dir / "events.jsonl"),
                                          str(session_dir / "raw")),
-                                   kwargs={"wakeup_path": wakeup,
-                                           "nice": nice_for(cfg.session.nice, cfg.source.busy_poll)})
+                                   kwargs={"wakeup_path": wakeup, "nice": cfg.session.nice})
         procs["acq"].start()
 
         from controller.loop import run_loop

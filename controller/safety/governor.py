@@ -172,6 +172,11 @@ def check_params(profile: SafetyProfile, caps: DeviceCapabilities, params: StimP
     return v
 
 
+def ti_carrier_ok(params: StimParams) -> bool:
+    """A TI carrier neurons do not follow (>= ``TI_MIN_CARRIER_HZ``, REFERENCE.md §7) and above the beat."""
+    return params.carrier_hz >= TI_MIN_CARRIER_HZ and params.carrier_hz > params.frequency_hz
+
+
 def _check_values(profile: SafetyProfile, caps: DeviceCapabilities, params: StimParams, v: list[str]) -> None:
     """The rules of :func:`check_params` on params already known to be finite numbers; appends to ``v``."""
     ch = params.channel
@@ -216,7 +221,7 @@ def _check_values(profile: SafetyProfile, caps: DeviceCapabilities, params: Stim
         if profile.max_ramp_rate_ua_per_s is not None and amp > 0 and (
                 params.ramp_s <= 0 or amp / params.ramp_s > profile.max_ramp_rate_ua_per_s):
             v.append(f"ramp rate above {profile.max_ramp_rate_ua_per_s} µA/s")
-        if w is Waveform.TI and not (params.carrier_hz >= TI_MIN_CARRIER_HZ and params.carrier_hz > params.frequency_hz):
+        if w is Waveform.TI and not ti_carrier_ok(params):
             v.append(f"carrier_hz={params.carrier_hz} must be >= {TI_MIN_CARRIER_HZ} Hz and > frequency_hz")
     if params.burst_duration_s > profile.max_burst_duration_s:
         v.append(f"burst duration {params.burst_duration_s} s > {profile.max_burst_duration_s}")
@@ -628,7 +633,7 @@ class SafetyGovernor:
             if p.max_ramp_rate_ua_per_s is not None and amp > 0 and (
                     ramp <= 0 or amp / ramp > p.max_ramp_rate_ua_per_s):
                 raise _Refused("ramp", f"ramp rate {amp}/{ramp} µA/s > max_ramp_rate_ua_per_s={p.max_ramp_rate_ua_per_s}")
-            if w is Waveform.TI and not (params.carrier_hz >= TI_MIN_CARRIER_HZ and params.carrier_hz > params.frequency_hz):
+            if w is Waveform.TI and not ti_carrier_ok(params):
                 raise _Refused("invalid_request", f"carrier_hz={params.carrier_hz}, expected >= {TI_MIN_CARRIER_HZ} Hz "
                                                   f"(REFERENCE.md §7: kHz carriers) and > frequency_hz={params.frequency_hz}")
             changes["duration_s"] = dur

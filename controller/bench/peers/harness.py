@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 from controller.bench.common import MIN_ROUND_S, MIN_ROUNDS, CpuMeter, check_duration, cpu_seconds, ratio_ci95, stats_ms
-from controller.low_latency import DEFAULT_NICE, nice_for
+from controller.low_latency import DEFAULT_NICE
 from controller.lsl_config import ensure_lsl_config
 
 PEERS = ("stimloop", "stimloop_busy_poll", "pylsl_floor", "pylsl_floor_busy_poll", "mne_lsl", "timeflux")
@@ -216,9 +216,9 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
              nice: int | None = DEFAULT_NICE) -> dict:
     """Run one peer against the streaming outlet; returns output stamps and process facts (or ``skipped``).
 
-    ``nice``: the stimloop peer runs at that nice value, as a session's controller processes do
-    (``session.nice``; not the busy-polling one, ``nice_for``); the other peers, plain loops as their
-    users run them, keep the default.
+    ``nice``: the stimloop peers are given that nice value, as a session's controller processes are
+    (``session.nice``; the busy-polling one keeps its own, ``controller.low_latency.nice_for``); the
+    other peers, plain loops as their users run them, keep the default.
     """
     import pylsl
 
@@ -242,8 +242,7 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
         except _Skip as exc:
             return {"skipped": str(exc)}
         if name in OURS:
-            own = nice_for(nice, busy_poll=name == "stimloop_busy_poll")
-            cmd += ["--stages", str(stages_path)] + ([] if own is None else ["--nice", str(own)])
+            cmd += ["--stages", str(stages_path)] + ([] if nice is None else ["--nice", str(nice)])
             emu = subprocess.Popen([sys.executable, "-m", "hil_sim.emulator", "--fd", str(master), "--log", str(log),
                                     "--watchdog-s", "1.0"], pass_fds=(master,), stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, text=True, cwd=str(ROOT))

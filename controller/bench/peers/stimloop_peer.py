@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--busy-poll", action="store_true", help="LslSource(busy_poll=True): spends a CPU core")
     ap.add_argument("--nice", type=int, default=None,
-                    help="run the peer at this nice value, as a session's controller processes run (session.nice)")
+                    help="run the peer at this nice value, as a session's controller processes run (session.nice; "
+                         "not with --busy-poll: controller.low_latency.nice_for)")
     ap.add_argument("--stages", default=None,
                     help="write per-command stage times here (JSON: {\"commands\": rows of sample_t, pulled_t, "
                          "submit_t, sent_t, seq; \"refusals\": rows of sample_t, rule})")
     a = ap.parse_args(argv)
-    nice_status = "unchanged"
-    if a.nice is not None:   # first: liblsl's threads, started when the inlet opens, inherit it
-        from controller.low_latency import set_nice
-        nice_status = set_nice(a.nice)
+    from controller.low_latency import nice_for, set_nice
+    own_nice = nice_for(a.nice, a.busy_poll)   # first: liblsl's threads, started when the inlet opens, inherit it
+    nice_status = "unchanged" if own_nice is None else set_nice(own_nice)
 
     import numpy as np
 
