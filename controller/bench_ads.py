@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import pylsl  # noqa: E402
 
 from controller.actuator import Actuator  # noqa: E402
-from controller.bench.common import CpuMeter, stats_ms  # noqa: E402
+from controller.bench.common import CpuMeter, stats_ms, tree_pids  # noqa: E402
 from controller.events import Event, EventKind  # noqa: E402
 from controller.low_latency import DEFAULT_NICE, LowLatency, nice_for, nice_while  # noqa: E402
 from controller.metrics import chunk_index, join_receipts  # noqa: E402
@@ -61,7 +61,7 @@ from drivers.serial_stimulator import SerialStimulator  # noqa: E402
 from hil_sim.pty_pair import close_pty, open_pty_pair  # noqa: E402
 
 __all__ = ["run", "evaluate", "main", "DEFAULT_STIM", "spike_to_command_samples_ms", "chunk_latency_ms",
-           "intended_at"]
+           "slowest_blocks", "intended_at"]
 
 FS_HZ = 30_000.0
 CHUNK_N = 30                 # 1 ms at 30 kHz
@@ -179,6 +179,9 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         # CPU of the simulator and of this process over the streaming run only: not the simulator's
         # start-up (its imports cost ~1.4 s of CPU) nor the scoring afterwards.
         cpu = CpuMeter({"controller": os.getpid(), "hil_sim (ads_sim)": proc.pid}).start()
+        # Who is who in a scheduler trace (stimloop bench blame): the simulator forked its emulator.
+        pids = {"controller": os.getpid(), "simulator": proc.pid,
+                **{"stimulator emulator": p for p in tree_pids(proc.pid)[1:2]}}
         proc.stdin.write("start\n")
         proc.stdin.flush()
         t_start = None
@@ -315,6 +318,8 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                            receipt_t)
     chunk_ms = chunk_latency_ms(gt, ch_rec[:n_chunks, 0], ch_rec[:n_chunks, 1], ch_rec[:n_chunks, 2],
                                 t_from=t_start + WARMUP_S)
+    slowest = slowest_blocks(gt, ch_rec[:n_chunks, 0], ch_rec[:n_chunks, 1], ch_rec[:n_chunks, 2],
+                             t_from=t_start + WARMUP_S)
     res = evaluate(gt, detections, blanks, mode=mode, delay_s=delay_ms * 1e-3, t_eval=(t_start + WARMUP_S, t_end - 0.05),
                    requested_at=requested_at)
     misses = {"too_late_in_loop": n_too_late, "refused_too_late_by_device": int(refusal_rules.get("too_late", 0)),
@@ -324,12 +329,12 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "k_sigma": k, "delay_ms": delay_ms, "blanking_ms": blanking_ms, "unit_rate_hz": unit_rate_hz,
                 "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
                 "deadline_misses": sum(misses.values()), "deadline_miss_breakdown": misses,
-                "cpu_percent": cpu_pct,
+                "cpu_percent": cpu_pct, "host_steal_ms": cpu.host_steal_ms,
                 "controller_spike_to_submit_done_ms": stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
                 "breakdown_ms": {k: stats_ms(v) for k, v in breakdown.items()},
                 "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "nice": nice_status, "driver_retries": retries_used, "warm": warm, "busy_poll": busy_poll, "pulls": n_chunks,
                 "lsl_time_correction_s": tc,
-                "chunk_to_decision_ms": stats_ms(chunk_ms * 1e-3),
+                "chunk_to_decision_ms": stats_ms(chunk_ms * 1e-3), "slowest_blocks": slowest, "pids": pids,
                 "telemetry_publish_ms": None if telemetry is None else stats_ms(pub_s[:n_pub]),
                 "requested_rate_hz": None if random_rate_hz is None else random_rate_hz,
                 "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
@@ -406,6 +411,25 @@ def chunk_latency_ms(gt: dict, first_t, last_t, done_t, t_from: float = -np.inf)
     last of its samples had been through the detector, policy and commands.
     Blocks whose samples start before ``t_from`` are left out (warm-up).
     """
+    push_t, done = _block_push_done(gt, first_t, last_t, done_t, t_from)
+    return (done - push_t) * 1e3
+
+
+def slowest_blocks(gt: dict, first_t, last_t, done_t, t_from: float = -np.inf, n: int = 20) -> list[dict]:
+    """The ``n`` slowest blocks of ``chunk_latency_ms``, slowest first: ``{"push_t", "done_t", "ms"}``.
+
+    Times are on the LSL clock, which on Linux is ``CLOCK_MONOTONIC``: a scheduler trace
+    taken with ``perf record -k CLOCK_MONOTONIC`` is on the same clock, so ``stimloop bench
+    blame`` can say which thread held a CPU while each of these blocks waited.
+    """
+    push_t, done = _block_push_done(gt, first_t, last_t, done_t, t_from)
+    order = np.argsort(push_t - done)[:n]
+    return [{"push_t": round(float(push_t[i]), 6), "done_t": round(float(done[i]), 6),
+             "ms": round(float(done[i] - push_t[i]) * 1e3, 3)} for i in order]
+
+
+def _block_push_done(gt: dict, first_t, last_t, done_t, t_from: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per block (each once): its push time and when the controller was done with it (s)."""
     fs, chunk_n, t0 = gt["fs_hz"], gt["chunk_n"], gt["t0"]
     push_t = np.asarray(gt["push_t"], np.float64)
     first_t, last_t, done_t = (np.asarray(a, np.float64) for a in (first_t, last_t, done_t))
@@ -419,7 +443,7 @@ def chunk_latency_ms(gt: dict, first_t, last_t, done_t, t_from: float = -np.inf)
     blocks, done = blocks[ok], done[ok]
     # Pulls are in time order: the last one holding a block is when the whole block was handled.
     last = blocks.size - 1 - np.unique(blocks[::-1], return_index=True)[1]
-    return (done[last] - push_t[blocks[last]]) * 1e3
+    return push_t[blocks[last]], done[last]
 
 
 def _breakdown(gt: dict, spike_t, pulled_t, submit_t, sent_t, receipt_t) -> dict:

@@ -15,6 +15,11 @@ required: when the device cannot be written, the run goes on without it and
 says so. Measured on the 2-core CI VM (``stimloop bench ads --duration 30``):
 spike → command p50 0.39–0.49 ms, p99 0.90–1.09 ms without; p50 0.30 ms, p99
 0.48–0.54 ms with.
+
+Also here: what the host took. On a VM the hypervisor now and then runs something
+else on a vCPU that wanted to run (its *steal* time, ``steal_ms``); a session and
+every benchmark record how much over their span, so a tail can be told apart from
+one of the machine's own (docs/performance.md, "Where the last tails come from").
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import os
 import struct
 from typing import Iterator
 
-__all__ = ["LowLatency", "PM_QOS_DEVICE", "DEFAULT_NICE", "set_nice", "nice_while", "nice_for"]
+__all__ = ["LowLatency", "PM_QOS_DEVICE", "DEFAULT_NICE", "set_nice", "nice_while", "nice_for", "parse_steal_ms",
+           "steal_ms", "steal_since"]
 
 PM_QOS_DEVICE = "/dev/cpu_dma_latency"
 
@@ -140,3 +146,41 @@ class LowLatency:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def parse_steal_ms(proc_stat: str, clk_tck: int = _CLK_TCK) -> dict[str, float]:
+    """Per-CPU steal time in ms since boot, from the text of /proc/stat (pure).
+
+    Steal is the time a virtual CPU wanted to run and the hypervisor ran something
+    else: the 8th value of each ``cpuN`` line, in clock ticks (10 ms with the usual
+    USER_HZ = 100, so a figure has that resolution). CPUs whose line has no steal
+    value (kernels before 2.6.11) are left out.
+    """
+    out = {}
+    for line in proc_stat.splitlines():
+        f = line.split()
+        if len(f) > 8 and f[0].startswith("cpu") and f[0] != "cpu":
+            out[f[0]] = int(f[8]) * 1000.0 / clk_tck
+    return out
+
+
+def steal_ms() -> dict[str, float] | None:
+    """``parse_steal_ms`` of this machine's /proc/stat; None where there is none (not Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return parse_steal_ms(f.read())
+    except OSError:
+        return None
+
+
+def steal_since(before: dict[str, float] | None) -> dict | None:
+    """Steal since ``before`` (a ``steal_ms()`` reading): ``{"total": ms, "per_cpu": {...}}``; None if
+    either reading is missing. What the hypervisor took from this machine over that span."""
+    after = steal_ms()
+    if not before or not after:
+        return None
+    per = {c: round(after[c] - v, 1) for c, v in before.items() if c in after}
+    return {"total": round(sum(per.values()), 1), "per_cpu": per}

@@ -302,13 +302,15 @@ def compute_metrics(session_dir: Path) -> dict:
 
 def scheduling(status_events: list[dict]) -> dict:
     """What the real-time session got from the OS, as its processes recorded it (``None``: not recorded,
-    e.g. a simulated-time session): the PM QoS request and each controller process's priority."""
+    e.g. a simulated-time session): the PM QoS request, each controller process's priority, and the
+    CPU time the hypervisor took over the session (``host_steal_ms``: ``{"total", "per_cpu"}`` in ms)."""
     def first(pred, key):
         return next((e[key] for e in status_events if pred(e) and key in e), None)
 
     return {"low_latency": first(lambda e: e.get("source") == "runner", "low_latency"),
             "nice": {"acquisition": first(lambda e: e.get("what") == "acquisition_started", "nice"),
-                     "loop": first(lambda e: e.get("source") == "loop" and e.get("status") == "started", "nice")}}
+                     "loop": first(lambda e: e.get("source") == "loop" and e.get("status") == "started", "nice")},
+            "host_steal_ms": first(lambda e: e.get("source") == "runner", "host_steal_ms")}
 
 
 #: a detection within this of a true spike on its channel is that spike (as ``controller.bench_ads``)

@@ -299,4 +299,7 @@ def summary_table(metrics: dict) -> Table:
     if sched.get("low_latency") or any(nice.values()):   # real-time sessions: what the OS granted
         t.add_row("low-latency mode", str(sched.get("low_latency")))
         t.add_row("priority: acquisition / loop", f"{nice.get('acquisition')} / {nice.get('loop')}")
+        steal = sched.get("host_steal_ms")
+        if steal is not None:   # a VM's host running something else on our vCPUs (10 ms resolution)
+            t.add_row("host steal, all CPUs (ms)", f"{steal['total']:.0f}")
     return t

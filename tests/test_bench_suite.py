@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from controller.bench.common import MIN_N, CpuMeter, cpu_seconds, machine_info, ratio_ci95, stats_ms
+from controller.bench.common import (MIN_N, CpuMeter, cpu_seconds, damon_kdamonds_running, machine_info,
+                                     ratio_ci95, stats_ms)
 from controller.bench.outlet import check_spec
 from controller.bench.peers.harness import PEER_STAGES, match, ratio_ci_table, ratio_table
 from controller.bench.peers.pylsl_floor import rising_edges
-from controller.bench.report import markdown
+from controller.bench.report import fmt, markdown
 from controller.bench.suite import SCENARIO_KEYS, SPIKE_STAGES, failures, run_suite, strip_raw
 from controller.bench_ads import WARMUP_S
 
@@ -65,6 +66,10 @@ def test_quick_suite_writes_wellformed_json(quick_run):
             _sane(st)
         assert isinstance(sc["dropped_samples"], int) and sc["dropped_samples"] >= 0
         assert sc["cpu_percent"] and all(v is not None and v >= 0 for v in sc["cpu_percent"].values()), sc["cpu_percent"]
+        # What the hypervisor took over the measured span, from /proc/stat (Linux: always said).
+        steal = sc["host_steal_ms"]
+        assert set(steal["per_cpu"]) == {f"cpu{i}" for i in range(os.cpu_count())}, steal
+        assert steal["total"] == pytest.approx(sum(steal["per_cpu"].values()), abs=0.2) and steal["total"] >= 0
         assert "_raw_s" not in json.dumps(sc)   # raw arrays stay out of the JSON
     assert failures(doc) == []
     for name, busy in (("spike_triggered", False), ("spike_triggered_busy_poll", True)):
@@ -85,6 +90,13 @@ def test_quick_suite_writes_wellformed_json(quick_run):
         assert set(sp["cpu_percent"]) == {"controller", "hil_sim (ads_sim)"}
         assert isinstance(sp["driver_retries"], int) and sp["driver_retries"] >= 0
         assert 0 <= sp["slowest_block_at_s"] <= sp["duration_s"]
+        # The slowest blocks on the LSL clock (CLOCK_MONOTONIC), and who is who, for `stimloop bench blame`.
+        slow = sp["slowest_blocks"]
+        assert 0 < len(slow) <= 20 and [b["ms"] for b in slow] == sorted((b["ms"] for b in slow), reverse=True)
+        assert all(b["done_t"] > b["push_t"] and abs((b["done_t"] - b["push_t"]) * 1e3 - b["ms"]) < 0.01 for b in slow)
+        assert slow[0]["ms"] == pytest.approx(sp["stages_ms"]["push_to_decision_every_chunk"]["max"], abs=0.01)
+        assert sp["pids"]["controller"] == os.getpid() and sp["pids"]["simulator"] != os.getpid()
+        assert set(sp["pids"]) == {"controller", "simulator", "stimulator emulator"}
         # Every 1 ms block after the warm-up counts once, however many pulls it came in (a busy-polled
         # pull can return part of a block).
         blocks = (sp["duration_s"] - WARMUP_S) * 1000
@@ -119,6 +131,7 @@ def test_quick_suite_peers_pngs_markdown(quick_run):
     for name, r in doc["peers"].items():
         _sane(r["end_to_end_ms"])
         assert r["detected"] + r["missed"] == r["pulses"] > 0
+        assert r["host_steal_ms"] >= 0
     # The governor's refusals are reported for the peers that have one (refused pulses are missed).
     for ours in ("stimloop", "stimloop_busy_poll"):
         r = doc["peers"][ours]
@@ -161,6 +174,10 @@ def test_quick_suite_peers_pngs_markdown(quick_run):
     assert "| stimloop | pylsl_floor |" in md and "| stimloop_busy_poll | pylsl_floor |" in md
     assert "| governor_and_framing |" in md and "peer_stimloop__governor_and_framing.png" in pngs
     assert "peers: end to end" in output
+    # What else had the CPUs is said with the figures: in the Markdown and under the terminal table.
+    line = next(ln for ln in md.splitlines() if ln.startswith("Sharing the CPUs:"))
+    assert f"virtualized: {fmt(doc['machine']['virtualized'])}" in line and "spike_triggered " in line
+    assert "DAMON kdamonds running" in output
     # A quick run has under 100 values per peer: no p99, shown as a dash, not a number.
     if floor["p99"] is None:
         assert "| pylsl_floor | " in md and " – |" in md.split("| pylsl_floor | ", 1)[1].splitlines()[0]
@@ -405,6 +422,9 @@ def test_seizure_loop_without_model_is_skipped(tmp_path):
 def test_machine_info_and_cpu_meter_on_real_process():
     info = machine_info()
     assert info["cores"] == os.cpu_count() and "pylsl" in info
+    # Linux says whether it runs under a hypervisor, and DAMON's count is a number where its sysfs exists.
+    assert isinstance(info["virtualized"], bool)
+    assert info["damon_kdamonds_running"] is None or info["damon_kdamonds_running"] >= 0
     c0 = cpu_seconds(os.getpid())
     meter = CpuMeter({"self": os.getpid(), "gone": 2 ** 22 + 12345}).start()
     x = 0
@@ -412,6 +432,24 @@ def test_machine_info_and_cpu_meter_on_real_process():
         x += i
     pct = meter.stop()
     assert cpu_seconds(os.getpid()) >= c0 and pct["self"] >= 0 and pct["gone"] is None
+    assert meter.host_steal_ms["total"] >= 0 and len(meter.host_steal_ms["per_cpu"]) == os.cpu_count()
+
+
+def test_parse_steal_and_damon_count(tmp_path):
+    from controller.low_latency import parse_steal_ms
+    # /proc/stat as Linux writes it: the aggregate line, then one per CPU; steal is the 8th value.
+    text = ("cpu  1050126 50 94937 2285773 8304 0 4577 3072 0 0\n"
+            "cpu0 409456 18 35364 1278543 460 0 1989 1542 0 0\n"
+            "cpu1 640670 31 59573 1007230 7844 0 2588 1530 0 0\n"
+            "intr 123 4 5\nctxt 99\n")
+    assert parse_steal_ms(text, clk_tck=100) == {"cpu0": 15420.0, "cpu1": 15300.0}
+    assert parse_steal_ms("cpu0 1 2 3 4\n") == {}   # a kernel without steal accounting: nothing to say
+    for i, state in enumerate(("on", "off", "on")):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "state").write_text(state + "\n")
+    (tmp_path / "nr_kdamonds").write_text("3\n")   # a file beside the monitors' folders, not one of them
+    assert damon_kdamonds_running(str(tmp_path)) == 2
+    assert damon_kdamonds_running(str(tmp_path / "absent")) is None
 
 
 def test_markdown_and_strip_raw():

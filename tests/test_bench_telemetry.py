@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from controller.bench_ads import chunk_latency_ms, spike_to_command_samples_ms
+from controller.bench_ads import chunk_latency_ms, slowest_blocks, spike_to_command_samples_ms
 from controller.bench_telemetry import METRICS, MODES, summarize
 from controller.telemetry import TelemetryPublisher, TelemetrySubscriber
 
@@ -66,6 +66,10 @@ def test_chunk_latency_counts_every_block_of_a_pull_once():
     # A block split over two pulls counts once, when its last part was handled.
     split = chunk_latency_ms(gt, [100.000, 100.005], [100.004, 100.009], [100.0105, 100.0112])
     np.testing.assert_allclose(split, [1.2], atol=1e-9)
+    # The slowest blocks, slowest first, with their push and done times (for a scheduler trace).
+    top = slowest_blocks(gt, first, last, done, n=2)
+    assert [b["ms"] for b in top] == [10.5, 1.2]
+    assert top[0] == {"push_t": 100.02, "done_t": 100.0305, "ms": 10.5}
 
 
 def test_signal_decimation_keeps_an_even_rate_across_small_blocks():

@@ -1,5 +1,6 @@
 """The real loop across processes: HIL simulator + LSL + ring + ONNX + governor + pty serial device."""
 import json
+import os
 import uuid
 
 import pytest
@@ -47,7 +48,11 @@ def test_closed_loop_session_end_to_end(tmp_path):
     # metrics.json (and the report) say what the session got, process by process.
     acq_nice = next(e["nice"] for e in events if e.get("what") == "acquisition_started")
     loop_nice = next(e["nice"] for e in events if e.get("source") == "loop" and e.get("status") == "started")
-    assert m["scheduling"] == {"low_latency": qos[0], "nice": {"acquisition": acq_nice, "loop": loop_nice}}
+    # And what the hypervisor took over the session, recorded by the runner as the session ended.
+    steal = next(e["host_steal_ms"] for e in events if e.get("source") == "runner" and "status" in e)
+    assert steal["total"] >= 0 and set(steal["per_cpu"]) == {f"cpu{i}" for i in range(os.cpu_count())}
+    assert m["scheduling"] == {"low_latency": qos[0], "nice": {"acquisition": acq_nice, "loop": loop_nice},
+                               "host_steal_ms": steal}
     assert m["detection"]["onsets"] == 1 and m["detection"]["detected"] == 1
     assert m["detection"]["false_detections"] == 0
     # Every trigger the device received came through the governor (a COMMAND event with the same seq).

@@ -3,6 +3,7 @@
     stimloop bench [--json F] [--out DIR] [--duration S] [--quick] [--scenario NAME ...] [--no-peers]
     stimloop bench loopback [--port P --stream NAME --channel K]
     stimloop bench setup-timeflux
+    stimloop bench blame --timehist T --json F
 """
 from __future__ import annotations
 
@@ -162,6 +163,82 @@ def setup_timeflux(path: Optional[Path] = typer.Option(None, "--path", help="ven
         from rich.markup import escape
         console.print(f"[red]setup-timeflux failed:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
+
+
+@app.command("blame")
+def blame(timehist: Path = typer.Option(..., "--timehist", help="output of `perf sched timehist -w` for the run"),
+          json_path: Path = typer.Option(..., "--json", help="the bench JSON of the same run (stimloop bench --json)"),
+          scenario: Optional[List[str]] = typer.Option(None, "--scenario",
+                                                       help="spike scenario(s) to explain (default: every one in the JSON)"),
+          min_wait_ms: float = typer.Option(0.3, "--min-wait-ms", help="count a task's wait for a CPU from this long"),
+          out_json: Optional[Path] = typer.Option(None, "--out", help="write the per-block findings here (JSON)")) -> None:
+    """Which thread held the CPU while each of the slowest blocks waited (a scheduler trace of the run).
+
+    Record the trace on the LSL clock, then explain the run:
+
+        perf record -e sched:sched_switch -e sched:sched_wakeup -a -k CLOCK_MONOTONIC -o perf.data -- \\
+            stimloop bench --scenario spike_triggered --no-peers --duration 30 --json bench.json
+        perf sched timehist -w -i perf.data > timehist.txt
+        stimloop bench blame --timehist timehist.txt --json bench.json
+    """
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from controller.bench import sched_blame as sb
+    from controller.bench.report import write_json
+    console = Console()
+
+    def fail(msg: str) -> None:
+        console.print(f"[red]error:[/] {escape(msg)}", highlight=False)
+        raise typer.Exit(1)
+
+    if not min_wait_ms > 0:
+        raise typer.BadParameter(f"{min_wait_ms} invalid, expected > 0 ms", param_hint="--min-wait-ms")
+    try:
+        doc = json.loads(json_path.read_text())
+        text = timehist.read_text(errors="replace")
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read the inputs: {exc}")
+    scenarios = {k: v for k, v in (doc.get("scenarios") or {}).items() if isinstance(v, dict) and v.get("slowest_blocks")}
+    if scenario:
+        missing = [s for s in scenario if s not in scenarios]
+        if missing:
+            fail(f"{json_path}: no slowest_blocks for {missing} (have: {sorted(scenarios) or 'none'}); "
+                 "only the spike scenarios record them")
+        scenarios = {k: scenarios[k] for k in scenario}
+    if not scenarios:
+        fail(f"{json_path}: no scenario with slowest_blocks (run the spike scenarios with this version of stimloop)")
+    switches = sb.parse_timehist(text)
+    span = sb.trace_span(switches)
+    if span is None:
+        fail(f"{timehist}: no context-switch lines (expected the output of `perf sched timehist -w -i perf.data`)")
+    found = {}
+    for name, sc in scenarios.items():
+        blocks = sc["slowest_blocks"]
+        inside = [b for b in blocks if span[0] <= b["push_t"] and b["done_t"] <= span[1]]
+        if not inside:
+            fail(f"the trace covers {span[0]:.3f}..{span[1]:.3f} s, {name}'s blocks {blocks[-1]['push_t']:.3f}.."
+                 f"{blocks[0]['done_t']:.3f} s: another run, or perf not recorded with -k CLOCK_MONOTONIC")
+        roles = {int(pid): role for role, pid in (sc.get("pids") or {}).items()}
+        res = sb.blame(switches, inside, roles, min_wait_ms)
+        found[name] = {"blocks": res, "summary": sb.summarize(res), "outside_trace": len(blocks) - len(inside)}
+        t = Table(title=f"{name}: the {len(inside)} slowest blocks, what kept them waiting", show_lines=False)
+        for col in ("push → done (ms)", "main blocker", "waits ≥ %g ms: task (cpu) waited ← blockers" % min_wait_ms):
+            t.add_column(col)
+        for r in res:
+            waits = "; ".join(f"{w['role']} ({w['cpu']}) {w['waited_ms']:.2f} ← " +
+                              ", ".join(f"{lab} {ms:.2f}" for lab, ms in w["blockers"][:2]) for w in r["waits"][:3])
+            t.add_row(f"{r['ms']:.3f}", escape(r["main"]), escape(waits or "–"))
+        console.print(t)
+        summ = found[name]["summary"]
+        console.print(f"{name}, main blocker by episode (overlapping slow blocks are one): " +
+                      ", ".join(f"{escape(k)}: {v}" for k, v in summ["episodes"].items()) +
+                      f" — {sum(summ['episodes'].values())} episode(s), {len(inside)} block(s)" +
+                      (f"; {found[name]['outside_trace']} block(s) outside the trace" if found[name]["outside_trace"] else ""))
+    if out_json is not None:
+        console.print(f"JSON: {write_json({'min_wait_ms': min_wait_ms, 'scenarios': found}, out_json)}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from controller.low_latency import steal_ms, steal_since
 # One percentile rule for sessions and benchmarks (re-exported: the bench modules import it from here).
 from controller.metrics import MIN_N, PERCENTILES, STAT_KEYS, finite_ms, min_n_for, summarize_ms  # noqa: F401
 
@@ -97,8 +98,43 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _virtualized() -> bool | None:
+    """True when the CPU says it runs under a hypervisor (the ``hypervisor`` flag of /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "hypervisor" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return None
+
+
+def damon_kdamonds_running(root: str = "/sys/kernel/mm/damon/admin/kdamonds") -> int | None:
+    """How many DAMON monitors (``kdamond`` kernel threads) are on; None without DAMON's sysfs.
+
+    A VM platform may run one to reclaim guest memory. On the CI VM it wakes every 0.5 s and
+    runs ~1.2 ms (up to 4–7 ms) of kernel work that a thread waking on that CPU waits out: 0–3
+    of ~10 stall episodes per traced 30 s run, 7 of 12 slow blocks in another
+    (docs/performance.md, "Where the last tails come from").
+    """
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return None
+    n = 0
+    for name in names:
+        try:
+            with open(os.path.join(root, name, "state"), encoding="ascii") as f:
+                n += f.read().strip() == "on"
+        except OSError:
+            continue
+    return n
+
+
 def machine_info() -> dict:
-    """What the figures were measured on: CPU model, cores, Python, OS, load average, library versions."""
+    """What the figures were measured on: CPU model, cores, Python, OS, load average, library versions,
+    and what else takes the CPUs: a hypervisor (``virtualized``), DAMON's kernel monitor."""
     info = {"cpu_model": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "os": platform.platform(), "kernel": platform.release(), "machine": platform.machine(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -116,6 +152,8 @@ def machine_info() -> dict:
             info["preempt_rt"] = f.read().strip() == "1"
     except OSError:
         info["preempt_rt"] = False
+    info["virtualized"] = _virtualized()
+    info["damon_kdamonds_running"] = damon_kdamonds_running()
     return info
 
 
@@ -134,17 +172,41 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc children lists)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
 class CpuMeter:
-    """CPU use per named process over an interval: ``start()``, then ``stop() -> {name: percent of one core}``."""
+    """CPU use per named process over an interval: ``start()``, then ``stop() -> {name: percent of one core}``.
+
+    After ``stop()``, ``host_steal_ms`` holds the CPU time the hypervisor took from this
+    machine over the same interval: ``{"total": ms, "per_cpu": {"cpu0": ms, ...}}`` (10 ms
+    resolution, see ``parse_steal_ms``), None where the kernel does not say. On a VM it is
+    what tells a scheduling tail of the machine's own from one of the host's.
+    """
 
     def __init__(self, pids: dict[str, int]):
         self.pids = {k: int(v) for k, v in pids.items() if v is not None}
         self._t0 = None
         self._c0: dict[str, float | None] = {}
+        self._s0: dict[str, float] | None = None
+        self.host_steal_ms: dict | None = None
 
     def start(self) -> "CpuMeter":
         self._t0 = time.monotonic()
         self._c0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        self._s0 = steal_ms()
         return self
 
     def stop(self) -> dict:
@@ -155,6 +217,7 @@ class CpuMeter:
         for k, p in self.pids.items():
             c1, c0 = cpu_seconds(p), self._c0.get(k)
             out[k] = None if c1 is None or c0 is None else round(100.0 * (c1 - c0) / wall, 1)
+        self.host_steal_ms = steal_since(self._s0)
         return out
 
 

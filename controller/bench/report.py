@@ -40,6 +40,19 @@ def _why_not(entry) -> str:
     return f"error: {entry['error']}" if entry.get("error") else f"skipped: {entry.get('skipped')}"
 
 
+def interference_line(doc: dict) -> str:
+    """What else had the CPUs during the run: the hypervisor's steal per scenario, DAMON's monitor (pure)."""
+    m = doc.get("machine", {})
+    parts = [f"virtualized: {fmt(m.get('virtualized'))}",
+             f"DAMON kdamonds running: {fmt(m.get('damon_kdamonds_running'))}"]
+    steal = {name: (sc.get("host_steal_ms") or {}).get("total") for name, sc in doc.get("scenarios", {}).items()
+             if isinstance(sc, dict) and sc.get("host_steal_ms")}
+    if steal:
+        parts.append("host steal (ms, all CPUs, 10 ms resolution): " +
+                     ", ".join(f"{k} {v:.0f}" for k, v in steal.items() if v is not None))
+    return "; ".join(parts)
+
+
 def scenario_rows(doc: dict):
     """``(scenario, stage, stats)`` for every stage and the end to end of every scenario that ran."""
     for name, sc in doc.get("scenarios", {}).items():
@@ -104,7 +117,8 @@ def markdown(doc: dict) -> str:
              f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, Python {m.get('python')}, {m.get('os')}, "
              f"load average {m.get('load_average')}, PREEMPT_RT: {m.get('preempt_rt')}. "
              f"Duration per scenario: {doc.get('settings', {}).get('duration_s')} s"
-             f"{' (quick)' if doc.get('settings', {}).get('quick') else ''}.", ""]
+             f"{' (quick)' if doc.get('settings', {}).get('quick') else ''}.", "",
+             f"Sharing the CPUs: {interference_line(doc)}.", ""]
     lines += ["## Scenarios (ms)", "", "| scenario | stage | " + " | ".join(_HEAD) + " |",
               "|---|---|" + "---:|" * len(_HEAD)]
     for name, stage, st in scenario_rows(doc):
@@ -185,7 +199,7 @@ def rich_tables(doc: dict) -> list:
     """Rich tables for the terminal: scenarios × stages, then peers with ratios."""
     from rich.markup import escape
     from rich.table import Table
-    t = Table(title="stimloop bench (ms)")
+    t = Table(title="stimloop bench (ms)", caption=interference_line(doc))
     for col in ("scenario", "stage", *_HEAD):
         t.add_column(col, justify="left" if col in ("scenario", "stage") else "right")
     for name, stage, st in scenario_rows(doc):

@@ -245,7 +245,7 @@ def _run(cfg, session: Path, duration_s: float, model: Path) -> dict:
         if ring is not None:
             ring.close()
             ring.unlink()
-    return analyze(session, acq_path, cpu_pct, duration_s, model)
+    return {**analyze(session, acq_path, cpu_pct, duration_s, model), "host_steal_ms": cpu.host_steal_ms}
 
 
 def stage_samples(cmds: list[dict], preds: dict, received: list, acq, push_t, truth: dict) -> dict:

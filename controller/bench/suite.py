@@ -102,7 +102,9 @@ def run_spike_triggered(duration_s: float = 10.0, busy_poll: bool = False, nice:
             # same moment run after run points at something periodic, a random one at the machine.
             "slowest_block_at_s": (round(int(np.argmax(raw["push_to_decision_every_chunk"])) * 1e-3, 3)
                                    if raw["push_to_decision_every_chunk"] else None),
-            "cpu_percent": res["cpu_percent"], "_raw_s": {"end_to_end": e2e, **raw}}
+            "slowest_blocks": res["slowest_blocks"], "pids": res["pids"],   # for `stimloop bench blame`
+            "cpu_percent": res["cpu_percent"], "host_steal_ms": res["host_steal_ms"],
+            "_raw_s": {"end_to_end": e2e, **raw}}
 
 
 def throughput_entry(sweep: dict, target_channels: int) -> dict:
@@ -119,7 +121,7 @@ def throughput_entry(sweep: dict, target_channels: int) -> dict:
             # stream kept up is the point's pass rule (throughput.point_verdict), not a deadline.
             "deadline_misses": None,
             "deadline_definition": "none: the throughput scenario has no deadline (see passed / pass_rule)",
-            "cpu_percent": ref["cpu_percent"], "_raw_s": ref.get("_raw_s", {}),
+            "cpu_percent": ref["cpu_percent"], "host_steal_ms": ref.get("host_steal_ms"), "_raw_s": ref.get("_raw_s", {}),
             "sweep": [{k: v for k, v in p.items() if k != "_raw_s"} for p in pts]}
 
 

@@ -172,7 +172,7 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
             "outlet_max_behind_ms": behind_ms,
             "mb_per_s": round(fs_hz * n_channels * 4 / 1e6, 2),
             "stages_ms": {"ring_visible": stats_ms(ages[:n_age])}, "cpu_percent": cpu_pct,
-            "_raw_s": {"ring_visible": ages[:n_age].tolist()}}
+            "host_steal_ms": cpu.host_steal_ms, "_raw_s": {"ring_visible": ages[:n_age].tolist()}}
 
 
 def run_sweep(channels=DEFAULT_CHANNELS, fs_hz: float = 30_000.0, duration_s: float = 3.0,

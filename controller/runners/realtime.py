@@ -137,8 +137,9 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
     status = "completed"
     failure: SessionError | None = None
     from controller.events import Event, EventKind
-    from controller.low_latency import LowLatency
+    from controller.low_latency import LowLatency, steal_ms, steal_since
     qos = LowLatency(cfg.session.low_latency)   # PM QoS for the session's length (controller/low_latency.py)
+    steal0 = steal_ms()   # what the hypervisor takes over the session, recorded with its end
     from pylsl import local_clock
     forced: set[str] = set()
     try:
@@ -222,7 +223,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             qos.release()
             log.append(Event(local_clock(), EventKind.STATUS, "runner", {"status": status,
                              "exit_codes": {k: p.exitcode for k, p in procs.items()},
-                             "forced_stop": sorted(forced)}))
+                             "forced_stop": sorted(forced), "host_steal_ms": steal_since(steal0)}))
             log.close()
         finally:
             if in_main:

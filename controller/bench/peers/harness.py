@@ -44,7 +44,8 @@ import threading
 import time
 from pathlib import Path
 
-from controller.bench.common import MIN_ROUND_S, MIN_ROUNDS, CpuMeter, check_duration, cpu_seconds, ratio_ci95, stats_ms
+from controller.bench.common import (MIN_ROUND_S, MIN_ROUNDS, CpuMeter, check_duration, cpu_seconds, ratio_ci95,
+                                     stats_ms, tree_pids)
 from controller.low_latency import DEFAULT_NICE
 from controller.lsl_config import ensure_lsl_config
 
@@ -116,21 +117,6 @@ def project_liblsl() -> str:
         if (lib_dir / name).exists():
             return str(lib_dir / name)
     raise FileNotFoundError(f"no liblsl in {lib_dir}: pylsl >= 1.18 ships it (REFERENCE.md §8)")
-
-
-def _tree_pids(pid: int) -> list[int]:
-    """``pid`` and its descendants (from /proc children lists)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return out
 
 
 class _ByteStamper(threading.Thread):
@@ -260,7 +246,7 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
             return {"error": f"{name} did not start: said {line!r}, exit code {proc.returncode}; "
                              f"stderr: {err[-400:].strip()!r}"}
         t_start = pylsl.local_clock()
-        pids = _tree_pids(proc.pid)
+        pids = tree_pids(proc.pid)
         cpu = CpuMeter({f"{name}:{p}": p for p in pids}).start()
         if name == "timeflux":
             time.sleep(duration_s)
@@ -292,6 +278,7 @@ def run_peer(name: str, source_id: str, duration_s: float, workdir: Path, ready_
         return {"stamps": stamps, "stage_rows": stage_rows, "refusals": refusals, "nice": nice_status,
                 "t_start": t_start, "t_stop": t_stop, "exit_code": proc.returncode,
                 "peer_said": done[-1] if done else None, "cpu_percent": total_cpu,
+                "host_steal_ms": (cpu.host_steal_ms or {}).get("total"),
                 "peer_counts": parse_done(done[-1]) if done else {},
                 "stderr_tail": err.strip()[-300:] if proc.returncode not in (0, -signal.SIGINT) else ""}
     finally:
@@ -476,7 +463,10 @@ def peer_result(name: str, runs: list[dict], pulse_t) -> dict:
         said = [r.get("peer_counts") or {} for r in runs]
         own = {"stages_ms": st, "refused": sum(rules.values()), "refused_rules": rules,
                "faults": sum(c["faults"] for c in said) if all("faults" in c for c in said) else None}
+    steal = [r.get("host_steal_ms") for r in runs]
     return {"end_to_end_ms": stats_ms(lat), **counts, "rounds": len(runs), **own,
+            # What the hypervisor took over this peer's rounds (all CPUs, 10 ms resolution; None: not said).
+            "host_steal_ms": round(sum(steal), 1) if steal and None not in steal else None,
             "per_round_p99_ms": [stats_ms(m["latencies_s"])["p99"] for m in scored],
             "_raw_s": {"end_to_end": lat, **raw},
             "_rounds_s": [m["latencies_s"] for m in scored],   # for the intervals over rounds
