@@ -581,6 +581,10 @@ def _table(res: dict) -> str:
                 "false_detections", "pulses_delivered", "refused", "deadline_misses"):
         rows.append((key, str(res[key])))
     rows.append(("weight_change", ", ".join(f"{k} {v:+.4f}" for k, v in res["weight_change"].items())))
+    steal = res.get("host_steal_ms")
+    if steal is not None:   # a VM's host running something else on our vCPUs during the run (10 ms resolution)
+        rows.append(("host_steal_ms", f"{steal['total']:.0f} (" +
+                     ", ".join(f"{c} {v:.0f}" for c, v in steal["per_cpu"].items()) + ")"))
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 

@@ -78,6 +78,8 @@ def test_bench_ads_short_run_writes_wellformed_json(tmp_path):
     assert res["duration_s"] == pytest.approx(3.0, abs=0.2)
     assert res["nice"] == "nice -10" or res["nice"].startswith("unavailable: nice -10")   # --nice default
     assert isinstance(res["driver_retries"], int) and res["driver_retries"] >= 0   # resends during the run
+    # What the hypervisor took during the run (Linux says, 0 on bare metal), printed with the table.
+    assert res["host_steal_ms"]["total"] >= 0 and "host_steal_ms" in proc.stdout
     # On a loaded machine some pulses can be refused or late; the chain must still deliver and never self-trigger.
     assert res["true_spikes"] > 5 and res["pulses_delivered"] >= 1
     # Stimulation artifacts never trigger stimulation: blanking covers them.
