@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from controller.bench.common import (MIN_N, CpuMeter, cpu_seconds, damon_kdamonds_running, machine_info,
@@ -269,6 +271,17 @@ def test_rising_edges_carry_state_between_chunks():
     assert rising_edges(np.array([600, 0], np.float32), 500, True) == (0, False)   # continues the previous pulse
     assert rising_edges(np.array([0, 0, 900], np.float32), 500, False) == (1, True)
     assert rising_edges(np.zeros(0, np.float32), 500, True) == (0, True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 499.0, 500.0, 501.0, 900.0]), max_size=12), st.booleans())
+def test_stimloop_peer_finds_the_edges_the_floor_counts(values, was_above):
+    from controller.bench.peers.stimloop_peer import edge_starts
+    x = np.array(values, np.float32)
+    starts, after = edge_starts(x, 500.0, was_above)
+    assert (len(starts), after) == rising_edges(x, 500.0, was_above)
+    prev = np.concatenate(([was_above], x[:-1] > 500.0)) if x.size else np.zeros(0, bool)
+    assert starts == [i for i in range(x.size) if x[i] > 500.0 and not prev[i]]
 
 
 def test_ratio_table_per_percentile():

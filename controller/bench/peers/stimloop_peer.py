@@ -22,9 +22,28 @@ import sys
 from controller.lsl_config import ensure_lsl_config
 
 ensure_lsl_config()
+import numpy as np  # noqa: E402
 import pylsl  # noqa: E402
 
-from controller.bench.peers.pylsl_floor import rising_edges  # noqa: E402
+
+
+def edge_starts(x, threshold: float, was_above: bool) -> tuple[list[int], bool]:
+    """Indices in ``x`` where it rises above ``threshold`` (given the state before it), and the state after.
+
+    The same edges as the floor's ``rising_edges`` counts, found in one pass: the peer needs their
+    positions (each edge's timestamp goes to the governor), and the work to find them is charged
+    to stimloop's decision stage, so it should be no more than the floor's.
+    """
+    if x.shape[0] == 0:
+        return [], was_above
+    if x.shape[0] == 1:   # the peer stream's usual chunk: a scalar compare, no array temporaries
+        now = bool(x[0] > threshold)
+        return ([0] if now and not was_above else []), now
+    hit = x > threshold
+    starts = (np.flatnonzero(hit[1:] & ~hit[:-1]) + 1).tolist()
+    if hit[0] and not was_above:
+        starts.insert(0, 0)
+    return starts, bool(hit[-1])
 
 # MICRO caps bursts at 600/min, which is the peer stream's *mean* pulse rate (10 Hz, intervals
 # 100 ms ± 30 %): once a peer process ran 60 s, about half its pulses were refused (rate_limit) and
@@ -59,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     from controller.low_latency import nice_for, set_nice
     own_nice = nice_for(a.nice, a.busy_poll)   # first: liblsl's threads, started when the inlet opens, inherit it
     nice_status = "unchanged" if own_nice is None else set_nice(own_nice)
-
-    import numpy as np
 
     from controller.actuator import Actuator
     from controller.bench_ads import DEFAULT_STIM
@@ -107,25 +124,21 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             n = res.samples.shape[0]
             if n:
-                x = res.samples[:, a.channel]
-                k, was = rising_edges(x, a.threshold, above)
-                if k:
-                    hit = x > a.threshold
-                    starts = np.flatnonzero(hit & ~np.concatenate(([above], hit[:-1])))
-                    for i in starts:
-                        t_edge = float(res.timestamps[i])
-                        t_submit = clock()
-                        evs = act.submit(StimRequest(t=t_edge, source="bench.stimloop_peer", params=DEFAULT_STIM,
-                                                     at=None, meta={"window_end_t": t_edge}))
-                        last = evs[-1].kind if evs else None
-                        key = ("commands" if last is EventKind.COMMAND else
-                               "refused" if last is EventKind.REFUSAL else "faults")
-                        counts[key] += 1
-                        if last is EventKind.COMMAND:
-                            cmd = evs[-1].data
-                            stages.append((t_edge, t_pulled, t_submit, cmd["sent_t"], cmd["seq"]))
-                        elif last is EventKind.REFUSAL:
-                            refusals.append((t_edge, str(evs[-1].data.get("rule"))))
+                starts, was = edge_starts(res.samples[:, a.channel], a.threshold, above)
+                for i in starts:
+                    t_edge = float(res.timestamps[i])
+                    t_submit = clock()
+                    evs = act.submit(StimRequest(t=t_edge, source="bench.stimloop_peer", params=DEFAULT_STIM,
+                                                 at=None, meta={"window_end_t": t_edge}))
+                    last = evs[-1].kind if evs else None
+                    key = ("commands" if last is EventKind.COMMAND else
+                           "refused" if last is EventKind.REFUSAL else "faults")
+                    counts[key] += 1
+                    if last is EventKind.COMMAND:
+                        cmd = evs[-1].data
+                        stages.append((t_edge, t_pulled, t_submit, cmd["sent_t"], cmd["seq"]))
+                    elif last is EventKind.REFUSAL:
+                        refusals.append((t_edge, str(evs[-1].data.get("rule"))))
                 above = was
             act.warm(DEFAULT_STIM)   # after this chunk's commands, as the session loop does when idle
             if now >= next_hb:
