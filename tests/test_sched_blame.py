@@ -4,8 +4,8 @@ import json
 from typer.testing import CliRunner
 
 from controller.bench.cli import app
-from controller.bench.sched_blame import (ALL_IDLE_LABEL, IDLE_LABEL, LONG_TURN, SPREAD_LABEL, blame, parse_timehist,
-                                         summarize)
+from controller.bench.sched_blame import (ALL_IDLE_LABEL, IDLE_LABEL, LONG_TURN, SPREAD_LABEL, blame, idle_cause,
+                                         parse_timehist, summarize)
 
 # The layout `perf sched timehist -w` prints (header, switch lines, wake-up lines); times in s, durations in ms.
 # CPU 0: the simulator thread 201 is woken at 100.0010 and waits 3.0 ms while the CPU shows idle (the
@@ -67,10 +67,21 @@ def test_blame_names_what_held_the_cpu():
     assert s["episodes"] == {IDLE_LABEL: 1, "kdamond.0": 1, SPREAD_LABEL: 1}
 
 
-def _bench_json(path, blocks, pids=None):
-    path.write_text(json.dumps({"scenarios": {"spike_triggered": {
-        "slowest_blocks": blocks, "pids": pids or {"controller": 100, "simulator": 200}}}}))
+HELD = "cpu_dma_latency 0 µs held"   # LowLatency's status when the request is held
+
+
+def _bench_json(path, blocks, pids=None, machine=None):
+    path.write_text(json.dumps({"machine": machine or {"virtualized": True, "low_latency": HELD},
+                                "scenarios": {"spike_triggered": {
+                                    "slowest_blocks": blocks, "pids": pids or {"controller": 100, "simulator": 200}}}}))
     return path
+
+
+def test_idle_cause_follows_the_machine():
+    assert f"idle CPU ({idle_cause(True, HELD)})" == IDLE_LABEL
+    assert "low-latency mode off" in idle_cause(True, "off") and "host" in idle_cause(True, None)
+    assert "low-latency mode off" in idle_cause(False, "unavailable: permission denied")
+    assert "host" not in idle_cause(False, HELD)
 
 
 def test_blame_command_prints_and_writes(tmp_path):
@@ -84,6 +95,11 @@ def test_blame_command_prints_and_writes(tmp_path):
     assert "kdamond.0" in res.output and "2 episode(s), 2 block(s)" in res.output
     out = json.loads((tmp_path / "b.json").read_text())
     assert out["scenarios"]["spike_triggered"]["summary"]["episodes"] == {"kdamond.0": 1, IDLE_LABEL: 1}
+    # Without low-latency mode an idle CPU was halted: its wake-up is the cause, not only the host.
+    off = _bench_json(tmp_path / "off.json", [{"push_t": 100.0005, "done_t": 100.0045, "ms": 4.0}],
+                      machine={"virtualized": False, "low_latency": "off"})
+    res = CliRunner().invoke(app, ["blame", "--timehist", str(th), "--json", str(off)], terminal_width=200)
+    assert res.exit_code == 0 and "CPU waking from an idle state: low-latency mode off" in res.output
 
 
 def test_blame_command_says_what_is_wrong(tmp_path):

@@ -222,7 +222,8 @@ def blame(timehist: Path = typer.Option(..., "--timehist", help="output of `perf
             fail(f"the trace covers {span[0]:.3f}..{span[1]:.3f} s, {name}'s blocks {blocks[-1]['push_t']:.3f}.."
                  f"{blocks[0]['done_t']:.3f} s: another run, or perf not recorded with -k CLOCK_MONOTONIC")
         roles = {int(pid): role for role, pid in (sc.get("pids") or {}).items()}
-        res = sb.blame(switches, inside, roles, min_wait_ms)
+        m = doc.get("machine") or {}
+        res = sb.blame(switches, inside, roles, min_wait_ms, sb.idle_cause(m.get("virtualized"), m.get("low_latency")))
         found[name] = {"blocks": res, "summary": sb.summarize(res), "outside_trace": len(blocks) - len(inside)}
         t = Table(title=f"{name}: the {len(inside)} slowest blocks, what kept them waiting", show_lines=False)
         for col in ("push → done (ms)", "main blocker", "waits ≥ %g ms: task (cpu) waited ← blockers" % min_wait_ms):

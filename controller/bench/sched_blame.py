@@ -24,17 +24,19 @@ import bisect
 import re
 from dataclasses import dataclass
 
-__all__ = ["Switch", "parse_timehist", "blame", "summarize", "trace_span", "IDLE_LABEL", "SPREAD_LABEL",
-           "ALL_IDLE_LABEL", "LONG_TURN"]
+__all__ = ["Switch", "parse_timehist", "blame", "summarize", "trace_span", "idle_cause", "IDLE_LABEL", "SPREAD_LABEL",
+           "ALL_IDLE_LABEL", "LONG_TURN", "HOST_CAUSE"]
 
-#: what an idle CPU that kept a woken task waiting is called in the summary
-IDLE_LABEL = "idle CPU (vCPU not running: host)"
+#: why an idle CPU does not run a woken task at once, on a VM in low-latency mode (idle CPUs poll)
+HOST_CAUSE = "vCPU not running: host"
+#: what an idle CPU that kept a woken task waiting is called in the summary (on a VM in low-latency mode)
+IDLE_LABEL = f"idle CPU ({HOST_CAUSE})"
 #: a slow block in which no task waited ``min_wait_ms`` for a CPU, and nothing else stands out
 SPREAD_LABEL = "no single wait (several small delays)"
 #: no task waited for a CPU, yet every CPU sat idle through most of the block: the thread the
 #: block needed was asleep and its timer or wake-up came late, which on a VM is the host not
 #: running the vCPU (the guest sees an idle CPU, and no wait: the wake-up itself was late)
-ALL_IDLE_LABEL = "every CPU idle: a timer or wake-up came late (host)"
+ALL_IDLE_LABEL = f"every CPU idle: a timer or wake-up came late ({HOST_CAUSE})"
 #: prefix for a block covered mostly by one task's turn on a CPU (on a VM, a turn much longer than
 #: the task's usual ones can be the host's: the guest counts a preempted vCPU's time as its task's)
 LONG_TURN = "long turn: "
@@ -90,15 +92,29 @@ def parse_timehist(text: str) -> list[Switch]:
     return out
 
 
-def _label(sw: Switch, roles: dict[int, str]) -> str:
+def idle_cause(virtualized: bool | None, low_latency: str | None) -> str:
+    """Why an idle CPU kept a woken task waiting, from the run's ``machine`` record (pure).
+
+    In low-latency mode an idle CPU polls and takes a woken task within microseconds, so on a
+    VM only the host (not running the vCPU) explains a wait; without it, the CPU was halted and
+    its wake-up is what took the time (on a VM the host's too).
+    """
+    held = isinstance(low_latency, str) and low_latency.startswith("cpu_dma_latency")
+    if held:
+        return HOST_CAUSE if virtualized else "a polling CPU not taking it: not seen from the guest's scheduler"
+    return ("halted vCPU waking: host, low-latency mode off" if virtualized
+            else "CPU waking from an idle state: low-latency mode off")
+
+
+def _label(sw: Switch, roles: dict[int, str], cause: str = HOST_CAUSE) -> str:
     if sw.task == "<idle>":
-        return IDLE_LABEL
+        return f"idle CPU ({cause})"
     pid = sw.pid
     return f"{roles[pid]} ({sw.comm})" if pid in roles else sw.comm
 
 
 def blame(switches: list[Switch], windows: list[dict], roles: dict[int, str] | None = None,
-          min_wait_ms: float = 0.3) -> list[dict]:
+          min_wait_ms: float = 0.3, cause: str = HOST_CAUSE) -> list[dict]:
     """For each window (``{"push_t", "done_t", "ms"}``): the waits for a CPU inside it and their blockers.
 
     A *wait* is a task woken and kept off a CPU for at least ``min_wait_ms`` (its ``sch
@@ -110,7 +126,8 @@ def blame(switches: list[Switch], windows: list[dict], roles: dict[int, str] | N
     are the three longest turns on any CPU overlapping the window; ``main`` is the blocker that
     held the waiting tasks longest. When nothing waited that long: ``LONG_TURN`` + the task whose
     one turn covers half the window or more, else ``ALL_IDLE_LABEL`` when every CPU was idle
-    for half of it or more, else ``SPREAD_LABEL``.
+    for half of it or more, else ``SPREAD_LABEL``. ``cause`` says why an idle CPU did not run
+    a woken task (``idle_cause``; the labels above are for the default, a VM in low-latency mode).
     """
     roles = roles or {}
     by_cpu: dict[int, list[Switch]] = {}
@@ -136,11 +153,11 @@ def blame(switches: list[Switch], windows: list[dict], roles: dict[int, str] | N
                     continue
                 overlap = min(r.t_out, s.t_in) - max(r.t_in, s.t_woken)
                 if overlap > 0:
-                    lab = _label(r, roles)
+                    lab = _label(r, roles, cause)
                     blockers[lab] = blockers.get(lab, 0.0) + overlap * 1e3
             for lab, ms in blockers.items():
                 held[lab] = held.get(lab, 0.0) + ms
-            waits.append({"task": s.task, "role": _label(s, roles), "cpu": s.cpu,
+            waits.append({"task": s.task, "role": _label(s, roles, cause), "cpu": s.cpu,
                           "waited_ms": round(s.sch_delay_ms, 3),
                           "blockers": [[lab, round(ms, 3)] for lab, ms in
                                        sorted(blockers.items(), key=lambda kv: -kv[1])]})
@@ -156,14 +173,14 @@ def blame(switches: list[Switch], windows: list[dict], roles: dict[int, str] | N
                 if r.task == "<idle>":
                     idle_ms[cpu] += inside
                 else:
-                    turns.append([_label(r, roles), cpu, round(inside, 3), round(r.run_ms, 3)])
+                    turns.append([_label(r, roles, cause), cpu, round(inside, 3), round(r.run_ms, 3)])
         turns.sort(key=lambda x: -x[2])
         if held:
             main = max(held, key=held.get)
         elif turns and turns[0][2] >= span_ms / 2:
             main = LONG_TURN + turns[0][0]
         elif idle_ms and all(ms >= span_ms / 2 for ms in idle_ms.values()):
-            main = ALL_IDLE_LABEL
+            main = f"every CPU idle: a timer or wake-up came late ({cause})"
         else:
             main = SPREAD_LABEL
         results.append({**w, "waits": waits, "turns": turns[:3], "main": main})
