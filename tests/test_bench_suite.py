@@ -180,6 +180,7 @@ def test_quick_suite_peers_pngs_markdown(quick_run):
     line = next(ln for ln in md.splitlines() if ln.startswith("Sharing the CPUs:"))
     assert f"virtualized: {fmt(doc['machine']['virtualized'])}" in line and "spike_triggered " in line
     assert "DAMON kdamonds running" in output
+    assert "targets (issue #5)" in output and "## Targets (issue #5)" in md   # the verdicts, with the figures
     # A quick run has under 100 values per peer: no p99, shown as a dash, not a number.
     if floor["p99"] is None:
         assert "| pylsl_floor | " in md and " – |" in md.split("| pylsl_floor | ", 1)[1].splitlines()[0]
@@ -214,6 +215,34 @@ def test_stats_ms_gives_no_percentile_from_too_few_values():
     assert ratio_ci95(few, few, 99.0) is None and ratio_ci95(few, few, 50.0) is not None
 
 
+def test_target_verdicts_say_met_missed_or_cannot_tell():
+    from controller.bench.report import target_verdicts
+
+    def e2e(ms, n=200):
+        return {"end_to_end_ms": stats_ms(np.full(n, ms * 1e-3))}
+
+    doc = {"scenarios": {"spike_triggered": e2e(1.2), "spike_triggered_busy_poll": e2e(0.5, n=50),
+                         "seizure_loop": {"end_to_end_ms": stats_ms([]), "skipped": "no model"},
+                         "throughput": e2e(0.1)},
+           "throughput": {"max_channels_at_30khz": 256, "target": "zero drops at 64 ch × 30 kHz", "target_met": True},
+           "peers": {"stimloop": e2e(0.8), "stimloop_busy_poll": e2e(0.3), "pylsl_floor": e2e(0.9),
+                     "pylsl_floor_busy_poll": e2e(0.2), "mne_lsl": e2e(2.0), "timeflux": {"skipped": "not installed"}},
+           "peer_ratio_ci95": {"stimloop_busy_poll": {"pylsl_floor_busy_poll": {"p99": [0.9, 2.1]}}}}
+    v = {r["target"]: r for r in target_verdicts(doc)}
+    assert v["spike-triggered path p99 ≤ 1 ms"]["met"] is False
+    assert v["spike-triggered path, busy poll p99 ≤ 1 ms"]["met"] is None   # 50 spikes: no p99 to judge
+    assert "n = 50" in v["spike-triggered path, busy poll p99 ≤ 1 ms"]["measured"]
+    assert v["seizure loop p99 ≤ 5 ms"]["met"] is None and "skipped" in v["seizure loop p99 ≤ 5 ms"]["measured"]
+    assert v["zero drops at 64 ch × 30 kHz"]["met"] is True
+    # The blocking stimloop is held to the blocking peers (0.8 ≤ 0.9 and 2.0), not to the busy-polling floor;
+    # a skipped peer is no peer.
+    assert v["stimloop p99 ≤ every peer's"]["met"] is True and "pylsl_floor_busy_poll" not in v["stimloop p99 ≤ every peer's"]["measured"]
+    busy = v["stimloop_busy_poll p99 ≤ every peer's"]
+    assert busy["met"] is False and "above pylsl_floor_busy_poll" in busy["measured"] and "0.9–2.1" in busy["measured"]
+    md = markdown({"machine": {}, **{k: v for k, v in doc.items() if k != "peers"}})
+    assert "## Targets (issue #5)" in md and "| spike-triggered path p99 ≤ 1 ms | p99 1.200 ms | no |" in md
+
+
 def test_report_and_ratios_handle_missing_percentiles():
     from controller.bench.report import rich_tables
     small, big = stats_ms(np.linspace(0.001, 0.002, 45)), stats_ms(np.linspace(0.001, 0.002, 200))
@@ -234,7 +263,9 @@ def test_report_and_ratios_handle_missing_percentiles():
     assert cells[4] == "–" and cells[5] == "–" and cells[6] == "2.000" and cells[-1] == "45"   # p99, p99.9, max, n
     assert "deadline_misses = –" in md and "max_channels_at_30khz = –" in md
     assert "| stimloop | x | " in md and "None" not in md
-    assert len(rich_tables(doc)) == 3
+    # Scenarios, the targets (throughput's verdict here), peers, ratios.
+    assert [t.title for t in rich_tables(doc)][:2] == ["stimloop bench (ms)", "targets (issue #5)"]
+    assert len(rich_tables(doc)) == 4
 
 
 def test_failed_scenario_keeps_required_keys_and_throughput_figure(monkeypatch):
