@@ -29,7 +29,9 @@ from drivers.params import StimParams
 class WindowResult:
     window_end_t: float
     features: np.ndarray
-    valid: bool  # False: the window overlaps bad samples; never act on it
+    valid: bool  # False: never act on it
+    #: why not (``valid`` False): "model warm-up", or the data-quality reason (stimulation, a gap, bad samples)
+    invalid: str | None = None
 
 
 #: data-quality window of a loop without a model (spike policies): a fault clears after this much clean data
@@ -92,8 +94,12 @@ class SeizureLoop:
             return []
         windows = self.stage.step(chunk, timestamps)
         # Before the model's warm-up (its running baselines settling) results are recorded, not acted on.
-        return [WindowResult(t_end, feats, self.stage.is_warm(t_end) and t_end > self.quality.invalid_until_t)
-                for t_end, feats in windows]
+        out = []
+        for t_end, feats in windows:
+            why = ("model warm-up" if not self.stage.is_warm(t_end) else
+                   self.quality.invalid_reason if t_end <= self.quality.invalid_until_t else None)
+            out.append(WindowResult(t_end, feats, why is None, why))
+        return out
 
     def predict(self, features: np.ndarray) -> float:
         return self.predictor.predict(features)
@@ -190,7 +196,8 @@ class ChunkStep:
                 p = loop.predict(w.features) if w.valid else math.nan
                 t_inf = clock()
             on_time = loop.deadline.check(w.window_end_t, t_inf)
-            pred = {"window_end_t": w.window_end_t, "p": p, "valid": w.valid, "threshold": loop.threshold}
+            pred = {"window_end_t": w.window_end_t, "p": p, "valid": w.valid, "threshold": loop.threshold,
+                    **({} if w.valid else {"invalid": w.invalid})}
             if not modeled:
                 pred.update(t_read=t_read, t_features=t_feat, t_inference=t_inf)
             events.append(Event(t_inf, EventKind.PREDICTION, self.source, pred))

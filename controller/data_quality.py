@@ -16,7 +16,9 @@ What counts as bad data, and what the loop does about it:
   and windows overlapping them are not acted on, so that stimulation artifacts
   can never trigger stimulation (the blanking rule of Guggenmos 2013, REFERENCE §2).
 
-Every window whose end is before ``invalid_until_t`` must not be acted upon.
+Every window whose end is before ``invalid_until_t`` must not be acted upon;
+``invalid_reason`` says what last pushed that time out (stimulation, missing
+samples, bad samples), for the record of the windows it holds back.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class DataQuality:
         self.gap_s = gap_factor / self.fs_hz
         self.source = source
         self.invalid_until_t = -math.inf
+        self.invalid_reason: str | None = None
         self.in_bad_run = False       # a fault is standing: stimulation must stay off
         self._fault_clear_t = -math.inf
         self._last_t = math.nan
@@ -46,7 +49,11 @@ class DataQuality:
     def blank(self, t0: float, t1: float) -> None:
         """Stimulation between ``t0`` and ``t1`` (session clock): leave it out, do not act on it."""
         self._blanks.append((t0, t1))
-        self.invalid_until_t = max(self.invalid_until_t, t1 + self.window_s)
+        self._invalidate(t1 + self.window_s, "stimulation (blanking)")
+
+    def _invalidate(self, until_t: float, reason: str) -> None:
+        if until_t > self.invalid_until_t:
+            self.invalid_until_t, self.invalid_reason = until_t, reason
 
     def _stuck(self, x: np.ndarray) -> np.ndarray:
         """Boolean (n, ch): samples where the channel has been stuck at one value for a full run.
@@ -123,12 +130,12 @@ class DataQuality:
             problems.append(("timestamps went backwards (clock jump)", back))
         gaps = steps > self.gap_s
         if gaps.any():
-            self.invalid_until_t = max(self.invalid_until_t, float(ts[np.flatnonzero(gaps)[-1]]) + self.window_s)
+            self._invalidate(float(ts[np.flatnonzero(gaps)[-1]]) + self.window_s, "samples missing (timestamp gap)")
         self._last_t = float(ts[-1])
         if problems:
             last_bad = max(float(ts[np.flatnonzero(rows)[-1]]) for _, rows in problems)
             self._fault_clear_t = max(self._fault_clear_t, last_bad + self.window_s)
-            self.invalid_until_t = max(self.invalid_until_t, self._fault_clear_t)
+            self._invalidate(self._fault_clear_t, "bad samples")
             if not self.in_bad_run:
                 first_t = min(float(ts[np.flatnonzero(rows)[0]]) for _, rows in problems)
                 events.append(Event(first_t, EventKind.FAULT, self.source,

@@ -238,7 +238,7 @@ def render(state: MonitorState, now: float | None = None):
         if thr is not None:
             row.append(f"  threshold={_fmt(thr)}" + ("  ABOVE" if above else ""))
         if pred.get("valid") is False:
-            row.append("  (window invalid: not acted on)", style="yellow")
+            row.append(f"  (not acted on: {pred.get('invalid') or 'window invalid'})", style="yellow")
         row.append(f"  @ {pred['t']:.3f}")
         info.add_row("prediction", row)
     else:
