@@ -1,24 +1,16 @@
 """A prediction that is not acted upon says why: the model's warm-up, stimulation, missing samples, bad samples."""
 import numpy as np
 
-from controller.closed_loop import ChunkStep, SeizureLoop
-from controller.config import load_config
+from conftest import closed_loop_rig
+
 from controller.events import EventKind
-from controller.loop import make_actuator
-from controller.runners.simulated import VirtualClock
-from drivers.simulated import SimulatedStimulator
 
 FS, N_CH, CHUNK = 256.0, 4, 32
 
 
 def test_predictions_say_why_they_are_not_acted_on():
-    cfg = load_config(None)
-    clock = VirtualClock()
-    drv = SimulatedStimulator(clock=clock)
-    act = make_actuator(cfg, drv, clock)
-    act.heartbeat()
-    loop = SeizureLoop.from_config(cfg, FS, N_CH)
-    step = ChunkStep(loop, act, clock, modeled_latency_s=0.002, source="t")
+    step, _, _, clock = closed_loop_rig(FS, N_CH)
+    loop = step.loop
     rng = np.random.default_rng(0)
     k = [0]
 

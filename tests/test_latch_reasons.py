@@ -2,11 +2,9 @@
 emergency stop or a device fault that came while the data were bad (one latch slot used to hold
 only the first reason, and releasing it cleared everything)."""
 import numpy as np
+from conftest import closed_loop_rig
 
-from controller.closed_loop import BAD_DATA_REASON, ChunkStep, SeizureLoop
-from controller.config import load_config
-from controller.loop import make_actuator
-from controller.runners.simulated import VirtualClock
+from controller.closed_loop import BAD_DATA_REASON
 from controller.safety import MACRO_RNS, SafetyGovernor, StimRequest
 from controller.session_control import ESTOP_REASON
 from drivers.params import StimParams
@@ -16,12 +14,7 @@ FS, N_CH = 256.0, 4
 
 
 def _rig():
-    cfg = load_config(None)
-    clock = VirtualClock()
-    drv = SimulatedStimulator(clock=clock)
-    act = make_actuator(cfg, drv, clock)
-    act.heartbeat()
-    step = ChunkStep(SeizureLoop.from_config(cfg, FS, N_CH), act, clock, modeled_latency_s=0.002, source="t")
+    step, act, drv, clock = closed_loop_rig(FS, N_CH)
     rng = np.random.default_rng(0)
     k = [0]
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from controller.bench.common import STAT_KEYS
+from controller.bench.peers.harness import OURS
 from controller.bench.suite import failures, strip_raw
 
 _HEAD = ("p50", "p90", "p99", "p99.9", "max", "jitter p99−p50", "n")
@@ -43,7 +44,6 @@ def _why_not(entry) -> str:
 #: issue #5's latency targets for this suite (the throughput one is the sweep's own ``target_met``)
 SPIKE_P99_TARGET_MS = 1.0
 SEIZURE_P99_TARGET_MS = 5.0
-OURS = ("stimloop", "stimloop_busy_poll")
 
 
 def target_verdicts(doc: dict) -> list[dict]:
