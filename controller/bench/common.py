@@ -87,6 +87,32 @@ def ratio_ci95(a_rounds, b_rounds, q: float = 99.0, seed: int = 0,
     return [round(float(lo), 3), round(float(hi), 3)]
 
 
+#: issue #5's latency targets for the suite (the throughput one is the sweep's own ``target_met``)
+SPIKE_P99_TARGET_MS = 1.0
+SEIZURE_P99_TARGET_MS = 5.0
+
+
+def share_over(values_s, limit_ms: float) -> dict:
+    """How many latencies exceed ``limit_ms``, their share, and its exact 95 % interval (Clopper–Pearson).
+
+    "p99 ≤ L" says that at most 1 % of the values exceed L. A run measures that share on a
+    sample: 2 of 136 spikes over 1 ms is 1.5 %, a miss, but 136 values cannot tell 1.5 % from
+    0.5 % (its interval is 0.2–5.2 %). The interval says whether a run's verdict on a p99 target
+    is a finding (the whole interval on one side of 1 %) or the luck of a few values; it needs no
+    assumption about the latency distribution, only that the values are independent draws, which
+    a noisy spell on a shared machine bends (``ratio_ci95`` on rounds is the stricter tool).
+    Non-finite values are ignored; with none, ``share`` and ``share_ci95`` are None.
+    """
+    from scipy.stats import binomtest
+    v = finite_ms(values_s)
+    n, k = int(v.size), int(np.count_nonzero(v > limit_ms))
+    if n == 0:
+        return {"limit_ms": limit_ms, "n": 0, "n_over": 0, "share": None, "share_ci95": None}
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    return {"limit_ms": limit_ms, "n": n, "n_over": k, "share": round(k / n, 5),
+            "share_ci95": [round(float(ci.low), 5), round(float(ci.high), 5)]}
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

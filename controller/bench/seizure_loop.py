@@ -61,7 +61,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from controller.bench.common import CpuMeter, check_duration, stats_ms
+from controller.bench.common import SEIZURE_P99_TARGET_MS, CpuMeter, check_duration, share_over, stats_ms
 from controller.low_latency import DEFAULT_NICE
 
 STAGES = ("lsl_transport", "ring_write", "ring_to_loop", "features", "inference", "policy_governor",
@@ -332,6 +332,7 @@ def analyze(session: Path, acq_path: str, cpu_pct: dict, duration_s: float, mode
             "commands": len(cmds), "received_by_device": sum(1 for r in received if r is not None),
             "predictions": m["predictions"], "refusals": m["stim"]["refusals"],
             "end_to_end_ms": stats_ms(raw["end_to_end"]),
+            "end_to_end_over_target": share_over(raw["end_to_end"], SEIZURE_P99_TARGET_MS),
             "end_to_end_from_window_end_ms": stats_ms(raw["end_to_end_from_window_end"]),
             "end_to_end_definition": "real push of the chunk holding the window's last sample (window complete) "
                                      "-> command received by the device; raw local clock throughout",
