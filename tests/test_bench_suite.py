@@ -254,6 +254,10 @@ def test_the_p99_verdict_says_whether_the_run_settles_it():
     assert over_target_note(share_over(np.full(367, 0.4e-3), 1.0)).endswith("this run cannot tell")
     assert over_target_note(share_over(np.full(368, 0.4e-3), 1.0)).endswith("under 1 % at 95 % confidence")
     assert over_target_note(None) == "" and over_target_note(share_over([], 1.0)) == ""
+    from controller.bench.report import _ratio_settled
+    assert [_ratio_settled(ci) for ci in ([0.5, 0.99], [0.5, 1.0], [0.9, 1.1], [1.01, 2.0])] == [
+        "at or below it at 95 % confidence", "at or below it at 95 % confidence", "this run cannot tell",
+        "above it at 95 % confidence"]
 
 
 def test_target_verdicts_say_met_missed_or_cannot_tell():
@@ -280,6 +284,7 @@ def test_target_verdicts_say_met_missed_or_cannot_tell():
     assert v["stimloop p99 ≤ every peer's"]["met"] is True and "pylsl_floor_busy_poll" not in v["stimloop p99 ≤ every peer's"]["measured"]
     busy = v["stimloop_busy_poll p99 ≤ every peer's"]
     assert busy["met"] is False and "above pylsl_floor_busy_poll" in busy["measured"] and "0.9–2.1" in busy["measured"]
+    assert busy["measured"].endswith(": this run cannot tell")   # the ratio's interval holds 1
     md = markdown({"machine": {}, **{k: v for k, v in doc.items() if k != "peers"}})
     assert "## Targets (issue #5)" in md and "| spike-triggered path p99 ≤ 1 ms | p99 1.200 ms | no |" in md
 

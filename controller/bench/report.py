@@ -96,9 +96,16 @@ def target_verdicts(doc: dict) -> list[dict]:
         rows.append({"target": f"{ours} p99 ≤ every peer's",
                      "measured": f"p99 {fmt(p)} ms; highest ratio {p / theirs[worst]:.2f} against {worst} "
                                  f"({fmt(theirs[worst])} ms" + (f", 95 % interval {ci[0]:g}–{ci[1]:g})" if ci else ")") +
-                                 (f"; above {', '.join(sorted(above))}" if above else ""),
+                                 (f"; above {', '.join(sorted(above))}" if above else "") +
+                                 (f": {_ratio_settled(ci)}" if ci else ""),
                      "met": not above})
     return rows
+
+
+def _ratio_settled(ci) -> str:
+    """What a ratio's 95 % interval says about "stimloop at or below the peer" (the words of ``over_target_note``)."""
+    return ("at or below it at 95 % confidence" if ci[1] <= 1.0 else
+            "above it at 95 % confidence" if ci[0] > 1.0 else "this run cannot tell")
 
 
 def over_target_note(over: dict | None) -> str:
