@@ -516,6 +516,8 @@ class StimulatorEmulator:
     # ------------------------------------------------------------ output
 
     def _send(self, frame: bytes, is_reply: bool = True) -> None:
+        if self._mute:   # a dead link carries nothing either way: no reply, no unsolicited EVENT
+            return
         if is_reply and (self._drop_next or self._corrupt_next):
             with self._knob_lock:
                 if self._drop_next > 0:

@@ -531,7 +531,9 @@ class DeviceFaultInjector:
     def _apply(self, tr: Transition, watching: dict[int, int]) -> None:
         f, dev = tr.spec, self.device
         if f.kind == "device_mute":
-            dev.set_mute(tr.edge == "start")
+            # From the whole schedule, not this edge: when two mutes overlap, the first to end must
+            # not unmute the device while the other holds (as the simulated-time runner does).
+            dev.set_mute(self.schedule.device_muted(tr.t_s))
             if tr.edge == "start":
                 self.log.start(tr.index, f, self.clock())
             else:

@@ -51,8 +51,9 @@ def test_silent_device_leads_to_safe_state(serial_rig):
     kinds = [e.kind for e in ev]
     i = kinds.index(EventKind.SAFE_STATE)
     assert kinds[i - 1] is EventKind.FAULT and "driver error" in ev[i - 1].data["reason"]
-    # The failed stops take longer than the device's watchdog: its trip, read meanwhile, is reported too.
-    assert all(e.kind is EventKind.FAULT and e.data["what"] == "device_watchdog" for e in ev[i + 1:])
+    # The safe state is the last word: the device's own watchdog trip (its failed stops outlast the
+    # watchdog) is not heard over a dead link.
+    assert kinds[i + 1:] == [] and ev[i].data["stop_ok"] is False
     assert act.governor.latched.startswith("driver error") and delivered == []
 
 

@@ -253,3 +253,28 @@ def test_overlapping_corrupt_faults_each_get_their_replies(line):
     finally:
         host.close()
     assert emu.counters["replies_corrupted"] == 3
+
+
+def test_a_muted_device_sends_nothing_not_even_its_watchdog_event(tmp_path):
+    """device_mute is a dead link (docs/faults.md): the device still trips its watchdog and stops,
+    but the host hears neither a reply nor the unsolicited WATCHDOG event (it used to get the event)."""
+    master_fd, slave = open_pty_pair()
+    emu = StimulatorEmulator(master_fd, watchdog_s=0.1, log_path=tmp_path / "device_log.jsonl").start()
+    host = RawHost(slave)
+    try:
+        assert host.request(P.MsgType.HELLO, 1, P.encode_hello()).msg_type == P.MsgType.ACK
+        emu.set_mute(True)
+        host.send(P.encode_frame(P.MsgType.HEARTBEAT, 2, P.encode_heartbeat(0.0)))
+        assert _wait(lambda: emu.counters["watchdog_trips"] == 1)   # the device noticed the silence
+        heard = b""
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            if select.select([host.fd], [], [], 0.02)[0]:
+                heard += os.read(host.fd, 4096)
+        assert heard == b""
+        emu.set_mute(False)
+        assert host.request(P.MsgType.HEARTBEAT, 3, P.encode_heartbeat(0.0)).msg_type == P.MsgType.ACK
+    finally:
+        host.close()
+        emu.stop()
+        close_pty(master_fd)

@@ -242,6 +242,13 @@ def test_device_mute_gives_device_timeout(scenario):
     assert before and all(b[2] == "ok" for b in before)
     after = _beats_within(s, mute["t_end"] + 0.02, mute["t_end"] + 0.3)
     assert after and all(b[2] == "ok" for b in after)
+    # The 0.6 s mute outlasts the 0.5 s watchdog: the device trips, and over a dead link the host
+    # hears nothing of it (the device's log has the trip; the driver got no EVENT then).
+    log = [json.loads(x) for x in (s["session"] / "device_log.jsonl").read_text().splitlines()]
+    trips = [r["t_received"] for r in log if r["type"] == "WATCHDOG"]
+    assert any(mute["t_start"] <= t <= mute["t_end"] for t in trips), trips
+    first = s["dev"]["drivers"][0][1]
+    assert [e for e in first.device_events if mute["t_start"] <= e[1] <= mute["t_end"]] == []
 
 
 def test_corrupted_frames_force_retries_and_decoder_errors(scenario):

@@ -222,3 +222,34 @@ def test_an_unplug_during_corrupt_frames_leaves_the_injector_running_and_the_dev
     finally:
         inj.stop()
         device.unplug()
+
+
+def test_overlapping_mutes_keep_the_real_device_muted_until_the_last_ends(tmp_path):
+    """Two device_mute faults that overlap: the first to end must not unmute the device while the
+    second holds (the simulated-time runner asks the schedule; the real-time injector used to follow
+    each edge)."""
+    import time
+
+    from hil_sim.emulator import StimulatorEmulator
+    from hil_sim.faults import DeviceFaultInjector
+    from hil_sim.process import EmulatedDevice
+
+    device = EmulatedDevice(lambda fd: StimulatorEmulator(fd, clock=time.monotonic), tmp_path / "port")
+    device.plug()
+    sched = FaultSchedule([{"kind": "device_mute", "at_s": 0.05, "duration_s": 0.3},
+                           {"kind": "device_mute", "at_s": 0.10, "duration_s": 0.1}])   # ends first, at 0.2
+    t0 = time.monotonic()
+    inj = DeviceFaultInjector(sched, device, time.monotonic, t0, FaultLog()).start()
+    seen = []   # (patient time, muted) sampled between the inner mute's end and the outer one's
+    try:
+        while inj._thread.is_alive() and time.monotonic() - t0 < 10.0:   # until its plan is done
+            seen.append((time.monotonic() - t0, device.emulator._mute))
+            time.sleep(0.005)
+        assert not inj._thread.is_alive() and inj.errors == []
+        assert device.emulator._mute is False   # unmuted once both have ended
+    finally:
+        inj.stop()
+        device.unplug()
+    # The edges are at 0.05, 0.2 and 0.35 s; the outer mute cannot end early, whatever the wake-ups.
+    between = [m for t, m in seen if 0.23 <= t <= 0.34]
+    assert between and all(between)
