@@ -26,7 +26,11 @@ OPERATOR_MARK = "by the operator"
 MAX_CHANNELS_SHOWN = 8
 
 
-def sparkline(x: np.ndarray, width: int = 60) -> str:
+#: Values per sparkline: ~1 s of the decimated signal at the default ``telemetry.signal_hz`` (64 Hz)
+SPARK_WIDTH = 60
+
+
+def sparkline(x: np.ndarray, width: int = SPARK_WIDTH) -> str:
     """Unicode sparkline of the last ``width`` values (min→▁, max→█); flat data draws ▄."""
     x = np.asarray(x, dtype=np.float64)[-width:]
     x = x[np.isfinite(x)]
@@ -219,7 +223,7 @@ def render(state: MonitorState, now: float | None = None):
     sig.add_column("range", width=22, justify="right")
     if state.signal is not None:
         for ch in range(state.signal.shape[1]):
-            x = state.signal[:, ch]
+            x = state.signal[-SPARK_WIDTH:, ch]   # the range printed is that of the values drawn
             name = state.channels[ch] if ch < len(state.channels) else f"ch{ch}"
             sig.add_row(name, Text(sparkline(x), style="cyan"), f"{np.nanmin(x):.1f} … {np.nanmax(x):.1f}")
     else:

@@ -60,7 +60,9 @@ MATCH_WINDOW_S = 0.05
 PEER_DIR = Path(__file__).resolve().parent
 ROOT = PEER_DIR.parent.parent.parent
 TIMEFLUX_VENV_ENV = "STIMLOOP_TIMEFLUX_VENV"
-TIMEFLUX_PYLSL = "pylsl==1.16.2"
+#: What the Timeflux venv gets: the versions the documented peer figures were measured with
+#: (docs/performance.md), so a fresh ``stimloop bench setup-timeflux`` measures the same Timeflux.
+TIMEFLUX_PACKAGES = ("timeflux==0.17.2", "timeflux-dsp==0.3.4", "pylsl==1.16.2")
 STREAM = {"fs_hz": 1000.0, "n_channels": 8, "chunk_n": 1, "pulse_rate_hz": 10.0, "pulse_uv": 1000.0,
           "noise_uv": 10.0}
 THRESHOLD_UV = 500.0   # half the pulse height, 50 σ above the noise: no false crossings
@@ -80,7 +82,7 @@ class SetupError(RuntimeError):
 
 
 def create_timeflux_venv(path: Path | None = None) -> Path:
-    """Create the Timeflux venv (``python -m venv`` + ``pip install timeflux timeflux-dsp pylsl==1.16.2``); returns its path.
+    """Create the Timeflux venv (``python -m venv`` + ``pip install`` of ``TIMEFLUX_PACKAGES``); returns its path.
 
     Raises :class:`SetupError` with a one-line message when a step fails.
     """
@@ -100,11 +102,11 @@ def create_timeflux_venv(path: Path | None = None) -> Path:
     # it; that one carries no liblsl, hence PYLSL_LIB (REFERENCE.md §8). pip's progress stays on the
     # terminal: it takes a while, and on failure its own output above says what went wrong.
     try:
-        pip = subprocess.run([str(path / "bin" / "pip"), "install", "timeflux", "timeflux-dsp", TIMEFLUX_PYLSL])
+        pip = subprocess.run([str(path / "bin" / "pip"), "install", *TIMEFLUX_PACKAGES])
     except OSError as exc:
         raise SetupError(f"could not run pip in {path}: {exc}") from None
     if pip.returncode != 0:
-        raise SetupError(f"pip install timeflux timeflux-dsp {TIMEFLUX_PYLSL} into {path} failed "
+        raise SetupError(f"pip install {' '.join(TIMEFLUX_PACKAGES)} into {path} failed "
                          f"(exit code {pip.returncode}; pip's output above says why)")
     return path
 
