@@ -249,7 +249,13 @@ def test_ti_charge_is_booked_for_both_pairs():
     assert conservative_charge_uc(ti) >= ti.burst_charge_uc
     g = gov(p)
     assert g.step(req(ti), 0.0).allowed and g.dose.charge_uc == pytest.approx(120_000.0)
-    assert g.step(req(ti.with_(carrier_hz=5.0)), 100.0).allowed is False
+    # A fresh heartbeat first: at t=100 without one the refusal would be the stale heartbeat's, not the carrier's.
+    g.heartbeat_ok(100.0)
+    d = g.step(req(ti.with_(carrier_hz=5.0)), 100.0)
+    assert not d.allowed and d.events[0].data["rule"] == "invalid_request"
+    assert "carrier_hz=5.0" in d.events[0].data["reason"]
+    assert g.dose.charge_uc == pytest.approx(120_000.0)            # a refusal books nothing
+    assert g.step(req(ti), 100.0).allowed                           # the same burst with a kHz carrier passes
 
 
 def test_ti_carrier_must_be_khz_not_only_above_the_beat():
