@@ -324,3 +324,45 @@ def test_subnormal_amplitudes_and_durations_are_refused_not_booked():
     assert g.dose.bursts == 0 and tes.dose.charge_uc == 0.0
     zero = g.step(req(RNS_BURST.with_(amplitude_ua=0.0), t=1.0), 1.0)   # no current stays allowed
     assert zero.allowed and g.dose.charge_uc == 0.0
+
+
+TES_TI = SafetyProfile(**{**TES.model_dump(), "allowed_waveforms": (Waveform.DC, Waveform.SINE, Waveform.TI)})
+CONTINUOUS = [
+    StimParams(channel=0, waveform=Waveform.SINE, amplitude_ua=1000.0, frequency_hz=10.0, duration_s=60.0, ramp_s=10.0),
+    StimParams(channel=0, waveform=Waveform.DC, amplitude_ua=1000.0, duration_s=60.0, ramp_s=10.0),
+    StimParams(channel=0, waveform=Waveform.TI, amplitude_ua=1000.0, frequency_hz=10.0, carrier_hz=2000.0,
+               duration_s=60.0, ramp_s=10.0),
+]
+
+
+@pytest.mark.parametrize("params", CONTINUOUS, ids=lambda p: str(p.waveform))
+@pytest.mark.parametrize("n_pulses", [-1, 0, None, True, 2.0, 10**5000],
+                         ids=["-1", "0", "None", "True", "2.0", "10**5000"])
+def test_continuous_waveforms_refuse_a_garbage_n_pulses(params, n_pulses):
+    """n_pulses means nothing to sine/DC/TI, but it reached the devices unchecked: the serial encoder
+    refused -1 as a fault (None: an unwrapped TypeError) while the simulated device took it, and a
+    DECISION carrying 10**5000 could not be written as JSON. The pulsed rule, for every waveform."""
+    g = gov(TES_TI)
+    d = g.step(req(params.with_(n_pulses=n_pulses)), 0.0)
+    assert not d.allowed and d.events[0].data["rule"] == "invalid_request"
+    assert "n_pulses" in d.reason and "leave the default 1" in d.reason
+    json.loads(d.events[0].to_json())
+    assert g.dose.bursts == 0
+    assert any("n_pulses" in v for v in check_params(TES_TI, CAPS, params.with_(n_pulses=n_pulses)))
+
+
+@pytest.mark.parametrize("params", CONTINUOUS, ids=lambda p: str(p.waveform))
+@pytest.mark.parametrize("n_pulses", [1, 100, 2**32, np.int64(7)])
+def test_continuous_waveforms_send_every_device_n_pulses_1(params, n_pulses):
+    """A valid but meaningless count (e.g. the config's pulse count carried into a sine) is normalised
+    to 1, which every device encodes (PROTOCOL.md §5.2 is a uint32; 2**32 was a serial-only fault)."""
+    from drivers import protocol as P
+    from drivers.simulated import SimulatedStimulator
+
+    d = gov(TES_TI).step(req(params.with_(n_pulses=n_pulses)), 0.0)
+    assert d.allowed and type(d.params.n_pulses) is int and d.params.n_pulses == 1
+    assert d.events[-1].data["params"]["n_pulses"] == 1 and EventKind.CLAMP not in kinds(d)   # no stimulus change
+    assert P.decode_configure(P.encode_configure(d.params)) == d.params                       # serial device
+    sim = SimulatedStimulator(lambda: 0.0)
+    sim.open()
+    assert sim.configure(d.params).ok                                                         # simulated device

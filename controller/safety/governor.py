@@ -38,6 +38,11 @@ _CLAMP_MARGIN = 1e-9
 # books at least the charge (subnormal products lose their relative precision): refused, not booked.
 MIN_AMPLITUDE_UA = 1e-6      # 1 pA (0 stays allowed: no current)
 MIN_DURATION_S = 1e-6
+#: What approved sine/DC/TI params carry in ``n_pulses``. The field means nothing for continuous waveforms,
+#: but every device receives it: the serial wire format is a uint32 (drivers/PROTOCOL.md §5.2), so a
+#: value passed through unchanged (2**32, say) was refused by that encoder as a fault while the
+#: simulated device took it. One fixed value makes every device get, and record, the same params.
+CONTINUOUS_N_PULSES = 1
 _NUMERIC_FIELDS = ("amplitude_ua", "pulse_width_us", "interphase_gap_us", "frequency_hz",
                    "duration_s", "ramp_s", "carrier_hz")
 
@@ -160,7 +165,7 @@ def check_params(profile: SafetyProfile, caps: DeviceCapabilities, params: StimP
         x = getattr(params, f)
         if not _finite_real(x):
             v.append(f"{f}={_show(x)} is not a finite number")
-    if params.is_pulsed and not _pulse_count(params.n_pulses):
+    if not _pulse_count(params.n_pulses):
         v.append(f"n_pulses={_show(params.n_pulses)} must be an int >= 1")
     if v:
         return v
@@ -586,10 +591,13 @@ class SafetyGovernor:
                 raise _Refused("frequency", f"frequency_hz={params.frequency_hz} outside {p.min_frequency_hz}..{f_max} Hz")
 
         changes: dict[str, Any] = {}
+        n = params.n_pulses
+        if not _pulse_count(n):
+            # Garbage in an unused field is still garbage (a policy that confused its waveforms): one rule
+            # for every waveform, so that no device-specific encoder is left to find it.
+            unused = "" if params.is_pulsed else f"; {w} ignores it, leave the default 1"
+            raise _Refused("invalid_request", f"n_pulses={_show(n)}, expected an int >= 1 (and within float range){unused}")
         if params.is_pulsed:
-            n = params.n_pulses
-            if not _pulse_count(n):
-                raise _Refused("invalid_request", f"n_pulses={_show(n)}, expected an int >= 1 (and within float range)")
             if params.interphase_gap_us < 0:
                 raise _Refused("invalid_request", f"interphase_gap_us={params.interphase_gap_us}, expected >= 0")
             pw = float(params.pulse_width_us)
@@ -640,6 +648,6 @@ class SafetyGovernor:
         changes["amplitude_ua"] = amp
         # Plain Python numbers out (numpy scalars in): drivers and JSON see one type.
         out = {f: float(getattr(params, f)) for f in _NUMERIC_FIELDS}
-        out.update(channel=int(ch), n_pulses=int(params.n_pulses) if params.is_pulsed else params.n_pulses)
+        out.update(channel=int(ch), n_pulses=int(n) if params.is_pulsed else CONTINUOUS_N_PULSES)
         out.update(changes)
         return params.with_(**out), clamps
