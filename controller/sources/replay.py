@@ -110,12 +110,15 @@ class ArraySource(Source):
             time.sleep(self.wait_s)
             return 0
         i = self._k % n_total
-        first = min(n, n_total - i)
         ts = self._ts[:n]
         ts[:] = np.arange(self._k, self._k + n) / self.fs_hz + self.t0
-        ring.write(self.data[i:i + first], ts[:first])
-        if first < n:
-            ring.write(self.data[:n - first], ts[first:])
+        if i + n <= n_total:
+            rows = self.data[i:i + n]
+        else:
+            # Wrapping (looped replay), possibly more than once when the chunk is longer than the data:
+            # one gathered block and one write, so the ring never holds half a chunk.
+            rows = self.data[np.arange(i, i + n) % n_total]
+        ring.write(rows, ts)
         self._k += n
         return n
 
