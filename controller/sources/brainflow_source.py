@@ -12,6 +12,11 @@ enough to be absorbed by the refresh).
 Drop detection uses timestamp gaps like ``LslSource``, but host-stamped
 timestamps jitter: the synthetic board showed steps up to 2.25 sample periods
 without any loss (3 s at 250 Hz, p99.9 = 2.2 periods), hence ``gap_factor=2.5``.
+
+A board that stops delivering (unplugged, firmware hang) raises nothing in
+BrainFlow: its buffer just stays empty. As ``LslSource``, no data for
+``stall_timeout_s`` is reported once as ``FAULT stream_lost`` and data coming
+back as ``STATUS stream_recovered``.
 """
 from __future__ import annotations
 
@@ -46,14 +51,17 @@ class BrainFlowSource(Source):
     ``"emg"``, ``"ecg"``, ``"eog"``, or an explicit list of row indices.
     When the board has nothing, a read sleeps ``wait_s``; with ``busy_poll`` it
     keeps asking for up to ``wait_s`` instead (a CPU core for less latency, as
-    ``LslSource``'s).
+    ``LslSource``'s). ``ring_buffer_samples``: BrainFlow's own buffer (1 to
+    21 600 000 samples, BrainFlow's limit). No data for ``stall_timeout_s`` →
+    ``FAULT stream_lost`` (once per stall); data again → ``STATUS stream_recovered``.
     """
 
     event_source = "brainflow"
 
     def __init__(self, board_id: int, params: dict | None = None, channels: str | list[int] = "exg",
                  wait_s: float = 0.005, ring_buffer_samples: int = 45_000, gap_factor: float = 2.5,
-                 offset_refresh_s: float = 10.0, quiet: bool = True, busy_poll: bool = False):
+                 offset_refresh_s: float = 10.0, quiet: bool = True, busy_poll: bool = False,
+                 stall_timeout_s: float = 1.0):
         super().__init__()
         self.board_id = int(board_id)
         self.params = dict(params or {})
@@ -64,7 +72,15 @@ class BrainFlowSource(Source):
                              f"expected some of {sorted(known)}")
         self.channels = channels
         self.wait_s = float(wait_s)
+        # Checked here: BrainFlow only refuses it in start_stream, after the session is prepared.
+        if isinstance(ring_buffer_samples, bool) or int(ring_buffer_samples) != ring_buffer_samples \
+                or ring_buffer_samples < 1:
+            raise ValueError(f"BrainFlowSource ring_buffer_samples={ring_buffer_samples!r}: expected an integer "
+                             f">= 1 (samples BrainFlow buffers between reads)")
         self.ring_buffer_samples = int(ring_buffer_samples)
+        if not (stall_timeout_s > 0 and np.isfinite(stall_timeout_s)):
+            raise ValueError(f"BrainFlowSource stall_timeout_s={stall_timeout_s!r}: expected a finite number > 0")
+        self.stall_timeout_s = float(stall_timeout_s)
         self.gap_factor = float(gap_factor)
         self.offset_refresh_s = float(offset_refresh_s)
         self.quiet = quiet
@@ -77,8 +93,11 @@ class BrainFlowSource(Source):
         self._offset_s = 0.0
         self._next_offset_t = 0.0
         self._last_ts: float | None = None
+        self._last_data_t = 0.0
+        self._lost_since: float | None = None
         self.n_samples = 0
         self.n_dropped = 0
+        self.n_lost_events = 0
 
     def open(self) -> SourceInfo:
         if self.quiet:
@@ -105,12 +124,29 @@ class BrainFlowSource(Source):
             self._ts_row = BoardShim.get_timestamp_channel(self.board_id)
             fs_hz = float(BoardShim.get_sampling_rate(self.board_id))
             board = BoardShim(self.board_id, bf_params)
-            board.prepare_session()
-            board.start_stream(self.ring_buffer_samples)
         except BrainFlowError as exc:
             raise SourceError(f"BrainFlow board {self.board_id} with params {self.params}: {exc}") from exc
+        prepared = False
+        try:
+            board.prepare_session()
+            prepared = True
+            board.start_stream(self.ring_buffer_samples)
+        except BaseException as exc:
+            if prepared:
+                # A prepared session that is not released keeps the board: every later open of it
+                # (this source retried, the session restarted) would fail with ANOTHER_BOARD_IS_CREATED.
+                _release(board)
+            else:
+                # Not ours (e.g. another source holds this board): releasing by board id and params
+                # would end that one's session, here or in this object's __del__.
+                board.board_id = _NO_BOARD_ID
+            if isinstance(exc, BrainFlowError):
+                raise SourceError(f"BrainFlow board {self.board_id} with params {self.params}: {exc}") from exc
+            raise
         self._board = board
         self._refresh_offset()
+        self._last_data_t = pylsl.local_clock()   # the stall clock starts with the stream
+        self._lost_since = None
         names_all = descr.get("eeg_names", "").split(",") if descr.get("eeg_names") else []
         eeg_rows = descr.get("eeg_channels", [])
         names = [names_all[eeg_rows.index(r)] if r in eeg_rows and eeg_rows.index(r) < len(names_all)
@@ -143,8 +179,20 @@ class BrainFlowSource(Source):
             raise SourceError(f"BrainFlow board {self.board_id}: read failed: {exc}") from exc
         n = data.shape[1]
         if n == 0:
+            if self._lost_since is None:
+                now = pylsl.local_clock()
+                if now - self._last_data_t > self.stall_timeout_s:
+                    self._lost_since = now
+                    self.n_lost_events += 1
+                    self._emit(now, EventKind.FAULT, what="stream_lost", reason="stall", board_id=self.board_id,
+                               last_data_t=self._last_data_t)
             return 0
         now = pylsl.local_clock()
+        if self._lost_since is not None:
+            self._emit(now, EventKind.STATUS, what="stream_recovered", how="data_resumed", board_id=self.board_id,
+                       outage_s=now - self._lost_since)
+            self._lost_since = None
+        self._last_data_t = now
         if now >= self._next_offset_t:
             self._refresh_offset()
         ts = data[self._ts_row] + self._offset_s
@@ -164,19 +212,23 @@ class BrainFlowSource(Source):
 
     def close(self) -> None:
         board, self._board = self._board, None
-        if board is None:
-            return
-        try:
-            board.stop_stream()
-        except BrainFlowError:
-            pass  # already stopped or the device went away: releasing the session is what matters
-        try:
-            board.release_session()
-        except BrainFlowError:
-            pass
-        # BoardShim.__del__ releases the session of its (board id, params), whichever object opened
-        # it. BrainFlow's first call keeps its callers' frames alive until a garbage collection, so a
-        # closed board object can die later, in the middle of a newer source's session on the same
-        # board: it released that session (seen as BOARD_NOT_CREATED a few reads after opening).
-        # A released object points at no board, so its __del__ finds nothing to release.
-        board.board_id = _NO_BOARD_ID
+        if board is not None:
+            _release(board)
+
+
+def _release(board: BoardShim) -> None:
+    """Stop the stream (if any) and release the session, whatever state the board is in."""
+    try:
+        board.stop_stream()
+    except BrainFlowError:
+        pass  # never started, already stopped or the device went away: releasing the session is what matters
+    try:
+        board.release_session()
+    except BrainFlowError:
+        pass
+    # BoardShim.__del__ releases the session of its (board id, params), whichever object opened
+    # it. BrainFlow's first call keeps its callers' frames alive until a garbage collection, so a
+    # closed board object can die later, in the middle of a newer source's session on the same
+    # board: it released that session (seen as BOARD_NOT_CREATED a few reads after opening).
+    # A released object points at no board, so its __del__ finds nothing to release.
+    board.board_id = _NO_BOARD_ID
