@@ -70,7 +70,12 @@ class Stimulator(ABC):
 
     @abstractmethod
     def stop(self) -> CommandReceipt | None:
-        """All channels off, immediately."""
+        """All channels off, immediately.
+
+        A receipt with ``ok=False`` when the stop is not confirmed, including when no STOP could be
+        sent. ``None`` means "nothing to stop" and is only for a driver never opened: the actuator
+        counts it as a success.
+        """
 
     @abstractmethod
     def heartbeat(self) -> CommandReceipt:

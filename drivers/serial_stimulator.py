@@ -57,6 +57,9 @@ class SerialStimulator(Stimulator):
         self.last_receipt_device_t: float | None = None
         self.device_events: list[tuple[int, float]] = []   # unsolicited EVENT frames: (code, device_t)
         self.retries_used = 0                                # resends over the driver's life
+        # Set by the first successful open(): from then on a closed port may leave a device stimulating
+        # (a failed reconnect), so stop() must not report it as stopped.
+        self.was_opened = False
         self._events_drained = 0                             # device_events[:n] already handed out
         self._ser: serial.Serial | None = None
         self._fd = -1
@@ -120,6 +123,7 @@ class SerialStimulator(Stimulator):
         # device_events, never handed out as this session's fault.
         with self._lock:
             self._events_drained = len(self.device_events)
+        self.was_opened = True
 
     def _hello_until(self, deadline: float) -> P.Frame:
         """HELLO, again with a new seq after each timed-out command, until one is answered or ``deadline``."""
@@ -191,12 +195,18 @@ class SerialStimulator(Stimulator):
 
     def stop(self) -> CommandReceipt | None:
         """All channels off. Never raises for device trouble and never waits longer
-        than ``(1 + max(retries, 3)) * timeout_s``; returns ``None`` when the port is
-        not open and a receipt with ``ok=False`` when the device did not confirm.
+        than ``(1 + max(retries, 3)) * timeout_s``; a receipt with ``ok=False`` when the
+        device did not confirm, or when the port is closed after having been open
+        (a failed reconnect, a capabilities change): no STOP could leave the host, and
+        the device may still be stimulating until its watchdog trips. ``None`` only for
+        a driver never opened, which cannot have started anything.
         """
-        if self._ser is None:
-            return None
         sent_t = self.clock()
+        if self._ser is None:
+            if not self.was_opened:
+                return None
+            return CommandReceipt(seq=self._seq, sent_t=sent_t, acked_t=float("nan"), ok=False,
+                                  error=f"port not open: STOP not sent ({self.port} closed after being open)")
         try:
             return self._command(P.MsgType.STOP, b"", retries=max(self.retries, 3))
         except StimulatorError as e:

@@ -127,3 +127,25 @@ def test_a_burst_back_to_back_with_a_running_one_is_refused_not_a_device_fault(s
     assert ev[-1].kind is EventKind.COMMAND, ev
     assert wait_until(lambda: len(delivered) == 2)
     assert emu.counters["nacks"] == 0
+
+
+def test_safe_state_after_a_failed_reconnect_says_no_stop_was_sent():
+    """After a failed reconnect the port is closed: the operator's stop and close() must not claim
+    stimulation was stopped (stop_ok True), since no STOP left the host."""
+    master_fd, slave = open_pty_pair()
+    emu = StimulatorEmulator(master_fd, watchdog_s=0.5).start()
+    drv = SerialStimulator(slave, timeout_s=0.02, retries=1, connect_timeout_s=0.1)
+    try:
+        drv.open()
+        act = Actuator(SafetyGovernor(MACRO_RNS, drv.capabilities), drv, pylsl.local_clock)
+        act.heartbeat()
+        emu.set_mute(True)                                   # the device stops answering
+        assert EventKind.SAFE_STATE in [e.kind for e in act.heartbeat()]
+        assert act.reconnect() == [] and not drv.is_open     # still silent: the port stays closed
+        for ev in (act.safe_state("operator"), act.close()):
+            safe = [e for e in ev if e.kind is EventKind.SAFE_STATE]
+            assert safe and safe[-1].data["stop_ok"] is False, ev
+            assert all("port not open: STOP not sent" in x for x in safe[-1].data["stop_errors"])
+    finally:
+        emu.stop()
+        close_pty(master_fd)

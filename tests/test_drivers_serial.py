@@ -200,7 +200,23 @@ def test_missing_port_raises_clear_error():
     stim = SerialStimulator("/dev/does-not-exist-xyz")
     with pytest.raises(StimulatorError, match="serial port /dev/does-not-exist-xyz not found"):
         stim.open()
-    assert stim.stop() is None   # safe on a never-opened driver
+    assert stim.stop() is None   # safe on a never-opened driver: it cannot have started anything
+
+
+def test_stop_on_a_port_closed_after_open_reports_that_no_stop_was_sent(rig):
+    """A failed reconnect (or a capabilities change) leaves the port closed while the device may still
+    hold a burst: stop() returned None there, which the actuator took for a confirmed stop."""
+    stim, emu, delivered, *_ = rig
+    stim.close()
+    r = stim.stop()
+    assert r is not None and r.ok is False and "port not open: STOP not sent" in r.error
+    emu.set_mute(True)                       # the reconnect's HELLO goes unanswered: the port stays closed
+    stim.connect_timeout_s, stim.timeout_s, stim.retries = 0.0, 0.02, 0
+    with pytest.raises(DeviceTimeout):
+        stim.open()
+    assert not stim.is_open
+    r = stim.stop()
+    assert r.ok is False and "port not open: STOP not sent" in r.error
 
 
 def test_no_device_on_port_times_out_on_hello():
