@@ -89,8 +89,10 @@ def test_evaluate_sim_recording_with_nan_run_and_json(tmp_path, sim_recording):
     rec = load_npz(_write_npz(tmp_path / "r.npz", x, 512.0, sz))
     det = OnnxDetector(MODEL)
     r = evaluate_recording(det, rec)
-    # the 10 s NaN run (+ 1 window) is reported as not evaluated, never as background
-    (a, b), = r["not_evaluated"]
+    # the 10 s NaN run (+ 1 window) is reported as not evaluated, never as background; so is the model's
+    # warm-up at the start, which the loop does not act on either
+    (w0, w1), (a, b) = r["not_evaluated"]
+    assert w0 < 1.0 and det.contract.warmup_s <= w1 + det.hop_s < det.contract.warmup_s + 1.0
     assert 99.5 <= a <= 100.5 and 110.5 <= b <= 111.5
     assert any("NaN" in n for n in r["notes"])
     t, p = np.array(r["windows"]["t_s"]), r["windows"]["p"]
@@ -99,7 +101,7 @@ def test_evaluate_sim_recording_with_nan_run_and_json(tmp_path, sim_recording):
     assert ev["n_seizures"] == 2 and ev["n_detected"] == 2 and ev["false_alarms"] == 0
     assert 0 <= ev["median_latency_s"] <= 5
     assert r["metrics"]["window"]["auroc"] > 0.95
-    assert ev["evaluated_h"] == pytest.approx((260.0 - (b - a)) / 3600, rel=1e-3)
+    assert ev["evaluated_h"] == pytest.approx((260.0 - (b - a) - (w1 - w0)) / 3600, rel=1e-3)
     s = summarize([r])
     assert s["event"]["n_detected"] == 2 and s["event"]["sensitivity_ci95"][1] == 1.0
     json.dumps({k: v for k, v in r.items() if not k.startswith("_")})  # JSON-ready
@@ -112,7 +114,7 @@ def test_evaluate_a_detached_electrode_as_the_loop_would(tmp_path, sim_recording
     x = x.copy()
     x[int(100 * 512):int(130 * 512)] = 0.0
     r = evaluate_recording(OnnxDetector(MODEL), load_npz(_write_npz(tmp_path / "z.npz", x, 512.0, sz)))
-    (a, b), = r["not_evaluated"]
+    _warm_up, (a, b) = r["not_evaluated"]
     assert 99.5 <= a <= 100.5 and 130.5 <= b <= 131.5
     ev = r["metrics"]["event"]
     assert ev["false_alarms"] == 0 and ev["n_detected"] == 2
@@ -132,3 +134,31 @@ def test_evaluate_bad_input_messages(tmp_path, sim_recording):
     assert r["truth"] is None and r["metrics"]["window"] is None
     assert r["metrics"]["event"]["sensitivity"] is None and "no seizure annotations" in r["metrics"]["event"]["note"]
     assert len(r["events"]) >= 2  # detections are still reported
+
+
+def test_evaluate_leaves_the_model_warm_up_unevaluated_as_the_loop_does():
+    """A window before the contract's warmup_s is recorded by the loop but never acted upon
+    (SeizureDetectorStage.is_warm): offline it is NaN, not a detection the loop could not make.
+    Held-out patient 103 with a seizure 5 s after start crossed the threshold at 7.25 s before."""
+    from controller.inference import SeizureDetectorStage
+    from models.seizure.dataset import SimSpec, simulate_patient
+    from models.seizure.scoring import detector_events
+
+    det = OnnxDetector(MODEL)
+    spec = SimSpec(patient_index=103, seed=103, duration_s=40.0, fs_hz=256.0, n_channels=4, onsets_s=(5.0,),
+                   spontaneous=False)
+    x, _ = simulate_patient(spec)
+    t, p = det.predict(x, 256.0)
+    stage = SeizureDetectorStage(det.contract, 256.0, 4)
+    stage.step(x, np.arange(x.shape[0]) / 256.0)
+    warm = stage.warm_from_t
+    assert warm is not None and warm >= det.contract.warmup_s
+    assert np.isnan(p[t < warm]).all() and np.isfinite(p[t >= warm]).all()
+    ev = detector_events(t, p, det.threshold, det.min_duration_s, det.refractory_s)
+    assert ev and all(e[0] >= warm + det.min_duration_s - 1e-9 for e in ev), ev
+    # and the warm-up is reported as not evaluated, so its time is not counted as background
+    from models.seizure.recordings import Recording
+
+    r = evaluate_recording(det, Recording("sim:patient103", x, 256.0, [(5.0, 20.0)]))
+    (a, b), *_ = r["not_evaluated"]
+    assert a < 1.0 and b == pytest.approx(warm - det.hop_s)

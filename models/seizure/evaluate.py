@@ -81,7 +81,10 @@ class OnnxDetector:
     (``controller.data_quality.DataQuality``): non-finite samples and channels
     stuck at one value (a rail, a detached electrode's flat zero) are left out of
     what the filters see, and windows within ``window_s`` of them get ``p = NaN``,
-    as a session would not act on them.
+    as a session would not act on them. So do windows before the contract's
+    ``warmup_s`` (``SeizureDetectorStage.is_warm``, the loop's own rule): the loop
+    records them but never acts on them, so a detection there is one the loop
+    could not make. A recording shorter than the warm-up has no evaluated window.
     ``min_duration_s``/``refractory_s`` default to the contract's extra fields
     when present, else the responsive policy defaults (0.5 s, 5 s).
     """
@@ -116,7 +119,8 @@ class OnnxDetector:
                                   f"window ({need} samples) of model {self.name}")
 
     def features(self, x_uv: np.ndarray, fs_hz: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(t_end_s, features (w, f), valid (w,))`` for a whole recording."""
+        """``(t_end_s, features (w, f), valid (w,))`` for a whole recording; ``valid`` is False where the
+        loop would not act: model warm-up, or within ``window_s`` of bad samples (class docstring)."""
         from controller.data_quality import DataQuality
         from controller.inference import SeizureDetectorStage
 
@@ -138,7 +142,7 @@ class OnnxDetector:
             for t_end, f in stage.step(xc, tc):
                 ends.append(t_end)
                 feats.append(f)
-                valid.append(t_end > quality.invalid_until_t)
+                valid.append(stage.is_warm(t_end) and t_end > quality.invalid_until_t)
         t_end = np.asarray(ends, dtype=np.float64)
         F = np.asarray(feats, dtype=np.float32).reshape(-1, self.contract.n_features)
         return _with_missing_windows(t_end, F, np.asarray(valid, dtype=bool), self.hop_s, x.shape[0] / fs_hz)
