@@ -8,8 +8,9 @@ exception, or a receipt with ``ok=False``, is a fault: ``driver.stop()`` (best
 effort), the governor latches, and ``FAULT`` + ``SAFE_STATE`` events are returned.
 So is an exception out of the governor itself, and a device that reports stopping
 on its own (its watchdog, ``Stimulator.drain_device_events``). Events of a fault
-found where no events can be returned (``poll``, which re-raises) are returned by
-the next call that returns events.
+found where no events can be returned (``poll``, which re-raises, or any call
+interrupted by ``KeyboardInterrupt`` and friends, which pass through) are
+returned by the next call that returns events.
 One exception is not a fault: the device refusing a scheduled trigger because
 its time had passed (``TriggerTooLate``) is a missed deadline, reported as a
 ``REFUSAL`` with rule ``too_late`` like the loop's own late requests.
@@ -151,6 +152,7 @@ class Actuator:
             # governor can no longer be trusted to have said no to anything: stop and latch.
             events += self._enter_safe_state(f"governor error during submit: {_describe(exc)}", now)
             if not isinstance(exc, Exception):
+                self._defer(events)
                 raise
             return events
         events += decision.events
@@ -179,6 +181,7 @@ class Actuator:
         except BaseException as exc:
             events += self._enter_safe_state(f"driver error during submit: {_describe(exc)}", now)
             if not isinstance(exc, Exception):
+                self._defer(events)
                 raise  # KeyboardInterrupt and friends: device stopped, then let them through
             return events + self._device_events(now)
         self._warm_params = params
@@ -237,7 +240,10 @@ class Actuator:
         events = self._take_pending()
         try:
             _checked(self.__driver.heartbeat(), "heartbeat")
-        except Exception as exc:
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                self._defer(events)   # a heartbeat changes nothing on the device: only the events to keep
+                raise
             if not self._latched_for("driver error"):
                 # Latched as a driver error before any device event is looked at: that reason
                 # decides what the runner does next (reconnect). Also under another latch (bad
@@ -258,8 +264,7 @@ class Actuator:
         except Exception as exc:
             # poll() returns deliveries, not events, and re-raises: its FAULT and SAFE_STATE events
             # wait for the next call that returns events (the runners' close() in their finally).
-            self._pending_events += self._enter_safe_state(f"driver error during poll: {_describe(exc)}",
-                                                           self._clock())
+            self._defer(self._enter_safe_state(f"driver error during poll: {_describe(exc)}", self._clock()))
             raise
 
     def set_impedance(self, ohm: float) -> list[Event]:
@@ -297,6 +302,9 @@ class Actuator:
             self.__driver.open()
         except Exception:
             return events
+        except BaseException:
+            self._defer(events)   # Ctrl-C during a HELLO that can take connect_timeout_s
+            raise
         self._configured.clear()  # the device may have restarted: send the configuration again
         # Reported before the caller resets the latch: a watchdog trip while the link was down is
         # part of the fault being recovered from, not a new one.
@@ -334,6 +342,10 @@ class Actuator:
     def _take_pending(self) -> list[Event]:
         events, self._pending_events = self._pending_events, []
         return events
+
+    def _defer(self, events: list[Event]) -> None:
+        """Keep ``events`` for the next call that returns events: this one ends in an exception."""
+        self._pending_events += events
 
     def _device_events(self, now: float) -> list[Event]:
         """A ``FAULT`` per unsolicited device event; the safe state (latched) unless already in it."""

@@ -305,3 +305,46 @@ def test_warm_rehearses_the_last_params_at_most_once_per_period():
     clock.t = 1.0
     act.warm()                                    # closed: nothing more
     assert scratch.dose.bursts == 2
+
+
+class Interrupted(RecordingStimulator):
+    """Ctrl-C while a command waits for its ACK (the device may have acted on it)."""
+
+    def __init__(self, clock, interrupt_on):
+        super().__init__(clock)
+        self.interrupt_on = interrupt_on
+
+    def _do(self, name, *args):
+        if name == self.interrupt_on:
+            self.calls.append((name, *args))
+            raise KeyboardInterrupt
+        return super()._do(name, *args)
+
+
+@pytest.mark.parametrize("interrupt_on", ["configure", "trigger"])
+def test_keyboard_interrupt_in_submit_stops_and_its_events_come_with_the_next_call(interrupt_on):
+    """KeyboardInterrupt passes through submit (after the stop), and the DECISION, FAULT and SAFE_STATE
+    built on the way out were dropped with it: now the runner's close() in its finally reports them."""
+    act, drv, clock = rig(lambda c: Interrupted(c, interrupt_on))
+    with pytest.raises(KeyboardInterrupt):
+        act.submit(StimRequest(0.0, "policy", BURST))
+    assert drv.names()[-1] == "stop" and act.dose.bursts == 1
+    ev = act.close()
+    kinds = [e.kind for e in ev]
+    assert kinds[:3] == [EventKind.DECISION, EventKind.FAULT, EventKind.SAFE_STATE], kinds
+    assert "KeyboardInterrupt" in ev[1].data["reason"] and ev[2].data["stop_ok"] is True
+    assert ev[-1].kind is EventKind.SAFE_STATE and ev[-1].data["reason"] == "actuator closed"
+
+
+def test_keyboard_interrupt_in_heartbeat_keeps_the_events_it_was_to_return():
+    act, drv, clock = rig(lambda c: Interrupted(c, "trigger"))
+    with pytest.raises(KeyboardInterrupt):
+        act.submit(StimRequest(0.0, "policy", BURST))   # its events wait for the next call,
+    drv.interrupt_on = "heartbeat"
+    with pytest.raises(KeyboardInterrupt):
+        act.heartbeat()                                 # which is interrupted too: still kept
+    drv.interrupt_on = None
+    ev = act.close()
+    kinds = [e.kind for e in ev]
+    assert kinds[:3] == [EventKind.DECISION, EventKind.FAULT, EventKind.SAFE_STATE], kinds
+    assert kinds.count(EventKind.DECISION) == 1         # once, not once per interrupted call

@@ -65,3 +65,18 @@ def test_a_huge_int_through_the_actuator_is_a_refusal_and_nothing_is_sent():
     ev = act.submit(StimRequest(0.0, "t", BURST.with_(n_pulses=10 ** 400)))
     assert [e.kind for e in ev] == [EventKind.REFUSAL] and ev[0].data["rule"] == "invalid_request"
     assert drv.delivered == [] and act.governor.latched is None
+
+
+class InterruptedGovernor(SafetyGovernor):
+    def step(self, request, now):
+        raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_in_the_governor_is_reported_by_the_next_call():
+    act, drv, t = _rig(governor_cls=InterruptedGovernor)
+    with pytest.raises(KeyboardInterrupt):
+        act.submit(StimRequest(0.0, "t", BURST))
+    ev = act.close()
+    assert [e.kind for e in ev][:2] == [EventKind.FAULT, EventKind.SAFE_STATE]
+    assert "governor error" in ev[0].data["reason"] and "KeyboardInterrupt" in ev[0].data["reason"]
+    assert drv.delivered == []
