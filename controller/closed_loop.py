@@ -7,7 +7,8 @@ The same object runs in real time (``controller.loop``) and in simulated time
 Bad samples (NaN/inf, saturation, clock jumps; see ``controller.data_quality``)
 never reach the filters as such: a ``FAULT`` event is emitted, stimulation is
 turned off, and every prediction whose window overlaps them is marked invalid
-and never acted upon.
+and never acted upon. The policy still hears of every invalid or late window
+(``PolicyDrive.on_invalid``), so a timer it runs across windows cannot span one.
 """
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ class SeizureLoop:
 BAD_DATA_REASON = "bad samples in the stream"
 STALE_REASON = "no data from the source"
 DRIVER_FAULT = "driver error"  # prefix of the actuator's latch reasons for device failures
+DEADLINE_MISSED = "deadline missed"  # why a late window is not acted upon (PolicyDrive.on_invalid)
 
 
 class ChunkStep:
@@ -204,8 +206,14 @@ class ChunkStep:
             if not on_time:
                 events.append(Event(t_inf, EventKind.DEADLINE_MISS, self.source,
                                     {"window_end_t": w.window_end_t, "latency_s": t_inf - w.window_end_t}))
+                # A stale window must neither confirm an onset nor be skipped as if it had not been
+                # there: the policy sees it as a hole in the evidence, like an invalid window.
+                self._submit(*loop.drive.on_invalid(w.window_end_t, DEADLINE_MISSED), w.window_end_t, t_inf, events)
             elif w.valid:
                 self._submit(*loop.drive.on_prediction(p, w.window_end_t), w.window_end_t, t_inf, events)
+            else:
+                # Skipping it silently would let an onset timer run across a fault (docs/policies.md).
+                self._submit(*loop.drive.on_invalid(w.window_end_t, w.invalid), w.window_end_t, t_inf, events)
             if not modeled:
                 t_read = clock()  # the next window of the same chunk starts here
         if timestamps.size and not loop.bad_data:

@@ -4,9 +4,9 @@ Policies have different inputs (``controller/policies``): a seizure
 probability per window (responsive, adaptive on ``p_seizure``), the signal
 chunk (personalized frequency, adaptive on band power) or only the time
 (periodic, Poisson, plasticity-aware), or spikes detected in the chunk
-(ADS and its random control). A drive turns the loop's two moments —
-a chunk arrived, a prediction is ready — into the right ``step`` call, so the
-runners stay the same for every policy.
+(ADS and its random control). A drive turns the loop's moments —
+a chunk arrived, a prediction is ready, a window could not be evaluated — into
+the right call, so the runners stay the same for every policy.
 """
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ class PolicyDrive:
     def on_prediction(self, p: float, window_end_t: float):
         return [], []
 
+    def on_invalid(self, window_end_t: float, reason: str):
+        """The window ending at ``window_end_t`` is not acted upon (``reason``: bad samples, a gap,
+        blanking, warm-up, a missed deadline). Policies that count time across windows must hear of it."""
+        return [], []
+
     def describe(self) -> dict:
         return {"kind": self.kind}
 
@@ -52,6 +57,12 @@ class PredictionDrive(PolicyDrive):
 
     def on_prediction(self, p, window_end_t):
         return self.policy.step(p, window_end_t)
+
+    def on_invalid(self, window_end_t, reason):
+        # Only policies with a timer across windows take it (responsive's onset timer); the
+        # adaptive policy averages the values it got and needs nothing here.
+        invalid = getattr(self.policy, "invalid", None)
+        return invalid(window_end_t, reason) if invalid is not None else ([], [])
 
 
 class ClockDrive(PolicyDrive):

@@ -1,5 +1,6 @@
 """A prediction that is not acted upon says why: the model's warm-up, stimulation, missing samples, bad samples."""
 import numpy as np
+import pytest
 
 from conftest import closed_loop_rig
 
@@ -46,3 +47,119 @@ def test_predictions_say_why_they_are_not_acted_on():
     after_stim = feed(0.5)
     assert after_stim and after_stim[0]["invalid"] == "stimulation (blanking)"
     assert feed(loop.window_s + 1.0)[-1]["valid"] is True
+
+
+# -- the policy hears of every window it may not act on (docs/policies.md, "Windows not acted upon") --------
+
+class _Stub:
+    """Stands in for the model: the test sets the probability each window gets."""
+    p = 0.1
+
+    def predict(self, features):
+        return self.p
+
+
+def _stub_rig(**policy):
+    """The session's chunk path (simulated time) with its model replaced by ``_Stub``."""
+    from controller.closed_loop import ChunkStep, SeizureLoop
+    from controller.config import load_config
+    from controller.loop import make_actuator
+    from controller.runners.simulated import VirtualClock
+    from drivers.simulated import SimulatedStimulator
+
+    cfg = load_config(None, {"policy": policy} if policy else None)
+    clock = VirtualClock()
+    act = make_actuator(cfg, SimulatedStimulator(clock=clock), clock)
+    act.heartbeat()
+    loop = SeizureLoop.from_config(cfg, FS, N_CH)
+    stub = loop.predictor = _Stub()
+    step = ChunkStep(loop, act, clock, modeled_latency_s=0.002, source="t", blanking_s=cfg.policy.blanking_s)
+    rng = np.random.default_rng(0)
+    log = []
+
+    def feed(t0: float, t1: float, p: float, nan: bool = False) -> None:
+        stub.p = p
+        for a in range(int(t0 * FS), int(t1 * FS), 16):
+            b = min(a + 16, int(t1 * FS))
+            x = rng.normal(0, 20, (b - a, N_CH)).astype(np.float32)
+            if nan:
+                x[:] = np.nan
+            clock.advance_to((b - 1) / FS)
+            log.extend(step.housekeeping())
+            log.extend(step.step(x, np.arange(a, b) / FS))
+
+    return step, feed, log
+
+
+def _what(log, what):
+    return [e for e in log if e.data.get("what") == what]
+
+
+def _preds(log):
+    return [e.data for e in log if e.kind is EventKind.PREDICTION]
+
+
+def test_a_fault_restarts_an_onset_not_yet_confirmed_as_the_offline_scorer_does():
+    """One valid window above threshold before a 2.7 s NaN fault and the ones after it: the above-threshold
+    time restarts after the fault, so the detection comes min_duration_s after the first valid window
+    after it (the skipped windows used to carry the timer across, and the burst came at that first window)."""
+    from models.seizure.scoring import detector_events
+
+    step, feed, log = _stub_rig()
+    pol = step.loop.policy
+    feed(0.0, 9.0, 0.1)
+    feed(9.0, 9.3, 0.9)                 # one valid window above threshold
+    feed(9.3, 12.0, 0.1, nan=True)      # bad samples: fault, its windows invalid
+    feed(12.0, 17.0, 0.9)
+    preds = _preds(log)
+    first_after = min(p["window_end_t"] for p in preds if p["valid"] and p["window_end_t"] > 12.0)
+    starts = _what(log, "detection_start")
+    assert [s.data["onset_t"] for s in starts] == [first_after]
+    assert starts[0].t == pytest.approx(first_after + pol.min_duration_s)
+    restarted = _what(log, "onset_restarted")
+    assert len(restarted) == 1 and restarted[0].data["reason"] == "bad samples"
+    # the offline scorer the operating point was chosen with, on the same windows, agrees
+    t = np.array([p["window_end_t"] for p in preds])
+    p = np.array([p["p"] if p["valid"] else np.nan for p in preds])
+    scored = detector_events(t, p, pol.threshold_on, pol.min_duration_s, pol.refractory_s, pol.threshold_off)
+    assert [s[0] for s in scored][:1] == [starts[0].t]
+
+
+def test_blanking_after_our_own_burst_neither_ends_nor_restarts_the_detection():
+    """Two bursts per detection: the first burst blanks the windows after it (burst + blanking_s + a window),
+    longer than burst_interval_s. The detection goes on through them and the second burst comes at the first
+    valid window after its due time; no restart, no new detection, no FAULT."""
+    step, feed, log = _stub_rig(bursts_per_detection=2)
+    pol = step.loop.policy
+    feed(0.0, 10.0, 0.1)
+    feed(10.0, 16.0, 0.9)
+    feed(16.0, 17.0, 0.1)
+    cmds = [e for e in log if e.kind is EventKind.COMMAND and e.data.get("op") == "trigger"]
+    reqs = _what(log, "stim_request")
+    assert len(cmds) == 2 and [r.data["detection_id"] for r in reqs] == [1, 1]
+    first, second = (r.data["window_end_t"] for r in reqs)
+    blanked = [p["window_end_t"] for p in _preds(log) if p.get("invalid") == "stimulation (blanking)"]
+    assert blanked and first < min(blanked) and max(blanked) > first + pol.burst_interval_s
+    valid_after = [p["window_end_t"] for p in _preds(log) if p["valid"] and p["window_end_t"] >= first + pol.burst_interval_s]
+    assert second == valid_after[0]
+    assert len(_what(log, "detection_start")) == 1 and len(_what(log, "detection_end")) == 1
+    assert _what(log, "onset_restarted") == [] and not any(e.kind is EventKind.FAULT for e in log)
+
+
+def test_a_late_window_restarts_an_onset_not_yet_confirmed():
+    """A window whose result missed the deadline is never acted upon: it is a hole in the evidence, so an
+    onset timer does not run across it."""
+    step, feed, log = _stub_rig()
+    pol = step.loop.policy
+    feed(0.0, 9.0, 0.1)
+    feed(9.0, 10.0, 0.9)
+    step.modeled_latency_s = 2 * step.loop.deadline.deadline_s     # the next windows come too late
+    feed(10.0, 10.3, 0.9)
+    step.modeled_latency_s = 0.002
+    feed(10.3, 13.0, 0.9)
+    late = [e.data["window_end_t"] for e in log if e.kind is EventKind.DEADLINE_MISS]
+    assert late
+    starts = _what(log, "detection_start")
+    assert starts[0].data["onset_t"] > max(late)
+    assert starts[0].t >= max(late) + pol.min_duration_s
+    assert [e.data["reason"] for e in _what(log, "onset_restarted")] == ["deadline missed"]

@@ -96,6 +96,58 @@ def test_nan_never_stimulates_and_emits_fault_event():
     assert reqs == []
 
 
+def run_with_holes(pol, trace, dt=0.25):
+    """``trace``: p per window, or None for a window the loop could not evaluate (``invalid``)."""
+    reqs, events = [], []
+    for i, p in enumerate(trace):
+        r, e = pol.invalid(i * dt, "bad samples") if p is None else pol.step(p, i * dt)
+        reqs += r
+        events += e
+    return reqs, events
+
+
+def test_an_invalid_window_restarts_an_onset_not_yet_confirmed():
+    """Above threshold at 0.0, a fault, above again from 1.0: the above-threshold time does not run across
+    the fault, so the detection comes min_duration_s after 1.0 (1.5), not at the first valid window after it."""
+    pol = policy(min_duration_s=0.5)
+    reqs, ev = run_with_holes(pol, [0.9] + [None] * 3 + [0.9] * 4)
+    assert [r.t for r in reqs] == [1.5]
+    starts = [e for e in ev if e.data.get("what") == "detection_start"]
+    assert starts[0].data["onset_t"] == 1.0
+    # one event for the restart, none per invalid window, and no FAULT (blanking spans many windows)
+    restarted = [e for e in ev if e.data.get("what") == "onset_restarted"]
+    assert len(restarted) == 1 and restarted[0].t == 0.25 and restarted[0].data["onset_t"] == 0.0
+    assert restarted[0].kind is EventKind.STATUS and not any(e.kind is EventKind.FAULT for e in ev)
+    # nothing pending: invalid windows say nothing at all
+    assert run_with_holes(policy(), [None] * 4 + [0.1, None]) == ([], [])
+
+
+def test_invalid_windows_leave_an_ongoing_detection_and_its_burst_cadence_alone():
+    """Our own burst blanks the windows after it: the detection goes on, and the second burst, due
+    burst_interval_s after the first, comes at the first valid window from then on that still shows the
+    detection (p >= threshold_off) — as if the blanked windows had been skipped."""
+    holes = [0.9] * 3 + [None] * 6 + [0.6] * 4 + [0.1]   # detection at 0.5, blanked 0.75-2.0
+    reqs, ev = run_with_holes(policy(min_duration_s=0.5), holes)
+    assert [r.t for r in reqs] == [0.5, 2.25]
+    assert [r.meta["detection_id"] for r in reqs] == [1, 1]
+    assert names(ev) == ["detection_start", "stim_request", "stim_request", "detection_end"]
+    # blanking shorter than the interval: same cadence as with no hole at all
+    short = [0.9] * 3 + [None] * 2 + [0.9] * 6 + [0.1]
+    full = [0.9] * 11 + [0.1]
+    assert [r.t for r in run_with_holes(policy(), short)[0]] == [r.t for r in run(policy(), full)[0]] == [0.5, 1.5]
+    # a therapy held back by the refractory period waits through invalid windows too
+    pol = policy(bursts_per_detection=1, refractory_s=2.0, min_duration_s=0.0)
+    reqs, _ = run_with_holes(pol, [0.9, 0.1, 0.9] + [None] * 4 + [0.9] * 4 + [0.1])
+    assert [r.t for r in reqs] == [0.0, 2.0]
+
+
+def test_invalid_time_must_not_go_backwards():
+    pol = policy()
+    pol.step(0.1, 1.0)
+    with pytest.raises(ValueError, match="backwards"):
+        pol.invalid(0.5, "bad samples")
+
+
 @pytest.mark.parametrize("kw, word", [
     ({"threshold_off": 0.9}, "threshold_off"),
     ({"bursts_per_detection": 3}, "bursts_per_detection"),
@@ -137,6 +189,27 @@ def test_properties_for_any_detector_trace(ps, bursts, refractory_s, min_duratio
     lasts = sorted(ts[-1] for ts in by_det.values())
     for prev_last, nxt_first in zip(lasts, firsts[1:]):
         assert nxt_first - prev_last >= refractory_s
+
+
+@settings(max_examples=200, deadline=None)
+@given(trace=st.lists(st.one_of(st.none(), st.floats(0, 1)), max_size=200), bursts=st.sampled_from([1, 2]),
+       min_duration_s=st.floats(0.0, 2.0))
+def test_no_onset_is_confirmed_across_an_invalid_window(trace, bursts, min_duration_s):
+    pol = policy(bursts_per_detection=bursts, min_duration_s=min_duration_s)
+    holes = []
+    for i, p in enumerate(trace):
+        t = i * 0.25
+        if p is None:
+            holes.append(t)
+            r, e = pol.invalid(t, "stimulation (blanking)")
+            assert r == [] and not any(x.kind is EventKind.FAULT for x in e)
+            continue
+        r, e = pol.step(p, t)
+        for x in e:
+            if x.data.get("what") == "detection_start":
+                # the whole above-threshold stretch that confirmed it was seen, without a hole
+                assert not any(x.data["onset_t"] <= h <= t for h in holes)
+                assert t - x.data["onset_t"] >= min_duration_s
 
 
 def test_closed_loop_policy_governor_simulated_device():

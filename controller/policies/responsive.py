@@ -14,7 +14,15 @@ duration (e.g. 0.64 s for its bandpass detector, §3). This policy mirrors that:
   if it is still present;
 - a non-finite ``p`` (NaN: the detector could not evaluate) never stimulates:
   it cancels pending bursts and the onset timer and emits a ``FAULT`` event
-  (warning severity; the runner decides whether to stop).
+  (warning severity; the runner decides whether to stop);
+- a window the loop could not evaluate (bad samples, a timestamp gap, blanking
+  after a burst, model warm-up, a missed deadline) is reported with
+  ``invalid(t, reason)``: it restarts an onset timer that has not yet reached
+  ``min_duration_s`` (the above-threshold time must be seen without a hole, as
+  the offline scorer counts it), and leaves an ongoing detection and its
+  pending burst as they are (a pending burst waits for the next valid window
+  that still shows the detection). Our own bursts blank the windows after them,
+  so ending or re-arming a detection there would change the burst cadence.
 """
 from __future__ import annotations
 
@@ -77,6 +85,20 @@ class ResponsivePolicy:
     @property
     def detecting(self) -> bool:
         return self._detecting
+
+    def invalid(self, t: float, reason: str) -> PolicyOutput:
+        """The window ending at ``t`` could not be evaluated (``reason``); no request ever comes of it.
+
+        Restarts a pending (not yet confirmed) onset timer, with one ``STATUS``
+        ``what="onset_restarted"`` event per restart (not per window: blanking
+        and faults span many windows). An ongoing detection is left as it is.
+        """
+        t = self._last_t = check_time(t, self._last_t)
+        if self._detecting or self._above_since is None:
+            return [], []
+        onset_t, self._above_since = self._above_since, None
+        return [], [Event(t, EventKind.STATUS, self.source, {
+            "what": "onset_restarted", "onset_t": onset_t, "reason": reason})]
 
     def step(self, p: float, t: float) -> PolicyOutput:
         """Advance to time ``t`` with detector output ``p``; return ``(requests, events)``."""
