@@ -213,11 +213,13 @@ def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float,
         return BandPowerDrive(policy, P.BandPowerBiomarker(fs_hz, band=a.band_hz, n_channels=n_channels))
     if kind == "periodic":
         o = pc.open_loop
-        return ClockDrive(P.PeriodicPolicy(o.period_s, stim_params(pc.stim), start_t=o.start_s), kind)
+        # start_s counts from the first chunk, as every clock-driven policy does: in real time the
+        # session clock is LSL's local_clock (s since boot), never 0 at the start of a session.
+        return ClockDrive(P.PeriodicPolicy(o.period_s, stim_params(pc.stim), start_delay_s=o.start_s), kind)
     if kind == "poisson":
         o = pc.open_loop
         return ClockDrive(P.PoissonPolicy(o.rate_hz, stim_params(pc.stim), seed=cfg.session.seed,
-                                          start_t=o.start_s), kind)
+                                          start_delay_s=o.start_s), kind)
     if kind == "personalized":
         q = pc.personalized
         stim = stim_params(pc.stim, waveform=Waveform.SINE) if pc.stim.waveform != "sine" else stim_params(pc.stim)

@@ -44,7 +44,7 @@ def test_periodic_exact_grid_with_jittered_steps():
 
 
 def test_periodic_lookahead_schedules_at_the_due_time():
-    pol = PeriodicPolicy(1.0, STIM, lookahead_s=0.3)
+    pol = PeriodicPolicy(1.0, STIM, start_t=0.0, lookahead_s=0.3)
     reqs, _ = drive(pol, np.arange(0.05, 10, 0.25))
     # due 0 is late at the first step (now); later ones are scheduled ahead at exactly k
     assert reqs[0].at is None and reqs[0].meta["due_t"] == 0.0
@@ -162,3 +162,60 @@ def test_a_late_burst_pushes_out_a_due_time_the_device_would_refuse():
         act.poll()
     assert got == [(0.0, 0.0), (pytest.approx(0.11), 0.12), (pytest.approx(0.33), 0.33)]
     assert pol.n_skipped == 1 and len(drv.delivered) == 3
+
+
+# -- anchored at the first step: a session clock that does not start at 0 (LSL local_clock) ------------------
+
+@pytest.mark.parametrize("offset_s", [0.0, 3600.123, 86_400.0 * 30])
+def test_periodic_and_poisson_count_from_their_first_step(offset_s):
+    """The same policy stepped from t0 = 0, one hour or thirty days of uptime gives the same due times
+    relative to t0: the first periodic burst start_delay_s after the first step, Poisson draws from the
+    same seed, and no burst "skipped" for the time before the session."""
+    steps = np.arange(0.0, 120.0, 1 / 64)
+    per = PeriodicPolicy(10.0, STIM, start_delay_s=5.0)
+    reqs, _ = drive(per, offset_s + steps)
+    assert [round(r.meta["due_t"] - offset_s, 6) for r in reqs] == [5.0 + 10.0 * k for k in range(12)]
+    assert per.anchor_t == offset_s + 5.0 and per.n_skipped == 0
+    assert all(r.meta["skipped"] == 0 for r in reqs)
+    poi = PoissonPolicy(0.2, STIM, seed=7, start_delay_s=5.0)
+    reqs, _ = drive(poi, offset_s + steps)
+    ref, _ = drive(PoissonPolicy(0.2, STIM, seed=7, start_t=5.0), steps)   # the sequence from a clock at 0
+    np.testing.assert_allclose([r.meta["due_t"] - offset_s for r in reqs], [r.meta["due_t"] for r in ref],
+                               atol=1e-6)
+    assert len(reqs) > 5 and reqs[0].meta["due_t"] > offset_s + 5.0 and poi.n_skipped == 0
+
+
+def test_a_session_drive_starts_open_loop_bursts_start_s_after_its_first_chunk():
+    """build_drive (what a session runs) with policy.open_loop.start_s = 5: in real time the clock is
+    LSL's local_clock, e.g. an hour after boot; the first burst must still come 5 s into the session,
+    not on the first chunk with hundreds of phantom skips."""
+    from controller.config import load_config
+    from controller.policy_drive import build_drive
+
+    for kind in ("periodic", "poisson"):
+        cfg = load_config(None, {"policy": {"kind": kind, "open_loop": {"start_s": 5.0, "period_s": 10.0,
+                                                                        "rate_hz": 0.1}}})
+        got = {}
+        for t0 in (0.0, 3600.123):
+            d = build_drive(cfg, 512.0, 4, 0.82)
+            out = []
+            for k in range(1, 60 * 64):
+                t = t0 + k / 64
+                reqs, _ = d.on_chunk(np.zeros((8, 4), np.float32), np.array([t]))
+                out += [(round(r.t - t0, 6), round(r.meta["due_t"] - t0, 6), r.meta["skipped"]) for r in reqs]
+            got[t0] = out
+            assert d.policy.n_skipped == 0
+        assert got[0.0] == got[3600.123] and got[0.0], kind
+        assert got[0.0][0][1] >= 5.0 + 1 / 64 and all(s == 0 for *_, s in got[0.0])
+
+
+def test_due_times_before_the_first_step_say_when_the_grid_starts():
+    pol = PeriodicPolicy(1.0, STIM)
+    with pytest.raises(ValueError, match="first step"):
+        pol.due_times(10.0)
+    pol.step(100.0)
+    assert list(pol.due_times(103.0)) == [100.0, 101.0, 102.0]
+    pol.reset()                      # a new session anchors again
+    assert pol.anchor_t is None and pol.step(7.0)[0][0].meta["due_t"] == 7.0
+    with pytest.raises(ValueError, match="start_delay_s=-1"):
+        PeriodicPolicy(1.0, STIM, start_delay_s=-1)

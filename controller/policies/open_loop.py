@@ -6,8 +6,12 @@ the session time of the call; they never read a clock.
 Scheduling rule (shared with the other policies of this package through
 ``BurstSchedule``):
 
-- bursts are *due* at planned times (periodic grid ``start_t + k * period_s``,
-  or a seeded Poisson sequence);
+- bursts are *due* at planned times (periodic grid ``start + k * period_s``,
+  or a seeded Poisson sequence), counted from ``start`` = ``start_t`` +
+  ``start_delay_s``, where ``start_t=None`` (the default) means the time of the
+  first step. Sessions anchor at the first step: in real time the session clock
+  is LSL's ``local_clock`` (seconds since boot), so a start given as an
+  absolute time would lie hours in the past;
 - with ``lookahead_s > 0`` a burst due in ``(t, t + lookahead_s]`` is requested
   at this step with ``at = due_t``: the device schedules it, so the delivered
   timing does not depend on when the runner happens to call ``step``;
@@ -108,8 +112,11 @@ class _OpenLoop:
 
     source: str
 
-    def _init_common(self, stim: StimParams, stop_t: float, lookahead_s: float, who: str) -> None:
+    def _init_common(self, stim: StimParams, start_t: float | None, start_delay_s: float, stop_t: float,
+                     lookahead_s: float, who: str) -> None:
         self.stim = check_stim(stim, who)
+        self.start_t = None if start_t is None else check_number("start_t", start_t)
+        self.start_delay_s = check_number("start_delay_s", start_delay_s, 0.0)
         self.stop_t = float(stop_t) if stop_t == math.inf else check_number("stop_t", stop_t)
         self.lookahead_s = check_number("lookahead_s", lookahead_s, 0.0)
         self._last_t = -math.inf
@@ -118,16 +125,35 @@ class _OpenLoop:
         self._last_t = check_time(t, self._last_t)
         return self._last_t
 
+    def _restart(self) -> None:
+        """Common part of ``reset``: unanchored unless ``start_t`` was given."""
+        self._last_t = -math.inf
+        self.n_requests = 0
+        self._sched: BurstSchedule | None = None
+        #: ``start_t`` (or the first step's t) + ``start_delay_s``; ``None`` until anchored
+        self.anchor_t: float | None = None
+        if self.start_t is not None:
+            self._anchor(self.start_t)
+
+    def _anchor(self, t0: float) -> None:
+        self.anchor_t = t0 + self.start_delay_s
+        self._sched = self._schedule(self.anchor_t)
+
+    def _schedule(self, start: float) -> BurstSchedule:
+        raise NotImplementedError
+
     @property
     def n_skipped(self) -> int:
         """Due bursts skipped by the catch-up rule (runner stalled longer than one interval)."""
-        return self._sched.n_skipped
+        return self._sched.n_skipped if self._sched is not None else 0
 
     def step(self, t: float) -> PolicyOutput:
         """Requests for the burst due by ``t`` (+ lookahead), at most one per call; see module docstring."""
         t = self._check_t(t)
         requests: list[StimRequest] = []
         events: list[Event] = []
+        if self._sched is None:
+            self._anchor(t)
         got = self._sched.take(t)
         if got is None:
             return requests, events
@@ -143,39 +169,43 @@ class _OpenLoop:
 
 
 class PeriodicPolicy(_OpenLoop):
-    """Open-loop bursts every ``period_s`` from ``start_t`` (exact grid ``start_t + k * period_s``).
+    """Open-loop bursts every ``period_s`` from ``start`` (exact grid ``start + k * period_s``).
 
-    ``step(t) -> (requests, events)``. Bursts are due on the grid until
-    ``stop_t`` (excluded). The period must be at least the burst duration so
-    bursts never overlap.
+    ``start`` = ``start_t`` + ``start_delay_s``, ``start_t=None``: the first
+    step's time. ``step(t) -> (requests, events)``. Bursts are due on the grid
+    until ``stop_t`` (excluded, session clock). The period must be at least the
+    burst duration so bursts never overlap.
     """
 
-    def __init__(self, period_s: float, stim: StimParams, start_t: float = 0.0, stop_t: float = math.inf,
-                 lookahead_s: float = 0.0, source: str = "policy.periodic") -> None:
-        self._init_common(stim, stop_t, lookahead_s, "PeriodicPolicy")
+    def __init__(self, period_s: float, stim: StimParams, start_t: float | None = None, start_delay_s: float = 0.0,
+                 stop_t: float = math.inf, lookahead_s: float = 0.0, source: str = "policy.periodic") -> None:
+        self._init_common(stim, start_t, start_delay_s, stop_t, lookahead_s, "PeriodicPolicy")
         self.period_s = check_number("period_s", period_s, 0.0, lo_open=True)
         check_burst_spacing("period_s", self.period_s, stim, "PeriodicPolicy")
-        self.start_t = check_number("start_t", start_t)
         self.source = source
         self.reset()
 
     def reset(self) -> None:
-        """Forget all state (new session)."""
-        self._last_t = -math.inf
-        self.n_requests = 0
+        """Forget all state (new session; unanchored again unless ``start_t`` was given)."""
+        self._restart()
+
+    def _schedule(self, start: float) -> BurstSchedule:
         # The grid is computed from k (not by accumulating period_s) so due
-        # times stay exact over hours: start_t + k * period_s.
-        self._sched = BurstSchedule(self.start_t, self._next, self.lookahead_s, min_burst_spacing_s(self.stim))
+        # times stay exact over hours: start + k * period_s.
+        return BurstSchedule(start, self._next, self.lookahead_s, min_burst_spacing_s(self.stim))
 
     def _next(self, due: float) -> float:
-        k = round((due - self.start_t) / self.period_s)
-        return self.start_t + (k + 1) * self.period_s
+        k = round((due - self.anchor_t) / self.period_s)
+        return self.anchor_t + (k + 1) * self.period_s
 
     def due_times(self, until_t: float) -> np.ndarray:
-        """The planned grid in ``[start_t, min(until_t, stop_t))`` (for reports and tests)."""
+        """The planned grid in ``[start, min(until_t, stop_t))`` (for reports and tests)."""
+        if self.anchor_t is None:
+            raise ValueError("PeriodicPolicy.due_times: the grid starts at the first step (start_t=None); "
+                             "call step first, or give start_t")
         end = min(until_t, self.stop_t)
-        n = max(0, math.ceil((end - self.start_t) / self.period_s))
-        g = self.start_t + np.arange(n) * self.period_s
+        n = max(0, math.ceil((end - self.anchor_t) / self.period_s))
+        g = self.anchor_t + np.arange(n) * self.period_s
         return g[g < end]
 
 
@@ -186,14 +216,15 @@ class PoissonPolicy(_OpenLoop):
     mean chosen so the mean rate stays exactly ``rate_hz``. ``dead_time_s``
     defaults to (and is at least) the burst duration + the device-busy guard
     (``min_burst_spacing_s``: bursts never overlap and the device is free again). The first burst is
-    due one interval after ``start_t``. Same seed → same due times.
+    due one interval after ``start`` = ``start_t`` + ``start_delay_s`` (``start_t=None``: the first
+    step's time). Same seed → same due times relative to ``start``, whatever the clock reads.
     ``step(t) -> (requests, events)``.
     """
 
-    def __init__(self, rate_hz: float, stim: StimParams, seed: int, start_t: float = 0.0,
-                 dead_time_s: float | None = None, stop_t: float = math.inf, lookahead_s: float = 0.0,
-                 source: str = "policy.poisson") -> None:
-        self._init_common(stim, stop_t, lookahead_s, "PoissonPolicy")
+    def __init__(self, rate_hz: float, stim: StimParams, seed: int, start_t: float | None = None,
+                 start_delay_s: float = 0.0, dead_time_s: float | None = None, stop_t: float = math.inf,
+                 lookahead_s: float = 0.0, source: str = "policy.poisson") -> None:
+        self._init_common(stim, start_t, start_delay_s, stop_t, lookahead_s, "PoissonPolicy")
         self.rate_hz = check_number("rate_hz", rate_hz, 0.0, lo_open=True)
         dead = min_burst_spacing_s(stim) if dead_time_s is None else dead_time_s
         self.dead_time_s = check_number("dead_time_s", dead, 0.0)
@@ -204,32 +235,32 @@ class PoissonPolicy(_OpenLoop):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed={seed!r} invalid, expected an integer")
         self.seed = int(seed)
-        self.start_t = check_number("start_t", start_t)
         self.source = source
         self.reset()
 
     def reset(self) -> None:
-        """Forget all state and restart the random sequence from ``seed``."""
-        self._last_t = -math.inf
-        self.n_requests = 0
+        """Forget all state and restart the random sequence from ``seed`` (unanchored unless ``start_t``)."""
         self._rng = np.random.default_rng(self.seed)
         self._mean_exp_s = 1.0 / self.rate_hz - self.dead_time_s
-        self._sched = BurstSchedule(self.start_t + self._draw(), lambda due: due + self._draw(), self.lookahead_s,
-                                    min_burst_spacing_s(self.stim))
+        self._restart()
+
+    def _schedule(self, start: float) -> BurstSchedule:
+        return BurstSchedule(start + self._draw(), lambda due: due + self._draw(), self.lookahead_s,
+                             min_burst_spacing_s(self.stim))
 
     def _draw(self) -> float:
         return self.dead_time_s + float(self._rng.exponential(self._mean_exp_s))
 
 
 def matched_periodic(total_charge_uc: float, duration_s: float, stim: StimParams) -> float:
-    """Period (s) of a ``PeriodicPolicy(period, stim, start_t=0)`` matching a reference session's charge.
+    """Period (s) of a ``PeriodicPolicy(period, stim)`` matching a reference session's charge.
 
     ``total_charge_uc`` is the reference session's delivered charge, counted
     like ``metrics.json`` does (``conservative_charge_uc`` per allowed burst);
     ``duration_s`` is the session length. The periodic arm delivers
     ``n = round(total_charge_uc / conservative_charge_uc(stim))`` bursts at
-    ``0, T, ..., (n - 1) T`` with ``T = duration_s / n``, all inside
-    ``[0, duration_s)``: its total charge is within half a burst of the reference.
+    ``0, T, ..., (n - 1) T`` after its start with ``T = duration_s / n``, all inside
+    ``[0, duration_s)`` of it: its total charge is within half a burst of the reference.
     """
     total = check_number("total_charge_uc", total_charge_uc, 0.0, lo_open=True)
     dur = check_number("duration_s", duration_s, 0.0, lo_open=True)
