@@ -8,15 +8,25 @@ import threading
 import time
 
 
-def stop_when_parent_dies(stop_event, interval_s: float = 0.25) -> threading.Thread:
+def stop_when_parent_dies(stop_event, interval_s: float = 0.25) -> threading.Thread | None:
     """Set ``stop_event`` once the parent process is gone (reparented), so the child shuts down cleanly.
 
     A daemon thread polling ``os.getppid()``: portable, and the child still runs its own orderly
     shutdown (stimulation off, files flushed) instead of being killed outright. It touches the
     (cross-process, lock-protected) event only once the parent is gone: a daemon thread that dies
     inside ``Event.wait`` at process exit would leave the event's lock taken and deadlock the parent.
+
+    The parent is the process that started this one (``multiprocessing.parent_process()``), not
+    whoever is the parent when this is called: a runner killed during the child's start-up (spawn,
+    imports: about a second) has already left it with init, which would then be watched forever.
+    Returns ``None`` (and has set ``stop_event``) when the parent is gone already.
     """
-    parent = os.getppid()
+    import multiprocessing as mp
+    creator = mp.parent_process()
+    parent = creator.pid if creator is not None else os.getppid()
+    if os.getppid() != parent:
+        stop_event.set()
+        return None
 
     def watch() -> None:
         while True:
