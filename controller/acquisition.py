@@ -13,7 +13,9 @@ Raw recording layout in ``raw_dir``:
 Data go to the kernel with ``os.write`` at least every ``raw_flush_s`` (1 s):
 after a SIGKILL at most that much is lost, and a half-written last record is
 ignored by :func:`load_raw`. (Power loss is another matter: no fsync on the
-real-time path.)
+real-time path.) A write that fails partway (disk full) is cut back to the last
+whole record in both files before the error goes up, and the staged samples
+stay staged, so a later flush writes them once, in place.
 """
 from __future__ import annotations
 
@@ -114,6 +116,7 @@ class RawRecorder:
         self._stage = np.empty((cap, self.n_channels), dtype="<f4")
         self._stage_t = np.empty((cap,), dtype="<f8")
         self._k = 0
+        self._needs_trim = False   # a failed write could not be cut back: do it before the next one
         # Timed flushes run on the caller's clock (monotonic in acquisition, virtual in the simulated
         # runner): -inf makes the first maybe_flush write, whatever clock it passes.
         self._last_flush = float("-inf")
@@ -142,10 +145,28 @@ class RawRecorder:
             self._k = 0
 
     def _write(self, samples: np.ndarray, timestamps: np.ndarray) -> None:
+        if self._needs_trim:
+            self._trim_to_written()
         # Samples first, timestamps second: a record counts once both are on disk.
-        _write_all(self._fd_s, memoryview(samples).cast("B"))
-        _write_all(self._fd_t, memoryview(timestamps).cast("B"))
+        try:
+            _write_all(self._fd_s, memoryview(samples).cast("B"))
+            _write_all(self._fd_t, memoryview(timestamps).cast("B"))
+        except OSError:
+            # Torn bytes left behind would sit in front of the retry (the stage is written again
+            # whole) and shift every later row against its timestamp.
+            self._needs_trim = True
+            try:
+                self._trim_to_written()
+            except OSError:
+                pass   # retried before the next write; the write's error is the one to report
+            raise
         self.n_written += samples.shape[0]
+
+    def _trim_to_written(self) -> None:
+        """Cut both files back to the ``n_written`` whole records (shrinking needs no space)."""
+        os.ftruncate(self._fd_s, self.n_written * 4 * self.n_channels)
+        os.ftruncate(self._fd_t, self.n_written * 8)
+        self._needs_trim = False
 
     def n_on_disk(self) -> int:
         """Whole records in both files now (what :func:`load_raw` returns), whatever writes failed."""
@@ -222,19 +243,18 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     and re-raises. In a child process Ctrl-C is ignored and SIGTERM stops it (after a short
     grace, see :func:`controller.process_watch.stop_on_signals`).
     """
+    from controller.process_watch import stop_on_signals, stop_when_parent_dies
+    stop_when_parent_dies(stop_event)  # a killed runner must not leave this process recording forever
+    # Ctrl-C is the runner's to order; on SIGTERM keep recording until the runner stops us after
+    # the loop (stimulation off first), or stop by ourselves if it does not within the grace.
+    stop_on_signals(stop_event, sigterm_grace_s=3.0)
+
     ensure_lsl_config()  # before any backend imports pylsl
     import pylsl
 
     from controller.low_latency import nice_for, set_nice
     own_nice = nice_for(nice, bool(source_spec.get("busy_poll")))
     nice_status = "unchanged" if own_nice is None else set_nice(own_nice)   # before the source starts its threads
-
-    from controller.process_watch import stop_on_signals
-    # Ctrl-C is the runner's to order; on SIGTERM keep recording until the runner stops us after
-    # the loop (stimulation off first), or stop by ourselves if it does not within the grace.
-    stop_on_signals(stop_event, sigterm_grace_s=3.0)
-    from controller.process_watch import stop_when_parent_dies
-    stop_when_parent_dies(stop_event)  # a killed runner must not leave this process recording forever
 
     from controller.ring import Overrun, SharedRing
     from controller.sources import build_source
@@ -246,6 +266,16 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     recorder = None
     wakeup = None
     reported = False  # a FAULT naming the cause is already out
+    # NaN rows are reported aggregated, one event per events flush; what is counted when the
+    # acquisition stops or fails is reported then, so no NaN stretch goes unreported.
+    nan = {"n": 0, "first_t": None}
+
+    def report_nan() -> None:
+        if nan["n"]:
+            sink.emit(Event(clock(), EventKind.STATUS, "acquisition",
+                            {"what": "nan_samples", "n_samples": nan["n"], "first_t": nan["first_t"]}))
+            nan["n"], nan["first_t"] = 0, None
+
     try:
         ring = SharedRing.attach(ring_name)
         if wrap_ring is not None:
@@ -271,8 +301,6 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
         sink.flush()
         if ready_event is not None:
             ready_event.set()
-        n_nan = 0
-        nan_first_t = None
         while not stop_event.is_set():
             try:
                 n = source.read_into(ring)
@@ -292,9 +320,9 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
                     samples, ts, _ = reader.read_new()
                 nan_rows = np.isnan(samples).any(axis=1)
                 if nan_rows.any():
-                    n_nan += int(nan_rows.sum())
-                    if nan_first_t is None:
-                        nan_first_t = float(ts[np.argmax(nan_rows)])
+                    nan["n"] += int(nan_rows.sum())
+                    if nan["first_t"] is None:
+                        nan["first_t"] = float(ts[np.argmax(nan_rows)])
                 if recorder is not None:
                     recorder.append(samples, ts)
             for ev in source.drain_events():
@@ -303,11 +331,9 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
             if recorder is not None:
                 recorder.maybe_flush(mono)
             if sink.due(mono):
-                if n_nan:  # aggregated: one event per flush period, not one per chunk
-                    sink.emit(Event(clock(), EventKind.STATUS, "acquisition",
-                                    {"what": "nan_samples", "n_samples": n_nan, "first_t": nan_first_t}))
-                    n_nan, nan_first_t = 0, None
+                report_nan()
                 sink.maybe_flush(mono)
+        report_nan()
         flush_error = None
         if recorder is not None:
             try:
@@ -325,6 +351,7 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
             raise flush_error  # samples were lost: not a clean stop
         return 0
     except Exception as exc:
+        report_nan()
         if not reported:  # e.g. a recording write failing mid-session
             sink.emit(Event(clock(), EventKind.FAULT, "acquisition", {"what": "acquisition_crashed",
                                                                       "error": f"{type(exc).__name__}: {exc}"}))

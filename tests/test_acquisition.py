@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import signal
 import time
@@ -9,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from controller.acquisition import RawRecorder, load_raw, load_raw_meta, start_acquisition
+from controller.acquisition import RawRecorder, load_raw, load_raw_meta, run_acquisition, start_acquisition
 from controller.events import Event, EventKind
 from controller.ring import SharedRing
 
@@ -136,3 +137,110 @@ def test_acquisition_runs_at_the_given_nice_unless_its_source_busy_polls(tmp_pat
     started = [json.loads(line) for line in events_path.read_text().splitlines()
                if json.loads(line).get("what") == "acquisition_started"]
     assert [e["nice"] for e in started] == [expected]
+
+
+def test_nan_samples_read_just_before_the_stop_are_reported(tmp_path):
+    """NaN counts go out with the events flush (here: not before a minute); the ones counted since
+    the last flush are reported when the acquisition stops, not dropped."""
+    data = np.random.default_rng(1).normal(0, 50, (400, 2)).astype(np.float32)
+    data[300:303, 1] = np.nan
+    ring = SharedRing.create(None, 2, 1024, FS)
+    events_path = tmp_path / "events.jsonl"
+    spec = {"kind": "array", "data": data, "fs_hz": FS, "chunk": 16, "pace": "none"}
+    proc, stop_event = start_acquisition(spec, ring.name, events_path, tmp_path / "raw", events_flush_s=60.0)
+    try:
+        deadline = time.monotonic() + 10
+        while ring.counter < data.shape[0] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ring.counter == data.shape[0]
+    finally:
+        stop_event.set()
+        proc.join(10)
+        ring.close()
+        ring.unlink()
+    assert proc.exitcode == 0
+    events = [json.loads(line) for line in events_path.read_text().splitlines()]
+    nan_ev = [e for e in events if e.get("what") == "nan_samples"]
+    assert sum(e["n_samples"] for e in nan_ev) == 3
+    assert [e.get("what") for e in events][-1] == "acquisition_stopped"
+
+
+FSIZE_LIMIT_BYTES = 16_000
+
+
+def _limit_file_size(limit_bytes: int) -> None:
+    """Files of this process cannot grow past ``limit_bytes``: a full disk, for this process only."""
+    import resource
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # the write fails with EFBIG instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def _torn_flush_then_space_back(raw_dir: str, n_channels: int, limit_bytes: int) -> None:
+    import resource
+    rec = RawRecorder(raw_dir, n_channels, 100.0, stage_samples=100)
+    k = np.arange(100 * n_channels, dtype=np.float32).reshape(100, n_channels)   # every value says where it belongs
+    rec.append(k, np.arange(100) / 100.0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    _limit_file_size(limit_bytes)
+    try:
+        rec.flush()
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the flush did not fail")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))   # space is back: the stage is written again
+    rec.close()
+
+
+@pytest.mark.parametrize("n_channels, limit_bytes", [(4, 1000),   # torn inside samples.f32 (1600 bytes)
+                                                     (1, 600)])   # samples whole (400), timestamps.f64 torn (800)
+def test_a_write_that_fails_partway_leaves_no_torn_or_repeated_row(tmp_path, n_channels, limit_bytes):
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_torn_flush_then_space_back, args=(str(tmp_path), n_channels, limit_bytes))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    samples, timestamps = load_raw(tmp_path)
+    expect = np.arange(100 * n_channels, dtype=np.float32).reshape(100, n_channels)
+    assert np.array_equal(samples, expect) and np.array_equal(timestamps, np.arange(100) / 100.0)
+
+
+def _acquire_until_the_disk_fills(spec: dict, ring_name: str, events_path: str, raw_dir: str, stop_event) -> None:
+    _limit_file_size(FSIZE_LIMIT_BYTES)
+    try:
+        run_acquisition(spec, ring_name, stop_event, events_path, raw_dir, events_flush_s=60.0)
+    except OSError:
+        return
+    raise AssertionError("the acquisition did not fail")
+
+
+def test_a_recording_that_fails_mid_session_reports_its_nan_samples_and_keeps_whole_rows(tmp_path):
+    """Disk full mid-session: the acquisition fails (reported), the NaN samples it read are still
+    reported, and what is on disk is whole rows, each the row that was read."""
+    data = np.random.default_rng(2).normal(0, 50, (2000, 4)).astype(np.float32)   # 32 000 bytes of samples
+    data[900:905, 1] = np.nan   # read before the write that crosses the limit (row 1000 on)
+    ring = SharedRing.create(None, 4, 4096, FS)
+    events_path = tmp_path / "events.jsonl"
+    spec = {"kind": "array", "data": data, "fs_hz": FS, "chunk": 16, "pace": "none"}
+    ctx = mp.get_context("spawn")
+    stop_event = ctx.Event()
+    p = ctx.Process(target=_acquire_until_the_disk_fills,
+                    args=(spec, ring.name, str(events_path), str(tmp_path / "raw"), stop_event))
+    p.start()
+    try:
+        p.join(30)
+    finally:
+        stop_event.set()
+        p.join(10)
+        ring.close()
+        ring.unlink()
+    assert p.exitcode == 0
+    events = [json.loads(line) for line in events_path.read_text().splitlines()]
+    whats = [e.get("what") for e in events]
+    assert "acquisition_crashed" in whats
+    assert sum(e["n_samples"] for e in events if e.get("what") == "nan_samples") == 5
+    samples, timestamps = load_raw(tmp_path / "raw")
+    n = samples.shape[0]
+    assert 0 < n < 1000 and timestamps.shape == (n,)
+    assert np.array_equal(samples, data[:n])
+    assert os.path.getsize(tmp_path / "raw" / "samples.f32") == n * 4 * 4   # nothing torn left behind
