@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 CONTRACT_KEY = "stimloop.contract"
+#: ONNX output types a probability may have (onnxruntime's names)
+PROBABILITY_TYPES = ("tensor(float)", "tensor(double)")
+#: characters of an offending value quoted in a contract error: a whole foreign contract is kilobytes
+MAX_QUOTED_CHARS = 80
 # A source rate must be representable within this relative error by the
 # resampler's rational approximation; beyond it spectral features shift.
 MAX_RATE_ERROR = 1e-3
@@ -53,6 +57,18 @@ def contract_min_duration_s(contract: "ModelContract") -> float:
 
 class ContractError(ValueError):
     """The model's contract is malformed or cannot be fitted to the stream."""
+
+
+def _problem(err: dict) -> str:
+    """One validation error: where, what, and the offending value, shortened (a missing field has none:
+    pydantic's ``input`` is then the whole contract)."""
+    where = ".".join(map(str, err["loc"])) or "contract"
+    if err["type"] == "missing":
+        return f"{where}: missing"
+    got = repr(err.get("input"))
+    if len(got) > MAX_QUOTED_CHARS:
+        got = got[:MAX_QUOTED_CHARS - 1] + "…"
+    return f"{where}: {err['msg']} (got {got})"
 
 
 class ModelContract(BaseModel):
@@ -104,12 +120,17 @@ class ModelContract(BaseModel):
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ContractError(f"{origin}: {CONTRACT_KEY} is not valid JSON ({e})") from None
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if kind == "plasticity_surrogate":
+            raise ContractError(f"{origin} is the plasticity surrogate (models/plasticity, {CONTRACT_KEY} kind "
+                                f"{kind!r}), not a seizure model: point model.path at a seizure detector such as "
+                                "models/seizure/seizure_v1.onnx") from None
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
-                                 for err in e.errors())
-            raise ContractError(f"{origin}: invalid {CONTRACT_KEY}: {problems}") from None
+            problems = "; ".join(_problem(err) for err in e.errors())
+            what = f" (its kind is {kind!r}, not a seizure detector's)" if kind is not None else ""
+            raise ContractError(f"{origin}: invalid {CONTRACT_KEY}{what}: {problems}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -207,12 +228,22 @@ class OnnxPredictor:
         outputs = {o.name: o for o in self.session.get_outputs()}
         if c.output not in outputs:
             raise ContractError(f"{self.path}: contract output {c.output!r} not in model outputs {sorted(outputs)}")
+        if outputs[c.output].type not in PROBABILITY_TYPES:
+            # e.g. an ArgMax class label (int64): read as p it is 0 or 1, and 1 >= any threshold
+            raise ContractError(f"{self.path}: contract output {c.output!r} is {outputs[c.output].type}, expected "
+                                f"{' or '.join(PROBABILITY_TYPES)} (a seizure probability; a class label or a "
+                                "score of another type is not one)")
         self._x = np.zeros((1, c.n_features), dtype=np.float32)
         probe = self.session.run([c.output], {c.input_name: self._x})[0]
         if np.asarray(probe).size != 1:
             # e.g. (1, 2) class probabilities: taking the first would read P(no seizure) as p_seizure
             raise ContractError(f"{self.path}: contract output {c.output!r} has shape {np.shape(probe)} for one "
                                 f"feature vector, expected one value (the probability)")
+        value = float(np.asarray(probe).flat[0])
+        if math.isfinite(value) and not 0.0 <= value <= 1.0:
+            # A logit or an unscaled score: compared with a probability threshold it means nothing.
+            raise ContractError(f"{self.path}: contract output {c.output!r} is {value:.6g} for an all-zero feature "
+                                "vector, expected a probability in [0, 1] (a logit or score is not one)")
         self._use_iobinding = bool(use_iobinding)
         if self._use_iobinding:
             self._y = np.zeros(probe.shape, dtype=probe.dtype)

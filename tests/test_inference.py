@@ -106,6 +106,64 @@ def test_predictor_refuses_a_two_column_output(tmp_path):
         OnnxPredictor(path)
 
 
+def _one_output_model(tmp_path, name: str, nodes, out_type, extra_init=()):
+    """features (float32, n_f) -> a 1 x n_f weight vector -> ``nodes`` -> output ``p_seizure`` of ``out_type``."""
+    from onnx import helper, numpy_helper
+    n_f = len(SzV1Pipeline.feature_names)
+    w = numpy_helper.from_array(np.full((n_f, 1), 0.01, np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["features", "w"], ["z"]), *nodes], name,
+                              [helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, [None, n_f])],
+                              [helper.make_tensor_value_info("p_seizure", out_type, [None, 1])], [w, *extra_init])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    helper.set_model_props(m, {CONTRACT_KEY: _contract().to_json()})
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+def test_predictor_refuses_an_output_that_is_not_a_probability(tmp_path):
+    """A class label (ArgMax, int64) read as p is 0 or 1, and 1 passes any threshold; a logit compared with
+    a probability threshold means nothing. Both are refused at start-up; float or double probabilities pass."""
+    from onnx import TensorProto, helper, numpy_helper
+    label = _one_output_model(tmp_path, "label", [helper.make_node("ArgMax", ["z"], ["p_seizure"], axis=1)],
+                              TensorProto.INT64)
+    with pytest.raises(ContractError, match=r"output 'p_seizure' is tensor\(int64\), expected tensor\(float\) "
+                                            r"or tensor\(double\).*class label"):
+        OnnxPredictor(label)
+    bias = numpy_helper.from_array(np.array([-3.0], np.float32), "b")
+    logit = _one_output_model(tmp_path, "logit", [helper.make_node("Add", ["z", "b"], ["p_seizure"])],
+                              TensorProto.FLOAT, [bias])
+    with pytest.raises(ContractError, match=r"is -3 for an all-zero feature vector, expected a probability in \[0, 1\]"):
+        OnnxPredictor(logit)
+    double = _one_output_model(tmp_path, "double", [helper.make_node("Sigmoid", ["z"], ["s"]),
+                                                    helper.make_node("Cast", ["s"], ["p_seizure"], to=TensorProto.DOUBLE)],
+                               TensorProto.DOUBLE)
+    pred = OnnxPredictor(double)
+    assert pred.predict(np.zeros(len(SzV1Pipeline.feature_names), np.float32)) == pytest.approx(0.5)
+
+
+def test_contract_errors_stay_short_and_say_what_the_file_is():
+    """A missing field quoted pydantic's whole input (the contract) once per field: pointing model.path at
+    the plasticity surrogate gave a 16 kB message."""
+    from models.plasticity.surrogate import DEFAULT_MODEL_PATH
+    with pytest.raises(ContractError) as e:
+        read_contract(DEFAULT_MODEL_PATH)
+    msg = str(e.value)
+    assert "is the plasticity surrogate" in msg and "not a seizure model" in msg and "seizure_v1.onnx" in msg
+    assert len(msg) < 400
+    # missing fields: named, without the input
+    with pytest.raises(ContractError) as e:
+        ModelContract.from_json(json.dumps({"kind": "sleep_stager", "blob": "x" * 10_000}))
+    msg = str(e.value)
+    assert "fs_hz: missing" in msg and "version: missing" in msg and "got" not in msg and len(msg) < 400
+    assert "its kind is 'sleep_stager'" in msg
+    # a wrong value is still quoted, shortened
+    with pytest.raises(ContractError, match=r"window_s: .*\(got 'yyyy.*…\)") as e:
+        ModelContract.from_json(json.dumps({**json.loads(_contract().to_json()), "window_s": "y" * 5000}))
+    assert len(str(e.value)) < 400
+
+
 def test_predictor_rejects_model_without_contract_or_with_missing_output(toy_model, tmp_path):
     path, _, _ = toy_model
     m = onnx.load(str(path))
