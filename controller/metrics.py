@@ -224,6 +224,95 @@ def score_detections(detection_starts: list[float], seizures: list[dict], sessio
     }
 
 
+#: ``detection["source"]``: where the scored detections come from (README, metrics table)
+DETECTIONS_FROM_POLICY = "policy"   # the responsive policy's own detection_start decisions: what the loop acted on
+DETECTIONS_FROM_MODEL = "model"     # the model's predictions, scored here as a detector with its contract's settings
+
+
+@dataclass
+class Detections:
+    """Detection starts to score, where they came from, and the rule that made them (``None``: not scorable)."""
+    starts: list | None
+    source: str | None
+    min_detect_s: float
+    rule: str = ""
+    reason: str | None = None   # why ``starts`` is None
+    settings: dict | None = None
+
+
+def _session_contract(session_dir: Path, model_sha256: str | None):
+    """``(contract, None)`` of the model the session ran, read from the file its ``config.toml`` names,
+    or ``(None, reason)``. A file that no longer hashes to the session's ``model_sha256`` is refused:
+    another model's threshold would score this session's probabilities."""
+    import hashlib
+
+    from controller.config import ConfigError, load_config
+    from controller.inference import ContractError, read_contract
+
+    try:
+        path = load_config(session_dir / "config.toml").model_path()
+    except ConfigError as e:
+        return None, f"the session's config.toml cannot be read ({e}), so neither can its model's contract"
+    if not path.is_file():
+        return None, f"the session's model {path} is not there to read its contract from"
+    if model_sha256 and hashlib.sha256(path.read_bytes()).hexdigest() != model_sha256:
+        return None, (f"{path} is not the model the session ran (sha256 differs from the recorded "
+                      f"{model_sha256[:12]}…)")
+    try:
+        return read_contract(path), None
+    except (ContractError, OSError, ValueError) as e:
+        return None, f"the contract of {path} cannot be read ({e})"
+
+
+def session_detections(session_dir: Path, by_kind: dict[str, list[dict]]) -> Detections:
+    """The detections a session's ``detection`` score is computed from.
+
+    The responsive policy records its detections (``decision`` / ``detection_start``): those are scored,
+    since they are what the loop acted on. Every other model-driven policy (adaptive, periodic, Poisson,
+    personalized, plasticity-aware, none) runs the same model but declares no detection; scoring its empty
+    decision list would report sensitivity 0 where the model saw every seizure. For those the model's
+    ``prediction`` events are scored as the responsive policy would have acted on them
+    (``models.seizure.scoring.detector_events``, the scorer tested against ``ResponsivePolicy``), with the
+    contract's threshold, ``min_duration_s`` and ``refractory_s`` — the operating point its figures were
+    measured at — and every window the loop did not act on (invalid: warm-up, blanking after a burst,
+    bad samples; or late) as a hole that restarts the onset timer.
+    """
+    started = next((e for e in by_kind.get("status", []) if e.get("status") == "started" and "min_detect_s" in e), {})
+    policy = started.get("policy")
+    decided = [e["t"] for e in by_kind.get("decision", []) if e.get("what") == "detection_start"]
+    if policy == "responsive" or (policy is None and decided):
+        return Detections(decided, DETECTIONS_FROM_POLICY, started.get("min_detect_s") or 0.0,
+                          "the responsive policy's detection_start decisions")
+    predictions = by_kind.get("prediction", [])
+    if not predictions:
+        return Detections(None, None, 0.0, reason=f"policy {policy!r} runs no seizure model and declares no "
+                                                   "detection: nothing to score")
+    contract, why = _session_contract(session_dir, started.get("model_sha256"))
+    if contract is None:
+        return Detections(None, None, 0.0, reason=f"policy {policy!r} declares no detection and {why}")
+    from controller.inference import contract_min_duration_s
+    from models.seizure.scoring import detector_events
+
+    late = {e["window_end_t"] for e in by_kind.get("deadline_miss", [])}
+    windows: dict[float, float] = {}
+    for e in predictions:
+        t = e["window_end_t"]
+        acted = e.get("valid") and t not in late and _finite(e.get("p"))
+        windows[t] = float(e["p"]) if acted else np.nan
+    t = np.array(sorted(windows), dtype=np.float64)
+    p = np.array([windows[x] for x in t], dtype=np.float64)
+    min_s = contract_min_duration_s(contract)
+    refractory_s = float((contract.model_extra or {}).get("refractory_s", 0.0))
+    starts = [ev[0] for ev in detector_events(t, p, contract.threshold, min_s, refractory_s)]
+    settings = {"model": contract.version, "threshold": contract.threshold, "min_duration_s": min_s,
+                "refractory_s": refractory_s}
+    return Detections(starts, DETECTIONS_FROM_MODEL, contract.window_s + min_s,
+                      f"the model's predictions (policy {policy!r} declares no detection), scored offline as "
+                      f"detector events at its contract's threshold {contract.threshold:g}, min_duration_s "
+                      f"{min_s:g} s, refractory_s {refractory_s:g} s; windows the loop did not act on (invalid "
+                      "or late) restart the onset timer", settings=settings)
+
+
 def compute_metrics(session_dir: Path) -> dict:
     session_dir = Path(session_dir)
     events = read_jsonl(session_dir / "events.jsonl")
@@ -257,15 +346,22 @@ def compute_metrics(session_dir: Path) -> dict:
     end_to_end = [r - c["window_end_t"] for c, r in reached]
     pushed_to_device = [r - p for (_, r), p in zip(reached, reached_push) if np.isfinite(p)]
 
-    detection_starts = [e["t"] for e in by_kind.get("decision", [])
-                        if e.get("what") == "detection_start"]
     seizures = truth.get("seizures", [])
     session_end = truth.get("end_t")
+    detection = None
     # A spiking simulator has no seizures to score, nor has a simulator that was only the stimulator.
-    started = [e for e in by_kind.get("status", []) if e.get("status") == "started" and "min_detect_s" in e]
-    min_detect_s = (started[0]["min_detect_s"] or 0.0) if started else 0.0
-    detection = score_detections(detection_starts, seizures, session_end, min_detect_s) \
-        if truth and truth.get("model") != "spiking" and not truth.get("stimulator_only") else None
+    if truth and truth.get("model") != "spiking" and not truth.get("stimulator_only"):
+        found = session_detections(session_dir, by_kind)
+        if found.starts is None:
+            detection = {"source": None, "reason": found.reason, "onsets": len(seizures), "detected": None,
+                         "sensitivity": None, "false_detections": None, "latency_s_median": None}
+        else:
+            detection = {"source": found.source,
+                         **score_detections(found.starts, seizures, session_end, found.min_detect_s)}
+            detection["scoring"] = f"detections: {found.rule}; {detection['scoring']}"
+            detection["detection_t"] = list(found.starts)
+            if found.settings:
+                detection["detector"] = found.settings
 
     ads = ads_metrics(events, device_log, truth)
     allowed = [c for c in commands]

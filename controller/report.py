@@ -68,9 +68,14 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
         thr = next((e.get("threshold") for e in preds if e.get("threshold") is not None), None)
         if thr is not None:
             ax_p.axhline(thr, color="tab:blue", ls="--", lw=0.8, label=f"threshold {thr:.2f}")
-    for e in events:
-        if e["kind"] == "decision" and e.get("what") == "detection_start":
-            ax_p.axvline(e["t"] - t_ref, color="tab:orange", lw=1)
+    det = metrics.get("detection") or {}
+    if det.get("source") == "model":
+        # Scored offline from the predictions: drawn apart from what a policy acted on.
+        for k, t in enumerate(det.get("detection_t") or []):
+            ax_p.axvline(t - t_ref, color="tab:orange", lw=1, ls=":",
+                         label=None if k else "model detection (scored offline; the policy did not act on it)")
+    for k, e in enumerate(e for e in events if e["kind"] == "decision" and e.get("what") == "detection_start"):
+        ax_p.axvline(e["t"] - t_ref, color="tab:orange", lw=1, label=None if k else "detection (policy)")
     ax_p.set_ylim(-0.05, 1.05)
     ax_p.set_ylabel("prediction")
     if preds:
@@ -267,10 +272,16 @@ def summary_table(metrics: dict) -> Table:
         if v.get("n"):  # stages the session's policy does not have (no model, no spikes) stay out
             t.add_row(f"  stage {stage} p50 / p99 (ms)", f"{_num(v.get('p50'))} / {_num(v.get('p99'))}")
     det = metrics.get("detection") or {}
-    if det:
+    if det and det.get("source") is None and "source" in det:
+        t.add_row("seizures detected", f"not scored: {det.get('reason')}")
+    elif det:
         sens = det.get("sensitivity")
         t.add_row("seizures detected", f"{det.get('detected')}/{det.get('onsets')}"
                   + (f" ({sens:.0%})" if sens is not None else ""))
+        d = det.get("detector") or {}
+        if det.get("source") == "model":   # the policy declares none: say whose detections these are
+            t.add_row("  detections from", f"model predictions at threshold {_num(d.get('threshold'), 2)}, "
+                                           f"{_num(d.get('min_duration_s'), 2)} s (scored offline)")
         if det.get("unscored_near_end"):
             t.add_row("  not scored: onset too near the end (s)",
                       ", ".join(f"{x:.1f}" for x in det["unscored_near_end"]))
