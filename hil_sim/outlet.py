@@ -86,7 +86,8 @@ class PatientOutlet:
         self.n_pushed = 0
         # When each chunk left (LSL clock), chunk k holding samples from push_first_sample + k * chunk_n:
         # the ground truth a session measures the controller from (not from the spike's place in its chunk).
-        self._push_t = np.empty(4096)
+        # NaN for a chunk that did not leave whole, in one push, with its own nominal timestamps (faults).
+        self._push_t = np.full(4096, np.nan)
         self.n_push_t = 0
         self.push_first_sample: int | None = None
         if faults is not None and not (faults.kinds & (SIGNAL_KINDS | STREAM_KINDS)):
@@ -149,31 +150,47 @@ class PatientOutlet:
                 self.outlet.push_chunk(x, t_last, True)
                 self._record_push(n0, t_push)
                 self.n_pushed += x.shape[0]
-            else:  # chunks are held, split or dropped: no block-to-push mapping
+            else:  # chunks may be altered, held, split or dropped
                 self._push_with_faults(x, n0)
         return self.t0
 
     # ------------------------------------------------------------ faults
 
     def _record_push(self, n0: int, t: float) -> None:
+        """Chunk starting at sample ``n0`` left whole at ``t``; chunks skipped since stay NaN."""
         if self.push_first_sample is None:
             self.push_first_sample = n0
-        if self.n_push_t == self._push_t.size:
-            self._push_t = np.concatenate([self._push_t, np.empty_like(self._push_t)])
-        self._push_t[self.n_push_t] = t
-        self.n_push_t += 1
+        k = (n0 - self.push_first_sample) // self.chunk_n
+        while k >= self._push_t.size:
+            self._push_t = np.concatenate([self._push_t, np.full_like(self._push_t, np.nan)])
+        self._push_t[k] = t
+        self.n_push_t = max(self.n_push_t, k + 1)
+
+    def _skip_push(self, n0: int) -> None:
+        """Chunk starting at sample ``n0`` did not leave whole (dropped, shortened, split or re-stamped)."""
+        if self.push_first_sample is None:
+            self.push_first_sample = n0
+        self.n_push_t = max(self.n_push_t, (n0 - self.push_first_sample) // self.chunk_n + 1)
 
     def push_times(self) -> np.ndarray:
-        """LSL-clock push time of every chunk pushed so far (empty when faults were injected)."""
+        """LSL-clock push time of every chunk so far, chunk k holding samples from
+        ``push_first_sample + k * chunk_n``: NaN for a chunk that did not leave whole, in one push,
+        with its own nominal timestamps (dropped by a stream fault, cut by a ``sample_gap``,
+        re-stamped by a ``clock_jump``); a chunk held by a backlog stall has the time it left."""
         return self._push_t[:self.n_push_t]
 
     def _push_with_faults(self, x: np.ndarray, n0: int) -> None:
         """The fault-aware chunk path: signal faults, then stream loss, then stall."""
         fs, faults, log, n = self.patient.fs_hz, self.faults, self.fault_log, x.shape[0]
         t_first = n0 / fs
-        ts = self._ts_base[:n] + (self.t0 + t_first)
-        x, ts = faults.apply_signal_faults(x, ts, t_first)
+        ts_nominal = self._ts_base[:n] + (self.t0 + t_first)
+        x, ts = faults.apply_signal_faults(x, ts_nominal, t_first)
         log_signal_faults(faults, log, n0, n, self.lsl_time)
+        # nan_burst and saturation change values only; sample_gap and clock_jump change the rows or
+        # their timestamps (new arrays), so the chunk no longer maps to its samples by position.
+        whole = ts is ts_nominal
+        if not whole:
+            self._skip_push(n0)
         # Edges are decided per chunk on its first sample: a chunk is all-in or all-out.
         loss = faults.active_index("stream_loss", t_first)
         if loss is not None:
@@ -182,6 +199,7 @@ class PatientOutlet:
                 self.outlet = None  # last reference: liblsl destroys the outlet, inlets see it vanish
                 self._loss = loss
                 log.start(loss, faults.specs[loss], t_lost, first_lost_t=self.lsl_time(t_first))
+            self._skip_push(n0)
             return  # samples produced during the outage never leave the amplifier
         if self.outlet is None:
             self.info = make_stream_info(self.patient, self.stream_name, self.source_id)
@@ -195,24 +213,33 @@ class PatientOutlet:
                 self._stall = stall
                 log.start(stall, faults.specs[stall], self.clock(), first_held_t=self.lsl_time(t_first))
             if faults.specs[stall].resume_mode == "backlog":
-                self._backlog.append((x, ts))
+                self._backlog.append((x, ts, n0, whole))
+            else:
+                self._skip_push(n0)
             return
         if self._stall is not None:
-            for xb, tb in self._backlog:
-                self._push_segments(xb, tb)
+            for xb, tb, nb, wb in self._backlog:
+                self._push_segments(xb, tb, nb if wb else None)
             log.end(self._stall, self.clock(), n_backlog=int(sum(b[0].shape[0] for b in self._backlog)))
             self._backlog.clear()
             self._stall = None
-        self._push_segments(x, ts)
+        self._push_segments(x, ts, n0 if whole else None)
 
-    def _push_segments(self, x: np.ndarray, ts: np.ndarray) -> None:
+    def _push_segments(self, x: np.ndarray, ts: np.ndarray, n0: int | None = None) -> None:
         """Push with the chunk's own timestamps: one push per regularly spaced run.
 
         liblsl stamps a chunk from its last sample back at the nominal rate, so a
-        gap or clock jump inside a chunk needs the chunk split there.
+        gap or clock jump inside a chunk needs the chunk split there. ``n0``: the
+        chunk is whole (starting at sample ``n0``) and its push time is recorded.
         """
         n = x.shape[0]
         if n == 0:
+            return
+        if n0 is not None:  # whole, nominal timestamps: one push, stamped as it is handed over
+            t_push = self.clock()
+            self.outlet.push_chunk(x, float(ts[-1]), True)
+            self._record_push(n0, t_push)
+            self.n_pushed += n
             return
         fs = self.patient.fs_hz
         cuts = np.flatnonzero(np.abs(np.diff(ts) - 1.0 / fs) > 0.5 / fs) + 1

@@ -141,22 +141,59 @@ def test_ground_truth_records_every_fault_with_real_times(scenario):
     s = scenario
     t0, f = s["t0"], s["faults"]
     assert set(f) == {d["kind"] for d in FAULTS} and not s["gt"].get("fault_errors")
+    end_t = s["gt"]["end_t"]
     for d in FAULTS:
         rec = f[d["kind"]]
         assert rec["at_s"] == d["at_s"]
-        # Applied within a chunk / an injector wake-up of the scheduled time.
-        assert t0 + d["at_s"] - 1e-6 <= rec["t_start"] < t0 + d["at_s"] + 0.1, (d["kind"], rec)
+        # Applied at its scheduled time, never before it, and while the simulator ran. How soon after
+        # it a stream or device fault takes effect is a latency: not asserted here.
+        assert t0 + d["at_s"] - 1e-6 <= rec["t_start"] <= end_t, (d["kind"], rec)
         if d["kind"] != "clock_jump":
-            assert rec["t_end"] is not None and rec["t_end"] >= rec["t_start"], rec
+            assert rec["t_end"] is not None and rec["t_start"] <= rec["t_end"] <= end_t, rec
+        if d.get("duration_s") is not None:   # ... and never ended before its time
+            assert rec["t_end"] >= t0 + d["at_s"] + d["duration_s"] - 1e-6, (d["kind"], rec)
     for kind in ("nan_burst", "saturation"):   # signal faults: sample times, exact
         assert f[kind]["t_start"] == pytest.approx(t0 + f[kind]["at_s"], abs=1e-9)
         assert f[kind]["t_end"] == pytest.approx(f[kind]["t_start"] + f[kind]["duration_s"], abs=1e-9)
     assert f["sample_gap"]["t_end"] == pytest.approx(t0 + 2.5 + 32 / FS, abs=1e-9)
-    for kind in ("device_mute", "device_unplug", "stream_stall", "stream_loss"):
-        assert f[kind]["t_end"] - f[kind]["t_start"] == pytest.approx(f[kind]["duration_s"], abs=0.06), kind
+    # One thread turns each set of knobs, in schedule order: the device injector and the outlet.
+    edges = lambda *kinds: [t for k in kinds for t in (f[k]["t_start"], f[k]["t_end"])]  # noqa: E731
+    for seq in (edges("device_mute", "corrupt_frames")[:3] + edges("device_unplug"), edges("stream_stall", "stream_loss")):
+        assert seq == sorted(seq), seq
     # The kernel may hand out the same pts number again; the port users open is the symlink anyway.
     assert f["device_unplug"]["old_pty"].startswith("/dev/pts/") and f["device_unplug"]["new_pty"].startswith("/dev/pts/")
     assert s["ready"]["port"] == str(s["session"] / PORT_LINK_NAME)
+
+
+def test_push_times_kept_for_every_chunk_that_left_whole(scenario):
+    """push_t.f64 under faults: the push time of each chunk that left whole with its own timestamps
+    (through the NaN burst and the saturation, and a held chunk when it was let go), NaN for the
+    chunks the sample gap emptied and for every chunk after the clock jump re-stamped them."""
+    s = scenario
+    t0, gt = s["t0"], s["gt"]
+    push_info = gt["push"]
+    push = np.fromfile(s["session"] / push_info["file"], dtype="<f8")
+    n = push_info["chunk_n"]
+    assert push.size == push_info["n_chunks"] and n == 4 and push_info["fs_hz"] == FS
+    first = push_info["first_sample"] + np.arange(push.size) * n        # first sample of each chunk
+    t_first, t_last = first / FS, (first + n - 1) / FS                   # patient times
+    emptied = (t_first >= 2.5 - 1e-9) & (t_last < 2.5 + 32 / FS)         # sample_gap: all 32 samples
+    restamped = t_first >= 4.0 - 1e-9                                    # clock_jump from 4.0 s on
+    assert emptied.sum() == 8 and restamped.any() and (~emptied & ~restamped).sum() > 200
+    assert np.array_equal(np.isnan(push), emptied | restamped), np.flatnonzero(np.isnan(push))
+    kept = np.flatnonzero(~np.isnan(push))
+    assert np.all(push[kept] >= t0 + t_last[kept]) and np.all(np.diff(push[kept]) >= 0)
+    for kind in ("nan_burst", "saturation"):   # values changed, chunk whole: push time kept
+        f = s["faults"][kind]
+        assert np.isfinite(push[(t_first >= f["at_s"] - 1e-9) & (t_first < f["at_s"] + f["duration_s"])]).all()
+    stall = s["faults"]["stream_stall"]         # held chunks: the time they left, after the stall
+    held = (t_first >= 3.0 - 1e-9) & (t_first < 3.5 - 1e-9)
+    assert held.sum() == 32 and np.all(push[held] >= t0 + 3.5) and np.all(push[held] <= stall["t_end"])
+    # The real inlet had each sample only after its chunk left (before the jump, where ts maps to chunks).
+    ts, arr = s["ts"], s["arrival"]
+    pre = ts < t0 + 4.0 - 1e-4
+    k = (np.rint((ts[pre] - t0) * FS).astype(np.int64) - push_info["first_sample"]) // n
+    assert k.min() >= 0 and np.isfinite(push[k]).all() and np.all(push[k] <= arr[pre])
 
 
 def test_nan_burst_appears_in_the_stream(scenario):
