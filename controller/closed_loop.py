@@ -48,7 +48,8 @@ class SeizureLoop:
     predictor: OnnxPredictor | None
     deadline: DeadlineAccount
     drive: PolicyDrive
-    threshold: float | None
+    #: the threshold the session started with (``policy.threshold_on``, else the model's); see ``threshold``
+    start_threshold: float | None
     quality: DataQuality | None = None
     fs_hz: float = 0.0
     n_channels: int = 0
@@ -62,7 +63,7 @@ class SeizureLoop:
         if cfg.policy.kind in SPIKE_POLICY_KINDS:
             # 30 kHz spikes are never resampled for a seizure model the policy would not read.
             return cls(stage=None, predictor=None, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
-                       drive=build_drive(cfg, fs_hz, n_channels, math.nan), threshold=None,
+                       drive=build_drive(cfg, fs_hz, n_channels, math.nan), start_threshold=None,
                        fs_hz=fs_hz, n_channels=n_channels)
         path = cfg.model_path()
         contract: ModelContract = read_contract(path)
@@ -71,13 +72,19 @@ class SeizureLoop:
         thr = cfg.policy.threshold_on if cfg.policy.threshold_on is not None else contract.threshold
         model_min_s = contract_min_duration_s(contract)
         return cls(stage=stage, predictor=predictor, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
-                   drive=build_drive(cfg, fs_hz, n_channels, contract.threshold, model_min_s), threshold=thr,
+                   drive=build_drive(cfg, fs_hz, n_channels, contract.threshold, model_min_s), start_threshold=thr,
                    fs_hz=fs_hz, n_channels=n_channels,
                    min_detect_s=contract.window_s + detection_min_duration_s(cfg, model_min_s))
 
     @property
     def policy(self):
         return self.drive.policy
+
+    @property
+    def threshold(self) -> float | None:
+        """The threshold reported with every prediction (and by status, monitor, report): the one the policy
+        acts on, which ``set_param threshold_on`` may have changed since the start."""
+        return getattr(self.drive.policy, "threshold_on", self.start_threshold)
 
     @property
     def window_s(self) -> float:

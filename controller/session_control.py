@@ -3,8 +3,9 @@
 Every command is recorded by the server as a ``MARK`` event with who asked;
 side effects here (stimulation off, latch released) add their own events to
 ``pending_events``, which the loop drains. Parameter changes go through the
-safety governor's own check: a value outside the profile is refused and
-nothing changes.
+safety governor's own check and then the policy's own (its constructor's
+checks, run again by ``Reconfigurable.update``): a value either refuses is
+refused with its reason, and nothing changes.
 """
 from __future__ import annotations
 
@@ -74,20 +75,24 @@ class SessionControl:
         policy = self.step.loop.policy
         if policy is None:
             return {"ok": False, "error": "no policy is running"}
+        who = type(policy).__name__
         if name in POLICY_FIELDS:
             if not hasattr(policy, name):
-                return {"ok": False, "error": f"the {type(policy).__name__} has no parameter {name!r}"}
+                return {"ok": False, "error": f"the {who} has no parameter {name!r}"}
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
                 return {"ok": False, "error": f"{name}={value!r}: expected a number >= 0"}
             on = value if name == "threshold_on" else policy.threshold_on
             off = value if name == "threshold_off" else policy.threshold_off
             if name.startswith("threshold") and not (0 <= off <= on <= 1):
                 return {"ok": False, "error": f"{name}={value!r}: need 0 <= threshold_off <= threshold_on <= 1"}
-            setattr(policy, name, float(value))
-            return {"ok": True, name: float(value)}
+            refused = self._update(policy, name, value, **{name: float(value)})
+            return refused or {"ok": True, name: getattr(policy, name)}
         if name in STIM_FIELDS:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 return {"ok": False, "error": f"{name}={value!r}: expected a number"}
+            if name in getattr(policy, "STIM_FIELDS_IT_SETS", ()):
+                return {"ok": False, "error": f"{name}={value!r}: the {who} sets {name} itself; changing it in "
+                                              "its stim template would do nothing"}
             try:
                 new = replace(policy.stim, **{name: int(value) if name == "n_pulses" else float(value)})
             except (TypeError, ValueError) as exc:
@@ -95,6 +100,21 @@ class SessionControl:
             problems = check_params(self.actuator.governor.profile, self.actuator.capabilities, new)
             if problems:  # outside the safety profile: refused, nothing changes
                 return {"ok": False, "error": f"{name}={value!r} refused by the safety profile: " + "; ".join(problems)}
-            policy.stim = new
-            return {"ok": True, name: getattr(new, name)}
+            refused = self._update(policy, name, value, stim=new)
+            return refused or {"ok": True, name: getattr(policy.stim, name)}
         return {"ok": False, "error": f"unknown parameter {name!r}; allowed: {', '.join(POLICY_FIELDS + STIM_FIELDS)}"}
+
+    @staticmethod
+    def _update(policy, name: str, value, **changes) -> dict | None:
+        """The policy's own checks, then the change; ``None`` when applied, else the refusal (nothing changed)."""
+        update = getattr(policy, "update", None)
+        who = type(policy).__name__
+        if update is None:
+            # Setting attributes behind its back would skip every check its constructor makes.
+            return {"ok": False, "error": f"{name}={value!r}: the {who} takes no parameter changes while it runs "
+                                          "(restart the session with the new value)"}
+        try:
+            update(**changes)
+        except (TypeError, ValueError) as exc:
+            return {"ok": False, "error": f"{name}={value!r} refused by the {who}: {exc}"}
+        return None

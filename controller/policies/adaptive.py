@@ -54,7 +54,7 @@ import numpy as np
 
 from controller.events import Event, EventKind
 from controller.features import band_powers
-from controller.policies.base import PolicyOutput, check_burst_spacing, check_time, min_burst_spacing_s
+from controller.policies.base import PolicyOutput, Reconfigurable, check_burst_spacing, check_time, min_burst_spacing_s
 from controller.policies.open_loop import BurstSchedule, check_number, check_stim
 from controller.safety.governor import StimRequest
 from drivers.params import StimParams
@@ -72,7 +72,7 @@ RCS_BLANKING_S = 15.0             # REFERENCE.md §3: 15 s blanking after each s
 _STATES = ("low", "hold", "high")
 
 
-class AdaptivePolicy:
+class AdaptivePolicy(Reconfigurable):
     """Biomarker-driven amplitude adaptation with single or dual thresholds; ``step(biomarker, t)``.
 
     Semantics (decision grid, states, ramps, blanking, bursts) are in the
@@ -108,6 +108,19 @@ class AdaptivePolicy:
         check_burst_spacing("stim_period_s", self.stim_period_s, stim, "AdaptivePolicy")
         self.source = source
         self.reset()
+
+    STIM_FIELDS_IT_SETS = ("amplitude_ua",)   # amplitude_at(t): set min/max_amplitude_ua instead
+
+    def params(self) -> dict:
+        return {"thresholds": self.thresholds, "stim": self.stim, "min_amplitude_ua": self.min_amplitude_ua,
+                "max_amplitude_ua": self.max_amplitude_ua, "mode": self.mode,
+                "ramp_up_ua_per_s": self.ramp_up_ua_per_s, "ramp_down_ua_per_s": self.ramp_down_ua_per_s,
+                "decision_period_s": self.decision_period_s, "blanking_s": self.blanking_s,
+                "stim_period_s": self.stim_period_s, "source": self.source}
+
+    def _updated(self, names: set[str]) -> None:
+        if "stim" in names and self._sched is not None:   # a longer burst needs a longer gap before the next
+            self._sched.min_spacing_s = min_burst_spacing_s(self.stim)
 
     def reset(self) -> None:
         """Forget all state (new session): state ``low`` at ``min_amplitude_ua``."""

@@ -22,6 +22,7 @@ from collections import deque
 
 import numpy as np
 
+from controller.policies.base import Reconfigurable
 from controller.safety import StimRequest
 from drivers.params import StimParams
 
@@ -40,7 +41,7 @@ def _check_stim(stim: StimParams, who: str) -> None:
         raise ValueError(f"{who} stim waveform={stim.waveform} invalid, expected a pulsed waveform (biphasic)")
 
 
-class AdsPolicy:
+class AdsPolicy(Reconfigurable):
     """Spike-triggered stimulation: one pulse per detected spike, ``delay_ms`` later.
 
     ``step(spike_t, spike_channel, now) -> list[StimRequest]`` takes the spikes
@@ -87,6 +88,11 @@ class AdsPolicy:
         self.n_blanked = 0
         self.n_rate_limited = 0
 
+    def params(self) -> dict:
+        return {"trigger_channels": self.trigger_channels.tolist(), "stim": self.stim,
+                "delay_ms": self.delay_s * 1e3, "blanking_ms": self.blanking_s * 1e3,
+                "max_rate_hz": self.max_rate_hz, "rate_window_s": self.rate_window_s, "source": self.source}
+
     def blanking_window(self, at: float) -> tuple[float, float]:
         """Detector blanking for a pulse delivered at ``at``: ``[at - guard, at + blanking)``.
 
@@ -132,7 +138,7 @@ def blanking_window(at: float, blanking_ms: float = GUGGENMOS_BLANKING_MS) -> tu
     return at - BLANK_GUARD_S, at + blanking_ms * 1e-3
 
 
-class RandomStimPolicy:
+class RandomStimPolicy(Reconfigurable):
     """Sham control: pulses at random times, Poisson at ``rate_hz`` with a dead time.
 
     Inter-pulse intervals are ``min_interval_s`` + exponential, with the
@@ -156,14 +162,20 @@ class RandomStimPolicy:
             raise ValueError(f"RandomStimPolicy lead_s={lead_s!r} invalid, expected 0..1 s")
         self.rate_hz = float(rate_hz)
         self.stim = stim
+        self.seed = seed
         self.min_interval_s = float(min_interval_s)
         self.lead_s = float(lead_s)
+        self.start_t = start_t
         self.source = source
         self._rng = np.random.default_rng(seed)
         self._mean_exp_s = 1.0 / rate_hz - min_interval_s
         self._next_at: float | None = None if start_t is None else start_t + self._draw()
         self.n_requests = 0
         self.n_skipped = 0
+
+    def params(self) -> dict:
+        return {"rate_hz": self.rate_hz, "stim": self.stim, "seed": self.seed, "min_interval_s": self.min_interval_s,
+                "lead_s": self.lead_s, "start_t": self.start_t, "source": self.source}
 
     def _draw(self) -> float:
         return self.min_interval_s + float(self._rng.exponential(self._mean_exp_s))

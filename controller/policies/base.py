@@ -31,6 +31,43 @@ class Policy(Protocol):
         ...
 
 
+class Reconfigurable:
+    """A policy whose parameters may change while it runs (``stimloop ctl set_param``).
+
+    ``params()`` returns its constructor's arguments as they stand;
+    ``update(**changes)`` runs the constructor on a scratch object with the
+    changes, so every check it makes (ranges, hysteresis, burst spacing
+    against ``stim``) is made again, then takes the changed values over. A
+    refused change raises the constructor's ``ValueError``/``TypeError`` and
+    leaves the policy as it was. The state (detection, schedule, timers) is
+    kept; ``_updated`` refreshes what a policy derived from a changed value.
+    """
+
+    #: fields of ``stim`` the policy replaces itself (changing them would do nothing)
+    STIM_FIELDS_IT_SETS: tuple[str, ...] = ()
+
+    def params(self) -> dict:
+        raise NotImplementedError
+
+    def update(self, **changes) -> dict:
+        """Apply ``changes`` (constructor argument names) after the constructor's checks; return them as set."""
+        params = self.params()
+        unknown = sorted(set(changes) - set(params))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no parameter {', '.join(unknown)}; it takes {', '.join(params)}")
+        derived = sorted(n for n in changes if n not in vars(self))
+        if derived:   # e.g. AdsPolicy keeps delay_ms as delay_s: nothing to take over by that name
+            raise ValueError(f"{type(self).__name__} cannot change {', '.join(derived)} while it runs")
+        trial = type(self)(**{**params, **changes})
+        for name in changes:
+            setattr(self, name, getattr(trial, name))
+        self._updated(set(changes))
+        return {name: getattr(self, name) for name in changes}
+
+    def _updated(self, names: set[str]) -> None:
+        """Refresh state derived from the parameters ``names`` (default: none)."""
+
+
 def check_time(t, last_t: float) -> float:
     """``t`` as a float, refusing non-finite values and time going backwards (every policy's ``step``)."""
     if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t):

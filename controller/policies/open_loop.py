@@ -35,7 +35,7 @@ import numbers
 import numpy as np
 
 from controller.events import Event, EventKind
-from controller.policies.base import PolicyOutput, check_burst_spacing, check_time, min_burst_spacing_s
+from controller.policies.base import PolicyOutput, Reconfigurable, check_burst_spacing, check_time, min_burst_spacing_s
 from controller.safety.governor import StimRequest, conservative_charge_uc
 from drivers.params import StimParams
 
@@ -107,7 +107,7 @@ class BurstSchedule:
         return due, at, skipped
 
 
-class _OpenLoop:
+class _OpenLoop(Reconfigurable):
     """Common part of the open-loop policies."""
 
     source: str
@@ -141,6 +141,10 @@ class _OpenLoop:
 
     def _schedule(self, start: float) -> BurstSchedule:
         raise NotImplementedError
+
+    def _updated(self, names: set[str]) -> None:
+        if "stim" in names and self._sched is not None:   # a longer burst needs a longer gap before the next
+            self._sched.min_spacing_s = min_burst_spacing_s(self.stim)
 
     @property
     def n_skipped(self) -> int:
@@ -184,6 +188,11 @@ class PeriodicPolicy(_OpenLoop):
         check_burst_spacing("period_s", self.period_s, stim, "PeriodicPolicy")
         self.source = source
         self.reset()
+
+    def params(self) -> dict:
+        return {"period_s": self.period_s, "stim": self.stim, "start_t": self.start_t,
+                "start_delay_s": self.start_delay_s, "stop_t": self.stop_t, "lookahead_s": self.lookahead_s,
+                "source": self.source}
 
     def reset(self) -> None:
         """Forget all state (new session; unanchored again unless ``start_t`` was given)."""
@@ -237,6 +246,11 @@ class PoissonPolicy(_OpenLoop):
         self.seed = int(seed)
         self.source = source
         self.reset()
+
+    def params(self) -> dict:
+        return {"rate_hz": self.rate_hz, "stim": self.stim, "seed": self.seed, "start_t": self.start_t,
+                "start_delay_s": self.start_delay_s, "dead_time_s": self.dead_time_s, "stop_t": self.stop_t,
+                "lookahead_s": self.lookahead_s, "source": self.source}
 
     def reset(self) -> None:
         """Forget all state and restart the random sequence from ``seed`` (unanchored unless ``start_t``)."""

@@ -41,7 +41,7 @@ import numpy as np
 from scipy import signal
 
 from controller.events import Event, EventKind
-from controller.policies.base import PolicyOutput, check_burst_spacing, check_time, min_burst_spacing_s
+from controller.policies.base import PolicyOutput, Reconfigurable, check_burst_spacing, check_time, min_burst_spacing_s
 from controller.policies.open_loop import BurstSchedule, check_number, check_stim
 from controller.safety.governor import StimRequest
 from drivers.params import StimParams, Waveform
@@ -128,7 +128,7 @@ def estimate_ipf(x: np.ndarray, fs_hz: float, search_band_hz=ALPHA_BAND_HZ, fit_
     return out
 
 
-class PersonalizedFrequencyPolicy:
+class PersonalizedFrequencyPolicy(Reconfigurable):
     """tACS at the individual peak frequency estimated from a baseline; ``step(chunk, t)``.
 
     ``chunk`` is ``(n, n_channels)`` µV (or ``None`` once the baseline is
@@ -174,6 +174,19 @@ class PersonalizedFrequencyPolicy:
                      self.fit_band_hz, self.segment_s, self.min_peak_db)
         self._buf = np.zeros((self._baseline_n, self.n_channels), dtype=np.float64)
         self.reset()
+
+    STIM_FIELDS_IT_SETS = ("frequency_hz",)   # the estimated IPF
+
+    def params(self) -> dict:
+        return {"fs_hz": self.fs_hz, "baseline_s": self.baseline_s, "stim": self.stim, "period_s": self.period_s,
+                "n_channels": self.n_channels, "search_band_hz": self.search_band_hz,
+                "fit_band_hz": self.fit_band_hz, "segment_s": self.segment_s, "min_peak_db": self.min_peak_db,
+                "min_z": self.min_z, "min_prominence_db": self.min_prominence_db, "delay_s": self.delay_s,
+                "n_bursts": self.n_bursts, "lookahead_s": self.lookahead_s, "source": self.source}
+
+    def _updated(self, names: set[str]) -> None:
+        if "stim" in names and self._sched is not None:   # a longer burst needs a longer gap before the next
+            self._sched.min_spacing_s = min_burst_spacing_s(self.stim)
 
     def reset(self) -> None:
         """Forget the baseline and the estimate (new session)."""

@@ -30,7 +30,7 @@ import math
 import numbers
 
 from controller.events import Event, EventKind
-from controller.policies.base import PolicyOutput, check_burst_spacing, check_time
+from controller.policies.base import PolicyOutput, Reconfigurable, check_burst_spacing, check_time
 from controller.safety.governor import StimRequest
 from drivers.params import StimParams
 
@@ -41,7 +41,7 @@ def _finite(name: str, value: float, lo: float = -math.inf) -> float:
     return float(value)
 
 
-class ResponsivePolicy:
+class ResponsivePolicy(Reconfigurable):
     """Responsive (detection-triggered) stimulation policy; ``step(p, t) -> (requests, events)``.
 
     ``p`` is the detector output for the window ending at ``t`` (seconds,
@@ -70,6 +70,12 @@ class ResponsivePolicy:
         self.bursts_per_detection = int(bursts_per_detection)
         self.source = source
         self.reset()
+
+    def params(self) -> dict:
+        return {"threshold_on": self.threshold_on, "threshold_off": self.threshold_off,
+                "min_duration_s": self.min_duration_s, "refractory_s": self.refractory_s, "stim": self.stim,
+                "bursts_per_detection": self.bursts_per_detection, "burst_interval_s": self.burst_interval_s,
+                "source": self.source}
 
     def reset(self) -> None:
         """Forget all state (new session)."""
