@@ -23,6 +23,14 @@ class StreamLost(SourceError):
     """The stream went away and the source was asked not to wait for it."""
 
 
+class StreamIncompatible(SourceError):
+    """The stream can never feed this ring (channel count, rate or format): retrying cannot help.
+
+    Other :class:`SourceError` s while reconnecting (a stream found but not answering in time)
+    may pass, so a source retries those and refuses only this one for good.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class SourceInfo:
     """What a source delivers. ``fs_hz = 0`` means an irregular rate."""

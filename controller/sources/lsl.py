@@ -6,9 +6,17 @@ imported (it imports pylsl, which reads its configuration once).
 Timestamps are the sender's LSL timestamps plus ``inlet.time_correction()``,
 i.e. mapped into this machine's ``pylsl.local_clock()`` (the session clock).
 No dejitter: smoothing would hide the very gaps we count as dropped samples.
+The offset is re-estimated every ``time_correction_interval_s``; a new estimate
+is slewed in, at most a quarter sample period per chunk, never stepped: the
+estimates wander by tens of µs (19 µs measured between refreshes on one idle
+host, more between machines), more than a sample period at 30 kHz (33 µs), and
+a step that size would look like a timestamp gap or a clock jump downstream
+(``DataQuality``: bad data, stimulation off). A real jump of the sender's own
+timestamps is not smoothed and is still seen as one.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -18,7 +26,7 @@ from pylsl.util import LostError
 from pylsl.util import TimeoutError as LslTimeoutError
 
 from controller.events import EventKind
-from controller.sources.base import Source, SourceError, SourceInfo, count_gaps
+from controller.sources.base import Source, SourceError, SourceInfo, StreamIncompatible, count_gaps
 
 
 def _quote(value: str) -> str:
@@ -82,6 +90,9 @@ class LslSource(Source):
       (``what="stream_recovered"``) when data flows again. A stream that comes
       back with another channel count, nominal rate or channel format is refused
       (one ``reconnect_failed`` event per stream instance): the stream stays lost.
+      One that is found but does not answer in time (a busy host) is retried,
+      ``recover_poll_s`` after the first failure and twice as long after each
+      next one (at most 5 s), with one ``reconnect_retrying`` event per instance.
     """
 
     event_source = "lsl"
@@ -117,11 +128,14 @@ class LslSource(Source):
         self._uid = ""
         self._fmt: int | None = None
         self._refused: set[str] = set()  # uids of streams that came back unusable: refused once, not per poll
+        self._retry: dict[str, tuple[int, float]] = {}  # uid -> (failed attempts, next attempt at) for slow ones
         self._resolver: pylsl.ContinuousResolver | None = None
         self._lost_since: float | None = None
         self._last_data_t = 0.0
         self._last_ts: float | None = None
-        self._offset_s = 0.0
+        self._offset_s = 0.0          # applied to the timestamps
+        self._offset_target_s = 0.0   # latest time_correction estimate, slewed into _offset_s
+        self._slew_s = 0.0            # most the applied offset moves per chunk
         self._next_tc_t = 0.0
         self._next_poll_t = 0.0
         self._buf: np.ndarray | None = None
@@ -145,34 +159,39 @@ class LslSource(Source):
         return self.info
 
     def _connect(self, stream: pylsl.StreamInfo, timeout_s: float, wait_time_correction: bool = True) -> None:
+        """Open an inlet on ``stream``. :class:`StreamIncompatible` when it can never feed the ring,
+        plain :class:`SourceError` when it did not answer within ``timeout_s`` (worth retrying)."""
         fmt = stream.channel_format()
-        if fmt in (pylsl.cf_string, pylsl.cf_undefined):
-            raise SourceError(f"LSL stream {stream.name()!r} has a string/undefined channel format; "
-                              f"expected a numeric stream")
-        if not stream.nominal_srate() > 0:
-            # The ring, windows and gap checks are all in samples at a fixed rate; an irregular
-            # stream (markers, events) is usually the wrong stream picked by name or type.
-            raise SourceError(f"LSL stream {stream.name()!r} (type {stream.type()!r}) is irregular (nominal rate "
-                              f"{stream.nominal_srate():g} Hz); expected a signal stream with a fixed sample rate")
         if self.info is not None:
             # The ring, the recording and the model were sized for the first stream: one that comes
             # back different cannot be fed into them (a silently new rate would shift every window).
             # Checked on the resolved info, before opening an inlet.
             n_ch, fs = stream.channel_count(), float(stream.nominal_srate())
             if n_ch != self.info.n_channels:
-                raise SourceError(f"LSL stream {stream.name()!r} came back with {n_ch} channels, "
-                                  f"expected {self.info.n_channels}")
+                raise StreamIncompatible(f"LSL stream {stream.name()!r} came back with {n_ch} channels, "
+                                         f"expected {self.info.n_channels}")
             if fs != self.info.fs_hz:
-                raise SourceError(f"LSL stream {stream.name()!r} came back at {fs:g} Hz, expected {self.info.fs_hz:g} Hz")
+                raise StreamIncompatible(f"LSL stream {stream.name()!r} came back at {fs:g} Hz, "
+                                         f"expected {self.info.fs_hz:g} Hz")
             if fmt != self._fmt:
-                raise SourceError(f"LSL stream {stream.name()!r} came back with channel format {fmt}, "
-                                  f"expected {self._fmt}")
+                raise StreamIncompatible(f"LSL stream {stream.name()!r} came back with channel format {fmt}, "
+                                         f"expected {self._fmt}")
+        if fmt in (pylsl.cf_string, pylsl.cf_undefined):
+            raise StreamIncompatible(f"LSL stream {stream.name()!r} has a string/undefined channel format; "
+                                     f"expected a numeric stream")
+        if not stream.nominal_srate() > 0:
+            # The ring, windows and gap checks are all in samples at a fixed rate; an irregular
+            # stream (markers, events) is usually the wrong stream picked by name or type.
+            raise StreamIncompatible(f"LSL stream {stream.name()!r} (type {stream.type()!r}) is irregular (nominal "
+                                     f"rate {stream.nominal_srate():g} Hz); expected a signal stream with a fixed "
+                                     f"sample rate")
         inlet = pylsl.StreamInlet(stream, max_buflen=self.max_buflen_s, max_chunklen=0, recover=False)
         try:
             full = inlet.info(timeout_s)
             inlet.open_stream(timeout_s)
             if wait_time_correction:  # the first estimate takes ~0.6 s (measured here)
-                self._offset_s = inlet.time_correction(timeout_s)
+                # Before any data: applied at once, nothing to slew from.
+                self._offset_s = self._offset_target_s = inlet.time_correction(timeout_s)
         except (LslTimeoutError, LostError) as exc:
             inlet.close_stream()
             raise SourceError(f"LSL stream {stream.name()!r} found but not readable: {exc}") from exc
@@ -190,6 +209,9 @@ class LslSource(Source):
         self._uid = full.uid()
         self._buf = np.empty((self.chunk, n_ch), dtype=inlet.np_dtype)
         self._buf32 = self._buf if self._buf.dtype == np.float32 else np.empty((self.chunk, n_ch), np.float32)
+        # A quarter period keeps the boundary step within 0.75-1.25 periods: neither backwards nor a gap
+        # (1.5 periods), whatever the estimates do.
+        self._slew_s = 0.25 / self.info.fs_hz
         # Without a fresh estimate keep the previous offset (same host: ~0) and poll it soon.
         self._next_tc_t = pylsl.local_clock() + (self.time_correction_interval_s if wait_time_correction else 0.0)
         self._last_data_t = pylsl.local_clock()
@@ -216,19 +238,33 @@ class LslSource(Source):
         self._next_poll_t = now + self.recover_poll_s
         for stream in self._resolver.results():
             uid = stream.uid()
-            if uid != self._uid and uid not in self._refused:  # a new outlet instance (the old one is gone or stalled)
-                old = self._inlet
-                try:
-                    self._connect(stream, min(self.resolve_timeout_s, 1.0), wait_time_correction=False)
-                except SourceError as exc:
-                    self._refused.add(uid)
-                    self._emit(now, EventKind.STATUS, what="reconnect_failed", error=str(exc))
-                    continue
-                if old is not None:
-                    old.close_stream()
-                self._last_ts = None  # new stream instance: its clock restarted, no gap to count
-                self._recovered(now, "reconnected")
-                return
+            if uid == self._uid or uid in self._refused:  # want a new outlet instance (the old one is gone or stalled)
+                continue
+            n_failed, next_t = self._retry.get(uid, (0, now))
+            if now < next_t:
+                continue
+            old = self._inlet
+            try:
+                self._connect(stream, min(self.resolve_timeout_s, 1.0), wait_time_correction=False)
+            except StreamIncompatible as exc:
+                self._refused.add(uid)
+                self._retry.pop(uid, None)
+                self._emit(now, EventKind.STATUS, what="reconnect_failed", error=str(exc))
+                continue
+            except SourceError as exc:
+                # Found but not answering in time: a busy host or a slow start, not a wrong stream.
+                # Backing off bounds what a stream that never answers costs (each try blocks up to 2 s).
+                n_failed += 1
+                self._retry[uid] = (n_failed, pylsl.local_clock() + min(self.recover_poll_s * 2 ** n_failed, 5.0))
+                if n_failed == 1:
+                    self._emit(now, EventKind.STATUS, what="reconnect_retrying", error=str(exc))
+                continue
+            self._retry.clear()
+            if old is not None:
+                old.close_stream()
+            self._last_ts = None  # new stream instance: its clock restarted, no gap to count
+            self._recovered(now, "reconnected")
+            return
 
     # ------------------------------------------------------------------ read
     def read_into(self, ring) -> int:
@@ -262,24 +298,28 @@ class LslSource(Source):
         # Commit first, account after: a reader may be waiting for exactly this chunk (the loop is
         # woken as soon as we return), and nothing below changes what is written.
         off = self._offset_s
+        if off != self._offset_target_s:   # slew (module doc): a refresh must not look like a gap or a jump
+            d = self._offset_target_s - off
+            off = self._offset_target_s if abs(d) <= self._slew_s else off + math.copysign(self._slew_s, d)
+            self._offset_s = off
         last_raw = float(ts[-1])
         ts += off
         if self._buf32 is not self._buf:
             self._buf32[:n] = self._buf[:n]
         ring.write(self._buf32[:n], ts)
         now = pylsl.local_clock()
-        # Gaps are counted on the sender's own clock: a refreshed time_correction offset moves all
-        # later timestamps by a few µs, which at 30 kHz (33 µs per sample) would look like a lost
-        # sample. So the previous chunk's last raw stamp is shifted by this chunk's offset.
+        # Gaps are counted on the sender's own clock: the applied offset moves later timestamps (up to
+        # a quarter period per chunk while a new estimate slews in), which is no lost sample. So the
+        # previous chunk's last raw stamp is shifted by this chunk's offset.
         n_gaps, n_lost, t_gap = count_gaps(ts, None if self._last_ts is None else self._last_ts + off,
                                            self.info.fs_hz, self.gap_factor)
         if n_gaps:
             self.n_dropped += n_lost
             self._emit(now, EventKind.DROPPED, n_lost=n_lost, n_gaps=n_gaps, at_t=t_gap, reason="timestamp_gap")
-        if now >= self._next_tc_t:   # takes effect from the next chunk on
+        if now >= self._next_tc_t:   # slewed in from the next chunk on
             self._next_tc_t = now + self.time_correction_interval_s
             try:
-                self._offset_s = inlet.time_correction(0.0)
+                self._offset_target_s = inlet.time_correction(0.0)
             except (LslTimeoutError, LostError):
                 pass  # keep the previous estimate; a real loss shows up on the next pull
         self._last_ts = last_raw
