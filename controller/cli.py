@@ -64,15 +64,16 @@ def _check_policy(cfg, origin: str) -> None:
     """Build the configured policy as the session will (``controller.policy_drive.build_drive``), so
     settings its constructor refuses fail here, as a config error, instead of mid-session.
 
-    The built-in simulator's stream is known from ``[simulator]``; an external stream's rate and
-    channels are checked when the session starts.
+    The built-in simulator's stream is known from ``[simulator]``, so it is checked against the model's
+    contract as the session's ``SeizureDetectorStage`` checks it at start-up; an external stream's rate
+    and channels are checked when the session starts.
     """
     from controller.config import SPIKE_POLICY_KINDS
     from controller.policy_drive import build_drive
     kind = cfg.policy.kind
     threshold, min_duration_s = float("nan"), 0.5
     if kind not in SPIKE_POLICY_KINDS:  # the session reads the model's contract for every other kind
-        from controller.inference import contract_min_duration_s, read_contract
+        from controller.inference import ContractError, contract_min_duration_s, read_contract
         path = cfg.model_path()
         if not path.is_file():
             _fail(f"{origin}: model {path} does not exist (model.path in the config)")
@@ -81,6 +82,13 @@ def _check_policy(cfg, origin: str) -> None:
         except Exception as exc:  # ContractError, or protobuf's DecodeError for a file that is not ONNX
             _fail(f"{origin}: model {path} (model.path): {exc}")
         threshold, min_duration_s = contract.threshold, contract_min_duration_s(contract)
+        if cfg.source.kind == "hil":   # policy "none" too: the session still runs the model on the stream
+            try:
+                contract.check_stream(cfg.simulator.fs_hz, cfg.simulator.n_channels)
+            except ContractError as exc:
+                _fail(f"{origin}: simulator.fs_hz = {cfg.simulator.fs_hz:g}, simulator.n_channels = "
+                      f"{cfg.simulator.n_channels}: the simulated stream cannot feed model {path} (model.path), "
+                      f"the session would refuse to start: {exc}")
     if kind == "none":
         return
     if cfg.source.kind == "hil":

@@ -49,3 +49,42 @@ def test_sim_compare_ads(tmp_path):
     ads, rnd = res["ads (spike-triggered)"], res["random (matched rate)"]
     assert ads["n_pulses"] > 0 and abs(rnd["rate_hz"] - ads["rate_hz"]) < 0.5 * ads["rate_hz"] + 0.5
     assert ads["delta_w"] > rnd["delta_w"]  # pairing potentiates; random at the same rate does not
+
+
+def _cli_fails(*args, timeout=120):
+    r = subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode != 0, r.stdout[-3000:]
+    return " ".join(r.stderr.split())   # rich may wrap long messages
+
+
+def test_config_validate_refuses_a_simulator_stream_the_model_cannot_take(tmp_path):
+    """`config validate` used to say ok for a simulator rate the session refuses at start-up."""
+    cfg = tmp_path / "slow.toml"
+    cfg.write_text("[simulator]\nfs_hz = 60.0\n")
+    err = _cli_fails("config", "validate", str(cfg))
+    assert "simulator.fs_hz = 60" in err and "stream rate 60 Hz is below the 100 Hz model seizure_v1.1" in err
+    # the refusal the session itself gives, which validate now gives first
+    assert "stream rate 60 Hz is below the 100 Hz model seizure_v1.1" in _cli_fails("sim", "-c", str(cfg), "-d", "2")
+
+
+def test_config_validate_checks_the_simulator_channels_against_the_models_contract(tmp_path):
+    import onnx
+
+    from controller.inference import CONTRACT_KEY, read_contract
+    from models.seizure.evaluate import default_model_path
+
+    # the shipped model takes any channel count: a copy whose contract fixes 4 channels
+    m = onnx.load(str(default_model_path()))
+    c = read_contract(default_model_path()).model_copy(update={"n_channels": 4})
+    for prop in m.metadata_props:
+        if prop.key == CONTRACT_KEY:
+            prop.value = c.to_json()
+    model = tmp_path / "four.onnx"
+    onnx.save(m, str(model))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\npath = "{model}"\n\n[simulator]\nn_channels = 16\n\n[policy]\nkind = "periodic"\n')
+    err = _cli_fails("config", "validate", str(cfg))
+    assert "simulator.n_channels = 16" in err and "model seizure_v1.1 needs 4 channels, the stream has 16" in err
+    cfg.write_text(f'[model]\npath = "{model}"\n\n[simulator]\nn_channels = 4\n\n[policy]\nkind = "periodic"\n')
+    assert _cli("config", "validate", str(cfg)).stdout.startswith("ok")
