@@ -35,6 +35,7 @@ class EventLog:
         self.flush_interval_s = flush_interval_s
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._lines: list[str] = []
+        self._torn = False   # the last flush failed partway through a line
         self._last_flush = float("-inf")
 
     def append(self, event: Event | dict) -> None:
@@ -50,13 +51,26 @@ class EventLog:
             self._last_flush = now
 
     def flush(self) -> None:
-        if self._lines:
-            data = ("\n".join(self._lines) + "\n").encode()
-            self._lines.clear()
-            view = memoryview(data)
-            while view:  # a regular file takes it whole; loop only for safety
-                n = os.write(self._fd, view)
-                view = view[n:]
+        """Write the buffered lines. On an error (disk full) the lines not wholly written stay
+        buffered for the next flush and the error is raised: nothing is dropped. A line torn by a
+        partial write is left as it is (the file is shared with other processes, so it is not cut
+        back) and the retry starts on a fresh line; ``read_jsonl`` skips the torn fragment."""
+        if not self._lines:
+            return
+        prefix = b"\n" if self._torn else b""
+        data = prefix + ("\n".join(self._lines) + "\n").encode()
+        written = 0
+        try:
+            while written < len(data):   # a regular file takes it whole; loop only for safety
+                written += os.write(self._fd, data[written:])
+        except OSError:
+            if written > len(prefix):
+                done = data[len(prefix):written]
+                del self._lines[:done.count(b"\n")]
+                self._torn = not done.endswith(b"\n")
+            raise
+        self._lines.clear()
+        self._torn = False
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -114,3 +114,34 @@ def test_a_seizure_starting_too_near_the_end_is_not_scored():
     assert s["detected"] == 1 and s["false_detections"] == 0 and s["latency_s"] == [1.5]
     # Without the model's span (the default) every onset is scored, as before.
     assert score_detections([11.5], seizures, session_end_t=80.0)["onsets"] == 2
+
+
+def test_a_flush_failing_partway_keeps_every_event_for_the_retry(tmp_path):
+    """Disk full in the middle of a flush (RLIMIT_FSIZE in a child process stands in for it): the
+    events not wholly written are kept and written by the next flush, each once, whole."""
+    import subprocess
+    import sys
+    import textwrap
+    path = tmp_path / "events.jsonl"
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        from controller.recorder import EventLog
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails (EFBIG) instead of killing
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        log = EventLog({str(path)!r})
+        for i in range(40):
+            log.append({{"t": float(i), "kind": "mark", "i": i}})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500, hard))
+        try:
+            log.flush()
+            sys.exit("the flush should have failed")
+        except OSError:
+            pass
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))   # space again
+        log.close()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    raw = path.read_bytes()
+    assert raw.count(b"\n") > 40   # the torn line is there, on a line of its own
+    assert sorted(row["i"] for row in read_jsonl(path)) == list(range(40))

@@ -225,3 +225,11 @@ def test_replay_loop_continues_the_timeline():
     finally:
         ring.close()
         ring.unlink()
+
+
+def test_a_sessions_stall_timeout_reaches_the_brainflow_source_it_builds():
+    from controller.config import parse_config
+    from controller.runners.realtime import source_spec
+    from controller.sources import build_source
+    cfg = parse_config({"source": {"kind": "brainflow", "board_id": -1, "stall_timeout_s": 3.5}})
+    assert build_source(source_spec(cfg)).stall_timeout_s == 3.5   # built, not opened

@@ -59,7 +59,8 @@ def source_spec(cfg: Config, hil_stream: str | None = None) -> dict:
         return {"kind": "lsl", "name": hil_stream or s.stream, "type": s.stream_type or None,
                 "source_id": s.source_id or None, "resolve_timeout_s": s.resolve_timeout_s,
                 "max_buflen_s": s.max_buflen_s, "stall_timeout_s": s.stall_timeout_s, "busy_poll": s.busy_poll}
-    return {"kind": "brainflow", "board_id": s.board_id, "params": dict(s.board_params), "busy_poll": s.busy_poll}
+    return {"kind": "brainflow", "board_id": s.board_id, "params": dict(s.board_params), "busy_poll": s.busy_poll,
+            "stall_timeout_s": s.stall_timeout_s}
 
 
 def stop_processes(stops: dict, procs: dict, order=("loop", "acq", "hil")) -> set[str]:
