@@ -60,22 +60,30 @@ def test_control_commands_and_emergency_stop_on_a_running_session(tmp_path):
         from pylsl import local_clock
         t_stop = local_clock()
         assert client.emergency_stop()["ok"] is True
+        t_stopped = local_clock()   # the reply: stimulation is off
         time.sleep(2.5)  # bursts would continue every second if the stop did not hold
         assert client.status()["latched"]
+        t_resume = local_clock()
         assert client.resume()["ok"] is True
     runner.join(60)
     session = result["session"]
     events = read_jsonl(session / "events.jsonl")
+    device = read_jsonl(session / "device_log.jsonl")
     cmds = [e for e in events if e["kind"] == "command"]
     assert any(c["params"]["amplitude_ua"] == 2000.0 for c in cmds)
-    assert not [c for c in cmds if t_stop <= c["t"] <= t_stop + 2.5]  # no stimulation while stopped
-    stops = [r for r in read_jsonl(session / "device_log.jsonl") if r["type"] == "STOP" and r["t_received"] >= t_stop]
-    # Emergency stop reaches the device within one loop period (the loop polls control every iteration;
-    # a hop of the seizure model is 0.25 s, the longest the loop can be busy with one chunk).
-    assert stops and stops[0]["t_received"] - t_stop < 0.25
+    # The STOP reached the device (and was acknowledged) before the operator was told stimulation
+    # is off: causality, not a latency bound (how soon is for the benchmarks).
+    stops = [r for r in device if r["type"] == "STOP" and not r.get("duplicate") and t_stop <= r["t_received"] <= t_stopped]
+    assert len(stops) == 1 and stops[0]["ok"], stops
+    safe = [e for e in events if e["kind"] == "safe_state" and e["reason"].startswith("emergency stop by the operator")]
+    assert len(safe) == 1 and safe[0]["stop_ok"] is True and t_stop <= safe[0]["t"] <= t_stopped
+    # Nothing was stimulated from the STOP until the resume: no trigger reached the device, none was sent.
+    t_off = stops[0]["t_received"]
+    assert not [r for r in device if r["type"] == "TRIGGER" and t_off <= r["t_received"] <= t_resume]
+    assert not [c for c in cmds if t_off <= c["sent_t"] <= t_resume]
     marks = [e for e in events if e["kind"] == "mark" and e.get("cmd") == "emergency_stop"]
     assert marks and marks[0].get("who") == "local"
-    assert any(c["t"] > t_stop + 2.5 for c in cmds)  # resumed
+    assert any(c["t"] > t_resume for c in cmds)  # resumed
 
 
 def test_sigkill_leaves_a_folder_that_reports_and_exports(tmp_path):
