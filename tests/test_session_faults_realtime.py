@@ -37,7 +37,26 @@ def test_controller_reacts_to_stream_loss_bad_data_and_an_unplugged_device(tmp_p
     # Unplugged device: driver error -> safe state, then the controller reconnects on the stable port.
     assert any(e["kind"] == "safe_state" and "driver error" in e.get("reason", "") for e in events)
     assert ("status", "device_reconnected", "actuator") in whats
-    # Every fault is reported with stimulation off first.
-    for e in events:
-        if e["kind"] == "fault" and e["source"] == "governor":
-            assert e["latched"] is True
+    # Every fault is reported with stimulation off first: each governor FAULT comes with the
+    # actuator's SAFE_STATE for the same reason (its STOP sent at that moment) and says whether
+    # the STOP got through. It did while the device was there; with the device unplugged it could not.
+    gov = _check_every_governor_fault_has_its_safe_state(events)
+    assert len(gov) >= 3, gov   # bad data, the stall, the driver error
+    assert {s["stop_ok"] for f, s in gov if "driver error" not in f["reason"]} == {True}
+    assert all(not s["stop_ok"] for f, s in gov if "driver error" in f["reason"])
+
+
+def _check_every_governor_fault_has_its_safe_state(events: list[dict]) -> list[tuple[dict, dict]]:
+    """Each governor FAULT is followed by the actuator's SAFE_STATE with the same reason and time
+    (the governor's emergency stops carry an ``emergency_stop: `` prefix) and a STOP outcome:
+    ``stop_ok`` true exactly when the STOP had no error. Returns the (FAULT, SAFE_STATE) pairs."""
+    pairs = []
+    for i, e in enumerate(events):
+        if e["kind"] != "fault" or e["source"] != "governor":
+            continue
+        safe = next((x for x in events[i + 1:] if x["kind"] == "safe_state" and x["source"] == "actuator"), None)
+        assert safe is not None, f"governor fault without a safe state after it: {e}"
+        assert safe["reason"] == e["reason"].removeprefix("emergency_stop: ") and safe["t"] == e["t"], (e, safe)
+        assert isinstance(safe["stop_ok"], bool) and safe["stop_ok"] == (not safe["stop_errors"]), safe
+        pairs.append((e, safe))
+    return pairs
