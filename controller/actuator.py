@@ -15,6 +15,11 @@ One exception is not a fault: the device refusing a scheduled trigger because
 its time had passed (``TriggerTooLate``) is a missed deadline, reported as a
 ``REFUSAL`` with rule ``too_late`` like the loop's own late requests.
 
+The governor books a burst's start when it allows it; once the TRIGGER is
+acknowledged the actuator tells it when the device really started
+(``SafetyGovernor.confirm_start``, from the ACK's device receipt time), which
+only ever moves the booking later, and the ``COMMAND`` event records both.
+
 Not thread-safe: one control loop owns the actuator. The clock is injected
 (``pylsl.local_clock`` in real time, a virtual clock in simulation).
 """
@@ -159,15 +164,17 @@ class Actuator:
         params = decision.params
         if params is None:
             return events
-        start_t = decision.events[-1].data.get("start_t", now)
+        booked_start_t = decision.events[-1].data.get("start_t", now)
         # The governor maps past "at" times to now; the device wants None for "now".
-        at = start_t if start_t > now else None
+        at = booked_start_t if booked_start_t > now else None
         cfg: CommandReceipt | None = None
+        triggering = False
         try:
             if self._configured.get(params.channel) != params:
                 self._configured.pop(params.channel, None)
                 cfg = _checked(self.__driver.configure(params), "configure")
                 self._configured[params.channel] = params
+            triggering = True
             rec = _checked(self.__driver.trigger(params.channel, at), "trigger")
         except TriggerTooLate as exc:
             # Nothing was delivered and the device is otherwise as it was: under load the command
@@ -179,11 +186,19 @@ class Actuator:
                 "reason": f"the device refused the trigger, its time had passed: {exc}"}))
             return events + self._device_events(now)
         except BaseException as exc:
-            events += self._enter_safe_state(f"driver error during submit: {_describe(exc)}", now)
+            booked = None
+            if triggering:
+                # The device may have acted on a copy whose ACK never came back: its burst started at
+                # the latest now, and the next burst after a reset must keep its distance from that.
+                t = self._clock()
+                start_t, _ = self._confirm_start(booked_start_t, t, t)
+                booked = {"booked_start_t": booked_start_t, "start_t": start_t}
+            events += self._enter_safe_state(f"driver error during submit: {_describe(exc)}", now, extra=booked)
             if not isinstance(exc, Exception):
                 self._defer(events)
                 raise  # KeyboardInterrupt and friends: device stopped, then let them through
             return events + self._device_events(now)
+        start_t, error = self._confirm_start(booked_start_t, _device_start_t(rec), self._clock())
         self._warm_params = params
         meta = request.meta if isinstance(request.meta, dict) else {}
         events.append(Event(now, EventKind.COMMAND, self._source, {
@@ -193,7 +208,12 @@ class Actuator:
             "window_end_t": meta.get("window_end_t"), "params": params.to_dict(),
             "burst_charge_uc": conservative_charge_uc(params),
             **{k: v for k, v in meta.items() if k != "window_end_t"},  # stage times for metrics.json
+            # After the policy's meta, so that no meta key can hide what the governor now books.
+            "device_t": rec.device_t, "booked_start_t": booked_start_t, "start_t": start_t,
+            "start_moved_s": start_t - booked_start_t,
         }))
+        if error is not None:
+            events += self._enter_safe_state(f"governor error confirming the start: {_describe(error)}", now)
         # A trip the device reported on this very exchange: the burst just sent is stopped again.
         return events + self._device_events(now)
 
@@ -324,7 +344,14 @@ class Actuator:
         return self._take_pending() + self._governor.reset(self._clock(), reason)
 
     # ---- internals ---------------------------------------------------------------------
-    def _stop(self, reason: str, now: float) -> list[Event]:
+    def _confirm_start(self, booked_start_t: float, started_t: float, now: float) -> tuple[float, Exception | None]:
+        """``governor.confirm_start``; an exception from it (a defect) is returned for the safe state."""
+        try:
+            return self._governor.confirm_start(booked_start_t, started_t, now), None
+        except Exception as exc:
+            return booked_start_t, exc
+
+    def _stop(self, reason: str, now: float, extra: dict[str, Any] | None = None) -> list[Event]:
         self._configured.clear()  # after a stop/fault the device state is unknown: reconfigure
         errors = []
         for _ in range(2):  # a second try costs little when the first one hit a transient error
@@ -337,7 +364,7 @@ class Actuator:
             except Exception as exc:
                 errors.append(_describe(exc))
         return [Event(now, EventKind.SAFE_STATE, self._source,
-                      {"reason": reason, "stop_ok": not errors, "stop_errors": errors})]
+                      {"reason": reason, "stop_ok": not errors, "stop_errors": errors, **(extra or {})})]
 
     def _take_pending(self) -> list[Event]:
         events, self._pending_events = self._pending_events, []
@@ -375,10 +402,30 @@ class Actuator:
     def _latched_for(self, prefix: str) -> bool:
         return any(r.startswith(prefix) for r in self._governor.latch_reasons)
 
-    def _enter_safe_state(self, reason: str, now: float, emergency: bool = False) -> list[Event]:
-        stop_events = self._stop(reason, now)
+    def _enter_safe_state(self, reason: str, now: float, emergency: bool = False,
+                          extra: dict[str, Any] | None = None) -> list[Event]:
+        stop_events = self._stop(reason, now, extra)
         latch = self._governor.emergency_stop(now, reason) if emergency else self._governor.fault(reason, now)
         return latch + stop_events
+
+
+def _device_start_t(rec: CommandReceipt) -> float:
+    """When the device started an immediate burst: its receipt time of the TRIGGER (drivers/PROTOCOL.md
+    §3), held inside [sent_t, acked_t] (it cannot have read the first copy before the host sent it, nor
+    after the host read its ACK: a device clock that disagrees says nothing outside that), and
+    ``acked_t``, the latest it can be, when the driver does not know the receipt time.
+    NaN when even ``acked_t`` is not a time: the governor then takes its ``now``."""
+    latest = rec.acked_t
+    if not _is_time(latest):
+        return math.nan
+    dev = rec.device_t
+    if not _is_time(dev):
+        return latest
+    return min(max(dev, rec.sent_t), latest) if _is_time(rec.sent_t) else min(dev, latest)
+
+
+def _is_time(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _checked(receipt: Any, what: str) -> CommandReceipt:

@@ -34,7 +34,11 @@ class CommandReceipt:
     """What the driver learned about one command.
 
     ``seq`` is the protocol sequence number (joins controller events with the
-    device's own log); ``sent_t``/``acked_t`` are seconds on the session clock.
+    device's own log); ``sent_t``/``acked_t`` are seconds on the session clock
+    (``sent_t``: the first attempt, retries included). ``device_t`` is when the
+    device received the command, from its ACK (drivers/PROTOCOL.md §3: the same
+    time for a retry it answers from memory), or ``None`` when the driver does
+    not know it. An immediate TRIGGER's burst starts then.
     """
 
     seq: int
@@ -42,6 +46,7 @@ class CommandReceipt:
     acked_t: float
     ok: bool = True
     error: str = ""
+    device_t: float | None = None
 
 
 class Stimulator(ABC):

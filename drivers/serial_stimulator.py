@@ -130,7 +130,7 @@ class SerialStimulator(Stimulator):
         n_commands = 0
         while True:
             try:
-                reply, _, _ = self._transact(P.MsgType.HELLO, P.encode_hello())
+                reply, _, _, _ = self._transact(P.MsgType.HELLO, P.encode_hello())
                 return reply
             except DeviceTimeout as e:
                 n_commands += 1
@@ -177,7 +177,7 @@ class SerialStimulator(Stimulator):
 
     def status(self) -> P.DeviceStatus:
         """Ask the device for its channel masks and counters."""
-        reply, _, _ = self._transact(P.MsgType.STATUS, b"")
+        reply, _, _, _ = self._transact(P.MsgType.STATUS, b"")
         try:
             _, _, body = P.decode_ack(reply.payload)
             return P.decode_status(body)
@@ -215,12 +215,12 @@ class SerialStimulator(Stimulator):
     # ------------------------------------------------------------ transport
 
     def _command(self, msg_type: P.MsgType, payload: bytes, retries: int | None = None) -> CommandReceipt:
-        reply, sent_t, acked_t = self._transact(msg_type, payload, retries)
-        return CommandReceipt(seq=reply.seq, sent_t=sent_t, acked_t=acked_t)
+        reply, sent_t, acked_t, device_t = self._transact(msg_type, payload, retries)
+        return CommandReceipt(seq=reply.seq, sent_t=sent_t, acked_t=acked_t, device_t=device_t)
 
     def _transact(self, msg_type: P.MsgType, payload: bytes,
-                  retries: int | None = None) -> tuple[P.Frame, float, float]:
-        """Send one request and return ``(ACK frame, sent_t, acked_t)``; NACK/timeout raise."""
+                  retries: int | None = None) -> tuple[P.Frame, float, float, float]:
+        """Send one request and return ``(ACK frame, sent_t, acked_t, device receipt time)``; NACK/timeout raise."""
         if self._ser is None:
             raise StimulatorError(f"{msg_type.name} on {self.port}: port not open, call open() first")
         n_retries = self.retries if retries is None else retries
@@ -255,7 +255,7 @@ class SerialStimulator(Stimulator):
                     raise nack_error(code)(
                         f"device refused {msg_type.name} seq {seq}: {P.error_name(code)} "
                         f"({P.ERROR_TEXT.get(code, 'unknown error')}){_detail_text(msg_type, code, detail)}")
-                return reply, first_sent_t, acked_t
+                return reply, first_sent_t, acked_t, dev_t
             raise DeviceTimeout(f"{msg_type.name} seq {seq}: no reply from {self.port} within "
                                 f"{self.timeout_s} s after {n_retries + 1} attempts")
 

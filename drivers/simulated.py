@@ -172,7 +172,7 @@ class SimulatedStimulator(Stimulator):
 
     def _receipt(self, seq: int, now: float) -> CommandReceipt:
         self.last_receipt_device_t = now
-        return CommandReceipt(seq=seq, sent_t=now, acked_t=now)
+        return CommandReceipt(seq=seq, sent_t=now, acked_t=now, device_t=now)
 
     def _nack(self, what: str, seq: int, code: P.ErrorCode, msg: str) -> None:
         raise nack_error(code)(f"device refused {what} seq {seq}: {code.name} ({P.ERROR_TEXT[code]}): {msg}")

@@ -348,3 +348,74 @@ def test_keyboard_interrupt_in_heartbeat_keeps_the_events_it_was_to_return():
     kinds = [e.kind for e in ev]
     assert kinds[:3] == [EventKind.DECISION, EventKind.FAULT, EventKind.SAFE_STATE], kinds
     assert kinds.count(EventKind.DECISION) == 1         # once, not once per interrupted call
+
+
+class SlowLink(RecordingStimulator):
+    """Commands that take ``delay_s`` of session time each (a lost reply and its retry), with the
+    device's receipt time of each in the ACK (``device_t``), as the serial driver reports it."""
+
+    def __init__(self, clock, delay_s=None, device_t=lambda sent_t, acked_t: acked_t, trigger_fails=False):
+        super().__init__(clock)
+        self.delay_s = delay_s or {}
+        self.device_t = device_t
+        self.trigger_fails = trigger_fails
+
+    def _do(self, name, *args):
+        self.calls.append((name, *args))
+        self.seq += 1
+        sent_t = self.clock()
+        self.clock.t += self.delay_s.get(name, 0.0)
+        if name == "trigger" and self.trigger_fails:
+            raise DeviceTimeout("trigger: no reply after 4 attempts")
+        return CommandReceipt(self.seq, sent_t, self.clock(), device_t=self.device_t(sent_t, self.clock()))
+
+
+def test_the_governor_books_the_start_the_device_reports_and_the_command_says_so():
+    """A retried CONFIGURE delays the TRIGGER by 50 ms: the device starts the burst at 0.05, not at the
+    decision (0.0). The next request is judged against 0.05: refused by min_interval on another channel
+    (two bursts would overlap on the device), then device_busy until the device's end + guard, never a
+    BUSY fault; the session goes on."""
+    act, drv, clock = rig(lambda c: SlowLink(c, delay_s={"configure": 0.05}))
+    ev = act.submit(StimRequest(0.0, "policy", BURST))
+    cmd = ev[-1].data
+    assert ev[-1].kind is EventKind.COMMAND and ev[0].data["start_t"] == 0.0        # DECISION: booked at 0
+    assert (cmd["booked_start_t"], cmd["start_t"], cmd["device_t"]) == (0.0, 0.05, 0.05)
+    assert cmd["start_moved_s"] == pytest.approx(0.05)
+    dose = act.dose
+    other = BURST.with_(channel=2)
+    for t, rule in ((0.12, "min_interval"), (0.152, "device_busy")):
+        clock.t = t
+        act.heartbeat()
+        ev = act.submit(StimRequest(t, "policy", other))
+        assert [e.kind for e in ev] == [EventKind.REFUSAL] and ev[0].data["rule"] == rule, (t, ev)
+    assert act.dose == dose and act.governor.latched is None
+    clock.t = 0.156
+    act.heartbeat()
+    assert act.submit(StimRequest(0.156, "policy", other))[-1].kind is EventKind.COMMAND
+
+
+@pytest.mark.parametrize("device_t, start_t", [
+    (lambda s, a: None, 0.03),          # no receipt time from the driver: the ACK's arrival, the latest
+    (lambda s, a: a + 5.0, 0.03),       # a device clock ahead: no later than the ACK's arrival
+    (lambda s, a: s - 5.0, 0.01),       # a device clock behind: no earlier than the first copy was sent
+    (lambda s, a: math.nan, 0.03),
+])
+def test_the_device_start_is_held_between_sending_the_trigger_and_reading_its_ack(device_t, start_t):
+    act, drv, clock = rig(lambda c: SlowLink(c, delay_s={"configure": 0.01, "trigger": 0.02}, device_t=device_t))
+    cmd = act.submit(StimRequest(0.0, "policy", BURST))[-1].data
+    assert cmd["booked_start_t"] == 0.0 and cmd["start_t"] == pytest.approx(start_t)
+
+
+def test_a_trigger_that_failed_may_have_started_the_burst_as_late_as_the_failure():
+    """The device may have acted on a TRIGGER whose ACKs were all lost: after the safe state and a
+    reset, the next burst keeps its distance from the failure time, not from the decision."""
+    act, drv, clock = rig(lambda c: SlowLink(c, delay_s={"trigger": 0.2}, trigger_fails=True))
+    ev = act.submit(StimRequest(0.0, "policy", BURST))
+    assert ev[-1].kind is EventKind.SAFE_STATE
+    assert (ev[-1].data["booked_start_t"], ev[-1].data["start_t"]) == (0.0, 0.2)
+    drv.trigger_fails = False
+    clock.t = 0.25
+    act.reset()
+    act.heartbeat()
+    ev = act.submit(StimRequest(0.25, "policy", BURST))
+    assert [e.kind for e in ev] == [EventKind.REFUSAL] and ev[0].data["rule"] == "min_interval"

@@ -116,7 +116,9 @@ def test_a_burst_back_to_back_with_a_running_one_is_refused_not_a_device_fault(s
     act.heartbeat()
     ev = act.submit(StimRequest(pylsl.local_clock(), "test", long_burst))
     assert ev[-1].kind is EventKind.COMMAND, ev
-    start = next(e.data["start_t"] for e in ev if e.kind is EventKind.DECISION and e.data.get("allowed"))
+    # The device's start (its receipt of the TRIGGER), which the governor books once acknowledged.
+    start = ev[-1].data["start_t"]
+    assert start >= next(e.data["start_t"] for e in ev if e.kind is EventKind.DECISION and e.data.get("allowed"))
     # right at its end (1 µs later: start + duration can round below it, a min_interval refusal)
     ev = act.submit(StimRequest(pylsl.local_clock(), "test", long_burst, at=start + long_burst.burst_duration_s + 1e-6))
     assert ev[-1].kind is EventKind.REFUSAL and ev[-1].data["rule"] == "device_busy", ev
@@ -146,6 +148,56 @@ def test_safe_state_after_a_failed_reconnect_says_no_stop_was_sent():
             safe = [e for e in ev if e.kind is EventKind.SAFE_STATE]
             assert safe and safe[-1].data["stop_ok"] is False, ev
             assert all("port not open: STOP not sent" in x for x in safe[-1].data["stop_errors"])
+    finally:
+        emu.stop()
+        close_pty(master_fd)
+
+
+@pytest.mark.parametrize("second_channel", [1, 0], ids=["same channel", "other channel"])
+def test_a_burst_delayed_by_a_retry_is_booked_where_the_device_started_it(second_channel):
+    """A CONFIGURE whose reply is lost is resent after timeout_s (50 ms), so the device starts the
+    burst ~50 ms after the governor booked it. A request just after the booked end + guard then got
+    NACK BUSY on the same channel (a fault: stimulation off for the session), and on another channel
+    started a second burst 66 ms after the first, overlapping it, against a 100 ms min interval. With
+    the device's start booked, both are refusals and the session goes on. (A 100 ms reply timeout
+    here: the request must come before the device's burst ends, ~90 ms to spare on a loaded machine.)"""
+    from controller.safety.governor import DEVICE_BUSY_GUARD_S
+    master_fd, slave = open_pty_pair()
+    emu = StimulatorEmulator(master_fd, watchdog_s=0.5).start()
+    drv = SerialStimulator(slave, timeout_s=0.1, retries=3)
+    try:
+        drv.open()
+        act = Actuator(SafetyGovernor(MACRO_RNS, drv.capabilities), drv, pylsl.local_clock)
+        act.heartbeat()
+        burst = BURST.with_(n_pulses=20)                                  # 0.1 s at 200 Hz
+        emu.drop_next_replies(1)                                          # the CONFIGURE's: resent once
+        ev = act.submit(StimRequest(pylsl.local_clock(), "test", burst))
+        cmd = ev[-1].data
+        assert ev[-1].kind is EventKind.COMMAND and drv.retries_used == 1, ev
+        assert wait_until(lambda: len(emu.deliveries()) == 1)   # recorded after the ACK is on the wire
+        first = emu.deliveries()[0]
+        assert cmd["device_t"] == first["t_received"] and cmd["start_t"] == cmd["device_t"]
+        assert cmd["start_t"] - cmd["booked_start_t"] >= drv.timeout_s                 # the retry's delay
+        t = cmd["booked_start_t"] + burst.burst_duration_s + DEVICE_BUSY_GUARD_S + 0.01
+        while pylsl.local_clock() < t:
+            time.sleep(0.001)
+        act.heartbeat()
+        ev = act.submit(StimRequest(pylsl.local_clock(), "test", burst.with_(channel=second_channel)))
+        assert [e.kind for e in ev] == [EventKind.REFUSAL], ev
+        assert ev[0].data["rule"] in ("min_interval", "device_busy")
+        assert act.governor.latched is None and emu.counters["nacks"] == 0 and len(emu.deliveries()) == 1
+        # Once the device's burst is over, the next one goes, far enough from the first on the device.
+        t = cmd["start_t"] + max(MACRO_RNS.min_interval_s, burst.burst_duration_s) + DEVICE_BUSY_GUARD_S + 0.01
+        while pylsl.local_clock() < t:
+            time.sleep(0.001)
+        act.heartbeat()
+        ev = act.submit(StimRequest(pylsl.local_clock(), "test", burst.with_(channel=second_channel)))
+        assert ev[-1].kind is EventKind.COMMAND, ev
+        assert wait_until(lambda: len(emu.deliveries()) == 2)
+        a, b = emu.deliveries()
+        assert b["t_delivered"] - a["t_delivered"] >= MACRO_RNS.min_interval_s
+        assert emu.counters["nacks"] == 0
+        act.close()
     finally:
         emu.stop()
         close_pty(master_fd)

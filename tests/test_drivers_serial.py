@@ -52,6 +52,7 @@ def test_configure_trigger_round_trip_and_timestamps(rig):
     rt = stim.trigger(1)
     assert rt.seq == (rc.seq + 1) % P.SEQ_MOD and rt.ok   # host seqs start at a random value
     assert rt.sent_t <= stim.last_receipt_device_t <= rt.acked_t
+    assert rt.device_t == stim.last_receipt_device_t and rc.device_t <= rt.device_t   # the ACK's receipt time
     assert wait_until(lambda: len(delivered) == 1)
     t, params = delivered[0]
     assert params == BURST
@@ -103,6 +104,9 @@ def test_lost_replies_are_retried_with_same_seq_and_acted_once(rig):
     assert emu.counters["duplicates"] == 2
     seqs = [x["seq"] for x in emu.records if x["type"] == "TRIGGER"]
     assert seqs == [r.seq] * 3   # one delivery record, two duplicate records
+    # The receipt says when the device got the first copy (it started the burst then), not the last.
+    first = next(x for x in emu.records if x["type"] == "TRIGGER" and x["t_delivered"] is not None)
+    assert r.device_t == first["t_received"] < r.sent_t + stim.timeout_s < r.acked_t
 
 
 def test_corrupted_replies_are_rejected_and_retried(rig):

@@ -34,7 +34,7 @@ def test_immediate_trigger_delivers_and_state_follows_burst(sim):
     s, clock, got = sim
     s.configure(P1)
     r = s.trigger(1)
-    assert r.ok and r.sent_t == r.acked_t == 100.0 and s.last_receipt_device_t == 100.0
+    assert r.ok and r.sent_t == r.acked_t == r.device_t == 100.0 and s.last_receipt_device_t == 100.0
     assert s.delivered == [(100.0, P1)] and got == [(100.0, P1)]
     assert s.state == "active" and s.active_channels == [1]
     clock.t = 100.05

@@ -366,3 +366,52 @@ def test_continuous_waveforms_send_every_device_n_pulses_1(params, n_pulses):
     sim = SimulatedStimulator(lambda: 0.0)
     sim.open()
     assert sim.configure(d.params).ok                                                         # simulated device
+
+
+def test_a_late_device_start_is_booked_and_the_next_request_is_judged_against_it():
+    """An immediate burst starts when its TRIGGER reaches the device, which retries can delay by 50 ms or
+    more. Judged against the decision time, a burst 0.12 s later on another channel passed min_interval
+    (0.1 s) while the device's first burst, started at 0.05, still ran: two overlapping bursts."""
+    g = gov()
+    d = g.step(req(RNS_BURST), 0.0)                                 # 0.1 s, booked at 0.0
+    before = g.dose
+    assert g.confirm_start(d.events[-1].data["start_t"], 0.05, 0.06) == 0.05
+    assert g.dose == before                                          # the same burst, booked once
+    other = RNS_BURST.with_(channel=2)
+    g.heartbeat_ok(0.12)
+    r = g.step(req(other), 0.12)
+    assert not r.allowed and r.events[0].data["rule"] == "min_interval" and "0.05" in r.reason
+    g.heartbeat_ok(0.152)                                            # past min_interval, inside the device's burst
+    r = g.step(req(other), 0.152)
+    assert not r.allowed and r.events[0].data["rule"] == "device_busy" and "until 0.15" in r.reason
+    g.heartbeat_ok(0.156)
+    assert g.step(req(other), 0.156).allowed                         # the device's end + DEVICE_BUSY_GUARD_S
+
+
+def test_confirm_start_only_ever_moves_the_start_later():
+    g = gov()
+    g.step(req(RNS_BURST), 1.0)
+    assert g.confirm_start(1.0, 0.9, 1.01) == 1.0                    # earlier (a device clock behind): kept
+    assert g.confirm_start(1.0, 5.0, 1.01) == 1.01                   # after the caller's now: at most now
+    assert g.confirm_start(1.01, math.nan, 1.02) == 1.02             # unknown: as late as it can be, now
+    assert g.confirm_start(1.02, None, math.nan) == 1.02             # nothing to go on: kept
+    g.heartbeat_ok(1.11)
+    assert g.step(req(RNS_BURST), 1.11).events[0].data["rule"] == "min_interval"   # from 1.02 (from 1.0: allowed)
+    g.heartbeat_ok(2.0)
+    s = g.step(req(RNS_BURST, at=2.5), 2.0)                          # a scheduled burst whose TRIGGER
+    assert s.allowed and g.confirm_start(2.5, 2.0003, 2.001) == 2.5  # reached the device early: starts at `at`
+    with pytest.raises(ValueError, match="no allowed burst starts at 7.0"):
+        g.confirm_start(7.0, 7.1, 7.2)
+    assert g.dose.bursts == 2
+
+
+def test_a_moved_start_still_counts_once_in_the_rate_limit():
+    p = MACRO_RNS.model_copy(update={"max_bursts_per_min": 2, "min_interval_s": 0.1})
+    g = gov(p)
+    for t in (0.0, 1.0):
+        g.heartbeat_ok(t)
+        g.step(req(RNS_BURST, t=t), t)
+        g.confirm_start(t, t + 0.03, t + 0.04)
+    g.heartbeat_ok(2.0)
+    d = g.step(req(RNS_BURST, t=2.0), 2.0)
+    assert not d.allowed and d.events[0].data["rule"] == "rate_limit" and "): 2 bursts within" in d.reason

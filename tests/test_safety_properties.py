@@ -190,17 +190,19 @@ class GovernorMachine(RuleBasedStateMachine):
     def request_wild(self, params, at_offset):
         self._request(params, at_offset)
 
-    @rule(data=st.data(), at_offset=st.one_of(st.none(), st.none(), st.floats(-1.0, 1.0)))
-    def request_tame(self, data, at_offset):
+    @rule(data=st.data(), at_offset=st.one_of(st.none(), st.none(), st.floats(-1.0, 1.0)),
+          ack_delay=st.one_of(st.just(0.0), st.floats(0.0, 0.2)),
+          started_offset=st.one_of(st.just(0.0), st.floats(-0.3, 0.1), ANY_FLOAT, st.none()))
+    def request_tame(self, data, at_offset, ack_delay=0.0, started_offset=0.0):
         self.g.heartbeat_ok(self.now)   # heartbeats usually keep up with requests
-        self._request(data.draw(profile_params(self.p, self.caps)), at_offset)
+        self._request(data.draw(profile_params(self.p, self.caps)), at_offset, ack_delay, started_offset)
 
     @rule(data=st.data())
     def request_tame_again(self, data):
         # a second entry point so that requests outnumber faults and resets
         self.request_tame(data, None)
 
-    def _request(self, params, at_offset):
+    def _request(self, params, at_offset, ack_delay=0.0, started_offset=0.0):
         at = None if at_offset is None else self.now + at_offset
         d = self.g.step(StimRequest(t=self.now, source="prop", params=params, at=at), self.now)
         assert d.events, "every decision produces an event"
@@ -228,10 +230,20 @@ class GovernorMachine(RuleBasedStateMachine):
         assert sum(1 for t0, _ in self.allowed if abs(t0 - start) < 60.0) < self.p.max_bursts_per_min
         # the device holds one burst at a time: none allowed earlier is scheduled or running now
         assert all(t0 + d0 + DEVICE_BUSY_GUARD_S <= self.now + 1e-9 for t0, d0 in self.allowed)
-        self.allowed.append((start, dur))
         self.allowed_charge_uc += oracle_charge_uc(s)
         self.allowed_stim_s += dur
         self.n_allowed += 1
+        if ack_delay or started_offset:
+            # The actuator's report once the TRIGGER is acknowledged, ack_delay later: when the device
+            # started it (retries delay an immediate one; anything else a device may claim). Never earlier
+            # than booked, never after the report's now; an unknown time counts as that now.
+            self.now += ack_delay
+            started = None if started_offset is None else self.now + started_offset
+            known = started is not None and math.isfinite(started)
+            expected = max(start, min(started, self.now) if known else self.now)
+            assert self.g.confirm_start(start, started, self.now) == expected
+            start = expected
+        self.allowed.append((start, dur))
 
     @precondition(lambda self: self.now > 0)
     @rule(back=st.floats(1e-6, 10.0), params=params_strategy)
@@ -329,3 +341,31 @@ def test_no_command_reaches_a_device_still_holding_a_burst(profile, caps, data, 
         assert not d2.allowed
     if not d2.allowed and d2.events[-1].data["rule"] == "device_busy":
         assert end1 + DEVICE_BUSY_GUARD_S > dt      # refused only while the device is busy
+
+
+@settings(max_examples=300, deadline=None)
+@given(profile=st.sampled_from(PROFILES), caps=caps_strategy, data=st.data(), late=st.floats(0.0, 0.3),
+       dt=st.floats(0.0, 0.5), second_at=st.one_of(st.none(), st.floats(0.0, 0.5)))
+def test_the_next_burst_keeps_its_distance_from_where_the_device_started_the_last(profile, caps, data, late, dt,
+                                                                                  second_at):
+    """The device starts an immediate burst when its TRIGGER arrives, ``late`` after the decision (retries);
+    once the actuator reports it (confirm_start), the interval, no-overlap and device-busy rules hold
+    against that start, not the decision time."""
+    caps = dataclasses.replace(caps, waveforms=tuple(set(caps.waveforms) | set(profile.allowed_waveforms)),
+                               scheduled_trigger=True)
+    g = SafetyGovernor(profile, caps)
+    g.heartbeat_ok(0.0)
+    g.set_impedance(1000.0, 0.0)
+    d1 = g.step(StimRequest(0.0, "prop", data.draw(profile_params(profile, caps))), 0.0)
+    assume(d1.allowed)
+    assert g.confirm_start(0.0, late, late) == late
+    t2 = late + dt
+    g.heartbeat_ok(t2)
+    at2 = None if second_at is None else t2 + second_at
+    d2 = g.step(StimRequest(t2, "prop", data.draw(profile_params(profile, caps)), at=at2), t2)
+    if d2.allowed:
+        dur1 = d1.params.burst_duration_s
+        start2 = t2 if at2 is None else at2
+        assert start2 - late >= max(profile.min_interval_s, dur1) - 1e-9
+        assert late + dur1 + DEVICE_BUSY_GUARD_S <= t2 + 1e-9
+    assert g.dose.bursts == (2 if d2.allowed else 1)

@@ -27,9 +27,10 @@ from drivers.params import DeviceCapabilities, StimParams, Waveform
 RATE_WINDOW_S = 60.0  # max_bursts_per_min is counted over any 60 s window
 #: A device holds one burst at a time, running or scheduled (drivers/PROTOCOL.md: a TRIGGER then gets
 #: BUSY, which the actuator must treat as a fault). A request sent sooner than this after the end of
-#: the last allowed burst is refused here instead: the device starts an immediate burst when the
-#: command arrives, one transport delay after the host decided, so the host's idea of the end
-#: can be early by that much (≤ 1 ms on this machine's pty; 5 ms covers a loaded USB-serial link).
+#: the last allowed burst is refused here instead. The end is the device's own once the actuator has
+#: reported when the TRIGGER arrived (``confirm_start``: after retries of the CONFIGURE or TRIGGER that
+#: can be 50–150 ms after the decision), so what is left to cover is the *next* command's transport
+#: delay before the device judges it (≤ 1 ms on this machine's pty; 5 ms covers a loaded USB-serial link).
 DEVICE_BUSY_GUARD_S = 0.005
 # Charge-limit clamps land this fraction below the limit so float rounding and
 # Shannon's strict "<" can never put the clamped value on the wrong side.
@@ -240,9 +241,9 @@ class _Refused(Exception):
 class SafetyGovernor:
     """Clamps or refuses stimulation requests against a ``SafetyProfile`` and the device's capabilities.
 
-    Pure state machine: ``step(request, now)``, ``set_impedance(ohm, now)``,
-    ``heartbeat_ok(now)``, ``fault(reason, now)``, ``emergency_stop(now)``,
-    ``reset(now)``. Faults and emergency stops latch until ``reset``; an
+    Pure state machine: ``step(request, now)``, ``confirm_start(booked_start_t,
+    started_t, now)``, ``set_impedance(ohm, now)``, ``heartbeat_ok(now)``,
+    ``fault(reason, now)``, ``emergency_stop(now)``, ``reset(now)``. Faults and emergency stops latch until ``reset``; an
     impedance outside the window or a stale heartbeat refuse everything while
     they last. ``reset`` never clears the session dose or the rate history.
     """
@@ -380,6 +381,36 @@ class SafetyGovernor:
         return [Event(now, EventKind.STATUS, self._source,
                       {"what": "reset", "cleared": gone[0] if gone else None, "cleared_all": gone,
                        "still_latched": list(self._latches)})]
+
+    def confirm_start(self, booked_start_t: float, started_t: float | None, now: float) -> float:
+        """Book when the device really started the burst allowed at ``booked_start_t``; return the start
+        now booked (≥ ``booked_start_t``).
+
+        ``step`` books an immediate burst at the decision time, but the device starts it when the
+        TRIGGER arrives, which retries of the CONFIGURE or TRIGGER (``timeout_s`` each) can delay by
+        50–150 ms: judged against the booked start, the next request could pass ``min_interval`` and
+        ``device_busy`` while the device still runs this burst (a BUSY NACK, or two bursts overlapping
+        on two channels). The start only ever moves *later* (stricter): a ``started_t`` before the booked
+        start (a scheduled burst whose TRIGGER came early, a device clock behind the host's) leaves it,
+        and one after ``now``, or one that is not a finite time, counts as ``now`` (nothing acknowledged
+        by ``now`` can start later). Dose and burst count stay: it is the same burst, booked once.
+        ``ValueError`` when no allowed burst starts at ``booked_start_t`` (the caller's defect).
+        """
+        ts, ds = self._hist_t, self._hist_d
+        i = bisect.bisect_left(ts, booked_start_t) if _finite_real(booked_start_t) else len(ts)
+        if i == len(ts) or ts[i] != booked_start_t:
+            raise ValueError(f"confirm_start: no allowed burst starts at {_show(booked_start_t)}")
+        latest = now if _finite_real(now) else self._last_now
+        started = started_t if _finite_real(started_t) else latest
+        start_t = max(booked_start_t, min(started, latest))
+        if start_t > booked_start_t:
+            # Bursts never share a start (the no-overlap rule), so index i is this one.
+            duration_s = ds.pop(i)
+            ts.pop(i)
+            j = bisect.bisect_right(ts, start_t)
+            ts.insert(j, start_t)
+            ds.insert(j, duration_s)
+        return start_t
 
     # ---- the decision ----------------------------------------------------------------
     def step(self, request: StimRequest, now: float) -> Decision:
