@@ -90,21 +90,54 @@ def test_stimulation_evokes_target_spikes_with_latency():
     assert np.all((lat > 0.001) & (lat < 0.005))
 
 
-def test_pair_stdp_pre_before_post_potentiates():
-    # A post spike evoked ~5 ms after each pre spike (pre before post) potentiates (Song 2000).
-    def run(offset_s):
-        u = _units(rate_hz=2.0, target_rate_hz=0.0, syn_prob_max=0.0, evoked_prob=1.0, evoked_jitter_ms=0.0,
-                   evoked_latency_ms=1.0, stdp=STDPRule.song2000())
-        u.step(int(FS * 0.05))
-        for _ in range(100):
-            u.step(int(FS * 0.05))
-            pre = u.ground_truth()["trigger_spikes"]["t_s"]
-            # Stimulate relative to the latest pre spike (known to the simulator, as ground truth).
-            if pre.size and u.t - 0.05 <= pre[-1] + offset_s < u.t + 0.05 and pre[-1] + offset_s > u.t:
-                u.stimulate(pre[-1] + offset_s, STIM)
-        u.step(3000)
-        return u.w - 0.5
-    assert run(0.004) > 0.01
+def _paired_stdp_run(offset_s: float, duration_s: float = 10.0, block_n: int = 150):
+    """Pair every trigger (pre) spike with a stimulation-evoked target (post) spike: the pulse at
+    pre + ``offset_s``, delivered before the block holding it is produced (as run_simulated does).
+    A post spike ahead of its pre spike needs the pre spike's time in advance: a twin with the same
+    seed and blocks, run first, gives it (the trigger trains do not depend on stimulation)."""
+    kw = dict(rate_hz=2.0, target_rate_hz=0.0, syn_prob_max=0.0, evoked_prob=1.0, evoked_jitter_ms=0.0,
+              evoked_latency_ms=1.0, stdp=STDPRule.song2000())
+    n_blocks = int(duration_s * FS) // block_n
+    twin = _units(**kw)
+    for _ in range(n_blocks):
+        twin.step(block_n)
+    pre = twin.ground_truth()["trigger_spikes"]["t_s"]
+    pending = sorted(t + offset_s for t in pre if 0.0 <= t + offset_s < duration_s - 0.01)
+    u = _units(**kw)
+    w_init = u.w
+    for _ in range(n_blocks):
+        t_end = u.t + block_n / FS
+        while pending and pending[0] < t_end:
+            u.stimulate(pending.pop(0), STIM)
+        u.step(block_n)
+    gt = u.ground_truth()
+    np.testing.assert_array_equal(gt["trigger_spikes"]["t_s"], pre)      # the twin's train was this one's
+    return u.w - w_init, pre, gt
+
+
+def test_pair_stdp_pre_before_post_potentiates_and_post_before_pre_depresses():
+    # Song 2000 (REFERENCE.md §7): Δw = A+·exp(−Δt/τ+) for post after pre, −A−·exp(Δt/τ−) before;
+    # τ± = 20 ms, A+ = 0.005, A− = 1.05·A+. Every pre spike gets one post spike 5 ms after (pulse 4 ms
+    # after it + 1 ms evoked latency) or 5 ms before it (pulse 6 ms before).
+    a_plus, a_minus, tau, lat = 0.005, 1.05 * 0.005, 0.020, 0.001
+    results = {}
+    for offset in (0.004, -0.006):
+        dw, pre, gt = _paired_stdp_run(offset)
+        pulses = np.array([p["t_s"] for p in gt["pulses"]])
+        post = np.asarray(gt["target_spikes"]["t_s"])
+        assert set(gt["target_spikes"]["cause"]) == {"evoked"} and post.size == pulses.size == pre.size >= 30
+        np.testing.assert_allclose(pulses, pre + offset, atol=0.6 / FS)  # on the sample grid
+        np.testing.assert_allclose(post - pre, offset + lat, atol=1.1 / FS)
+        # All-to-all pair rule over every (pre, post) pair of the true spike times, as §7 writes it.
+        d = post[None, :] - pre[:, None]
+        expected = (a_plus * np.exp(-d[d > 0] / tau).sum() - a_minus * np.exp(d[d < 0] / tau).sum())
+        assert dw == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        results[offset] = (dw, pre.size)
+    (ltp, n), (ltd, n2) = results[0.004], results[-0.006]
+    assert n == n2                                   # the same pairings, only their order differs
+    one_pair = a_plus * np.exp(-0.005 / tau)         # |Δt| = 5 ms; the other pairs are far apart
+    assert ltp > 0 and ltp == pytest.approx(n * one_pair, rel=0.1)
+    assert ltd < 0 and ltd == pytest.approx(-1.05 * n * one_pair, rel=0.1)
 
 
 def test_ads_potentiates_versus_random_stimulation_at_matched_rate():
