@@ -161,14 +161,40 @@ def test_a_burst_during_the_seizures_own_wind_down_neither_lengthens_it_nor_take
 
 
 def test_stimulation_outside_seizure_changes_nothing_but_artifacts_and_records():
-    pt = SimulatedPatient(FS, 4, seed=1, params=PatientParams(**QUIET))
-    pt.stimulate(1.0, STRONG)
-    pt.step(int(3 * FS))
-    assert pt.ground_truth.seizures == []
-    assert pt.ground_truth.stim[0].t == 1.0 and pt.ground_truth.stim[0].params == STRONG.to_dict()
+    """Against the same patient (same seed) left alone: a burst between seizures changes the signal
+    only where its artifact is, and nothing of what the patient does (interictal spikes, the next
+    seizure and its course)."""
+    params = PatientParams(interictal_spike_rate_per_min=60.0, seizure_duration_s=(5.0, 8.0))
+    t_stim, chunk_n = 1.0, 16
+
+    def run(stimulate):
+        pt = SimulatedPatient(FS, 4, seed=1, params=params)
+        pt.schedule_seizure(2.0)                   # after the burst: its course must not change either
+        if stimulate:
+            pt.stimulate(t_stim, STRONG)
+        return np.concatenate([pt.step(chunk_n) for _ in range(int(12 * FS) // chunk_n)]), pt
+
+    x0, alone = run(False)
+    x1, pt = run(True)
+    t = np.arange(x0.shape[0]) / FS
+    last_pulse = t_stim + (STRONG.n_pulses - 1) / STRONG.frequency_hz
+    tau = params.artifact_tau_base_s + params.artifact_tau_per_pulse_width * STRONG.pulse_width_us * 1e-6
+    # The artifact span: from the burst until its tail has decayed by e^-20 (and the chunk holding that).
+    outside = (t < t_stim) | (t >= last_pulse + 20 * tau + chunk_n / FS)
+    np.testing.assert_array_equal(x1[outside], x0[outside])
+    burst = (t >= t_stim) & (t <= last_pulse)      # every sample of the burst, on every channel
+    assert burst.sum() > 40 and np.all(x1[burst] != x0[burst])
+    sz = pt.ground_truth.seizures
+    assert len(sz) == 1 and sz[0].onset_s == 2.0 and sz[0].offset_s is not None   # over, on its own
+    gt, gt0 = pt.ground_truth.to_dict(), alone.ground_truth.to_dict()
+    assert {k: v for k, v in gt.items() if k not in ("stim", "stim_effects")} == \
+        {k: v for k, v in gt0.items() if k not in ("stim", "stim_effects")}
+    assert gt0["stim"] == gt0["stim_effects"] == []
+    # ... and the burst is recorded, as delivered outside a seizure and ending none.
+    assert pt.ground_truth.stim[0].t == t_stim and pt.ground_truth.stim[0].params == STRONG.to_dict()
     eff = pt.ground_truth.stim_effects[0]
     assert eff["in_seizure"] is False and eff["terminated"] is False
-    json.dumps(pt.ground_truth.to_dict())
+    assert json.loads(json.dumps(gt))["stim"][0]["params"] == STRONG.to_dict()
 
 
 def test_termination_probability_dose_timing_frequency():
