@@ -221,8 +221,13 @@ class DeviceConfig(_Section):
     connect_timeout_s: Annotated[float, Field(ge=0, le=60, description=(
         "how long opening the device keeps saying HELLO before giving up (a device still starting, "
         "or one that resets when its port opens)"))] = 2.0
-    heartbeat_s: Annotated[float, Field(gt=0, le=10)] = 0.1
-    watchdog_s: Annotated[float, Field(gt=0, le=60, description="emulator stops stimulation when the controller is silent this long")] = 0.5
+    heartbeat_s: Annotated[float, Field(gt=0, le=10, description=(
+        "host heartbeat period: at most watchdog_s / 3 (drivers/PROTOCOL.md §7; a serial device's own "
+        "watchdog, from its HELLO, is checked when the session starts) and below the safety profile's "
+        "heartbeat_timeout_s"))] = 0.1
+    watchdog_s: Annotated[float, Field(gt=0, le=60, description=(
+        "emulator stops stimulation when the controller is silent this long (device.kind = hil; a serial "
+        "device reports its own)"))] = 0.5
     impedance_ohm: Annotated[float | None, Field(gt=0, le=1e7, description=(
         "electrode impedance measured before the session; profiles with an impedance window "
         "(tes, macro) refuse stimulation outside it, and tes refuses when it is unknown"))] = None
@@ -290,6 +295,31 @@ class Config(_Section):
             raise ValueError("\n    ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _heartbeat_keeps_watchdogs_quiet(self) -> "Config":
+        """The host heartbeat must come well within the device's watchdog and the governor's heartbeat
+        timeout: slower, the device stops stimulating between two heartbeats (a device_watchdog fault that
+        latches the session for good) or the governor refuses every request."""
+        d = self.device
+        problems = []
+        # Not for a serial device: watchdog_s configures the emulator, and a real device reports its own
+        # watchdog at HELLO, which make_actuator checks before the session starts.
+        if d.kind != "serial" and d.heartbeat_s > d.watchdog_s / 3 * (1 + 1e-9):
+            problems.append(
+                f"device.heartbeat_s = {d.heartbeat_s:g} s is more than device.watchdog_s / 3 = "
+                f"{d.watchdog_s / 3:.4g} s: drivers/PROTOCOL.md §7 asks for a heartbeat at least every "
+                "watchdog_s / 3, or the device stops all stimulation between two of them and the session "
+                "latches a device_watchdog fault; lower device.heartbeat_s or raise device.watchdog_s")
+        timeout_s = _profile_heartbeat_timeout_s(self.safety)
+        if timeout_s is not None and not d.heartbeat_s < timeout_s:
+            problems.append(
+                f"device.heartbeat_s = {d.heartbeat_s:g} s is not below the safety profile's heartbeat_timeout_s "
+                f"= {timeout_s:g} s (safety.profile = \"{self.safety.profile}\"): the governor refuses every "
+                "request once no heartbeat came for that long; lower device.heartbeat_s")
+        if problems:
+            raise ValueError("\n    ".join(problems))
+        return self
+
     def model_path(self) -> Path:
         if self.model.path:
             return Path(self.model.path).expanduser()
@@ -297,6 +327,16 @@ class Config(_Section):
 
     def to_toml(self) -> str:
         return dump_toml(self.model_dump(mode="json"))
+
+
+def _profile_heartbeat_timeout_s(safety: SafetyConfig) -> float | None:
+    """The configured profile's ``heartbeat_timeout_s``; ``None`` when it has none or cannot be built
+    (an unsafe profile is refused, with its rule, by the start-up safety check)."""
+    from controller.safety import build_profile
+    try:
+        return build_profile(safety.profile, safety.overrides).heartbeat_timeout_s
+    except Exception:
+        return None
 
 
 def _model_of(annotation: Any) -> Any:

@@ -31,6 +31,17 @@ def make_actuator(cfg, driver, clock):
     from controller.safety import SafetyGovernor, build_profile
     profile = build_profile(cfg.safety.profile, cfg.safety.overrides)  # unsafe profiles are refused here
     driver.open()
+    # The device's own watchdog is known only now (serial: its HELLO). A host heartbeat slower than a
+    # third of it (drivers/PROTOCOL.md §7) lets the device stop between two heartbeats: a device_watchdog
+    # fault that latches the session for good. Config validation checks device.watchdog_s, which only
+    # sets the emulator's.
+    watchdog_s = driver.device_watchdog_s
+    if watchdog_s is not None and cfg.device.heartbeat_s > watchdog_s / 3 * (1 + 1e-9):
+        driver.close()   # nothing sent since it opened (a serial device's HELLO stopped whatever ran)
+        raise ValueError(f"device.heartbeat_s = {cfg.device.heartbeat_s:g} s is more than a third of the "
+                         f"device's watchdog ({watchdog_s:g} s, reported at its HELLO): the device would stop "
+                         "all stimulation between two heartbeats (drivers/PROTOCOL.md §7); set "
+                         f"device.heartbeat_s <= {watchdog_s / 3:.4g}")
     actuator = Actuator(SafetyGovernor(profile, driver.capabilities), driver, clock)
     actuator.open()
     if cfg.device.impedance_ohm is not None:  # protocol v1 has no impedance readback: measured beforehand

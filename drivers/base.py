@@ -58,6 +58,9 @@ class Stimulator(ABC):
     """
 
     capabilities: DeviceCapabilities
+    #: The device's own heartbeat watchdog in s (drivers/PROTOCOL.md §7), known once open (serial: from
+    #: HELLO); ``None`` for a device without one. The host must heartbeat at least every third of it.
+    device_watchdog_s: float | None = None
 
     @abstractmethod
     def open(self) -> None: ...

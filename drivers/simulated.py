@@ -74,6 +74,10 @@ class SimulatedStimulator(Stimulator):
     # ------------------------------------------------------------ state
 
     @property
+    def device_watchdog_s(self) -> float | None:
+        return self.watchdog_s
+
+    @property
     def state(self) -> str:
         """``"active"`` when a burst runs at the current clock time, else ``"off"``."""
         now = self.clock()

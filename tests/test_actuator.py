@@ -419,3 +419,20 @@ def test_a_trigger_that_failed_may_have_started_the_burst_as_late_as_the_failure
     act.heartbeat()
     ev = act.submit(StimRequest(0.25, "policy", BURST))
     assert [e.kind for e in ev] == [EventKind.REFUSAL] and ev[0].data["rule"] == "min_interval"
+
+
+def test_make_actuator_refuses_a_heartbeat_slower_than_a_third_of_the_devices_watchdog():
+    """The device's watchdog is known once it is open (a serial device's HELLO): a config heartbeat
+    slower than a third of it would let the device stop between two heartbeats, a latched fault."""
+    from controller.config import parse_config
+    from controller.loop import make_actuator
+    cfg = parse_config({"device": {"kind": "serial", "port": "/dev/null", "heartbeat_s": 0.3}})
+    clock = Clock()
+    drv = SimulatedStimulator(clock=clock, watchdog_s=0.6)
+    with pytest.raises(ValueError, match=r"device.heartbeat_s = 0.3 s is more than a third of the device's "
+                                         r"watchdog \(0.6 s, reported at its HELLO\).*heartbeat_s <= 0.2"):
+        make_actuator(cfg, drv, clock)
+    assert not drv._open                                   # closed again, nothing sent
+    act = make_actuator(cfg, SimulatedStimulator(clock=clock, watchdog_s=0.9), clock)   # exactly a third
+    act.close()
+    make_actuator(cfg, SimulatedStimulator(clock=clock), clock).close()                 # no watchdog at all

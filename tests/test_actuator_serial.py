@@ -201,3 +201,24 @@ def test_a_burst_delayed_by_a_retry_is_booked_where_the_device_started_it(second
     finally:
         emu.stop()
         close_pty(master_fd)
+
+
+def test_a_session_does_not_start_when_its_heartbeat_is_too_slow_for_the_devices_watchdog():
+    """The emulator reports a 0.5 s watchdog at HELLO; device.heartbeat_s = 0.3 passes the config (a serial
+    device's watchdog is not in it) and used to latch a device_watchdog fault between two heartbeats."""
+    from controller.config import parse_config
+    from controller.loop import make_actuator
+    master_fd, slave = open_pty_pair()
+    emu = StimulatorEmulator(master_fd, watchdog_s=0.5).start()
+    try:
+        cfg = parse_config({"device": {"kind": "serial", "port": slave, "heartbeat_s": 0.3}})
+        drv = SerialStimulator(slave, timeout_s=0.05, retries=1)
+        with pytest.raises(ValueError, match=r"device.heartbeat_s = 0.3 s is more than a third of the device's "
+                                             r"watchdog \(0.5 s, reported at its HELLO\)"):
+            make_actuator(cfg, drv, pylsl.local_clock)
+        assert not drv.is_open and emu.counters["deliveries"] == 0
+        ok = parse_config({"device": {"kind": "serial", "port": slave, "heartbeat_s": 0.15}})
+        make_actuator(ok, SerialStimulator(slave, timeout_s=0.05, retries=1), pylsl.local_clock).close()
+    finally:
+        emu.stop()
+        close_pty(master_fd)

@@ -130,3 +130,14 @@ def test_keys_exists_message_speaks_to_each_caller(tmp_path):
     assert "use --overwrite to replace it" in r.stderr and "overwrite=True" not in r.stderr, r.stderr
     r = _cli("keys", "--dir", str(tmp_path), "--name", "../x")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "key name '../x' is invalid" in r.stderr
+
+
+def test_a_heartbeat_slower_than_the_watchdog_allows_is_refused_before_a_session(tmp_path):
+    cfg = _write(tmp_path, "[device]\nheartbeat_s = 1.0\nwatchdog_s = 0.5\n")
+    out = tmp_path / "sessions"
+    for cmd in (["config", "validate", str(cfg)], ["sim", "-c", str(cfg), "-d", "2", "--out", str(out)]):
+        r = _cli(*cmd)
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert "device.heartbeat_s = 1 s is more than device.watchdog_s / 3" in r.stderr, r.stderr
+    assert not out.exists()

@@ -95,3 +95,31 @@ def test_source_busy_poll_reaches_the_source_it_builds():
     assert source_spec(parse_config({}), "a-stream")["busy_poll"] is False   # default: block, spend no core
     with pytest.raises(ConfigError, match=r"source.busy_poll"):
         parse_config({"source": {"busy_poll": "sometimes"}})
+
+
+def test_heartbeat_must_come_within_a_third_of_the_watchdog():
+    """heartbeat_s = 1.0 with watchdog_s = 0.5 passed validation, and the device then stopped between two
+    heartbeats: a device_watchdog fault latched for the rest of the session (drivers/PROTOCOL.md §7)."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"device": {"heartbeat_s": 1.0, "watchdog_s": 0.5}})
+    msg = str(exc.value)
+    assert "device.heartbeat_s = 1 s is more than device.watchdog_s / 3 = 0.1667 s" in msg
+    assert "PROTOCOL.md §7" in msg
+    parse_config({"device": {"heartbeat_s": 0.1, "watchdog_s": 0.3}})      # exactly a third (float-rounded)
+    parse_config({"device": {"heartbeat_s": 1.0, "watchdog_s": 3.0}})
+    # A serial device reports its own watchdog at HELLO (checked when the session starts); watchdog_s
+    # only sets the emulator's.
+    parse_config({"device": {"kind": "serial", "port": "/dev/ttyACM0", "heartbeat_s": 1.0, "watchdog_s": 0.5}})
+
+
+def test_heartbeat_must_be_below_the_profiles_heartbeat_timeout():
+    for kind in ("hil", "serial"):
+        with pytest.raises(ConfigError, match=r"device.heartbeat_s = 2 s is not below the safety profile's "
+                                              r"heartbeat_timeout_s = 2 s \(safety.profile = \"macro\"\)"):
+            parse_config({"device": {"kind": kind, "heartbeat_s": 2.0, "watchdog_s": 10.0}})
+    parse_config({"device": {"heartbeat_s": 1.9, "watchdog_s": 10.0}})
+    with pytest.raises(ConfigError, match=r"heartbeat_timeout_s = 0.5 s"):
+        parse_config({"device": {"heartbeat_s": 0.5, "watchdog_s": 10.0},
+                      "safety": {"overrides": {"heartbeat_timeout_s": 0.5}}})
+    parse_config({"device": {"heartbeat_s": 5.0, "watchdog_s": 30.0},      # no heartbeat rule in the profile
+                  "safety": {"overrides": {"heartbeat_timeout_s": None}}})
