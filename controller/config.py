@@ -129,7 +129,7 @@ class OpenLoopConfig(_Section):
     """Open-loop controls (sham arms): periodic or Poisson bursts."""
     period_s: Annotated[float, Field(gt=0, le=86_400)] = 10.0
     rate_hz: Annotated[float, Field(gt=0, le=100)] = 0.1
-    start_s: Annotated[float, Field(ge=0)] = 0.0
+    start_s: Annotated[float, Field(ge=0, le=7 * 24 * 3600, description="delay of the first burst, s after the policy's first step (the first chunk)")] = 0.0
 
 
 class PersonalizedConfig(_Section):
