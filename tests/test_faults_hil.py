@@ -194,6 +194,10 @@ def test_push_times_kept_for_every_chunk_that_left_whole(scenario):
     pre = ts < t0 + 4.0 - 1e-4
     k = (np.rint((ts[pre] - t0) * FS).astype(np.int64) - push_info["first_sample"]) // n
     assert k.min() >= 0 and np.isfinite(push[k]).all() and np.all(push[k] <= arr[pre])
+    # metrics.json reads the same mapping (pushed_to_device_ms): a kept chunk's time, NaN otherwise.
+    from controller.metrics import chunk_push_times
+    got = chunk_push_times(s["session"], gt, t0 + first / FS)
+    np.testing.assert_array_equal(got, push)
 
 
 def test_nan_burst_appears_in_the_stream(scenario):

@@ -2,6 +2,7 @@
 import json
 import uuid
 
+import numpy as np
 import pytest
 
 from controller.config import parse_config
@@ -37,13 +38,23 @@ def test_controller_reacts_to_stream_loss_bad_data_and_an_unplugged_device(tmp_p
     # Unplugged device: driver error -> safe state, then the controller reconnects on the stable port.
     assert any(e["kind"] == "safe_state" and "driver error" in e.get("reason", "") for e in events)
     assert ("status", "device_reconnected", "actuator") in whats
+    # The simulator's push times survive the faults (pushed_to_device_ms measures from them): every
+    # chunk has its own, except those the stream loss dropped.
+    push = np.fromfile(session / truth["push"]["file"], dtype="<f8")
+    fs, n, first = truth["push"]["fs_hz"], truth["push"]["chunk_n"], truth["push"]["first_sample"]
+    t_chunk = (first + np.arange(push.size) * n) / fs            # patient time of each chunk's first sample
+    lost = (t_chunk >= 6.0 - 1e-9) & (t_chunk < 8.0 - 1e-9)
+    assert push.size == truth["push"]["n_chunks"] and t_chunk[-1] > 8.0 and lost.sum() == round(2.0 * fs / n)
+    assert np.array_equal(np.isnan(push), lost)
     # Every fault is reported with stimulation off first: each governor FAULT comes with the
     # actuator's SAFE_STATE for the same reason (its STOP sent at that moment) and says whether
     # the STOP got through. It did while the device was there; with the device unplugged it could not.
     gov = _check_every_governor_fault_has_its_safe_state(events)
     assert len(gov) >= 3, gov   # bad data, the stall, the driver error
-    assert {s["stop_ok"] for f, s in gov if "driver error" not in f["reason"]} == {True}
-    assert all(not s["stop_ok"] for f, s in gov if "driver error" in f["reason"])
+    unplug = truth["faults"][2]
+    away = [s["t"] for _, s in gov if unplug["t_start"] <= s["t"] <= unplug["t_end"]]
+    assert away and any("driver error" in f["reason"] for f, _ in gov if f["t"] in away)
+    assert all(s["stop_ok"] is (s["t"] not in away) for _, s in gov), gov
 
 
 def _check_every_governor_fault_has_its_safe_state(events: list[dict]) -> list[tuple[dict, dict]]:
