@@ -187,8 +187,8 @@ class PatientOutlet:
         x, ts = faults.apply_signal_faults(x, ts_nominal, t_first)
         log_signal_faults(faults, log, n0, n, self.lsl_time)
         # nan_burst and saturation change values only; sample_gap and clock_jump change the rows or
-        # their timestamps (new arrays), so the chunk no longer maps to its samples by position.
-        whole = ts is ts_nominal
+        # their timestamps, so the chunk no longer maps to its samples by position.
+        whole = ts is ts_nominal or (ts.shape == ts_nominal.shape and np.array_equal(ts, ts_nominal))
         if not whole:
             self._skip_push(n0)
         # Edges are decided per chunk on its first sample: a chunk is all-in or all-out.
