@@ -107,3 +107,32 @@ def test_seizure_with_a_response_burst_is_not_scored():
     assert m["false_alarms"] == 0 and m["background_false_alarms"] == 0
     # its tolerance window is not evaluated time either
     assert m["evaluated_h"] < oof_event_metrics(p, t, rec, sz2, dur, 0.6, 1.5)["evaluated_h"] - 100 / 3600
+
+
+def test_attach_heldout_keeps_the_runs_note_on_the_card(tmp_path):
+    """A re-run says on the card when and where it ran and what changed (the held-out figures' provenance)."""
+    from pathlib import Path
+
+    from models.seizure.model_card import attach_heldout, render_model_card
+
+    here = Path(__file__).resolve().parent.parent / "models" / "seizure"
+    metrics = tmp_path / "m.metrics.json"
+    metrics.write_text((here / "seizure_v1.metrics.json").read_text())
+    run = tmp_path / "heldout.json"
+    shipped = json.loads(metrics.read_text())["heldout_simulated"]["summary"]
+    run.write_text(json.dumps({"model": str(here / "seizure_v1.onnx"), "summary": shipped}))
+    m = attach_heldout(metrics, run, "stimloop evaluate --sim-patients 1-2", note="Re-run on a test machine.")
+    card = render_model_card(m)
+    assert "    stimloop evaluate --sim-patients 1-2\n\nRe-run on a test machine." in card
+    assert json.loads(metrics.read_text())["heldout_simulated"]["note"] == "Re-run on a test machine."
+
+
+def test_shipped_card_is_rendered_from_the_shipped_metrics():
+    """MODEL_CARD.md is generated (models/seizure/model_card.py): a hand edit or a stale card fails here."""
+    from pathlib import Path
+
+    from models.seizure.model_card import render_model_card
+
+    here = Path(__file__).resolve().parent.parent / "models" / "seizure"
+    metrics = json.loads((here / "seizure_v1.metrics.json").read_text())
+    assert (here / "MODEL_CARD.md").read_text() == render_model_card(metrics)

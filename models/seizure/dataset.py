@@ -15,8 +15,16 @@ pipeline's warm-up -1, but the dataset builders keep those windows: ``sz_v2``
 carries ``warmup_frac`` and absolute amplitudes so the model learns what an
 unsettled baseline looks like (the Delhi segments, 5.12 s each, are warm-up
 throughout). The controller does not act on them all the same
-(``SeizureDetectorStage.is_warm``), and the operating point is chosen with
-them masked (``models/seizure/train.py``, ``warmup_s``).
+(``SeizureDetectorStage.is_warm``), nor does ``stimloop evaluate`` score them
+(``evaluate.OnnxDetector``). The shipped operating point, however, was chosen
+with them *scored*: ``train.train_model`` passes ``warmup_s=0.0`` to
+``choose_operating_point``, so an out-of-fold detection in a recording's first
+seconds counted although the loop could not have made it. Measured on the
+shipped training's out-of-fold predictions (2026-12-07, MODEL_CARD.md "Audits"),
+masking them (8 s, or the loop's 8.75 s) leaves the chosen point, 0.82 / 1.5 s,
+and its figures as they are (182/189, median latency 5.29 s, 0 background false
+alarms); it removes one or two background false alarms at 19 grid points with
+threshold <= 0.78 and min_duration_s <= 0.5 s, each still >= 10 and inadmissible.
 """
 from __future__ import annotations
 

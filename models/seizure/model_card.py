@@ -79,9 +79,11 @@ def _grid_summary(cv: dict) -> list[str]:
 
 def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: str | None = None) -> str:
     """The Markdown text of the card (``heldout`` defaults to the metrics' ``heldout_simulated`` entry)."""
+    heldout_note = None
     if heldout is None and metrics.get("heldout_simulated"):
         heldout = metrics["heldout_simulated"]["summary"]
         heldout_cmd = heldout_cmd or metrics["heldout_simulated"].get("command")
+        heldout_note = metrics["heldout_simulated"].get("note")
     c = metrics["contract"]
     d = metrics["data"]
     cv = metrics["cv"]
@@ -148,6 +150,8 @@ def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: s
                      f"{_pct(hw.get('recall'))} / {_pct(hw.get('f1'))} / {_num(hw.get('auroc'), '{:.4f}')} |")
         if heldout_cmd:
             lines += ["", "Held-out figures from:", "", f"    {heldout_cmd}"]
+        if heldout_note:   # when and where it ran, and what changed since an earlier run
+            lines += ["", heldout_note]
     if heldout and heldout.get("event"):
         he = heldout["event"]
         verdict = [f"sensitivity {_pct(he['sensitivity'])} {'≥' if (he['sensitivity'] or 0) >= 0.95 else '**<**'} 95 %",
@@ -181,9 +185,13 @@ def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: s
               "scalp segments. Performance on other real recordings is unknown until evaluated "
               "(`stimloop evaluate your.edf`).",
               f"- The first {c['warmup_s']:g} s of a session are warm-up (running baseline); a seizure already under "
-              "way at start-up is taken as background.",
+              "way at start-up is taken as background. The loop does not act on warm-up windows and `stimloop "
+              "evaluate` does not score them (the held-out figures), but the out-of-fold operating point was chosen "
+              "with them scored (`train_model` passes `warmup_s=0` to `choose_operating_point`; see Audits).",
               "- Delhi windows are scored within their 5 s segment: no running baseline, amplitude features carry them; "
-              "their patients are unknown, so CV there is grouped by segment, not patient.",
+              "their patients are unknown, so CV there is grouped by segment, not patient. Every one of them lies "
+              f"inside the {c['warmup_s']:g} s warm-up: the Delhi figures describe output the loop records but does "
+              "not act on, and `stimloop evaluate` on a lone Delhi segment has no evaluated window.",
               "- Event figures depend on the scorer; SzCORE's 30 s/60 s tolerances are generous for a closed loop, "
               "so the latency column is the figure to watch for stimulation.",
               ]
@@ -202,13 +210,14 @@ def render_model_card(metrics: dict, heldout: dict | None = None, heldout_cmd: s
     return "\n".join(lines) + "\n"
 
 
-def attach_heldout(metrics_path: str | Path, heldout_json: str | Path, command: str) -> dict:
+def attach_heldout(metrics_path: str | Path, heldout_json: str | Path, command: str, note: str | None = None) -> dict:
     """Store the ``summary`` of a held-out ``stimloop evaluate --json`` run in the metrics JSON; return the metrics.
 
     The held-out run must have scored the model the metrics describe (same
     sha256), so a card never pairs one model's CV with another's held-out figures.
     Its threshold/min_duration sweep, if any, is kept as ``sweep_post_hoc``:
-    for the record only, nothing is chosen on it.
+    for the record only, nothing is chosen on it. ``note`` (when, on what machine, what changed since
+    an earlier run) is printed under the command on the card.
     """
     from controller.inference import OnnxPredictor
 
@@ -219,7 +228,7 @@ def attach_heldout(metrics_path: str | Path, heldout_json: str | Path, command: 
     if sha != metrics["sha256"]:
         raise ValueError(f"held-out run scored {doc['model']} (sha256 {sha}), expected the model of {metrics_path} "
                          f"(sha256 {metrics['sha256']})")
-    entry = {"command": command, "summary": doc["summary"]}
+    entry = {"command": command, "summary": doc["summary"], **({"note": note} if note else {})}
     if doc.get("sweep"):
         entry["sweep_post_hoc"] = [{k: r.get(k) for k in ("threshold", "min_duration_s", "sensitivity",
                                                           "false_alarms_per_24h", "median_latency_s")}
@@ -249,10 +258,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--card", type=Path, default=here / "MODEL_CARD.md")
     ap.add_argument("--heldout", type=Path, help="JSON of stimloop evaluate --sim-patients ... --json")
     ap.add_argument("--command", help="the evaluate command that wrote --heldout (stored with it)")
+    ap.add_argument("--note", help="when and where --heldout ran, what changed since the last run (on the card)")
     a = ap.parse_args(argv)
     if a.heldout is not None and not a.command:
         ap.error("--heldout needs --command (the card states how its figures were produced)")
-    metrics = attach_heldout(a.metrics, a.heldout, a.command) if a.heldout else json.loads(a.metrics.read_text())
+    metrics = (attach_heldout(a.metrics, a.heldout, a.command, a.note) if a.heldout
+               else json.loads(a.metrics.read_text()))
     print(write_model_card(metrics, a.card))
 
 
