@@ -241,8 +241,8 @@ class Detections:
 
 
 def _session_contract(session_dir: Path, model_sha256: str | None):
-    """``(contract, None)`` of the model the session ran, read from the file its ``config.toml`` names,
-    or ``(None, reason)``. A file that no longer hashes to the session's ``model_sha256`` is refused:
+    """``(contract, config, None)`` of the model the session ran, read from the file its ``config.toml``
+    names, or ``(None, None, reason)``. A file that no longer hashes to the session's ``model_sha256`` is refused:
     another model's threshold would score this session's probabilities."""
     import hashlib
 
@@ -250,18 +250,19 @@ def _session_contract(session_dir: Path, model_sha256: str | None):
     from controller.inference import ContractError, read_contract
 
     try:
-        path = load_config(session_dir / "config.toml").model_path()
+        cfg = load_config(session_dir / "config.toml")
     except ConfigError as e:
-        return None, f"the session's config.toml cannot be read ({e}), so neither can its model's contract"
+        return None, None, f"the session's config.toml cannot be read ({e}), so neither can its model's contract"
+    path = cfg.model_path()
     if not path.is_file():
-        return None, f"the session's model {path} is not there to read its contract from"
+        return None, None, f"the session's model {path} is not there to read its contract from"
     if model_sha256 and hashlib.sha256(path.read_bytes()).hexdigest() != model_sha256:
-        return None, (f"{path} is not the model the session ran (sha256 differs from the recorded "
-                      f"{model_sha256[:12]}…)")
+        return None, None, (f"{path} is not the model the session ran (sha256 differs from the recorded "
+                            f"{model_sha256[:12]}…)")
     try:
-        return read_contract(path), None
+        return read_contract(path), cfg, None
     except (ContractError, OSError, ValueError) as e:
-        return None, f"the contract of {path} cannot be read ({e})"
+        return None, None, f"the contract of {path} cannot be read ({e})"
 
 
 def session_detections(session_dir: Path, by_kind: dict[str, list[dict]]) -> Detections:
@@ -270,7 +271,7 @@ def session_detections(session_dir: Path, by_kind: dict[str, list[dict]]) -> Det
     The responsive policy records its detections (``decision`` / ``detection_start``): those are scored,
     since they are what the loop acted on. Every other model-driven policy (adaptive, periodic, Poisson,
     personalized, plasticity-aware, none) runs the same model but declares no detection; scoring its empty
-    decision list would report sensitivity 0 where the model saw every seizure. For those the model's
+    decision list would report sensitivity 0 however many seizures the model detected. For those the model's
     ``prediction`` events are scored as the responsive policy would have acted on them
     (``models.seizure.scoring.detector_events``, the scorer tested against ``ResponsivePolicy``), with the
     contract's threshold, ``min_duration_s`` and ``refractory_s`` — the operating point its figures were
@@ -287,7 +288,7 @@ def session_detections(session_dir: Path, by_kind: dict[str, list[dict]]) -> Det
     if not predictions:
         return Detections(None, None, 0.0, reason=f"policy {policy!r} runs no seizure model and declares no "
                                                    "detection: nothing to score")
-    contract, why = _session_contract(session_dir, started.get("model_sha256"))
+    contract, cfg, why = _session_contract(session_dir, started.get("model_sha256"))
     if contract is None:
         return Detections(None, None, 0.0, reason=f"policy {policy!r} declares no detection and {why}")
     from controller.inference import contract_min_duration_s
@@ -301,8 +302,10 @@ def session_detections(session_dir: Path, by_kind: dict[str, list[dict]]) -> Det
         windows[t] = float(e["p"]) if acted else np.nan
     t = np.array(sorted(windows), dtype=np.float64)
     p = np.array([windows[x] for x in t], dtype=np.float64)
+    # A contract without them gets what the responsive policy would use: the loop's default min duration,
+    # the session's policy.refractory_s.
     min_s = contract_min_duration_s(contract)
-    refractory_s = float((contract.model_extra or {}).get("refractory_s", 0.0))
+    refractory_s = float((contract.model_extra or {}).get("refractory_s", cfg.policy.refractory_s))
     starts = [ev[0] for ev in detector_events(t, p, contract.threshold, min_s, refractory_s)]
     settings = {"model": contract.version, "threshold": contract.threshold, "min_duration_s": min_s,
                 "refractory_s": refractory_s}
