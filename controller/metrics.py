@@ -176,7 +176,8 @@ def chunk_push_times(session_dir: Path, truth: dict, sample_t) -> np.ndarray:
 
     From ``push_t.f64`` (``hil_sim.process.write_ground_truth``): chunk k holds
     samples ``first_sample + k * chunk_n ...``, sample i carries ``t0 + i / fs``.
-    Real sources (and simulator runs with stream faults) have no such truth: all NaN.
+    Real sources have no such truth: all NaN. Under stream faults the simulator writes NaN for
+    the chunks it dropped, cut short or re-stamped, and their samples get NaN here.
     """
     t = np.asarray(sample_t, float)
     push, t0 = truth.get("push"), truth.get("t0")
