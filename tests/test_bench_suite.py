@@ -249,7 +249,7 @@ def test_the_p99_verdict_says_whether_the_run_settles_it():
     doc = {"scenarios": {"spike_triggered": {"end_to_end_ms": stats_ms(v), "end_to_end_over_target": share_over(v, 1.0)}}}
     (row,) = target_verdicts(doc)
     assert row["met"] is False
-    assert "2 of 136 over 1 ms (1.5 %, 95 % interval 0.2–5.2 %): this run cannot tell" in row["measured"]
+    assert "2 of 136 over 1 ms (1.5 %, 95 % interval 0.18–5.21 %): this run cannot tell" in row["measured"]
     assert over_target_note(share_over(np.full(400, 0.4e-3), 1.0)).endswith("under 1 % at 95 % confidence")
     assert over_target_note(share_over(np.r_[np.full(40, 2e-3), np.full(100, 0.4e-3)], 1.0)).endswith(
         "over 1 % at 95 % confidence")

@@ -109,7 +109,9 @@ def _ratio_settled(ci) -> str:
 
 
 def over_target_note(over: dict | None) -> str:
-    """``"; 2 of 136 over 1 ms (1.5 %, 95 % interval 0.2–5.2 %): this run cannot tell"`` (pure).
+    """``"; 2 of 136 over 1 ms (1.5 %, 95 % interval 0.18–5.21 %): this run cannot tell"`` (pure).
+
+    The interval has two decimals: at one, a top of 1.04 % would read "1.0 %", which looks settled.
 
     A p99 target allows 1 % of the values over the limit. The note says whether the run's
     sample settles the verdict: the whole interval of the share under 1 % (met, beyond the luck
@@ -123,7 +125,7 @@ def over_target_note(over: dict | None) -> str:
     settled = ("under 1 % at 95 % confidence" if hi < 0.01 else
                "over 1 % at 95 % confidence" if lo > 0.01 else "this run cannot tell")
     return (f"; {over['n_over']} of {over['n']} over {over['limit_ms']:g} ms ({100 * over['share']:.1f} %, "
-            f"95 % interval {100 * lo:.1f}–{100 * hi:.1f} %): {settled}")
+            f"95 % interval {100 * lo:.2f}–{100 * hi:.2f} %): {settled}")
 
 
 def _met(v) -> str:
