@@ -371,3 +371,29 @@ def test_a_stream_that_cannot_feed_the_ring_is_refused_by_name(fmt, rate, why):
             src.open()
     finally:
         del outlet
+
+
+def test_a_ring_sized_for_another_stream_of_the_same_name_is_refused_naming_the_way_out():
+    """The runner probes the stream to size the ring; the acquisition opens it again. With two
+    outlets of one name (4 channels each, 512 and 256 Hz) the two can land on different streams:
+    the rate check says so instead of stamping 256 Hz samples on a 512 Hz ring."""
+    name = f"stimloop-twins-{uuid.uuid4().hex[:8]}"
+    a = pylsl.StreamOutlet(pylsl.StreamInfo(name, "EEG", 4, 512, "float32", "amp-A"))
+    b = pylsl.StreamOutlet(pylsl.StreamInfo(name, "EEG", 4, 256, "float32", "amp-B"))
+    ring = SharedRing.create(None, 4, 4096, 512.0)
+    try:
+        for sid, ok in (("amp-A", True), ("amp-B", False)):
+            src = build_source({"kind": "lsl", "name": name, "source_id": sid, "resolve_timeout_s": 5.0})
+            src.open()
+            try:
+                if ok:
+                    src.check_ring(ring)
+                else:
+                    with pytest.raises(SourceError, match=r"512 Hz.*'amp-B'.*256 Hz.*source\.source_id"):
+                        src.check_ring(ring)
+            finally:
+                src.close()
+    finally:
+        ring.close()
+        ring.unlink()
+        del a, b

@@ -89,6 +89,13 @@ class Source(ABC):
         if ring.n_channels != self.info.n_channels:
             raise SourceError(f"ring {ring.name!r} has n_channels={ring.n_channels}, source "
                               f"{self.info.name!r} delivers {self.info.n_channels}: create the ring to match")
+        # The runner sizes the ring from a probe of the source, and the acquisition process opens it
+        # again: with two streams of one name (a second amplifier app, a stale outlet) they can be
+        # different streams. Channels may agree where rates do not; every time in the loop hangs on it.
+        if ring.fs_hz > 0 and self.info.fs_hz > 0 and abs(ring.fs_hz - self.info.fs_hz) > 1e-9 * ring.fs_hz:
+            raise SourceError(f"ring {ring.name!r} is for {ring.fs_hz:g} Hz, source {self.info.name!r} "
+                              f"(source_id {self.info.source_id!r}) delivers {self.info.fs_hz:g} Hz: if two "
+                              f"streams share its name, choose one with source.source_id or source.stream_type")
 
     def __enter__(self) -> "Source":
         self.open()
