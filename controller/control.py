@@ -16,7 +16,12 @@ Commands (one JSON object per request; optional ``"id"`` is echoed back)::
 
 The server adds ``who``: the client's CURVE public key (z85) when authenticated,
 else ``"local"``; a client cannot choose it. Malformed or unknown commands are
-answered ``{"ok": false, "error": ...}`` and never reach the handler. The
+answered ``{"ok": false, "error": ...}`` and never reach the handler; so is a
+request that breaks the server itself (recorded as a ``FAULT``): every request
+gets a reply and the loop goes on. A server given a ``session_id`` puts it in
+every reply as ``"session"``; a request may carry ``"session"`` (the id from the
+session's ``endpoints.json``) and is refused, with nothing done, when it names
+another session (ports are reused once a session ends). The
 handler (given by the loop) applies valid commands and returns a reply dict; the
 loop routes ``set_param`` through the safety governor.
 
@@ -42,7 +47,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from controller.events import Event, EventKind
+from controller.events import Event, EventKind, _clean
 from controller.keys import load_key_pair, load_public_key
 
 Handler = Callable[[dict], dict]
@@ -85,10 +90,11 @@ def validate_command(request: Any) -> dict:
     if not isinstance(request, dict):
         raise CommandError(f"control request {type(request).__name__} is invalid; expected a JSON object")
     cmd = request.get("cmd")
-    if cmd not in COMMANDS:
-        raise CommandError(f"control command {cmd!r} is unknown; expected one of {sorted(COMMANDS)}")
+    # The type first: `in` on an unhashable value (a list, an object) raises TypeError, not a refusal.
+    if not isinstance(cmd, str) or cmd not in COMMANDS:
+        raise CommandError(f"control command {_short(cmd)} is unknown; expected one of {sorted(COMMANDS)}")
     spec = COMMANDS[cmd]
-    extra = sorted(set(request) - set(spec) - {"cmd", "id"})
+    extra = sorted(set(request) - set(spec) - {"cmd", "id", "session"})
     if "who" in extra:
         raise CommandError("control field 'who' is set by the server from the client's key; do not send it")
     if extra:
@@ -98,6 +104,11 @@ def validate_command(request: Any) -> dict:
         if not isinstance(request["id"], (int, str)) or isinstance(request["id"], bool):
             raise CommandError(f"control field 'id' {request['id']!r} is invalid; expected an integer or string")
         clean["id"] = request["id"]
+    if "session" in request:
+        if not isinstance(request["session"], str) or not 0 < len(request["session"]) <= MAX_NAME_CHARS:
+            raise CommandError(f"control field 'session' {_short(request['session'])} is invalid; "
+                               f"expected the session id (1-{MAX_NAME_CHARS} characters) from endpoints.json")
+        clean["session"] = request["session"]
     for arg, types in spec.items():
         if arg not in request:
             raise CommandError(f"control command {cmd!r} is missing field {arg!r}")
@@ -113,6 +124,12 @@ def validate_command(request: Any) -> dict:
     if cmd == "mark" and not (0 < len(clean["label"]) <= MAX_LABEL_CHARS):
         raise CommandError(f"mark label of {len(clean['label'])} characters is invalid; expected 1-{MAX_LABEL_CHARS}")
     return clean
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: an error message must not echo a 64 KiB request back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def is_loopback(address: str) -> bool:
@@ -162,7 +179,7 @@ class ControlServer:
                  server_secret_key: str | os.PathLike | None = None,
                  authorized_clients_dir: str | os.PathLike | None = None,
                  require_auth: bool = False, max_per_poll: int = 8,
-                 refusal_coalesce_s: float = 5.0) -> None:
+                 refusal_coalesce_s: float = 5.0, session_id: str | None = None) -> None:
         if handler is None or not callable(handler):
             raise ControlConfigError(f"control handler {handler!r} is invalid; expected a callable(command) -> dict")
         if max_per_poll < 1:
@@ -171,6 +188,7 @@ class ControlServer:
         self.handler = handler
         self.max_per_poll = max_per_poll
         self.refusal_coalesce_s = refusal_coalesce_s
+        self.session_id = session_id
         self.auth = bool(require_auth) or not is_loopback(address)
         if self.auth:
             if server_secret_key is None or authorized_clients_dir is None:
@@ -218,9 +236,15 @@ class ControlServer:
             raise
 
     # -- the loop's side -------------------------------------------------
-    def poll_once(self, now: float) -> list[Event]:
-        """Answer waiting requests without blocking; return the events to record."""
-        events: list[Event] = []
+    def poll_once(self, now: float, events: list[Event] | None = None) -> list[Event]:
+        """Answer waiting requests without blocking; return the events to record.
+
+        With ``events`` given, events are appended to it as they happen and it is returned: should
+        the socket itself fail (raise), what earlier requests of the batch produced is already
+        the caller's.
+        """
+        if events is None:
+            events = []
         if self._authenticator is not None:
             self._collect_refusals(now, events)
         for _ in range(self.max_per_poll):
@@ -229,9 +253,18 @@ class ControlServer:
             except zmq.Again:
                 break
             who = frame.get("User-Id") if self.auth else "local"
-            reply = self._handle(frame.bytes, who, now, events)
+            # A REP socket that received must send before it can receive again: whatever a request
+            # does, it gets a reply, or every later request (an emergency stop) would be refused.
             try:
-                self._sock.send(json.dumps(reply, separators=(",", ":"), default=str).encode(), flags=zmq.NOBLOCK)
+                reply = self._handle(frame.bytes, who, now, events)
+                text = json.dumps(_clean(reply), separators=(",", ":"), default=str, allow_nan=False)
+            except Exception as exc:
+                error = f"control server failed on this request: {exc.__class__.__name__}: {str(exc)[:200]}"
+                events.append(Event(now, EventKind.FAULT, "control",
+                                    {"what": "control_request_failed", "who": who, "ok": False, "error": error}))
+                text = json.dumps({"ok": False, "error": error, **self._identity()}, separators=(",", ":"))
+            try:
+                self._sock.send(text.encode(), flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the requester vanished; REP then drops the reply
         return events
@@ -239,20 +272,33 @@ class ControlServer:
     def _handle(self, raw: bytes, who: str, now: float, events: list[Event]) -> dict:
         try:
             request = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            error = f"control request is not valid JSON ({exc.__class__.__name__}: {exc}); expected a JSON object"
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # RecursionError: deeply nested input ("[[[[…"), refused like any other bad JSON.
+            error = (f"control request is not valid JSON ({exc.__class__.__name__}: {str(exc)[:120]}); "
+                     "expected a JSON object")
             events.append(Event(now, EventKind.MARK, "control", {"cmd": None, "who": who, "ok": False, "error": error}))
-            return {"ok": False, "error": error}
+            return {"ok": False, "error": error, **self._identity()}
         try:
             command = validate_command(request)
         except CommandError as exc:
             cmd = request.get("cmd") if isinstance(request, dict) else None
             events.append(Event(now, EventKind.MARK, "control",
                                 {"cmd": cmd if isinstance(cmd, str) else None, "who": who, "ok": False, "error": str(exc)}))
-            reply = {"ok": False, "error": str(exc)}
+            reply = {"ok": False, "error": str(exc), **self._identity()}
             if isinstance(request, dict) and isinstance(request.get("id"), (int, str)):
                 reply["id"] = request["id"]
             return reply
+        sent = command.pop("session", None)
+        if sent is not None and sent != self.session_id:
+            # Ports are reused: a client holding an ended session's endpoints.json reaches whichever
+            # session owns the port now, and must not pause or resume that one by mistake.
+            error = (f"this control server belongs to session {self.session_id!r}, not {sent!r}: the session "
+                     "you addressed is not the one running here (it has ended, and another owns the port); "
+                     "nothing was done")
+            events.append(Event(now, EventKind.MARK, "control",
+                                {**command, "who": who, "ok": False, "error": error, "session_sent": sent}))
+            return {"ok": False, "error": error, **self._identity(),
+                    **({"id": command["id"]} if "id" in command else {})}
         command["who"] = who
         try:
             result = self.handler(dict(command))
@@ -261,8 +307,9 @@ class ControlServer:
         except Exception as exc:  # the loop must survive a bad handler; the event says what happened
             error = f"control handler failed on {command['cmd']!r}: {exc.__class__.__name__}: {exc}"
             events.append(Event(now, EventKind.FAULT, "control", {**command, "ok": False, "error": error}))
-            return {"ok": False, "error": error, **({"id": command["id"]} if "id" in command else {})}
-        reply = {"ok": True, "cmd": command["cmd"], **result}
+            return {"ok": False, "error": error, **self._identity(),
+                    **({"id": command["id"]} if "id" in command else {})}
+        reply = {"ok": True, "cmd": command["cmd"], **result, **self._identity()}
         if "id" in command:
             reply["id"] = command["id"]
         if command["cmd"] != "status":  # status is a read-only query polled often: not worth an event
@@ -271,6 +318,10 @@ class ControlServer:
                 data["error"] = reply["error"]
             events.append(Event(now, EventKind.MARK, "control", data))
         return reply
+
+    def _identity(self) -> dict:
+        """What every reply carries so that a client sees which session answered."""
+        return {"session": self.session_id} if self.session_id is not None else {}
 
     def _collect_refusals(self, now: float, events: list[Event]) -> None:
         while self._log_handler.denied:
@@ -335,12 +386,14 @@ class ControlClient:
 
     With ``client_keys`` (the client's ``.key_secret``) and ``server_public_key``
     (the server's ``.key`` file or z85 string) the connection is CURVE-encrypted
-    and authenticated. ``request`` raises ``TimeoutError`` when no reply comes
+    and authenticated. With ``session`` (the id in the session's ``endpoints.json``)
+    every request names its session and is refused by any other. ``request`` raises ``TimeoutError`` when no reply comes
     within ``timeout_ms`` (server down, or the connection refused by authentication).
     """
 
     def __init__(self, address: str = "tcp://127.0.0.1:5557", client_keys: str | os.PathLike | None = None,
-                 server_public_key: str | bytes | os.PathLike | None = None, timeout_ms: int = 2000) -> None:
+                 server_public_key: str | bytes | os.PathLike | None = None, timeout_ms: int = 2000,
+                 session: str | None = None) -> None:
         if (client_keys is None) != (server_public_key is None):
             raise ControlConfigError("control client: CURVE needs both client_keys (.key_secret) and "
                                      "server_public_key (the server's .key); got only one")
@@ -348,6 +401,7 @@ class ControlClient:
             raise ControlConfigError(f"control client timeout_ms={timeout_ms} is invalid; expected > 0")
         self.address = address
         self.timeout_ms = int(timeout_ms)
+        self.session = session   # sent with every request: the server refuses it when another session owns the port
         self._keys = None
         if client_keys is not None:
             public, secret = load_key_pair(client_keys)
@@ -370,6 +424,8 @@ class ControlClient:
 
     def request(self, cmd: dict) -> dict:
         """Send one command dict and return the server's reply dict."""
+        if self.session is not None and isinstance(cmd, dict) and "session" not in cmd:
+            cmd = {**cmd, "session": self.session}
         try:
             self._sock.send(json.dumps(cmd).encode())
             return json.loads(self._sock.recv())

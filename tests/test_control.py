@@ -320,3 +320,107 @@ def test_client_needs_both_keys(tmp_path):
     _, sec = make_keys(tmp_path, "a")
     with pytest.raises(ControlConfigError, match="needs both"):
         ControlClient("tcp://127.0.0.1:1", client_keys=sec)
+
+
+def _raw_request(server: ControlServer, payload: bytes, events: list | None = None) -> dict:
+    """Send raw bytes, answer by polling on this thread (no helper thread: poll_once's raise is seen)."""
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.setsockopt(zmq.RCVTIMEO, 50)
+    req.connect(server.endpoint)
+    try:
+        req.send(payload)
+        t_end = time.monotonic() + 3
+        while time.monotonic() < t_end:
+            got = server.poll_once(0.0)
+            if events is not None:
+                events.extend(got)
+            try:
+                return json.loads(req.recv())
+            except zmq.Again:
+                continue
+        raise AssertionError("no reply")
+    finally:
+        req.close(0)
+        ctx.term()
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b'{"cmd": []}', r"control command \[\] is unknown"),        # `in` on a list: TypeError
+    (b'{"cmd": {}}', r"control command \{\} is unknown"),
+    (b'{"cmd": ["pause"] }', r"control command \['pause'\] is unknown"),
+    (b"[" * 60000, r"not valid JSON \(RecursionError"),         # nesting deeper than json's recursion limit
+    (b'{"cmd": "' + b"x" * 50000 + b'"}', r"control command 'xxx+… is unknown"),  # echoed, cut short
+])
+def test_a_malformed_request_is_refused_and_the_server_keeps_answering(payload, message):
+    loop = FakeLoop()
+    with ControlServer("tcp://127.0.0.1:*", loop.handler) as server:
+        events: list = []
+        r = _raw_request(server, payload, events)
+        assert r["ok"] is False and pytest.importorskip("re").search(message, r["error"]), r
+        assert len(r["error"]) < 400
+        assert [e.kind for e in events] == [EventKind.MARK] and events[0].data["ok"] is False
+        # The REP socket is back in step: the next request (an emergency stop) is carried out.
+        assert _raw_request(server, b'{"cmd": "emergency_stop"}')["ok"] is True and loop.stopped
+
+
+def test_a_request_that_breaks_the_server_itself_gets_an_error_reply_and_a_fault(monkeypatch):
+    """Whatever raises while a request is handled, the requester is answered and the loop is not."""
+    import controller.control as control
+
+    def broken(request):
+        raise KeyError("defect in validation")
+
+    loop = FakeLoop()
+    with ControlServer("tcp://127.0.0.1:*", loop.handler) as server:
+        monkeypatch.setattr(control, "validate_command", broken)
+        events: list = []
+        r = _raw_request(server, b'{"cmd": "pause"}', events)
+        assert r["ok"] is False and "control server failed on this request: KeyError" in r["error"]
+        assert events[-1].kind is EventKind.FAULT and events[-1].data["what"] == "control_request_failed"
+        monkeypatch.undo()
+        assert _raw_request(server, b'{"cmd": "pause"}')["ok"] is True and loop.paused
+
+
+def test_events_of_a_batch_reach_the_callers_list_as_they_happen():
+    """poll_once(now, events): an emergency stop answered before a later failure stays recorded."""
+    loop = FakeLoop()
+    with ControlServer("tcp://127.0.0.1:*", loop.handler) as server:
+        mine: list = ["earlier"]
+        ctx = zmq.Context()
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.setsockopt(zmq.RCVTIMEO, 3000)
+        req.connect(server.endpoint)
+        try:
+            req.send(b'{"cmd": "emergency_stop"}')
+            t_end = time.monotonic() + 3
+            while len(mine) == 1 and time.monotonic() < t_end:
+                assert server.poll_once(0.0, mine) is mine
+                time.sleep(0.002)
+            assert json.loads(req.recv())["ok"] is True
+        finally:
+            req.close(0)
+            ctx.term()
+        assert mine[0] == "earlier" and mine[1].data["cmd"] == "emergency_stop"
+
+
+def test_replies_name_the_session_and_a_request_for_another_session_is_refused():
+    loop = FakeLoop()
+    server = ControlServer("tcp://127.0.0.1:*", loop.handler, session_id="20261121T152056Z-ab12cd34")
+    with polled(server) as events:
+        with ControlClient(server.endpoint, timeout_ms=3000) as anyone:
+            assert anyone.status()["session"] == "20261121T152056Z-ab12cd34"
+        with ControlClient(server.endpoint, timeout_ms=3000, session="20261121T152056Z-ab12cd34") as same:
+            assert same.pause()["ok"] is True and loop.paused
+        with ControlClient(server.endpoint, timeout_ms=3000, session="20261120T090000Z-00000000") as old:
+            before = loop.snapshot()
+            r = old.resume()
+            assert r["ok"] is False and r["session"] == "20261121T152056Z-ab12cd34"
+            assert "not '20261120T090000Z-00000000'" in r["error"] and "nothing was done" in r["error"]
+            assert loop.snapshot() == before and loop.paused
+            time.sleep(0.05)
+            assert events[-1].data["ok"] is False and events[-1].data["session_sent"] == "20261120T090000Z-00000000"
+        with ControlClient(server.endpoint, timeout_ms=3000) as bad:
+            assert "'session' 5 is invalid" in bad.request({"cmd": "status", "session": 5})["error"]
