@@ -9,15 +9,29 @@ refused with its reason, and nothing changes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
-from controller.events import Event
+from controller.events import Event, EventKind
 from controller.safety import check_params
 
 PAUSE_REASON = "paused by the operator"
 ESTOP_REASON = "emergency stop by the operator"
 POLICY_FIELDS = ("threshold_on", "threshold_off", "min_duration_s", "refractory_s", "burst_interval_s")
 STIM_FIELDS = ("amplitude_ua", "pulse_width_us", "frequency_hz", "n_pulses", "interphase_gap_us")
+INT_STIM_FIELDS = ("n_pulses",)
+
+
+def _finite(value) -> float | None:
+    """``value`` as a finite float, or ``None`` (not a number, NaN, ±inf, or an integer too large for a
+    float): such values are refused as input, not left to raise inside the handler."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 class SessionControl:
@@ -38,12 +52,12 @@ class SessionControl:
             return self.status()
         if name == "pause":
             self.step.paused = True
-            self.pending_events += self.actuator.safe_state(f"{PAUSE_REASON} ({who})")
-            return {"ok": True, "paused": True}
+            unconfirmed = self._stop(f"{PAUSE_REASON} ({who})", "pause")
+            return unconfirmed or {"ok": True, "paused": True}
         if name == "emergency_stop":
             self.step.paused = True
-            self.pending_events += self.actuator.safe_state(f"{ESTOP_REASON} ({who})")
-            return {"ok": True, "stimulation": "off"}
+            unconfirmed = self._stop(f"{ESTOP_REASON} ({who})", "emergency stop")
+            return unconfirmed or {"ok": True, "stimulation": "off"}
         if name == "resume":
             operator, faults = [], []
             for latch in self.actuator.governor.latch_reasons:
@@ -62,6 +76,23 @@ class SessionControl:
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {name!r}"}
 
+    def _stop(self, reason: str, what: str) -> dict | None:
+        """Safe state now; ``None`` when the device confirmed the stop, else the reply that says it did not.
+
+        The governor latches either way, so nothing new is sent; but a burst the device is already
+        delivering stops only when the device obeys STOP, and it did not say it did.
+        """
+        events = self.actuator.safe_state(reason)
+        self.pending_events += events
+        stops = [e for e in events if e.kind is EventKind.SAFE_STATE]
+        if stops and all(e.data.get("stop_ok") is True for e in stops):
+            return None
+        errors = [err for e in stops for err in e.data.get("stop_errors") or []] or ["no stop was sent"]
+        return {"ok": False, "paused": True, "latched": True, "stimulation": "unknown", "stop_errors": errors,
+                "error": f"{what} NOT confirmed by the device ({'; '.join(dict.fromkeys(errors))}). The governor "
+                         "is latched and sends nothing more, but a burst already running on the device may not "
+                         "have stopped: cut the stimulator's output or power now"}
+
     def status(self) -> dict:
         policy = self.step.loop.policy
         dose = self.actuator.dose
@@ -79,22 +110,27 @@ class SessionControl:
         if name in POLICY_FIELDS:
             if not hasattr(policy, name):
                 return {"ok": False, "error": f"the {who} has no parameter {name!r}"}
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
-                return {"ok": False, "error": f"{name}={value!r}: expected a number >= 0"}
-            on = value if name == "threshold_on" else policy.threshold_on
-            off = value if name == "threshold_off" else policy.threshold_off
+            number = _finite(value)
+            if number is None or number < 0:
+                return {"ok": False, "error": f"{name}={value!r} invalid, expected a finite number >= 0"}
+            on = number if name == "threshold_on" else policy.threshold_on
+            off = number if name == "threshold_off" else policy.threshold_off
             if name.startswith("threshold") and not (0 <= off <= on <= 1):
                 return {"ok": False, "error": f"{name}={value!r}: need 0 <= threshold_off <= threshold_on <= 1"}
-            refused = self._update(policy, name, value, **{name: float(value)})
+            refused = self._update(policy, name, value, **{name: number})
             return refused or {"ok": True, name: getattr(policy, name)}
         if name in STIM_FIELDS:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return {"ok": False, "error": f"{name}={value!r}: expected a number"}
+            number = _finite(value)
+            if number is None:
+                return {"ok": False, "error": f"{name}={value!r} invalid, expected a finite number"}
+            if name in INT_STIM_FIELDS and not number.is_integer():
+                # int() would truncate 2.7 to 2 and report success with a value nobody asked for.
+                return {"ok": False, "error": f"{name}={value!r} invalid, expected a whole number"}
             if name in getattr(policy, "STIM_FIELDS_IT_SETS", ()):
                 return {"ok": False, "error": f"{name}={value!r}: the {who} sets {name} itself; changing it in "
                                               "its stim template would do nothing"}
             try:
-                new = replace(policy.stim, **{name: int(value) if name == "n_pulses" else float(value)})
+                new = replace(policy.stim, **{name: int(number) if name in INT_STIM_FIELDS else number})
             except (TypeError, ValueError) as exc:
                 return {"ok": False, "error": f"{name}={value!r}: {exc}"}
             problems = check_params(self.actuator.governor.profile, self.actuator.capabilities, new)

@@ -1,9 +1,12 @@
 """``set_param`` on a running loop: the policy's own checks run again (a value its constructor refuses is
 refused, nothing changes), and the threshold the session reports is the one the policy acts on."""
+import json
 import math
+import time
 
 import numpy as np
 import pytest
+import zmq
 
 from controller.events import EventKind
 from controller.policies import AdaptivePolicy, PeriodicPolicy, PoissonPolicy, ResponsivePolicy
@@ -43,8 +46,6 @@ def test_the_reported_threshold_is_the_one_the_policy_acts_on():
 
 
 @pytest.mark.parametrize("name, value, needle", [
-    ("min_duration_s", math.inf, "min_duration_s=inf invalid, expected a finite number"),
-    ("refractory_s", math.inf, "refractory_s=inf invalid"),
     # two bursts per detection: the second must leave the device free (burst 0.5 s + 5 ms)
     ("burst_interval_s", 0.0, "burst_interval_s=0.0 invalid, expected >= 0.505 s"),
     ("burst_interval_s", 0.3, "burst_interval_s=0.3 invalid"),
@@ -58,6 +59,53 @@ def test_a_value_the_policy_refuses_is_refused_and_nothing_changes(name, value, 
     r = ctl.handle({"cmd": "set_param", "name": name, "value": value})
     assert r["ok"] is False and "refused by the ResponsivePolicy" in r["error"] and needle in r["error"], r
     assert pol.params() == before
+
+
+@pytest.mark.parametrize("name, value, needle", [
+    ("n_pulses", 2.7, "n_pulses=2.7 invalid, expected a whole number"),          # int() would run 2
+    ("n_pulses", math.inf, "n_pulses=inf invalid, expected a finite number"),    # int(inf): OverflowError
+    ("n_pulses", 10 ** 400, "invalid, expected a finite number"),
+    ("amplitude_ua", -math.inf, "amplitude_ua=-inf invalid, expected a finite number"),
+    ("amplitude_ua", 10 ** 400, "invalid, expected a finite number"),            # float(): OverflowError
+    ("min_duration_s", math.inf, "min_duration_s=inf invalid, expected a finite number"),
+    ("refractory_s", 10 ** 400, "invalid, expected a finite number >= 0"),
+    ("threshold_on", math.nan, "NaN is invalid"),                               # refused by the server itself
+])
+def test_non_integral_and_non_finite_values_are_refused_over_the_control_socket(name, value, needle):
+    """Through the real server: a refusal (a not-ok MARK), not a handler crash recorded as a FAULT."""
+    from controller.control import ControlServer
+
+    ctl, step = _control(bursts_per_detection=2)
+    pol = step.loop.policy
+    before = pol.params()
+    server = ControlServer("tcp://127.0.0.1:*", ctl.handle)
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.setsockopt(zmq.RCVTIMEO, 3000)
+    req.connect(server.endpoint)
+    try:
+        # Python's json writes inf/NaN as Infinity/NaN and reads them back: a client can send them.
+        req.send(json.dumps({"cmd": "set_param", "name": name, "value": value}).encode())
+        events: list = []
+        t_end = time.monotonic() + 3
+        while not events and time.monotonic() < t_end:
+            server.poll_once(0.0, events)
+            time.sleep(0.002)
+        r = json.loads(req.recv())
+    finally:
+        req.close(0)
+        ctx.term()
+        server.close()
+    assert r["ok"] is False and needle in r["error"], r
+    assert [e.kind for e in events] == [EventKind.MARK] and events[0].data["ok"] is False
+    assert pol.params() == before
+
+
+def test_a_whole_float_is_taken_for_an_integer_field():
+    ctl, step = _control()
+    assert ctl.handle({"cmd": "set_param", "name": "n_pulses", "value": 30.0}) == {"ok": True, "n_pulses": 30}
+    assert step.loop.policy.stim.n_pulses == 30
 
 
 def test_accepted_changes_keep_the_running_state():
