@@ -73,6 +73,7 @@ class MonitorState:
     n_commands: int = 0
     last_command_t: float | None = None
     n_faults: int = 0                     # fault-topic events not caused by an operator pause/stop
+    session_id: str | None = None         # from the loop's periodic state message
 
     def update(self, topic: str, t: float, payload: dict, received: float) -> None:
         """Fold one telemetry message in (``received``: caller's clock, for staleness)."""
@@ -105,8 +106,26 @@ class MonitorState:
                 if payload.get("cmd") == "resume" and payload.get("ok"):
                     self.stim_off = None
                 return
-            if payload.get("what") == "reset":  # the governor released its latch
-                self.stim_off = None
+            if payload.get("kind") == "state":
+                # The loop's periodic state: a monitor started after a stop learns of it here, and it
+                # corrects anything the events seen so far got wrong.
+                self.session_id = payload.get("session") or self.session_id
+                latched = payload.get("latched")
+                if isinstance(latched, list) and latched:
+                    self.stim_off = "; ".join(str(r) for r in latched)
+                elif payload.get("paused"):
+                    self.stim_off = "paused"
+                elif isinstance(latched, list):
+                    self.stim_off = None
+                return
+            if payload.get("what") == "reset":
+                # A reset may release one reason (the stream came back) while others (an operator's
+                # stop) hold: stimulation is on again only when nothing stays latched.
+                still = payload.get("still_latched")
+                if isinstance(still, list) and not still:
+                    self.stim_off = None
+                elif isinstance(still, list):
+                    self.stim_off = "; ".join(str(r) for r in still)
             self.status.update({k: v for k, v in payload.items()
                                 if not isinstance(v, (np.ndarray, dict, list)) and k not in ("kind",)})
             self.status["t"] = t
@@ -152,6 +171,8 @@ def _lat(values: deque) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:   # telemetry sends NaN/inf as null (strict JSON)
+        return "–"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -210,6 +231,8 @@ def render(state: MonitorState, now: float | None = None):
     """The monitor screen for ``state`` (``now``: caller's clock, to show staleness)."""
     age = None if state.last_rx is None or now is None else now - state.last_rx
     header = Text(f"stimloop monitor  {state.address}   messages {state.n_messages}")
+    if state.session_id:
+        header.append(f"   session {state.session_id}")
     if state.last_t is not None:
         header.append(f"   loop t={state.last_t:.3f} s")
     if age is None and state.n_messages == 0:

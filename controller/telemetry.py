@@ -9,7 +9,8 @@ Wire format (one ZeroMQ multipart message per publication)::
 
 Arrays travel as raw bytes beside the JSON so that a decimated signal block costs
 one memcpy instead of a JSON encode of every number (the publisher runs on the
-real-time path). Any process that speaks ZeroMQ can read it.
+real-time path). Any process that speaks ZeroMQ can read it: the header is strict
+JSON (a NaN or infinite value is sent as ``null``, as in ``events.jsonl``).
 
 Never blocks the caller: sends use ``NOBLOCK`` and ``XPUB_NODROP`` so that a full
 send queue (SNDHWM reached because a subscriber is slow or stuck) surfaces as
@@ -26,7 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 import zmq
 
-from controller.events import Event, EventKind
+from controller.events import Event, EventKind, _clean
 
 TOPICS: tuple[str, ...] = ("signal", "features", "prediction", "decision", "stim", "clamp", "fault", "status")
 
@@ -86,7 +87,14 @@ def encode(topic: str, t: float, payload: dict) -> list:
         # ascontiguousarray is a no-op for the usual C-ordered block; zmq takes the
         # buffer directly, with no bytes() conversion.
         frames.extend(np.ascontiguousarray(a) for _, a in arrays)
-    frames[1] = json.dumps(header, separators=(",", ":"), default=_json_default).encode()
+    try:
+        text = json.dumps(header, separators=(",", ":"), default=_json_default, allow_nan=False)
+    except ValueError:
+        # NaN/inf (a prediction on an invalid window): json would write the bare word NaN, which strict
+        # JSON readers (most languages' parsers) refuse. null, as in events.jsonl. Cleaned only on this
+        # rare path: walking every payload would cost the real-time loop on every message.
+        text = json.dumps(_clean(header), separators=(",", ":"), default=_json_default, allow_nan=False)
+    frames[1] = text.encode()
     return frames
 
 
@@ -102,7 +110,8 @@ def decode(frames: list) -> tuple[str, float, dict]:
         raise ValueError(f"telemetry message on {topic!r} has {len(frames)} frames; header announces {2 + len(specs)}")
     for (key, dtype, shape), buf in zip(specs, frames[2:]):
         payload[key] = np.frombuffer(bytes(buf), dtype=np.dtype(dtype)).reshape(shape)
-    return topic, float(header["t"]), payload
+    t = header.get("t")
+    return topic, (float(t) if t is not None else float("nan")), payload
 
 
 class TelemetryPublisher:

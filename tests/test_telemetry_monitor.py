@@ -99,3 +99,86 @@ def test_run_monitor_shows_a_remote_publisher():
     assert "EEG1" in console.file.getvalue() and "p=0.42" in console.file.getvalue()
     with pytest.raises(ValueError, match="refresh_hz=0"):
         run_monitor(address, duration_s=0.1, refresh_hz=0)
+
+
+def _governor_session():
+    import types
+
+    from controller.actuator import Actuator
+    from controller.safety import SafetyGovernor, build_profile
+    from controller.session_control import SessionControl
+    from drivers.simulated import SimulatedStimulator
+
+    clock = time.monotonic
+    drv = SimulatedStimulator(clock)
+    drv.open()
+    act = Actuator(SafetyGovernor(build_profile("macro", {}), drv.capabilities), drv, clock)
+    act.open()
+    act.heartbeat()
+    return act, SessionControl(types.SimpleNamespace(paused=False), act, clock)
+
+
+def _feed(state: MonitorState, events) -> None:
+    """Through the wire format, as the loop publishes them."""
+    from controller.telemetry import EVENT_TOPIC, decode, encode
+    for e in events:
+        state.update(*decode(encode(EVENT_TOPIC[e.kind], e.t, {"kind": str(e.kind), "source": e.source, **e.data})),
+                     received=time.monotonic())
+
+
+def test_a_reset_of_one_reason_leaves_stimulation_off_while_another_holds():
+    from controller.closed_loop import STALE_REASON
+
+    act, ctl = _governor_session()
+    state = MonitorState()
+    _feed(state, act.fault(STALE_REASON))                        # the stream stalls
+    _feed(state, (ctl.handle({"cmd": "emergency_stop", "who": "local"}), ctl.drain())[1])   # stimloop stop
+    _feed(state, act.reset(STALE_REASON))                        # the stream resumes: only its latch goes
+    assert act.governor.latched
+    assert state.stim_off and "emergency stop by the operator" in state.stim_off
+    assert "OFF: emergency_stop: emergency stop by the operator" in screen(state, time.monotonic())
+    _feed(state, act.reset())                                    # everything released
+    assert state.stim_off is None and "armed" in screen(state, time.monotonic())
+
+
+@pytest.mark.timeout(30)
+def test_a_monitor_started_after_a_stop_learns_it_from_the_loops_state_message():
+    from controller.telemetry import TelemetryPublisher, TelemetrySubscriber
+
+    with TelemetryPublisher("tcp://127.0.0.1:*") as pub, TelemetrySubscriber(pub.endpoint) as sub:
+        state = MonitorState()
+        latched = {"kind": "state", "source": "loop", "session": "S-1", "paused": True,
+                   "latched": ["emergency_stop: emergency stop by the operator (local)"]}
+        t_end = time.monotonic() + 10
+        while state.n_messages == 0 and time.monotonic() < t_end:   # the subscription takes a moment
+            pub.publish("status", 1.0, latched)
+            msg = sub.recv(timeout_ms=20)
+            if msg is not None:
+                state.update(*msg, received=time.monotonic())
+        assert state.stim_off == "emergency_stop: emergency stop by the operator (local)"
+        shown = screen(state, time.monotonic())
+        assert "OFF: emergency_stop: emergency stop by the operator" in shown and "session S-1" in shown
+        assert "state" not in state.status.values()       # state is not an event: not in the status row
+        pub.publish("status", 2.0, {**latched, "paused": False, "latched": []})
+        state.update(*sub.recv(timeout_ms=2000), received=time.monotonic())
+        assert state.stim_off is None
+
+
+def test_nan_in_a_payload_is_sent_as_null_in_strict_json_and_the_monitor_shows_it():
+    import json
+
+    from controller.telemetry import decode, encode
+
+    frames = encode("prediction", 3.0, {"kind": "prediction", "p": float("nan"), "threshold": np.float64(np.inf),
+                                        "window_end_t": np.float32("nan"), "x": np.zeros(2)})
+
+    def refuse(word):
+        raise ValueError(f"not strict JSON: {word}")
+
+    header = json.loads(bytes(frames[1]), parse_constant=refuse)
+    assert header["p"] == {"kind": "prediction", "p": None, "threshold": None, "window_end_t": None}
+    state = MonitorState()
+    state.update(*decode(frames), received=1.0)
+    assert state.prediction["p"] is None and "p=–" in screen(state, 1.0)
+    # The common case is not cleaned (and costs nothing more): numbers stay numbers.
+    assert json.loads(bytes(encode("prediction", 1.0, {"p": np.float32(0.5)})[1]))["p"] == {"p": 0.5}
