@@ -8,7 +8,9 @@ Raw recording layout in ``raw_dir``:
 
 - ``samples.f32``: float32 little-endian, sample-major ``(n, n_channels)``, appended;
 - ``timestamps.f64``: float64 little-endian ``(n,)``, session clock, appended;
-- ``meta.json``: ``n_channels``, ``fs_hz``, ``channel_names``, ``units``, source info.
+- ``meta.json``: ``n_channels``, ``fs_hz``, ``source`` (the source's ``SourceInfo``: ``channel_names``,
+  ``units``, ...; :func:`source_meta`) and, once the first samples are written, ``start_utc``:
+  the wall-clock UTC time of sample 0 (ISO 8601, microseconds), which the EDF export uses.
 
 Data go to the kernel with ``os.write`` at least every ``raw_flush_s`` (1 s):
 after a SIGKILL at most that much is lost, and a half-written last record is
@@ -19,6 +21,7 @@ stay staged, so a later flush writes them once, in place.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import time
@@ -87,25 +90,39 @@ class RawRecorder:
     """
 
     def __init__(self, raw_dir: str | Path, n_channels: int, fs_hz: float, meta: dict | None = None,
-                 flush_s: float = 1.0, stage_samples: int | None = None):
+                 flush_s: float = 1.0, stage_samples: int | None = None, session_clock=None,
+                 wall_clock=time.time):
+        """``session_clock`` (optional): the clock the timestamps are on (``pylsl.local_clock``);
+        with it, ``start_utc`` is written into ``meta.json`` when the first samples are. Leave it
+        out when the timestamps are not on a real clock (the simulated runner's virtual time)."""
         self.raw_dir = Path(raw_dir)
         self.raw_dir.mkdir(parents=True, exist_ok=True)
         self.n_channels = int(n_channels)
         self.flush_s = float(flush_s)
         meta_path = self.raw_dir / META_FILE
+        s_path, t_path = self.raw_dir / SAMPLES_FILE, self.raw_dir / TIMESTAMPS_FILE
+        old = {}
         if meta_path.exists():
             old = json.loads(meta_path.read_text())
             if int(old.get("n_channels", -1)) != self.n_channels:
                 raise ValueError(f"raw recording {self.raw_dir} has n_channels={old.get('n_channels')}, "
                                  f"this source delivers {self.n_channels}: use another raw_dir")
+        n_before = min(s_path.stat().st_size // (4 * self.n_channels) if s_path.exists() else 0,
+                       t_path.stat().st_size // 8 if t_path.exists() else 0)
         full_meta = {"format": "stimloop-raw-1", "n_channels": self.n_channels, "fs_hz": float(fs_hz),
                      "samples_file": SAMPLES_FILE, "samples_dtype": "<f4", "layout": "sample-major",
                      "timestamps_file": TIMESTAMPS_FILE, "timestamps_dtype": "<f8",
                      "clock": "session clock (pylsl.local_clock)", **(meta or {})}
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(full_meta, indent=1))
-        os.replace(tmp, meta_path)
-        s_path, t_path = self.raw_dir / SAMPLES_FILE, self.raw_dir / TIMESTAMPS_FILE
+        # Appending to a recording: its sample 0 is the old one, so is its start time.
+        if n_before and "start_utc" in old:
+            full_meta.update({k: old[k] for k in ("start_utc", "start_utc_from") if k in old})
+        self._meta_path = meta_path
+        self._meta = full_meta
+        self._session_clock = session_clock
+        self._wall_clock = wall_clock
+        self._start_pending = session_clock is not None and not n_before
+        self._meta_dirty = False
+        self._write_meta()
         self._fd_s = os.open(s_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._fd_t = os.open(t_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         n_done = min(os.fstat(self._fd_s).st_size // (4 * self.n_channels), os.fstat(self._fd_t).st_size // 8)
@@ -122,8 +139,35 @@ class RawRecorder:
         self._last_flush = float("-inf")
         self.n_written = n_done
 
+    def _write_meta(self) -> None:
+        tmp = self._meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self._meta, indent=1))
+        os.replace(tmp, self._meta_path)  # a reader never sees a half-written meta.json
+        self._meta_dirty = False
+
+    def _stamp_start(self, t0: float) -> None:
+        """``start_utc`` of the sample at session-clock time ``t0``.
+
+        The offset between the session clock and the wall clock is taken now, right after the
+        sample arrived: the two clocks drift apart (NTP slews the wall clock, not local_clock),
+        so an offset from another moment would misplace the start by that drift. Both clocks are
+        read around each other and the midpoint used, to halve what the reads themselves cost.
+        """
+        c0 = self._session_clock()
+        wall = self._wall_clock()
+        c1 = self._session_clock()
+        start = float(t0) + (wall - 0.5 * (c0 + c1))
+        self._meta["start_utc"] = (dt.datetime.fromtimestamp(start, tz=dt.timezone.utc)
+                                   .isoformat(timespec="microseconds").replace("+00:00", "Z"))
+        self._meta["start_utc_from"] = ("timestamp of sample 0 + (wall clock - session clock) "
+                                        "read when it was recorded")
+        self._start_pending = False
+        self._meta_dirty = True  # written with the samples, at the next flush
+
     def append(self, samples: np.ndarray, timestamps: np.ndarray) -> None:
         n = samples.shape[0]
+        if self._start_pending and n:
+            self._stamp_start(float(timestamps[0]))
         if self._k + n > self._stage.shape[0]:
             self.flush()
         if n > self._stage.shape[0]:  # bigger than the stage: straight to the files
@@ -161,6 +205,8 @@ class RawRecorder:
                 pass   # retried before the next write; the write's error is the one to report
             raise
         self.n_written += samples.shape[0]
+        if self._meta_dirty:
+            self._write_meta()
 
     def _trim_to_written(self) -> None:
         """Cut both files back to the ``n_written`` whole records (shrinking needs no space)."""
@@ -184,6 +230,14 @@ class RawRecorder:
             os.close(self._fd_s)
             os.close(self._fd_t)
             self._fd_s = self._fd_t = None
+
+
+def source_meta(info) -> dict:
+    """What the acquisition writes into ``meta.json`` about its source (a ``SourceInfo``).
+
+    Channel names and units sit under ``"source"``; the EDF export reads them there.
+    """
+    return {"source": info.to_dict()}
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -290,8 +344,8 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
             reported = True
             raise
         if raw_dir is not None:
-            recorder = RawRecorder(raw_dir, info.n_channels, info.fs_hz, meta={"source": info.to_dict()},
-                                   flush_s=raw_flush_s)
+            recorder = RawRecorder(raw_dir, info.n_channels, info.fs_hz, meta=source_meta(info),
+                                   flush_s=raw_flush_s, session_clock=clock)
         reader = ring.reader("now")
         if wakeup_path is not None:
             from controller.wakeup import WakeupWriter
