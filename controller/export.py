@@ -5,9 +5,15 @@ Reads what the acquisition process and the recorder wrote (see
 
     SESSION/raw/samples.f32      float32 (n, ch) row-major, appended (a torn last row is ignored)
     SESSION/raw/timestamps.f64   float64 (n,), session clock
-    SESSION/raw/meta.json        n_channels, fs_hz, channel_names
+    SESSION/raw/meta.json        n_channels, fs_hz, source.channel_names, source.units, start_utc
+                                 (the simulated runner's layout: channel_names at the top level, µV)
     SESSION/events.jsonl         one event per line (a torn last line is ignored)
-    SESSION/session.json         optional: started_utc, used as the EDF start date/time
+    SESSION/session.json         started_utc: the EDF start when meta.json has no start_utc
+                                 (whole seconds, taken before the processes start: seconds early)
+
+Signals are written in µV whatever unit the source declared (V, mV, µV, nV are
+converted); a channel whose unit is unknown or undeclared is refused, unless the
+caller says which unit to assume for undeclared ones (``assume_unit``).
 
 EDF+C is continuous: sample k sits at k / fs_hz. Event onsets are placed on that
 timeline by interpolating their session-clock time against the sample
@@ -30,6 +36,13 @@ DEFAULT_EXCLUDE_KINDS: tuple[str, ...] = ("chunk",)  # one per chunk: too many t
 _LABEL_CHARS = 16        # EDF header: signal label is 16 ASCII characters
 _NUMBER_CHARS = 8        # EDF header: physical min/max are 8 ASCII characters
 _MAX_ANNOTATION_CHARS = 120
+# Stimulus fields first in a command's annotation: the text is cut at _MAX_ANNOTATION_CHARS.
+_STIM_FIELDS_FIRST = ("amplitude_ua", "pulse_width_us", "frequency_hz", "n_pulses", "channel", "waveform")
+
+# Factor to µV. Symbols are case-sensitive (mV is not MV); words are matched lower-case.
+_TO_UV = {"V": 1e6, "mV": 1e3, "uV": 1.0, "\u00b5V": 1.0, "\u03bcV": 1.0, "nV": 1e-3,
+          "volt": 1e6, "volts": 1e6, "millivolt": 1e3, "millivolts": 1e3,
+          "microvolt": 1.0, "microvolts": 1.0, "nanovolt": 1e-3, "nanovolts": 1e-3}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +106,8 @@ def _fmt_bound(value: float, outward: int) -> float:
         scale = 10.0 ** decimals
         v = (math.floor(value * scale) if outward < 0 else math.ceil(value * scale)) / scale
         text = str(int(v)) if float(v).is_integer() else repr(v)
-        if len(text) <= _NUMBER_CHARS:
+        # edfio writes str(value): exponent notation (1e-05) is no EDF number for many readers.
+        if len(text) <= _NUMBER_CHARS and "e" not in text:
             return float(v)
     raise ValueError(f"EDF physical bound {value!r} µV does not fit 8 characters; expected |value| < 1e7 µV")
 
@@ -101,15 +115,60 @@ def _fmt_bound(value: float, outward: int) -> float:
 def _physical_range(x: np.ndarray) -> tuple[float, float]:
     finite = x[np.isfinite(x)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
-    if hi - lo < 1e-3:  # flat channel: EDF needs physical_min < physical_max
-        lo, hi = lo - 1.0, hi + 1.0
+    if hi <= lo:
+        # Flat channel: EDF needs physical_min < physical_max. Any margin represents one value
+        # exactly enough; one scaled to the value keeps the step far below it.
+        pad = abs(lo) * 1e-3 or 1.0
+        lo, hi = lo - pad, hi + pad
+    # A non-flat channel keeps its own range, however small: the 16-bit step is range / 65535.
     return _fmt_bound(lo, -1), _fmt_bound(hi, +1)
 
 
-def _labels(meta: dict, n_ch: int) -> list[str]:
-    names = meta.get("channel_names") or [f"ch{i}" for i in range(n_ch)]
+def _source_fields(meta: dict) -> tuple[list | None, list | str | None, str]:
+    """(channel_names, units, where): the acquisition nests them under "source"; the simulated
+    runner writes names at the top level and no units (its patient is in µV)."""
+    src = meta.get("source")
+    if isinstance(src, dict) and ("channel_names" in src or "units" in src):
+        return src.get("channel_names"), src.get("units"), "source."
+    return meta.get("channel_names"), meta.get("units", "uV"), ""
+
+
+def _unit_factors(meta: dict, names: list[str], assume_unit: str | None) -> list[float]:
+    """Per channel, the factor that takes its samples to µV; unknown or undeclared units refused."""
+    n_ch = len(names)
+    if assume_unit is not None and _TO_UV.get(assume_unit.strip(), _TO_UV.get(assume_unit.strip().lower())) is None:
+        raise ValueError(f"assume_unit={assume_unit!r} is not a voltage unit the EDF export knows; "
+                         f"expected one of {sorted(_TO_UV)}")
+    _, units, where = _source_fields(meta)
+    if isinstance(units, str):
+        units = [units] * n_ch
+    if not isinstance(units, list) or len(units) != n_ch:
+        raise ValueError(f"raw/meta.json {where}units={units!r}; expected one unit per channel ({n_ch})")
+    factors = []
+    for i, (name, unit) in enumerate(zip(names, units)):
+        declared = str(unit if unit is not None else "").strip()
+        text = declared or (assume_unit or "").strip()
+        factor = _TO_UV.get(text, _TO_UV.get(text.lower()))
+        if factor is None:
+            if not declared:
+                raise ValueError(
+                    f"channel {i} ({name!r}): the source declared no unit (raw/meta.json {where}units), so "
+                    f"µV cannot be told from V; pass assume_unit (e.g. 'uV') to export_edf if you know it")
+            raise ValueError(f"channel {i} ({name!r}): unit {declared!r} (raw/meta.json {where}units) is not a "
+                             f"voltage unit the EDF export knows; expected one of {sorted(_TO_UV)}")
+        factors.append(factor)
+    return factors
+
+
+def _channel_names(meta: dict, n_ch: int) -> list[str]:
+    names, _, where = _source_fields(meta)
+    names = names or [f"ch{i}" for i in range(n_ch)]
     if len(names) != n_ch:
-        raise ValueError(f"raw/meta.json channel_names has {len(names)} names; expected n_channels={n_ch}")
+        raise ValueError(f"raw/meta.json {where}channel_names has {len(names)} names; expected n_channels={n_ch}")
+    return [str(x) for x in names]
+
+
+def _labels(names: list[str]) -> list[str]:
     labels: list[str] = []
     for i, name in enumerate(names):
         label = "".join(c if 32 <= ord(c) < 127 else "_" for c in str(name))[:_LABEL_CHARS].strip() or f"ch{i}"
@@ -127,6 +186,15 @@ def _annotation_text(event: dict) -> str:
         head = f"mark: {rest.pop('label')}"
     else:
         head = f"{kind}/{source}"
+    params = rest.pop("params", None)
+    if isinstance(params, dict):
+        # The stimulus is what a reader of the EDF needs most; it goes first, so the cut at
+        # _MAX_ANNOTATION_CHARS takes timing fields, not the stimulus.
+        first = {k: params[k] for k in _STIM_FIELDS_FIRST if k in params}
+        # The other StimParams fields are 0 when the waveform does not use them (ramp_s of a pulse train).
+        first.update((k, v) for k, v in params.items() if k not in first and v not in (0, 0.0, None, ""))
+        rest.pop("channel", None)  # the same as params' channel (one channel per command)
+        rest = {**first, **rest}
     details = " ".join(f"{k}={v}" for k, v in rest.items() if isinstance(v, (str, int, float, bool)) or v is None)
     text = f"{head} {details}".strip() if details else head
     # \x14, \x15 and NUL delimit TALs in EDF+: never let them into the text.
@@ -134,13 +202,36 @@ def _annotation_text(event: dict) -> str:
     return text[:_MAX_ANNOTATION_CHARS]
 
 
+def _burst(event: dict) -> tuple[float | None, float | None]:
+    """(start on the session clock, duration) of a command's burst; (None, None) if not one.
+
+    The burst starts when the device confirmed it (``start_t``; later than the event for a
+    trigger scheduled ahead) and lasts ``StimParams.burst_duration_s``.
+    """
+    params = event.get("params")
+    if str(event.get("kind")) != "command" or not isinstance(params, dict):
+        return None, None
+    from drivers.params import StimParams
+
+    try:
+        duration = StimParams.from_dict(params).burst_duration_s
+    except (TypeError, ValueError):  # params from another version: keep the event, without a duration
+        duration = None
+    start = event.get("start_t")
+    start = float(start) if isinstance(start, (int, float)) and math.isfinite(start) else None
+    return start, (float(duration) if duration is not None and math.isfinite(duration) and duration > 0 else None)
+
+
 def _edf_start(session_dir: Path, meta: dict) -> dt.datetime | None:
+    """Wall-clock time of sample 0: raw/meta.json start_utc (sub-second), else session.json."""
     for value in (meta.get("start_utc"), _session_started(session_dir)):
         if isinstance(value, str):
             try:
-                return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+                start = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
             except ValueError:
                 continue
+            # Both fields are UTC by name: a value without an offset must not be read as local time.
+            return start.replace(tzinfo=dt.timezone.utc) if start.tzinfo is None else start.astimezone(dt.timezone.utc)
     return None
 
 
@@ -153,13 +244,19 @@ def _session_started(session_dir: Path) -> str | None:
 
 
 def export_edf(session_dir: str | os.PathLike, out_path: str | os.PathLike,
-               exclude_kinds: Iterable[str] = DEFAULT_EXCLUDE_KINDS) -> ExportSummary:
+               exclude_kinds: Iterable[str] = DEFAULT_EXCLUDE_KINDS,
+               assume_unit: str | None = None) -> ExportSummary:
     """Write ``out_path`` (EDF+C) from ``session_dir``; return an :class:`ExportSummary`.
 
-    Signals are in µV, one physical range per channel from that channel's data
-    (16-bit quantization step = range / 65535). The tail is padded with the last
-    value to a whole data record (EDF needs it); the real end is annotated.
-    Non-finite samples are written as 0 and counted in an annotation.
+    Signals are in µV, converted from the unit each channel declared (V, mV, µV,
+    nV); an unknown unit raises ``ValueError`` naming the channel, and so does an
+    undeclared one unless ``assume_unit`` says what it is. One physical range per
+    channel from that channel's data (16-bit quantization step = range / 65535).
+    The tail is padded with the last value to a whole data record (EDF needs it);
+    the real end is annotated. Non-finite samples are written as 0 and counted in
+    an annotation. The start date/time is that of sample 0, to the microsecond
+    (EDF+ subsecond start, in the first data record's time-keeping annotation).
+    Stimulation commands are annotated from their burst's start, for its duration.
     """
     import edfio  # optional dependency (pyproject extra "edf"): import only when exporting
 
@@ -184,9 +281,11 @@ def export_edf(session_dir: str | os.PathLike, out_path: str | os.PathLike,
     nonfinite = ~np.isfinite(samples)
     n_nonfinite = int(nonfinite.sum())
     signals = []
-    labels = _labels(meta, n_ch)
+    names = _channel_names(meta, n_ch)
+    to_uv = _unit_factors(meta, names, assume_unit)
+    labels = _labels(names)
     for ch in range(n_ch):
-        x = samples[:, ch].astype(np.float64)
+        x = samples[:, ch].astype(np.float64) * to_uv[ch]
         if n_nonfinite:
             x[nonfinite[:, ch]] = 0.0
         lo, hi = _physical_range(x)
@@ -196,10 +295,12 @@ def export_edf(session_dir: str | os.PathLike, out_path: str | os.PathLike,
                                        physical_range=(lo, hi)))
 
     duration_s = n_padded / fs_hz
-    onsets = _onsets_s(np.array([float(e["t"]) for e in events], dtype=np.float64), timestamps, fs_hz)
+    bursts = [_burst(e) for e in events]
+    onset_t = [b[0] if b[0] is not None else float(e["t"]) for e, b in zip(events, bursts)]
+    onsets = _onsets_s(np.array(onset_t, dtype=np.float64), timestamps, fs_hz)
     annotations = []
-    for event, onset in zip(events, onsets):
-        dur = event.get("duration_s")
+    for event, onset, (_, burst_s) in zip(events, onsets, bursts):
+        dur = event.get("duration_s") if burst_s is None else burst_s
         dur = float(dur) if isinstance(dur, (int, float)) and dur > 0 else None
         text = _annotation_text(event)
         if onset < 0 or onset > duration_s:
@@ -221,7 +322,9 @@ def export_edf(session_dir: str | os.PathLike, out_path: str | os.PathLike,
     start = _edf_start(session, meta)
     recording = edfio.Recording(startdate=start.date(), equipment_code="stimloop") if start else \
         edfio.Recording(equipment_code="stimloop")
-    starttime = start.time().replace(microsecond=0, tzinfo=None) if start else None
+    # edfio writes the microseconds as the EDF+ subsecond start (onset of the first data record's
+    # time-keeping TAL) and takes annotation onsets relative to that true start.
+    starttime = start.time().replace(tzinfo=None) if start else None
     edf = edfio.Edf(signals, recording=recording, starttime=starttime, data_record_duration=record_s,
                     annotations=sorted(annotations, key=lambda a: a.onset))
     out = Path(out_path)

@@ -1,6 +1,7 @@
 """EDF+ export from a session folder written like the acquisition process and recorder do."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -8,29 +9,47 @@ import edfio
 import numpy as np
 import pytest
 
+from controller.acquisition import RawRecorder, source_meta
+from controller.actuator import Actuator
 from controller.events import Event, EventKind
 from controller.export import _fmt_bound, _onsets_s, export_edf, read_events
+from controller.safety import MACRO_RNS, TES, SafetyGovernor, StimRequest
+from controller.sources.base import SourceInfo
+from drivers.params import StimParams, Waveform
+from drivers.simulated import SimulatedStimulator
 
 FS_HZ = 250.0
 T0 = 1234.5  # session clock (LSL local_clock) of the first sample
+# Wall-clock time at which sample 0 was recorded: sub-second, later than session.json's started_utc.
+WALL_T0 = dt.datetime(2025, 3, 4, 5, 6, 9, 250000, tzinfo=dt.timezone.utc)
+BURST = StimParams(channel=1, amplitude_ua=1500.0, pulse_width_us=160.0, frequency_hz=200.0, n_pulses=20)  # 0.1 s
 
 
 def make_session(root: Path, samples: np.ndarray, timestamps: np.ndarray, events: list, names=None,
-                 torn_tail: bool = True, started_utc: str | None = "2025-03-04T05:06:07Z") -> Path:
-    """A session folder as acquisition + recorder leave it after a kill (torn tails)."""
+                 units="uV", torn_tail: bool = True, started_utc: str | None = "2025-03-04T05:06:07Z",
+                 wall_t0: dt.datetime | None = WALL_T0) -> Path:
+    """A session folder as acquisition + recorder leave it after a kill (torn tails).
+
+    raw/ is written by the acquisition's own RawRecorder with the acquisition's meta, from a
+    SourceInfo as a source reports it; its clocks are pinned so that sample 0 was recorded
+    at ``wall_t0`` (None: a recorder without a session clock, so no start_utc).
+    """
     raw = root / "raw"
-    raw.mkdir(parents=True)
     n_ch = samples.shape[1]
-    (raw / "meta.json").write_text(json.dumps({
-        "format": "stimloop-raw-1", "n_channels": n_ch, "fs_hz": FS_HZ,
-        "channel_names": names or [f"EEG {i}" for i in range(n_ch)], "units": "uV"}))
-    s_bytes = samples.astype("<f4").tobytes()
-    t_bytes = timestamps.astype("<f8").tobytes()
+    names = names or [f"EEG {i}" for i in range(n_ch)]
+    units = [units] * n_ch if isinstance(units, str) else units
+    info = SourceInfo(name="amp", type="EEG", source_id="amp-1", n_channels=n_ch, channel_names=tuple(names),
+                      units=tuple(units), fs_hz=FS_HZ)
+    clocks = {} if wall_t0 is None else {"session_clock": lambda: float(timestamps[0]) + 0.01,
+                                         "wall_clock": lambda: wall_t0.timestamp() + 0.01}
+    rec = RawRecorder(raw, n_ch, FS_HZ, meta=source_meta(info), **clocks)
+    rec.append(samples, timestamps)
+    rec.close()
     if torn_tail:  # killed mid-write: half a row of samples, 3 bytes of a timestamp
-        s_bytes += np.ones(n_ch, "<f4").tobytes()[: 4 * n_ch // 2 + 1]
-        t_bytes += b"\x00\x01\x02"
-    (raw / "samples.f32").write_bytes(s_bytes)
-    (raw / "timestamps.f64").write_bytes(t_bytes)
+        with (raw / "samples.f32").open("ab") as f:
+            f.write(np.ones(n_ch, "<f4").tobytes()[: 4 * n_ch // 2 + 1])
+        with (raw / "timestamps.f64").open("ab") as f:
+            f.write(b"\x00\x01\x02")
     lines = [e.to_json() for e in events]
     text = "\n".join(lines) + "\n"
     if torn_tail:
@@ -39,6 +58,28 @@ def make_session(root: Path, samples: np.ndarray, timestamps: np.ndarray, events
     if started_utc:
         (root / "session.json").write_text(json.dumps({"started_utc": started_utc}))
     return root
+
+
+class Clock:
+    def __init__(self, t: float):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def command_event(t: float, params: StimParams = BURST, at: float | None = None, profile=MACRO_RNS) -> Event:
+    """The COMMAND event the actuator emits for ``params`` requested at ``t`` (governor and simulated device)."""
+    clock = Clock(t)
+    driver = SimulatedStimulator(clock=clock)
+    actuator = Actuator(SafetyGovernor(profile, driver.capabilities), driver, clock)
+    actuator.open()
+    if profile.require_impedance_check:
+        actuator.set_impedance(1000.0)
+    actuator.heartbeat()
+    events = actuator.submit(StimRequest(t, "policy.responsive", params, at=at, meta={"window_end_t": t - 0.004}))
+    (command,) = [e for e in events if e.kind is EventKind.COMMAND]
+    return command
 
 
 def synthetic(n: int, n_ch: int = 3, seed: int = 1) -> np.ndarray:
@@ -59,7 +100,8 @@ def test_round_trip_signals_annotations_and_torn_tails(tmp_path):
     timestamps = T0 + np.arange(n) / FS_HZ
     events = [
         Event(T0 + 0.5, EventKind.MARK, "control", {"cmd": "mark", "label": "baseline start", "who": "local"}),
-        Event(T0 + 1.204, EventKind.COMMAND, "actuator", {"seq": 7, "amplitude_ua": 500.0, "duration_s": 0.05}),
+        command_event(T0 + 1.204),
+        command_event(T0 + 2.5, at=T0 + 2.8),  # scheduled ahead: the burst starts at 2.8 s
         Event(T0 + 1.3, EventKind.CHUNK, "acquisition", {"n": 10}),  # excluded by default
         Event(T0 + 2.0, EventKind.FAULT, "actuator", {"error": "DeviceTimeout"}),
     ]
@@ -70,7 +112,9 @@ def test_round_trip_signals_annotations_and_torn_tails(tmp_path):
 
     edf = edfio.read_edf(tmp_path / "out" / "s.edf")
     assert edf.labels == ("EEG 0", "EEG 1", "EEG 2")
-    assert (edf.startdate.isoformat(), edf.starttime.isoformat()) == ("2025-03-04", "05:06:07")
+    # The start is sample 0's wall-clock time from raw/meta.json, to the microsecond, not
+    # session.json's started_utc (whole seconds, before the processes started).
+    assert (edf.startdate.isoformat(), edf.starttime.isoformat()) == ("2025-03-04", "05:06:09.250000")
     for ch, sig in enumerate(edf.signals):
         assert sig.sampling_frequency == FS_HZ and sig.physical_dimension == "uV"
         data = sig.data
@@ -86,9 +130,12 @@ def test_round_trip_signals_annotations_and_torn_tails(tmp_path):
     texts = [a.text for a in edf.annotations]
     mark = next(a for a in edf.annotations if a.text.startswith("mark: baseline start"))
     assert mark.onset == pytest.approx(0.5, abs=1e-6) and "who=local" in mark.text
-    cmd = next(a for a in edf.annotations if a.text.startswith("command/actuator"))
-    assert cmd.onset == pytest.approx(1.204, abs=1e-6) and cmd.duration == pytest.approx(0.05)
-    assert "seq=7" in cmd.text and "amplitude_ua=500.0" in cmd.text
+    cmd, scheduled = [a for a in edf.annotations if a.text.startswith("command/actuator")]
+    # The stimulus first (the text is cut at 120 characters), the burst's duration (20 pulses at 200 Hz).
+    assert cmd.text.startswith("command/actuator amplitude_ua=1500.0 pulse_width_us=160.0 frequency_hz=200.0 "
+                               "n_pulses=20 channel=1 waveform=biphasic ")
+    assert cmd.onset == pytest.approx(1.204, abs=1e-6) and cmd.duration == pytest.approx(0.1)
+    assert scheduled.onset == pytest.approx(2.8, abs=1e-6) and scheduled.duration == pytest.approx(0.1)
     fault = next(a for a in edf.annotations if a.text.startswith("fault/actuator"))
     assert fault.onset == pytest.approx(2.0, abs=1e-6) and "DeviceTimeout" in fault.text
     assert not any(t.startswith("chunk") for t in texts)
@@ -96,6 +143,86 @@ def test_round_trip_signals_annotations_and_torn_tails(tmp_path):
     assert end.onset == pytest.approx(n / FS_HZ, abs=1e-6)
     assert "lab" not in " ".join(texts), "the torn last event line must be skipped"
     assert len(ann) >= 4
+
+
+def test_a_continuous_waveforms_annotation_lasts_its_duration(tmp_path):
+    sine = StimParams(channel=0, waveform=Waveform.SINE, amplitude_ua=1000.0, frequency_hz=10.0, duration_s=30.0,
+                      ramp_s=10.0)  # tACS
+    n = int(40 * FS_HZ)
+    events = [command_event(T0 + 0.5, sine, profile=TES)]
+    session = make_session(tmp_path / "s", synthetic(n, n_ch=1), T0 + np.arange(n) / FS_HZ, events, torn_tail=False)
+    export_edf(session, tmp_path / "c.edf")
+    (cmd,) = [a for a in edfio.read_edf(tmp_path / "c.edf").annotations if a.text.startswith("command/")]
+    assert cmd.duration == pytest.approx(30.0) and "amplitude_ua=1000.0" in cmd.text and "waveform=sine" in cmd.text
+
+
+def test_without_start_utc_the_start_is_session_jsons(tmp_path):
+    """Sessions recorded before raw/meta.json had start_utc (and the simulated runner's) keep session.json's."""
+    session = make_session(tmp_path / "s", synthetic(500, n_ch=1), T0 + np.arange(500) / FS_HZ, [],
+                           torn_tail=False, wall_t0=None)
+    assert "start_utc" not in json.loads((session / "raw" / "meta.json").read_text())
+    edf = edfio.read_edf(export_edf(session, tmp_path / "o.edf").out_path)
+    assert edf.starttime.isoformat() == "05:06:07"
+
+
+ALPHA_UV = 50 * np.sin(2 * np.pi * 10 * np.arange(2500) / FS_HZ)  # a 50 µV alpha wave
+
+
+@pytest.mark.parametrize("unit, per_uv", [("V", 1e-6), ("mV", 1e-3), ("uV", 1.0), ("µV", 1.0),
+                                          ("microvolts", 1.0), ("nV", 1e3)])
+def test_declared_units_are_converted_to_microvolts(tmp_path, unit, per_uv):
+    samples = (ALPHA_UV * per_uv)[:, None]
+    session = make_session(tmp_path / "s", samples, T0 + np.arange(2500) / FS_HZ, [], names=["Cz"], units=unit,
+                           torn_tail=False)
+    sig = edfio.read_edf(export_edf(session, tmp_path / "u.edf").out_path).signals[0]
+    assert sig.label == "Cz" and sig.physical_dimension == "uV"
+    assert -51 < sig.physical_min < -49 and 49 < sig.physical_max < 51
+    np.testing.assert_allclose(sig.data, ALPHA_UV, atol=1e-3 + 1e-6 * 50, rtol=0)  # float32 storage + 16 bits
+
+
+@pytest.mark.parametrize("units, match", [
+    (["uV", "furlongs"], r"channel 1 \('EEG 1'\): unit 'furlongs'"),
+    (["uV", "MV"], r"channel 1 \('EEG 1'\): unit 'MV'"),  # megavolts: not millivolts
+    (["", "uV"], r"channel 0 \('EEG 0'\): the source declared no unit"),
+])
+def test_unknown_or_undeclared_units_are_refused_naming_the_channel(tmp_path, units, match):
+    session = make_session(tmp_path / "s", synthetic(500, n_ch=2), T0 + np.arange(500) / FS_HZ, [], units=units,
+                           torn_tail=False)
+    with pytest.raises(ValueError, match=match):
+        export_edf(session, tmp_path / "x.edf")
+    assert not (tmp_path / "x.edf").exists()
+
+
+def test_an_undeclared_unit_is_exported_as_the_one_the_caller_assumes(tmp_path):
+    samples = np.stack([ALPHA_UV * 1e-3, ALPHA_UV], axis=1)
+    session = make_session(tmp_path / "s", samples, T0 + np.arange(2500) / FS_HZ, [], units=["", "uV"],
+                           torn_tail=False)
+    edf = edfio.read_edf(export_edf(session, tmp_path / "a.edf", assume_unit="mV").out_path)
+    for sig in edf.signals:  # the assumed unit applies to the undeclared channel only
+        np.testing.assert_allclose(sig.data, ALPHA_UV, atol=2e-3, rtol=0)
+
+
+def test_the_simulated_runners_layout_keeps_its_channel_names_in_microvolts(tmp_path):
+    """The simulated runner records with top-level channel_names and no units (its patient is in µV)."""
+    raw = tmp_path / "s" / "raw"
+    samples = synthetic(500, n_ch=2)
+    rec = RawRecorder(raw, 2, FS_HZ, meta={"channel_names": ["E01", "E02"], "clock": "virtual"})
+    rec.append(samples, np.arange(500) / FS_HZ)
+    rec.close()
+    edf = edfio.read_edf(export_edf(tmp_path / "s", tmp_path / "sim.edf").out_path)
+    assert edf.labels == ("E01", "E02") and all(s.physical_dimension == "uV" for s in edf.signals)
+    step = (edf.signals[0].physical_max - edf.signals[0].physical_min) / 65535
+    np.testing.assert_allclose(edf.signals[0].data[:500], samples[:, 0], atol=step, rtol=0)
+
+
+def test_a_small_signal_keeps_its_resolution(tmp_path):
+    """A range well under 1e-3 µV is not widened to ±1 µV (which left a handful of digital values)."""
+    x = (0.5 + np.random.default_rng(3).uniform(-2e-4, 2e-4, 2500)).astype(np.float32)
+    session = make_session(tmp_path / "s", x[:, None], T0 + np.arange(2500) / FS_HZ, [], torn_tail=False)
+    sig = edfio.read_edf(export_edf(session, tmp_path / "r.edf").out_path).signals[0]
+    assert sig.physical_max - sig.physical_min < 1e-3
+    assert np.unique(sig.digital).size > 1000
+    np.testing.assert_allclose(sig.data, x, atol=1e-7, rtol=0)
 
 
 def test_gap_in_timestamps_is_annotated_and_events_stay_on_their_samples(tmp_path):
@@ -168,10 +295,12 @@ def test_read_events_skips_torn_and_damaged_lines(tmp_path):
 @pytest.mark.parametrize("value, outward, expected", [
     (-123.4562, -1, -123.457), (123.4562, 1, 123.4563), (-1234567.4, -1, -1234568.0),
     (0.0, -1, 0.0), (99.99999999, 1, 100.0),
+    (-5e-7, -1, -1e-4), (3e-5, 1, 1e-4),  # not -1e-06 / 3e-05: exponent notation is no EDF number
 ])
 def test_physical_bounds_round_outward_to_8_characters(value, outward, expected):
     got = _fmt_bound(value, outward)
     assert got == pytest.approx(expected) and len(repr(got).removesuffix(".0")) <= 8
+    assert "e" not in str(got)  # what edfio writes into the header
     assert (got <= value) if outward < 0 else (got >= value)
 
 
