@@ -2,10 +2,15 @@
 import numpy as np
 import pytest
 
-from controller.spikes import MAD_TO_SIGMA, SpikeDetector, WindowBox
+from controller.spikes import MAD_TO_SIGMA, SpikeDetector, WindowBox, band_pass_waveform
 from hil_sim.spiking import SpikingUnits, spike_template
 
 FS = 30_000.0
+# The detection logic (threshold, refractory, blanking, σ) is tested on streams that need no
+# band-pass: synthetic impulses and white noise (the filter would reshape them), and SpikingUnits,
+# whose noise is already band-passed 300–6000 Hz. The band-pass has tests of its own
+# (test_spikes_bandpass.py).
+RAW = {"band_hz": None}
 
 
 def _run(det, x, ts, chunk):
@@ -40,7 +45,7 @@ def trace():
 @pytest.mark.parametrize("chunk", [30, 97, 1000])
 def test_threshold_recall_precision_any_chunking(trace, chunk):
     x, ts, tt, tc = trace
-    det = SpikeDetector(FS, 4, channels=(0, 1, 2), k=5.0)
+    det = SpikeDetector(FS, 4, channels=(0, 1, 2), k=5.0, **RAW)
     dt, dc = _run(det, x, ts, chunk)
     recall, precision = _score(tt[tt > 0.02], tc[tt > 0.02], dt, dc)
     assert tt.size > 150
@@ -50,7 +55,10 @@ def test_threshold_recall_precision_any_chunking(trace, chunk):
 def test_template_and_window_modes_find_the_units(trace):
     x, ts, tt, tc = trace
     tpl, _ = spike_template(FS)
-    for det in (SpikeDetector(FS, 4, channels=(0, 1, 2), k=4.5, mode="template", template=tpl * 100),
+    # With the default band-pass: the template is compared with band-passed snippets, so a raw
+    # waveform goes through band_pass_waveform (raw, recall fell to 0.73).
+    for det in (SpikeDetector(FS, 4, channels=(0, 1, 2), k=4.5, mode="template",
+                              template=band_pass_waveform(tpl * 100, FS)),
                 SpikeDetector(FS, 4, channels=(0, 1, 2), k=4.5, mode="window",
                               boxes=[WindowBox(0.2, 0.7, 15.0, 200.0)])):
         dt, dc = _run(det, x, ts, 30)
@@ -68,7 +76,7 @@ def test_window_exclusion_box_rejects_matching_waveforms(trace):
 
 
 def test_refractory_across_chunk_boundary():
-    det = SpikeDetector(FS, 1, k=5.0, refractory_ms=1.0, initial_sigma_uv=10.0)
+    det = SpikeDetector(FS, 1, k=5.0, refractory_ms=1.0, initial_sigma_uv=10.0, **RAW)
     x = np.zeros((60, 1), np.float32)
     # Two negative crossings 0.5 ms apart (15 samples), split across the chunk boundary at 30.
     x[20] = -100.0
@@ -86,7 +94,7 @@ def test_refractory_across_chunk_boundary():
 
 
 def test_refractory_within_one_chunk():
-    det = SpikeDetector(FS, 1, k=5.0, refractory_ms=1.0, initial_sigma_uv=10.0)
+    det = SpikeDetector(FS, 1, k=5.0, refractory_ms=1.0, initial_sigma_uv=10.0, **RAW)
     x = np.zeros((200, 1), np.float32)
     x[[10, 20, 50, 100]] = -100.0       # 20 is 0.33 ms after 10: dropped; 50 is 1.33 ms after: kept
     s = det.step(x, np.arange(200) / FS)
@@ -95,7 +103,7 @@ def test_refractory_within_one_chunk():
 
 def test_blanking_hides_samples_across_chunks_and_from_noise_estimate():
     rng = np.random.default_rng(0)
-    det = SpikeDetector(FS, 2, k=5.0, initial_sigma_uv=10.0, block_ms=10.0, noise_window_s=0.5)
+    det = SpikeDetector(FS, 2, k=5.0, initial_sigma_uv=10.0, block_ms=10.0, noise_window_s=0.5, **RAW)
     n = 6000
     x = (rng.standard_normal((n, 2)) * 10).astype(np.float32)
     ts = np.arange(n) / FS
@@ -107,13 +115,13 @@ def test_blanking_hides_samples_across_chunks_and_from_noise_estimate():
     # The artifact never entered the noise estimate: σ is still that of the 10 µV noise.
     assert np.all(np.abs(det.sigma_uv - 10.0) < 1.5)
     # Without blanking the same artifact is detected (and inflates σ).
-    det2 = SpikeDetector(FS, 2, k=5.0, initial_sigma_uv=10.0, block_ms=10.0, noise_window_s=0.5)
+    det2 = SpikeDetector(FS, 2, k=5.0, initial_sigma_uv=10.0, block_ms=10.0, noise_window_s=0.5, **RAW)
     dt2, _ = _run(det2, x, ts, 30)
     assert np.any((dt2 >= b0) & (dt2 < b1))
 
 
 def test_blank_until_covers_everything_before():
-    det = SpikeDetector(FS, 1, k=5.0, initial_sigma_uv=10.0)
+    det = SpikeDetector(FS, 1, k=5.0, initial_sigma_uv=10.0, **RAW)
     x = np.zeros((300, 1), np.float32)
     x[[50, 250]] = -100.0
     ts = np.arange(300) / FS
@@ -124,7 +132,7 @@ def test_blank_until_covers_everything_before():
 
 def test_adaptive_threshold_tracks_noise_level():
     rng = np.random.default_rng(1)
-    det = SpikeDetector(FS, 1, k=4.5, noise_window_s=0.5)
+    det = SpikeDetector(FS, 1, k=4.5, noise_window_s=0.5, **RAW)
     x1 = (rng.standard_normal((int(FS), 1)) * 10).astype(np.float32)
     x2 = (rng.standard_normal((int(FS), 1)) * 40).astype(np.float32)
     _run(det, x1, np.arange(x1.shape[0]) / FS, 300)
@@ -137,7 +145,7 @@ def test_adaptive_threshold_tracks_noise_level():
 
 
 def test_no_detection_before_first_noise_block_without_initial_sigma():
-    det = SpikeDetector(FS, 1, k=5.0, block_ms=10.0)
+    det = SpikeDetector(FS, 1, k=5.0, block_ms=10.0, **RAW)
     x = np.zeros((30, 1), np.float32)
     x[10] = -500
     assert det.step(x, np.arange(30) / FS).t.size == 0
@@ -169,10 +177,10 @@ def test_crossings_at_chunk_edges_after_quiet_chunks():
     x[600:604, 0] = -200.0   # starts exactly on a chunk's first sample (chunk 30)
     x[1198:1203, 1] = -200.0  # starts on the last two samples of a chunk, continues into the next
     ts = 10.0 + np.arange(x.shape[0]) / FS
-    det = SpikeDetector(FS, 2, k=5.0, initial_sigma_uv=5.0)
+    det = SpikeDetector(FS, 2, k=5.0, initial_sigma_uv=5.0, **RAW)
     dt, dc = _run(det, x, ts, 30)
     np.testing.assert_allclose(dt, [ts[600], ts[1198]])
     np.testing.assert_array_equal(dc, [0, 1])
     # Same answer in one call: the chunking does not change the detections.
-    one = SpikeDetector(FS, 2, k=5.0, initial_sigma_uv=5.0).step(x, ts)
+    one = SpikeDetector(FS, 2, k=5.0, initial_sigma_uv=5.0, **RAW).step(x, ts)
     np.testing.assert_allclose(one.t, dt)
