@@ -381,13 +381,45 @@ def hil(
         console.print(f"ground truth: {out / 'ground_truth.json'}")
 
 
-def _session_endpoint(session: Optional[Path], which: str, default: str) -> str:
+def _session_ended(session: Path) -> str | None:
+    """Why ``session`` is over, from what the runner writes at its end; ``None`` while it may run."""
+    if (session / "metrics.json").exists():
+        return "its metrics.json is written"
+    log = session / "events.jsonl"
+    if log.exists():
+        # The runner's last record is its final status (with the children's exit codes): the tail suffices.
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - 65536))
+            tail = f.read().split(b"\n")
+        for raw in reversed(tail):
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("source") == "runner" and "exit_codes" in rec:
+                return f"the runner recorded its end: {rec.get('status')}"
+    return None
+
+
+def _session_endpoint(session: Optional[Path], which: str, default: str) -> tuple[str, str | None]:
+    """``(address, session id)``: the default address without ``--session``, else the folder's own.
+
+    A finished session's endpoints.json is refused: its port may belong to another session by now.
+    """
     if session is None:
-        return default
+        return default, None
     p = session / "endpoints.json"
     if not p.exists():
         _fail(f"{p} not found: is {session} a session folder of a running session?")
-    return json.loads(p.read_text()).get(which) or default
+    ended = _session_ended(session)
+    if ended:
+        _fail(f"session {session} has ended ({ended}): nothing to connect to, and its port may belong "
+              "to another session now")
+    endpoints = json.loads(p.read_text())
+    address = endpoints.get(which)
+    if not address:
+        _fail(f"session {session} runs with {which} disabled ({which}: null in {p}): nothing to connect to")
+    return address, endpoints.get("session_id")
 
 
 @app.command()
@@ -398,7 +430,7 @@ def monitor(
 ):
     """Live terminal view of a running session (signal, prediction, stimulation, latency)."""
     from controller.monitor import run_monitor
-    addr = address or _session_endpoint(session, "telemetry", "tcp://127.0.0.1:5556")
+    addr = address or _session_endpoint(session, "telemetry", "tcp://127.0.0.1:5556")[0]
     try:
         run_monitor(addr, duration_s=duration, console=console)
     except KeyboardInterrupt:
@@ -406,15 +438,21 @@ def monitor(
 
 
 def _control(cmd: dict, address: Optional[str], session: Optional[Path], keys: Optional[Path],
-             server_key: Optional[Path]) -> dict:
+             server_key: Optional[Path], unanswered: str = "") -> dict:
     from controller.control import ControlClient
-    addr = address or _session_endpoint(session, "control", "tcp://127.0.0.1:5557")
-    with ControlClient(addr, client_keys=keys, server_public_key=server_key, timeout_ms=2000) as client:
+    if address:
+        addr, session_id = address, None
+    else:
+        addr, session_id = _session_endpoint(session, "control", "tcp://127.0.0.1:5557")
+    with ControlClient(addr, client_keys=keys, server_public_key=server_key, timeout_ms=2000,
+                       session=session_id) as client:
         try:
             reply = client.request(cmd)
         except TimeoutError as exc:
-            _fail(f"no answer from {addr}: {exc}")
+            _fail(f"no answer from {addr}: {exc}{unanswered}")
     if not reply.get("ok", False):
+        if "stop_errors" in reply:   # a pause or stop the device did not confirm: not a refusal, worse
+            _fail(str(reply.get("error", reply)), code=3)
         _fail(f"refused: {reply.get('error', reply)}")
     return reply
 
@@ -428,9 +466,12 @@ _SKEY = typer.Option(None, "--server-key", help="server public key file (remote 
 @app.command()
 def stop(address: Optional[str] = _ADDR, session: Optional[Path] = _SESSION,
          keys: Optional[Path] = _KEYS, server_key: Optional[Path] = _SKEY):
-    """Emergency stop: stimulation off now in a running session (stays off until `ctl resume`)."""
-    reply = _control({"cmd": "emergency_stop"}, address, session, keys, server_key)
-    console.print(f"[bold green]stimulation off[/] {reply}")
+    """Emergency stop: stimulation off now in a running session (stays off until `ctl resume`).
+
+    Exits non-zero unless the device confirmed the stop."""
+    reply = _control({"cmd": "emergency_stop"}, address, session, keys, server_key,
+                     unanswered="\nSTIMULATION STATE UNKNOWN: use the stimulator's hardware stop now.")
+    console.print(f"[bold green]stimulation off[/] {escape(str(reply))}")
 
 
 @app.command()

@@ -49,8 +49,24 @@ def make_actuator(cfg, driver, clock):
     return actuator
 
 
-def open_remote(cfg, control, session_dir: Path):
-    """Telemetry publisher and control server as configured; endpoints written to ``endpoints.json``."""
+#: How often the loop publishes its state (paused, latch reasons) on telemetry: a monitor started
+#: after a stop learns the stop from it, since events are published only when they happen.
+STATE_PERIOD_S = 1.0
+
+
+def new_session_id(session_dir: Path) -> str:
+    """The folder's name plus a random part: folders of two runs can share a name (one second, two
+    out dirs or machines), and the id must tell a session's control server from any other's."""
+    import secrets
+    return f"{Path(session_dir).name}-{secrets.token_hex(4)}"
+
+
+def open_remote(cfg, control, session_dir: Path, session_id: str | None = None):
+    """Telemetry publisher and control server as configured; endpoints written to ``endpoints.json``.
+
+    ``session_id`` goes into ``endpoints.json`` and every control reply; the control server refuses
+    a request that names another session (``controller.control``).
+    """
     from controller.recorder import write_json
     tele = server = None
     if cfg.telemetry.enabled:
@@ -60,8 +76,10 @@ def open_remote(cfg, control, session_dir: Path):
         from controller.control import ControlServer
         c = cfg.control
         server = ControlServer(c.address, handler=control.handle, server_secret_key=c.server_secret_key or None,
-                               authorized_clients_dir=c.authorized_clients_dir or None, require_auth=c.require_auth)
+                               authorized_clients_dir=c.authorized_clients_dir or None, require_auth=c.require_auth,
+                               session_id=session_id)
     write_json(session_dir / "endpoints.json", {
+        "session_id": session_id,
         "telemetry": getattr(tele, "endpoint", None), "control": getattr(server, "endpoint", None),
         "control_auth": bool(cfg.control.require_auth or cfg.control.server_secret_key)})
     return tele, server
@@ -123,7 +141,8 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             step = ChunkStep(loop, actuator, clock, stall_timeout_s=cfg.source.stall_timeout_s,
                              heartbeat_s=cfg.device.heartbeat_s, blanking_s=cfg.policy.blanking_s)
             control = SessionControl(step, actuator, clock)
-            tele, server = open_remote(cfg, control, Path(session_dir))
+            session_id = new_session_id(Path(session_dir))
+            tele, server = open_remote(cfg, control, Path(session_dir), session_id)
         except Exception as exc:
             log.append(Event(clock(), EventKind.FAULT, "loop", {"reason": f"start-up: {exc}"}))
             ready.put({"error": str(exc)})
@@ -135,6 +154,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
                                                              "model_sha256": loop.predictor.sha256 if loop.predictor is not None else None}))
         decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))
         events.extend(events_start)
+        next_state = 0.0
         try:
             while not stop_event.is_set():
                 try:
@@ -149,8 +169,12 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
                         tele.publish_signal(timestamps, samples, ring.fs_hz, decimate=decim)
                 now = clock()
                 if server is not None:  # never waits; emergency stop acts within this iteration
-                    events.extend(server.poll_once(now))
-                    events.extend(control.drain())
+                    try:
+                        server.poll_once(now, events)
+                    finally:
+                        # An emergency stop's SAFE_STATE, already sent to the device, is recorded even
+                        # if the control socket fails on a later request of the same batch.
+                        events.extend(control.drain())
                 events.extend(step.housekeeping())
                 if events:
                     if tele is not None:
@@ -158,6 +182,11 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
                             tele.publish_event(e)
                     log.extend(events)
                     events.clear()
+                if tele is not None and now >= next_state:
+                    tele.publish("status", now, {"kind": "state", "source": "loop", "session": session_id,
+                                                 "paused": bool(step.paused),
+                                                 "latched": list(actuator.governor.latch_reasons)})
+                    next_state = now + STATE_PERIOD_S
                 log.maybe_flush(now)
                 if not got:
                     events.extend(step.idle())
