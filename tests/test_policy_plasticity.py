@@ -152,3 +152,60 @@ def test_bad_parameters_are_named(predictor, kw, needle):
     args.update(kw)
     with pytest.raises(ValueError, match=needle):
         PlasticityAwarePolicy(**args)
+
+
+def _governed_run(pol, t_stop, rechoose_at, baseline_w, dt=0.25):
+    """Step ``pol`` through a MACRO_RNS governor; rechoose once. Returns (rechoose events, requests, refusal rules)."""
+    clock = type("Clock", (), {"t": 0.0, "__call__": lambda self: self.t})()
+    drv = SimulatedStimulator(clock=clock)
+    act = Actuator(SafetyGovernor(MACRO_RNS, drv.capabilities), drv, clock)
+    act.open()
+    ev, reqs, refused = [], [], []
+    for t in np.arange(0.0, t_stop, dt):
+        clock.t = float(t)
+        act.heartbeat()
+        if t == rechoose_at:
+            ev = pol.rechoose(float(t), baseline_w=baseline_w)
+        for r in pol.step(float(t))[0]:
+            reqs.append(r)
+            refused += [e.data.get("rule") for e in act.submit(r) if e.kind is EventKind.REFUSAL]
+        act.poll()
+    return ev, reqs, refused
+
+
+def test_rechoose_keeps_the_old_choice_when_the_new_burst_does_not_fit_the_period(predictor):
+    """At baseline_w 0.9 the best of {15, 50} Hz is 15 Hz: 60 pulses last 4 s, longer than the 3.5 s
+    period. Taking it made the governor refuse 7 of 18 bursts (device_busy); it is refused instead."""
+    pol = PlasticityAwarePolicy([15.0, 50.0], [200.0], STIM, protocol={"timing_ms": 10.0, "baseline_w": 0.5},
+                                period_s=3.5, predictor=predictor,
+                                max_burst_duration_s=MACRO_RNS.max_burst_duration_s)
+    assert pol.choice["frequency_hz"] == 50.0
+    before = (dict(pol.protocol), dict(pol.choice), pol.params)
+    ev, reqs, refused = _governed_run(pol, 60.0, 10.0, 0.9)
+    (e,) = ev
+    assert e.kind is EventKind.DECISION and e.data["what"] == "plasticity_choice_kept"
+    assert "period_s=3.5" in e.data["reason"] and e.data["rejected"]["frequency_hz"] == 15.0
+    assert e.data["frequency_hz"] == 50.0 and e.data["rejected_protocol_updates"] == {"baseline_w": 0.9}
+    assert (pol.protocol, pol.choice, pol.params) == before        # choice and its protocol kept together
+    assert refused == [] and {r.params.frequency_hz for r in reqs} == {50.0} and len(reqs) == 18
+
+
+def test_rechoose_to_a_longer_burst_that_fits_updates_the_schedule_spacing(predictor):
+    """50 → 15 Hz under a 4.5 s period: the 4 s burst fits. A burst requested late (step at 7 s for the
+    4.5 s due time) must push the next one past its end; with the 50 Hz burst's 1.2 s spacing the
+    schedule requested it at 9 s, into the running burst (device_busy)."""
+    pol = PlasticityAwarePolicy([15.0, 50.0], [200.0], STIM, protocol={"timing_ms": 10.0, "baseline_w": 0.5},
+                                period_s=4.5, predictor=predictor,
+                                max_burst_duration_s=MACRO_RNS.max_burst_duration_s)
+    assert pol.choice["frequency_hz"] == 50.0
+    reqs = pol.step(0.0)[0]
+    (e,) = pol.rechoose(1.0, baseline_w=0.9)
+    assert e.data["what"] == "plasticity_choice" and pol.params.frequency_hz == 15.0
+    for t in (7.0, 9.0, 10.0, 12.0, 13.5):
+        reqs += pol.step(t)[0]
+    assert [r.t for r in reqs] == [0.0, 7.0, 13.5]
+    assert [r.params.frequency_hz for r in reqs] == [50.0, 15.0, 15.0]
+    _, _, refused = _governed_run(
+        PlasticityAwarePolicy([15.0, 50.0], [200.0], STIM, protocol={"timing_ms": 10.0, "baseline_w": 0.5},
+                              period_s=4.5, predictor=predictor), 40.0, 10.0, 0.9, dt=1.0)
+    assert refused == []

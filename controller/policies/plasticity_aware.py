@@ -15,7 +15,12 @@ rule, frequency dependence, reward): REFERENCE.md §7; it is a toy model
 The choice is made at construction (recorded at the first step) and again
 whenever ``rechoose`` is called (e.g. with a new ``baseline_w``); each choice is a ``DECISION`` event
 ``what="plasticity_choice"`` with the chosen frequency, pulse width, predicted
-Δw, the runner-up and the number of candidates.
+Δw, the runner-up and the number of candidates. With ``period_s`` set, a new
+choice whose burst does not fit the period (``check_burst_spacing``: a slower
+frequency makes the same pulses last longer) is not taken: the previous choice
+and protocol stay, and the event is ``what="plasticity_choice_kept"`` with the
+reason and the rejected protocol (taking it would make the governor refuse
+bursts as ``device_busy``).
 
 Delivery: ``step(t, trigger=False)``. With ``period_s`` set, one burst every
 ``period_s`` from the first step (catch-up rule of ``open_loop.BurstSchedule``);
@@ -147,20 +152,52 @@ class PlasticityAwarePolicy:
                              f"{self.stim.n_pulses / self.max_burst_duration_s:.6g} Hz, got {list(self.allowed_frequencies_hz)}")
         best, dw = self.predictor.best_protocol(cands, maximize=self.target == "potentiate")
         self.choice = {**best, "delta_w": dw}
-        self.params = self.stim.with_(frequency_hz=float(best["frequency_hz"]),
-                                      pulse_width_us=float(best["pulse_width_us"]))
+        self.params = self._params_for(best)
+        return self._choice_data(best, dw, len(cands))
+
+    def _params_for(self, proto: dict) -> StimParams:
+        return self.stim.with_(frequency_hz=float(proto["frequency_hz"]), pulse_width_us=float(proto["pulse_width_us"]))
+
+    def _choice_data(self, best: dict, dw: float, n_cands: int) -> dict:
         return {"what": "plasticity_choice", "target": self.target, "frequency_hz": best["frequency_hz"],
-                "pulse_width_us": best["pulse_width_us"], "predicted_delta_w": dw, "n_candidates": len(cands),
+                "pulse_width_us": best["pulse_width_us"], "predicted_delta_w": dw, "n_candidates": n_cands,
                 "protocol": best, "allowed_frequencies_hz": list(self.allowed_frequencies_hz),
                 "allowed_pulse_widths_us": list(self.allowed_pulse_widths_us)}
 
     def rechoose(self, t: float, **protocol_updates) -> list[Event]:
-        """Choose again (optionally with new ``protocol`` fields, e.g. ``baseline_w``); return the event."""
+        """Choose again (optionally with new ``protocol`` fields, e.g. ``baseline_w``); return the event.
+
+        With ``period_s`` set, a choice whose burst does not fit the period is refused: the previous
+        choice and protocol are kept (event ``what="plasticity_choice_kept"``, with the reason).
+        """
         unknown = set(protocol_updates) - set(_PROTOCOL_FIELDS)
         if unknown:
             raise ValueError(f"protocol fields {sorted(unknown)} invalid, expected a subset of {list(_PROTOCOL_FIELDS)}")
+        old = (dict(self.protocol), self.choice, self.params, self._choice_event)
         self.protocol.update(protocol_updates)
-        self._choice_event = self._choose()
+        try:
+            new_event = self._choose()
+        except Exception:
+            self.protocol, self.choice, self.params, self._choice_event = old
+            raise
+        if self.period_s is not None:
+            try:
+                # The constructor's check, against the new burst: a slower frequency stretches the
+                # same n_pulses, and a burst longer than the period would be refused as device_busy.
+                check_burst_spacing("period_s", self.period_s, self.params, "PlasticityAwarePolicy")
+            except ValueError as exc:
+                rejected = {**new_event, "what": "plasticity_choice_rejected"}
+                self.protocol, self.choice, self.params, self._choice_event = old
+                return [Event(t, EventKind.DECISION, self.source, {
+                    "what": "plasticity_choice_kept", "reason": str(exc),
+                    "frequency_hz": self.choice["frequency_hz"], "pulse_width_us": self.choice["pulse_width_us"],
+                    "predicted_delta_w": self.choice["delta_w"], "protocol": old[0],
+                    "rejected": rejected, "rejected_protocol_updates": dict(protocol_updates)})]
+        self._choice_event = new_event
+        if self._sched is not None:
+            # The schedule skips due times closer than one burst (+ guard) to the previous start:
+            # from now on that is the new burst's length.
+            self._sched.min_spacing_s = min_burst_spacing_s(self.params)
         return [Event(t, EventKind.DECISION, self.source, self._choice_event)]
 
     def reset(self) -> None:
