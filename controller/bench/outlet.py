@@ -5,13 +5,18 @@
 Protocol on stdin/stdout (one line each), like ``hil_sim.ads_sim``: prints
 ``ready <source_id>``, waits for ``start``, streams until ``stop`` (or EOF),
 then prints one JSON line: ``t0``, ``n_pushed``, ``pulse_t`` (LSL time of
-every pulse sample), ``max_behind_s`` (how far the pacing fell behind the
+every pulse sample), ``pulse_push_t`` (the ``local_clock()`` reading right
+after the ``push_chunk`` that carried each pulse: when it really left),
+``max_behind_s`` (how far the pacing fell behind the
 nominal sample clock: a throughput limit of the generator, not of the reader).
 The outlet stays open, silent, until stdin closes, so readers can close first.
 
 Pulses are ``pulse_uv`` on channel ``pulse_channel`` for one sample over
 Gaussian noise; inter-pulse intervals are ``1/pulse_rate_hz`` ± 30 % (seeded),
-so a peer cannot lock onto a period. The sample with index i carries the
+so a peer cannot lock onto a period. ``index_channels``: channels 0 and 1
+carry each sample's index (``i % 65536`` and ``i // 65536``, exact in float32)
+instead of noise, so a reader can tell which sample it holds without the
+timestamps (a reader's time correction shifts those). The sample with index i carries the
 timestamp ``t0 + i/fs`` and is pushed once the clock has passed it (a sample
 cannot leave an amplifier before it was measured), sleep-then-spin
 (REFERENCE.md §1: plain sleep p99 ≈ 180 µs late, max 1.8 ms).
@@ -32,7 +37,18 @@ import pylsl  # noqa: E402
 
 DEFAULTS = {"fs_hz": 1000.0, "n_channels": 8, "chunk_n": 1, "pulse_rate_hz": 10.0, "pulse_uv": 1000.0,
             "noise_uv": 10.0, "pulse_channel": 0, "seed": 0, "name": "stimloop-bench", "spin_s": 0.0003,
-            "lead_s": 0.05}
+            "lead_s": 0.05, "index_channels": False}
+
+
+#: ``index_channels``: a sample's index is ``ch0 + INDEX_BASE * ch1``; float32 holds integers exactly up
+#: to 2**24, so one channel alone would wrap after ~9 min at 30 kHz.
+INDEX_BASE = 65536
+
+
+def sample_index(samples) -> "np.ndarray":
+    """The sample indices an ``index_channels`` outlet wrote into rows of ``samples`` (pure)."""
+    a = np.asarray(samples)
+    return a[:, 0].astype(np.int64) + INDEX_BASE * a[:, 1].astype(np.int64)
 
 
 def check_spec(spec: dict) -> dict:
@@ -45,6 +61,8 @@ def check_spec(spec: dict) -> dict:
                         ("pulse_rate_hz", 0.0, 100.0), ("noise_uv", 0.0, 1e6), ("spin_s", 0.0, 0.01)):
         if not (lo <= s[key] <= hi):
             raise ValueError(f"outlet spec {key}={s[key]!r} invalid, expected {lo}..{hi}")
+    if s["index_channels"] and s["n_channels"] < 2:
+        raise ValueError(f"outlet spec index_channels needs n_channels >= 2, got {s['n_channels']!r}")
     if not 0 <= s["pulse_channel"] < s["n_channels"]:
         raise ValueError(f"outlet spec pulse_channel={s['pulse_channel']!r} invalid, expected 0..{s['n_channels'] - 1}")
     return s
@@ -67,6 +85,8 @@ class PacedOutlet:
         self._n_blocks = n_blocks
         self._rng = rng
         self._buf = np.empty((self.chunk_n, self.n_ch), np.float32)
+        self._index = bool(s["index_channels"])
+        self._ar = np.arange(self.chunk_n, dtype=np.int64)
 
     def _next_gap(self) -> int:
         rate = self.spec["pulse_rate_hz"]
@@ -79,12 +99,18 @@ class PacedOutlet:
         t0 = clock() + float(s["lead_s"])
         next_pulse = self._next_gap() if pulses else -1
         pulse_idx: list[int] = []
+        pulse_push: list[float] = []
         n = k = 0
         max_behind = 0.0
         while not stop.is_set():
             buf = self._buf
             j = (k % self._n_blocks) * chunk_n
             buf[:] = self._noise[j:j + chunk_n]
+            if self._index:
+                i = n + self._ar
+                buf[:, 0] = i % INDEX_BASE
+                buf[:, 1] = i // INDEX_BASE
+            n_pulses = len(pulse_idx)
             while pulses and n <= next_pulse < n + chunk_n:
                 buf[next_pulse - n, s["pulse_channel"]] = s["pulse_uv"]
                 pulse_idx.append(next_pulse)
@@ -100,10 +126,16 @@ class PacedOutlet:
             if behind > max_behind:
                 max_behind = behind
             self.outlet.push_chunk(buf, t_last, True)
+            if len(pulse_idx) > n_pulses:
+                # The pulse exists for a reader only from here: the sleep-then-spin above is often late
+                # (a busy neighbour, ~1 ms p99, tens of ms in a stall), and latencies measured from the
+                # nominal sample time would charge that lateness to whichever peer was running.
+                t_push = clock()
+                pulse_push.extend([t_push] * (len(pulse_idx) - n_pulses))
             n += chunk_n
             k += 1
         return {"t0": t0, "n_pushed": n, "fs_hz": fs, "n_channels": n_ch, "chunk_n": chunk_n,
-                "pulse_t": [t0 + i / fs for i in pulse_idx], "max_behind_s": max_behind,
+                "pulse_t": [t0 + i / fs for i in pulse_idx], "pulse_push_t": pulse_push, "max_behind_s": max_behind,
                 "t_end": clock()}
 
 

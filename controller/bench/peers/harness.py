@@ -5,9 +5,10 @@ Each peer runs as its own process for ``duration_s`` against that stream and
 writes its output to a fresh pty; this process stamps every output on the LSL
 clock as it arrives on the pty master (the stimloop peer talks the real
 framed protocol, so there the stimulator emulator stamps the TRIGGER frame,
-same clock, same place). Latency = output stamp − LSL time of the pulse
-sample; each output is matched to the latest pulse before it (pulses are
-≥ 70 ms apart, outputs are matched within ``MATCH_WINDOW_S``). The stimloop
+same clock, same place). Latency = output stamp − the outlet's real push of
+the pulse sample (``pulse_push_t``: how late the outlet pushed is its own,
+reported apart as ``stream_push_late_ms``); outputs are paired with pulses one
+to one, in order (``match``). The stimloop
 peer also reports its stages per command (``PEER_STAGES``: into the ring,
 ring → decision, governor + framing, write → device receipt, joined with
 the device log by sequence number), so the gap to the floor is explained,
@@ -26,7 +27,9 @@ the rounds, then the pulses within them (``ratio_ci95``; at least
 
 A peer that cannot run here (not installed) is ``skipped``; one that fails
 (does not start, or raises) gets ``error``, and the other peers keep their
-results. Both keep the ``end_to_end_ms`` key, with no figures. The stimloop
+results. A peer that ran but exited with an error, or without its ``done``
+line, in any round gets ``error`` too (its figures are kept beside it). Both
+keep the ``end_to_end_ms`` key, with no figures. The stimloop
 peers also report the governor's refusals of scored pulses (``refused``, by
 rule in ``refused_rules``): a refused pulse is scored as missed, so a miss
 count is read with it.
@@ -56,7 +59,11 @@ OURS = ("stimloop", "stimloop_busy_poll")
 _PY_PEERS = {"stimloop": ("stimloop_peer", []), "stimloop_busy_poll": ("stimloop_peer", ["--busy-poll"]),
              "pylsl_floor": ("pylsl_floor", []), "pylsl_floor_busy_poll": ("pylsl_floor", ["--busy-poll"]),
              "mne_lsl": ("mne_lsl_peer", [])}
-MATCH_WINDOW_S = 0.05
+#: Pulses in a round's last 50 ms are not scored: their outputs may come after the peer stopped.
+END_MARGIN_S = 0.05
+#: A peer's stage row is joined with the pulse whose nominal time is within this of its sample time: the
+#: ring's timestamps carry LslSource's time-correction offset (tens of µs), the stream's period is 1 ms.
+PULSE_JOIN_S = 0.0004
 PEER_DIR = Path(__file__).resolve().parent
 ROOT = PEER_DIR.parent.parent.parent
 TIMEFLUX_VENV_ENV = "STIMLOOP_TIMEFLUX_VENV"
@@ -154,21 +161,40 @@ class _ByteStamper(threading.Thread):
 
 
 def match(pulse_t, out_t, t_from: float, t_to: float) -> dict:
-    """Latencies of outputs ``out_t`` to the latest pulse before each; misses and extras, over [t_from, t_to]."""
+    """Outputs ``out_t`` paired one to one, in order, with the pulses ``pulse_t`` (their real push times);
+    latencies of the pulses in [t_from, t_to], their misses, and the extra outputs there (pure).
+
+    Peers answer pulses in the order they come, so the outputs that arrive between one pulse and the
+    next can only answer that pulse or earlier unanswered ones: the k of them go to the latest k
+    unanswered pulses, in order, and the earlier unanswered ones are missed. So a stall longer than
+    the pulse spacing, after which the outputs of pulses A and B land together after B, scores A
+    with its real (long) latency instead of pairing A's output with B, missing A and calling B's
+    output extra. Outputs beyond the unanswered pulses are extras. Pulses outside the span are
+    paired too (an output may answer one) but not scored.
+    """
     import numpy as np
     p = np.sort(np.asarray(pulse_t, float))
-    p = p[(p >= t_from) & (p <= t_to)]
     o = np.sort(np.asarray(out_t, float))
-    lat, used, extra = [], set(), 0
-    for t in o:
-        j = int(np.searchsorted(p, t, side="right")) - 1
-        if j >= 0 and t - p[j] <= MATCH_WINDOW_S and j not in used:
-            used.add(j)
-            lat.append(t - p[j])
-        elif t_from <= t <= t_to + MATCH_WINDOW_S:
-            extra += 1
-    return {"latencies_s": lat, "pulses": int(p.size), "detected": len(used), "missed": int(p.size - len(used)),
-            "extra_outputs": extra}
+    owner = np.full(o.size, -1)
+    after = np.searchsorted(p, o, side="right") - 1   # the latest pulse before each output
+    k = next_p = 0
+    while k < o.size:
+        j = int(after[k])
+        k_end = int(np.searchsorted(after, j, side="right"))
+        if j >= 0:
+            unanswered = np.arange(next_p, j + 1)
+            next_p = j + 1
+            batch = unanswered[-(k_end - k):]
+            owner[k:k + batch.size] = batch
+        k = k_end
+    scored = (p >= t_from) & (p <= t_to)
+    hit = np.zeros(p.size, bool)
+    hit[owner[owner >= 0]] = True
+    lat = [float(o[i] - p[owner[i]]) for i in range(o.size) if owner[i] >= 0 and scored[owner[i]]]
+    extra = int(np.sum((owner < 0) & (o >= t_from) & (o <= t_to + END_MARGIN_S)))
+    detected = int(np.sum(hit & scored))
+    return {"latencies_s": lat, "pulses": int(scored.sum()), "detected": detected,
+            "missed": int(scored.sum()) - detected, "extra_outputs": extra}
 
 
 def _peer_command(name: str, source_id: str, port: str, duration_s: float, workdir: Path) -> tuple[list[str], dict]:
@@ -425,24 +451,66 @@ def run_peers(duration_s: float = 10.0, peers=PEERS, rounds: int | None = None,
     results: dict = {}
     for name, runs in raw.items():
         try:
-            results[name] = peer_result(name, runs, summary["pulse_t"])
+            results[name] = peer_result(name, runs, summary["pulse_t"], summary["pulse_push_t"])
         except Exception as exc:   # scoring one peer's output must not lose the others'
             results[name] = {"error": f"scoring failed: {type(exc).__name__}: {exc}"}
-        results[name].setdefault("end_to_end_ms", stats_ms([]))   # the required key, with no figures
+        results[name].setdefault("end_to_end_ms", stats_ms([]))   # the required keys, with no figures
+        results[name].setdefault("host_steal_ms", None)
+        results[name].setdefault("stream_push_late_ms", stats_ms([]))
     return {"stream": {**STREAM, "threshold_uv": THRESHOLD_UV, "rounds": rounds, "outlet_max_behind_ms":
                        round(summary["max_behind_s"] * 1e3, 3), "outlet_cpu_percent": outlet_cpu},
             "peers": results, "ratios": ratio_table(results), "ratio_ci95": ratio_ci_table(results)}
 
 
-def peer_result(name: str, runs: list[dict], pulse_t) -> dict:
-    """One peer's entry from its rounds (``run_peer`` results) and the stream's pulse times (pure)."""
+def round_error(name: str, r: dict) -> str | None:
+    """Why one of a peer's rounds did not end as it should, or None (pure).
+
+    A peer stops itself after its duration, exits 0 and says ``done``; Timeflux says nothing at the
+    end and is stopped by the harness's SIGINT. Anything else (a traceback, a kill, a missing
+    ``done``) means it stopped part-way: its figures cover only the time before, and its misses
+    would read as a slow peer instead of a broken one.
+    """
+    code = r.get("exit_code")
+    ok_codes = (0, -signal.SIGINT) if name == "timeflux" else (0,)
+    if code not in ok_codes:
+        tail = (r.get("stderr_tail") or "").strip().splitlines()
+        return f"exit code {code}" + (f": {tail[-1]}" if tail else "")
+    if name != "timeflux" and not r.get("peer_said"):
+        return "ended without its done line"
+    return None
+
+
+def peer_result(name: str, runs: list[dict], pulse_t, pulse_push_t) -> dict:
+    """One peer's entry from its rounds (``run_peer`` results) and the stream's pulses (pure).
+
+    ``pulse_t``: each pulse sample's nominal LSL time; ``pulse_push_t``: when the outlet really pushed
+    it. Latencies start from the push; push − nominal is the outlet's lateness, reported apart.
+    """
+    import numpy as np
     for key in ("error", "skipped"):
         if any(key in r for r in runs):
             return {key: next(r[key] for r in runs if key in r)}
-    # Score pulses from 0.2 s after the peer was ready to just before it stopped.
-    scored = [match(pulse_t, r["stamps"], r["t_start"] + 0.2, r["t_stop"] - MATCH_WINDOW_S) for r in runs]
+    nominal = np.asarray(pulse_t, float)
+    push = np.asarray(pulse_push_t, float)
+    if nominal.shape != push.shape:
+        raise ValueError(f"{nominal.size} pulse times but {push.size} push times: the outlet's summary is inconsistent")
+    order = np.argsort(nominal)
+    nominal, push = nominal[order], push[order]
+
+    def scored_span(r, t) -> bool:   # from 0.2 s after the peer was ready to just before it stopped
+        return r["t_start"] + 0.2 <= t <= r["t_stop"] - END_MARGIN_S
+
+    def to_push(t: float) -> float | None:
+        """The real push time of the pulse whose sample stamp is ``t`` (None: no pulse there)."""
+        j = int(np.searchsorted(nominal, t))
+        near = [i for i in (j - 1, j) if 0 <= i < nominal.size and abs(nominal[i] - t) <= PULSE_JOIN_S]
+        return float(push[near[0]]) if near else None
+
+    scored = [match(push, r["stamps"], r["t_start"] + 0.2, r["t_stop"] - END_MARGIN_S) for r in runs]
     lat = [x for m in scored for x in m["latencies_s"]]
     counts = {k: sum(m[k] for m in scored) for k in ("pulses", "detected", "missed", "extra_outputs")}
+    # The outlet's lateness over the pulses this peer was scored on: the stream's, not the peer's.
+    late = [float(pu - no) for r in runs for no, pu in zip(nominal, push) if scored_span(r, pu)]
     cpu = {}
     for r in runs:
         for k, v in (r["cpu_percent"] or {}).items():
@@ -450,31 +518,44 @@ def peer_result(name: str, runs: list[dict], pulse_t) -> dict:
     last = runs[-1]
     own, raw = {}, {}
     if name in OURS:   # scored over the same span as the end-to-end figure
-        def scored_span(r, t) -> bool:
-            return r["t_start"] + 0.2 <= t <= r["t_stop"] - MATCH_WINDOW_S
-
-        st, raw = stage_stats([row for r in runs for row in (r.get("stage_rows") or []) if scored_span(r, row[0])])
+        # Each command's first stamp becomes its pulse's real push, so lsl_to_ring starts where the
+        # end to end does and the stages add up to it; a row with no pulse is not a scored command.
+        rows = []
+        for r in runs:
+            for row in r.get("stage_rows") or []:
+                t_push = to_push(row[0])
+                if t_push is not None and scored_span(r, t_push):
+                    rows.append([t_push, *row[1:]])
+        st, raw = stage_stats(rows)
         # The governor's refusals of scored pulses: pulses it did not send, so counted in "missed";
         # by rule, so a rate limit shows as one. (Pulses before the span, e.g. a backlog pulled at
         # start-up and refused by min_interval, are not scored either way.)
         rules: dict[str, int] = {}
         for r in runs:
             for t, rule in r.get("refusals") or []:
-                if scored_span(r, t):
+                t_push = to_push(t)
+                if t_push is not None and scored_span(r, t_push):
                     rules[rule] = rules.get(rule, 0) + 1
         said = [r.get("peer_counts") or {} for r in runs]
         own = {"stages_ms": st, "refused": sum(rules.values()), "refused_rules": rules,
                "faults": sum(c["faults"] for c in said) if all("faults" in c for c in said) else None}
     steal = [r.get("host_steal_ms") for r in runs]
+    problems = [f"round {i + 1}: {why}" for i, r in enumerate(runs) if (why := round_error(name, r))]
+    if own.get("faults"):
+        problems.append(f"{own['faults']} command(s) faulted (the driver or the device failed)")
+    tails = [r["stderr_tail"] for r in runs if r.get("stderr_tail")]
     return {"end_to_end_ms": stats_ms(lat), **counts, "rounds": len(runs), **own,
+            "stream_push_late_ms": stats_ms(late),
             # What the hypervisor took over this peer's rounds (all CPUs, 10 ms resolution; None: not said).
             "host_steal_ms": round(sum(steal), 1) if steal and None not in steal else None,
             "per_round_p99_ms": [stats_ms(m["latencies_s"])["p99"] for m in scored],
             "_raw_s": {"end_to_end": lat, **raw},
             "_rounds_s": [m["latencies_s"] for m in scored],   # for the intervals over rounds
             "cpu_percent": {k: round(v, 1) for k, v in cpu.items()}, "exit_code": last["exit_code"],
+            "exit_codes": [r.get("exit_code") for r in runs],
             "peer_said": last["peer_said"], "nice": last.get("nice"),
-            **({"stderr_tail": last["stderr_tail"]} if last["stderr_tail"] else {})}
+            **({"stderr_tail": tails[-1]} if tails else {}),
+            **({"error": "; ".join(problems)} if problems else {})}
 
 
 def _pairs(results: dict, key: str):
