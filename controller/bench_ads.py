@@ -61,7 +61,7 @@ from drivers.serial_stimulator import SerialStimulator  # noqa: E402
 from hil_sim.pty_pair import close_pty, open_pty_pair  # noqa: E402
 
 __all__ = ["run", "evaluate", "main", "DEFAULT_STIM", "spike_to_command_samples_ms", "chunk_latency_ms",
-           "slowest_blocks", "intended_at"]
+           "slowest_blocks", "intended_at", "spike_path_samples"]
 
 FS_HZ = 30_000.0
 CHUNK_N = 30                 # 1 ms at 30 kHz
@@ -163,6 +163,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         cmd_seq = np.empty(cap, np.int64)
         cmd_sent = np.empty(cap)        # when the driver started writing the TRIGGER frame (COMMAND sent_t)
         cmd_at = np.empty(cap)          # the deliver-at time the policy asked for (req.at)
+        cmd_cfg = np.zeros(cap, bool)   # the command configured the device first (one extra round trip)
         n_cmd = 0
         decim = max(1, int(round(FS_HZ / telemetry_signal_hz)))
         tele_events: list = []
@@ -232,6 +233,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                         cmd_sent[n_cmd] = evs[-1].data["sent_t"]
                         cmd_at[n_cmd] = req.at
                         cmd_spike[n_cmd] = req.meta.get("spike_t", req.at)
+                        cmd_cfg[n_cmd] = evs[-1].data.get("configure_seq") is not None
                         n_cmd += 1
                         blanks.append((b0, b1))
                     elif last is EventKind.REFUSAL:
@@ -314,14 +316,19 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
     detections = (np.concatenate(det_t) if det_t else np.empty(0), np.concatenate(det_c) if det_c else np.empty(0, int))
     requested_at, receipt_t = command_receipts(cmd_seq[:n_cmd], cmd_sent[:n_cmd], cmd_at[:n_cmd],
                                                gt["emulator_records"])
-    breakdown = _breakdown(gt, cmd_spike[:n_cmd], cmd_pulled[:n_cmd], cmd_submit[:n_cmd], cmd_sent[:n_cmd],
-                           receipt_t)
+    delivered = command_delivered(cmd_seq[:n_cmd], cmd_sent[:n_cmd], gt["emulator_records"])
+    breakdown = spike_path_samples(gt, cmd_spike[:n_cmd], cmd_pulled[:n_cmd], cmd_submit[:n_cmd], cmd_sent[:n_cmd],
+                                   receipt_t, delivered, cmd_cfg[:n_cmd], t_from=t_start + WARMUP_S)
+    s2c_s = breakdown.pop("spike_to_command") if mode == "ads" else []   # random stimulation follows no spike
     chunk_ms = chunk_latency_ms(gt, ch_rec[:n_chunks, 0], ch_rec[:n_chunks, 1], ch_rec[:n_chunks, 2],
                                 t_from=t_start + WARMUP_S)
     slowest = slowest_blocks(gt, ch_rec[:n_chunks, 0], ch_rec[:n_chunks, 1], ch_rec[:n_chunks, 2],
                              t_from=t_start + WARMUP_S)
     res = evaluate(gt, detections, blanks, mode=mode, delay_s=delay_ms * 1e-3, t_eval=(t_start + WARMUP_S, t_end - 0.05),
                    requested_at=requested_at)
+    if mode == "ads":
+        # The same commands as the stages (spike_path_samples), so the end to end and its parts agree.
+        res["spike_to_command_ms"] = stats_ms(s2c_s)
     misses = {"too_late_in_loop": n_too_late, "refused_too_late_by_device": int(refusal_rules.get("too_late", 0)),
               "delivered_late": res["late_deliveries"]}
     res.update({"mode": mode, "duration_s": float(t_end - t_start), "channels": n_channels,
@@ -330,6 +337,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
                 "stim": stim.to_dict(), "refused": n_refused, "refusal_rules": refusal_rules, "dropped_too_late": n_too_late, "faults": faults,
                 "deadline_misses": sum(misses.values()), "deadline_miss_breakdown": misses,
                 "cpu_percent": cpu_pct, "host_steal_ms": cpu.host_steal_ms,
+                "configure_commands": int(cmd_cfg[:n_cmd].sum()),
                 "controller_spike_to_submit_done_ms": stats_ms(cmd_done[:n_cmd] - cmd_spike[:n_cmd]),
                 "breakdown_ms": {k: stats_ms(v) for k, v in breakdown.items()},
                 "dropped_samples": n_lost, "gaps": n_gaps, "low_latency": status, "nice": nice_status, "driver_retries": retries_used, "warm": warm, "busy_poll": busy_poll, "pulls": n_chunks,
@@ -343,7 +351,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
     if return_samples:
         res["samples_ms"] = {"chunk_to_decision": chunk_ms.tolist(),
                              **{k: (np.asarray(v) * 1e3).tolist() for k, v in breakdown.items()},
-                             "spike_to_command": spike_to_command_samples_ms(gt, delay_ms * 1e-3, requested_at).tolist()}
+                             "spike_to_command": (np.asarray(s2c_s) * 1e3).tolist()}
     return res
 
 
@@ -383,10 +391,13 @@ def intended_at(rec: dict, requested_at: dict | None = None) -> float | None:
     return requested_at.get(receipt_key(rec))
 
 
-def spike_to_command_samples_ms(gt: dict, delay_s: float, requested_at: dict | None = None) -> np.ndarray:
+def spike_to_command_samples_ms(gt: dict, delay_s: float, requested_at: dict | None = None,
+                                t_from: float = -np.inf) -> np.ndarray:
     """Spike → command (ms) per delivered ADS trigger: the emulator's receipt time of the TRIGGER
     minus the push time of the LSL block holding the spike sample (spike time = intended ``at`` − delay;
-    ``requested_at``: ``{receipt_key: at}`` the controller asked for, see :func:`intended_at`)."""
+    ``requested_at``: ``{receipt_key: at}`` the controller asked for, see :func:`intended_at`); spikes
+    before ``t_from`` (the warm-up) are left out. ``run`` reports :func:`spike_path_samples` instead,
+    which also leaves out the command that configured the device and keeps the stages' population."""
     if not delay_s >= 0:
         raise ValueError(f"delay_s={delay_s!r} invalid, expected >= 0 s")
     push_t = np.asarray(gt["push_t"], np.float64)
@@ -399,7 +410,7 @@ def spike_to_command_samples_ms(gt: dict, delay_s: float, requested_at: dict | N
     recs = [r for r, _ in recs]
     received = np.array([r["t_received"] for r in recs], np.float64)
     block = chunk_index(at - delay_s, gt["t0"], gt["fs_hz"], gt["chunk_n"])
-    ok = (block >= 0) & (block < push_t.size)
+    ok = (block >= 0) & (block < push_t.size) & (at - delay_s >= t_from)
     return (received[ok] - push_t[block[ok]]) * 1e3
 
 
@@ -446,26 +457,44 @@ def _block_push_done(gt: dict, first_t, last_t, done_t, t_from: float) -> tuple[
     return push_t[blocks[last]], done[last]
 
 
-def _breakdown(gt: dict, spike_t, pulled_t, submit_t, sent_t, receipt_t) -> dict:
-    """Where spike → command time goes: LSL (push → pull return), detect+policy (→ submit), submit → device
-    receipt, the latter split into governor+framing (submit → write starts) and write → device receipt.
+#: The stages of ``spike_path_samples`` that add up to its ``spike_to_command``.
+SPIKE_PATH_STAGES = ("lsl_push_to_pull", "detect_policy", "governor_and_framing", "write_to_device_receipt")
 
-    ``receipt_t``: each command's own device receipt time (None if it has none).
-    Returns the per-command durations in seconds, per stage.
+
+def command_delivered(seq, sent_t, records: list[dict]) -> list[bool]:
+    """Per command: whether its own device record shows the TRIGGER delivered (joined as in
+    :func:`command_receipts`)."""
+    join = join_receipts([{"seq": int(q), "sent_t": float(s)} for q, s in zip(seq, sent_t)], records)
+    return [r is not None and r.get("t_delivered") is not None for r in join.records]
+
+
+def spike_path_samples(gt: dict, spike_t, pulled_t, submit_t, sent_t, receipt_t, delivered, configured,
+                       t_from: float = -np.inf) -> dict:
+    """The spike path per command (s): the end to end (``spike_to_command``: push of the block holding
+    the spike → the device's receipt) and its stages, LSL (push → pull return), detect+policy
+    (→ submit), governor+framing (→ the write starts), write → device receipt, and submit → receipt.
+
+    Every list covers the same commands, so the stages add up to the end to end command by command:
+    those the device delivered (``delivered``), with a receipt, whose spike is at or after ``t_from``
+    (the detector's warm-up, scored nowhere else either) and that did not configure the device first
+    (``configured``: a one-off round trip the session pays once per parameter change, not per spike).
     """
-    push_t = np.asarray(gt["push_t"])
-    blocks = chunk_index(spike_t, gt["t0"], gt["fs_hz"], gt["chunk_n"])
-    lsl, proc, dev, gov, wire = [], [], [], [], []
-    for b, p, sub, snt, rt in zip(blocks, pulled_t, submit_t, sent_t, receipt_t):
-        if 0 <= b < push_t.size:
-            lsl.append(p - push_t[b])
-        proc.append(sub - p)
-        gov.append(snt - sub)
-        if rt is not None:
-            dev.append(rt - sub)
-            wire.append(rt - snt)
-    return {"lsl_push_to_pull": lsl, "detect_policy": proc, "submit_to_device_receipt": dev,
-            "governor_and_framing": gov, "write_to_device_receipt": wire}
+    push_t = np.asarray(gt["push_t"], np.float64)
+    blocks = chunk_index(np.asarray(spike_t, np.float64), gt["t0"], gt["fs_hz"], gt["chunk_n"])
+    out: dict[str, list[float]] = {k: [] for k in ("spike_to_command", "lsl_push_to_pull", "detect_policy",
+                                                   "governor_and_framing", "write_to_device_receipt",
+                                                   "submit_to_device_receipt")}
+    for b, sp, p, sub, snt, rt, ok, cfg in zip(blocks, spike_t, pulled_t, submit_t, sent_t, receipt_t, delivered,
+                                               configured):
+        if not (0 <= b < push_t.size) or rt is None or not ok or cfg or sp < t_from:
+            continue
+        out["spike_to_command"].append(rt - push_t[b])
+        out["lsl_push_to_pull"].append(p - push_t[b])
+        out["detect_policy"].append(sub - p)
+        out["governor_and_framing"].append(snt - sub)
+        out["write_to_device_receipt"].append(rt - snt)
+        out["submit_to_device_receipt"].append(rt - sub)
+    return out
 
 
 def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[tuple[float, float]], mode: str,
@@ -520,7 +549,7 @@ def evaluate(gt: dict, detections: tuple[np.ndarray, np.ndarray], blanks: list[t
         if nearest(by_ch_det.get(int(c), np.empty(0)), t) > MATCH_S:
             missed += 1
 
-    s2c = spike_to_command_samples_ms(gt, delay_s, requested_at) * 1e-3 if mode == "ads" else []
+    s2c = spike_to_command_samples_ms(gt, delay_s, requested_at, t_eval[0]) * 1e-3 if mode == "ads" else []
     s2c_wait, delay_err = [], []
     late = 0
     for r in delivered:

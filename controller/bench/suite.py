@@ -45,12 +45,25 @@ def with_required_keys(name: str, entry: dict) -> dict:
     out["stages_ms"] = stages
     out.setdefault("dropped_samples", None)
     out.setdefault("deadline_misses", None)
+    # The docs promise a failed entry every key a good one has: readers index them without checks.
+    for key in scenario_extra_keys(name):
+        out.setdefault(key, None)
     return out
+
+
+def scenario_extra_keys(name: str) -> tuple[str, ...]:
+    """Keys besides ``SCENARIO_KEYS`` that scenario ``name`` reports (None in a failed or skipped entry)."""
+    keys: tuple[str, ...] = ("cpu_percent", "host_steal_ms")
+    if name in ("spike_triggered", "spike_triggered_busy_poll"):
+        keys += ("end_to_end_over_target", "slowest_blocks", "pids")
+    elif name == "seizure_loop":
+        keys += ("end_to_end_over_target",)
+    return keys
 
 
 def failed_peer(message: str) -> dict:
     """A peer entry for a peer that failed: its required key with no figures, and the error."""
-    return {"end_to_end_ms": stats_ms([]), "error": message}
+    return {"end_to_end_ms": stats_ms([]), "host_steal_ms": None, "stream_push_late_ms": stats_ms([]), "error": message}
 
 
 def failures(doc: dict) -> list[str]:
@@ -69,10 +82,17 @@ def run_spike_triggered(duration_s: float = 10.0, busy_poll: bool = False, nice:
     ``spike_triggered_busy_poll``; one CPU core spent on it).
 
     End to end (chunk holding the spike pushed → TRIGGER received by the
-    device, bench_ads' ``spike_to_command``, every delivered trigger including
-    those delivered late); the stages are bench_ads' per-command breakdown
-    (``SPIKE_STAGES``) plus every 1 ms block's push → done. CPU is bench_ads'
-    own measure over the streaming run, per process (controller and simulator).
+    device, bench_ads' ``spike_to_command``: every delivered trigger after the
+    warm-up, those delivered late included, except the one that configured the
+    device); the stages are bench_ads' per-command breakdown of the same
+    commands (``SPIKE_STAGES``) plus every 1 ms block's push → done. CPU is
+    bench_ads' own measure over the streaming run, per process (controller and
+    simulator).
+
+    The run's faults (commands the driver or device failed) and the governor's
+    refusals are carried over; any fault makes the entry an ``error``: the
+    actuator latches on a fault, so the figures would cover only the commands
+    before it.
     """
     import numpy as np
 
@@ -83,6 +103,15 @@ def run_spike_triggered(duration_s: float = 10.0, busy_poll: bool = False, nice:
     raw = {k: (np.asarray(res["samples_ms"][k]) * 1e-3).tolist() for k in SPIKE_STAGES}
     # Every 1 ms block, not only the ~5/s with a spike: push → the loop done with it.
     raw["push_to_decision_every_chunk"] = (np.asarray(res["samples_ms"]["chunk_to_decision"]) * 1e-3).tolist()
+    return spike_entry(res, busy_poll, e2e, raw)
+
+
+def spike_entry(res: dict, busy_poll: bool, e2e: list, raw: dict) -> dict:
+    """The spike scenario's entry from a ``bench_ads.run`` result and its samples (s) (pure)."""
+    import numpy as np
+    faults = list(res.get("faults") or [])
+    fault_error = ({"error": f"{len(faults)} command(s) faulted, the first: {faults[0]}; the actuator latches on a "
+                             f"fault, so the figures cover only the commands before it"} if faults else {})
     return {"fs_hz": res["fs_hz"], "n_channels": res["channels"], "chunk_samples": res["chunk_samples"],
             "busy_poll": busy_poll, "nice": res["nice"], "duration_s": res["duration_s"], "commands": len(e2e),
             "end_to_end_ms": stats_ms(e2e),
@@ -99,13 +128,15 @@ def run_spike_triggered(duration_s: float = 10.0, busy_poll: bool = False, nice:
                                    "TRIGGER reached the device after its time and was delivered at once (late)",
             "missed_spikes": res["missed_spikes"], "artifact_triggers": res["artifact_triggers"],
             "driver_retries": res["driver_retries"],
+            "refused": res["refused"], "refusal_rules": res["refusal_rules"], "faults": faults,
+            "configure_commands": res.get("configure_commands"),
             # When the slowest 1 ms block came (s after the warm-up; one block per ms): a stall at the
             # same moment run after run points at something periodic, a random one at the machine.
             "slowest_block_at_s": (round(int(np.argmax(raw["push_to_decision_every_chunk"])) * 1e-3, 3)
                                    if raw["push_to_decision_every_chunk"] else None),
             "slowest_blocks": res["slowest_blocks"], "pids": res["pids"],   # for `stimloop bench blame`
             "cpu_percent": res["cpu_percent"], "host_steal_ms": res["host_steal_ms"],
-            "_raw_s": {"end_to_end": e2e, **raw}}
+            "_raw_s": {"end_to_end": e2e, **raw}, **fault_error}
 
 
 def throughput_entry(sweep: dict, target_channels: int) -> dict:
@@ -194,6 +225,7 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
             out["peer_ratio_ci95"] = pr["ratio_ci95"]
         except Exception as exc:   # the shared stream itself failed: every peer says so, by name
             out["peers"] = {n: failed_peer(f"{type(exc).__name__}: {exc}") for n in names}
+            out["peer_ratios"] = out["peer_ratio_ci95"] = None
     return out
 
 
