@@ -3,12 +3,16 @@
 For each channel count (30 kHz by default) a paced outlet process streams for
 ``duration_s``; the real acquisition process (``controller.acquisition``,
 ``LslSource``) writes into a ``SharedRing``; this process reads the ring like
-the control loop does and records, per read, the age of the newest sample
-(``ring_visible``: LSL timestamp of the last sample → seen in the ring by the
-reader). Dropped samples = samples missing up to the newest one in the ring,
-or lost in timestamp gaps (``DROPPED`` events of the source), plus samples the
-reader lost to ring overruns (it fell a whole ring behind: the loop would have
-lost them too).
+the control loop does and records, for every block the outlet pushed (one
+``chunk_n`` push), how long after its last sample's time the reader saw it
+(``ring_visible``; ``BlockAges``). The outlet writes each sample's index into
+channels 0 and 1 (``index_channels``), so both the blocks and the count of
+samples due come from the sender's own numbering and its clock (``t0 + i/fs``),
+not from the ring's timestamps, which carry ``LslSource``'s time-correction
+offset (tens of µs, more than half a sample at 30 kHz). Dropped samples =
+samples missing up to the newest one in the ring, or lost in timestamp gaps
+(``DROPPED`` events of the source), plus samples the reader lost to ring
+overruns (it fell a whole ring behind: the loop would have lost them too).
 
 A point passes (``point_verdict``) only if the stream really ran at the rate:
 
@@ -32,6 +36,9 @@ from pathlib import Path
 from controller.bench.common import CpuMeter, check_duration, stats_ms
 from controller.low_latency import DEFAULT_NICE
 from controller.lsl_config import ensure_lsl_config
+
+ensure_lsl_config()
+import numpy as np  # noqa: E402
 
 DEFAULT_CHANNELS = (16, 32, 64, 128, 256)
 TARGET_CHANNELS = 64   # issue 5: zero drops at 64 × 30 kHz is the target
@@ -72,6 +79,51 @@ def max_passing(points: list[dict]) -> int | None:
     return best
 
 
+class BlockAges:
+    """``ring_visible`` per outlet block: the time a read first saw the block's last sample minus that
+    sample's nominal time.
+
+    One age per block, not one per read: a stalled acquisition that writes a backlog at once gives
+    one read whose newest sample is fresh while the older blocks in it waited the whole stall; the
+    newest sample's age alone hid that wait. Blocks are told apart by the sample index the outlet
+    wrote into the data (``controller.bench.outlet.sample_index``), so a block split over two reads
+    counts once, when its last sample arrives.
+    """
+
+    def __init__(self, chunk_n: int, capacity: int):
+        self.chunk_n = int(chunk_n)
+        self._end = np.empty(capacity, np.int64)
+        self._seen = np.empty(capacity)
+        self.n = 0
+        self.lost = 0   # blocks past the capacity: said, not silently dropped
+
+    def add(self, t_seen: float, samples) -> None:
+        from controller.bench.outlet import sample_index
+        idx = sample_index(samples)
+        ends = idx[(idx + 1) % self.chunk_n == 0]
+        k = min(ends.size, self._end.size - self.n)
+        self._end[self.n:self.n + k] = ends[:k]
+        self._seen[self.n:self.n + k] = t_seen
+        self.n += k
+        self.lost += ends.size - k
+
+    def ages_s(self, t0: float, fs_hz: float) -> np.ndarray:
+        """Ages in s, given the outlet's first sample time ``t0`` (its summary) and rate."""
+        return self._seen[:self.n] - (t0 + self._end[:self.n] / fs_hz)
+
+
+def dropped_samples(newest_row, written: int, gap_lost: int, overrun_samples: int) -> tuple[int, int]:
+    """``(expected, dropped)`` for a ring whose newest sample is ``newest_row`` (None: empty) (pure).
+
+    ``expected``: samples up to the newest one, from its index in the data (offset-free; see the
+    module doc); missing ones among them, or those lost in timestamp gaps, whichever is more, plus
+    samples the reader lost to overruns (they reached the ring but were overwritten first).
+    """
+    from controller.bench.outlet import sample_index
+    expected = 0 if newest_row is None else int(sample_index(np.asarray(newest_row).reshape(1, -1))[0]) + 1
+    return expected, max(expected - int(written), int(gap_lost), 0) + int(overrun_samples)
+
+
 def _stop_acquisition(acq, stop) -> None:
     stop.set()
     acq.join(5)
@@ -86,8 +138,6 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
 
     ``nice``: the acquisition process's nice value, as in a session (``session.nice``; ``None``: unchanged).
     """
-    ensure_lsl_config()
-    import numpy as np
     import pylsl
 
     from controller.acquisition import start_acquisition
@@ -96,11 +146,11 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
     from controller.ring import Overrun, SharedRing
 
     check_duration("duration_s", duration_s, 0.2)
-    if not 1 <= int(n_channels) <= 1024:
-        raise ValueError(f"n_channels={n_channels!r} invalid, expected 1..1024")
     chunk_n = max(1, int(round(chunk_s * fs_hz)))
+    if not 2 <= int(n_channels) <= 1024:
+        raise ValueError(f"n_channels={n_channels!r} invalid, expected 2..1024 (channels 0 and 1 carry the sample index)")
     spec = {"fs_hz": fs_hz, "n_channels": int(n_channels), "chunk_n": chunk_n, "pulse_rate_hz": 0.0,
-            "name": f"stimloop-bench-tp-{os.getpid()}"}
+            "name": f"stimloop-bench-tp-{os.getpid()}", "index_channels": True}
     tmp = tempfile.TemporaryDirectory(prefix="stimloop_bench_tp_")
     events_path = Path(tmp.name) / "events.jsonl"
     ring = SharedRing.create(None, int(n_channels), int(2 * fs_hz), fs_hz)
@@ -111,9 +161,7 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
                    "stall_timeout_s": 1.0}
             acq, stop = start_acquisition(src, ring.name, str(events_path), None, ready_timeout_s=20.0, nice=nice)
             reader = ring.reader("now", max_read=ring.capacity)
-            cap = int(duration_s * 4000) + 1000
-            ages = np.empty(cap)
-            n_age = 0
+            blocks = BlockAges(chunk_n, int(duration_s * fs_hz / chunk_n * 1.2) + 1000)
             overruns = 0
             cpu = CpuMeter({"outlet": out.pid, "acquisition": acq.pid, "reader": os.getpid()}).start()
             out.start()
@@ -126,9 +174,7 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
                     overruns += exc.lost
                     continue
                 if res.samples.shape[0]:
-                    if n_age < cap:
-                        ages[n_age] = clock() - res.timestamps[-1]
-                        n_age += 1
+                    blocks.add(clock(), res.samples)
                 else:
                     time.sleep(0.0005)
             cpu_pct = cpu.stop()
@@ -145,7 +191,7 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
                 time.sleep(0.02)
             _stop_acquisition(acq, stop)
         written = ring.counter
-        last_t = float(ring.reader(max(0, written - 1)).read_new(1).timestamps[-1]) if written else None
+        newest = ring.reader(max(0, written - 1)).read_new(1).samples[-1].copy() if written else None
     finally:
         if stop is not None:
             _stop_acquisition(acq, stop)
@@ -157,9 +203,8 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
     pushed = int(summary["n_pushed"])
     # Samples up to the newest one in the ring must all be there; the outlet's last chunk may die with
     # its process at teardown, which is not a reader drop.
-    expected = 0 if last_t is None else int(round((last_t - summary["t0"]) * fs_hz)) + 1
-    # Overrun samples reached the ring but were overwritten before the reader got them: lost to it.
-    dropped = max(expected - written, gap_lost, 0) + int(overruns)
+    expected, dropped = dropped_samples(newest, written, gap_lost, overruns)
+    ages = blocks.ages_s(summary["t0"], fs_hz)
     # Due = samples whose time had come between the outlet's first sample and its stop.
     due = max(0, int((summary["t_end"] - summary["t0"]) * fs_hz) + 1)
     behind_ms = round(summary["max_behind_s"] * 1e3, 3)
@@ -171,8 +216,8 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
             "gap_events_lost": int(gap_lost), "reader_overrun_samples": int(overruns),
             "outlet_max_behind_ms": behind_ms,
             "mb_per_s": round(fs_hz * n_channels * 4 / 1e6, 2),
-            "stages_ms": {"ring_visible": stats_ms(ages[:n_age])}, "cpu_percent": cpu_pct,
-            "host_steal_ms": cpu.host_steal_ms, "_raw_s": {"ring_visible": ages[:n_age].tolist()}}
+            "stages_ms": {"ring_visible": stats_ms(ages)}, "ring_visible_blocks_not_recorded": blocks.lost,
+            "cpu_percent": cpu_pct, "host_steal_ms": cpu.host_steal_ms, "_raw_s": {"ring_visible": ages.tolist()}}
 
 
 def run_sweep(channels=DEFAULT_CHANNELS, fs_hz: float = 30_000.0, duration_s: float = 3.0,
