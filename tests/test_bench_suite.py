@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -86,12 +87,12 @@ def test_quick_suite_writes_wellformed_json(quick_run):
         # the busy-polling one at its own (controller.low_latency.nice_for).
         assert doc["settings"]["nice"] == -10
         assert (sp["nice"] == "unchanged") if busy else (sp["nice"] == "nice -10" or sp["nice"].startswith("unavailable"))
-        # Deadline misses are the sum of their kinds (too late in the loop, refused late by the
-        # device, delivered late), each a count; the simulator's CPU is measured by its pid.
+        # Deadline misses in their kinds (too late in the loop, refused late by the device, delivered
+        # late), each a count; a refusal as too late is one of the run's refusals, counted apart.
         parts = sp["deadline_miss_breakdown"]
         assert set(parts) == {"too_late_in_loop", "refused_too_late_by_device", "delivered_late"}
         assert all(isinstance(v, int) and v >= 0 for v in parts.values())
-        assert isinstance(sp["deadline_misses"], int) and sp["deadline_misses"] == sum(parts.values())
+        assert parts["refused_too_late_by_device"] <= sp["refused"] and sp["faults"] == []
         assert set(sp["cpu_percent"]) == {"controller", "hil_sim (ads_sim)"}
         assert isinstance(sp["driver_retries"], int) and sp["driver_retries"] >= 0
         assert 0 <= sp["slowest_block_at_s"] <= sp["duration_s"]
@@ -120,13 +121,14 @@ def test_quick_suite_writes_wellformed_json(quick_run):
     # Throughput has no deadline: None, and said so, not a literal 0.
     th = doc["scenarios"]["throughput"]
     assert th["deadline_misses"] is None and th["deadline_definition"].startswith("none")
-    from controller.bench.throughput import max_passing, point_verdict
+    from controller.bench.throughput import max_passing
     tp = doc["throughput"]
     sweep = th["sweep"]
     for p in sweep:
         assert p["pushed_samples"] > 0 and p["dropped_samples"] >= p["reader_overrun_samples"] >= 0
-        assert (p["passed"], p["fail_reasons"]) == point_verdict(p["pushed_samples"], p["due_samples"],
-                                                                 p["outlet_max_behind_ms"], p["dropped_samples"])
+        # The ring's count and the newest sample's index (reader side) against the outlet's own count.
+        assert p["ring_samples"] <= p["expected_samples"] <= p["pushed_samples"]
+        assert p["passed"] == (p["fail_reasons"] == [])
     # The figure is the sweep's own verdict (None when even the smallest point did not keep up):
     # whether the outlet keeps up on this machine is what the benchmark measures, not a test.
     assert tp["max_channels_at_30khz"] is None or tp["max_channels_at_30khz"] in {p["n_channels"] for p in sweep}
@@ -139,7 +141,9 @@ def test_quick_suite_peers_pngs_markdown(quick_run):
     assert set(doc["peers"]) == {"stimloop", "stimloop_busy_poll", "pylsl_floor"}
     for name, r in doc["peers"].items():
         _sane(r["end_to_end_ms"])
-        assert r["detected"] + r["missed"] == r["pulses"] > 0
+        assert r["pulses"] > 0 and r["detected"] > 0 and "error" not in r, r.get("error")
+        # The outlet's lateness is counted from its pulse list, the pulses from the matching.
+        assert r["stream_push_late_ms"]["n"] == r["pulses"] and r["stream_push_late_ms"]["p50"] >= 0
         assert r["host_steal_ms"] >= 0
     # The governor's refusals are reported for the peers that have one (refused pulses are missed).
     for ours in ("stimloop", "stimloop_busy_poll"):
@@ -338,11 +342,22 @@ def test_failed_scenario_keeps_required_keys_and_throughput_figure(monkeypatch):
 
 def test_match_latency_missed_and_extra():
     pulses = [1.0, 1.2, 1.4, 1.6]
-    outs = [1.0012, 1.2030, 1.2040, 1.65]   # 1.4 missed; 1.204 duplicate; 1.65 matched late (50 ms)
+    outs = [1.0012, 1.2030, 1.2040, 1.65]   # 1.4 missed; 1.204 duplicate; 1.65 answers 1.6 (50 ms)
     m = match(pulses, outs, 0.9, 1.7)
     assert m["pulses"] == 4 and m["detected"] == 3 and m["missed"] == 1 and m["extra_outputs"] == 1
     assert np.allclose(sorted(m["latencies_s"]), [0.0012, 0.003, 0.05])
     assert match(pulses, [], 0.9, 1.7)["missed"] == 4
+
+
+def test_match_pairs_outputs_in_order_after_a_stall_longer_than_the_pulse_spacing():
+    """A 75 ms stall: pulse A's output lands just after pulse B, then B's. Pairing each output with the
+    latest pulse before it gave one 0.5 ms latency, one miss and one extra."""
+    m = match([1.0, 1.075], [1.0755, 1.0756], 0.9, 2.0)
+    assert np.allclose(m["latencies_s"], [0.0755, 0.0006])
+    assert (m["detected"], m["missed"], m["extra_outputs"]) == (2, 0, 0)
+    # A pulse before the scored span still owns its (late) output: not an extra, not a scored latency.
+    m = match([0.5, 1.0], [0.58, 1.001], 0.9, 2.0)
+    assert np.allclose(m["latencies_s"], [0.001]) and (m["pulses"], m["extra_outputs"]) == (1, 0)
 
 
 def test_rising_edges_carry_state_between_chunks():
@@ -566,12 +581,9 @@ def test_peers_run_in_rounds_and_pool_them():
     r = res["peers"]["pylsl_floor"]
     assert res["stream"]["rounds"] == 2 and r["rounds"] == 2 and len(r["per_round_p99_ms"]) == 2
     assert len(r["_rounds_s"]) == 2 and sum(len(x) for x in r["_rounds_s"]) == r["end_to_end_ms"]["n"]
-    # ~10 pulses/s over two 2 s rounds (the first 0.2 s of each is not scored), pooled: every pulse is
-    # either detected (one latency each) or missed, and each round found some. How many are missed is a
-    # measurement, not a test: a pulse whose output is stamped more than MATCH_WINDOW_S after its nominal
-    # time is missed, and a loaded machine starves the peer or the stamper that long (CI once saw 1 of 36;
-    # with two busy loops beside it, up to 33 of 36).
-    assert r["pulses"] >= 25 and r["detected"] + r["missed"] == r["pulses"] and r["end_to_end_ms"]["n"] == r["detected"]
+    # ~10 pulses/s over two 2 s rounds (the first 0.2 s of each is not scored), pooled, and each round
+    # found some. How many are missed is a measurement, not a test.
+    assert r["pulses"] >= 25 and r["stream_push_late_ms"]["n"] == r["pulses"] and "error" not in r, r.get("error")
     assert all(len(x) > 0 for x in r["_rounds_s"]), r
 
 
@@ -660,14 +672,167 @@ def test_peer_results_keep_failed_peers_apart():
     from controller.bench.peers.harness import parse_done, peer_result, ratio_table
     assert parse_done("done 12 refused=3 faults=0") == {"outputs": 12, "refused": 3, "faults": 0}
     assert parse_done("done 5") == {"outputs": 5} and parse_done("oops") == {}
-    assert peer_result("timeflux", [{"error": "boom"}], []) == {"error": "boom"}
+    assert peer_result("timeflux", [{"error": "boom"}], [], []) == {"error": "boom"}
     run = {"stamps": [1.0012, 1.2011], "stage_rows": [], "t_start": 0.5, "t_stop": 1.5, "exit_code": 0,
            "peer_said": "done 2 refused=2 faults=0", "cpu_percent": {}, "stderr_tail": "",
            "peer_counts": {"outputs": 2, "refused": 2, "faults": 0},
            # the 1.4 s pulse refused (scored: a miss), and one in the start-up backlog (not scored)
            "refusals": [[0.55, "min_interval"], [1.4, "rate_limit"]]}
-    r = peer_result("stimloop", [run], [1.0, 1.2, 1.4])
-    assert r["detected"] == 2 and r["missed"] == 1 and r["faults"] == 0
+    r = peer_result("stimloop", [run], [0.55, 1.0, 1.2, 1.4], [0.55, 1.0, 1.2, 1.4])
+    assert r["detected"] == 2 and r["missed"] == 1 and r["faults"] == 0 and "error" not in r
     assert r["refused"] == 1 and r["refused_rules"] == {"rate_limit": 1}
     res = {"stimloop": r, "timeflux": {"error": "boom", "end_to_end_ms": stats_ms([])}}
     assert ratio_table(res) == {}                                  # nothing to compare with a failed peer
+
+
+def test_peer_latency_starts_from_the_outlets_real_push():
+    """The outlet pushed two pulses late (2 ms, 4 ms): that is the stream's lateness, reported apart,
+    not the peer's latency nor the stimloop peer's lsl_to_ring; the stages still add up to the end to end."""
+    from controller.bench.peers.harness import PEER_STAGES, peer_result
+    nominal = [1.0, 1.1, 1.2]
+    push = [1.0002, 1.102, 1.204]
+    recv = [p + 0.0007 for p in push]
+    off = 30e-6   # LslSource's time correction on the ring's sample stamps
+    rows = [[n + off, p + 0.0001, p + 0.0003, p + 0.0004, r] for n, p, r in zip(nominal, push, recv)]
+    run = {"stamps": recv, "stage_rows": rows, "refusals": [], "t_start": 0.5, "t_stop": 1.5, "exit_code": 0,
+           "peer_said": "done 3 refused=0 faults=0", "cpu_percent": {}, "stderr_tail": "",
+           "peer_counts": {"outputs": 3, "refused": 0, "faults": 0}, "host_steal_ms": 0.0}
+    r = peer_result("stimloop", [run], nominal, push)
+    assert np.allclose(r["_raw_s"]["end_to_end"], [0.0007] * 3)
+    assert r["stream_push_late_ms"]["max"] == pytest.approx(4.0) and r["stream_push_late_ms"]["n"] == 3
+    assert np.allclose(r["_raw_s"]["lsl_to_ring"], [0.0001] * 3)
+    total = sum(np.asarray(r["_raw_s"][s]) for s in PEER_STAGES)
+    assert np.allclose(total, r["_raw_s"]["end_to_end"])
+    with pytest.raises(ValueError, match="push times"):
+        peer_result("stimloop", [run], nominal, push[:2])
+
+
+def _round(**kw):
+    base = {"stamps": [1.0012, 1.1011], "stage_rows": [], "refusals": [], "t_start": 0.5, "t_stop": 5.5,
+            "exit_code": 0, "peer_said": "done 2", "cpu_percent": {}, "host_steal_ms": 0.0,
+            "peer_counts": {"outputs": 2}, "stderr_tail": ""}
+    return {**base, **kw}
+
+
+def test_a_peer_that_crashed_mid_round_is_an_error_not_a_slow_peer():
+    """A peer that raised 1 s into a 5 s round (exit 1, no done line) reported 2 detected, 43 missed
+    and no error; now every round's ending is checked and the failure is listed."""
+    from controller.bench.peers.harness import peer_result
+    from controller.bench.suite import failures
+    pulses = [1.0 + 0.1 * i for i in range(45)]
+    crashed = _round(exit_code=1, peer_said=None, stderr_tail="Traceback ...\nRuntimeError: device stopped answering")
+    r = peer_result("pylsl_floor", [_round(), crashed, _round()], pulses, pulses)
+    assert "round 2: exit code 1: RuntimeError: device stopped answering" in r["error"]
+    assert r["end_to_end_ms"]["n"] > 0   # the figures stay, beside the error
+    assert failures({"peers": {"pylsl_floor": r}}) == [f"peer pylsl_floor: {r['error']}"]
+    assert "done line" in peer_result("pylsl_floor", [_round(peer_said=None)], pulses, pulses)["error"]
+    assert "faulted" in peer_result("stimloop", [_round(peer_counts={"outputs": 2, "faults": 1})], pulses,
+                                    pulses)["error"]
+    # Timeflux prints no done line and is stopped by the harness's own SIGINT: that is how it ends.
+    assert "error" not in peer_result("timeflux", [_round(exit_code=-signal.SIGINT, peer_said=None)], pulses, pulses)
+    assert "error" not in peer_result("pylsl_floor", [_round()], pulses, pulses)
+
+
+def test_outlet_records_when_each_pulse_really_left():
+    """The peers' latencies start from pulse_push_t: one per pulse, never before the sample's time."""
+    import threading
+
+    from controller.bench.outlet import PacedOutlet
+    po = PacedOutlet({"fs_hz": 1000.0, "n_channels": 2, "chunk_n": 1, "pulse_rate_hz": 40.0,
+                      "name": f"test-push-{os.getpid()}", "lead_s": 0.01})
+    stop = threading.Event()
+    threading.Timer(0.4, stop.set).start()
+    s = po.run(stop)
+    assert len(s["pulse_t"]) >= 8 and len(s["pulse_push_t"]) == len(s["pulse_t"])
+    late = np.asarray(s["pulse_push_t"]) - np.asarray(s["pulse_t"])
+    assert np.all(late >= 0) and np.all(late < 1.0)
+
+
+def test_outlet_index_channels_number_every_sample_past_float32s_integer_range():
+    from controller.bench.outlet import INDEX_BASE, check_spec, sample_index
+    i = np.array([0, 29, 2**24 + 1, 108_000_000])
+    rows = np.stack([(i % INDEX_BASE), (i // INDEX_BASE)], axis=1).astype(np.float32)
+    assert sample_index(rows).tolist() == i.tolist()
+    with pytest.raises(ValueError, match="index_channels needs n_channels >= 2"):
+        check_spec({"n_channels": 1, "index_channels": True})
+
+
+def _indexed(idx):
+    from controller.bench.outlet import INDEX_BASE
+    idx = np.asarray(idx)
+    return np.stack([idx % INDEX_BASE, idx // INDEX_BASE, np.zeros(idx.size)], axis=1).astype(np.float32)
+
+
+def test_ring_visible_counts_every_block_of_a_backlog():
+    """1 s of 1 ms blocks; the acquisition stalls 20 ms once and writes the backlog at once. Recording
+    only the newest sample's age per read gave a max of ~0.5 ms; each block's own wait is ~20 ms."""
+    from controller.bench.throughput import BlockAges
+    fs, chunk_n, t0 = 30_000.0, 30, 100.0
+    end_idx = np.arange(1000) * chunk_n + chunk_n - 1
+    ts_last = t0 + end_idx / fs
+    in_ring = ts_last + 50e-6
+    stall = (ts_last > t0 + 0.5) & (ts_last <= t0 + 0.52)
+    in_ring[stall] = t0 + 0.5202
+    in_ring = np.maximum.accumulate(in_ring)
+    ages = BlockAges(chunk_n, 2000)
+    seen, t = 0, t0
+    while t < t0 + 1.01:   # the reader polls every 0.5 ms
+        new = np.flatnonzero(in_ring[seen:] <= t) + seen
+        if new.size:
+            ages.add(t, _indexed(np.arange(new[0] * chunk_n, (new[-1] + 1) * chunk_n)))
+            seen = new[-1] + 1
+        t += 0.5e-3
+    a = ages.ages_s(t0, fs)
+    assert a.size == 1000                                 # each block once
+    assert a.max() == pytest.approx(0.0197, abs=0.0006)   # the first block of the stall waited it out
+    assert np.sum(a > 0.005) >= 15
+    # A block split over two reads counts once, when its last sample is seen.
+    split = BlockAges(chunk_n, 10)
+    split.add(t0 + 0.0012, _indexed(np.arange(0, 15)))
+    split.add(t0 + 0.0020, _indexed(np.arange(15, 30)))
+    assert split.ages_s(t0, fs) == pytest.approx([0.0020 - 29 / fs])
+
+
+@pytest.mark.parametrize("offset_s", [-20e-6, 0.0, 20e-6])
+def test_throughput_drops_are_counted_from_the_sample_index_not_the_offset_timestamps(offset_s):
+    """At 30 kHz a sample is 33.3 µs: counting due samples from the ring's time-corrected stamps
+    turned a +20 µs offset into a phantom drop and a −20 µs one into a hidden loss."""
+    from controller.bench.throughput import dropped_samples
+    fs, t0, n = 30_000.0, 1000.0, 90_000
+    newest = _indexed([n - 1])[0]
+    ring_ts = t0 + (n - 1) / fs + offset_s   # what the ring holds; the count must not depend on it
+    assert ring_ts and dropped_samples(newest, n, 0, 0) == (n, 0)
+    assert dropped_samples(newest, n - 1, 0, 0) == (n, 1)            # one real loss
+    assert dropped_samples(newest, n, 0, 45) == (n, 45)              # reader overruns count too
+    assert dropped_samples(None, 0, 0, 0) == (0, 0)
+
+
+def _ads_result(**kw):
+    base = {"fs_hz": 30_000.0, "channels": 32, "chunk_samples": 30, "nice": "unchanged", "duration_s": 2.0,
+            "delay_error_ms": stats_ms([]), "dropped_samples": 0, "deadline_misses": 0,
+            "deadline_miss_breakdown": {}, "missed_spikes": 0, "artifact_triggers": 0, "driver_retries": 0,
+            "refused": 0, "refusal_rules": {}, "faults": [], "configure_commands": 1, "slowest_blocks": [],
+            "pids": {}, "cpu_percent": {}, "host_steal_ms": None}
+    return {**base, **kw}
+
+
+def test_spike_entry_carries_faults_and_refusals_and_a_fault_is_an_error():
+    """A run whose actuator latched on a fault reported the commands before it as if fine, exit 0."""
+    from controller.bench.suite import spike_entry
+    e2e, raw = [0.0004] * 3, {k: [0.0001] * 3 for k in (*SPIKE_STAGES, "push_to_decision_every_chunk")}
+    ok = spike_entry(_ads_result(refused=2, refusal_rules={"min_interval": 2}), False, e2e, raw)
+    assert "error" not in ok and ok["refused"] == 2 and ok["refusal_rules"] == {"min_interval": 2}
+    bad = spike_entry(_ads_result(faults=["device stopped answering"]), False, e2e, raw)
+    assert "device stopped answering" in bad["error"] and bad["faults"] == ["device stopped answering"]
+    assert failures({"scenarios": {"spike_triggered": bad}}) == [f"scenario spike_triggered: {bad['error']}"]
+
+
+def test_failed_entries_have_every_key_a_good_one_has():
+    from controller.bench.suite import failed_peer, with_required_keys
+    for name, extra in (("spike_triggered", {"end_to_end_over_target", "slowest_blocks", "pids"}),
+                        ("seizure_loop", {"end_to_end_over_target"}), ("throughput", set())):
+        e = with_required_keys(name, {"error": "RuntimeError: x"})
+        want = set(SCENARIO_KEYS) | {"cpu_percent", "host_steal_ms"} | extra
+        assert want <= set(e) and all(e[k] is None for k in want - {"end_to_end_ms", "stages_ms"}), name
+    p = failed_peer("boom")
+    assert p["host_steal_ms"] is None and p["stream_push_late_ms"]["n"] == 0
