@@ -518,7 +518,10 @@ def keys(dir: Path = typer.Option(Path("keys"), "--dir", help="folder for the ke
 @app.command()
 def export(session: Path = typer.Argument(..., help="session folder"),
            format: str = typer.Option("edf", "--format", help="edf (EDF+ with events as annotations)"),
-           out: Optional[Path] = typer.Option(None, "--out", help="output file (default: SESSION/session.edf)")):
+           out: Optional[Path] = typer.Option(None, "--out", help="output file (default: SESSION/session.edf)"),
+           assume_unit: Optional[str] = typer.Option(
+               None, "--assume-unit",
+               help="unit of channels whose source declared none (e.g. uV, mV, V); declared units are never overridden")):
     """Export a session's raw data and events to a standard format (EDF+)."""
     if format != "edf":
         _fail(f"--format {format!r}: only 'edf' is supported")
@@ -526,7 +529,10 @@ def export(session: Path = typer.Argument(..., help="session folder"),
         _fail(f"session folder {session} does not exist")
     from controller.export import export_edf
     target = out or session / "session.edf"
-    summary = export_edf(session, target)
+    try:
+        summary = export_edf(session, target, assume_unit=assume_unit)
+    except (ValueError, FileNotFoundError) as exc:   # an unknown or undeclared unit, a folder without raw data
+        _fail(f"export of {session}: {exc}")
     console.print(f"wrote {target}: {summary}")
 
 

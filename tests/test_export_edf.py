@@ -330,3 +330,20 @@ def test_real_eeg_segment_at_200_hz_round_trips(tmp_path):
     step = (sig.physical_max - sig.physical_min) / 65535
     assert sig.physical_min <= x.min() and sig.physical_max >= x.max()
     np.testing.assert_allclose(sig.data[:1024], x[:, 0], atol=step, rtol=0)
+
+
+def test_the_export_command_says_what_is_wrong_and_takes_the_unit_to_assume(tmp_path):
+    """`stimloop export` on a session whose source declared no unit: a one-line error naming the
+    channel and the way out (--assume-unit), not a traceback; with the option it writes the file."""
+    from typer.testing import CliRunner
+
+    from controller.cli import app
+    session = make_session(tmp_path / "s", synthetic(500, n_ch=2), T0 + np.arange(500) / FS_HZ, [], units=["", ""],
+                           torn_tail=False)
+    r = CliRunner().invoke(app, ["export", str(session)])
+    assert r.exit_code != 0 and r.exception is None or isinstance(r.exception, SystemExit)
+    assert "declared no unit" in r.output and "Traceback" not in r.output
+    assert not (session / "session.edf").exists()
+    r = CliRunner().invoke(app, ["export", str(session), "--assume-unit", "uV"])
+    assert r.exit_code == 0, r.output
+    assert edfio.read_edf(session / "session.edf").labels == ("EEG 0", "EEG 1")
