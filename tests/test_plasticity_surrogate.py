@@ -48,7 +48,7 @@ def test_surrogate_tracks_simulator_on_fresh_protocols(predictor):
 
 def test_predict_equals_predict_many(predictor):
     protos = [Protocol(frequency_hz=f, waveform=w, pulse_width_us=pw, timing_ms=dt, n_pulses=n, baseline_w=w0,
-                       reward=0.6, reward_delay_s=d, amplitude_ua=a)
+                       reward=0.6 if d is not None else 0.0, reward_delay_s=d, amplitude_ua=a)
               for f, w, pw, dt, n, w0, d, a in [(5, "pulsed", 90, -12, 200, 0.3, 1.0, 800),
                                                 (40, "sine", 400, 8, 60, 0.7, None, 2500),
                                                 (12, "ti", 1000, 0, 900, 0.5, 4.5, 300)]]
@@ -119,8 +119,18 @@ def test_cli_evaluate_sensitivity_curves(tmp_path):
 
 
 def test_raw_from_protocols_maps_no_reward_to_zero():
-    raw = raw_from_protocols([Protocol(frequency_hz=10.0, reward=0.8, reward_delay_s=None)])
+    raw = raw_from_protocols([Protocol(frequency_hz=10.0, reward_delay_s=None)])
     assert raw[0, RAW_NAMES.index("reward_um")] == 0.0 and raw[0, RAW_NAMES.index("reward_delay_s")] == 0.0
+
+
+@pytest.mark.parametrize("reward", [0.8, -0.3])
+def test_a_reward_without_its_delay_is_refused_not_dropped(reward):
+    """It used to be mapped to "no reward" silently: Δw predicted for another protocol than asked."""
+    with pytest.raises(ValueError, match=r"Protocol.reward = .* without reward_delay_s"):
+        Protocol(frequency_hz=10.0, reward=reward)
+    with pytest.raises(ValueError, match="without reward_delay_s"):
+        PlasticityPredictor().best_protocol([{"frequency_hz": 10.0, "reward": reward}])
+    assert Protocol(frequency_hz=10.0, reward=reward, reward_delay_s=1.0).reward == reward
 
 
 def test_ti_with_another_carrier_than_the_training_one_is_refused():
@@ -128,8 +138,15 @@ def test_ti_with_another_carrier_than_the_training_one_is_refused():
     pred = PlasticityPredictor()
     ok = Protocol(frequency_hz=100.0, waveform="ti", amplitude_ua=1000.0, n_pulses=300)
     assert math.isfinite(pred.predict(ok))
+    bad = dict(frequency_hz=100.0, waveform="ti", amplitude_ua=1000.0, n_pulses=300, carrier_hz=500.0)
     with pytest.raises(ValueError, match="carrier_hz=500.*2000 Hz carrier only"):
-        pred.predict(Protocol(frequency_hz=100.0, waveform="ti", amplitude_ua=1000.0, n_pulses=300, carrier_hz=500.0))
+        pred.predict(Protocol(**bad))
+    # Every entry point that takes protocols: best_protocol used to return a Δw for it.
+    with pytest.raises(ValueError, match="carrier_hz=500.*2000 Hz carrier only"):
+        pred.predict_protocols([ok, Protocol(**bad)])
+    with pytest.raises(ValueError, match="carrier_hz=500.*2000 Hz carrier only"):
+        pred.best_protocol([ok.to_dict(), bad])
+    assert math.isfinite(pred.predict_protocols([ok])[0]) and pred.best_protocol([ok.to_dict()])[0] == ok.to_dict()
     lo = expected_delta_w([Protocol(frequency_hz=100.0, waveform="ti", amplitude_ua=1000.0, n_pulses=300,
                                     carrier_hz=c) for c in (150.0, 2000.0)])
     assert lo[0] > 2 * lo[1]

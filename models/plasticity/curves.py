@@ -36,7 +36,7 @@ def _protocols_from_raw(raw: np.ndarray) -> list[Protocol]:
     for f, w, pw, dt, n, w0, r, d, a in raw:
         out.append(Protocol(frequency_hz=float(f), waveform=wf[int(w)], pulse_width_us=float(pw), timing_ms=float(dt),
                             n_pulses=int(n), baseline_w=float(w0), reward=float(r),
-                            reward_delay_s=float(d) if r > 0 else None, amplitude_ua=float(a)))
+                            reward_delay_s=float(d) if r != 0 else None, amplitude_ua=float(a)))
     return out
 
 
@@ -236,9 +236,14 @@ over 400 random protocols.
   triplet rule gives ≈ 0.
 - Recruitment, jitter and dopamine gain constants are model choices, unverified.
 - TI carrier frequency is not an input: it was trained with a 2 kHz carrier, and the
-  predictor refuses TI with any other. The simulator's Δw does depend on the carrier
-  (its low-passed remnant adds drive): at a 100 Hz beat, 1000 µA, 300 pulses,
-  Δw 0.152 / 0.059 / 0.037 / 0.031 for carriers of 150 / 500 / 2000 / 20 000 Hz.
+  predictor refuses TI with any other in `predict`, `predict_protocols` and
+  `best_protocol` alike (before 2026-12-07 only `predict` did; raw rows for
+  `predict_many` have no carrier column and stand for 2 kHz). The simulator's Δw
+  does depend on the carrier (its low-passed remnant adds drive): at a 100 Hz beat,
+  1000 µA, 300 pulses, Δw 0.152 / 0.059 / 0.037 / 0.031 for carriers of
+  150 / 500 / 2000 / 20 000 Hz.
+- A `Protocol` with a non-zero `reward` and no `reward_delay_s` is refused (it was
+  silently predicted as unrewarded).
 
 Trained by `python -m models.plasticity.train` in {elapsed_s:.0f} s.
 """

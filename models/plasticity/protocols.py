@@ -64,7 +64,8 @@ class Protocol:
     ``timing_ms`` is Δt = t_post − t_pre: > 0 means the stimulation-evoked
     presynaptic spike precedes the postsynaptic one. ``reward`` is a dopamine
     increment in µM delivered ``reward_delay_s`` after the last spike
-    (``None`` = no reward). ``carrier_hz`` is used by ``waveform="ti"`` only.
+    (``None`` = no reward; a non-zero ``reward`` needs it). ``carrier_hz`` is
+    used by ``waveform="ti"`` only.
     """
 
     frequency_hz: float
@@ -89,6 +90,11 @@ class Protocol:
                 raise ValueError(f"Protocol.{key} = {v!r}: expected a number in [{lo}, {hi}]")
         if int(self.n_pulses) != self.n_pulses:
             raise ValueError(f"Protocol.n_pulses = {self.n_pulses!r}: expected an integer")
+        if self.reward_delay_s is None and self.reward != 0:
+            # Without a delay there is no reward in the simulation or in the surrogate's inputs:
+            # it used to be dropped silently, so Δw was predicted for an unrewarded protocol.
+            raise ValueError(f"Protocol.reward = {self.reward!r} without reward_delay_s: expected reward_delay_s "
+                             "(s after the last spike) with a non-zero reward, or reward = 0 for no reward")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -146,6 +146,15 @@ def make_contract(metrics: dict, version: str = "1") -> dict:
 TRAINING_CARRIER_HZ = 2000.0
 
 
+def _check_carrier(protocol: Protocol) -> None:
+    """Refuse a TI protocol whose carrier is not the training one: the carrier is not an input
+    (every training protocol had this carrier), and the simulated Δw moves with it
+    (models/plasticity/MODEL_CARD.md). One check for every entry point that takes protocols."""
+    if protocol.waveform == "ti" and protocol.carrier_hz != TRAINING_CARRIER_HZ:
+        raise ValueError(f"TI carrier_hz={protocol.carrier_hz:g}: this model was trained with a "
+                         f"{TRAINING_CARRIER_HZ:g} Hz carrier only (models/plasticity/MODEL_CARD.md)")
+
+
 class PlasticityPredictor:
     """Predict Δw of a stimulation protocol with the shipped ONNX surrogate.
 
@@ -189,10 +198,7 @@ class PlasticityPredictor:
 
     def predict(self, protocol: Protocol) -> float:
         """Expected Δw of one protocol (raises if a parameter is outside the trained range)."""
-        if protocol.waveform == "ti" and protocol.carrier_hz != TRAINING_CARRIER_HZ:
-            # not an input: every training protocol had this carrier, and the simulated Δw moves with it
-            raise ValueError(f"TI carrier_hz={protocol.carrier_hz:g}: this model was trained with a "
-                             f"{TRAINING_CARRIER_HZ:g} Hz carrier only (models/plasticity/MODEL_CARD.md)")
+        _check_carrier(protocol)
         rewarded = protocol.reward_delay_s is not None
         raw = (float(protocol.frequency_hz), float(_WF_CODE[protocol.waveform]), float(protocol.pulse_width_us),
                float(protocol.timing_ms), float(protocol.n_pulses), float(protocol.baseline_w),
@@ -203,12 +209,19 @@ class PlasticityPredictor:
         return float(self._y[0, 0])
 
     def predict_many(self, raw: np.ndarray) -> np.ndarray:
-        """Δw for rows of raw inputs, shape (n, 9), columns in ``input_names`` order."""
+        """Δw for rows of raw inputs, shape (n, 9), columns in ``input_names`` order.
+
+        Raw rows carry no carrier: a TI row stands for the training carrier
+        (``TRAINING_CARRIER_HZ``). Protocols with their own carrier go through
+        ``predict`` / ``predict_protocols`` / ``best_protocol``, which check it.
+        """
         x = encode(raw)
         return self._sess.run([self._out_name], {self._in_name: x})[0].reshape(-1).astype(np.float64)
 
     def predict_protocols(self, protocols: list[Protocol]) -> np.ndarray:
-        """Δw for a list of protocols."""
+        """Δw for a list of protocols (raises for a TI protocol with another carrier than the training one)."""
+        for p in protocols:
+            _check_carrier(p)
         return self.predict_many(raw_from_protocols(protocols))
 
     def best_protocol(self, candidates: list[dict], maximize: bool = True) -> tuple[dict, float]:
