@@ -5,8 +5,8 @@
 Protocol on stdin/stdout (one line each), like ``hil_sim.ads_sim``: prints
 ``ready <source_id>``, waits for ``start``, streams until ``stop`` (or EOF),
 then prints one JSON line: ``t0``, ``n_pushed``, ``pulse_t`` (LSL time of
-every pulse sample), ``pulse_push_t`` (the ``local_clock()`` reading right
-after the ``push_chunk`` that carried each pulse: when it really left),
+every pulse sample), ``pulse_push_t`` (the ``local_clock()`` reading as each
+pulse's chunk is handed to ``push_chunk``: when it really left),
 ``max_behind_s`` (how far the pacing fell behind the
 nominal sample clock: a throughput limit of the generator, not of the reader).
 The outlet stays open, silent, until stdin closes, so readers can close first.
@@ -125,12 +125,15 @@ class PacedOutlet:
             behind = -wait
             if behind > max_behind:
                 max_behind = behind
+            # The pulse exists for a reader only from here: the sleep-then-spin above is often late
+            # (a busy neighbour, ~1 ms p99, tens of ms in a stall), and latencies measured from the
+            # nominal sample time would charge that lateness to whichever peer was running. Stamped as
+            # it is handed over, not after push_chunk returns (as hil_sim's outlets do): a fast reader
+            # can answer before this thread runs again, and an answer before its pulse's stamp would be
+            # paired with the pulse before it.
+            t_push = clock()
             self.outlet.push_chunk(buf, t_last, True)
             if len(pulse_idx) > n_pulses:
-                # The pulse exists for a reader only from here: the sleep-then-spin above is often late
-                # (a busy neighbour, ~1 ms p99, tens of ms in a stall), and latencies measured from the
-                # nominal sample time would charge that lateness to whichever peer was running.
-                t_push = clock()
                 pulse_push.extend([t_push] * (len(pulse_idx) - n_pulses))
             n += chunk_n
             k += 1
