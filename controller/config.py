@@ -152,17 +152,24 @@ class AdsConfig(_Section):
     """Activity-dependent stimulation (ADS) and its random control (REFERENCE §2, Guggenmos 2013)."""
     trigger_channels: list[Annotated[int, Field(ge=0, le=255)]] = Field(
         default_factory=lambda: [0, 1], description="channels whose spikes trigger a pulse")
-    delay_ms: Annotated[float, Field(ge=0, le=1000, description="spike -> pulse delay (REFERENCE §2: 7.5 ms)")] = 7.5
+    delay_ms: Annotated[float, Field(ge=0, le=1000, description=(
+        "spike -> pulse interval, the whole of it: the device schedules the pulse (REFERENCE §2: 7.5 ms imposed; "
+        "Guggenmos's spike -> stimulus was 10 ms with their 2.5 ms of processing, docs/ads.md)"))] = 7.5
     blanking_ms: Annotated[float, Field(ge=0, le=1000, description=(
         "detector blanked after each pulse (REFERENCE §2: 28 ms)"))] = 28.0
     max_rate_hz: Annotated[float, Field(gt=0, le=1000, description="at most this many pulses per s (1 s window)")] = 10.0
     k: Annotated[float, Field(ge=2, le=20, description="spike threshold, -k sigma (REFERENCE §2: 4-5)")] = 5.0
     refractory_ms: Annotated[float, Field(ge=0, le=100, description="minimum time between detections on one channel")] = 1.0
+    band_hz: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [300.0, 3000.0], description=(
+        "detection band-pass [low, high] Hz, causal, before the threshold (docs/ads.md); [] for a stream "
+        "the amplifier already band-passes"))
     rate_hz: Annotated[float, Field(gt=0, le=100, description=(
         "random control: mean pulse rate (match the ADS run's delivered rate)"))] = 5.0
 
     @model_validator(mode="after")
     def _channels(self) -> "AdsConfig":
+        if self.band_hz and not (len(self.band_hz) == 2 and self.band_hz[0] < self.band_hz[1]):
+            raise ValueError(f"band_hz = {self.band_hz!r}: expected [low, high] with low < high (Hz), or [] for none")
         tc = self.trigger_channels
         if not tc or len(set(tc)) != len(tc):
             raise ValueError(f"trigger_channels = {tc!r}: expected at least one channel, no repeats")

@@ -164,7 +164,8 @@ def build_spike_drive(cfg: Config, fs_hz: float, n_channels: int) -> SpikeDrive:
     if bad:
         raise ValueError(f"policy.ads.trigger_channels = {list(a.trigger_channels)}: channel(s) {bad} not in "
                          f"the stream, which has {n_channels} channels (0..{n_channels - 1})")
-    det = SpikeDetector(fs_hz, n_channels, channels=a.trigger_channels, k=a.k, refractory_ms=a.refractory_ms)
+    det = SpikeDetector(fs_hz, n_channels, channels=a.trigger_channels, k=a.k, refractory_ms=a.refractory_ms,
+                        band_hz=tuple(a.band_hz) if a.band_hz else None)
     stim = stim_params(cfg.policy.stim)
     if cfg.policy.kind == "ads":
         policy = AdsPolicy(a.trigger_channels, stim, delay_ms=a.delay_ms, blanking_ms=a.blanking_ms,

@@ -123,3 +123,19 @@ def test_heartbeat_must_be_below_the_profiles_heartbeat_timeout():
                       "safety": {"overrides": {"heartbeat_timeout_s": 0.5}}})
     parse_config({"device": {"heartbeat_s": 5.0, "watchdog_s": 30.0},      # no heartbeat rule in the profile
                   "safety": {"overrides": {"heartbeat_timeout_s": None}}})
+
+
+def test_the_spike_detection_band_is_set_from_the_config_and_can_be_turned_off():
+    from controller.policy_drive import build_spike_drive
+
+    def ads(**ads_fields):   # an ADS session on the spiking simulator (examples/ads.toml's settings)
+        return parse_config({"policy": {"kind": "ads", "ads": ads_fields}, "safety": {"profile": "micro"},
+                             "simulator": {"model": "spiking", "fs_hz": 30_000.0, "chunk_s": 0.001}})
+    on = build_spike_drive(ads(), 30_000.0, 4)
+    off = build_spike_drive(ads(band_hz=[]), 30_000.0, 4)
+    assert on.detector.band_hz == (300.0, 3000.0) and off.detector.band_hz is None
+    for bad in ([3000.0, 300.0], [300.0], [300.0, 3000.0, 6000.0]):
+        with pytest.raises(ConfigError, match=r"policy\.ads.*band_hz"):
+            parse_config({"policy": {"ads": {"band_hz": bad}}})
+    with pytest.raises(ValueError, match="fs_hz/2"):   # above Nyquist: refused when the stream's rate is known
+        build_spike_drive(ads(), 5_000.0, 4)
