@@ -162,6 +162,39 @@ def test_a_refreshed_clock_offset_is_slewed_in_without_faking_a_gap_or_a_clock_j
         ring.unlink()
 
 
+def test_after_a_reconnect_the_new_streams_first_offset_is_taken_at_once_then_slewed():
+    """A reconnected stream may run on another clock (the sender rebooted): its first estimate
+    replaces the old offset at once; slewed in at a quarter period per chunk, a one-hour difference
+    would keep every timestamp wrong for hours. Later refreshes are slewed as usual."""
+    name = f"stimloop-test-{uuid.uuid4().hex[:8]}"
+    p = start_outlet(name, duration_s=4.0)
+    src = LslSource(name=name, resolve_timeout_s=10.0, time_correction_interval_s=0.0)   # refresh every chunk
+    ring = SharedRing.create(None, N_CH, 4096, FS)
+    try:
+        src.open()
+        old = src._inlet
+        (stream,) = pylsl.resolve_bypred(src.predicate, 1, 5.0)
+        src._connect(stream, 5.0, wait_time_correction=False)   # what _try_reconnect does
+        old.close_stream()
+        new_clock = src._offset_s + 3600.0   # the new instance's clock is an hour away
+        estimates = iter([new_clock] + [new_clock + 0.004] * 100_000)   # then one refresh a period later
+        src._inlet.time_correction = lambda timeout=0.0: float(next(estimates))
+        pump(src, ring, 5.0, until=lambda ev: src._offset_s == new_clock)
+        assert src._offset_s == new_clock   # stepped: the first estimate after the reconnect
+        pump(src, ring, 5.0, until=lambda ev: ring.counter > 200)
+        assert src._offset_s == new_clock + 0.004   # reached by slewing, not by another step
+        res = ring.reader("oldest").read_new(copy=True)
+        extra = np.diff(res.timestamps) - 1 / FS
+        step = np.isclose(extra, 3600.0, atol=1e-3)
+        assert step.sum() == 1   # the one step, between two chunks; the refresh after it is slewed
+        assert np.all(np.isclose(extra[~step], 0, atol=1e-6) | np.isclose(extra[~step], 0.25 / FS, atol=1e-6))
+    finally:
+        src.close()
+        stop(p)
+        ring.close()
+        ring.unlink()
+
+
 def test_a_jump_of_the_senders_own_clock_is_still_seen_as_one():
     """Slewing applies to our offset estimate only: a step in the sender's timestamps reaches the ring
     as it is, and the loop's DataQuality reports it."""

@@ -12,7 +12,9 @@ estimates wander by tens of µs (19 µs measured between refreshes on one idle
 host, more between machines), more than a sample period at 30 kHz (33 µs), and
 a step that size would look like a timestamp gap or a clock jump downstream
 (``DataQuality``: bad data, stimulation off). A real jump of the sender's own
-timestamps is not smoothed and is still seen as one.
+timestamps is not smoothed and is still seen as one. After a reconnect the new
+stream's first estimate is taken at once: it may be another instance on another
+clock, and the stream was lost anyway (the loop is in the safe state).
 """
 from __future__ import annotations
 
@@ -135,6 +137,7 @@ class LslSource(Source):
         self._last_ts: float | None = None
         self._offset_s = 0.0          # applied to the timestamps
         self._offset_target_s = 0.0   # latest time_correction estimate, slewed into _offset_s
+        self._offset_stale = False    # after a reconnect, until the new stream's first estimate
         self._slew_s = 0.0            # most the applied offset moves per chunk
         self._next_tc_t = 0.0
         self._next_poll_t = 0.0
@@ -214,6 +217,10 @@ class LslSource(Source):
         self._slew_s = 0.25 / self.info.fs_hz
         # Without a fresh estimate keep the previous offset (same host: ~0) and poll it soon.
         self._next_tc_t = pylsl.local_clock() + (self.time_correction_interval_s if wait_time_correction else 0.0)
+        # A reconnected stream may be another instance on another clock (the sender rebooted, a spare
+        # host took over): its first estimate replaces the old offset at once. Slewing it in would keep
+        # the old instance's offset, possibly hours off, for as long as the slew takes.
+        self._offset_stale = not wait_time_correction
         self._last_data_t = pylsl.local_clock()
 
     # ------------------------------------------------------------------ loss / recovery
@@ -317,11 +324,16 @@ class LslSource(Source):
             self.n_dropped += n_lost
             self._emit(now, EventKind.DROPPED, n_lost=n_lost, n_gaps=n_gaps, at_t=t_gap, reason="timestamp_gap")
         if now >= self._next_tc_t:   # slewed in from the next chunk on
-            self._next_tc_t = now + self.time_correction_interval_s
             try:
                 self._offset_target_s = inlet.time_correction(0.0)
+                self._next_tc_t = now + self.time_correction_interval_s
+                if self._offset_stale:   # the first estimate after a reconnect: stepped (_connect)
+                    self._offset_s = self._offset_target_s
+                    self._offset_stale = False
             except (LslTimeoutError, LostError):
-                pass  # keep the previous estimate; a real loss shows up on the next pull
+                # Keep the previous estimate; a real loss shows up on the next pull. Asked again on the
+                # next chunk while the offset is stale, else at the next refresh.
+                self._next_tc_t = now if self._offset_stale else now + self.time_correction_interval_s
         self._last_ts = last_raw
         self._last_data_t = now
         self.n_samples += n
