@@ -164,6 +164,10 @@ def build_spike_drive(cfg: Config, fs_hz: float, n_channels: int) -> SpikeDrive:
     if bad:
         raise ValueError(f"policy.ads.trigger_channels = {list(a.trigger_channels)}: channel(s) {bad} not in "
                          f"the stream, which has {n_channels} channels (0..{n_channels - 1})")
+    if a.band_hz and a.band_hz[1] >= fs_hz / 2:   # the default band needs a stream above 6 kHz
+        raise ValueError(f"policy.ads.band_hz = {list(a.band_hz)}: its high edge must be below half the stream's "
+                         f"rate ({fs_hz / 2:g} Hz at {fs_hz:g} Hz); set a lower one, e.g. [300, {0.4 * fs_hz:g}], "
+                         f"or [] if the amplifier already band-passes the spikes")
     det = SpikeDetector(fs_hz, n_channels, channels=a.trigger_channels, k=a.k, refractory_ms=a.refractory_ms,
                         band_hz=tuple(a.band_hz) if a.band_hz else None)
     stim = stim_params(cfg.policy.stim)

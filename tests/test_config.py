@@ -137,5 +137,8 @@ def test_the_spike_detection_band_is_set_from_the_config_and_can_be_turned_off()
     for bad in ([3000.0, 300.0], [300.0], [300.0, 3000.0, 6000.0]):
         with pytest.raises(ConfigError, match=r"policy\.ads.*band_hz"):
             parse_config({"policy": {"ads": {"band_hz": bad}}})
-    with pytest.raises(ValueError, match="fs_hz/2"):   # above Nyquist: refused when the stream's rate is known
+    # Above Nyquist: refused, naming the setting, when the stream's rate is known; [] or a lower band work.
+    with pytest.raises(ValueError, match=r"policy\.ads\.band_hz = \[300\.0, 3000\.0\].*2500 Hz at 5000 Hz"):
         build_spike_drive(ads(), 5_000.0, 4)
+    assert build_spike_drive(ads(band_hz=[]), 5_000.0, 4).detector.band_hz is None
+    assert build_spike_drive(ads(band_hz=[300.0, 2000.0]), 5_000.0, 4).detector.band_hz == (300.0, 2000.0)
