@@ -281,7 +281,10 @@ def session_detections(session_dir: Path, by_kind: dict[str, list[dict]]) -> Det
     """
     started = next((e for e in by_kind.get("status", []) if e.get("status") == "started" and "min_detect_s" in e), {})
     policy = started.get("policy")
-    decided = [e["t"] for e in by_kind.get("decision", []) if e.get("what") == "detection_start"]
+    # A detection_start inside the refractory period (suppressed) is a re-detection of the last one,
+    # as detector_events merges it for the model-scored path: counted once, either way.
+    decided = [e["t"] for e in by_kind.get("decision", [])
+               if e.get("what") == "detection_start" and not e.get("suppressed")]
     if policy == "responsive" or (policy is None and decided):
         return Detections(decided, DETECTIONS_FROM_POLICY, started.get("min_detect_s") or 0.0,
                           "the responsive policy's detection_start decisions")

@@ -123,3 +123,15 @@ def test_model_detections_are_not_scored_with_another_models_contract(tmp_path):
     assert det["source"] is None and det["sensitivity"] is None and det["detected"] is None
     assert "not the model the session ran" in det["reason"] and det["onsets"] == 2
     assert "not scored: policy 'adaptive' declares no detection and" in _summary_text({"detection": det})
+
+
+def test_a_re_detection_inside_the_refractory_period_counts_once(tmp_path):
+    """The responsive policy reports a re-detection inside its refractory period (suppressed: no
+    burst); the model-scored path merges it (detector_events). Both count the detection once."""
+    from controller.metrics import session_detections
+    started = {"status": "started", "policy": "responsive", "min_detect_s": 1.5}
+    decisions = [{"what": "detection_start", "t": 12.0, "suppressed": None},
+                 {"what": "detection_start", "t": 15.5, "suppressed": "refractory"},
+                 {"what": "detection_start", "t": 40.0, "suppressed": None}]
+    det = session_detections(tmp_path, {"status": [started], "decision": decisions})
+    assert det.source == "policy" and list(det.starts) == [12.0, 40.0]
