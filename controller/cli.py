@@ -382,9 +382,11 @@ def hil(
 
 
 def _session_ended(session: Path) -> str | None:
-    """Why ``session`` is over, from what the runner writes at its end; ``None`` while it may run."""
-    if (session / "metrics.json").exists():
-        return "its metrics.json is written"
+    """Why ``session`` is over, from the runner's own final record; ``None`` while it may run.
+
+    Not from metrics.json: ``stimloop report`` writes one for a session still running, and a stop
+    must never be refused on a guess (the session id the server checks tells sessions apart).
+    """
     log = session / "events.jsonl"
     if log.exists():
         # The runner's last record is its final status (with the children's exit codes): the tail suffices.

@@ -309,9 +309,10 @@ class Config(_Section):
         latches the session for good) or the governor refuses every request."""
         d = self.device
         problems = []
-        # Not for a serial device: watchdog_s configures the emulator, and a real device reports its own
-        # watchdog at HELLO, which make_actuator checks before the session starts.
-        if d.kind != "serial" and d.heartbeat_s > d.watchdog_s / 3 * (1 + 1e-9):
+        # Only for the emulator (kind "hil"), which watchdog_s configures: a real serial device reports
+        # its own watchdog at HELLO, which make_actuator checks before the session starts, and the
+        # in-process simulated device has none.
+        if d.kind == "hil" and d.heartbeat_s > d.watchdog_s / 3 * (1 + 1e-9):
             problems.append(
                 f"device.heartbeat_s = {d.heartbeat_s:g} s is more than device.watchdog_s / 3 = "
                 f"{d.watchdog_s / 3:.4g} s: drivers/PROTOCOL.md §7 asks for a heartbeat at least every "

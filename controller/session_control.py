@@ -84,7 +84,8 @@ class SessionControl:
         """
         events = self.actuator.safe_state(reason)
         self.pending_events += events
-        stops = [e for e in events if e.kind is EventKind.SAFE_STATE]
+        # The last one is this stop's: earlier ones may be held over from a call that raised.
+        stops = [e for e in events if e.kind is EventKind.SAFE_STATE][-1:]
         if stops and all(e.data.get("stop_ok") is True for e in stops):
             return None
         errors = [err for e in stops for err in e.data.get("stop_errors") or []] or ["no stop was sent"]

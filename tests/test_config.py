@@ -110,6 +110,8 @@ def test_heartbeat_must_come_within_a_third_of_the_watchdog():
     # A serial device reports its own watchdog at HELLO (checked when the session starts); watchdog_s
     # only sets the emulator's.
     parse_config({"device": {"kind": "serial", "port": "/dev/ttyACM0", "heartbeat_s": 1.0, "watchdog_s": 0.5}})
+    # The in-process simulated device has no watchdog at all: watchdog_s does not apply to it.
+    parse_config({"device": {"kind": "simulated", "heartbeat_s": 0.3, "watchdog_s": 0.5}})
 
 
 def test_heartbeat_must_be_below_the_profiles_heartbeat_timeout():

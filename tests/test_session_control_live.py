@@ -129,3 +129,29 @@ def test_a_folder_whose_runner_recorded_its_end_is_refused(tmp_path):
         '{"t":2.0,"kind":"status","source":"runner","status":"completed","exit_codes":{"loop":0}}\n')
     r = _stimloop("ctl", "status", "--session", folder)
     assert r.returncode == 2 and "has ended (the runner recorded its end: completed)" in " ".join(r.stderr.split())
+
+
+def test_a_report_written_while_the_session_runs_does_not_block_its_stop(tmp_path):
+    """`stimloop report` writes metrics.json into a running session's folder; an emergency stop by
+    --session must still reach it (only the runner's own final record says a session has ended)."""
+    calls = []
+    server = ControlServer("tcp://127.0.0.1:*", lambda c: calls.append(c["cmd"]) or {}, session_id="LIVE-1")
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set():
+            server.poll_once(time.monotonic())
+            time.sleep(0.002)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    try:
+        folder = _folder(tmp_path, session_id="LIVE-1", control=server.endpoint, telemetry=None)
+        (tmp_path / "metrics.json").write_text("{}")   # what `stimloop report` leaves mid-session
+        r = _stimloop("ctl", "status", "--session", folder)
+    finally:
+        stop.set()
+        th.join(5)
+        server.close()
+    assert r.returncode == 0, r.stderr
+    assert calls == ["status"]
