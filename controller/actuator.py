@@ -164,6 +164,7 @@ class Actuator:
         params = decision.params
         if params is None:
             return events
+        t_governed = self._clock()   # the latency stages split policy + governor from framing + write here
         booked_start_t = decision.events[-1].data.get("start_t", now)
         # The governor maps past "at" times to now; the device wants None for "now".
         at = booked_start_t if booked_start_t > now else None
@@ -209,7 +210,7 @@ class Actuator:
             "burst_charge_uc": conservative_charge_uc(params),
             **{k: v for k, v in meta.items() if k != "window_end_t"},  # stage times for metrics.json
             # After the policy's meta, so that no meta key can hide what the governor now books.
-            "device_t": rec.device_t, "booked_start_t": booked_start_t, "start_t": start_t,
+            "t_governed": t_governed, "device_t": rec.device_t, "booked_start_t": booked_start_t, "start_t": start_t,
             "start_moved_s": start_t - booked_start_t,
         }))
         if error is not None:

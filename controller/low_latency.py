@@ -19,17 +19,19 @@ spike → command p50 0.39–0.49 ms, p99 0.90–1.09 ms without; p50 0.30 ms, p
 Also here: what the host took. On a VM the hypervisor now and then runs something
 else on a vCPU that wanted to run (its *steal* time, ``steal_ms``); a session and
 every benchmark record how much over their span, so a tail can be told apart from
-one of the machine's own (docs/performance.md, "Where the last tails come from").
+one of the machine's own (docs/performance.md, "Where the last tails come from"),
+and what each process used (``CpuMeter``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import struct
+import time
 from typing import Iterator
 
 __all__ = ["LowLatency", "PM_QOS_DEVICE", "DEFAULT_NICE", "set_nice", "nice_while", "nice_for", "parse_steal_ms",
-           "steal_ms", "steal_since"]
+           "steal_ms", "steal_since", "cpu_seconds", "CpuMeter"]
 
 PM_QOS_DEVICE = "/dev/cpu_dma_latency"
 
@@ -184,3 +186,49 @@ def steal_since(before: dict[str, float] | None) -> dict | None:
         return None
     per = {c: round(after[c] - v, 1) for c, v in before.items() if c in after}
     return {"total": round(sum(per.values()), 1), "per_cpu": per}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads), from ``/proc``; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces: fields start after its closing parenthesis.
+    fields = raw.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+class CpuMeter:
+    """CPU use per named process over an interval: ``start()``, then ``stop() -> {name: percent of one core}``.
+
+    After ``stop()``, ``host_steal_ms`` holds the CPU time the hypervisor took from this
+    machine over the same interval: ``{"total": ms, "per_cpu": {"cpu0": ms, ...}}`` (10 ms
+    resolution, see ``parse_steal_ms``), None where the kernel does not say. On a VM it is
+    what tells a scheduling tail of the machine's own from one of the host's.
+    """
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = {k: int(v) for k, v in pids.items() if v is not None}
+        self._t0 = None
+        self._c0: dict[str, float | None] = {}
+        self._s0: dict[str, float] | None = None
+        self.host_steal_ms: dict | None = None
+
+    def start(self) -> "CpuMeter":
+        self._t0 = time.monotonic()
+        self._c0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        self._s0 = steal_ms()
+        return self
+
+    def stop(self) -> dict:
+        if self._t0 is None:
+            raise RuntimeError("CpuMeter.stop() before start()")
+        wall = max(time.monotonic() - self._t0, 1e-9)
+        out = {}
+        for k, p in self.pids.items():
+            c1, c0 = cpu_seconds(p), self._c0.get(k)
+            out[k] = None if c1 is None or c0 is None else round(100.0 * (c1 - c0) / wall, 1)
+        self.host_steal_ms = steal_since(self._s0)
+        return out

@@ -320,6 +320,64 @@ def session_detections(session_dir: Path, by_kind: dict[str, list[dict]]) -> Det
                       "or late) restart the onset timer", settings=settings)
 
 
+def governed_t(command: dict) -> float:
+    """When the governor had passed ``command`` (``t_governed``); sessions recorded before
+    2026-12-07 have only ``t_decided``, the policy's decision just before the governor."""
+    return command.get("t_governed", command["t_decided"])
+
+
+def _latencies(session_dir: Path, truth: dict, predictions: list[dict], commands: list[dict],
+               received: list) -> dict:
+    """Per-command latencies in s: ``end_to_end`` (decision's last sample → device receipt),
+    ``pushed_to_device`` (that sample's chunk pushed by the simulator → receipt) and ``stages``."""
+    chunk_cmds = [c for c in commands if "t_read" in c]   # chunk-driven (spike policies)
+    chunk_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c in chunk_cmds])
+    reached = end_to_end_pairs(commands, received)
+    reached_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c, _ in reached])
+    stages = {
+        "ring_read": [p["t_read"] - p["window_end_t"] for p in predictions if "t_read" in p],
+        # Spike policies: detected spike sample -> its chunk read by the loop (chunking, LSL, ring) ...
+        "spike_to_loop": [c["t_read"] - c["window_end_t"] for c in chunk_cmds],
+        # ... of which after the chunk left the simulator (LSL, ring): the controller's share.
+        "pushed_to_loop": [c["t_read"] - p for c, p in zip(chunk_cmds, chunk_push) if np.isfinite(p)],
+        # ... then the chunk's data-quality check and windowing, before the spike policy sees it.
+        "chunk_checks": [c["t_inference"] - c["t_read"] for c in chunk_cmds if "t_inference" in c],
+        "features": [p["t_features"] - p["t_read"] for p in predictions if "t_features" in p],
+        "inference": [p["t_inference"] - p["t_features"] for p in predictions if "t_inference" in p],
+        # Policy (spike policies: detector + policy) and the safety governor's check ...
+        "policy_governor": [governed_t(c) - c["t_inference"] for c in commands if "t_decided" in c and "t_inference" in c],
+        # ... then the driver: configure round trip if the parameters changed, framing, write.
+        "port_write": [c["sent_t"] - governed_t(c) for c in commands if "t_decided" in c],
+        "device_receive": [r - c["sent_t"] for c, r in zip(commands, received) if r is not None],
+    }
+    return {"end_to_end": [r - c["window_end_t"] for c, r in reached],
+            "pushed_to_device": [r - p for (_, r), p in zip(reached, reached_push) if np.isfinite(p)],
+            "stages": stages}
+
+
+def chunk_command_times(session_dir: Path) -> dict[str, np.ndarray]:
+    """For each chunk-driven trigger (spike policies) the device received, its moments in s on the
+    session clock, one array each, aligned: ``window_end`` (the decision's last sample: the detected
+    spike), ``pushed`` (the spike's chunk left the simulator; NaN
+    where the simulator recorded no push times), ``read`` (the loop read it), ``checked`` (data-quality
+    check done), ``decided`` (the policy's request), ``governed`` (the governor passed it), ``sent``
+    (the frame's write began), ``received`` (the device's receipt stamp); and ``configured``: True
+    where a CONFIGURE round trip went first (the parameters had changed), inside sent − governed."""
+    session_dir = Path(session_dir)
+    events = read_jsonl(session_dir / "events.jsonl")
+    commands = [e for e in events if e["kind"] == "command" and e.get("op") == "trigger" and "t_read" in e]
+    received = join_receipts(commands, read_jsonl(session_dir / "device_log.jsonl")).received_t
+    reached = [(c, r) for c, r in zip(commands, received) if r is not None]
+    pushed = chunk_push_times(session_dir, load_ground_truth(session_dir), [c["window_end_t"] for c, _ in reached])
+    col = lambda f: np.asarray([f(c) for c, _ in reached], float)   # noqa: E731
+    return {"window_end": col(lambda c: c["window_end_t"]),
+            "pushed": np.asarray(pushed, float).reshape(-1), "read": col(lambda c: c["t_read"]),
+            "checked": col(lambda c: c["t_inference"]), "decided": col(lambda c: c["t_decided"]),
+            "governed": col(governed_t), "sent": col(lambda c: c["sent_t"]),
+            "received": np.asarray([r for _, r in reached], float),
+            "configured": np.asarray([c.get("configure_seq") is not None for c, _ in reached], bool)}
+
+
 def compute_metrics(session_dir: Path) -> dict:
     session_dir = Path(session_dir)
     events = read_jsonl(session_dir / "events.jsonl")
@@ -334,24 +392,7 @@ def compute_metrics(session_dir: Path) -> dict:
     commands = [c for c in by_kind.get("command", []) if c.get("op") == "trigger"]
     join = join_receipts(commands, device_log)
     received = join.received_t   # per command: its device receipt time, None if it has none
-    chunk_cmds = [c for c in commands if "t_read" in c]   # chunk-driven (spike policies)
-    chunk_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c in chunk_cmds])
-    reached = end_to_end_pairs(commands, received)
-    reached_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c, _ in reached])
-    stages = {
-        "ring_read": [p["t_read"] - p["window_end_t"] for p in predictions if "t_read" in p],
-        # Spike policies: detected spike sample -> its chunk read by the loop (chunking, LSL, ring) ...
-        "spike_to_loop": [c["t_read"] - c["window_end_t"] for c in chunk_cmds],
-        # ... of which after the chunk left the simulator (LSL, ring): the controller's share.
-        "pushed_to_loop": [c["t_read"] - p for c, p in zip(chunk_cmds, chunk_push) if np.isfinite(p)],
-        "features": [p["t_features"] - p["t_read"] for p in predictions if "t_features" in p],
-        "inference": [p["t_inference"] - p["t_features"] for p in predictions if "t_inference" in p],
-        "policy_governor": [c["t_decided"] - c["t_inference"] for c in commands if "t_decided" in c and "t_inference" in c],
-        "port_write": [c["sent_t"] - c["t_decided"] for c in commands if "t_decided" in c],
-        "device_receive": [r - c["sent_t"] for c, r in zip(commands, received) if r is not None],
-    }
-    end_to_end = [r - c["window_end_t"] for c, r in reached]
-    pushed_to_device = [r - p for (_, r), p in zip(reached, reached_push) if np.isfinite(p)]
+    lat = _latencies(session_dir, truth, predictions, commands, received)
 
     seizures = truth.get("seizures", [])
     session_end = truth.get("end_t")
@@ -375,11 +416,11 @@ def compute_metrics(session_dir: Path) -> dict:
     charge = sum(float(c.get("burst_charge_uc", 0.0)) for c in allowed)
     unreached = [c["seq"] for c, r in zip(commands, received) if device_log and r is None]
     return {
-        "end_to_end_ms": percentiles_ms(end_to_end),
+        "end_to_end_ms": percentiles_ms(lat["end_to_end"]),
         # From the moment the decision's last sample left the simulator (its chunk pushed): what the
         # controller adds, without the wait of a sample in its chunk. Simulator sessions only.
-        "pushed_to_device_ms": percentiles_ms(pushed_to_device),
-        "stage_ms": {k: percentiles_ms(v) for k, v in stages.items()},
+        "pushed_to_device_ms": percentiles_ms(lat["pushed_to_device"]),
+        "stage_ms": {k: percentiles_ms(v) for k, v in lat["stages"].items()},
         "deadline_misses": len(by_kind.get("deadline_miss", [])),
         "dropped_samples": int(sum(int(e.get("n", e.get("n_lost", 0)) or 0) for e in by_kind.get("dropped", []))),
         "predictions": len(predictions),
@@ -405,15 +446,17 @@ def compute_metrics(session_dir: Path) -> dict:
 
 def scheduling(status_events: list[dict]) -> dict:
     """What the real-time session got from the OS, as its processes recorded it (``None``: not recorded,
-    e.g. a simulated-time session): the PM QoS request, each controller process's priority, and the
-    CPU time the hypervisor took over the session (``host_steal_ms``: ``{"total", "per_cpu"}`` in ms)."""
+    e.g. a simulated-time session): the PM QoS request, each controller process's priority, the
+    CPU time the hypervisor took over the session (``host_steal_ms``: ``{"total", "per_cpu"}`` in ms),
+    and each process's CPU use while the loop ran (``cpu_percent``: % of one core, by process)."""
     def first(pred, key):
         return next((e[key] for e in status_events if pred(e) and key in e), None)
 
     return {"low_latency": first(lambda e: e.get("source") == "runner", "low_latency"),
             "nice": {"acquisition": first(lambda e: e.get("what") == "acquisition_started", "nice"),
                      "loop": first(lambda e: e.get("source") == "loop" and e.get("status") == "started", "nice")},
-            "host_steal_ms": first(lambda e: e.get("source") == "runner", "host_steal_ms")}
+            "host_steal_ms": first(lambda e: e.get("source") == "runner", "host_steal_ms"),
+            "cpu_percent": first(lambda e: e.get("source") == "runner", "cpu_percent")}
 
 
 #: a detection within this of a true spike on its channel is that spike (as ``controller.bench_ads``)

@@ -313,4 +313,7 @@ def summary_table(metrics: dict) -> Table:
         steal = sched.get("host_steal_ms")
         if steal is not None:   # a VM's host running something else on our vCPUs (10 ms resolution)
             t.add_row("host steal, all CPUs (ms)", f"{steal['total']:.0f}")
+        cpu = sched.get("cpu_percent")
+        if cpu:   # % of one core each, while the loop ran
+            t.add_row(f"CPU % of a core: {' / '.join(cpu)}", " / ".join(_num(v, 0) for v in cpu.values()))
     return t

@@ -58,7 +58,8 @@ def test_quick_suite_writes_wellformed_json(quick_run):
     out, doc, _ = quick_run
     m = doc["machine"]
     assert m["cores"] >= 1 and len(m["load_average"]) == 3 and m["python"] and m["cpu_model"]
-    assert set(doc["scenarios"]) == {"spike_triggered", "spike_triggered_busy_poll", "seizure_loop", "throughput"}
+    assert set(doc["scenarios"]) == {"spike_triggered", "spike_triggered_busy_poll", "spike_triggered_session",
+                                     "seizure_loop", "throughput"}
     assert set(doc) >= set(REQUIRED_TOP)
     for name, sc in doc["scenarios"].items():
         assert "error" not in sc and "skipped" not in sc, f"{name}: {sc.get('error') or sc.get('skipped')}\n{sc.get('traceback')}"
@@ -109,6 +110,17 @@ def test_quick_suite_writes_wellformed_json(quick_run):
         blocks = (sp["duration_s"] - WARMUP_S) * 1000
         assert 0 < sp["stages_ms"]["push_to_decision_every_chunk"]["n"] <= blocks + 1
         assert len({b["push_t"] for b in slow}) == len(slow)        # no block listed twice
+    # The same stream through a real ADS session: its processes, its ring, its governor.
+    ss = doc["scenarios"]["spike_triggered_session"]
+    from controller.bench.spike_session import STAGES as SESSION_STAGES
+    assert list(ss["stages_ms"]) == list(SESSION_STAGES) and ss["commands"] > 0
+    assert all(st["n"] == ss["end_to_end_ms"]["n"] == ss["commands"] for st in ss["stages_ms"].values())
+    assert ss["configure_commands"] == 1 and ss["faults"] == [] and ss["nice"] == -10 and ss["busy_poll"] is False
+    assert set(ss["cpu_percent"]) == {"hil", "acq", "loop"}
+    assert ss["end_to_end_over_target"]["n"] == ss["end_to_end_ms"]["n"]
+    assert ss["deadline_misses"] == sum(ss["deadline_miss_breakdown"].values())
+    # Every command's spike was detected: the session scored its detections against the true spikes.
+    assert ss["spikes_detected"] >= ss["commands"] and ss["artifact_triggers"] == 0
     sz = doc["scenarios"]["seizure_loop"]
     assert set(sz["stages_ms"]) == {"lsl_transport", "ring_write", "ring_to_loop", "features", "inference",
                                     "policy_governor", "port_write", "device_receive"}

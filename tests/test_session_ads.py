@@ -220,6 +220,14 @@ def test_ads_session_detects_spikes_and_delivers_at_the_imposed_delay(ads_sessio
     assert all(c["window_end_t"] <= p <= c["t_read"] for c, p in zip(cmds, push))
     assert m["pushed_to_device_ms"]["n"] == m["end_to_end_ms"]["n"] == a["pulses_delivered"]
     assert m["stage_ms"]["pushed_to_loop"]["n"] == m["stage_ms"]["spike_to_loop"]["n"] == len(cmds)
+    # Each delivered command's moments come in causal order, from its chunk's push to the device's
+    # receipt: the stages `stimloop bench`'s spike_triggered_session reports are their differences.
+    from controller.metrics import chunk_command_times
+    t = chunk_command_times(s)
+    order = ("pushed", "read", "checked", "decided", "governed", "sent", "received")
+    assert t["pushed"].size == a["pulses_delivered"] and np.isfinite(np.stack([t[k] for k in order])).all()
+    assert all((t[x] <= t[y]).all() for x, y in zip(order, order[1:]))
+    assert t["configured"][0] and t["configured"].sum() == 1   # one setting: configured once, by the first
 
 
 @pytest.mark.realtime

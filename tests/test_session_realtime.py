@@ -51,8 +51,11 @@ def test_closed_loop_session_end_to_end(tmp_path):
     # And what the hypervisor took over the session, recorded by the runner as the session ended.
     steal = next(e["host_steal_ms"] for e in events if e.get("source") == "runner" and "status" in e)
     assert steal["total"] >= 0 and set(steal["per_cpu"]) == {f"cpu{i}" for i in range(os.cpu_count())}
+    # Each process's CPU use while the loop ran: all three did work (the loop waits on a pipe, never spins).
+    cpu = next(e["cpu_percent"] for e in events if e.get("source") == "runner" and "status" in e)
+    assert set(cpu) == {"hil", "acq", "loop"} and all(0 < v < 100 * os.cpu_count() for v in cpu.values()), cpu
     assert m["scheduling"] == {"low_latency": qos[0], "nice": {"acquisition": acq_nice, "loop": loop_nice},
-                               "host_steal_ms": steal}
+                               "host_steal_ms": steal, "cpu_percent": cpu}
     assert m["detection"]["onsets"] == 1 and m["detection"]["detected"] == 1
     assert m["detection"]["false_detections"] == 0
     # Every trigger the device received came through the governor (a COMMAND event with the same seq).

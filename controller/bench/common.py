@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from controller.low_latency import steal_ms, steal_since
+from controller.low_latency import CpuMeter, cpu_seconds, steal_ms, steal_since  # noqa: F401  (re-exported)
 # One percentile rule for sessions and benchmarks (re-exported: the bench modules import it from here).
 from controller.metrics import MIN_N, PERCENTILES, STAT_KEYS, finite_ms, min_n_for, summarize_ms  # noqa: F401
 
@@ -183,21 +183,6 @@ def machine_info() -> dict:
     return info
 
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds used so far by process ``pid`` (all its threads), from ``/proc``; None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    # The command name may contain spaces: fields start after its closing parenthesis.
-    fields = raw.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
 def tree_pids(pid: int) -> list[int]:
     """``pid`` and its descendants (from /proc children lists)."""
     out, todo = [], [pid]
@@ -211,40 +196,6 @@ def tree_pids(pid: int) -> list[int]:
         except OSError:
             pass
     return out
-
-
-class CpuMeter:
-    """CPU use per named process over an interval: ``start()``, then ``stop() -> {name: percent of one core}``.
-
-    After ``stop()``, ``host_steal_ms`` holds the CPU time the hypervisor took from this
-    machine over the same interval: ``{"total": ms, "per_cpu": {"cpu0": ms, ...}}`` (10 ms
-    resolution, see ``parse_steal_ms``), None where the kernel does not say. On a VM it is
-    what tells a scheduling tail of the machine's own from one of the host's.
-    """
-
-    def __init__(self, pids: dict[str, int]):
-        self.pids = {k: int(v) for k, v in pids.items() if v is not None}
-        self._t0 = None
-        self._c0: dict[str, float | None] = {}
-        self._s0: dict[str, float] | None = None
-        self.host_steal_ms: dict | None = None
-
-    def start(self) -> "CpuMeter":
-        self._t0 = time.monotonic()
-        self._c0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
-        self._s0 = steal_ms()
-        return self
-
-    def stop(self) -> dict:
-        if self._t0 is None:
-            raise RuntimeError("CpuMeter.stop() before start()")
-        wall = max(time.monotonic() - self._t0, 1e-9)
-        out = {}
-        for k, p in self.pids.items():
-            c1, c0 = cpu_seconds(p), self._c0.get(k)
-            out[k] = None if c1 is None or c0 is None else round(100.0 * (c1 - c0) / wall, 1)
-        self.host_steal_ms = steal_since(self._s0)
-        return out
 
 
 def check_duration(name: str, value: float, lo: float = 0.5, hi: float = 3600.0) -> float:

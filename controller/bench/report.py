@@ -70,6 +70,7 @@ def target_verdicts(doc: dict) -> list[dict]:
 
     p99_row("spike_triggered", "spike-triggered path", SPIKE_P99_TARGET_MS)
     p99_row("spike_triggered_busy_poll", "spike-triggered path, busy poll", SPIKE_P99_TARGET_MS)
+    p99_row("spike_triggered_session", "spike-triggered path in a session", SPIKE_P99_TARGET_MS)
     p99_row("seizure_loop", "seizure loop", SEIZURE_P99_TARGET_MS)
     tp = doc.get("throughput") or {}
     if "throughput" in sc:

@@ -25,8 +25,9 @@ Stages (per command, seconds; the window's last sample defines the event):
     ring_to_loop    written to the ring → read by the loop
     features        read → features computed      (``ChunkStep`` PREDICTION ``t_read``/``t_features``)
     inference       features → ONNX output         (``t_inference``)
-    policy_governor ONNX output → governor decided (COMMAND ``t_decided``)
-    port_write      decided → frame written to the port (``sent_t``)
+    policy_governor ONNX output → policy decided and the safety governor passed it (COMMAND ``t_governed``)
+    port_write      passed → frame written to the port (``sent_t``; a configure round trip first when
+                    the parameters changed)
     device_receive  written → received by the device (emulator ``t_received``)
     end_to_end      window complete → received by the device: from the real push of the chunk
                     that holds the window's last sample, the moment the window's data exists
@@ -262,7 +263,7 @@ def stage_samples(cmds: list[dict], preds: dict, received: list, acq, push_t, tr
     """
     import numpy as np
 
-    from controller.metrics import chunk_index
+    from controller.metrics import chunk_index, governed_t
     push = truth["push"]
     fs, t0, chunk_n, first = float(push["fs_hz"]), float(truth["t0"]), int(push["chunk_n"]), int(push["first_sample"])
     push_t = np.asarray(push_t, np.float64)
@@ -293,8 +294,8 @@ def stage_samples(cmds: list[dict], preds: dict, received: list, acq, push_t, tr
             out["simulator_push_late"].append(t_push - (t0 + (first + (k + 1) * chunk_n - 1) / fs))
         out["features"].append(p["t_features"] - p["t_read"])
         out["inference"].append(p["t_inference"] - p["t_features"])
-        out["policy_governor"].append(c["t_decided"] - c["t_inference"])
-        out["port_write"].append(c["sent_t"] - c["t_decided"])
+        out["policy_governor"].append(governed_t(c) - c["t_inference"])
+        out["port_write"].append(c["sent_t"] - governed_t(c))
         out["device_receive"].append(t_recv - c["sent_t"])
     return out
 

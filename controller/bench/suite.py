@@ -1,7 +1,8 @@
 """``stimloop bench``: run the scenarios and the peers, gather one JSON document.
 
 Scenarios: ``spike_triggered`` (30 kHz × 32 ch, ADS fast path of
-``controller.bench_ads``), ``seizure_loop`` (512 Hz × 16 ch, shipped ONNX,
+``controller.bench_ads``), ``spike_triggered_session`` (the same stream through an ADS
+session's processes, :mod:`controller.bench.spike_session`), ``seizure_loop`` (512 Hz × 16 ch, shipped ONNX,
 see :mod:`controller.bench.seizure_loop`), ``throughput`` (30 kHz channel
 sweep, :mod:`controller.bench.throughput`); peers: :mod:`controller.bench.peers`.
 Every figure is measured on ``pylsl.local_clock``; nothing here asserts a
@@ -15,7 +16,7 @@ import traceback
 from controller.bench.common import SPIKE_P99_TARGET_MS, check_duration, machine_info, share_over, stats_ms
 from controller.low_latency import DEFAULT_NICE
 
-SCENARIOS = ("spike_triggered", "spike_triggered_busy_poll", "seizure_loop", "throughput")
+SCENARIOS = ("spike_triggered", "spike_triggered_busy_poll", "spike_triggered_session", "seizure_loop", "throughput")
 # The spike path per command: LSL push → pull, detector + ADS policy, governor + framing, write → device receipt.
 SPIKE_STAGES = ("lsl_push_to_pull", "detect_policy", "governor_and_framing", "write_to_device_receipt")
 #: keys every scenario entry carries, whatever happened to it (None where there is no value)
@@ -26,6 +27,9 @@ def scenario_stages(name: str) -> tuple[str, ...]:
     """The stage names scenario ``name`` reports (so a failed one reports the same keys, empty)."""
     if name in ("spike_triggered", "spike_triggered_busy_poll"):
         return (*SPIKE_STAGES, "push_to_decision_every_chunk")
+    if name == "spike_triggered_session":
+        from controller.bench.spike_session import STAGES as SESSION_STAGES
+        return tuple(SESSION_STAGES)
     if name == "seizure_loop":
         from controller.bench.seizure_loop import STAGES
         return STAGES
@@ -56,7 +60,7 @@ def scenario_extra_keys(name: str) -> tuple[str, ...]:
     keys: tuple[str, ...] = ("cpu_percent", "host_steal_ms")
     if name in ("spike_triggered", "spike_triggered_busy_poll"):
         keys += ("end_to_end_over_target", "slowest_blocks", "pids")
-    elif name == "seizure_loop":
+    elif name in ("seizure_loop", "spike_triggered_session"):
         keys += ("end_to_end_over_target",)
     return keys
 
@@ -175,6 +179,7 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
     """
     from controller.bench import seizure_loop, throughput
     from controller.bench.peers import PEERS, run_peers
+    from controller.bench.spike_session import run_spike_session
     scenarios = list(scenarios)
     bad = [s for s in scenarios if s not in SCENARIOS]
     if bad:
@@ -199,6 +204,8 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
         try:
             if name in ("spike_triggered", "spike_triggered_busy_poll"):
                 entry = run_spike_triggered(duration_s, busy_poll=name.endswith("busy_poll"), nice=nice)
+            elif name == "spike_triggered_session":
+                entry = run_spike_session(duration_s, nice=nice)
             elif name == "seizure_loop":
                 entry = seizure_loop.run(duration_s, nice=nice)
             else:

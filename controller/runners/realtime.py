@@ -138,11 +138,12 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
     status = "completed"
     failure: SessionError | None = None
     from controller.events import Event, EventKind
-    from controller.low_latency import LowLatency, steal_ms, steal_since
+    from controller.low_latency import CpuMeter, LowLatency, steal_ms, steal_since
     qos = LowLatency(cfg.session.low_latency)   # PM QoS for the session's length (controller/low_latency.py)
     steal0 = steal_ms()   # what the hypervisor takes over the session, recorded with its end
     from pylsl import local_clock
     forced: set[str] = set()
+    cpu: CpuMeter | None = None   # each process's CPU use while the loop runs
     try:
         if qos.enabled:
             log.append(Event(local_clock(), EventKind.STATUS, "runner", {"low_latency": qos.acquire()}))
@@ -201,6 +202,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
                                     kwargs={"wakeup_path": wakeup})
         procs["loop"].start()
         wait_ready(q_loop, procs["loop"], 60, "control loop")
+        cpu = CpuMeter({k: p.pid for k, p in procs.items()}).start()
 
         _progress(cfg.session.duration_s, procs, console)
     except (KeyboardInterrupt, _Stop) as exc:
@@ -215,6 +217,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
+            cpu_percent = cpu.stop() if cpu is not None else None   # before the loop stops
             forced = stop_processes(stops, procs)
             if ring is not None:
                 ring.close()
@@ -224,7 +227,8 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             qos.release()
             log.append(Event(local_clock(), EventKind.STATUS, "runner", {"status": status,
                              "exit_codes": {k: p.exitcode for k, p in procs.items()},
-                             "forced_stop": sorted(forced), "host_steal_ms": steal_since(steal0)}))
+                             "forced_stop": sorted(forced), "host_steal_ms": steal_since(steal0),
+                             "cpu_percent": cpu_percent}))
             log.close()
         finally:
             if in_main:
