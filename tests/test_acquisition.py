@@ -118,6 +118,23 @@ def test_raw_recorder_flushes_on_the_callers_clock(tmp_path):
     rec.close()
 
 
+def test_raw_recorder_writes_in_small_pieces_between_timed_flushes(tmp_path):
+    """About flush_bytes staged go out at once, not a whole flush_s of data in one long write
+    that would hold up the acquisition's next pull."""
+    rec = RawRecorder(tmp_path / "raw", 2, FS, flush_s=1.0, flush_bytes=16 * 100)   # 100 rows of 4*2 + 8 bytes
+    on_disk = lambda: os.path.getsize(tmp_path / "raw" / "timestamps.f64") // 8  # noqa: E731
+    rec.maybe_flush(0.0)                 # the first timed flush, nothing staged yet
+    block = np.zeros((60, 2), np.float32)
+    rec.append(block, np.arange(60) / FS)
+    rec.maybe_flush(0.1)
+    assert on_disk() == 0                # 60 rows < 100, and 0.1 s < flush_s
+    rec.append(block, (60 + np.arange(60)) / FS)
+    rec.maybe_flush(0.2)
+    assert on_disk() == 120              # 120 rows staged >= 100: written whole, in order
+    assert load_raw(tmp_path / "raw")[1].tolist() == (np.arange(120) / FS).tolist()
+    rec.close()
+
+
 @pytest.mark.parametrize("busy_poll, expected", [(False, "nice 5"), (True, "unchanged")])
 def test_acquisition_runs_at_the_given_nice_unless_its_source_busy_polls(tmp_path, busy_poll, expected):
     """The process that polls decides (controller.low_latency.nice_for): a raised busy-poller would crowd out

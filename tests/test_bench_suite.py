@@ -117,6 +117,10 @@ def test_quick_suite_writes_wellformed_json(quick_run):
     assert all(st["n"] == ss["end_to_end_ms"]["n"] == ss["commands"] for st in ss["stages_ms"].values())
     assert ss["configure_commands"] == 1 and ss["faults"] == [] and ss["nice"] == -10 and ss["busy_poll"] is False
     assert set(ss["cpu_percent"]) == {"hil", "acq", "loop"}
+    assert set(ss["pids"]) == {"simulator and stimulator emulator", "acquisition", "loop"}
+    slow = ss["slowest_blocks"]   # the slowest commands, for `stimloop bench blame`
+    assert 0 < len(slow) <= 20 and slow[0]["ms"] == pytest.approx(ss["end_to_end_ms"]["max"], abs=1e-3)
+    assert [b["ms"] for b in slow] == sorted((b["ms"] for b in slow), reverse=True)
     assert ss["end_to_end_over_target"]["n"] == ss["end_to_end_ms"]["n"]
     assert ss["deadline_misses"] == sum(ss["deadline_miss_breakdown"].values())
     # Every command's spike was detected: the session scored its detections against the true spikes.

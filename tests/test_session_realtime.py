@@ -82,3 +82,19 @@ def test_missing_serial_port_is_a_clear_error(tmp_path):
     cfg = _cfg(tmp_path, device={"kind": "serial", "port": "/dev/does-not-exist-0"})
     with pytest.raises(SessionError, match="/dev/does-not-exist-0"):
         run_session(cfg)
+
+
+def test_stopping_skips_a_process_whose_start_failed():
+    """A process whose start() raised was never started: the shutdown stops the others and lets the
+    start-up error through instead of failing on it ("can only join a started process")."""
+    import multiprocessing as mp
+    import time
+
+    from controller.runners.realtime import stop_processes
+    ctx = mp.get_context("spawn")
+    stops = {k: ctx.Event() for k in ("loop", "acq", "hil")}
+    running = ctx.Process(target=time.sleep, args=(0.2,))
+    running.start()
+    never = ctx.Process(target=time.sleep, args=(0,))
+    assert stop_processes(stops, {"loop": running, "hil": never}) == set()
+    assert running.exitcode == 0 and never.exitcode is None and all(e.is_set() for e in stops.values())

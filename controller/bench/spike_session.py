@@ -27,6 +27,8 @@ End to end = the spike's chunk pushed → TRIGGER received by the device, as in
 As in ``spike_triggered``, the command that first configured the device is left
 out (``configure_commands`` counts it), and so are the commands of the first
 ``WARMUP_S`` of the session (the spike detector's noise estimate settling).
+``slowest_blocks`` (here: the slowest commands, push → device receipt) and
+``pids`` feed ``stimloop bench blame``, as the other spike scenarios' do.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ STAGES = {"pushed_to_loop": ("pushed", "read"), "chunk_checks": ("read", "checke
           "port_write": ("governed", "sent"), "device_receive": ("sent", "received")}
 #: commands whose spike came this soon after the loop's first read are left out (as bench_ads' warm-up)
 WARMUP_S = 0.3
+#: how many of the slowest commands are kept for ``stimloop bench blame``
+SLOWEST_N = 20
 N_CHANNELS = 32
 #: ``examples/ads.toml`` at the suite's 32 channels (tests/test_bench_spike_session.py holds them equal)
 ADS_SESSION = {
@@ -85,6 +89,15 @@ def session_entry(session_dir: Path) -> dict:
     if loop_start is not None:
         keep &= t["window_end"] >= loop_start + WARMUP_S   # a chunk-driven command's window end is its spike
     e2e = (t["received"] - t["pushed"])[keep].tolist()
+    # The slowest commands with their span on the LSL clock (CLOCK_MONOTONIC on Linux) and who is
+    # who, for `stimloop bench blame` against a scheduler trace of the run.
+    pushed, received = t["pushed"][keep], t["received"][keep]
+    slowest = [{"push_t": float(pushed[i]), "done_t": float(received[i]),
+                "ms": round(float(received[i] - pushed[i]) * 1e3, 4)}
+               for i in np.argsort(received - pushed)[::-1][:SLOWEST_N]]
+    runner = next((e for e in reversed(events) if e.get("source") == "runner" and "pids" in e), {})
+    roles = {"hil": "simulator and stimulator emulator", "acq": "acquisition", "loop": "loop"}
+    pids = {roles.get(k, k): v for k, v in (runner.get("pids") or {}).items()}
     raw = {name: (t[b] - t[a])[keep].tolist() for name, (a, b) in STAGES.items()}
     ads = m.get("ads") or {}
     rules = ads.get("refusal_rules") or {}
@@ -107,6 +120,7 @@ def session_entry(session_dir: Path) -> dict:
            "dropped_samples": int(m.get("dropped_samples") or 0),
            "deadline_misses": sum(misses.values()), "deadline_miss_breakdown": misses,
            "refused": int(ads.get("refusals") or 0), "refusal_rules": rules, "faults": faults,
+           "slowest_blocks": slowest, "pids": pids,
            "cpu_percent": sched.get("cpu_percent"),
            "host_steal_ms": sched.get("host_steal_ms"),
            "_raw_s": {"end_to_end": e2e, **raw}}

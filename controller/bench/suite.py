@@ -60,7 +60,9 @@ def scenario_extra_keys(name: str) -> tuple[str, ...]:
     keys: tuple[str, ...] = ("cpu_percent", "host_steal_ms")
     if name in ("spike_triggered", "spike_triggered_busy_poll"):
         keys += ("end_to_end_over_target", "slowest_blocks", "pids")
-    elif name in ("seizure_loop", "spike_triggered_session"):
+    elif name == "spike_triggered_session":
+        keys += ("end_to_end_over_target", "slowest_blocks", "pids")
+    elif name == "seizure_loop":
         keys += ("end_to_end_over_target",)
     return keys
 

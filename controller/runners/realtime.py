@@ -73,7 +73,8 @@ def stop_processes(stops: dict, procs: dict, order=("loop", "acq", "hil")) -> se
     for name in order:
         stops[name].set()
         p = procs.get(name)
-        if p is not None:
+        # pid is None: its start() raised (e.g. spawn refused it); joining it would raise over that error.
+        if p is not None and p.pid is not None:
             p.join(10)
             if p.is_alive():
                 forced.add(name)
@@ -228,7 +229,8 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             log.append(Event(local_clock(), EventKind.STATUS, "runner", {"status": status,
                              "exit_codes": {k: p.exitcode for k, p in procs.items()},
                              "forced_stop": sorted(forced), "host_steal_ms": steal_since(steal0),
-                             "cpu_percent": cpu_percent}))
+                             "cpu_percent": cpu_percent,
+                             "pids": {k: p.pid for k, p in procs.items()}}))   # for a scheduler trace
             log.close()
         finally:
             if in_main:
