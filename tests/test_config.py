@@ -97,6 +97,17 @@ def test_source_busy_poll_reaches_the_source_it_builds():
         parse_config({"source": {"busy_poll": "sometimes"}})
 
 
+def test_only_the_built_in_simulator_is_read_without_time_correction():
+    """The simulator stamps with this machine's clock (offset 0: an estimate would only add its
+    error); any other LSL stream may come from another machine and is corrected."""
+    from controller.runners.realtime import source_spec
+    from controller.sources import build_source
+    for kind, corrected in (("hil", False), ("lsl", True)):
+        spec = source_spec(parse_config({"source": {"kind": kind}}), "a-stream")
+        assert spec["time_correction"] is corrected
+        assert build_source(spec).time_correction is corrected   # built, not opened
+
+
 def test_heartbeat_must_come_within_a_third_of_the_watchdog():
     """heartbeat_s = 1.0 with watchdog_s = 0.5 passed validation, and the device then stopped between two
     heartbeats: a device_watchdog fault latched for the rest of the session (drivers/PROTOCOL.md §7)."""

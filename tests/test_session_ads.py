@@ -218,6 +218,11 @@ def test_ads_session_detects_spikes_and_delivers_at_the_imposed_delay(ads_sessio
     push = chunk_push_times(s, gt, [c["window_end_t"] for c in cmds])
     assert np.isfinite(push).all() and len(cmds) >= 5
     assert all(c["window_end_t"] <= p <= c["t_read"] for c, p in zip(cmds, push))
+    # The spike times are the simulator's own sample times (t0 + i / fs, no time-correction estimate
+    # on them): on its grid to a thousandth of a sample, so each maps to the chunk that held it,
+    # a chunk's first sample included (an estimate of -19 us moved those into the previous chunk).
+    pos = (np.asarray([c["window_end_t"] for c in cmds]) - gt["t0"]) * gt["push"]["fs_hz"]
+    assert np.abs(pos - np.rint(pos)).max() < 1e-3
     assert m["pushed_to_device_ms"]["n"] == m["end_to_end_ms"]["n"] == a["pulses_delivered"]
     assert m["stage_ms"]["pushed_to_loop"]["n"] == m["stage_ms"]["spike_to_loop"]["n"] == len(cmds)
     # Each delivered command's moments come in causal order, from its chunk's push to the device's

@@ -36,11 +36,12 @@ Stages (per command, seconds; the window's last sample defines the event):
 
 One clock domain: every stamp above is a raw ``pylsl.local_clock()`` reading
 taken on this host (simulator, acquisition, loop and emulator processes). The
-sample timestamps in the ring are not: ``LslSource`` adds its
-``time_correction`` estimate to them (tens of µs of estimation error on one
-host). They serve only to find which simulator chunk holds a window's last
-sample (at 512 Hz a sample is 1.95 ms wide: the offset cannot move the match);
-the times are the simulator's own stamps from its ground truth. The
+sample timestamps in the ring are the simulator's own: as in a session on the
+simulator, ``LslSource`` applies no time-correction estimate to them
+(``time_correction=False``, its offset is 0 on one host;
+``lsl_time_correction_offset_ms`` checks that). They serve only to find which
+simulator chunk holds a window's last sample; the times are the simulator's
+own stamps from its ground truth. The
 simulator's lateness in pushing (``simulator_push_late_ms``: real push − the
 nominal time of the chunk's last sample) is reported apart, not counted as
 transport: it is the amplifier's, not the loop's.

@@ -58,7 +58,10 @@ def source_spec(cfg: Config, hil_stream: str | None = None) -> dict:
     if s.kind in ("hil", "lsl"):
         return {"kind": "lsl", "name": hil_stream or s.stream, "type": s.stream_type or None,
                 "source_id": s.source_id or None, "resolve_timeout_s": s.resolve_timeout_s,
-                "max_buflen_s": s.max_buflen_s, "stall_timeout_s": s.stall_timeout_s, "busy_poll": s.busy_poll}
+                "max_buflen_s": s.max_buflen_s, "stall_timeout_s": s.stall_timeout_s, "busy_poll": s.busy_poll,
+                # The built-in simulator stamps with this machine's local_clock: its offset is 0, and
+                # an estimate would only add its error (controller/sources/lsl.py).
+                "time_correction": s.kind != "hil"}
     return {"kind": "brainflow", "board_id": s.board_id, "params": dict(s.board_params), "busy_poll": s.busy_poll,
             "stall_timeout_s": s.stall_timeout_s}
 

@@ -15,6 +15,14 @@ a step that size would look like a timestamp gap or a clock jump downstream
 timestamps is not smoothed and is still seen as one. After a reconnect the new
 stream's first estimate is taken at once: it may be another instance on another
 clock, and the stream was lost anyway (the loop is in the safe state).
+
+``time_correction=False`` uses the sender's timestamps as they are: for a sender
+known to stamp with this machine's own ``local_clock`` (the built-in simulator,
+a child of the session), where the true offset is 0 and an estimate only adds
+its error. That error, about −19 µs in sessions on the CI VM (0.57 of a sample
+period at 30 kHz), put every sample that opens a 1 ms chunk one sample early on
+the simulator's grid, in the previous chunk: a spike there was timed from that
+chunk's push, 1 ms too long.
 """
 from __future__ import annotations
 
@@ -102,7 +110,8 @@ class LslSource(Source):
     def __init__(self, name: str | None = None, type: str | None = None, source_id: str | None = None,
                  resolve_timeout_s: float = 5.0, max_buflen_s: int = 1, chunk: int = 256,
                  wait_s: float = 0.005, stall_timeout_s: float = 1.0, gap_factor: float = 1.5,
-                 time_correction_interval_s: float = 2.0, recover_poll_s: float = 0.1, busy_poll: bool = False):
+                 time_correction_interval_s: float = 2.0, recover_poll_s: float = 0.1, busy_poll: bool = False,
+                 time_correction: bool = True):
         super().__init__()
         self.predicate = build_predicate(name, type, source_id)
         self._wanted = " ".join(f"{label} {val!r}" for label, val in
@@ -126,6 +135,9 @@ class LslSource(Source):
         if not isinstance(busy_poll, bool):
             raise ValueError(f"LslSource busy_poll={busy_poll!r}: expected true or false")
         self.busy_poll = busy_poll
+        if not isinstance(time_correction, bool):
+            raise ValueError(f"LslSource time_correction={time_correction!r}: expected true or false")
+        self.time_correction = time_correction
         self._inlet: pylsl.StreamInlet | None = None
         self._uid = ""
         self._fmt: int | None = None
@@ -192,7 +204,7 @@ class LslSource(Source):
         try:
             full = inlet.info(timeout_s)
             inlet.open_stream(timeout_s)
-            if wait_time_correction:  # the first estimate takes ~0.6 s (measured here)
+            if wait_time_correction and self.time_correction:  # the first estimate takes ~0.6 s (measured here)
                 # Before any data: applied at once, nothing to slew from.
                 self._offset_s = self._offset_target_s = inlet.time_correction(timeout_s)
         except (LslTimeoutError, LostError) as exc:
@@ -216,11 +228,12 @@ class LslSource(Source):
         # (1.5 periods), whatever the estimates do.
         self._slew_s = 0.25 / self.info.fs_hz
         # Without a fresh estimate keep the previous offset (same host: ~0) and poll it soon.
-        self._next_tc_t = pylsl.local_clock() + (self.time_correction_interval_s if wait_time_correction else 0.0)
+        self._next_tc_t = (math.inf if not self.time_correction else
+                           pylsl.local_clock() + (self.time_correction_interval_s if wait_time_correction else 0.0))
         # A reconnected stream may be another instance on another clock (the sender rebooted, a spare
         # host took over): its first estimate replaces the old offset at once. Slewing it in would keep
         # the old instance's offset, possibly hours off, for as long as the slew takes.
-        self._offset_stale = not wait_time_correction
+        self._offset_stale = self.time_correction and not wait_time_correction
         self._last_data_t = pylsl.local_clock()
 
     # ------------------------------------------------------------------ loss / recovery
