@@ -33,6 +33,7 @@ out (``configure_commands`` counts it), and so are the commands of the first
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import uuid
 from pathlib import Path
@@ -67,7 +68,6 @@ def session_config(duration_s: float, out_dir: Path, busy_poll: bool = False, ni
     a stream name of its own (a stray stream of the default name cannot be picked up), and
     telemetry and control on free ports (a running session keeps the default ones)."""
     from controller.config import load_config
-    import os
     # None: the priority this process has (bench's --nice default is the session's own).
     session = {"duration_s": duration_s, "out_dir": str(out_dir), "nice": os.nice(0) if nice is None else nice}
     return load_config(None, {**ADS_SESSION, "session": session,
@@ -81,8 +81,9 @@ def session_entry(session_dir: Path) -> dict:
     import numpy as np
 
     from controller.metrics import chunk_command_times
+    from controller.recorder import read_jsonl
     m = json.loads((Path(session_dir) / "metrics.json").read_text())
-    events = [json.loads(line) for line in (Path(session_dir) / "events.jsonl").read_text().splitlines() if line]
+    events = read_jsonl(Path(session_dir) / "events.jsonl")
     t = chunk_command_times(session_dir)
     loop_start = next((e["t"] for e in events if e.get("source") == "loop" and e.get("status") == "started"), None)
     keep = ~t["configured"] & np.isfinite(t["pushed"])
