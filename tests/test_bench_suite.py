@@ -114,6 +114,7 @@ def test_quick_suite_writes_wellformed_json(quick_run):
     ss = doc["scenarios"]["spike_triggered_session"]
     from controller.bench.spike_session import STAGES as SESSION_STAGES
     assert list(ss["stages_ms"]) == list(SESSION_STAGES) and ss["commands"] > 0
+    assert (ss["fs_hz"], ss["n_channels"], ss["chunk_samples"]) == (30000.0, 32, 30)   # as the simulator streamed
     assert all(st["n"] == ss["end_to_end_ms"]["n"] == ss["commands"] for st in ss["stages_ms"].values())
     assert ss["configure_commands"] == 1 and ss["faults"] == [] and ss["nice"] == -10 and ss["busy_poll"] is False
     assert set(ss["cpu_percent"]) == {"hil", "acq", "loop"}

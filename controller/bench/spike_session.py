@@ -80,7 +80,7 @@ def session_entry(session_dir: Path) -> dict:
     """The scenario's entry from a finished session's folder (reads files; no clock, no processes)."""
     import numpy as np
 
-    from controller.metrics import chunk_command_times
+    from controller.metrics import chunk_command_times, load_ground_truth
     from controller.recorder import read_jsonl
     m = json.loads((Path(session_dir) / "metrics.json").read_text())
     events = read_jsonl(Path(session_dir) / "events.jsonl")
@@ -108,8 +108,10 @@ def session_entry(session_dir: Path) -> dict:
     misses = {"dropped_or_refused_too_late": int(rules.get("too_late", 0)), "sent_after_their_time": late}
     faults = m.get("faults") or []
     sched = m.get("scheduling") or {}
-    out = {"fs_hz": 30000.0, "n_channels": N_CHANNELS, "chunk_samples": 30, "busy_poll": None,
-           "commands": len(e2e), "configure_commands": int(t["configured"].sum()),
+    truth = load_ground_truth(Path(session_dir))   # the simulator's own stream layout
+    push = truth.get("push") or {}
+    out = {"fs_hz": push.get("fs_hz"), "n_channels": (truth.get("spiking") or {}).get("n_channels"),
+           "chunk_samples": push.get("chunk_n"), "commands": len(e2e), "configure_commands": int(t["configured"].sum()),
            "end_to_end_ms": stats_ms(e2e), "end_to_end_over_target": share_over(e2e, SPIKE_P99_TARGET_MS),
            "end_to_end_definition": "LSL push of the chunk holding the spike -> TRIGGER received by the device, "
                                     "through the session's acquisition process, shared ring and loop process",
