@@ -1,7 +1,9 @@
 """The acquisition process: source → shared ring, plus a crash-safe raw recording.
 
 ``run_acquisition`` is the body of a process (spawn-safe: it takes only plain
-data). ``start_acquisition`` launches it. ``load_raw`` reads a recording back,
+data). ``start_acquisition`` launches it. In a session with a spike policy the loop
+process pulls the source itself (the fast path, ``controller.loop``), and this
+process only follows the ring and records it (``follow=``). ``load_raw`` reads a recording back,
 also after the process was killed with SIGKILL.
 
 Raw recording layout in ``raw_dir``:
@@ -289,7 +291,7 @@ def load_raw_meta(raw_dir: str | Path) -> dict:
 def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_or_path,
                     raw_dir: str | Path | None = None, *, raw_flush_s: float = 1.0,
                     events_flush_s: float = 0.5, ready_event=None, wakeup_path: str | None = None,
-                    wrap_ring=None, nice: int | None = None) -> int:
+                    wrap_ring=None, nice: int | None = None, follow=None) -> int:
     """Body of the acquisition process: read the source into the ring until ``stop_event`` is set.
 
     ``source_spec`` is a plain dict for :func:`controller.sources.build_source`.
@@ -302,6 +304,13 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     ``nice`` (optional): run this process at that nice value
     (:func:`controller.low_latency.set_nice`; the outcome is in ``acquisition_started``),
     unless the source busy-polls (:func:`controller.low_latency.nice_for`).
+
+    ``follow`` (a :class:`~controller.sources.SourceInfo`): another process writes the ring
+    from the source (a session's loop, on the spike fast path); this one records the ring
+    from its first sample, woken through ``wakeup_path`` (required then), and
+    ``source_spec`` is unused. ``follow`` is the source's description for the recording.
+    After ``stop_event`` it records what the writer left in the ring, so stopping the
+    writer first loses nothing.
 
     Returns 0 on a clean stop. Anything else emits a ``FAULT`` event naming the cause
     (``source_open_failed``, ``source_read_failed``, ``recording_flush_failed`` — then
@@ -319,7 +328,7 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
     import pylsl
 
     from controller.low_latency import nice_for, set_nice
-    own_nice = nice_for(nice, bool(source_spec.get("busy_poll")))
+    own_nice = nice_for(nice, bool((source_spec or {}).get("busy_poll")))
     nice_status = "unchanged" if own_nice is None else set_nice(own_nice)   # before the source starts its threads
 
     from controller.ring import Overrun, SharedRing
@@ -346,38 +355,55 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
         ring = SharedRing.attach(ring_name)
         if wrap_ring is not None:
             ring = wrap_ring(ring)
-        source = build_source(source_spec)
-        try:
-            info = source.open()
-            source.check_ring(ring)
-        except Exception as exc:
-            sink.emit(Event(clock(), EventKind.FAULT, "acquisition", {"what": "source_open_failed",
-                                                                      "error": str(exc)}))
-            reported = True
-            raise
+        if follow is None:
+            source = build_source(source_spec)
+            try:
+                info = source.open()
+                source.check_ring(ring)
+            except Exception as exc:
+                sink.emit(Event(clock(), EventKind.FAULT, "acquisition", {"what": "source_open_failed",
+                                                                          "error": str(exc)}))
+                reported = True
+                raise
+        elif wakeup_path is None:
+            raise ValueError("run_acquisition(follow=...) needs wakeup_path: the writer wakes the recording")
+        else:
+            info = follow
         if raw_dir is not None:
             recorder = RawRecorder(raw_dir, info.n_channels, info.fs_hz, meta=source_meta(info),
                                    flush_s=raw_flush_s, session_clock=clock)
-        reader = ring.reader("now")
+        # Following, every sample the writer puts in the (fresh) ring is recorded, even one written
+        # before this process got here.
+        reader = ring.reader("now" if follow is None else "oldest")
         if wakeup_path is not None:
-            from controller.wakeup import WakeupWriter
-            wakeup = WakeupWriter(wakeup_path)
+            from controller.wakeup import WakeupReader, WakeupWriter
+            wakeup = WakeupWriter(wakeup_path) if follow is None else WakeupReader(wakeup_path)
         sink.emit(Event(clock(), EventKind.STATUS, "acquisition",
-                        {"what": "acquisition_started", "ring": ring_name, "nice": nice_status, **info.to_dict()}))
+                        {"what": "acquisition_started", "ring": ring_name, "nice": nice_status,
+                         "role": "source" if follow is None else "recorder", **info.to_dict()}))
         sink.flush()
         if ready_event is not None:
             ready_event.set()
-        while not stop_event.is_set():
-            try:
-                n = source.read_into(ring)
-            except Exception as exc:  # the device read failed (BrainFlow, ...): nothing left to record
-                sink.emit(Event(clock(), EventKind.FAULT, "acquisition", {"what": "source_read_failed",
-                                                                          "error": f"{type(exc).__name__}: {exc}"}))
-                reported = True
-                raise
-            if n:
-                if wakeup is not None:
+        stopping = False
+        while not stopping:
+            stopping = stop_event.is_set()   # following: one more pass records what the writer left
+            if follow is not None:
+                if not stopping:
+                    wakeup.wait(0.005)
+                n = reader.available()
+            else:
+                if stopping:
+                    break
+                try:
+                    n = source.read_into(ring)
+                except Exception as exc:  # the device read failed (BrainFlow, ...): nothing left to record
+                    sink.emit(Event(clock(), EventKind.FAULT, "acquisition",
+                                    {"what": "source_read_failed", "error": f"{type(exc).__name__}: {exc}"}))
+                    reported = True
+                    raise
+                if n and wakeup is not None:
                     wakeup.notify()  # first: the loop's latency, then our own bookkeeping
+            if n:
                 try:
                     samples, ts, _ = reader.read_new()
                 except Overrun as exc:  # the source wrote more than a ring's worth in one call
@@ -391,7 +417,7 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
                         nan["first_t"] = float(ts[np.argmax(nan_rows)])
                 if recorder is not None:
                     recorder.append(samples, ts)
-            for ev in source.drain_events():
+            for ev in (source.drain_events() if source is not None else ()):
                 sink.emit(ev)
             mono = time.monotonic()
             if recorder is not None:

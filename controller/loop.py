@@ -1,6 +1,10 @@
 """The real-time control loop process: ring -> seizure loop -> actuator -> device.
 
-Owns the one actuator (governor + driver) of the session. Never prints; every
+Owns the one actuator (governor + driver) of the session. With a spike policy it
+also pulls the source into the ring itself (``source_spec``): the fast path of
+ARCHITECTURE.md, a spike detected in the process that receives its chunk, with
+no hop through another process before the decision (the acquisition process then
+only records the ring). Never prints; every
 stage time is recorded on the LSL clock so ``metrics.json`` can split the
 end-to-end latency into stages. Any fault puts the actuator in the safe state
 (stimulation off) before it is reported.
@@ -98,8 +102,16 @@ def read_chunk(reader):
 
 
 def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, stop_event, ready,
-             wakeup_path: str | None = None, customize=None) -> None:
+             wakeup_path: str | None = None, customize=None, source_spec: dict | None = None) -> None:
     """Process body; puts ``{"ok": True}`` or ``{"error": ...}`` on ``ready`` once the device is open.
+
+    ``wakeup_path``: the named pipe (``controller.wakeup``) the acquisition process pokes after
+    each ring write; the loop waits on it for samples. With ``source_spec`` (the spike fast
+    path) the roles turn: this process opens that source (``controller.sources.build_source``)
+    and pulls it into the ring, waiting in the pull, and pokes the pipe so that the acquisition
+    process, which then only records (``run_acquisition(follow=...)``), wakes. A source that
+    fails to open fails the start-up; one that fails to read is a ``source_read_failed`` fault
+    (stimulation off first).
 
     ``customize(loop, cfg)`` (a picklable callable, e.g. a module-level function or a partial of
     one) may adjust the ``SeizureLoop`` before it runs; the latency benchmark uses it to request a
@@ -121,13 +133,17 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     from controller.ring import Overrun, SharedRing
 
     cfg = Config.model_validate_json(cfg_json)
-    from controller.low_latency import set_nice
-    nice = set_nice(cfg.session.nice)   # before the device's and telemetry's threads start: they inherit it
+    from controller.low_latency import nice_for, set_nice
+    # Before the device's, telemetry's and the source's threads start: they inherit it. A loop that
+    # busy-polls its source keeps its priority (nice_for says why).
+    own_nice = cfg.session.nice if source_spec is None else nice_for(cfg.session.nice, bool(source_spec.get("busy_poll")))
+    nice = "unchanged" if own_nice is None else set_nice(own_nice)
     log = EventLog(Path(session_dir) / "events.jsonl")
     ring = SharedRing.attach(ring_name)
-    actuator = tele = server = wakeup = None
+    actuator = tele = server = wakeup = source = None
+    reported = False   # a FAULT naming the cause is already in `events`
     events: list = []
-    if wakeup_path is not None:
+    if wakeup_path is not None and source_spec is None:
         from controller.wakeup import WakeupReader
         wakeup = WakeupReader(wakeup_path)
     try:
@@ -143,13 +159,24 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             control = SessionControl(step, actuator, clock)
             session_id = new_session_id(Path(session_dir))
             tele, server = open_remote(cfg, control, Path(session_dir), session_id)
+            if source_spec is not None:
+                # Last: what the inlet buffers while the device and sockets open would reach the
+                # policy as a backlog of spikes too old to pair (refused as too late).
+                from controller.sources import build_source
+                source = build_source(source_spec)
+                source.open()
+                source.check_ring(ring)
+                if wakeup_path is not None:
+                    from controller.wakeup import WakeupWriter
+                    wakeup = WakeupWriter(wakeup_path)
         except Exception as exc:
             log.append(Event(clock(), EventKind.FAULT, "loop", {"reason": f"start-up: {exc}"}))
             ready.put({"error": str(exc)})
             return
         ready.put({"ok": True})
         reader = ring.reader(start="now", max_read=min(ring.capacity, int(ring.fs_hz * 2) + 1))
-        log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "nice": nice, "policy": loop.drive.kind, "threshold": loop.threshold,
+        log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "nice": nice, "policy": loop.drive.kind,
+                                                             "pulls_source": source is not None, "threshold": loop.threshold,
                                                              "min_detect_s": loop.min_detect_s,
                                                              "model_sha256": loop.predictor.sha256 if loop.predictor is not None else None}))
         decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))
@@ -157,6 +184,17 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
         next_state = 0.0
         try:
             while not stop_event.is_set():
+                if source is not None:   # the fast path: wait for the chunk here, then decide on it
+                    try:
+                        pulled = source.read_into(ring)
+                    except Exception as exc:
+                        events.append(Event(clock(), EventKind.FAULT, "loop", {
+                            "what": "source_read_failed", "error": f"{type(exc).__name__}: {exc}"}))
+                        reported = True
+                        raise
+                    if pulled and wakeup is not None:
+                        wakeup.notify()   # the recording follows
+                    events.extend(source.drain_events())
                 try:
                     samples, timestamps = read_chunk(reader)
                 except Overrun as exc:
@@ -188,13 +226,22 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
                                                  "latched": list(actuator.governor.latch_reasons)})
                     next_state = now + STATE_PERIOD_S
                 log.maybe_flush(now)
-                if not got:
+                if source is not None:
+                    # The next wait is in the pull: rehearse the command path now (Actuator.warm;
+                    # without it the governor's p50 doubled), and notice a stalled stream.
+                    if got:
+                        actuator.warm()
+                    else:
+                        events.extend(step.idle())
+                elif not got:
                     events.extend(step.idle())
                     if wakeup is not None:
                         wakeup.wait(0.005)  # woken by the acquisition process as soon as samples land
                     else:
                         time.sleep(0.0005)
         except Exception as exc:
+            if reported:
+                raise
             events.append(Event(clock(), EventKind.FAULT, "loop", {"what": "loop_crashed",
                                                                    "reason": f"{type(exc).__name__}: {exc}"}))
             raise
@@ -204,7 +251,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
         closing = actuator.close() if actuator is not None else []
         log.extend(events)
         log.extend(closing)
-        for closable in (server, tele, wakeup):
+        for closable in (server, tele, wakeup, source):
             if closable is not None:
                 closable.close()
         log.close()

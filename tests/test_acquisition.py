@@ -52,6 +52,62 @@ def test_acquisition_process_fills_ring_records_raw_and_events(tmp_path):
     assert sum(e.data["n_samples"] for e in nan_ev) == 3
 
 
+def test_following_a_ring_another_process_writes_records_all_of_it(tmp_path):
+    # The spike fast path: the loop writes the ring, the acquisition process only records it, from
+    # the ring's first sample (written before it started) to the last (written just before its stop).
+    import threading
+
+    from controller.sources import SourceInfo
+    from controller.wakeup import WakeupWriter, make_wakeup
+    data = np.random.default_rng(3).normal(0, 50, (3000, 4)).astype(np.float32)
+    data[1500:1504, 1] = np.nan
+    ts = 100.0 + np.arange(3000) / FS
+    ring = SharedRing.create(None, 4, 4096, FS)
+    wake_path = make_wakeup(tmp_path / "wake")
+    info = SourceInfo("followed", "EEG", "sid", 4, ("a", "b", "c", "d"), ("microvolts",) * 4, FS)
+    ring.write(data[:500], ts[:500])                  # before the recorder exists
+    stop = mp.get_context("spawn").Event()
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("rc", run_acquisition(
+        None, ring.name, stop, str(tmp_path / "events.jsonl"), str(tmp_path / "raw"),
+        wakeup_path=str(wake_path), follow=info)))
+    th.start()
+    try:
+        writer = WakeupWriter(wake_path)
+        for i in range(500, 2990, 10):
+            ring.write(data[i:i + 10], ts[i:i + 10])
+            writer.notify()
+            time.sleep(0.002)
+        ring.write(data[2990:], ts[2990:])            # no notify: the stop's last pass must get it
+        stop.set()
+        th.join(10)
+        writer.close()
+    finally:
+        ring.close()
+        ring.unlink()
+    assert out["rc"] == 0
+    samples, got_ts = load_raw(tmp_path / "raw")
+    assert np.array_equal(samples, data, equal_nan=True) and np.array_equal(got_ts, ts)
+    assert load_raw_meta(tmp_path / "raw")["source"]["channel_names"] == ["a", "b", "c", "d"]
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events[0]["what"] == "acquisition_started" and events[0]["role"] == "recorder"
+    assert sum(e["n_samples"] for e in events if e.get("what") == "nan_samples") == 4
+    assert events[-1]["what"] == "acquisition_stopped" and events[-1]["n_recorded"] == 3000
+
+
+def test_following_needs_a_wakeup(tmp_path):
+    from controller.sources import SourceInfo
+    ring = SharedRing.create(None, 4, 4096, FS)
+    info = SourceInfo("followed", "EEG", "sid", 4, ("a", "b", "c", "d"), ("microvolts",) * 4, FS)
+    try:
+        with pytest.raises(ValueError, match="needs wakeup_path"):
+            run_acquisition(None, ring.name, mp.get_context("spawn").Event(), str(tmp_path / "events.jsonl"),
+                            follow=info)
+    finally:
+        ring.close()
+        ring.unlink()
+
+
 def test_sigkill_loses_at_most_about_one_second(tmp_path):
     n_total = int(FS * 30)
     k = np.arange(n_total, dtype=np.float32)

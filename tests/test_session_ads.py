@@ -236,6 +236,58 @@ def test_ads_session_detects_spikes_and_delivers_at_the_imposed_delay(ads_sessio
 
 
 @pytest.mark.realtime
+def test_ads_session_decides_where_it_pulls_and_records_every_sample(ads_session):
+    # The fast path (ARCHITECTURE.md): the loop process pulls the stream and decides on each chunk
+    # itself; the acquisition process only records the ring, and records all of it.
+    from controller.acquisition import load_raw
+    events = read_jsonl(ads_session / "events.jsonl")
+    started = next(e for e in events if e["source"] == "loop" and e.get("status") == "started")
+    acq = next(e for e in events if e.get("what") == "acquisition_started")
+    stopped = next(e for e in events if e.get("what") == "acquisition_stopped")
+    assert started["pulls_source"] is True and acq["role"] == "recorder"
+    assert acq["nice"] == "unchanged"   # recording waits for no one: it leaves the priority to the loop
+    samples, ts = load_raw(ads_session / "raw")
+    assert stopped["n_samples"] == stopped["n_recorded"] == len(ts) > 30000 * 3
+    # Whole, in order, on the simulator's grid: nothing lost between the loop's ring and the disk.
+    gt = json.loads((ads_session / "ground_truth.json").read_text())
+    pos = (ts - gt["t0"]) * gt["push"]["fs_hz"]
+    assert np.array_equal(np.diff(np.rint(pos)), np.ones(len(ts) - 1))
+    assert samples.shape == (len(ts), 4) and np.isfinite(samples).all()
+
+
+@pytest.mark.realtime
+def test_ads_session_losing_its_stream_goes_safe_and_keeps_the_recording(tmp_path):
+    # On the fast path the loop itself waits in the pull: a stream that goes silent must still end
+    # in the safe state, and come back to stimulation when the stream does.
+    from controller.acquisition import load_raw
+    from controller.runners.realtime import run_session
+    cfg = load_config(EXAMPLES / "ads.toml", {
+        "session": {"duration_s": 7.0, "out_dir": str(tmp_path)},
+        "simulator": {"n_channels": 4},
+        "source": {"stream": f"stimloop-ads-loss-{uuid.uuid4().hex[:8]}", "resolve_timeout_s": 10.0,
+                   "stall_timeout_s": 0.5},
+        "telemetry": {"enabled": False}, "control": {"enabled": False},
+        "faults": [{"kind": "stream_loss", "at_s": 3.0, "duration_s": 1.5}]})
+    s = run_session(cfg)
+    events = read_jsonl(s / "events.jsonl")
+    whats = [(e["kind"], e.get("what"), e["source"]) for e in events]
+    assert ("fault", "stream_stalled", "loop") in whats and ("status", "stream_resumed", "loop") in whats
+    assert any(e["kind"] == "fault" and e.get("what") == "stream_lost" for e in events)
+    stall_t = next(e["t"] for e in events if e.get("what") == "stream_stalled")
+    resumed_t = next(e["t"] for e in events if e.get("what") == "stream_resumed")
+    assert any(e["kind"] == "safe_state" and stall_t <= e["t"] < resumed_t for e in events)
+    # Stimulation resumed: triggers after the stream came back.
+    assert any(e["kind"] == "command" and e.get("op") == "trigger" and e["t"] > resumed_t for e in events)
+    stopped = next(e for e in events if e.get("what") == "acquisition_stopped")
+    _, ts = load_raw(s / "raw")
+    assert stopped["n_samples"] == stopped["n_recorded"] == len(ts)
+    # One hole in the recording: the 1.5 s the simulator dropped, plus what it streamed before the
+    # inlet had reconnected to its new outlet (a new outlet keeps nothing for a reader not yet there).
+    gaps = np.diff(ts)[np.diff(ts) > 0.01]
+    assert len(gaps) == 1 and 1.5 - 1e-3 < gaps[0] < 3.0
+
+
+@pytest.mark.realtime
 def test_ads_report_rebuilds_from_the_folder(ads_session):
     from controller.report import build_report
     (ads_session / "metrics.json").unlink()

@@ -68,6 +68,50 @@ def test_a_crash_in_the_loop_body_is_a_fault_and_stimulation_goes_off(tmp_path):
     assert events[safe[-1]]["t"] >= events[crash[0]]["t"]
 
 
+def test_a_source_that_fails_in_the_loops_own_pull_is_a_fault_and_stimulation_goes_off(tmp_path, monkeypatch):
+    # The spike fast path: the loop pulls the source itself (run_loop(source_spec=...)), so a read
+    # failure (a BrainFlow board error: SourceError from read_into) is the loop's to report.
+    import multiprocessing as mp
+
+    from controller.config import load_config
+    from controller.loop import run_loop
+    from controller.ring import SharedRing
+    from controller.sources import SourceError
+    from controller.sources.replay import ArraySource
+    from controller.wakeup import make_wakeup
+    reads = {"n": 0}
+    real_read = ArraySource.read_into
+
+    def read_into(self, ring):
+        reads["n"] += 1
+        if reads["n"] == 40:
+            raise SourceError("BrainFlow board 0: read failed: BOARD_NOT_READY_ERROR:7")
+        return real_read(self, ring)
+    monkeypatch.setattr(ArraySource, "read_into", read_into)
+    cfg = load_config(Path(ROOT / "examples" / "ads.toml"),
+                      {"device": {"kind": "simulated"}, "telemetry": {"enabled": False}, "control": {"enabled": False}})
+    fs, nch = 30000.0, 8
+    ring = SharedRing.create(None, nch, int(2 * fs), fs)
+    spec = {"kind": "array", "data": np.random.default_rng(2).normal(0, 20, (int(fs), nch)).astype(np.float32),
+            "fs_hz": fs, "chunk": 30}
+    try:
+        with pytest.raises(SourceError, match="BOARD_NOT_READY"):
+            run_loop(cfg.model_dump_json(), ring.name, None, str(tmp_path), mp.get_context("spawn").Event(),
+                     queue.Queue(), wakeup_path=str(make_wakeup(tmp_path / "wake")), source_spec=spec)
+        n_ring = ring.counter
+    finally:
+        ring.close()
+        ring.unlink()
+    events = read_jsonl(tmp_path / "events.jsonl")
+    started = next(e for e in events if e.get("status") == "started")
+    assert started["pulls_source"] is True and n_ring > 0
+    faults = [i for i, e in enumerate(events) if e["kind"] == "fault"]
+    assert [events[i]["what"] for i in faults] == ["source_read_failed"]   # named once, not also a crash
+    assert "BOARD_NOT_READY" in events[faults[0]]["error"]
+    safe = [i for i, e in enumerate(events) if e["kind"] == "safe_state"]
+    assert safe and safe[-1] > faults[0]
+
+
 # ------------------------------------------------------------------ acquisition
 class _FailingWrites:
     """Ring-like: the 20th write fails, as BrainFlowSource.read_into raises SourceError on a board error."""

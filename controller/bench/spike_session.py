@@ -2,11 +2,11 @@
 
 The ``spike_triggered`` scenario times the in-process fast path of
 ``controller.bench_ads`` (one thread: pylsl inlet → detector → ADS policy →
-governor → driver). A session does not run that path: every policy, ADS
-included, takes the session's process layout (docs/architecture.md, "Process
-layout"): the acquisition process pulls the stream into the shared ring and
-pokes a wake-up pipe, the loop process reads the ring, while the raw recording,
-the event log, telemetry and the control socket run beside them. This scenario
+governor → driver). A session runs its own version of that path, in processes
+(docs/architecture.md, "Process layout"): with a spike policy the loop process
+pulls the stream into the shared ring and decides on each chunk itself (the fast
+path), while the acquisition process records the ring, and the event log,
+telemetry and the control socket run beside them. This scenario
 runs that session itself (``controller.runners.realtime.run_session``) on the
 spiking simulator at the suite's 30 kHz × 32 channels, with the ADS settings of
 ``examples/ads.toml``, and times every command from the session folder
@@ -16,7 +16,7 @@ when each chunk left (its ``push_t.f64``).
 End to end = the spike's chunk pushed → TRIGGER received by the device, as in
 ``spike_triggered``; stages, consecutive, adding up to it command by command:
 
-    pushed_to_loop   chunk pushed → read by the loop (LSL, acquisition, ring, wake-up)
+    pushed_to_loop   chunk pushed → read by the loop (LSL, the loop's pull, ring)
     chunk_checks     read → the chunk's data-quality check done
     detect_policy    → the ADS request made (spike detector + policy)
     governor         → the safety governor passed it
@@ -97,7 +97,7 @@ def session_entry(session_dir: Path) -> dict:
                 "ms": round(float(received[i] - pushed[i]) * 1e3, 4)}
                for i in np.argsort(received - pushed)[::-1][:SLOWEST_N]]
     runner = next((e for e in reversed(events) if e.get("source") == "runner" and "pids" in e), {})
-    roles = {"hil": "simulator and stimulator emulator", "acq": "acquisition", "loop": "loop"}
+    roles = {"hil": "simulator and stimulator emulator", "acq": "recording", "loop": "loop (pull, detect, command)"}
     pids = {roles.get(k, k): v for k, v in (runner.get("pids") or {}).items()}
     raw = {name: (t[b] - t[a])[keep].tolist() for name, (a, b) in STAGES.items()}
     ads = m.get("ads") or {}
@@ -114,7 +114,8 @@ def session_entry(session_dir: Path) -> dict:
            "chunk_samples": push.get("chunk_n"), "commands": len(e2e), "configure_commands": int(t["configured"].sum()),
            "end_to_end_ms": stats_ms(e2e), "end_to_end_over_target": share_over(e2e, SPIKE_P99_TARGET_MS),
            "end_to_end_definition": "LSL push of the chunk holding the spike -> TRIGGER received by the device, "
-                                    "through the session's acquisition process, shared ring and loop process",
+                                    "in a session: the loop process pulls, detects and commands (fast path), "
+                                    "the acquisition process records",
            "stages_ms": {k: stats_ms(v) for k, v in raw.items()},
            "end_to_end_from_spike_ms": m.get("end_to_end_ms"),
            "delay_error_ms": ads.get("delay_error_ms"),
@@ -136,7 +137,7 @@ def session_entry(session_dir: Path) -> dict:
 def run_spike_session(duration_s: float = 10.0, busy_poll: bool = False, nice: int | None = DEFAULT_NICE) -> dict:
     """Run the ADS session for ``duration_s`` and return the scenario's entry (see the module doc).
 
-    ``busy_poll``: the acquisition process polls the inlet without sleeping (``source.busy_poll``).
+    ``busy_poll``: the loop polls the inlet without sleeping (``source.busy_poll``).
     The session folder is written to a temporary folder and removed afterwards.
     """
     from controller.runners.realtime import SessionError, run_session

@@ -6,6 +6,13 @@ Process layout (all spawned; the parent only orchestrates and shows progress)::
     acq      source -> SharedRing, raw recording                            (controller.acquisition)
     loop     ring -> features -> ONNX -> policy -> governor -> driver        (controller.loop)
 
+With a spike policy (``SPIKE_POLICY_KINDS``: the fast path of ARCHITECTURE.md) the loop
+pulls the source into the ring itself and decides on each chunk in the process that
+received it; ``acq`` then only records the ring (``run_acquisition(follow=...)``)::
+
+    loop     source -> SharedRing -> spike detector -> policy -> governor -> driver
+    acq      SharedRing -> raw recording
+
 Shutdown on Ctrl-C, SIGTERM or the end of the session, in this order:
 stimulation off (loop), sources (acq), simulator, then the report.
 """
@@ -178,8 +185,8 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             src_info = probe_source(spec_src)
         except Exception as exc:
             raise SessionError(f"source: {exc}") from None
+        from controller.config import SPIKE_POLICY_KINDS
         try:
-            from controller.config import SPIKE_POLICY_KINDS
             if cfg.policy.kind not in SPIKE_POLICY_KINDS:  # spike policies run no seizure model
                 contract.check_stream(src_info.fs_hz, src_info.n_channels)
         except ContractError as exc:
@@ -193,17 +200,20 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
         from controller.acquisition import run_acquisition
         from controller.wakeup import make_wakeup
         wakeup = str(make_wakeup(Path(tempfile.gettempdir()) / f"stimloop-wakeup-{ring.name}"))
+        # The spike fast path: the loop pulls the source, the acquisition process records (module doc).
+        fast_path = cfg.policy.kind in SPIKE_POLICY_KINDS
+        acq_kw = ({"follow": src_info} if fast_path else {"nice": cfg.session.nice})   # recording waits for no one
         procs["acq"] = ctx.Process(target=run_acquisition, name="stimloop-acq",
-                                   args=(spec_src, ring.name, stops["acq"], str(session_dir / "events.jsonl"),
-                                         str(session_dir / "raw")),
-                                   kwargs={"wakeup_path": wakeup, "nice": cfg.session.nice})
+                                   args=(None if fast_path else spec_src, ring.name, stops["acq"],
+                                         str(session_dir / "events.jsonl"), str(session_dir / "raw")),
+                                   kwargs={"wakeup_path": wakeup, **acq_kw})
         procs["acq"].start()
 
         from controller.loop import run_loop
         q_loop = ctx.Queue()
         procs["loop"] = ctx.Process(target=run_loop, name="stimloop-loop",
                                     args=(cfg.model_dump_json(), ring.name, port, str(session_dir), stops["loop"], q_loop),
-                                    kwargs={"wakeup_path": wakeup})
+                                    kwargs={"wakeup_path": wakeup, **({"source_spec": spec_src} if fast_path else {})})
         procs["loop"].start()
         wait_ready(q_loop, procs["loop"], 60, "control loop")
         cpu = CpuMeter({k: p.pid for k, p in procs.items()}).start()
