@@ -4,10 +4,10 @@
 
 The process owns a :class:`hil_sim.spiking.SpikingUnits` and an LSL outlet
 (float32 µV, ``chunk_n`` samples per push, ~1 ms); a child process it forks
-(:class:`EmulatorProcess`) runs the :class:`hil_sim.emulator.StimulatorEmulator`
-on the inherited pty master, so the device stamps a command's arrival without
-waiting for the generator's GIL. Each pulse the emulator delivers comes back on
-a pipe and is written into the recording (artifact, evoked spike) at its true
+(:class:`hil_sim.emulator_process.EmulatorProcess`) runs the
+:class:`hil_sim.emulator.StimulatorEmulator` on the inherited pty master, so the
+device stamps a command's arrival without waiting for the generator's GIL. Each
+pulse the emulator delivers comes back on a pipe and is written into the recording (artifact, evoked spike) at its true
 delivery time: unit time = LSL time − t0.
 
 Protocol on stdin/stdout (one line each): the process prints
@@ -41,93 +41,10 @@ import numpy as np  # noqa: E402
 import pylsl  # noqa: E402
 
 from drivers.params import StimParams  # noqa: E402
-from hil_sim.emulator import StimulatorEmulator  # noqa: E402
+from hil_sim.emulator_process import EmulatorProcess  # noqa: E402
 from hil_sim.spiking import SpikingUnits  # noqa: E402
 
 __all__ = ["SpikingHil", "main"]
-
-class EmulatorProcess:
-    """The stimulator emulator in a process of its own, as a real stimulator is a device of its own.
-
-    In the generator's process its reader thread would wait for the GIL while a
-    30 kHz block is produced, and the receipt stamp (the end of spike → command)
-    would include that wait. Each delivery goes back to the generator as one
-    JSON line on a pipe (``read_fd``); at ``stop()`` the emulator's records and
-    counters come back for the ground truth. Start it before any thread exists
-    in this process (it forks).
-    """
-
-    def __init__(self, master_fd: int, watchdog_s: float = 1.0, log_path: str | None = None) -> None:
-        import multiprocessing as mp
-
-        self.read_fd, write_fd = os.pipe()
-        os.set_blocking(self.read_fd, False)
-        ctx = mp.get_context("fork")
-        self._conn, child_conn = ctx.Pipe()
-        # The child is forked: it also gets this side's pipe ends, which it closes first (see _emulator_main).
-        self._proc = ctx.Process(target=_emulator_main,
-                                 args=(master_fd, watchdog_s, log_path, write_fd, child_conn, (self._conn, self.read_fd)),
-                                 name="stimulator-emulator", daemon=True)
-        self._proc.start()
-        os.close(write_fd)
-        child_conn.close()
-        if not self._conn.poll(10.0) or self._conn.recv() != "ready":
-            raise RuntimeError("stimulator emulator process did not start within 10 s")
-        self._buf = b""
-
-    def deliveries(self) -> list[tuple[float, StimParams]]:
-        """Deliveries reported since the last call: ``(t_lsl delivered, params)`` (never blocks)."""
-        try:
-            data = os.read(self.read_fd, 1 << 16)
-        except BlockingIOError:
-            return []
-        *lines, self._buf = (self._buf + data).split(b"\n")
-        out = []
-        for line in lines:
-            d = json.loads(line)
-            out.append((float(d["t"]), StimParams.from_dict(d["params"])))
-        return out
-
-    def stop(self) -> dict:
-        """Stop the emulator; returns ``{"records", "counters"}``."""
-        self._conn.send("stop")
-        got = self._conn.recv() if self._conn.poll(10.0) else {"records": [], "counters": {}}
-        self._proc.join(timeout=5.0)
-        if self._proc.is_alive():
-            self._proc.kill()
-        os.close(self.read_fd)
-        return got
-
-
-def _emulator_main(master_fd: int, watchdog_s: float, log_path: str | None, write_fd: int, conn,
-                   parent_ends: tuple = ()) -> None:
-    """Child body: run the emulator until the parent says stop (or dies), then send back its ground truth."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent orders the shutdown
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a group SIGTERM: the parent stops us in order
-    # Forked with the parent's ends of both pipes: while we hold them, the parent's death never
-    # shows here as EOF, and we would outlive it holding the pty (orphaned, PPID 1).
-    for end in parent_ends:
-        if isinstance(end, int):
-            os.close(end)
-        else:
-            end.close()
-
-    def deliver(t_lsl: float, params: StimParams) -> None:
-        line = json.dumps({"t": t_lsl, "params": params.to_dict()}).encode() + b"\n"
-        os.write(write_fd, line)   # < PIPE_BUF: atomic, never interleaved
-
-    emu = StimulatorEmulator(master_fd, watchdog_s=watchdog_s, on_deliver=deliver, log_path=log_path).start()
-    conn.send("ready")
-    try:
-        conn.recv()   # "stop", or EOF when the parent died
-    except EOFError:
-        pass
-    emu.stop()
-    conn.send({"records": list(emu.records), "counters": dict(emu.counters)})
-    os.close(write_fd)
-
 
 class SpikingHil:
     """Paces ``units`` over an LSL outlet; deliveries from the emulator process are rendered into it."""
@@ -275,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if key in units_kw:
             units_kw[key] = tuple(units_kw[key])
     units = SpikingUnits(**units_kw)
-    emulator = EmulatorProcess(args.fd, watchdog_s=float(spec.get("watchdog_s", 1.0)))   # forks: before any thread
+    # Forked before any thread exists, so it stays our child (bench ads finds it in our process tree).
+    emulator = EmulatorProcess(args.fd, watchdog_s=float(spec.get("watchdog_s", 1.0)), start_method="fork").start()
     hil = SpikingHil(units, emulator, stream_name=spec.get("stream_name", "stimloop-spikes"),
                      chunk_n=int(spec.get("chunk_n", 30)))
     print(f"ready {hil.source_id}", flush=True)

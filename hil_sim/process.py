@@ -1,8 +1,11 @@
 """The simulated patient as one process: LSL stream out, stimulator emulator on a pty.
 
 Used by ``stimloop run`` (default source and device) and ``stimloop hil``.
-The emulator timestamps every frame it receives on the LSL clock and applies
-delivered stimulation to the patient (under the outlet's lock, since the
+The emulator runs in a child process of its own
+(:class:`hil_sim.emulator_process.EmulatorProcess`), so its receipt stamps never
+wait for this process's GIL while the patient's next block is produced. It
+timestamps every frame it receives on the LSL clock, and what it delivers comes
+back here and is applied to the patient (under the outlet's lock, since the
 outlet thread steps the same patient), so the controller's claims can be
 checked against ground truth written into the session folder.
 
@@ -168,8 +171,9 @@ def make_patient(spec: dict):
 def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> None:
     """Process body. ``spec``: fs_hz, n_channels, patient, seed, seizure_onsets_s,
     spontaneous_seizures, stream, chunk_s, watchdog_s, faults (list of fault tables).
-    Puts ``{"stream", "port", "pty", "t0"}`` (or ``{"error": ...}``) on ``ready``:
-    ``port`` is the stable symlink to use, ``pty`` the current slave it points to.
+    Puts ``{"stream", "port", "pty", "t0", "emulator_pid"}`` (or ``{"error": ...}``) on ``ready``:
+    ``port`` is the stable symlink to use, ``pty`` the current slave it points to,
+    ``emulator_pid`` the stimulator emulator's process (a new one after a replug).
     Runs until ``stop_event`` is set (or, in a child process, a few seconds after SIGTERM;
     Ctrl-C is ignored there: the parent orders the shutdown)."""
     from controller.process_watch import stop_on_signals
@@ -182,7 +186,7 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
     ensure_lsl_config()
     import pylsl
 
-    from hil_sim.emulator import StimulatorEmulator
+    from hil_sim.emulator_process import EmulatorProcess
     from hil_sim.faults import DEVICE_KINDS, DeviceFaultInjector, FaultLog, FaultSchedule
     from hil_sim.outlet import PatientOutlet
 
@@ -195,8 +199,8 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
         patient = make_patient(spec)
         spiking = spec.get("model", "wendling") == "spiking"
         if spiking:
-            # Outlet, emulator reader and scheduler share the GIL: with the default 5 ms switch
-            # interval one of them can hold a due pulse for ms (as hil_sim/ads_sim.py).
+            # The outlet and the thread applying the device's pulses share the GIL: with the default
+            # 5 ms switch interval one can hold the other for ms (as hil_sim/ads_sim.py).
             import sys
             sys.setswitchinterval(2e-4)
         # First sample slightly in the future so the controller is attached before data flows.
@@ -217,17 +221,17 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
                 with outlet.lock:
                     patient.stop_stimulation(max(0.0, t_lsl - outlet.t0), channels)
 
-        def make_emulator(fd: int) -> StimulatorEmulator:
+        def make_emulator(fd: int) -> EmulatorProcess:
             # Replugged emulators append to the same device log: one ground truth per session.
-            return StimulatorEmulator(fd, clock=pylsl.local_clock, watchdog_s=spec.get("watchdog_s", 0.5),
-                                      on_deliver=deliver, on_stop=stop_bursts,
-                                      log_path=(out / "device_log.jsonl") if out else None)
+            return EmulatorProcess(fd, watchdog_s=spec.get("watchdog_s", 0.5), on_deliver=deliver,
+                                   on_stop=stop_bursts, log_path=(out / "device_log.jsonl") if out else None)
 
         device = EmulatedDevice(make_emulator, link_dir / PORT_LINK_NAME)
         pty = device.plug()
         if schedule.kinds & DEVICE_KINDS:
             injector = DeviceFaultInjector(schedule, device, pylsl.local_clock, outlet.t0, fault_log).start()
-        ready.put({"stream": spec["stream"], "port": str(device.link_path), "pty": pty, "t0": outlet.t0})
+        ready.put({"stream": spec["stream"], "port": str(device.link_path), "pty": pty, "t0": outlet.t0,
+                   "emulator_pid": device.emulator.pid})
         outlet.run(stop_event)
     except Exception as exc:  # reported to the parent, which turns it into a clear error
         ready.put({"error": f"{type(exc).__name__}: {exc}"})

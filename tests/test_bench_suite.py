@@ -117,8 +117,8 @@ def test_quick_suite_writes_wellformed_json(quick_run):
     assert (ss["fs_hz"], ss["n_channels"], ss["chunk_samples"]) == (30000.0, 32, 30)   # as the simulator streamed
     assert all(st["n"] == ss["end_to_end_ms"]["n"] == ss["commands"] for st in ss["stages_ms"].values())
     assert ss["configure_commands"] == 1 and ss["faults"] == [] and ss["nice"] == -10 and ss["busy_poll"] is False
-    assert set(ss["cpu_percent"]) == {"hil", "acq", "loop"}
-    assert set(ss["pids"]) == {"simulator and stimulator emulator", "recording", "loop (pull, detect, command)"}
+    assert set(ss["cpu_percent"]) == {"hil", "emulator", "acq", "loop"}
+    assert set(ss["pids"]) == {"simulator", "stimulator emulator", "recording", "loop (pull, detect, command)"}
     slow = ss["slowest_blocks"]   # the slowest commands, for `stimloop bench blame`
     assert 0 < len(slow) <= 20 and slow[0]["ms"] == pytest.approx(ss["end_to_end_ms"]["max"], abs=1e-3)
     assert [b["ms"] for b in slow] == sorted((b["ms"] for b in slow), reverse=True)

@@ -53,7 +53,7 @@ def test_closed_loop_session_end_to_end(tmp_path):
     assert steal["total"] >= 0 and set(steal["per_cpu"]) == {f"cpu{i}" for i in range(os.cpu_count())}
     # Each process's CPU use while the loop ran: all three did work (the loop waits on a pipe, never spins).
     cpu = next(e["cpu_percent"] for e in events if e.get("source") == "runner" and "status" in e)
-    assert set(cpu) == {"hil", "acq", "loop"} and all(0 < v < 100 * os.cpu_count() for v in cpu.values()), cpu
+    assert set(cpu) == {"hil", "emulator", "acq", "loop"} and all(0 < v < 100 * os.cpu_count() for v in cpu.values()), cpu
     assert m["scheduling"] == {"low_latency": qos[0], "nice": {"acquisition": acq_nice, "loop": loop_nice},
                                "host_steal_ms": steal, "cpu_percent": cpu}
     assert m["detection"]["onsets"] == 1 and m["detection"]["detected"] == 1

@@ -10,13 +10,15 @@ import pytest
 pytestmark = pytest.mark.timeout(60)
 
 PARENT = """
-import sys, time
+import sys, threading, time
 from hil_sim.pty_pair import open_pty_pair
-from hil_sim.ads_sim import EmulatorProcess
-fd, path = open_pty_pair()
-ep = EmulatorProcess(fd, watchdog_s=1.0)
-print(ep._proc.pid, flush=True)
-time.sleep(60)
+from hil_sim.emulator_process import EmulatorProcess
+if __name__ == "__main__":
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()   # a simulator has threads
+    fd, path = open_pty_pair()
+    ep = EmulatorProcess(fd, watchdog_s=1.0, start_method=sys.argv[1]).start()
+    print(ep.pid, flush=True)
+    time.sleep(60)
 """
 
 
@@ -28,9 +30,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_the_emulator_process_stops_when_its_parent_dies(sig):
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True,
+def test_the_emulator_process_stops_when_its_parent_dies(sig, start_method):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, start_method], stdout=subprocess.PIPE, text=True,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     child = None
     try:

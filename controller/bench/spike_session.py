@@ -97,7 +97,8 @@ def session_entry(session_dir: Path) -> dict:
                 "ms": round(float(received[i] - pushed[i]) * 1e3, 4)}
                for i in np.argsort(received - pushed)[::-1][:SLOWEST_N]]
     runner = next((e for e in reversed(events) if e.get("source") == "runner" and "pids" in e), {})
-    roles = {"hil": "simulator and stimulator emulator", "acq": "recording", "loop": "loop (pull, detect, command)"}
+    roles = {"hil": "simulator", "emulator": "stimulator emulator", "acq": "recording",
+             "loop": "loop (pull, detect, command)"}
     pids = {roles.get(k, k): v for k, v in (runner.get("pids") or {}).items()}
     raw = {name: (t[b] - t[a])[keep].tolist() for name, (a, b) in STAGES.items()}
     ads = m.get("ads") or {}

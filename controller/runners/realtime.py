@@ -155,6 +155,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
     from pylsl import local_clock
     forced: set[str] = set()
     cpu: CpuMeter | None = None   # each process's CPU use while the loop runs
+    emulator_pid = None           # the simulator's stimulator runs in a process of its own
     try:
         if qos.enabled:
             log.append(Event(local_clock(), EventKind.STATUS, "runner", {"low_latency": qos.acquire()}))
@@ -171,6 +172,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             procs["hil"] = ctx.Process(target=run_hil, args=(spec, q, stops["hil"], str(session_dir)), name="stimloop-hil")
             procs["hil"].start()
             info = wait_ready(q, procs["hil"], 60, "simulator")
+            emulator_pid = info.get("emulator_pid")
             if cfg.source.kind == "hil":
                 stream_name = info["stream"]
             if cfg.device.kind == "hil":
@@ -216,7 +218,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
                                     kwargs={"wakeup_path": wakeup, **({"source_spec": spec_src} if fast_path else {})})
         procs["loop"].start()
         wait_ready(q_loop, procs["loop"], 60, "control loop")
-        cpu = CpuMeter({k: p.pid for k, p in procs.items()}).start()
+        cpu = CpuMeter({**{k: p.pid for k, p in procs.items()}, "emulator": emulator_pid}).start()
 
         _progress(cfg.session.duration_s, procs, console)
     except (KeyboardInterrupt, _Stop) as exc:
@@ -243,7 +245,8 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
                              "exit_codes": {k: p.exitcode for k, p in procs.items()},
                              "forced_stop": sorted(forced), "host_steal_ms": steal_since(steal0),
                              "cpu_percent": cpu_percent,
-                             "pids": {k: p.pid for k, p in procs.items()}}))   # for a scheduler trace
+                             "pids": {**{k: p.pid for k, p in procs.items()},   # for a scheduler trace
+                                      **({"emulator": emulator_pid} if emulator_pid else {})}}))
             log.close()
         finally:
             if in_main:
