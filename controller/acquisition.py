@@ -378,8 +378,10 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
         if wakeup_path is not None:
             from controller.wakeup import WakeupReader, WakeupWriter
             wakeup = WakeupWriter(wakeup_path) if follow is None else WakeupReader(wakeup_path)
+        from controller.low_latency import freeze_gc
+        gc_status = freeze_gc()   # no full collection of start-up's objects in the middle of a pull
         sink.emit(Event(clock(), EventKind.STATUS, "acquisition",
-                        {"what": "acquisition_started", "ring": ring_name, "nice": nice_status,
+                        {"what": "acquisition_started", "ring": ring_name, "nice": nice_status, "gc": gc_status,
                          "role": "source" if follow is None else "recorder", **info.to_dict()}))
         sink.flush()
         if ready_event is not None:

@@ -48,7 +48,7 @@ import pylsl  # noqa: E402
 from controller.actuator import Actuator  # noqa: E402
 from controller.bench.common import CpuMeter, stats_ms, tree_pids  # noqa: E402
 from controller.events import Event, EventKind  # noqa: E402
-from controller.low_latency import DEFAULT_NICE, LowLatency, nice_for, nice_while  # noqa: E402
+from controller.low_latency import DEFAULT_NICE, LowLatency, freeze_gc, nice_for, nice_while  # noqa: E402
 from controller.metrics import chunk_index, join_receipts  # noqa: E402
 from controller.policies.ads import (GUGGENMOS_BLANKING_MS, GUGGENMOS_DELAY_MS, AdsPolicy,  # noqa: E402
                                      RandomStimPolicy, blanking_window)
@@ -183,6 +183,7 @@ def run(duration_s: float = 10.0, random_rate_hz: float | None = None, seed: int
         # Who is who in a scheduler trace (stimloop bench blame): the simulator forked its emulator.
         pids = {"controller": os.getpid(), "simulator": proc.pid,
                 **{"stimulator emulator": p for p in tree_pids(proc.pid)[1:2]}}
+        freeze_gc()   # as a session's loop does (controller/low_latency.py)
         proc.stdin.write("start\n")
         proc.stdin.flush()
         t_start = None

@@ -159,6 +159,9 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             control = SessionControl(step, actuator, clock)
             session_id = new_session_id(Path(session_dir))
             tele, server = open_remote(cfg, control, Path(session_dir), session_id)
+            # Before the source opens: its inlet would buffer a backlog during the ~40 ms collection.
+            from controller.low_latency import freeze_gc
+            gc_status = freeze_gc()
             if source_spec is not None:
                 # Last: what the inlet buffers while the device and sockets open would reach the
                 # policy as a backlog of spikes too old to pair (refused as too late).
@@ -176,7 +179,8 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
         ready.put({"ok": True})
         reader = ring.reader(start="now", max_read=min(ring.capacity, int(ring.fs_hz * 2) + 1))
         log.append(Event(clock(), EventKind.STATUS, "loop", {"status": "started", "nice": nice, "policy": loop.drive.kind,
-                                                             "pulls_source": source is not None, "threshold": loop.threshold,
+                                                             "pulls_source": source is not None, "gc": gc_status,
+                                                             "threshold": loop.threshold,
                                                              "min_detect_s": loop.min_detect_s,
                                                              "model_sha256": loop.predictor.sha256 if loop.predictor is not None else None}))
         decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))

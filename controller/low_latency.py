@@ -25,12 +25,13 @@ and what each process used (``CpuMeter``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import struct
 import time
 from typing import Iterator
 
-__all__ = ["LowLatency", "PM_QOS_DEVICE", "DEFAULT_NICE", "set_nice", "nice_while", "nice_for", "parse_steal_ms",
+__all__ = ["LowLatency", "PM_QOS_DEVICE", "DEFAULT_NICE", "set_nice", "nice_while", "nice_for", "freeze_gc", "parse_steal_ms",
            "steal_ms", "steal_since", "cpu_seconds", "CpuMeter"]
 
 PM_QOS_DEVICE = "/dev/cpu_dma_latency"
@@ -51,6 +52,24 @@ def nice_for(nice: int | None, busy_poll: bool) -> int | None:
     (docs/performance.md, "Priority"). So a busy-polling process keeps its inherited priority (``None``).
     """
     return None if busy_poll else nice
+
+
+def freeze_gc() -> str:
+    """Collect once, then keep every object alive now out of later collections (``gc.freeze``).
+
+    Python's full (generation-2) collection walks every tracked object, and a loop process
+    holds 80–90 thousand once started (numpy, onnxruntime, pydantic, pylsl, the policy): one
+    took 42 ms on the 2-core CI VM, about once a minute in an ADS session (measured with
+    ``gc.callbacks`` in the loop process, 2026-12-07), and the loop does nothing else
+    meanwhile, so a spike whose pulse falls due then is refused as too late. After a freeze a
+    full collection walks only what was made since: 0.2 ms in the same session. Call it once
+    start-up is done and before the real-time work (ARCHITECTURE.md lists it among the
+    real-time options); objects made later are collected as before. Returns the status for
+    the record, e.g. ``"froze 82426 objects"``.
+    """
+    gc.collect()
+    gc.freeze()
+    return f"froze {gc.get_freeze_count()} objects"
 
 
 def set_nice(nice: int) -> str:

@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if line != "start":
         emulator.stop()
         return 1
+    from controller.low_latency import freeze_gc
+    freeze_gc()   # a full collection would hold a 1 ms block for tens of ms (controller/low_latency.py)
     th = threading.Thread(target=hil.run, args=(stop,), name="spiking-outlet", daemon=True)
     th.start()
     try:

@@ -230,6 +230,8 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
         pty = device.plug()
         if schedule.kinds & DEVICE_KINDS:
             injector = DeviceFaultInjector(schedule, device, pylsl.local_clock, outlet.t0, fault_log).start()
+        from controller.low_latency import freeze_gc
+        freeze_gc()   # a full collection would hold the outlet's next chunk for tens of ms
         ready.put({"stream": spec["stream"], "port": str(device.link_path), "pty": pty, "t0": outlet.t0,
                    "emulator_pid": device.emulator.pid})
         outlet.run(stop_event)

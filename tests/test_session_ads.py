@@ -246,6 +246,9 @@ def test_ads_session_decides_where_it_pulls_and_records_every_sample(ads_session
     stopped = next(e for e in events if e.get("what") == "acquisition_stopped")
     assert started["pulls_source"] is True and acq["role"] == "recorder"
     assert acq["nice"] == "unchanged"   # recording waits for no one: it leaves the priority to the loop
+    # Start-up's objects are out of the garbage collector's full passes (a 40 ms pause otherwise).
+    assert started["gc"].startswith("froze ") and acq["gc"].startswith("froze ")
+    assert int(started["gc"].split()[1]) > 10_000
     samples, ts = load_raw(ads_session / "raw")
     assert stopped["n_samples"] == stopped["n_recorded"] == len(ts) > 30000 * 3
     # Whole, in order, on the simulator's grid: nothing lost between the loop's ring and the disk.

@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         act.heartbeat()
         reader = ring.reader("now", max_read=ring.capacity)
         above = False
+        from controller.low_latency import freeze_gc
+        freeze_gc()   # as a session's loop does
         print("ready", flush=True)
         t_end = clock() + a.duration
         next_hb = clock() + 0.1
