@@ -408,7 +408,7 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
             if n:
                 try:
                     samples, ts, _ = reader.read_new()
-                except Overrun as exc:  # the source wrote more than a ring's worth in one call
+                except Overrun as exc:  # a ring's worth in one call, or (following) the recording fell that far behind
                     sink.emit(Event(clock(), EventKind.DROPPED, "acquisition",
                                     {"n_lost": exc.lost, "reason": "recording_overrun"}))
                     samples, ts, _ = reader.read_new()
