@@ -101,6 +101,34 @@ def read_chunk(reader):
     return res.samples, res.timestamps
 
 
+def open_heartbeating(source, actuator, heartbeat_s: float) -> list:
+    """``source.open()`` while a helper thread heartbeats the device every ``heartbeat_s``.
+
+    The device's watchdog runs from its HELLO, and opening a stream can outlast it: resolving
+    an LSL stream took over 0.5 s (the emulator's watchdog) on the 2-core VM with a test suite
+    running beside it, and the device stopped everything and latched the session. Nothing
+    else uses the actuator meanwhile (this thread waits in ``open``). Returns the heartbeats'
+    events, ending with one sent as the source is open; ``open``'s error, if any, is raised.
+    """
+    import threading
+
+    events: list = []
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(heartbeat_s):
+            events.extend(actuator.heartbeat())
+    th = threading.Thread(target=beat, name="start-up-heartbeat", daemon=True)
+    th.start()
+    try:
+        source.open()
+    finally:
+        done.set()
+        th.join()
+    events.extend(actuator.heartbeat())
+    return events
+
+
 def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, stop_event, ready,
              wakeup_path: str | None = None, customize=None, source_spec: dict | None = None) -> None:
     """Process body; puts ``{"ok": True}`` or ``{"error": ...}`` on ``ready`` once the device is open.
@@ -151,6 +179,10 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             loop = SeizureLoop.from_config(cfg, ring.fs_hz, ring.n_channels)
             if customize is not None:
                 customize(loop, cfg)
+            # Before the device opens: its watchdog runs from the HELLO, and the collection takes
+            # ~40 ms (far longer on a loaded machine) with no heartbeat sent.
+            from controller.low_latency import freeze_gc
+            gc_status = freeze_gc()
             driver = make_driver(cfg, port, clock)
             actuator = make_actuator(cfg, driver, clock)
             events_start = actuator.heartbeat()
@@ -159,15 +191,12 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             control = SessionControl(step, actuator, clock)
             session_id = new_session_id(Path(session_dir))
             tele, server = open_remote(cfg, control, Path(session_dir), session_id)
-            # Before the source opens: its inlet would buffer a backlog during the ~40 ms collection.
-            from controller.low_latency import freeze_gc
-            gc_status = freeze_gc()
             if source_spec is not None:
                 # Last: what the inlet buffers while the device and sockets open would reach the
                 # policy as a backlog of spikes too old to pair (refused as too late).
                 from controller.sources import build_source
                 source = build_source(source_spec)
-                source.open()
+                events_start.extend(open_heartbeating(source, actuator, cfg.device.heartbeat_s))
                 source.check_ring(ring)
                 if wakeup_path is not None:
                     from controller.wakeup import WakeupWriter
@@ -190,15 +219,12 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
             while not stop_event.is_set():
                 if source is not None:   # the fast path: wait for the chunk here, then decide on it
                     try:
-                        pulled = source.read_into(ring)
+                        source.read_into(ring)
                     except Exception as exc:
                         events.append(Event(clock(), EventKind.FAULT, "loop", {
                             "what": "source_read_failed", "error": f"{type(exc).__name__}: {exc}"}))
                         reported = True
                         raise
-                    if pulled and wakeup is not None:
-                        wakeup.notify()   # the recording follows
-                    events.extend(source.drain_events())
                 try:
                     samples, timestamps = read_chunk(reader)
                 except Overrun as exc:
@@ -207,8 +233,12 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
                 got = samples.shape[0]
                 if got:
                     events.extend(step.step(samples, timestamps))
+                    if source is not None and wakeup is not None:
+                        wakeup.notify()   # the recording follows, once the chunk's decision is out
                     if tele is not None:
                         tele.publish_signal(timestamps, samples, ring.fs_hz, decimate=decim)
+                if source is not None:
+                    events.extend(source.drain_events())   # gaps, a lost stream: after the decision
                 now = clock()
                 if server is not None:  # never waits; emergency stop acts within this iteration
                     try:

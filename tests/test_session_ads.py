@@ -256,6 +256,13 @@ def test_ads_session_decides_where_it_pulls_and_records_every_sample(ads_session
     pos = (ts - gt["t0"]) * gt["push"]["fs_hz"]
     assert np.array_equal(np.diff(np.rint(pos)), np.ones(len(ts) - 1))
     assert samples.shape == (len(ts), 4) and np.isfinite(samples).all()
+    # Opening the stream in the loop must not starve the device's watchdog: from the HELLO on, the
+    # device hears the host at least every half watchdog, start-up included (it trips at a whole one).
+    cfg = load_config(ads_session / "config.toml")
+    heard = [r["t_received"] for r in read_jsonl(ads_session / "device_log.jsonl")
+             if r.get("type") in ("HELLO", "HEARTBEAT", "CONFIGURE", "TRIGGER")]
+    assert heard and np.diff(heard).max() < cfg.device.watchdog_s / 2, np.diff(heard).max()
+    assert not any(r.get("type") == "WATCHDOG" for r in read_jsonl(ads_session / "device_log.jsonl"))
 
 
 @pytest.mark.realtime

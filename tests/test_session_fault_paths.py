@@ -298,3 +298,37 @@ def test_stimloop_hil_runs_the_ads_example(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     truth = json.loads((tmp_path / "ground_truth.json").read_text())
     assert truth.get("model") == "spiking"
+
+
+def test_a_slow_stream_opening_does_not_starve_the_devices_watchdog(tmp_path):
+    # The fast path opens its stream after the device: however long resolving it takes, the
+    # device keeps hearing the host (its watchdog would otherwise stop all and latch the session).
+    from controller.actuator import Actuator
+    from controller.loop import open_heartbeating
+    from controller.safety import SafetyGovernor, build_profile
+    from drivers.serial_stimulator import SerialStimulator
+    from hil_sim.emulator import StimulatorEmulator
+    from hil_sim.pty_pair import close_pty, open_pty_pair
+
+    class SlowToOpen:
+        def open(self):
+            time.sleep(0.9)   # longer than the device's 0.3 s watchdog, three times over
+
+    master_fd, slave = open_pty_pair()
+    emu = StimulatorEmulator(master_fd, watchdog_s=0.3, log_path=tmp_path / "device_log.jsonl").start()
+    drv = SerialStimulator(slave, timeout_s=0.05, retries=2)
+    try:
+        drv.open()
+        act = Actuator(SafetyGovernor(build_profile("micro"), drv.capabilities), drv, drv.clock)
+        act.open()
+        act.heartbeat()
+        events = open_heartbeating(SlowToOpen(), act, 0.1)
+        time.sleep(0.05)
+        assert emu.counters["watchdog_trips"] == 0
+        assert not act.governor.latch_reasons and not [e for e in events if e.kind == "fault"]
+    finally:
+        drv.close()
+        emu.stop()   # flushes the device log
+        close_pty(master_fd)
+    beats = [r["t_received"] for r in read_jsonl(tmp_path / "device_log.jsonl") if r.get("type") == "HEARTBEAT"]
+    assert len(beats) >= 8 and np.diff(beats).max() < 0.3
