@@ -236,6 +236,7 @@ class SpikeDetector:
         self._acc = np.empty((self._block_n, nc), np.float32)
         self._acc_fill = 0
         self._med_ring = np.zeros((max(1, int(round(noise_window_s * 1e3 / block_ms))), nc))
+        self._med_scratch = np.empty_like(self._med_ring)   # the ring's median reorders a copy
         self._med_pos = 0
         self._sigma = np.full(nc, np.nan if initial_sigma_uv is None else float(initial_sigma_uv))
         self._thr = -self.k * self._sigma
@@ -450,13 +451,34 @@ class SpikeDetector:
             fill += take
             i += take
             if fill == self._block_n:
-                self._med_ring[self._med_pos % self._med_ring.shape[0]] = np.median(self._acc, axis=0)
+                # The block is rewritten from its start next: its median may reorder it in place.
+                self._med_ring[self._med_pos % self._med_ring.shape[0]] = _median_in_place(self._acc)
                 self._med_pos += 1
-                filled = self._med_ring[:min(self._med_pos, self._med_ring.shape[0])]
-                self._sigma[:] = np.median(filled, axis=0) / MAD_TO_SIGMA
+                n_filled = min(self._med_pos, self._med_ring.shape[0])
+                scratch = self._med_scratch[:n_filled]
+                np.copyto(scratch, self._med_ring[:n_filled])
+                self._sigma[:] = _median_in_place(scratch) / MAD_TO_SIGMA
                 np.multiply(self._sigma, -self.k, out=self._thr)
                 fill = 0
         self._acc_fill = fill
+
+
+def _median_in_place(x: np.ndarray) -> np.ndarray:
+    """``np.median(x, axis=0)`` of finite ``x`` (rows ≥ 1), the same values, reordering ``x`` in place.
+
+    One chunk in ten completes a noise block, and its two medians cost more than the rest of
+    the chunk's detection: ``np.median`` took 15 µs for a (300, 2) block and 13 µs for the
+    (200, 2) ring with warm caches, three times that cold; one ``partition`` in place takes 5
+    (2-core CI VM). The median of an even count is the mean of the two middle values, as
+    ``np.median`` computes it.
+    """
+    n = x.shape[0]
+    h = n // 2
+    if n % 2:
+        x.partition(h, axis=0)
+        return x[h].copy()
+    x.partition((h - 1, h), axis=0)
+    return (x[h - 1] + x[h]) / 2
 
 
 def _within_refractory(t: np.ndarray, cols: np.ndarray, refr_s: float) -> np.ndarray | None:
