@@ -131,12 +131,22 @@ class ChunkStep:
     latency from window end to command and advances the virtual clock to it.
     Bad samples latch the actuator (stimulation off) until the data is clean
     for a whole window, then that latch — and only that one — is released.
+
+    ``cpu_clock`` (real time only; e.g. ``time.thread_time``): the CPU time this
+    thread has used, read beside ``clock`` where the loop computes (a window's
+    read, features and inference: ``cpu_read``, ``cpu_features``,
+    ``cpu_inference`` in the PREDICTION; a spike chunk's read and the request:
+    ``cpu_read``, ``cpu_decided`` in the COMMAND). A stage's wall time minus its
+    CPU time is the time the loop was off the CPU: waiting for one, or, on a VM,
+    its vCPU held by the host (Linux with paravirtual steal accounting leaves
+    steal out of a thread's CPU time). The benchmarks split their tails with it.
     """
 
     def __init__(self, loop: SeizureLoop, actuator, clock, modeled_latency_s: float | None = None,
                  source: str = "loop", stall_timeout_s: float = 1.0, heartbeat_s: float = 0.1,
-                 reconnect_s: float = 1.0, blanking_s: float = 0.5):
+                 reconnect_s: float = 1.0, blanking_s: float = 0.5, cpu_clock=None):
         self.loop, self.actuator, self.clock = loop, actuator, clock
+        self.cpu_clock = None if modeled_latency_s is not None else cpu_clock
         self.modeled_latency_s = modeled_latency_s
         self.source = source
         self.stall_timeout_s = stall_timeout_s
@@ -181,8 +191,10 @@ class ChunkStep:
     def step(self, samples: np.ndarray, timestamps: np.ndarray) -> list[Event]:
         loop, actuator, clock = self.loop, self.actuator, self.clock
         modeled = self.modeled_latency_s is not None
+        cpu = self.cpu_clock
         events: list[Event] = []
         t_read = t_chunk = clock()
+        c_read = c_chunk = cpu() if cpu is not None else None
         self._last_data_t = t_read
         if self.stale:
             self.stale = False
@@ -202,13 +214,17 @@ class ChunkStep:
                 clock.advance_to(t_inf)
             else:
                 t_feat = clock()
+                c_feat = cpu() if cpu is not None else None
                 p = loop.predict(w.features) if w.valid else math.nan
                 t_inf = clock()
+                c_inf = cpu() if cpu is not None else None
             on_time = loop.deadline.check(w.window_end_t, t_inf)
             pred = {"window_end_t": w.window_end_t, "p": p, "valid": w.valid, "threshold": loop.threshold,
                     **({} if w.valid else {"invalid": w.invalid})}
             if not modeled:
                 pred.update(t_read=t_read, t_features=t_feat, t_inference=t_inf)
+                if cpu is not None:
+                    pred.update(cpu_read=c_read, cpu_features=c_feat, cpu_inference=c_inf)
             events.append(Event(t_inf, EventKind.PREDICTION, self.source, pred))
             if not on_time:
                 events.append(Event(t_inf, EventKind.DEADLINE_MISS, self.source,
@@ -223,15 +239,17 @@ class ChunkStep:
                 self._submit(*loop.drive.on_invalid(w.window_end_t, w.invalid), w.window_end_t, t_inf, events)
             if not modeled:
                 t_read = clock()  # the next window of the same chunk starts here
+                c_read = cpu() if cpu is not None else None
         if timestamps.size and not loop.bad_data:
             t_now = clock()
             self._submit(*loop.drive.on_chunk(samples, timestamps), float(timestamps[-1]), t_now, events,
-                         t_read=None if modeled else t_chunk)
+                         t_read=None if modeled else t_chunk, cpu_read=c_chunk)
         return events
 
     def _submit(self, requests, policy_events, window_end_t: float, t_inf: float, events: list[Event],
-                t_read: float | None = None) -> None:
-        """``t_read``: when the chunk behind chunk-driven requests (spikes) was read, for the latency stages."""
+                t_read: float | None = None, cpu_read: float | None = None) -> None:
+        """``t_read``: when the chunk behind chunk-driven requests (spikes) was read, for the latency
+        stages; ``cpu_read``: this thread's CPU time then (``cpu_clock``)."""
         events.extend(policy_events)
         for r in requests:
             if self.paused:
@@ -243,6 +261,9 @@ class ChunkStep:
             if t_read is not None:
                 r.meta["t_read"] = t_read
             r.meta["t_decided"] = self.clock()
+            if cpu_read is not None:
+                r.meta["cpu_read"] = cpu_read
+                r.meta["cpu_decided"] = self.cpu_clock()
             if r.meta.pop("on_time_only", False) and r.at is not None and r.at < r.meta["t_decided"]:
                 # The loop fell behind the imposed delay (ADS): a pulse at the wrong delay is worse than none.
                 events.append(Event(r.meta["t_decided"], EventKind.REFUSAL, self.source, {

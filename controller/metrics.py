@@ -362,7 +362,9 @@ def chunk_command_times(session_dir: Path) -> dict[str, np.ndarray]:
     where the simulator recorded no push times), ``read`` (the loop read it), ``checked`` (data-quality
     check done), ``decided`` (the policy's request), ``governed`` (the governor passed it), ``sent``
     (the frame's write began), ``received`` (the device's receipt stamp); and ``configured``: True
-    where a CONFIGURE round trip went first (the parameters had changed), inside sent − governed."""
+    where a CONFIGURE round trip went first (the parameters had changed), inside sent − governed;
+    ``cpu_read``, ``cpu_decided``: the loop thread's CPU time at read and decided (NaN in a session
+    recorded without it), so that decided − read splits into on- and off-CPU time."""
     session_dir = Path(session_dir)
     events = read_jsonl(session_dir / "events.jsonl")
     commands = [e for e in events if e["kind"] == "command" and e.get("op") == "trigger" and "t_read" in e]
@@ -375,7 +377,9 @@ def chunk_command_times(session_dir: Path) -> dict[str, np.ndarray]:
             "checked": col(lambda c: c["t_inference"]), "decided": col(lambda c: c["t_decided"]),
             "governed": col(governed_t), "sent": col(lambda c: c["sent_t"]),
             "received": np.asarray([r for _, r in reached], float),
-            "configured": np.asarray([c.get("configure_seq") is not None for c, _ in reached], bool)}
+            "configured": np.asarray([c.get("configure_seq") is not None for c, _ in reached], bool),
+            "cpu_read": col(lambda c: c.get("cpu_read", np.nan)),
+            "cpu_decided": col(lambda c: c.get("cpu_decided", np.nan))}
 
 
 def compute_metrics(session_dir: Path) -> dict:

@@ -126,6 +126,12 @@ def test_quick_suite_writes_wellformed_json(quick_run):
     assert ss["deadline_misses"] == sum(ss["deadline_miss_breakdown"].values())
     # Every command's spike was detected: the session scored its detections against the true spikes.
     assert ss["spikes_detected"] >= ss["commands"] and ss["artifact_triggers"] == 0
+    # The loop's read → decided span of every command, split into the loop thread's CPU time and the rest.
+    split = ss["cpu_split_ms"]["read_to_decided"]
+    assert split["on_cpu"]["n"] == split["off_cpu"]["n"] == ss["commands"]
+    assert split["on_cpu"]["max"] > 0 and split["off_cpu"]["max"] >= 0   # detecting a spike takes CPU
+    assert all(0 <= x["off_cpu_ms"] <= x["wall_ms"] for x in split["slowest"])
+    assert all(b["loop_off_cpu_ms"] is not None and 0 <= b["loop_off_cpu_ms"] <= b["loop_ms"] <= b["ms"] for b in slow)
     sz = doc["scenarios"]["seizure_loop"]
     assert set(sz["stages_ms"]) == {"lsl_transport", "ring_write", "ring_to_loop", "features", "inference",
                                     "policy_governor", "port_write", "device_receive"}
@@ -135,6 +141,10 @@ def test_quick_suite_writes_wellformed_json(quick_run):
     assert sz["stages_ms"]["lsl_transport"]["n"] == sz["end_to_end_ms"]["n"] > 0
     assert sz["simulator_push_late_ms"]["n"] == sz["end_to_end_ms"]["n"]
     assert sz["end_to_end_over_target"]["limit_ms"] == 5.0 and sz["end_to_end_over_target"]["n"] == sz["end_to_end_ms"]["n"]
+    for span in ("features", "inference"):   # each window's span, on and off the loop thread's CPU
+        split = sz["cpu_split_ms"][span]
+        assert split["on_cpu"]["n"] == split["off_cpu"]["n"] == sz["stages_ms"][span]["n"]
+        assert split["on_cpu"]["max"] > 0 and split["slowest"][0]["wall_ms"] == pytest.approx(sz["stages_ms"][span]["max"], abs=1e-3)
     # Throughput has no deadline: None, and said so, not a literal 0.
     th = doc["scenarios"]["throughput"]
     assert th["deadline_misses"] is None and th["deadline_definition"].startswith("none")
@@ -203,6 +213,10 @@ def test_quick_suite_peers_pngs_markdown(quick_run):
     assert "| scenario | stage |" in md and "Ratio stimloop / peer" in md
     assert "| stimloop | pylsl_floor |" in md and "| stimloop_busy_poll | pylsl_floor |" in md
     assert "| governor_and_framing |" in md and "peer_stimloop__governor_and_framing.png" in pngs
+    # The loop thread's spans on and off the CPU, in the file and on the terminal.
+    for row in ("| spike_triggered_session | read_to_decided |", "| seizure_loop | inference |"):
+        assert row in md, md
+    assert "loop thread: on / off the CPU" in output
     assert "peers: end to end" in output
     # What else had the CPUs is said with the figures: in the Markdown and under the terminal table.
     line = next(ln for ln in md.splitlines() if ln.startswith("Sharing the CPUs:"))

@@ -113,6 +113,35 @@ def share_over(values_s, limit_ms: float) -> dict:
             "share_ci95": [round(float(ci.low), 5), round(float(ci.high), 5)]}
 
 
+#: how many of a span's slowest instances ``cpu_split_ms`` lists with their off-CPU part
+SLOWEST_SPLIT_N = 3
+
+
+def cpu_split_ms(wall_s, cpu_s) -> dict:
+    """A loop span's wall times split into on-CPU and off-CPU parts (both in s, aligned; in ms out).
+
+    ``cpu_s``: the loop thread's CPU time over each span (``ChunkStep``'s ``cpu_clock``). The
+    rest of the wall time the thread was off the CPU: runnable but waiting for a core, or, on
+    a VM, its vCPU held by the host (steal is not counted as a thread's CPU time under
+    paravirtual steal accounting). So a slow span with little CPU time was the machine's, one
+    with as much CPU time as wall time was the loop's own work. Pairs with a non-finite value
+    (records from before the CPU time was kept) are left out. Returns ``{"on_cpu": stats,
+    "off_cpu": stats, "slowest": [{"wall_ms", "off_cpu_ms"}, ...]}`` (the ``SLOWEST_SPLIT_N``
+    slowest spans, slowest first).
+    """
+    wall = np.asarray(wall_s, np.float64).reshape(-1)
+    cpu = np.asarray(cpu_s, np.float64).reshape(-1)
+    if wall.shape != cpu.shape:
+        raise ValueError(f"cpu_split_ms: {wall.size} wall times for {cpu.size} CPU times")
+    ok = np.isfinite(wall) & np.isfinite(cpu)
+    wall, cpu = wall[ok], cpu[ok]
+    # CPU time can read a few µs over the wall time around it (the two clocks are read in turn).
+    off = np.maximum(wall - cpu, 0.0)
+    slowest = [{"wall_ms": round(float(wall[i]) * 1e3, 4), "off_cpu_ms": round(float(off[i]) * 1e3, 4)}
+               for i in np.argsort(wall)[::-1][:SLOWEST_SPLIT_N]]
+    return {"on_cpu": stats_ms(np.minimum(cpu, wall)), "off_cpu": stats_ms(off), "slowest": slowest}
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -156,6 +156,22 @@ def scenario_rows(doc: dict):
         yield name, "end_to_end", sc["end_to_end_ms"]
 
 
+CPU_SPLIT_HEAD = ("on-CPU p50", "on-CPU p99", "off-CPU p99", "off-CPU max", "slowest: wall / off-CPU")
+
+
+def cpu_split_rows(doc: dict, slowest_n: int | None = None):
+    """``(scenario, span, cells)`` for every loop span a scenario split into on- and off-CPU time
+    (the last cell: its ``slowest_n`` slowest spans, all that were kept by default)."""
+    for name, sc in doc.get("scenarios", {}).items():
+        if not _ran(sc):
+            continue
+        for span, split in (sc.get("cpu_split_ms") or {}).items():
+            on, off = split["on_cpu"], split["off_cpu"]
+            slowest = ", ".join(f"{fmt(x['wall_ms'])} / {fmt(x['off_cpu_ms'])}"
+                                for x in split.get("slowest", [])[:slowest_n])
+            yield name, span, [fmt(on["p50"]), fmt(on["p99"]), fmt(off["p99"]), fmt(off["max"]), slowest or "–"]
+
+
 def write_json(doc: dict, path: str | Path) -> Path:
     """The document without raw arrays, strict JSON (no NaN)."""
     path = Path(path)
@@ -226,6 +242,12 @@ def markdown(doc: dict) -> str:
         extra = {k: sc.get(k) for k in ("dropped_samples", "deadline_misses", "cpu_percent", "commands",
                                        "skipped", "error") if k in sc}
         lines.append(f"- **{name}**: " + ", ".join(f"{k} = {fmt(v)}" for k, v in extra.items()))
+    split = list(cpu_split_rows(doc))
+    if split:
+        lines += ["", "Where the loop thread spent its own spans (ms): on the CPU, or off it (waiting for a "
+                      "core, or its vCPU held by the host); a slow span mostly off the CPU was the machine's:", "",
+                  "| scenario | span | " + " | ".join(CPU_SPLIT_HEAD) + " |", "|---|---|" + "---:|" * len(CPU_SPLIT_HEAD)]
+        lines += [f"| {name} | {span} | " + " | ".join(cells) + " |" for name, span, cells in split]
     tp = doc.get("throughput") or {}
     lines += ["", "## Throughput (30 kHz)", "", f"max_channels_at_30khz = {fmt(tp.get('max_channels_at_30khz'))} "
               f"(target: {tp.get('target', '–')}, met: {fmt(tp.get('target_met'))})"
@@ -306,6 +328,14 @@ def rich_tables(doc: dict) -> list:
         if not _ran(sc):
             t.add_row(name, f"[{'red' if sc.get('error') else 'yellow'}]{escape(_why_not(sc))}[/]", *[""] * len(_HEAD))
     tables = [t]
+    split = list(cpu_split_rows(doc, slowest_n=1))
+    if split:
+        c = Table(title="loop thread: on / off the CPU (ms)")
+        for col in ("scenario", "span", *CPU_SPLIT_HEAD):
+            c.add_column(col, justify="left" if col in ("scenario", "span") else "right")
+        for name, span, cells in split:
+            c.add_row(name, span, *cells)
+        tables.append(c)
     verdicts = target_verdicts(doc)
     if verdicts:
         v = Table(title="targets (issue #5)")

@@ -34,6 +34,11 @@ Stages (per command, seconds; the window's last sample defines the event):
                     for any software — issue 5's "from window complete to command received".
                     The stages above add up to it, command by command.
 
+``cpu_split_ms``: the ``features`` and ``inference`` spans split into the loop
+thread's CPU time and the rest, off the CPU (``controller.bench.common.cpu_split_ms``),
+with the slowest spans of each: a slow window whose span was off the CPU waited for
+the machine, one that was on it waited for the code.
+
 One clock domain: every stamp above is a raw ``pylsl.local_clock()`` reading
 taken on this host (simulator, acquisition, loop and emulator processes). The
 sample timestamps in the ring are the simulator's own: as in a session on the
@@ -63,7 +68,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from controller.bench.common import SEIZURE_P99_TARGET_MS, CpuMeter, check_duration, share_over, stats_ms
+from controller.bench.common import SEIZURE_P99_TARGET_MS, CpuMeter, check_duration, cpu_split_ms, share_over, stats_ms
 from controller.low_latency import DEFAULT_NICE
 
 STAGES = ("lsl_transport", "ring_write", "ring_to_loop", "features", "inference", "policy_governor",
@@ -260,7 +265,8 @@ def stage_samples(cmds: list[dict], preds: dict, received: list, acq, push_t, tr
     timestamps, raw-clock stamps); ``push_t``: the simulator's real push time per
     chunk; ``truth``: its ground truth (``t0`` and ``push`` layout). Returns
     ``{stage: [...], "end_to_end": [...], "end_to_end_from_window_end": [...],
-    "simulator_push_late": [...]}``.
+    "simulator_push_late": [...], "features_cpu": [...], "inference_cpu": [...]}``, the last two
+    the loop thread's CPU time over the ``features`` and ``inference`` spans, aligned with them.
     """
     import numpy as np
 
@@ -270,7 +276,8 @@ def stage_samples(cmds: list[dict], preds: dict, received: list, acq, push_t, tr
     push_t = np.asarray(push_t, np.float64)
     acq = np.asarray(acq, np.float64).reshape(-1, 4)
     acq = acq[np.argsort(acq[:, 0], kind="stable")]
-    out: dict = {k: [] for k in (*STAGES, "end_to_end", "end_to_end_from_window_end", "simulator_push_late")}
+    out: dict = {k: [] for k in (*STAGES, "end_to_end", "end_to_end_from_window_end", "simulator_push_late",
+                                 "features_cpu", "inference_cpu")}
     if len(received) != len(cmds):
         raise ValueError(f"received has {len(received)} receipt times for {len(cmds)} commands")
     for c, t_recv in zip(cmds, received):
@@ -295,6 +302,9 @@ def stage_samples(cmds: list[dict], preds: dict, received: list, acq, push_t, tr
             out["simulator_push_late"].append(t_push - (t0 + (first + (k + 1) * chunk_n - 1) / fs))
         out["features"].append(p["t_features"] - p["t_read"])
         out["inference"].append(p["t_inference"] - p["t_features"])
+        # The loop thread's CPU time over the same spans (NaN in records from before it was kept).
+        out["features_cpu"].append(p.get("cpu_features", np.nan) - p.get("cpu_read", np.nan))
+        out["inference_cpu"].append(p.get("cpu_inference", np.nan) - p.get("cpu_features", np.nan))
         out["policy_governor"].append(governed_t(c) - c["t_inference"])
         out["port_write"].append(c["sent_t"] - governed_t(c))
         out["device_receive"].append(t_recv - c["sent_t"])
@@ -339,6 +349,7 @@ def analyze(session: Path, acq_path: str, cpu_pct: dict, duration_s: float, mode
             "end_to_end_definition": "real push of the chunk holding the window's last sample (window complete) "
                                      "-> command received by the device; raw local clock throughout",
             "stages_ms": {k: stats_ms(v) for k, v in st.items()},
+            "cpu_split_ms": {k: cpu_split_ms(raw[k], raw[f"{k}_cpu"]) for k in ("features", "inference")},
             "simulator_push_late_ms": stats_ms(raw["simulator_push_late"]),
             "lsl_time_correction_offset_ms": None if offset_s.size == 0 else round(float(np.median(offset_s)) * 1e3, 4),
             "dropped_samples": int(m["dropped_samples"]),  # DROPPED events of acquisition and loop

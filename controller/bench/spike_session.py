@@ -28,7 +28,11 @@ As in ``spike_triggered``, the command that first configured the device is left
 out (``configure_commands`` counts it), and so are the commands of the first
 ``WARMUP_S`` of the session (the spike detector's noise estimate settling).
 ``slowest_blocks`` (here: the slowest commands, push → device receipt) and
-``pids`` feed ``stimloop bench blame``, as the other spike scenarios' do.
+``pids`` feed ``stimloop bench blame``, as the other spike scenarios' do; each
+also says how long the loop computed on it (``loop_ms``: read → decided) and how
+much of that the loop thread was off the CPU (``loop_off_cpu_ms``).
+``cpu_split_ms["read_to_decided"]`` splits that span of every command the same
+way (``controller.bench.common.cpu_split_ms``).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from controller.bench.common import SPIKE_P99_TARGET_MS, check_duration, share_over, stats_ms
+from controller.bench.common import SPIKE_P99_TARGET_MS, check_duration, cpu_split_ms, share_over, stats_ms
 from controller.low_latency import DEFAULT_NICE
 
 #: the stages, in order: each is the difference of two consecutive moments of ``chunk_command_times``
@@ -93,8 +97,15 @@ def session_entry(session_dir: Path) -> dict:
     # The slowest commands with their span on the LSL clock (CLOCK_MONOTONIC on Linux) and who is
     # who, for `stimloop bench blame` against a scheduler trace of the run.
     pushed, received = t["pushed"][keep], t["received"][keep]
+    # The loop's own compute span (read → decided: chunk_checks + detect_policy), and how much of
+    # it the loop thread was off the CPU.
+    loop_s = (t["decided"] - t["read"])[keep]
+    loop_cpu_s = (t["cpu_decided"] - t["cpu_read"])[keep]
     slowest = [{"push_t": float(pushed[i]), "done_t": float(received[i]),
-                "ms": round(float(received[i] - pushed[i]) * 1e3, 4)}
+                "ms": round(float(received[i] - pushed[i]) * 1e3, 4),
+                "loop_ms": round(float(loop_s[i]) * 1e3, 4),
+                "loop_off_cpu_ms": (round(float(max(loop_s[i] - loop_cpu_s[i], 0.0)) * 1e3, 4)
+                                    if np.isfinite(loop_cpu_s[i]) else None)}
                for i in np.argsort(received - pushed)[::-1][:SLOWEST_N]]
     runner = next((e for e in reversed(events) if e.get("source") == "runner" and "pids" in e), {})
     roles = {"hil": "simulator", "emulator": "stimulator emulator", "acq": "recording",
@@ -118,6 +129,7 @@ def session_entry(session_dir: Path) -> dict:
                                     "in a session: the loop process pulls, detects and commands (fast path), "
                                     "the acquisition process records",
            "stages_ms": {k: stats_ms(v) for k, v in raw.items()},
+           "cpu_split_ms": {"read_to_decided": cpu_split_ms(loop_s, loop_cpu_s)},
            "end_to_end_from_spike_ms": m.get("end_to_end_ms"),
            "delay_error_ms": ads.get("delay_error_ms"),
            "spikes_detected": ads.get("spikes_detected"), "missed_spikes": ads.get("missed_spikes"),
