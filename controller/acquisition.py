@@ -288,6 +288,11 @@ def load_raw_meta(raw_dir: str | Path) -> dict:
     return json.loads((Path(raw_dir) / META_FILE).read_text())
 
 
+#: Following, the longest the recording sleeps without a wake-up from the writer (which wakes it
+#: every ``controller.loop.RECORDING_WAKE_S``): a stalled writer still gets its ring recorded.
+FOLLOW_WAIT_S = 0.05
+
+
 def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_or_path,
                     raw_dir: str | Path | None = None, *, raw_flush_s: float = 1.0,
                     events_flush_s: float = 0.5, ready_event=None, wakeup_path: str | None = None,
@@ -391,7 +396,7 @@ def run_acquisition(source_spec: dict, ring_name: str, stop_event, events_queue_
             stopping = stop_event.is_set()   # following: one more pass records what the writer left
             if follow is not None:
                 if not stopping:
-                    wakeup.wait(0.005)
+                    wakeup.wait(FOLLOW_WAIT_S)
                 n = reader.available()
             else:
                 if stopping:

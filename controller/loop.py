@@ -56,6 +56,10 @@ def make_actuator(cfg, driver, clock):
 #: How often the loop publishes its state (paused, latch reasons) on telemetry: a monitor started
 #: after a stop learns the stop from it, since events are published only when they happen.
 STATE_PERIOD_S = 1.0
+#: On the fast path, how often the loop wakes the recording process (which records the ring):
+#: a chunk at a time would wake it 1000 times a second at 1 ms chunks, each wake-up one more
+#: task for the two cores the next chunk's way to the loop needs. The ring holds seconds.
+RECORDING_WAKE_S = 0.02
 
 
 def new_session_id(session_dir: Path) -> str:
@@ -216,6 +220,7 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
         decim = max(1, int(round(ring.fs_hz / cfg.telemetry.signal_hz)))
         events.extend(events_start)
         next_state = 0.0
+        next_recording_wake = float("-inf")
         try:
             while not stop_event.is_set():
                 if source is not None:   # the fast path: wait for the chunk here, then decide on it
@@ -235,7 +240,10 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
                 if got:
                     events.extend(step.step(samples, timestamps))
                     if source is not None and wakeup is not None:
-                        wakeup.notify()   # the recording follows, once the chunk's decision is out
+                        t_wake = clock()
+                        if t_wake >= next_recording_wake:
+                            wakeup.notify()   # the recording follows, once the chunk's decision is out
+                            next_recording_wake = t_wake + RECORDING_WAKE_S
                     if tele is not None:
                         tele.publish_signal(timestamps, samples, ring.fs_hz, decimate=decim)
                 if source is not None:

@@ -95,6 +95,46 @@ def test_following_a_ring_another_process_writes_records_all_of_it(tmp_path):
     assert events[-1]["what"] == "acquisition_stopped" and events[-1]["n_recorded"] == 3000
 
 
+def test_following_without_wakeups_still_records_the_whole_ring(tmp_path):
+    # The fast path wakes the recording at most every RECORDING_WAKE_S, and a writer may stop
+    # waking it at all: the recording then reads on its own every FOLLOW_WAIT_S. Here the ring
+    # wraps three times with no wake-up; a recording that only read when woken (or at the stop)
+    # would lose all but the last ring's worth.
+    import threading
+
+    from controller.acquisition import FOLLOW_WAIT_S
+    from controller.sources import SourceInfo
+    from controller.wakeup import WakeupWriter, make_wakeup
+    cap, step = 2048, 256
+    data = np.random.default_rng(4).normal(0, 50, (3 * cap, 4)).astype(np.float32)
+    ts = 10.0 + np.arange(data.shape[0]) / FS
+    ring = SharedRing.create(None, 4, cap, FS)
+    wake_path = make_wakeup(tmp_path / "wake")
+    info = SourceInfo("followed", "EEG", "sid", 4, ("a", "b", "c", "d"), ("microvolts",) * 4, FS)
+    stop = mp.get_context("spawn").Event()
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("rc", run_acquisition(
+        None, ring.name, stop, str(tmp_path / "events.jsonl"), str(tmp_path / "raw"),
+        wakeup_path=str(wake_path), follow=info)))
+    th.start()
+    writer = WakeupWriter(wake_path)   # opened, never poked
+    try:
+        for i in range(0, data.shape[0], step):
+            ring.write(data[i:i + step], ts[i:i + step])
+            time.sleep(FOLLOW_WAIT_S)   # a ring's worth takes 8 of these: the recording reads in between
+        stop.set()
+        th.join(10)
+    finally:
+        writer.close()
+        ring.close()
+        ring.unlink()
+    assert out["rc"] == 0
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e.get("kind") == "dropped"], "the recording fell a ring behind"
+    samples, got_ts = load_raw(tmp_path / "raw")
+    assert np.array_equal(samples, data) and np.array_equal(got_ts, ts)
+
+
 def test_following_needs_a_wakeup(tmp_path):
     from controller.sources import SourceInfo
     ring = SharedRing.create(None, 4, 4096, FS)
