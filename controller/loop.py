@@ -140,8 +140,9 @@ def run_loop(cfg_json: str, ring_name: str, port: str | None, session_dir: str, 
     ``wakeup_path``: the named pipe (``controller.wakeup``) the acquisition process pokes after
     each ring write; the loop waits on it for samples. With ``source_spec`` (the spike fast
     path) the roles turn: this process opens that source (``controller.sources.build_source``)
-    and pulls it into the ring, waiting in the pull, and pokes the pipe so that the acquisition
-    process, which then only records (``run_acquisition(follow=...)``), wakes. A source that
+    and pulls it into the ring, waiting in the pull, and pokes the pipe (at most every
+    ``RECORDING_WAKE_S``) so that the acquisition process, which then only records
+    (``run_acquisition(follow=...)``), wakes. A source that
     fails to open fails the start-up; one that fails to read is a ``source_read_failed`` fault
     (stimulation off first).
 
