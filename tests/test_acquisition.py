@@ -52,26 +52,34 @@ def test_acquisition_process_fills_ring_records_raw_and_events(tmp_path):
     assert sum(e.data["n_samples"] for e in nan_ev) == 3
 
 
-def test_following_a_ring_another_process_writes_records_all_of_it(tmp_path):
-    # The spike fast path: the loop writes the ring, the acquisition process only records it, from
-    # the ring's first sample (written before it started) to the last (written just before its stop).
+def _record_following(ring, tmp_path):
+    """``run_acquisition(follow=...)`` recording ``ring`` into ``tmp_path/raw`` from a thread, as the
+    fast path's recording process does: ``(stop, wake_path, thread, out)``, ``out["rc"]`` once it returns."""
     import threading
 
     from controller.sources import SourceInfo
-    from controller.wakeup import WakeupWriter, make_wakeup
-    data = np.random.default_rng(3).normal(0, 50, (3000, 4)).astype(np.float32)
-    data[1500:1504, 1] = np.nan
-    ts = 100.0 + np.arange(3000) / FS
-    ring = SharedRing.create(None, 4, 4096, FS)
+    from controller.wakeup import make_wakeup
     wake_path = make_wakeup(tmp_path / "wake")
     info = SourceInfo("followed", "EEG", "sid", 4, ("a", "b", "c", "d"), ("microvolts",) * 4, FS)
-    ring.write(data[:500], ts[:500])                  # before the recorder exists
     stop = mp.get_context("spawn").Event()
-    out = {}
+    out: dict = {}
     th = threading.Thread(target=lambda: out.setdefault("rc", run_acquisition(
         None, ring.name, stop, str(tmp_path / "events.jsonl"), str(tmp_path / "raw"),
         wakeup_path=str(wake_path), follow=info)))
     th.start()
+    return stop, wake_path, th, out
+
+
+def test_following_a_ring_another_process_writes_records_all_of_it(tmp_path):
+    # The spike fast path: the loop writes the ring, the acquisition process only records it, from
+    # the ring's first sample (written before it started) to the last (written just before its stop).
+    from controller.wakeup import WakeupWriter
+    data = np.random.default_rng(3).normal(0, 50, (3000, 4)).astype(np.float32)
+    data[1500:1504, 1] = np.nan
+    ts = 100.0 + np.arange(3000) / FS
+    ring = SharedRing.create(None, 4, 4096, FS)
+    ring.write(data[:500], ts[:500])                  # before the recorder exists
+    stop, wake_path, th, out = _record_following(ring, tmp_path)
     try:
         writer = WakeupWriter(wake_path)
         for i in range(500, 2990, 10):
@@ -100,23 +108,13 @@ def test_following_without_wakeups_still_records_the_whole_ring(tmp_path):
     # waking it at all: the recording then reads on its own every FOLLOW_WAIT_S. Here the ring
     # wraps three times with no wake-up; a recording that only read when woken (or at the stop)
     # would lose all but the last ring's worth.
-    import threading
-
     from controller.acquisition import FOLLOW_WAIT_S
-    from controller.sources import SourceInfo
-    from controller.wakeup import WakeupWriter, make_wakeup
+    from controller.wakeup import WakeupWriter
     cap, step = 2048, 256
     data = np.random.default_rng(4).normal(0, 50, (3 * cap, 4)).astype(np.float32)
     ts = 10.0 + np.arange(data.shape[0]) / FS
     ring = SharedRing.create(None, 4, cap, FS)
-    wake_path = make_wakeup(tmp_path / "wake")
-    info = SourceInfo("followed", "EEG", "sid", 4, ("a", "b", "c", "d"), ("microvolts",) * 4, FS)
-    stop = mp.get_context("spawn").Event()
-    out = {}
-    th = threading.Thread(target=lambda: out.setdefault("rc", run_acquisition(
-        None, ring.name, stop, str(tmp_path / "events.jsonl"), str(tmp_path / "raw"),
-        wakeup_path=str(wake_path), follow=info)))
-    th.start()
+    stop, wake_path, th, out = _record_following(ring, tmp_path)
     writer = WakeupWriter(wake_path)   # opened, never poked
     try:
         for i in range(0, data.shape[0], step):
