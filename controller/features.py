@@ -1,4 +1,4 @@
-"""Causal feature extraction: stateful filters, line length, band powers, feature pipelines.
+"""Causal feature extraction: line length, band powers, feature pipelines.
 
 Functional core: no I/O, no clock reads. Arrays are sample-major ``(n_samples,
 n_channels)`` float32 µV (docs/architecture.md, "Conventions").
@@ -17,8 +17,10 @@ from typing import Callable
 import numpy as np
 from scipy import signal
 
+from controller.filters import SosFilterState
+from controller.numeric import median_in_place
+
 __all__ = [
-    "SosFilterState",
     "line_length",
     "band_powers",
     "FeaturePipeline",
@@ -37,60 +39,6 @@ def _as_window(window: np.ndarray, what: str = "window") -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"{what} must be (n_samples, n_channels), got shape {np.shape(window)}")
     return x
-
-
-class SosFilterState:
-    """Causal IIR filter (second-order sections) whose state is carried across chunks.
-
-    Filtering a signal chunk by chunk gives the same output as filtering it in
-    one call, which is what makes the streaming controller and offline training
-    see identical data. ``process`` accepts ``(n, ch)`` blocks.
-    """
-
-    def __init__(self, sos: np.ndarray, n_channels: int, dtype=np.float64):
-        sos = np.asarray(sos, dtype=np.float64)
-        if sos.ndim != 2 or sos.shape[1] != 6:
-            raise ValueError(f"sos must have shape (n_sections, 6), got {sos.shape}")
-        if n_channels < 1:
-            raise ValueError(f"n_channels must be >= 1, got {n_channels}")
-        self.sos = sos
-        self.n_channels = int(n_channels)
-        self._dtype = dtype
-        # zi layout for axis=0 filtering: (n_sections, 2, n_channels)
-        self._zi = np.zeros((sos.shape[0], 2, self.n_channels), dtype=np.float64)
-        self._zi_step = signal.sosfilt_zi(sos)[:, :, None]  # steady state for a unit step
-        self._primed = False
-
-    @classmethod
-    def butter(cls, order: int, cutoff_hz, btype: str, fs_hz: float, n_channels: int) -> "SosFilterState":
-        """Butterworth design helper (``scipy.signal.butter(..., output='sos')``)."""
-        if fs_hz <= 0:
-            raise ValueError(f"fs_hz must be > 0, got {fs_hz}")
-        sos = signal.butter(order, cutoff_hz, btype=btype, fs=fs_hz, output="sos")
-        return cls(sos, n_channels)
-
-    def reset(self) -> None:
-        """Forget the history; the next chunk re-primes the state."""
-        self._zi[:] = 0.0
-        self._primed = False
-
-    def process(self, chunk: np.ndarray, prime: bool = True) -> np.ndarray:
-        """Filter ``chunk`` (n, ch) and return the filtered block (same shape, float64).
-
-        With ``prime`` the very first chunk starts from the steady state for its
-        first sample (no start-up transient from a DC offset).
-        """
-        x = _as_window(chunk, "chunk")
-        if x.shape[1] != self.n_channels:
-            raise ValueError(f"chunk has {x.shape[1]} channels, filter was built for {self.n_channels}")
-        if x.shape[0] == 0:
-            return np.zeros((0, self.n_channels), dtype=np.float64)
-        if not self._primed:
-            if prime:
-                self._zi[:] = self._zi_step * np.asarray(x[0], dtype=np.float64)[None, None, :]
-            self._primed = True
-        y, self._zi = signal.sosfilt(self.sos, x, axis=0, zi=self._zi)
-        return y
 
 
 def line_length(window: np.ndarray) -> np.ndarray:
@@ -271,12 +219,17 @@ class SzV1Pipeline(FeaturePipeline):
         counts = bm.sum(axis=0)
         if np.any(counts == 0):
             raise ValueError(f"sz_v1 window of {n} samples at {self.fs_hz} Hz is too short to resolve the delta band")
-        self._band_mean = bm / counts  # (n_freq, n_bands): mean PSD per band
-        self._band_sum = bm            # total power per band (for relative power and SEF)
-        self._in_range = (freqs >= SZ_V1_BANDS_HZ[0][0]) & (freqs < SZ_V1_BANDS_HZ[-1][1])
-        self._freqs = freqs
-        self._hann = np.hanning(n)[:, None]
+        # One product gives both: mean PSD per band (log band powers) and total power per band
+        # (relative powers), bins as columns of the channel-major spectrum.
+        self._band_tables = np.hstack([bm / counts, bm])                      # (n_freq, 2 n_bands)
+        in_range = np.flatnonzero((freqs >= SZ_V1_BANDS_HZ[0][0]) & (freqs < SZ_V1_BANDS_HZ[-1][1]))
+        self._sef_lo, self._sef_hi = int(in_range[0]), int(in_range[-1]) + 1  # the 1-80 Hz bins
+        self._sef_of_bin = freqs / SZ_V1_BANDS_HZ[-1][1]
+        self._hann = np.hanning(n)
         self._psd_scale = 1.0 / (self.fs_hz * np.sum(self._hann ** 2))
+        # Channel-major float64 scratch: every reduction below runs along contiguous rows.
+        self._xt = np.empty((self.n_channels, n))
+        self._dx = np.empty((self.n_channels, n - 1))
         self._n_window = n
 
     def reset(self) -> None:
@@ -290,6 +243,36 @@ class SzV1Pipeline(FeaturePipeline):
         """0.5 Hz high-pass (order 2): removes electrode drift/DC before windowing."""
         return SosFilterState.butter(2, 0.5, "highpass", self.fs_hz, self.n_channels)
 
+    def _channel_features(self, x: np.ndarray, pc: np.ndarray) -> None:
+        """Each channel's features of the window ``x`` (n, ch) into the rows of ``pc``, in
+        ``_per_channel`` order: log line length and log variance, log band powers, relative band
+        powers, spectral edge. Logs are of µV² (+ a floor), before the baseline is subtracted.
+
+        Channel-major float64 with preallocated scratch, and one product for all band sums: the
+        seizure loop's largest stage (docs/performance.md, "The seizure loop's features")."""
+        n = x.shape[0]
+        eps = 1e-6  # µV²: floor for flat (disconnected) channels so log stays finite
+        nb = len(SZ_V1_BANDS_HZ)
+        xt = self._xt
+        np.copyto(xt, x.T)
+        xt -= xt.mean(axis=1, keepdims=True)
+        dx = np.subtract(xt[:, 1:], xt[:, :-1], out=self._dx)
+        pc[0] = np.log(np.abs(dx, out=dx).sum(axis=1) / (n - 1) + eps)
+        pc[1] = np.log(np.einsum("cn,cn->c", xt, xt) / n + eps)
+        spec = np.fft.rfft(xt * self._hann, axis=1)
+        psd = spec.real ** 2 + spec.imag ** 2
+        psd *= self._psd_scale                                      # (ch, n_freq), µV²/Hz
+        bands = (psd @ self._band_tables).T                         # (2 n_bands, ch)
+        pc[2:2 + nb] = np.log(bands[:nb] + eps)
+        band_tot = bands[nb:]
+        pc[2 + nb:2 + 2 * nb] = band_tot / (band_tot.sum(axis=0) + eps)
+        # Spectral edge: the first 1-80 Hz bin where the cumulative power reaches 80 % (bin 0 for a
+        # channel with no power there: a flat one).
+        cum = np.cumsum(psd[:, self._sef_lo:self._sef_hi], axis=1)
+        total = cum[:, -1:]
+        edge = np.where(total[:, 0] > 0, self._sef_lo + (cum < 0.8 * total).sum(axis=1), 0)
+        pc[2 + 2 * nb] = self._sef_of_bin[np.minimum(edge, self._sef_of_bin.size - 1)]
+
     def step(self, window: np.ndarray) -> np.ndarray:
         """Features of one window (n, ch); returns the preallocated ``(n_features,)`` float32 vector."""
         x = _as_window(window)
@@ -298,23 +281,8 @@ class SzV1Pipeline(FeaturePipeline):
             raise ValueError(f"window has {ch} channels, pipeline sz_v1 was built for {self.n_channels}")
         if n != self._n_window:
             self._build_tables(n)
-        eps = 1e-6  # µV²: floor for flat (disconnected) channels so log stays finite
         pc = self._pc
-        xc = x - x.mean(axis=0)
-        pc[0] = np.log(np.abs(np.diff(xc, axis=0)).sum(axis=0) / (n - 1) + eps)
-        pc[1] = np.log((xc * xc).mean(axis=0) + eps)
-        spec = np.fft.rfft(xc * self._hann, axis=0)
-        psd = (spec.real ** 2 + spec.imag ** 2) * self._psd_scale
-        nb = len(SZ_V1_BANDS_HZ)
-        pc[2:2 + nb] = np.log(self._band_mean.T @ psd + eps)
-        band_tot = self._band_sum.T @ psd  # (n_bands, ch)
-        total = band_tot.sum(axis=0) + eps
-        pc[2 + nb:2 + 2 * nb] = band_tot / total
-        # spectral edge: first in-range frequency where cumulative power reaches 80 %
-        cum = np.cumsum(psd * self._in_range[:, None], axis=0)
-        edge_idx = (cum < 0.8 * cum[-1]).sum(axis=0)
-        pc[2 + 2 * nb] = self._freqs[np.minimum(edge_idx, self._freqs.size - 1)] / SZ_V1_BANDS_HZ[-1][1]
-
+        self._channel_features(x, pc)
         logs = pc[:self._n_log]
         if self._n_abs:
             # Absolute log line length / variance, before baseline subtraction (sz_v2):
@@ -344,11 +312,12 @@ class SzV1Pipeline(FeaturePipeline):
         out = self._out
         n_inst = len(self._instant)
         n_base = 2 * self._n_pc
-        out[0:n_base:2] = np.median(pc, axis=1)
+        # Medians reorder their table's rows in place: both are rewritten whole by the next step.
         out[1:n_base:2] = pc.max(axis=1)
+        out[0:n_base:2] = median_in_place(pc, axis=1)
         if self._n_abs:
-            out[n_base:n_inst:2] = np.median(self._abs, axis=1)
             out[n_base + 1:n_inst:2] = self._abs.max(axis=1)
+            out[n_base:n_inst:2] = median_in_place(self._abs, axis=1)
         # Context: mean of the instantaneous vector over the last context_s (ring
         # of hops). It holds onset evidence through the low-voltage phase and
         # averages out single-window noise such as an interictal spike.

@@ -42,13 +42,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import signal
 
-try:
-    # scipy's in-place SOS kernel: ~1.6 µs for a 30-sample × 2-channel chunk, against ~27 µs for
-    # the public signal.sosfilt (argument checks, axis moves, copies; controller.features'
-    # SosFilterState pays the same). Private, so a scipy without it falls back to the public call.
-    from scipy.signal._sosfilt import _sosfilt as _sosfilt_inplace
-except ImportError:  # pragma: no cover - depends on the scipy build
-    _sosfilt_inplace = None
+from controller.filters import SosFilterState
+from controller.numeric import median_in_place
 
 __all__ = ["SpikeDetector", "Spikes", "WindowBox", "MAD_TO_SIGMA", "DEFAULT_BAND_HZ", "band_pass_waveform"]
 
@@ -86,39 +81,6 @@ class WindowBox:
                              "expected -2 <= t0_ms <= t1_ms <= 5 ms")
         if not (math.isfinite(self.lo_uv) and math.isfinite(self.hi_uv) and self.lo_uv <= self.hi_uv):
             raise ValueError(f"WindowBox lo_uv={self.lo_uv!r}, hi_uv={self.hi_uv!r} invalid, expected lo_uv <= hi_uv")
-
-
-class _CausalBandpass:
-    """Butterworth band-pass in second-order sections, per channel, state carried across chunks.
-
-    ``process(x)`` filters ``x`` (``(n, n_ch)`` float32) in place. The first call starts from the
-    steady state for its first sample (as ``controller.features.SosFilterState`` primes), so a DC
-    offset produces no start-up transient that the detector would take for spikes.
-    """
-
-    def __init__(self, band_hz: tuple[float, float], order: int, fs_hz: float, n_ch: int, max_n: int) -> None:
-        self.sos = signal.butter(order, band_hz, btype="bandpass", fs=fs_hz, output="sos")
-        n_sec = self.sos.shape[0]
-        self._zi_step = signal.sosfilt_zi(self.sos)            # (n_sec, 2): response to a unit step
-        self._zi = np.zeros((n_ch, n_sec, 2))                   # the in-place kernel's layout
-        self._flat = np.empty(n_ch * max_n)                     # (n_ch, n) C-contiguous views of it
-        self._primed = False
-
-    def process(self, x: np.ndarray) -> None:
-        n, n_ch = x.shape
-        if not self._primed:
-            self._zi[:] = self._zi_step[None] * x[0].astype(np.float64)[:, None, None]
-            self._primed = True
-        if _sosfilt_inplace is None:
-            # Public API: zi is (n_sections, n_ch, 2) for axis=-1 filtering of (n_ch, n).
-            y, zi = signal.sosfilt(self.sos, x.T.astype(np.float64), axis=-1, zi=self._zi.transpose(1, 0, 2))
-            self._zi[:] = zi.transpose(1, 0, 2)
-            x[:] = y.T
-            return
-        buf = self._flat[:n_ch * n].reshape(n_ch, n)
-        buf[:] = x.T
-        _sosfilt_inplace(self.sos, buf, self._zi)
-        x[:] = buf.T
 
 
 def band_pass_waveform(waveform: np.ndarray, fs_hz: float, band_hz: tuple[float, float] = DEFAULT_BAND_HZ,
@@ -251,7 +213,7 @@ class SpikeDetector:
         # 12 dB/octave each side, like the simulator's noise) keeps the group delay and the
         # ringing after a stimulation artifact short: both grow with the order.
         self._bandpass = (None if band_hz is None
-                          else _CausalBandpass(self.band_hz, int(band_order), self.fs_hz, nc, self.max_chunk))
+                          else SosFilterState.butter(int(band_order), self.band_hz, "bandpass", self.fs_hz, nc))
 
     # ------------------------------------------------------------------ state views
     @property
@@ -303,7 +265,7 @@ class SpikeDetector:
             # Blanked samples go through the filter too: holding the input instead would leave a
             # step (LFP drift, artifact tail) at the end of the window, which a high-pass turns
             # into a spike-like transient. The artifact's own ringing is over long before 28 ms.
-            self._bandpass.process(xn)
+            self._bandpass.process_in_place(xn)
         t_first, t_last = float(timestamps[0]), float(timestamps[-1])
         while self._blanks and self._blanks[0][1] <= t_first:
             self._blanks.popleft()   # windows arrive in time order: the head expires first
@@ -452,33 +414,15 @@ class SpikeDetector:
             i += take
             if fill == self._block_n:
                 # The block is rewritten from its start next: its median may reorder it in place.
-                self._med_ring[self._med_pos % self._med_ring.shape[0]] = _median_in_place(self._acc)
+                self._med_ring[self._med_pos % self._med_ring.shape[0]] = median_in_place(self._acc)
                 self._med_pos += 1
                 n_filled = min(self._med_pos, self._med_ring.shape[0])
                 scratch = self._med_scratch[:n_filled]
                 np.copyto(scratch, self._med_ring[:n_filled])
-                self._sigma[:] = _median_in_place(scratch) / MAD_TO_SIGMA
+                self._sigma[:] = median_in_place(scratch) / MAD_TO_SIGMA
                 np.multiply(self._sigma, -self.k, out=self._thr)
                 fill = 0
         self._acc_fill = fill
-
-
-def _median_in_place(x: np.ndarray) -> np.ndarray:
-    """``np.median(x, axis=0)`` of finite ``x`` (rows ≥ 1), the same values, reordering ``x`` in place.
-
-    One chunk in ten completes a noise block, and its two medians cost more than the rest of
-    the chunk's detection: ``np.median`` took 15 µs for a (300, 2) block and 13 µs for the
-    (200, 2) ring with warm caches, three times that cold; one ``partition`` in place takes 5
-    (2-core CI VM). The median of an even count is the mean of the two middle values, as
-    ``np.median`` computes it.
-    """
-    n = x.shape[0]
-    h = n // 2
-    if n % 2:
-        x.partition(h, axis=0)
-        return x[h].copy()
-    x.partition((h - 1, h), axis=0)
-    return (x[h - 1] + x[h]) / 2
 
 
 def _within_refractory(t: np.ndarray, cols: np.ndarray, refr_s: float) -> np.ndarray | None:

@@ -1,13 +1,11 @@
 """SpikeDetector's causal band-pass: DC offset and LFP no longer blind the detector (Quiroga's σ
-assumes a spike-band signal, REFERENCE.md §2), state carried across chunks, detection times
+assumes a spike-band signal, REFERENCE.md §2), detection times
 shifted by far less than the ±1 ms matching tolerance, artifacts still blanked."""
 import numpy as np
 import pytest
-from scipy import signal
 
-import controller.spikes as spikes_mod
 from controller.policies.ads import blanking_window
-from controller.spikes import DEFAULT_BAND_HZ, SpikeDetector
+from controller.spikes import SpikeDetector
 from drivers.params import StimParams
 from hil_sim.spiking import SpikingUnits
 
@@ -80,24 +78,6 @@ def test_detection_times_shift_little(units_trace):
     assert -0.15 <= d_raw <= -0.05        # raw: the crossing ~3 samples before the trough
     assert 0.0 < d_bp - d_raw <= 0.15     # band-passed: a little later
     assert np.nanmax(np.abs(bp)) <= 0.2e-3
-
-
-def test_filter_state_carries_across_chunks_and_matches_scipy(monkeypatch):
-    rng = np.random.default_rng(3)
-    x = (rng.standard_normal((3000, 3)) * 10 + [50.0, -20.0, 0.0]).astype(np.float32)
-    sos = signal.butter(2, DEFAULT_BAND_HZ, btype="bandpass", fs=FS, output="sos")
-    zi = signal.sosfilt_zi(sos)[:, :, None] * x[0].astype(np.float64)[None, None, :]   # primed on sample 0
-    ref, _ = signal.sosfilt(sos, x.astype(np.float64), axis=0, zi=zi)
-    for inplace in (True, False):   # scipy's in-place kernel, and the public-API fallback
-        if not inplace:
-            monkeypatch.setattr(spikes_mod, "_sosfilt_inplace", None)
-        for chunk in (30, 97, 3000):
-            f = spikes_mod._CausalBandpass(DEFAULT_BAND_HZ, 2, FS, 3, 4096)
-            y = x.copy()
-            for i in range(0, y.shape[0], chunk):
-                f.process(y[i:i + chunk])
-            np.testing.assert_allclose(y, ref, atol=1e-3)
-            assert np.abs(y[:30]).max() < 60        # primed: no start-up transient from the offset
 
 
 def test_detections_do_not_depend_on_chunking(units_trace):

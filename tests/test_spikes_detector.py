@@ -184,22 +184,3 @@ def test_crossings_at_chunk_edges_after_quiet_chunks():
     # Same answer in one call: the chunking does not change the detections.
     one = SpikeDetector(FS, 2, k=5.0, initial_sigma_uv=5.0, **RAW).step(x, ts)
     np.testing.assert_allclose(one.t, dt)
-
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
-
-
-@settings(max_examples=300, deadline=None)
-@given(hnp.arrays(st.sampled_from([np.float32, np.float64]),
-                  st.tuples(st.integers(1, 401), st.integers(1, 4)),
-                  elements=st.floats(-1e6, 1e6, allow_nan=False, width=32)))
-def test_noise_median_is_numpys_median(x):
-    # The noise estimate's medians (controller.spikes._median_in_place) must be np.median's values
-    # exactly, odd and even counts, for both the block (float32) and the ring (float64).
-    from controller.spikes import _median_in_place
-    want = np.median(x, axis=0)
-    got = _median_in_place(x.copy())
-    assert got.dtype == want.dtype
-    np.testing.assert_array_equal(got, want)
