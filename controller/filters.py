@@ -28,12 +28,12 @@ class SosFilterState:
 
     ``process(chunk)`` returns the filtered ``(n, ch)`` block as float64;
     ``process_in_place(x)`` overwrites a float ``(n, ch)`` array with it (the
-    spike path's chunk, no allocation). With ``prime`` (the default) the very
-    first chunk starts from the steady state for its first sample, so a DC offset
-    gives no start-up transient (which a spike detector would take for spikes).
+    spike path's chunk, no allocation). The first chunk starts from the steady
+    state for its first sample, so a DC offset gives no start-up transient (which a
+    spike detector would take for spikes).
     """
 
-    def __init__(self, sos: np.ndarray, n_channels: int, prime: bool = True):
+    def __init__(self, sos: np.ndarray, n_channels: int):
         sos = np.asarray(sos, dtype=np.float64)
         if sos.ndim != 2 or sos.shape[1] != 6:
             raise ValueError(f"sos must have shape (n_sections, 6), got {sos.shape}")
@@ -41,7 +41,6 @@ class SosFilterState:
             raise ValueError(f"n_channels must be >= 1, got {n_channels}")
         self.sos = np.ascontiguousarray(sos)
         self.n_channels = int(n_channels)
-        self.prime = bool(prime)
         # The in-place kernel's layout: (n_channels, n_sections, 2), filtering (n_channels, n) rows.
         self._zi = np.zeros((self.n_channels, sos.shape[0], 2), dtype=np.float64)
         self._zi_step = signal.sosfilt_zi(sos)   # (n_sections, 2): the state after a unit step
@@ -68,10 +67,9 @@ class SosFilterState:
         n, ch = x.shape
         if ch != self.n_channels:
             raise ValueError(f"chunk has {ch} channels, filter was built for {self.n_channels}")
-        if not self._primed:
-            if self.prime and n:
-                self._zi[:] = self._zi_step[None] * np.asarray(x[0], dtype=np.float64)[:, None, None]
-            self._primed = bool(n)
+        if n and not self._primed:
+            self._zi[:] = self._zi_step[None] * np.asarray(x[0], dtype=np.float64)[:, None, None]
+            self._primed = True
         if self._scratch.size < n * ch:
             self._scratch = np.empty(max(n * ch, 2 * self._scratch.size), dtype=np.float64)
         rows = self._scratch[:n * ch].reshape(ch, n)
