@@ -66,8 +66,8 @@ def test_quick_suite_writes_wellformed_json(quick_run):
         assert set(sc) >= set(SCENARIO_KEYS)
         _sane(sc["end_to_end_ms"])
         assert sc["stages_ms"], name
-        for stage, st in sc["stages_ms"].items():
-            _sane(st)
+        for stats in sc["stages_ms"].values():
+            _sane(stats)
         assert isinstance(sc["dropped_samples"], int) and sc["dropped_samples"] >= 0
         assert sc["cpu_percent"] and all(v is not None and v >= 0 for v in sc["cpu_percent"].values()), sc["cpu_percent"]
         # What the hypervisor took over the measured span, from /proc/stat (Linux: always said).
@@ -201,9 +201,9 @@ def test_quick_suite_peers_pngs_markdown(quick_run):
         # Its stages: every command joined with its device receipt, stamps in causal order.
         stages = doc["peers"][ours]["stages_ms"]
         assert list(stages) == list(PEER_STAGES)
-        for st in stages.values():
-            _sane(st)
-            assert st["n"] >= doc["peers"][ours]["detected"] > 0   # a receipt > 50 ms late is "missed" there
+        for stats in stages.values():
+            _sane(stats)
+            assert stats["n"] >= doc["peers"][ours]["detected"] > 0   # a receipt > 50 ms late is "missed" there
     assert doc["peer_stream"]["rounds"] == 1 and "stages_ms" not in doc["peers"]["pylsl_floor"]
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "peer_stimloop__end_to_end.png" in pngs and "throughput__ring_visible.png" in pngs

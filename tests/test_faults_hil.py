@@ -239,7 +239,7 @@ def test_clock_jump_visible_in_timestamps(scenario):
 
 def test_stream_stall_holds_data_then_resumes_with_backlog(scenario):
     s = scenario
-    t0, ts, arr, stall = s["t0"], s["ts"], s["arrival"], s["faults"]["stream_stall"]
+    ts, arr, stall = s["ts"], s["arrival"], s["faults"]["stream_stall"]
     win = _win(s, 3.0, 0.5)
     assert win.sum() == 128                                # backlog: nothing lost
     assert np.all(np.abs(np.diff(ts[win]) - 1 / FS) < 1e-4)

@@ -1,5 +1,4 @@
 """PersonalizedFrequencyPolicy: IPF estimate (synthetic 1/f + alpha, real Delhi EEG), refusal, tACS schedule."""
-from pathlib import Path
 
 import numpy as np
 import pytest

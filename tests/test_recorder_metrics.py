@@ -1,6 +1,4 @@
 """Recorder (crash-safe JSON lines) and event-level detection scoring."""
-import json
-import os
 
 from controller.events import Event, EventKind
 from controller.metrics import percentiles_ms, score_detections

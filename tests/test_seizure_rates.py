@@ -1,7 +1,6 @@
 """The shipped model at any source rate, and the default closed-loop demo from the start of a session."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from models.seizure.evaluate import OnnxDetector, default_model_path
