@@ -196,8 +196,10 @@ def score_detections(detection_starts: list[float], seizures: list[dict], sessio
 
     A seizure starting less than ``min_detect_s`` (the model's window + how long p must stay
     above threshold) before ``session_end_t`` could not be confirmed before the end: it is
-    listed in ``unscored_near_end`` and counts neither as detected nor as missed; a detection
-    it explains is not a false one.
+    listed in ``unscored_near_end`` (session-clock times, as the other times here) and in
+    ``unscored_before_end_s`` (how long before the end each started: what a reader of the summary
+    can place, the session clock being LSL's, seconds since the machine booted) and counts neither
+    as detected nor as missed; a detection it explains is not a false one.
     """
     cut = session_end_t - min_detect_s if session_end_t is not None and min_detect_s > 0 else float("inf")
     onsets = [s["onset_t"] for s in seizures if s["onset_t"] <= cut]
@@ -214,6 +216,7 @@ def score_detections(detection_starts: list[float], seizures: list[dict], sessio
     return {
         "onsets": len(onsets),
         "unscored_near_end": [s["onset_t"] for s in seizures if s["onset_t"] > cut],
+        "unscored_before_end_s": [session_end_t - s["onset_t"] for s in seizures if s["onset_t"] > cut],
         "detected": detected,
         "sensitivity": (detected / len(onsets)) if onsets else None,
         "false_detections": len(false),
@@ -334,12 +337,17 @@ def _latencies(session_dir: Path, truth: dict, predictions: list[dict], commands
     chunk_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c in chunk_cmds])
     reached = end_to_end_pairs(commands, received)
     reached_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c, _ in reached])
+    read_preds = [p for p in predictions if "t_read" in p]
+    read_preds_push = chunk_push_times(session_dir, truth, [p["window_end_t"] for p in read_preds])
     stages = {
-        "ring_read": [p["t_read"] - p["window_end_t"] for p in predictions if "t_read" in p],
+        # Model policies: the window's last sample -> read by the loop. On the simulator this includes
+        # computing the chunk after its last sample's time (the patient model's share), so ...
+        "ring_read": [p["t_read"] - p["window_end_t"] for p in read_preds],
         # Spike policies: detected spike sample -> its chunk read by the loop (chunking, LSL, ring) ...
         "spike_to_loop": [c["t_read"] - c["window_end_t"] for c in chunk_cmds],
-        # ... of which after the chunk left the simulator (LSL, ring): the controller's share.
-        "pushed_to_loop": [c["t_read"] - p for c, p in zip(chunk_cmds, chunk_push) if np.isfinite(p)],
+        # ... of either, after the chunk left the simulator (LSL, ring): the controller's share.
+        "pushed_to_loop": [c["t_read"] - p for c, p in zip(chunk_cmds, chunk_push) if np.isfinite(p)]
+                          + [w["t_read"] - p for w, p in zip(read_preds, read_preds_push) if np.isfinite(p)],
         # ... then the chunk's data-quality check and windowing, before the spike policy sees it.
         "chunk_checks": [c["t_inference"] - c["t_read"] for c in chunk_cmds if "t_inference" in c],
         "features": [p["t_features"] - p["t_read"] for p in predictions if "t_features" in p],

@@ -282,9 +282,9 @@ def summary_table(metrics: dict) -> Table:
         if det.get("source") == "model":   # the policy declares none: say whose detections these are
             t.add_row("  detections from", f"model predictions at threshold {_num(d.get('threshold'), 2)}, "
                                            f"{_num(d.get('min_duration_s'), 2)} s (scored offline)")
-        if det.get("unscored_near_end"):
-            t.add_row("  not scored: onset too near the end (s)",
-                      ", ".join(f"{x:.1f}" for x in det["unscored_near_end"]))
+        if det.get("unscored_before_end_s"):
+            t.add_row("  not scored: onset this long before the end (s)",
+                      ", ".join(f"{x:.1f}" for x in det["unscored_before_end_s"]))
         t.add_row("false detections", str(det.get("false_detections")))
         t.add_row("median detection latency (s)", _num(det.get("latency_s_median"), 2))
     stim = metrics.get("stim") or {}

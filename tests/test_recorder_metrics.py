@@ -90,7 +90,8 @@ def test_summary_table_rounds_figures_and_marks_missing_ones():
     metrics = {"end_to_end_ms": {"p50": 3.4452183, "p99": 3.6027, "max": None, "n": 3},
                "stage_ms": {"features": {"p50": 0.59641, "p99": 0.79552, "n": 3}, "spike_to_loop": {"n": 0}},
                "detection": {"detected": 3, "onsets": 3, "sensitivity": 1.0, "false_detections": 0,
-                             "latency_s_median": 2.183573844999046},
+                             "latency_s_median": 2.183573844999046,
+                             "unscored_near_end": [77274.177064864], "unscored_before_end_s": [1.23]},
                "stim": {"commands": 3, "received_by_device": 3, "charge_uc": 288.0, "clamps": 0, "refusals": 0},
                "deadline_misses": 0, "dropped_samples": 0, "faults": []}
     con = Console(record=True, width=120)
@@ -99,6 +100,8 @@ def test_summary_table_rounds_figures_and_marks_missing_ones():
     assert "3.445 / 3.603 / –  (n=3)" in text and "0.596 / 0.796" in text
     assert "2.18" in text and "2.1835" not in text and "288.0" in text
     assert "spike_to_loop" not in text   # a stage the policy does not have stays out
+    # An onset too near the end: placed before the end, not at its session-clock time (LSL's, since boot).
+    assert "onset this long before the end (s)" in text and "1.2" in text and "77274" not in text
 
 
 def test_a_seizure_starting_too_near_the_end_is_not_scored():
@@ -107,7 +110,7 @@ def test_a_seizure_starting_too_near_the_end_is_not_scored():
     seizures = [{"onset_t": 10.0, "offset_t": 20.0}, {"onset_t": 77.0, "offset_t": None}]
     s = score_detections([11.5], seizures, session_end_t=80.0, min_detect_s=3.5)
     assert s["onsets"] == 1 and s["detected"] == 1 and s["sensitivity"] == 1.0
-    assert s["unscored_near_end"] == [77.0]
+    assert s["unscored_near_end"] == [77.0] and s["unscored_before_end_s"] == [3.0]
     s = score_detections([11.5, 79.5], seizures, session_end_t=80.0, min_detect_s=3.5)
     assert s["detected"] == 1 and s["false_detections"] == 0 and s["latency_s"] == [1.5]
     # Without the model's span (the default) every onset is scored, as before.

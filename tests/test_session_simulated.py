@@ -44,6 +44,7 @@ def test_a_seizure_starting_as_the_session_ends_is_not_scored_as_missed(tmp_path
     started = next(e for e in read_jsonl(s / "events.jsonl") if e.get("status") == "started")
     assert started["min_detect_s"] > 1.0   # the shipped model's window + min duration
     assert det["unscored_near_end"] == [39.0] and det["onsets"] == 1 and det["detected"] == 1
+    assert 0.0 < det["unscored_before_end_s"][0] < started["min_detect_s"]
 
 
 def test_faults_from_config_reach_the_events(tmp_path):
