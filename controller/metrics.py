@@ -340,8 +340,9 @@ def _latencies(session_dir: Path, truth: dict, predictions: list[dict], commands
     read_preds = [p for p in predictions if "t_read" in p]
     read_preds_push = chunk_push_times(session_dir, truth, [p["window_end_t"] for p in read_preds])
     stages = {
-        # Model policies: the window's last sample -> read by the loop. On the simulator this includes
-        # computing the chunk after its last sample's time (the patient model's share), so ...
+        # Model policies: the window's newest source sample -> read by the loop. That includes the wait
+        # for the rest of its chunk and the chunk's push (the shipped model's windows end one sample
+        # before a simulator chunk does: 2 ms at 512 Hz, then ~0.6 ms to compute and push it), so ...
         "ring_read": [p["t_read"] - p["window_end_t"] for p in read_preds],
         # Spike policies: detected spike sample -> its chunk read by the loop (chunking, LSL, ring) ...
         "spike_to_loop": [c["t_read"] - c["window_end_t"] for c in chunk_cmds],

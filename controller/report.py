@@ -119,7 +119,7 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
     inf = [(e["t_inference"] - e["t_read"]) * 1e3 for e in preds if "t_inference" in e]
     bins = 40
     if ring:
-        ax_lat.hist(ring, bins=bins, alpha=0.6, label="window end → read by loop (incl. resampler look-ahead)")
+        ax_lat.hist(ring, bins=bins, alpha=0.6, label="window end → read by loop (incl. the rest of its chunk)")
     if inf:
         ax_lat.hist(inf, bins=bins, alpha=0.6, label="features + inference")
     if vals:

@@ -65,7 +65,7 @@ def test_closed_loop_session_end_to_end(tmp_path):
     assert m["stim"]["commands"] == m["stim"]["received_by_device"] >= 1
     assert m["end_to_end_ms"]["n"] >= 1 and m["end_to_end_ms"]["p50"] > 0
     # Each window timed from the push of the chunk that completed it (the controller's share), which
-    # leaves out the patient model's own time to compute that chunk, so it is the shorter of the two.
+    # leaves out the wait for the rest of that chunk, so it is the shorter of the two.
     st = m["stage_ms"]
     assert st["pushed_to_loop"]["n"] == st["ring_read"]["n"] > 0 and st["spike_to_loop"]["n"] == 0
     assert 0 < st["pushed_to_loop"]["p50"] < st["ring_read"]["p50"]
