@@ -103,3 +103,49 @@ def test_stopping_skips_a_process_whose_start_failed():
     never = ctx.Process(target=time.sleep, args=(0,))
     assert stop_processes(stops, {"loop": running, "hil": never}) == set()
     assert running.exitcode == 0 and never.exitcode is None and all(e.is_set() for e in stops.values())
+
+
+def test_a_script_without_a_main_guard_gets_told_why_its_session_did_not_start(tmp_path):
+    """spawn imports the main script in every child: unguarded, the child would start a session of its
+    own; multiprocessing stops it, and the parent's error names the script and the fix."""
+    import subprocess
+    import sys
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from controller.config import parse_config\n"
+        "from controller.runners.realtime import run_session\n"
+        f"run_session(parse_config({{'session': {{'duration_s': 2.0, 'out_dir': {str(tmp_path)!r}}}}}))\n",
+        encoding="utf-8")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("controller.runners.realtime.SessionError: simulator process exited during start-up")
+    assert f"{script} has no `if __name__ == \"__main__\":` block" in last and "put that code under the guard" in last
+
+
+def test_the_main_guard_check_reads_the_main_script(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from controller.runners.realtime import unguarded_main_script
+
+    def main_is(text: str | None, name: str = "s.py"):
+        mod = types.ModuleType("__main__")
+        if text is not None:
+            (tmp_path / name).write_text(text, encoding="utf-8")
+            mod.__file__ = str(tmp_path / name)
+        monkeypatch.setitem(sys.modules, "__main__", mod)
+
+    main_is("run()\n")
+    assert unguarded_main_script() == str(tmp_path / "s.py")
+    main_is("def main():\n    run()\n\nif __name__ == '__main__':\n    main()\n")
+    assert unguarded_main_script() is None
+    main_is("if '__main__' == __name__:\n    run()\n")
+    assert unguarded_main_script() is None
+    main_is("run(\n")                      # cannot be parsed: no guess
+    assert unguarded_main_script() is None
+    main_is("run()\n", name="stimloop")   # a console script, not a .py file
+    assert unguarded_main_script() is None
+    main_is(None)                          # python -c, an interactive session
+    assert unguarded_main_script() is None

@@ -96,6 +96,29 @@ def stop_processes(stops: dict, procs: dict, order=("loop", "acq", "hil")) -> se
     return forced
 
 
+def unguarded_main_script() -> str | None:
+    """The main script's path when it is a ``.py`` file with no ``if __name__ == "__main__":`` block.
+
+    A session's processes start with ``spawn``, which imports the main module in each child: a
+    script that calls ``run_session`` at its top level starts it again there, and multiprocessing
+    stops that child with a RuntimeError on its stderr. The parent only sees the child exit;
+    this lets its error say why. ``None`` for anything else (the ``stimloop`` command, ``-c``,
+    a guarded script, a file that cannot be read or parsed).
+    """
+    import ast
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path or not str(path).endswith(".py"):
+        return None
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test):
+            return None
+    return str(path)
+
+
 def wait_ready(q, proc, timeout_s: float, what: str) -> dict:
     """The first message a starting process puts on ``q``; a clear ``SessionError`` if it fails or dies."""
     deadline = time.monotonic() + timeout_s
@@ -104,7 +127,12 @@ def wait_ready(q, proc, timeout_s: float, what: str) -> dict:
             msg = q.get(timeout=0.1)
         except Exception:
             if not proc.is_alive():
-                raise SessionError(f"{what} process exited during start-up (exit code {proc.exitcode})") from None
+                script = unguarded_main_script()
+                hint = "" if script is None else (
+                    f"; {script} has no `if __name__ == \"__main__\":` block: a session's processes import the "
+                    "main script when they start (multiprocessing's spawn), so its top-level code must not start "
+                    "a session itself: put that code under the guard")
+                raise SessionError(f"{what} process exited during start-up (exit code {proc.exitcode}){hint}") from None
             continue
         if "error" in msg:
             raise SessionError(f"{what}: {msg['error']}")
