@@ -445,6 +445,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         origin = str(p)
     if overrides:
         data = _merge(data, overrides)
+        origin += " + overrides"   # e.g. the command line's --duration: the error's field says which
     return parse_config(data, origin)
 
 

@@ -38,6 +38,15 @@ def test_malformed_toml_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
+def test_errors_say_whether_overrides_were_applied(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text("[session]\nduration_s = 3\n")
+    with pytest.raises(ConfigError, match=r"^defaults \+ overrides: 1 problem\(s\)\n  - session.duration_s = -3.0"):
+        load_config(None, {"session": {"duration_s": -3.0}})       # what `stimloop run --duration -3` passes
+    with pytest.raises(ConfigError, match=rf"^{good} \+ overrides: 1 problem"):
+        load_config(good, {"session": {"duration_s": -3.0}})
+
+
 def test_to_toml_round_trip():
     cfg = parse_config({"session": {"duration_s": 12.5}, "simulator": {"seizure_onsets_s": [1.0, 2.0]},
                         "source": {"board_params": {"serial_port": "/dev/ttyUSB0"}}})
