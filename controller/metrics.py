@@ -160,6 +160,14 @@ def end_to_end_pairs(commands: list[dict], received_t: list) -> list[tuple[dict,
     return [(c, r) for c, r in zip(commands, received_t) if r is not None and c.get("window_end_t") is not None]
 
 
+def _session_info(session_dir: Path) -> dict:
+    """``session.json`` (which runner, when, where), ``{}`` if the folder has none or it is unreadable."""
+    try:
+        return json.loads((Path(session_dir) / "session.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def load_ground_truth(session_dir: Path) -> dict:
     p = Path(session_dir) / "ground_truth.json"
     return json.loads(p.read_text()) if p.exists() else {}
@@ -429,6 +437,9 @@ def compute_metrics(session_dir: Path) -> dict:
     charge = sum(float(c.get("burst_charge_uc", 0.0)) for c in allowed)
     unreached = [c["seq"] for c, r in zip(commands, received) if device_log and r is None]
     return {
+        # "virtual": a simulated-time session (stimloop sim), whose latencies are the modeled ones
+        # (simulator.stim_latency_ms) and whose stages take no time on its clock.
+        "clock": "virtual" if _session_info(session_dir).get("runner") == "simulated" else "real",
         "end_to_end_ms": percentiles_ms(lat["end_to_end"]),
         # From the moment the decision's last sample left the simulator (its chunk pushed): what the
         # controller adds, without the wait of a sample in its chunk. Simulator sessions only.

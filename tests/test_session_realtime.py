@@ -67,6 +67,7 @@ def test_closed_loop_session_end_to_end(tmp_path):
     # Each window timed from the push of the chunk that completed it (the controller's share), which
     # leaves out the wait for the rest of that chunk, so it is the shorter of the two.
     st = m["stage_ms"]
+    assert m["clock"] == "real"
     assert st["pushed_to_loop"]["n"] == st["ring_read"]["n"] > 0 and st["spike_to_loop"]["n"] == 0
     assert 0 < st["pushed_to_loop"]["p50"] < st["ring_read"]["p50"]
     assert not [f for f in m["faults"]]

@@ -35,6 +35,15 @@ def test_closed_loop_detects_and_stimulates_through_the_governor(tmp_path):
     truth = json.loads((s / "ground_truth.json").read_text())
     assert any(z["terminated_by_stim"] for z in truth["seizures"])  # the brain answers the stimulation
     assert (s / "report.png").stat().st_size > 10_000
+    # Its latency is the modeled one, and the summary says so, without stages that take no time on its clock.
+    from rich.console import Console
+
+    from controller.report import summary_table
+    assert m["clock"] == "virtual" and m["end_to_end_ms"]["p50"] == 2.0   # simulator.stim_latency_ms
+    con = Console(record=True, width=140)
+    con.print(summary_table(m))
+    text = con.export_text()
+    assert "end-to-end latency, modeled (simulator.stim_latency_ms)" in text and "stage " not in text
 
 
 def test_a_seizure_starting_as_the_session_ends_is_not_scored_as_missed(tmp_path):
