@@ -643,6 +643,26 @@ def test_throughput_point_passes_only_if_the_stream_kept_up():
     assert max_passing(pts) == 32 and max_passing([{"n_channels": 16, "passed": False}]) is None
 
 
+def test_throughput_sweep_goes_past_its_grid_until_a_point_fails():
+    """The largest passing count is the machine's limit, not the grid's end: past the grid the sweep
+    doubles while points pass, up to MAX_SWEEP_CHANNELS; the report says when no point failed."""
+    from controller.bench.report import target_verdicts
+    from controller.bench.throughput import MAX_SWEEP_CHANNELS, sweep_counts
+    grid = (16, 64, 32)
+    assert sweep_counts(grid, 16, True, True) == 32 and sweep_counts(grid, 32, False, True) == 64   # the grid first
+    assert sweep_counts(grid, 64, True, True) == 128 and sweep_counts(grid, 128, True, True) == 256
+    assert sweep_counts(grid, 128, False, True) is None            # the limit is found
+    assert sweep_counts(grid, 64, True, False) is None             # not extending (--quick)
+    assert sweep_counts(grid, MAX_SWEEP_CHANNELS, True, True) is None
+    assert sweep_counts(grid, MAX_SWEEP_CHANNELS // 2, True, True) == MAX_SWEEP_CHANNELS
+    doc = {"scenarios": {"throughput": {}},
+           "throughput": {"max_channels_at_30khz": 4096, "limit_found": False, "target": "t", "target_met": True}}
+    row = next(r for r in target_verdicts(doc) if r["target"] == "t")
+    assert row["measured"] == "max_channels_at_30khz = 4096 (a lower bound: no point failed, up to the sweep's largest)"
+    doc["throughput"]["limit_found"] = True
+    assert next(r for r in target_verdicts(doc) if r["target"] == "t")["measured"] == "max_channels_at_30khz = 4096"
+
+
 def _sz_truth(t0=100.0, fs=512.0, chunk_n=8):
     return {"t0": t0, "push": {"file": "push_t.f64", "chunk_n": chunk_n, "first_sample": 0, "n_chunks": 4, "fs_hz": fs}}
 

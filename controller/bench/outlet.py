@@ -57,7 +57,7 @@ def check_spec(spec: dict) -> dict:
     unknown = set(s) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"outlet spec: unknown field(s) {sorted(unknown)}, expected {sorted(DEFAULTS)}")
-    for key, lo, hi in (("fs_hz", 1.0, 100_000.0), ("n_channels", 1, 1024), ("chunk_n", 1, 10_000),
+    for key, lo, hi in (("fs_hz", 1.0, 100_000.0), ("n_channels", 1, 4096), ("chunk_n", 1, 10_000),
                         ("pulse_rate_hz", 0.0, 100.0), ("noise_uv", 0.0, 1e6), ("spin_s", 0.0, 0.01)):
         if not (lo <= s[key] <= hi):
             raise ValueError(f"outlet spec {key}={s[key]!r} invalid, expected {lo}..{hi}")

@@ -21,6 +21,13 @@ def fmt(v) -> str:
     return str(v)
 
 
+def _bound_note(tp: dict) -> str:
+    """After the sweep's largest passing count: whether it is the machine's limit or only a lower bound."""
+    if tp.get("max_channels_at_30khz") is None or tp.get("limit_found") is not False:
+        return ""
+    return " (a lower bound: no point failed, up to the sweep's largest)"
+
+
 def _with_ci(ratio, ci) -> str:
     """``1.672 (1.45–1.92)``: a ratio with its 95 % interval when there is one."""
     return fmt(ratio) if not ci or ratio is None else f"{fmt(ratio)} ({ci[0]:.2f}–{ci[1]:.2f})"
@@ -75,7 +82,7 @@ def target_verdicts(doc: dict) -> list[dict]:
     tp = doc.get("throughput") or {}
     if "throughput" in sc:
         rows.append({"target": tp.get("target") or "zero drops at 64 ch × 30 kHz",
-                     "measured": f"max_channels_at_30khz = {fmt(tp.get('max_channels_at_30khz'))}",
+                     "measured": f"max_channels_at_30khz = {fmt(tp.get('max_channels_at_30khz'))}{_bound_note(tp)}",
                      "met": tp.get("target_met")})
     peers = doc.get("peers") or {}
     cis = doc.get("peer_ratio_ci95") or {}
@@ -249,7 +256,7 @@ def markdown(doc: dict) -> str:
                   "| scenario | span | " + " | ".join(CPU_SPLIT_HEAD) + " |", "|---|---|" + "---:|" * len(CPU_SPLIT_HEAD)]
         lines += [f"| {name} | {span} | " + " | ".join(cells) + " |" for name, span, cells in split]
     tp = doc.get("throughput") or {}
-    lines += ["", "## Throughput (30 kHz)", "", f"max_channels_at_30khz = {fmt(tp.get('max_channels_at_30khz'))} "
+    lines += ["", "## Throughput (30 kHz)", "", f"max_channels_at_30khz = {fmt(tp.get('max_channels_at_30khz'))}{_bound_note(tp)} "
               f"(target: {tp.get('target', '–')}, met: {fmt(tp.get('target_met'))})"
               + (f"; error: {tp['error']}" if tp.get("error") else "")
               + (f". A point passes if {tp['pass_rule']}." if tp.get("pass_rule") else ""), ""]

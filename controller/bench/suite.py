@@ -212,7 +212,8 @@ def run_suite(duration_s: float = 10.0, scenarios=SCENARIOS, peers: bool = True,
                 entry = seizure_loop.run(duration_s, nice=nice)
             else:
                 chans = (16, 64) if quick else throughput.DEFAULT_CHANNELS
-                sweep = throughput.run_sweep(chans, duration_s=min(duration_s, 1.5) if quick else duration_s, nice=nice)
+                sweep = throughput.run_sweep(chans, duration_s=min(duration_s, 1.5) if quick else duration_s, nice=nice,
+                                             extend=not quick, progress=say)
                 entry = throughput_entry(sweep, throughput.TARGET_CHANNELS)
                 out["throughput"] = {k: v for k, v in sweep.items() if k != "points"}
         except Exception as exc:   # one broken scenario must not hide the others' figures

@@ -22,8 +22,10 @@ A point passes (``point_verdict``) only if the stream really ran at the rate:
 * the outlet never fell more than ``MAX_OUTLET_LAG_MS`` behind that clock;
 * no sample dropped, overruns included.
 
-The sweep goes up until a point fails; ``max_channels_at_30khz`` is the largest
-count that passed.
+The sweep goes up its grid (16–256 channels), then doubles, until a point fails
+(or ``MAX_SWEEP_CHANNELS``); ``max_channels_at_30khz`` is the largest count that
+passed and ``limit_found`` whether any failed (if none did, the largest is a lower
+bound).
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ import numpy as np  # noqa: E402
 
 DEFAULT_CHANNELS = (16, 32, 64, 128, 256)
 TARGET_CHANNELS = 64   # issue 5: zero drops at 64 × 30 kHz is the target
+# The sweep doubles past its grid until a point fails, up to this: 4096 × 30 kHz float32 is 492 MB/s,
+# and the 2 s ring of that is ~1 GB of shared memory.
+MAX_SWEEP_CHANNELS = 4096
 # Pushed / due while streaming: a 1 % shortfall over a 10 s point is 100 ms of data never generated.
 MIN_PUSHED_FRACTION = 0.99
 # How far the outlet may fall behind its own sample clock at any moment. Scheduling hiccups on this
@@ -147,8 +152,9 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
 
     check_duration("duration_s", duration_s, 0.2)
     chunk_n = max(1, int(round(chunk_s * fs_hz)))
-    if not 2 <= int(n_channels) <= 1024:
-        raise ValueError(f"n_channels={n_channels!r} invalid, expected 2..1024 (channels 0 and 1 carry the sample index)")
+    if not 2 <= int(n_channels) <= MAX_SWEEP_CHANNELS:
+        raise ValueError(f"n_channels={n_channels!r} invalid, expected 2..{MAX_SWEEP_CHANNELS} "
+                         "(channels 0 and 1 carry the sample index)")
     spec = {"fs_hz": fs_hz, "n_channels": int(n_channels), "chunk_n": chunk_n, "pulse_rate_hz": 0.0,
             "name": f"stimloop-bench-tp-{os.getpid()}", "index_channels": True}
     tmp = tempfile.TemporaryDirectory(prefix="stimloop_bench_tp_")
@@ -220,19 +226,42 @@ def run_point(n_channels: int, fs_hz: float = 30_000.0, duration_s: float = 3.0,
             "cpu_percent": cpu_pct, "host_steal_ms": cpu.host_steal_ms, "_raw_s": {"ring_visible": ages.tolist()}}
 
 
+def sweep_counts(grid, last: int, last_passed: bool, extend: bool) -> int | None:
+    """The channel count to run after ``last`` (pure): the grid's next one, then (``extend``) twice the
+    last while it passed, up to ``MAX_SWEEP_CHANNELS``; ``None``: the sweep is over."""
+    later = [c for c in sorted(int(c) for c in grid) if c > last]
+    if later:
+        return later[0]
+    if extend and last_passed and 2 * last <= MAX_SWEEP_CHANNELS:
+        return 2 * last
+    return None
+
+
 def run_sweep(channels=DEFAULT_CHANNELS, fs_hz: float = 30_000.0, duration_s: float = 3.0,
-              stop_at_first_drop: bool = True, nice: int | None = DEFAULT_NICE) -> dict:
-    """The sweep; ``max_channels_at_30khz`` = largest channel count that passed (``point_verdict``)."""
+              stop_at_first_drop: bool = True, nice: int | None = DEFAULT_NICE, extend: bool = True,
+              progress=None) -> dict:
+    """The sweep; ``max_channels_at_30khz`` = largest channel count that passed (``point_verdict``).
+
+    ``extend``: past the grid, keep doubling the channels until a point fails (or
+    ``MAX_SWEEP_CHANNELS``), so that the largest passing count is the machine's limit and
+    not the grid's end; ``limit_found`` says whether a point failed. ``progress(msg)`` is
+    called before each point.
+    """
     points = []
-    for ch in sorted(int(c) for c in channels):
+    ch = min(int(c) for c in channels)
+    while ch is not None:
+        if progress is not None:
+            progress(f"  {ch} channels × {fs_hz:g} Hz ({fs_hz * ch * 4 / 1e6:.0f} MB/s) …")
         p = run_point(ch, fs_hz, duration_s, nice=nice)
         points.append(p)
         if not p["passed"] and stop_at_first_drop:
             break
+        ch = sweep_counts(channels, ch, p["passed"], extend)
     best = max_passing(points)
     at_target = next((p for p in points if p["n_channels"] == TARGET_CHANNELS), None)
     return {"fs_hz": fs_hz, "points": points, "max_channels_at_30khz": best if fs_hz == 30_000.0 else None,
-            "max_channels": best, "target": f"zero drops at {TARGET_CHANNELS} ch × 30 kHz, stream kept up",
+            "max_channels": best, "limit_found": any(not p["passed"] for p in points),
+            "target": f"zero drops at {TARGET_CHANNELS} ch × 30 kHz, stream kept up",
             "pass_rule": f"pushed >= {MIN_PUSHED_FRACTION:.0%} of due samples, outlet never more than "
                          f"{MAX_OUTLET_LAG_MS:g} ms behind its clock, zero dropped samples (reader overruns included)",
             "target_met": None if at_target is None else at_target["passed"]}
