@@ -171,7 +171,7 @@ def make_patient(spec: dict):
 def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> None:
     """Process body. ``spec``: fs_hz, n_channels, patient, seed, seizure_onsets_s,
     spontaneous_seizures, stream, chunk_s, watchdog_s, faults (list of fault tables).
-    Puts ``{"stream", "port", "pty", "t0", "emulator_pid"}`` (or ``{"error": ...}``) on ``ready``:
+    Puts ``{"stream", "source_id", "port", "pty", "t0", "emulator_pid"}`` (or ``{"error": ...}``) on ``ready``:
     ``port`` is the stable symlink to use, ``pty`` the current slave it points to,
     ``emulator_pid`` the stimulator emulator's process (a new one after a replug).
     Runs until ``stop_event`` is set (or, in a child process, a few seconds after SIGTERM;
@@ -205,7 +205,8 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
             sys.setswitchinterval(2e-4)
         # First sample slightly in the future so the controller is attached before data flows.
         # Spiking units come in ~1 ms chunks: paced by plain sleeps, spinning would take a core.
-        outlet = PatientOutlet(patient, spec["stream"], f"stimloop-hil-{spec['patient']}",
+        source_id = spec.get("source_id") or f"stimloop-hil-{spec['patient']}"
+        outlet = PatientOutlet(patient, spec["stream"], source_id,
                                spec.get("chunk_s", 1 / 64), pylsl.local_clock, t0=pylsl.local_clock() + 0.5,
                                faults=schedule, fault_log=fault_log, **({"spin_s": 0.0} if spiking else {}))
 
@@ -232,8 +233,8 @@ def run_hil(spec: dict, ready, stop_event, session_dir: str | None = None) -> No
             injector = DeviceFaultInjector(schedule, device, pylsl.local_clock, outlet.t0, fault_log).start()
         from controller.low_latency import freeze_gc
         freeze_gc()   # a full collection would hold the outlet's next chunk for tens of ms
-        ready.put({"stream": spec["stream"], "port": str(device.link_path), "pty": pty, "t0": outlet.t0,
-                   "emulator_pid": device.emulator.pid})
+        ready.put({"stream": spec["stream"], "source_id": source_id, "port": str(device.link_path), "pty": pty,
+                   "t0": outlet.t0, "emulator_pid": device.emulator.pid})
         outlet.run(stop_event)
     except Exception as exc:  # reported to the parent, which turns it into a clear error
         ready.put({"error": f"{type(exc).__name__}: {exc}"})

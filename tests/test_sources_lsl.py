@@ -200,7 +200,9 @@ def test_a_jump_of_the_senders_own_clock_is_still_seen_as_one():
     as it is, and the loop's DataQuality reports it."""
     name = f"stimloop-test-{uuid.uuid4().hex[:8]}"
     p = start_outlet(name, duration_s=4.0, jump=(150, -0.02))   # 5 periods back, 0.6 s in
-    src = LslSource(name=name, resolve_timeout_s=10.0)
+    # By source_id: open() then does not listen for a second outlet of the name (0.75 s), which
+    # would leave the inlet subscribing after the jump.
+    src = LslSource(name=name, source_id=name + "-sid", resolve_timeout_s=10.0)
     ring = SharedRing.create(None, N_CH, 4096, FS)
     try:
         src.open()
@@ -325,7 +327,7 @@ def test_a_new_outlet_that_does_not_answer_at_first_is_retried_not_refused():
     """A matching outlet that is found but does not answer within the reconnect timeout (here: its
     process stopped, as a busy host would hold it) is retried once it answers, not refused for good."""
     name = f"stimloop-test-{uuid.uuid4().hex[:8]}"
-    p1 = start_outlet(name, duration_s=1.0)
+    p1 = start_outlet(name, duration_s=2.0)   # outlives open()'s 0.75 s listen for a second outlet
     src = LslSource(name=name, resolve_timeout_s=10.0, stall_timeout_s=0.5)
     ring = SharedRing.create(None, N_CH, 2048, FS)
     p2 = None
@@ -361,12 +363,14 @@ def test_a_new_outlet_that_does_not_answer_at_first_is_retried_not_refused():
         ring.unlink()
 
 
-@pytest.mark.parametrize("channels, why", [(N_CH + 1, "came back with 4 channels"), (N_CH, None)])
-def test_a_stream_back_with_another_channel_count_is_refused_once(channels, why):
+@pytest.mark.parametrize("channels, sid, why", [(N_CH + 1, "-sid", "came back with 4 channels"),
+                                                (N_CH, "-other", "came back from another source: source_id"),
+                                                (N_CH, "-sid", None)])
+def test_a_stream_back_with_another_channel_count_or_source_is_refused_once(channels, sid, why):
     """Incompatibility is for good (one reconnect_failed for that instance, the stream stays lost);
-    the same stream back as it was is taken."""
+    so is another device under the same name; the same stream back as it was is taken."""
     name = f"stimloop-test-{uuid.uuid4().hex[:8]}"
-    make = lambda n: pylsl.StreamOutlet(pylsl.StreamInfo(name, "EEG", n, FS, "float32", name + "-sid"))  # noqa: E731
+    make = lambda n, sid="-sid": pylsl.StreamOutlet(pylsl.StreamInfo(name, "EEG", n, FS, "float32", name + sid))  # noqa: E731
     first = make(N_CH)
     src = LslSource(name=name, resolve_timeout_s=5.0, stall_timeout_s=0.3)
     ring = SharedRing.create(None, N_CH, 2048, FS)
@@ -374,7 +378,7 @@ def test_a_stream_back_with_another_channel_count_is_refused_once(channels, why)
         src.open()
         del first
         events = pump(src, ring, 5.0, until=lambda ev: any(e.data.get("what") == "stream_lost" for e in ev))
-        again = make(channels)
+        again = make(channels, sid)
         end = time.monotonic() + 3.0
         while time.monotonic() < end:
             again.push_chunk(np.zeros((2, channels), np.float32))
@@ -404,6 +408,23 @@ def test_a_stream_that_cannot_feed_the_ring_is_refused_by_name(fmt, rate, why):
             src.open()
     finally:
         del outlet
+
+
+def test_two_streams_answering_to_one_name_are_refused_naming_the_way_out():
+    """Which outlet answers first is chance: by name alone the source could take another amplifier,
+    or another session's simulator. It lists both and asks for source_id; with it, it opens."""
+    name = f"stimloop-twins-{uuid.uuid4().hex[:8]}"
+    a = pylsl.StreamOutlet(pylsl.StreamInfo(name, "EEG", 4, 512, "float32", "amp-A"))
+    b = pylsl.StreamOutlet(pylsl.StreamInfo(name, "EEG", 4, 512, "float32", "amp-B"))
+    try:
+        time.sleep(0.2)   # both outlets announced: each answers the one query
+        with pytest.raises(SourceError, match=rf"2 LSL streams named '{name}'.*'amp-[AB]'.*'amp-[AB]'.*source\.source_id"):
+            build_source({"kind": "lsl", "name": name, "resolve_timeout_s": 5.0}).open()
+        src = build_source({"kind": "lsl", "name": name, "source_id": "amp-B", "resolve_timeout_s": 5.0})
+        assert src.open().source_id == "amp-B"
+        src.close()
+    finally:
+        del a, b
 
 
 def test_a_ring_sized_for_another_stream_of_the_same_name_is_refused_naming_the_way_out():

@@ -210,7 +210,7 @@ def _run(cfg, session: Path, duration_s: float, model: Path) -> dict:
         p.start()
         procs["hil"] = p
         info = _wait(q, procs["hil"], "simulator")
-        src = source_spec(cfg, info["stream"])
+        src = source_spec(cfg, info["stream"], info["source_id"])
         ring = SharedRing.create(None, sim.n_channels, int(cfg.ring.capacity_s * sim.fs_hz), sim.fs_hz)
         cap = int((duration_s + 30) * sim.fs_hz) + 1000
         # The session's own process bodies, with two hooks: stamped ring writes, a burst on every window.

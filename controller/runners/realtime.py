@@ -60,11 +60,11 @@ def hil_spec(cfg: Config, stream: str | None = None) -> dict:
             "faults": [f.model_dump(mode="json", exclude_none=True) for f in cfg.faults]}
 
 
-def source_spec(cfg: Config, hil_stream: str | None = None) -> dict:
+def source_spec(cfg: Config, hil_stream: str | None = None, hil_source_id: str | None = None) -> dict:
     s = cfg.source
     if s.kind in ("hil", "lsl"):
         return {"kind": "lsl", "name": hil_stream or s.stream, "type": s.stream_type or None,
-                "source_id": s.source_id or None, "resolve_timeout_s": s.resolve_timeout_s,
+                "source_id": hil_source_id or s.source_id or None, "resolve_timeout_s": s.resolve_timeout_s,
                 "max_buflen_s": s.max_buflen_s, "stall_timeout_s": s.stall_timeout_s, "busy_poll": s.busy_poll,
                 # The built-in simulator stamps with this machine's local_clock: its offset is 0, and
                 # an estimate would only add its error (controller/sources/lsl.py).
@@ -187,7 +187,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
     try:
         if qos.enabled:
             log.append(Event(local_clock(), EventKind.STATUS, "runner", {"low_latency": qos.acquire()}))
-        stream_name, port = None, cfg.device.port
+        stream_name, stream_source_id, port = None, None, cfg.device.port
         if cfg.source.kind == "hil" or cfg.device.kind == "hil":
             from hil_sim.process import run_hil
             q = ctx.Queue()
@@ -197,12 +197,15 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             sim_stream = None if cfg.source.kind == "hil" else f"stimloop-hil-unused-{session_dir.name}-{os.getpid()}"
             spec = hil_spec(cfg, sim_stream)
             spec["stimulator_only"] = sim_stream is not None   # its patient is not what is recorded
+            # This session's simulator and no other: two sessions on one machine both publish
+            # "stimloop-sim", and by name alone each could attach to the other's patient.
+            spec["source_id"] = f"stimloop-hil-{spec['patient']}-{session_dir.name}-{os.getpid()}"
             procs["hil"] = ctx.Process(target=run_hil, args=(spec, q, stops["hil"], str(session_dir)), name="stimloop-hil")
             procs["hil"].start()
             info = wait_ready(q, procs["hil"], 60, "simulator")
             emulator_pid = info.get("emulator_pid")
             if cfg.source.kind == "hil":
-                stream_name = info["stream"]
+                stream_name, stream_source_id = info["stream"], info["source_id"]
             if cfg.device.kind == "hil":
                 port = info["port"]
             _say(console, f"simulator: stimulator on [bold]{info['port']}[/]" if sim_stream else
@@ -210,7 +213,7 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
         if cfg.device.kind == "serial" and not port:
             raise SessionError("device.kind = serial needs device.port (or --port PATH)")
 
-        spec_src = source_spec(cfg, stream_name)
+        spec_src = source_spec(cfg, stream_name, stream_source_id)
         try:
             src_info = probe_source(spec_src)
         except Exception as exc:

@@ -79,12 +79,18 @@ def pull_into(inlet: pylsl.StreamInlet, buf: np.ndarray, wait_s: float, busy_pol
         os.sched_yield()
 
 
+#: How long ``open`` listens for a second stream matching the same predicate after the first answered
+#: (without a source_id): one query wave of liblsl (0.5 s, lsl_config's loopback discovery) and a margin.
+AMBIGUITY_WAIT_S = 0.75
+
+
 class LslSource(Source):
     """Pulls an LSL stream into a ring.
 
     - resolves by ``name``/``type``/``source_id`` (all given ones must match);
       raises :class:`SourceError` listing the streams seen when nothing matches
-      within ``resolve_timeout_s``;
+      within ``resolve_timeout_s``, and listing the matches when more than one
+      answers (which would be taken is chance: give ``source_id``);
     - pulls into preallocated arrays (``chunk`` samples at most per read,
       waiting at most ``wait_s`` for the first one); small ``max_buflen_s`` so
       no hidden lag builds up (REFERENCE.md §1: pylsl's default is 360 s);
@@ -98,7 +104,8 @@ class LslSource(Source):
       (``what="stream_lost"``); the source keeps looking for a stream matching
       the same predicate and resumes with a ``STATUS`` event
       (``what="stream_recovered"``) when data flows again. A stream that comes
-      back with another channel count, nominal rate or channel format is refused
+      back with another channel count, nominal rate, channel format or (when
+      the first had one) ``source_id`` is refused
       (one ``reconnect_failed`` event per stream instance): the stream stays lost.
       One that is found but does not answer in time (a busy host) is retried,
       ``recover_poll_s`` after the first failure and twice as long after each
@@ -114,6 +121,7 @@ class LslSource(Source):
                  time_correction: bool = True):
         super().__init__()
         self.predicate = build_predicate(name, type, source_id)
+        self.source_id = source_id or None   # the user's explicit pick of one outlet, if given
         self._wanted = " ".join(f"{label} {val!r}" for label, val in
                                 (("named", name), ("of type", type), ("with source_id", source_id)) if val)
         for label, value, lo in (("resolve_timeout_s", resolve_timeout_s, 0.0), ("wait_s", wait_s, 0.0),
@@ -170,6 +178,18 @@ class LslSource(Source):
                                 f"{s.channel_count()} ch, {s.nominal_srate():g} Hz)" for s in seen) or "none"
             raise SourceError(f"no LSL stream {self._wanted} within {self.resolve_timeout_s:g} s "
                               f"(source.resolve_timeout_s; predicate [{self.predicate}]); streams seen: {listing}")
+        if len(found) == 1 and not self.source_id:
+            # The resolve returns with the first answer; another matching outlet may answer only in
+            # the next query wave (0.5 s later under the project's discovery settings): listen that
+            # long for a second one. A given source_id is the user's explicit pick: not waited for.
+            found = pylsl.resolve_bypred(self.predicate, 2, AMBIGUITY_WAIT_S) or found
+        if len(found) > 1:
+            # Which one answered first is chance: a second amplifier, or another session's simulator,
+            # under the same name would be taken as often as the intended one.
+            listing = ", ".join(f"(source_id={s.source_id()!r}, type={s.type()!r}, host={s.hostname()!r}, "
+                                f"{s.channel_count()} ch, {s.nominal_srate():g} Hz)" for s in found)
+            raise SourceError(f"{len(found)} LSL streams {self._wanted}: {listing}; say which with "
+                              "source.source_id (or source.stream_type)")
         self._connect(found[0], self.resolve_timeout_s)
         return self.info
 
@@ -191,6 +211,11 @@ class LslSource(Source):
             if fmt != self._fmt:
                 raise StreamIncompatible(f"LSL stream {stream.name()!r} came back with channel format {fmt}, "
                                          f"expected {self._fmt}")
+            if self.info.source_id and stream.source_id() != self.info.source_id:
+                # Same name, another device (or another session's simulator): never the stream this
+                # session decides on. A stream without a source_id cannot be told apart: taken.
+                raise StreamIncompatible(f"LSL stream {stream.name()!r} came back from another source: source_id "
+                                         f"{stream.source_id()!r}, expected {self.info.source_id!r}")
         if fmt in (pylsl.cf_string, pylsl.cf_undefined):
             raise StreamIncompatible(f"LSL stream {stream.name()!r} has a string/undefined channel format; "
                                      f"expected a numeric stream")
