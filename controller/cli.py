@@ -7,6 +7,7 @@ that ``stimloop --help`` and ``stimloop config show`` stay instant
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -149,6 +150,8 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="parent folder for the session folder"),
     source: Optional[str] = typer.Option(None, help="hil | lsl | brainflow"),
     stream: Optional[str] = typer.Option(None, help="LSL stream name (with --source lsl)"),
+    source_id: Optional[str] = typer.Option(None, "--source-id",
+                                            help="LSL source_id: which stream, when several share the name"),
     board_id: Optional[int] = typer.Option(None, "--board-id", help="BrainFlow board id (with --source brainflow)"),
     device: Optional[str] = typer.Option(None, help="hil | serial | simulated"),
     port: Optional[str] = typer.Option(None, help="serial port path (with --device serial)"),
@@ -163,6 +166,8 @@ def run(
         overrides.setdefault("source", {})["kind"] = source
     if stream is not None:
         overrides.setdefault("source", {})["stream"] = stream
+    if source_id is not None:
+        overrides.setdefault("source", {})["source_id"] = source_id
     if board_id is not None:
         overrides.setdefault("source", {})["board_id"] = board_id
     if device is not None:
@@ -356,6 +361,8 @@ def hil(
     from hil_sim.process import run_hil
     sim_cfg = cfg.simulator
     spec = hil_spec(cfg)  # the same simulator as `stimloop run` (model, trigger channels, [[faults]])
+    # Its own source_id: with two simulators up, a client picks one by it (LslSource refuses a shared name).
+    spec["source_id"] = f"stimloop-hil-{spec['patient']}-{os.getpid()}"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
@@ -365,7 +372,8 @@ def hil(
     info = q.get(timeout=60)
     if "error" in info:
         _fail(f"simulator: {info['error']}")
-    console.print(f"LSL stream: [bold]{info['stream']}[/]  ({sim_cfg.n_channels} ch @ {sim_cfg.fs_hz:g} Hz)")
+    console.print(f"LSL stream: [bold]{info['stream']}[/], source_id {info['source_id']}  "
+                  f"({sim_cfg.n_channels} ch @ {sim_cfg.fs_hz:g} Hz)")
     console.print(f"stimulator: [bold]{info['port']}[/]  (protocol: drivers/PROTOCOL.md)")
     console.print("Ctrl-C to stop." if duration is None else f"running for {duration:g} s")
     try:

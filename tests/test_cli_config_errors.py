@@ -141,3 +141,27 @@ def test_a_heartbeat_slower_than_the_watchdog_allows_is_refused_before_a_session
         assert "Traceback" not in r.stderr
         assert "device.heartbeat_s = 1 s is more than device.watchdog_s / 3" in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_run_names_the_streams_sharing_a_name_and_takes_the_source_id_flag(tmp_path):
+    """Two outlets of one name: `stimloop run --stream` refuses, listing both; `--source-id` reaches
+    the resolve (here an id neither has: the error names it)."""
+    import uuid
+
+    from controller.lsl_config import ensure_lsl_config
+    ensure_lsl_config()
+    import pylsl
+    name = f"stimloop-twins-{uuid.uuid4().hex[:8]}"
+    a = pylsl.StreamOutlet(pylsl.StreamInfo(name, "EEG", 4, 512, "float32", "amp-A"))
+    b = pylsl.StreamOutlet(pylsl.StreamInfo(name, "EEG", 4, 512, "float32", "amp-B"))
+    cfg = _write(tmp_path, '[source]\nresolve_timeout_s = 2.0\n')
+    try:
+        common = ("run", "-c", str(cfg), "--source", "lsl", "--stream", name, "--device", "simulated",
+                  "--duration", "2", "--out", str(tmp_path))
+        r = _cli(*common)
+        assert r.returncode != 0
+        assert f"2 LSL streams named '{name}'" in r.stderr and "'amp-A'" in r.stderr and "'amp-B'" in r.stderr
+        r = _cli(*common, "--source-id", "amp-C")
+        assert r.returncode != 0 and f"no LSL stream named '{name}' with source_id 'amp-C'" in r.stderr, r.stderr
+    finally:
+        del a, b

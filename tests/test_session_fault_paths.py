@@ -2,6 +2,7 @@
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import textwrap
@@ -298,6 +299,8 @@ def test_stimloop_hil_runs_the_ads_example(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     truth = json.loads((tmp_path / "ground_truth.json").read_text())
     assert truth.get("model") == "spiking"
+    # A source_id of its own, printed: with two simulators up, a client names the one it means.
+    assert re.search(r"LSL stream: stimloop-sim, source_id stimloop-hil-0-\d+ ", " ".join(r.stdout.split())), r.stdout
 
 
 def test_a_slow_stream_opening_does_not_starve_the_devices_watchdog(tmp_path):
