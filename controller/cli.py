@@ -297,7 +297,6 @@ def sim_bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here"),
 ):
     """How fast simulated time runs: a whole closed-loop session (patient, detector, policy, governor, recording)."""
-    import os
     import platform
     import tempfile
     import time
