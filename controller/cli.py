@@ -359,9 +359,7 @@ def hil(
     from controller.runners.realtime import hil_spec
     from hil_sim.process import run_hil
     sim_cfg = cfg.simulator
-    spec = hil_spec(cfg)  # the same simulator as `stimloop run` (model, trigger channels, [[faults]])
-    # Its own source_id: with two simulators up, a client picks one by it (LslSource refuses a shared name).
-    spec["source_id"] = f"stimloop-hil-{spec['patient']}-{os.getpid()}"
+    spec = hil_spec(cfg)  # the same simulator as `stimloop run` (model, trigger channels, [[faults]], source_id)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")

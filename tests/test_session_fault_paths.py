@@ -290,6 +290,7 @@ def test_hil_spec_carries_model_triggers_and_faults():
     assert spec["stream"] == cfg.source.stream and spec["n_channels"] == 8
     assert hil_spec(cfg, "other")["stream"] == "other"
     assert isinstance(spec["faults"], list)
+    assert spec["source_id"] == f"stimloop-hil-{cfg.simulator.patient}-{os.getpid()}"   # picked by it, not by name
     json.dumps(spec)  # plain data: crosses to a spawned process
 
 

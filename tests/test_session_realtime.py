@@ -71,7 +71,7 @@ def test_closed_loop_session_end_to_end(tmp_path):
     # The controller took this session's simulator, picked by a source_id of its own: another session
     # on the machine publishes the same stream name.
     from controller.acquisition import load_raw_meta
-    assert load_raw_meta(session / "raw")["source"]["source_id"] == f"stimloop-hil-0-{session.name}-{os.getpid()}"
+    assert load_raw_meta(session / "raw")["source"]["source_id"] == f"stimloop-hil-0-{os.getpid()}"
     assert st["pushed_to_loop"]["n"] == st["ring_read"]["n"] > 0 and st["spike_to_loop"]["n"] == 0
     assert 0 < st["pushed_to_loop"]["p50"] < st["ring_read"]["p50"]
     assert not [f for f in m["faults"]]

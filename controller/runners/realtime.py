@@ -55,6 +55,9 @@ def hil_spec(cfg: Config, stream: str | None = None) -> dict:
             "spontaneous_seizures": sim.spontaneous_seizures,
             "seizure_rate_per_hour": sim.seizure_rate_per_hour,
             "stream": stream if stream is not None else cfg.source.stream,
+            # Its own source_id (this process runs one simulator at a time): two simulators on one
+            # machine both publish "stimloop-sim", and by name alone a client could take either.
+            "source_id": f"stimloop-hil-{sim.patient}-{os.getpid()}",
             "chunk_s": sim.chunk_s, "watchdog_s": cfg.device.watchdog_s,
             "model": sim.model, "trigger_channels": list(cfg.policy.ads.trigger_channels),
             "faults": [f.model_dump(mode="json", exclude_none=True) for f in cfg.faults]}
@@ -197,9 +200,6 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
             sim_stream = None if cfg.source.kind == "hil" else f"stimloop-hil-unused-{session_dir.name}-{os.getpid()}"
             spec = hil_spec(cfg, sim_stream)
             spec["stimulator_only"] = sim_stream is not None   # its patient is not what is recorded
-            # This session's simulator and no other: two sessions on one machine both publish
-            # "stimloop-sim", and by name alone each could attach to the other's patient.
-            spec["source_id"] = f"stimloop-hil-{spec['patient']}-{session_dir.name}-{os.getpid()}"
             procs["hil"] = ctx.Process(target=run_hil, args=(spec, q, stops["hil"], str(session_dir)), name="stimloop-hil")
             procs["hil"].start()
             info = wait_ready(q, procs["hil"], 60, "simulator")
