@@ -184,16 +184,24 @@ def run(
         session_dir = run_session(cfg, console=console)
     except SessionError as exc:
         _fail(str(exc))
-    _print_summary(session_dir)
+    metrics = _print_summary(session_dir)
+    stop = metrics.get("final_stop")
+    if stop is not None and not stop["confirmed"]:
+        # The same exit code as an unconfirmed `stimloop stop`: a burst may still be running.
+        _fail("the stimulator did not confirm stimulation off when the session ended ("
+              + "; ".join(dict.fromkeys(stop["errors"])) + "). A device that speaks drivers/PROTOCOL.md "
+              "stops on its own once heartbeats cease (its watchdog); check the stimulator, and cut its "
+              "output or power if unsure", code=3)
 
 
-def _print_summary(session_dir: Path) -> None:
+def _print_summary(session_dir: Path) -> dict:
     from controller.report import summary_table
     metrics = json.loads((session_dir / "metrics.json").read_text())
     console.print(summary_table(metrics))
     console.print(f"session folder: [bold]{session_dir}[/]")
     if (session_dir / "report.png").exists():
         console.print(f"report: {session_dir / 'report.png'}")
+    return metrics
 
 
 @app.command()

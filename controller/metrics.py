@@ -433,8 +433,9 @@ def compute_metrics(session_dir: Path) -> dict:
                 detection["detector"] = found.settings
 
     ads = ads_metrics(events, device_log, truth)
-    allowed = [c for c in commands]
-    charge = sum(float(c.get("burst_charge_uc", 0.0)) for c in allowed)
+    charge = sum(float(c.get("burst_charge_uc", 0.0)) for c in commands)
+    t_first = first_sample_t(session_dir)
+    since_start = (lambda t: None) if t_first is None else (lambda t: round(t - t_first, 3))   # noqa: E731
     unreached = [c["seq"] for c, r in zip(commands, received) if device_log and r is None]
     return {
         # "virtual": a simulated-time session (stimloop sim), whose latencies are the modeled ones
@@ -449,8 +450,11 @@ def compute_metrics(session_dir: Path) -> dict:
         "dropped_samples": int(sum(int(e.get("n", e.get("n_lost", 0)) or 0) for e in by_kind.get("dropped", []))),
         "predictions": len(predictions),
         # Operator stops (pause, emergency stop) latch the governor too, but they are not faults.
-        "faults": [{"t": e["t"], "source": e["source"], "reason": e.get("reason", "")} for e in by_kind.get("fault", [])
+        "faults": [{"t": e["t"], "after_start_s": since_start(e["t"]), "source": e["source"],
+                    **({"what": e["what"]} if e.get("what") else {}),
+                    "reason": e.get("reason", "")} for e in by_kind.get("fault", [])
                    if not str(e.get("reason", "")).startswith("emergency_stop")],
+        "final_stop": final_stop(by_kind.get("safe_state", [])),
         "operator_stops": [{"t": e["t"], "reason": e.get("reason", "")} for e in by_kind.get("fault", [])
                            if str(e.get("reason", "")).startswith("emergency_stop")],
         "detection": detection,
@@ -466,6 +470,27 @@ def compute_metrics(session_dir: Path) -> dict:
         **({"ads": ads} if ads is not None else {}),
         "scheduling": scheduling(by_kind.get("status", [])),
     }
+
+
+def first_sample_t(session_dir: Path) -> float | None:
+    """The session clock's time of the first recorded sample (what the report's time axis starts
+    from), or None without a recording."""
+    path = Path(session_dir) / "raw" / "timestamps.f64"
+    if not path.exists() or path.stat().st_size < 8:
+        return None
+    return float(np.fromfile(path, dtype="<f8", count=1)[0])
+
+
+def final_stop(safe_states: list[dict]) -> dict | None:
+    """Whether the device confirmed stimulation off when the session closed its actuator: the last
+    ``safe_state`` with reason ``actuator closed`` (its STOP, sent twice at most). ``confirmed``
+    false means the device may still be stimulating: a device that speaks drivers/PROTOCOL.md stops
+    by its own watchdog once heartbeats cease (§7), others may not. None: the actuator never
+    closed (its process was killed), or the session ran before this was recorded."""
+    closed = [e for e in safe_states if e.get("reason") == "actuator closed"]
+    if not closed:
+        return None
+    return {"confirmed": bool(closed[-1].get("stop_ok")), "errors": list(closed[-1].get("stop_errors") or [])}
 
 
 def scheduling(status_events: list[dict]) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 
 from controller.metrics import compute_metrics, end_to_end_pairs, join_receipts, load_ground_truth, trigger_commands
@@ -258,6 +259,26 @@ def _num(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
 
 
+FAULT_ROWS = 4
+
+
+def fault_rows(faults: list[dict], n: int = FAULT_ROWS, width: int = 90) -> list[tuple[str, str]]:
+    """Summary rows for the first ``n`` distinct faults, seconds after the first sample, and a row
+    counting the rest. Distinct by reason: the governor's fault repeats the reason that latched it."""
+    distinct: dict[str, dict] = {}
+    for f in faults:
+        distinct.setdefault(str(f.get("reason") or ""), f)
+    rows = []
+    for reason, f in list(distinct.items())[:n]:
+        at = f.get("after_start_s")
+        text = f"{f['what']}: {reason}" if f.get("what") else reason
+        rows.append((f"  at {at:.1f} s: {f.get('source')}" if at is not None else f"  {f.get('source')}",
+                     escape(text if len(text) <= width else text[:width - 1] + "…")))
+    if len(distinct) > n:
+        rows.append(("  …", f"{len(distinct) - n} more: events.jsonl"))
+    return rows
+
+
 def summary_table(metrics: dict) -> Table:
     t = Table(title="stimloop session summary", show_header=True)
     t.add_column("metric")
@@ -308,7 +329,14 @@ def summary_table(metrics: dict) -> Table:
             t.add_row("STDP weight change (ground truth)", f"{ads['weight']['change']:+.4f}")
     t.add_row("deadline misses", str(metrics.get("deadline_misses")))
     t.add_row("dropped samples", str(metrics.get("dropped_samples")))
-    t.add_row("faults", str(len(metrics.get("faults") or [])))
+    faults = metrics.get("faults") or []
+    t.add_row("faults", str(len(faults)))
+    for row in fault_rows(faults):
+        t.add_row(*row)
+    stop = metrics.get("final_stop")
+    if stop is not None:
+        t.add_row("stimulation off at the end",
+                  "confirmed by the device" if stop["confirmed"] else "[bold red]NOT confirmed by the device[/]")
     sched = metrics.get("scheduling") or {}
     nice = sched.get("nice") or {}
     if sched.get("low_latency") or any(nice.values()):   # real-time sessions: what the OS granted

@@ -104,6 +104,35 @@ def test_summary_table_rounds_figures_and_marks_missing_ones():
     assert "onset this long before the end (s)" in text and "1.2" in text and "77274" not in text
 
 
+def test_summary_lists_distinct_faults_in_session_time_and_the_final_stop():
+    from rich.console import Console
+
+    from controller.metrics import final_stop
+    from controller.report import FAULT_ROWS, summary_table
+    lost = "driver error during heartbeat: StimulatorError: [Errno 5] Input/output error " + "x" * 200
+    faults = [{"t": 100.0, "after_start_s": 16.04, "source": "governor", "reason": lost},
+              {"t": 100.0, "after_start_s": 16.05, "source": "lsl", "what": "stream_lost", "reason": "lost_error"},
+              {"t": 101.0, "after_start_s": 17.0, "source": "loop", "what": "stream_stalled", "reason": "no data"},
+              {"t": 101.0, "after_start_s": 17.0, "source": "governor", "reason": "no data"}]   # a repeat
+    faults += [{"t": 102.0 + i, "after_start_s": 18.0 + i, "source": "loop", "reason": f"other {i}"} for i in range(3)]
+    closed = [{"kind": "safe_state", "reason": "no data", "stop_ok": False, "stop_errors": ["e"]},
+              {"kind": "safe_state", "reason": "actuator closed", "stop_ok": False,
+               "stop_errors": ["port not open: STOP not sent", "port not open: STOP not sent"]}]
+    metrics = {"end_to_end_ms": {"n": 0}, "stage_ms": {}, "stim": {}, "deadline_misses": 0, "dropped_samples": 0,
+               "faults": faults, "final_stop": final_stop(closed)}
+    con = Console(record=True, width=200)
+    con.print(summary_table(metrics))
+    text = con.export_text()
+    assert "at 16.0 s: governor" in text and "[Errno 5]" in text and "x" * 100 not in text   # escaped, cut
+    assert "stream_lost: lost_error" in text and "stream_stalled: no data" in text
+    assert text.count("no data") == 1                      # the governor's repeat is left out
+    assert "2 more: events.jsonl" in text and FAULT_ROWS == 4   # 6 distinct reasons, 4 shown
+    assert "NOT confirmed by the device" in text
+    assert final_stop(closed[:1]) is None                  # the actuator never closed
+    assert final_stop([{"reason": "actuator closed", "stop_ok": True, "stop_errors": []}]) == \
+        {"confirmed": True, "errors": []}
+
+
 def test_a_seizure_starting_too_near_the_end_is_not_scored():
     """A seizure whose onset leaves less than window + min duration before the end cannot be confirmed:
     neither missed nor detected; a detection it explains is not a false one."""

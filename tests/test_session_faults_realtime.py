@@ -1,5 +1,9 @@
 """Faults injected into the HIL simulator during a real-time session: the controller's reaction is in its events."""
 import json
+import os
+import re
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -55,6 +59,12 @@ def test_controller_reacts_to_stream_loss_bad_data_and_an_unplugged_device(tmp_p
     away = [s["t"] for _, s in gov if unplug["t_start"] <= s["t"] <= unplug["t_end"]]
     assert away and any("driver error" in f["reason"] for f, _ in gov if f["t"] in away)
     assert all(s["stop_ok"] is (s["t"] not in away) for _, s in gov), gov
+    # metrics.json: each fault placed in the session, and the device back in time to confirm the
+    # final stop.
+    metrics = json.loads((session / "metrics.json").read_text())
+    at = {f.get("what"): f["after_start_s"] for f in metrics["faults"]}
+    assert 5.0 < at["stream_lost"] < 9.0 and 5.0 < at["stream_stalled"] < 9.0, at
+    assert metrics["final_stop"] == {"confirmed": True, "errors": []}
 
 
 def _check_every_governor_fault_has_its_safe_state(events: list[dict]) -> list[tuple[dict, dict]]:
@@ -71,3 +81,36 @@ def _check_every_governor_fault_has_its_safe_state(events: list[dict]) -> list[t
         assert isinstance(safe["stop_ok"], bool) and safe["stop_ok"] == (not safe["stop_errors"]), safe
         pairs.append((e, safe))
     return pairs
+
+
+def test_a_device_gone_at_the_end_fails_the_run_with_code_3(tmp_path):
+    """The stimulator unplugged until after the session: the final STOP cannot reach it. The run
+    says so after its summary and exits 3, as an unconfirmed `stimloop stop` does."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[session]
+duration_s = 7.0
+[source]
+stream = "stimloop-gone-{uuid.uuid4().hex[:8]}"
+[simulator]
+seizure_onsets_s = []
+[telemetry]
+enabled = false
+[control]
+enabled = false
+[[faults]]
+kind = "device_unplug"
+at_s = 3.0
+duration_s = 60.0
+""")
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "run", "-c", str(cfg), "--out", str(tmp_path)],
+                       capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "the stimulator did not confirm stimulation off when the session ended" in r.stderr
+    assert "STOP not sent" in r.stderr and "NOT confirmed by the device" in r.stdout
+    # The driver error, placed in the session (patient time 3 s; the recording starts a little later).
+    assert re.search(r"at [23]\.\d s: governor", r.stdout), r.stdout
+    (session,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    metrics = json.loads((session / "metrics.json").read_text())
+    assert metrics["final_stop"]["confirmed"] is False and metrics["final_stop"]["errors"]
+    assert (session / "report.png").exists()
