@@ -135,6 +135,24 @@ def _summary_table(title: str, summaries: dict[str, dict]) -> Table:
     return t
 
 
+def _segments_table(r: dict, model_name: str) -> Table:
+    w = r["window"] or {}
+    t = Table(title=f"segments ({model_name}, threshold {r['threshold']:g}; positive: {', '.join(r['positive'])}; "
+                    f"{r['fs_hz']:g} Hz)", caption=r["rule"])
+    t.add_column("class")
+    for col in ("segments", "windows", "windows ≥ threshold", "95 % CI (Wilson)", "segments with one"):
+        t.add_column(col, justify="right")
+    for cls, c in r["by_class"].items():
+        t.add_row(cls + (" (seizure)" if c["positive"] else ""), str(c["segments"]), str(c["windows"]),
+                  _fmt(c["frac_windows_above"], True), _fmt(c["frac_windows_above_ci95"], True),
+                  f"{c['segments_above']}/{c['segments']}")
+    t.add_section()
+    t.add_row("window sensitivity", "", "", _fmt(w.get("recall"), True), _fmt(w.get("recall_ci95"), True), "")
+    t.add_row("window specificity", "", "", _fmt(w.get("specificity"), True), _fmt(w.get("specificity_ci95"), True), "")
+    t.add_row("window AUROC", "", "", "—" if w.get("auroc") is None else f"{w['auroc']:.4f}", "", "")
+    return t
+
+
 def evaluate(
     recordings: Optional[List[Path]] = typer.Argument(None, help="EDF/EDF+ or .npz recordings"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="stimloop ONNX model (default: shipped)"),
@@ -149,19 +167,53 @@ def evaluate(
     compare_mayo: bool = typer.Option(False, "--compare-mayo", help="also run the Mayo model (brainmaze-eeg-models)"),
     sensitivity: bool = typer.Option(False, "--sensitivity", help="permutation importance + metrics vs threshold/min_duration"),
     no_windows: bool = typer.Option(False, "--no-windows", help="leave per-window t/p out of the JSON"),
+    segments: Optional[Path] = typer.Option(
+        None, "--segments", help="folder of class-labelled segments, one subfolder per class (ictal/, "
+                                 "interictal/, …) of .mat, .txt or .npy files (the Delhi and Bonn layouts)"),
+    segments_fs: Optional[float] = typer.Option(None, "--segments-fs",
+                                                help="the segments' sample rate in Hz (required: they carry none; Delhi 200)"),
+    positive: str = typer.Option("ictal", "--positive", help="segment classes that are seizure, comma-separated"),
 ):
-    """Score a seizure model on recordings and/or a simulated cohort (window- and event-level, SzCORE rules)."""
-    from models.seizure.evaluate import (CohortSpec, EvaluationError, OnnxDetector, evaluate_recording,
-                                         permutation_importance, simulate_cohort, summarize, sweep)
-    from models.seizure.recordings import RecordingError, load_recording
+    """Score a seizure model on recordings and/or a simulated cohort (window- and event-level, SzCORE rules),
+    and/or on class-labelled segments (window-level)."""
+    from models.seizure.evaluate import (CohortSpec, EvaluationError, OnnxDetector, default_model_path,
+                                         evaluate_recording, evaluate_segments, permutation_importance,
+                                         simulate_cohort, summarize, sweep)
+    from models.seizure.recordings import RecordingError, default_delhi_dir, load_recording, load_segments
     from models.seizure.scoring import SZCORE
 
-    if not recordings and not sim_patients:
-        _fail("nothing to evaluate: give recordings (EDF/EDF+ or .npz) and/or --sim-patients")
+    if not recordings and not sim_patients and segments is None:
+        _fail("nothing to evaluate: give recordings (EDF/EDF+ or .npz), --sim-patients and/or --segments")
+    if segments is not None and (segments_fs is None or not 0 < segments_fs <= 100_000):
+        _fail("--segments needs --segments-fs HZ, the segments' sample rate (> 0): the files carry none "
+              "(the Delhi set: 200, Bonn: 173.61)")
     try:
         det = OnnxDetector(model, threshold=threshold, min_duration_s=min_duration)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
+    seg_result = None
+    if segments is not None:
+        try:
+            segs = load_segments(segments)
+        except RecordingError as e:
+            _fail(str(e))
+        classes = tuple(c.strip() for c in positive.split(",") if c.strip())
+        found = sorted({c for c, _, _ in segs})
+        if not set(classes) & set(found):
+            _fail(f"--positive {positive!r}: no such class under {segments} (classes found: {', '.join(found)})")
+        with console.status(f"scoring {len(segs)} segments"):
+            seg_result = evaluate_segments(det, segs, segments_fs, classes)
+        console.print(_segments_table(seg_result, det.name))
+        for sk in seg_result["skipped"]:
+            console.print(f"[yellow]{sk['class']}/{sk['file']} not evaluated:[/] {sk['reason']}")
+        if det.path.resolve() == default_model_path().resolve() and segments.resolve() == default_delhi_dir():
+            console.print("[yellow]note:[/] the shipped model was trained on these segments: these figures are "
+                          "in-sample. MODEL_CARD.md gives them out of fold (CV) instead.")
+        if not recordings and not sim_patients:
+            if json_out:
+                json_out.write_text(json.dumps({"model": str(det.path), "segments": seg_result}, default=float) + "\n")
+                console.print(f"wrote {json_out}")
+            return
     detectors = [det]
     if compare_mayo:
         from models.seizure.mayo import MayoDetector
@@ -238,7 +290,7 @@ def evaluate(
             return [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
         main = results[det.name]
         doc = {"model": str(det.path), "rules": SZCORE.describe(), "recordings": clean(main["records"]),
-               "summary": main["summary"], **extra}
+               "summary": main["summary"], **extra, **({"segments": seg_result} if seg_result else {})}
         if len(detectors) > 1:
             doc["compare"] = {k: {"summary": v["summary"], "recordings": clean(v["records"])}
                               for k, v in results.items()}

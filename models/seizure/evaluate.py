@@ -12,6 +12,8 @@ the published Mayo model.
 (``{"path", "fs", "duration_s", "events", "windows", "truth", "not_evaluated",
 "metrics", "notes"}``) and ``summarize`` pools records (window metrics over
 all windows, event metrics over all seizures and all evaluated hours).
+``evaluate_segments`` scores class-labelled segments (Delhi, Bonn: no
+annotations, a class per file) window by window.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from models.seizure.scoring import (SZCORE, SzcoreRules, detector_events, nan_ru
                                     score_events, wilson_interval, window_labels, window_scores)
 
 __all__ = ["Detector", "OnnxDetector", "EvaluationError", "evaluate_recording", "summarize", "simulate_cohort",
-           "default_model_path", "sweep", "permutation_importance"]
+           "default_model_path", "sweep", "permutation_importance", "evaluate_segments", "SEGMENT_RULE"]
 
 
 class EvaluationError(ValueError):
@@ -223,6 +225,57 @@ def summarize(records: list[dict], rules: SzcoreRules = SZCORE) -> dict:
         "latency_s_p90": float(np.percentile(lat, 90)) if lat else None,
         "frac_latency_le_3s": float(np.mean(np.asarray(lat) <= 3.0)) if lat else None,
     }
+    return out
+
+
+SEGMENT_RULE = ("every window of a segment labelled by the segment's class, warm-up included (a 5 s segment is "
+                "all warm-up), each segment through a fresh feature stage: as MODEL_CARD.md's Delhi figures")
+
+
+def evaluate_segments(detector: OnnxDetector, segments: list[tuple[str, str, np.ndarray]], fs_hz: float,
+                      positive: tuple[str, ...] = ("ictal",)) -> dict:
+    """Window-level scores on class-labelled segments (``recordings.load_segments``): windows of a
+    ``positive`` class are seizure, all others not (SEGMENT_RULE). Segments the model cannot take
+    (too short, non-finite samples, a channel count its contract refuses) are listed under
+    ``skipped`` with the reason. The JSON record: ``window`` (``window_scores`` with Wilson 95 %
+    intervals), ``by_class`` (windows at or above the threshold, and segments with at least one),
+    ``segments`` (per file: class, windows, max and mean p), ``skipped``."""
+    from models.seizure.dataset import features_for_recording
+
+    thr = detector.threshold
+    ps, ys, rows, skipped = [], [], [], []
+    by_class: dict[str, dict] = {}
+    for cls, name, x in segments:
+        try:
+            detector.check(fs_hz, x.shape[1], x.shape[0])
+            if not np.isfinite(x).all():
+                raise EvaluationError("non-finite samples (NaN/inf)")
+        except EvaluationError as e:
+            skipped.append({"class": cls, "file": name, "reason": str(e)})
+            continue
+        F, _t_end = features_for_recording(x, fs_hz, detector.contract, chunk_n=256)
+        p = detector.predictor.predict_batch(F) if F.shape[0] else np.zeros(0)
+        ps.append(p)
+        ys.append(np.full(p.size, 1.0 if cls in positive else 0.0))
+        rows.append({"class": cls, "file": name, "n_windows": int(p.size),
+                     "max_p": round(float(p.max()), 4) if p.size else None,
+                     "mean_p": round(float(p.mean()), 4) if p.size else None})
+        c = by_class.setdefault(cls, {"positive": cls in positive, "segments": 0, "windows": 0,
+                                      "windows_above": 0, "segments_above": 0})
+        c["segments"] += 1
+        c["windows"] += int(p.size)
+        c["windows_above"] += int((p >= thr).sum())
+        c["segments_above"] += int(bool((p >= thr).any()))
+    for c in by_class.values():
+        c["frac_windows_above"] = c["windows_above"] / c["windows"] if c["windows"] else None
+        c["frac_windows_above_ci95"] = wilson_interval(c["windows_above"], c["windows"])
+    out = {"fs_hz": fs_hz, "positive": list(positive), "threshold": thr, "rule": SEGMENT_RULE,
+           "n_segments": len(rows), "by_class": by_class, "segments": rows, "skipped": skipped, "window": None}
+    if ps:
+        w = window_scores(np.concatenate(ps), np.concatenate(ys), thr)
+        w["recall_ci95"] = wilson_interval(w["tp"], w["tp"] + w["fn"])
+        w["specificity_ci95"] = wilson_interval(w["tn"], w["tn"] + w["fp"])
+        out["window"] = w
     return out
 
 

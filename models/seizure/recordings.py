@@ -14,6 +14,8 @@ annotations at all (then "no seizure" is unknown, not zero).
   duration gives the offset, or a later "... end"/"... offset" annotation does.
 * Delhi (``/work/shared/data/delhi``): 150 MAT segments, 200 Hz, 1 channel,
   5.12 s, labelled by folder (ictal / interictal / preictal).
+* Class-labelled segments in that layout (``load_segments``): one subfolder per
+  class of ``.mat``, ``.txt`` (Bonn) or ``.npy`` files, no sample rate in them.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["Recording", "RecordingError", "load_recording", "load_npz", "load_edf", "load_delhi", "default_delhi_dir",
-           "SEIZURE_PATTERN", "DELHI_FS_HZ"]
+           "load_segments", "read_segment", "SEIZURE_PATTERN", "DELHI_FS_HZ"]
 
 SEIZURE_PATTERN = re.compile(r"\b(seizure|sz|ictal|electrographic)\b", re.IGNORECASE)
 _END_PATTERN = re.compile(r"\b(end|offset|stop)\b", re.IGNORECASE)
@@ -174,19 +176,70 @@ def default_delhi_dir(repo: Path | None = None) -> Path:
     return (repo / ".." / "shared" / "data" / "delhi").resolve()
 
 
+SEGMENT_SUFFIXES = (".mat", ".txt", ".npy")
+
+
+def read_segment(path: str | Path, variable: str | None = None) -> np.ndarray:
+    """One unannotated EEG segment as ``(n_samples, n_channels)`` float32 µV: a MAT file (the
+    variable named ``variable``, else its only variable), a text file of numbers (one sample per
+    row, channels in columns: the Bonn layout), or a ``.npy`` array. A 2-D array with more columns
+    than rows is taken as channels × samples and transposed."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".mat":
+            from scipy.io import loadmat
+
+            mat = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
+            if variable in mat:
+                x = mat[variable]
+            elif len(mat) == 1:
+                (x,) = mat.values()
+            else:
+                raise RecordingError(f"segment {path}: {len(mat)} variables {sorted(mat)} and none named "
+                                     f"{variable!r}: which one holds the signal?")
+        elif suffix == ".txt":
+            x = np.loadtxt(path, ndmin=2)
+        elif suffix == ".npy":
+            x = np.load(path, allow_pickle=False)
+        else:
+            raise RecordingError(f"segment {path}: unsupported file type {suffix!r}, expected one of {SEGMENT_SUFFIXES}")
+    except RecordingError:
+        raise
+    except Exception as exc:   # scipy/numpy parse errors: say which file
+        raise RecordingError(f"segment {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu" or x.ndim not in (1, 2) or x.size == 0:
+        raise RecordingError(f"segment {path}: expected a 1-D or 2-D numeric array, got {x.dtype} {x.shape}")
+    x = x.reshape(-1, 1) if x.ndim == 1 else (x.T if x.shape[1] > x.shape[0] else x)
+    return np.asarray(x, dtype=np.float32)
+
+
+def load_segments(root: str | Path) -> list[tuple[str, str, np.ndarray]]:
+    """Class-labelled segments, one subfolder per class (``ictal/``, ``interictal/``, …: the Delhi
+    and Bonn layouts), as ``(class, file name, (n, ch) float32 µV)``, classes and files sorted.
+    MAT variables are looked up by the folder's name first."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RecordingError(f"segments folder {root} does not exist")
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(p for p in d.iterdir() if p.suffix.lower() in SEGMENT_SUFFIXES):
+            out.append((d.name, f.name, read_segment(f, variable=d.name)))
+    if not out:
+        raise RecordingError(f"no segments under {root}: expected one subfolder per class (e.g. ictal/, "
+                             f"interictal/) holding {', '.join(SEGMENT_SUFFIXES)} files")
+    return out
+
+
 def load_delhi(root: str | Path | None = None) -> list[tuple[str, str, np.ndarray]]:
     """All Delhi segments as ``(class, file name, (1024, 1) float32 µV)``; class in ictal/interictal/preictal."""
-    from scipy.io import loadmat
-
     root = Path(root) if root else default_delhi_dir()
-    out = []
     for cls in ("ictal", "interictal", "preictal"):
-        d = root / cls
-        if not d.is_dir():
-            raise RecordingError(f"Delhi data folder {d} does not exist (expected {root}/ictal, interictal, preictal)")
-        for f in sorted(d.glob("*.mat")):
-            x = np.asarray(loadmat(f)[cls], dtype=np.float32).reshape(-1, 1)
-            out.append((cls, f.name, x))
+        if not (root / cls).is_dir():
+            raise RecordingError(f"Delhi data folder {root / cls} does not exist "
+                                 f"(expected {root}/ictal, interictal, preictal)")
+    out = [s for s in load_segments(root) if s[0] in ("ictal", "interictal", "preictal")]
     if not out:
         raise RecordingError(f"no .mat segments under {root}")
     return out
