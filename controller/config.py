@@ -68,10 +68,21 @@ class SimulatorConfig(_Section):
     spontaneous_seizures: bool = False
     seizure_rate_per_hour: Annotated[float | None, Field(gt=0, le=120, description=(
         "spontaneous seizure rate; empty: the virtual patient's own (hil_sim/cohort.py)"))] = None
+    alpha_uv: Annotated[float, Field(ge=0, le=1000, description=(
+        "rms µV of an alpha-like rhythm at alpha_hz on every channel (the Wendling background has no peak); "
+        "0: off, as the seizure model's training cohort"))] = 0.0
+    alpha_hz: Annotated[float, Field(ge=2, le=100)] = 10.0
     chunk_s: Annotated[float, Field(gt=0, le=0.5)] = 1 / 64
     stim_latency_ms: Annotated[float, Field(ge=0, le=1000, description="modeled processing latency in simulated time")] = 2.0
     sim_chunk_s: Annotated[float, Field(gt=0, le=1.0, description=(
         "chunk length in simulated time (larger: faster; stimulation lands at most this late on the patient)"))] = 1 / 16
+
+    @model_validator(mode="after")
+    def _alpha_below_nyquist(self) -> "SimulatorConfig":
+        if self.alpha_uv and self.alpha_hz + 0.5 >= 0.45 * self.fs_hz:   # 0.5: half the rhythm's 1 Hz band
+            raise ValueError(f"alpha_hz={self.alpha_hz:g} is too close to Nyquist at fs_hz={self.fs_hz:g}: "
+                             f"keep it below {0.45 * self.fs_hz - 0.5:g} Hz")
+        return self
 
 
 class RingConfig(_Section):

@@ -87,6 +87,18 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
     if cmds:
         ax_stim.vlines([c["t"] - t_ref for c in cmds], 0, amps, color="tab:green", lw=2,
                        label="stimulation command (amplitude)")
+        # Bursts of a second or more (tACS, tDCS, long trains) are drawn as their envelope, ramps
+        # included: a line at the command alone hides that stimulation lasted, and the prediction
+        # gap it blanks.
+        first = True
+        for c, amp in zip(cmds, amps):
+            prm = c.get("params") or {}
+            dur, ramp = _burst_envelope_s(prm)
+            if dur >= 1.0:
+                t0 = float(c.get("start_t") or c["t"]) - t_ref
+                ax_stim.fill_between([t0, t0 + ramp, t0 + dur - ramp, t0 + dur], [0, amp, amp, 0], color="tab:green",
+                                     alpha=0.25, lw=0, label="burst envelope (ramps, duration)" if first else None)
+                first = False
     for kind, color in (("clamp", "gold"), ("refusal", "tab:purple"), ("fault", "tab:red")):
         xs = [e["t"] - t_ref for e in events if e["kind"] == kind]
         if xs:
@@ -257,6 +269,16 @@ def plot_ads_report(session_dir: Path, metrics: dict) -> Path:
 def _num(v, digits: int = 3) -> str:
     """A figure for the summary table: fixed decimals (metrics.json keeps full precision), "–" if absent."""
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
+
+
+def _burst_envelope_s(params: dict) -> tuple[float, float]:
+    """A command's burst duration and ramp (s) from its params (``StimParams.burst_duration_s``)."""
+    if params.get("waveform", "biphasic") in ("biphasic", "monophasic"):
+        f = float(params.get("frequency_hz") or 0.0)
+        dur = float(params.get("n_pulses", 1)) / f if f > 0 else 0.0
+    else:
+        dur = float(params.get("duration_s") or 0.0)
+    return dur, min(float(params.get("ramp_s") or 0.0), dur / 2)
 
 
 FAULT_ROWS = 4

@@ -2,7 +2,7 @@
 
 A few neural-mass sources (source 0 is the epileptogenic focus) are mixed into
 ``n_channels`` electrodes, with 1/f background noise, line noise and sensor
-noise on top. Seizures (spontaneous, Poisson with a refractory interval, or
+noise on top (and, when ``alpha_uv`` is set, a narrowband alpha-like rhythm). Seizures (spontaneous, Poisson with a refractory interval, or
 scheduled) move the focus, and partly its neighbours, along a path of Wendling
 parameters (REFERENCE.md §6): background (B=50, G=15) → low-voltage fast onset
 (B=5, G=25, 10–20 Hz) → rhythmic spike-wave (B=25, 3–6 Hz) → background.
@@ -86,6 +86,12 @@ class PatientParams:
     line_freq_hz: float = 50.0
     line_noise_uv: float = 2.0
     highpass_hz: float = 1.0          # AC coupling of the amplifier (2nd-order Butterworth)
+    # A narrowband rhythm on every channel, as a posterior alpha for tACS at the individual peak
+    # frequency: the Wendling background (B=50, G=15) has no spectral peak. Off by default, so the
+    # cohort the seizure model was trained on is unchanged.
+    alpha_uv: float = 0.0             # rms µV; 0: off
+    alpha_hz: float = 10.0            # centre frequency
+    alpha_bandwidth_hz: float = 1.0   # -3 dB width of the band-pass that shapes it from white noise
     # response to stimulation (see termination_probability)
     stim_q50_uc: float = 2.0          # burst charge with p = 0.5 at onset, in band, at the focus
     stim_slope: float = 2.0           # logit per e-fold of charge
@@ -140,6 +146,10 @@ class PatientParams:
         need(self.line_freq_hz in (50.0, 60.0), "line_freq_hz", self.line_freq_hz, "50 or 60")
         need(1 <= self.pink_corner_hz <= 1000, "pink_corner_hz", self.pink_corner_hz, "in [1, 1000] Hz")
         need(0 < self.highpass_hz < 10, "highpass_hz", self.highpass_hz, "in (0, 10) Hz")
+        need(0 <= self.alpha_uv <= 1000, "alpha_uv", self.alpha_uv, "in [0, 1000] µV rms")
+        need(0.1 <= self.alpha_bandwidth_hz <= 10, "alpha_bandwidth_hz", self.alpha_bandwidth_hz, "in [0.1, 10] Hz")
+        need(self.alpha_bandwidth_hz < self.alpha_hz <= 100, "alpha_hz", self.alpha_hz,
+             f"in ({self.alpha_bandwidth_hz}, 100] Hz (above its bandwidth)")
         need(self.stim_q50_uc > 0, "stim_q50_uc", self.stim_q50_uc, "> 0")
         need(self.stim_sensitivity >= 0, "stim_sensitivity", self.stim_sensitivity, ">= 0")
         need(self.stim_timing_scale_s > 0, "stim_timing_scale_s", self.stim_timing_scale_s, "> 0")
@@ -253,8 +263,9 @@ class SimulatedPatient:
         self._n = 0
 
         ss = np.random.SeedSequence([self.seed, 0x5EED])
+        # Children keep their keys whatever their number: a seventh leaves the first six as they were.
         (rng_neural, self._rng_pink, self._rng_sensor, self._rng_seizure,
-         self._rng_spike, self._rng_stim) = (np.random.default_rng(s) for s in ss.spawn(6))
+         self._rng_spike, self._rng_stim, self._rng_alpha) = (np.random.default_rng(s) for s in ss.spawn(7))
         anatomy = np.random.default_rng(np.random.SeedSequence([p.anatomy_seed, 0xA4A7]))
 
         # --- geometry: mixing (n_ch, n_src) × gain → µV per mV of source LFP
@@ -298,6 +309,16 @@ class SimulatedPatient:
         self._pink_b, self._pink_a = np.convolve(_PINK_B, b_lp), np.convolve(_PINK_A, a_lp)
         h = lfilter(self._pink_b, self._pink_a, np.r_[1.0, np.zeros(int(50 * self.fs_hz) - 1)])
         self._pink_scale = p.pink_noise_uv / math.sqrt(float(np.sum(h * h)))
+        if p.alpha_uv > 0:
+            lo, hi = p.alpha_hz - p.alpha_bandwidth_hz / 2, p.alpha_hz + p.alpha_bandwidth_hz / 2
+            if hi >= 0.45 * self.fs_hz:
+                raise ValueError(f"PatientParams.alpha_hz={p.alpha_hz!r}: its band reaches {hi:g} Hz, above "
+                                 f"0.45 × fs = {0.45 * self.fs_hz:g} Hz")
+            self._alpha_sos = butter(2, [lo, hi], btype="bandpass", fs=self.fs_hz, output="sos")
+            h = sosfilt(self._alpha_sos, np.r_[1.0, np.zeros(int(60 * self.fs_hz) - 1)])
+            self._alpha_scale = p.alpha_uv / math.sqrt(float(np.sum(h * h)))
+            burn = self._rng_alpha.standard_normal(int(20 * self.fs_hz))   # start it stationary, as the pink noise
+            self._alpha_zi = sosfilt(self._alpha_sos, burn, zi=np.zeros((self._alpha_sos.shape[0], 2)))[1]
         # Start the pink filter in a stationary state rather than at zero.
         burn = self._rng_pink.standard_normal((int(20 * self.fs_hz), n_channels))
         self._pink_zi = lfilter(self._pink_b, self._pink_a, burn, axis=0,
@@ -403,6 +424,9 @@ class SimulatedPatient:
         out += self._pink_scale * pink
         if p.sensor_noise_uv > 0:
             out += p.sensor_noise_uv * self._rng_sensor.standard_normal((n, self.n_channels))
+        if p.alpha_uv > 0:
+            alpha, self._alpha_zi = sosfilt(self._alpha_sos, self._rng_alpha.standard_normal(n), zi=self._alpha_zi)
+            out += self._alpha_scale * alpha[:, None]
         ts = (n0 + np.arange(n)) / self.fs_hz
         if p.line_noise_uv > 0 and p.line_freq_hz < 0.45 * self.fs_hz:  # else the anti-alias filter removed it
             out += self._line_amp * np.sin(2 * np.pi * p.line_freq_hz * ts[:, None] + self._line_phase)

@@ -129,7 +129,7 @@ def make_spiking(spec: dict):
 
 
 def patient_params_for(spec: dict):
-    """The cohort patient's parameters with the session's seizure settings applied.
+    """The cohort patient's parameters with the session's seizure and alpha settings applied.
 
     ``seizure_rate_per_hour`` overrides the cohort's draw (e.g. short comparisons): onsets may then
     come every 0.5 × 3600 / rate s, so seizures longer than 90 % of that are shortened to fit
@@ -139,6 +139,9 @@ def patient_params_for(spec: dict):
     from hil_sim.cohort import patient_params
 
     params = patient_params(spec["patient"])
+    if spec.get("alpha_uv"):
+        params = dataclasses.replace(params, alpha_uv=float(spec["alpha_uv"]),
+                                     alpha_hz=float(spec.get("alpha_hz", params.alpha_hz)))
     if not spec.get("spontaneous_seizures", False):
         return dataclasses.replace(params, seizure_rate_per_hour=0.0)
     rate = spec.get("seizure_rate_per_hour")

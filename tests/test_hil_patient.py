@@ -43,6 +43,24 @@ def test_same_seed_same_output_regardless_of_chunking_and_seed_matters():
     assert not np.allclose(xa, c.step(int(12 * FS)))
 
 
+def test_alpha_rhythm_is_a_narrow_peak_added_to_every_channel_and_changes_nothing_else():
+    """``alpha_uv`` adds band-passed noise at ``alpha_hz`` (its own generator): with the same seed,
+    the rest of the signal is unchanged, and the added part is the same on every channel, at the
+    requested rms, peaked at the requested frequency, and independent of chunking."""
+    plain = SimulatedPatient(FS, 3, seed=4).step(int(60 * FS))
+    params = PatientParams(alpha_uv=12.0, alpha_hz=9.5)
+    a = SimulatedPatient(FS, 3, seed=4, params=params)
+    x = np.concatenate([a.step(n) for n in (1, 255, 4000, int(60 * FS) - 4256)])
+    np.testing.assert_allclose(x, SimulatedPatient(FS, 3, seed=4, params=params).step(int(60 * FS)), atol=1e-4)
+    alpha = (x - plain).astype(np.float64)
+    np.testing.assert_allclose(alpha[:, 1], alpha[:, 0], atol=1e-3)
+    np.testing.assert_allclose(alpha[:, 2], alpha[:, 0], atol=1e-3)
+    assert alpha[:, 0].std() == pytest.approx(12.0, rel=0.2)
+    f, pxx = welch(alpha[:, 0], FS, nperseg=int(8 * FS))
+    assert abs(f[pxx.argmax()] - 9.5) <= 0.5
+    assert pxx[(f < 7) | (f > 12)].max() < 0.05 * pxx.max()   # narrowband: little power 2.5 Hz away
+
+
 def test_scheduled_seizure_course_and_ground_truth():
     params = PatientParams(**QUIET)
     pt = SimulatedPatient(512.0, 16, seed=2, params=params)
@@ -251,6 +269,9 @@ def test_burst_artifact_has_one_spike_per_pulse():
     (dict(params=PatientParams(seizure_rate_per_hour=100.0)), "seizure_rate_per_hour"),
     (dict(params=PatientParams(n_sources=2)), "source_positions"),
     (dict(params=PatientParams(mixing=((1.0,),))), "mixing"),
+    (dict(params=PatientParams(alpha_uv=-1.0)), "alpha_uv"),
+    (dict(params=PatientParams(alpha_uv=10.0, alpha_hz=0.5)), "alpha_hz"),
+    (dict(fs_hz=64.0, params=PatientParams(alpha_uv=10.0, alpha_hz=28.5)), "alpha_hz=28.5: its band reaches 29"),
 ])
 def test_bad_construction_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -169,3 +169,28 @@ def test_bad_parameters_are_named(kw, needle):
     args.update(kw)
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
         PersonalizedFrequencyPolicy(**args)
+
+
+@pytest.mark.parametrize("alpha_uv", [15.0, 0.0])
+def test_the_example_session_finds_the_simulated_patients_alpha(tmp_path, alpha_uv):
+    """examples/personalized.toml in simulated time: the patient's 10.5 Hz rhythm (simulator.alpha_uv)
+    is found within the estimate's 0.5 Hz resolution and every tACS burst runs at it. Without the
+    rhythm the Wendling background has no clear peak, and the session does not stimulate."""
+    import json
+    from pathlib import Path
+
+    from controller.config import load_config
+    from controller.runners.simulated import run_simulated
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "personalized.toml"
+    cfg = load_config(example, {"session": {"duration_s": 70.0, "out_dir": str(tmp_path)},
+                                "simulator": {"alpha_uv": alpha_uv}})
+    session = run_simulated(cfg, session_dir=tmp_path / "s", write_report=False)
+    events = [json.loads(line) for line in open(session / "events.jsonl")]
+    (est,) = [e for e in events if e.get("what") == "ipf_estimate"]
+    cmds = [e for e in events if e["kind"] == "command" and e.get("op") == "trigger"]
+    if alpha_uv:
+        assert est["accepted"] and abs(est["ipf_hz"] - 10.5) <= 0.5, est
+        assert len(cmds) == 2 and all(c["params"]["frequency_hz"] == est["ipf_hz"] for c in cmds)
+    else:
+        assert not est["accepted"] and est["stimulation"] == "refused" and cmds == [], est

@@ -175,3 +175,11 @@ def test_a_flush_failing_partway_keeps_every_event_for_the_retry(tmp_path):
     raw = path.read_bytes()
     assert raw.count(b"\n") > 40   # the torn line is there, on a line of its own
     assert sorted(row["i"] for row in read_jsonl(path)) == list(range(40))
+
+
+def test_burst_envelope_of_pulsed_and_continuous_commands():
+    from controller.report import _burst_envelope_s
+    assert _burst_envelope_s({"waveform": "biphasic", "n_pulses": 100, "frequency_hz": 200.0}) == (0.5, 0.0)
+    assert _burst_envelope_s({"waveform": "sine", "duration_s": 30.0, "ramp_s": 10.0}) == (30.0, 10.0)
+    assert _burst_envelope_s({"waveform": "dc", "duration_s": 4.0, "ramp_s": 10.0}) == (4.0, 2.0)   # ramps meet
+    assert _burst_envelope_s({"waveform": "biphasic", "n_pulses": 1, "frequency_hz": 0.0}) == (0.0, 0.0)

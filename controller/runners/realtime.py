@@ -53,7 +53,7 @@ def hil_spec(cfg: Config, stream: str | None = None) -> dict:
     return {"fs_hz": sim.fs_hz, "n_channels": sim.n_channels, "patient": sim.patient,
             "seed": cfg.session.seed, "seizure_onsets_s": sim.seizure_onsets_s,
             "spontaneous_seizures": sim.spontaneous_seizures,
-            "seizure_rate_per_hour": sim.seizure_rate_per_hour,
+            "seizure_rate_per_hour": sim.seizure_rate_per_hour, "alpha_uv": sim.alpha_uv, "alpha_hz": sim.alpha_hz,
             "stream": stream if stream is not None else cfg.source.stream,
             # Its own source_id (this process runs one simulator at a time): two simulators on one
             # machine both publish "stimloop-sim", and by name alone a client could take either.

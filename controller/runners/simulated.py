@@ -70,7 +70,7 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
     })
     spec = {"fs_hz": sim.fs_hz, "n_channels": sim.n_channels, "patient": sim.patient, "seed": cfg.session.seed,
             "seizure_onsets_s": sim.seizure_onsets_s, "spontaneous_seizures": sim.spontaneous_seizures,
-            "seizure_rate_per_hour": sim.seizure_rate_per_hour}
+            "seizure_rate_per_hour": sim.seizure_rate_per_hour, "alpha_uv": sim.alpha_uv, "alpha_hz": sim.alpha_hz}
     patient = make_patient(spec)
     schedule = FaultSchedule([f.model_dump(mode="json", exclude_none=True) for f in cfg.faults],
                              fs_hz=sim.fs_hz, n_channels=sim.n_channels)
