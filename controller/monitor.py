@@ -273,8 +273,12 @@ def render(state: MonitorState, now: float | None = None):
     seen = f"{state.n_commands} command(s) since the monitor started"
     if state.last_command_t is not None and state.last_t is not None:
         seen += f", last {state.last_t - state.last_command_t:.1f} s ago"
-    info.add_row("stimulation", Text(f"OFF: {state.stim_off}  ({seen})", style="bold yellow") if state.stim_off
-                 else Text(f"armed  ({seen})", style="green"))
+    if state.stim_off:
+        info.add_row("stimulation", Text(f"OFF: {state.stim_off}  ({seen})", style="bold yellow"))
+    elif state.n_messages == 0:   # no session heard from: "armed" would claim one that may not exist
+        info.add_row("stimulation", Text("unknown: no session heard from yet", style="dim"))
+    else:
+        info.add_row("stimulation", Text(f"armed  ({seen})", style="green"))
     latency = {k: v for k, v in state.status.items() if "latency" in k or "deadline" in k or "dropped" in k}
     lat_text = (f"window end → prediction {_lat(state.prediction_latency_ms)} · "
                 f"→ command {_lat(state.command_latency_ms)} · deadline misses {state.deadline_misses} · "

@@ -59,7 +59,8 @@ def test_render_shows_signal_prediction_stim_latency_and_faults():
 
 
 def test_render_before_any_message_says_waiting():
-    assert "waiting for telemetry" in screen(MonitorState(address="tcp://127.0.0.1:5556"), now=0.0)
+    text = screen(MonitorState(address="tcp://127.0.0.1:5556"), now=0.0)
+    assert "waiting for telemetry" in text and "unknown: no session heard from yet" in text and "armed" not in text
 
 
 def _publisher_process(address_q: mp.Queue, stop: mp.Event) -> None:
