@@ -548,7 +548,7 @@ def export(session: Path = typer.Argument(..., help="session folder"),
         summary = export_edf(session, target, assume_unit=assume_unit)
     except (ValueError, FileNotFoundError) as exc:   # an unknown or undeclared unit, a folder without raw data
         _fail(f"export of {session}: {exc}")
-    console.print(f"wrote {target}: {summary}")
+    console.print(f"wrote {target}: {escape(summary.describe())}")
 
 
 def _mount_optional() -> None:

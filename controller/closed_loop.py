@@ -23,6 +23,7 @@ from controller.events import Event, EventKind
 from controller.inference import (DeadlineAccount, ModelContract, OnnxPredictor, SeizureDetectorStage, contract_min_duration_s,
                                   read_contract)
 from controller.policy_drive import PolicyDrive, build_drive, detection_min_duration_s
+from controller.sources.base import GAP_FACTOR, gap_factor_for
 from drivers.params import StimParams
 
 
@@ -56,6 +57,9 @@ class SeizureLoop:
     #: window length + how long p must stay above threshold: a seizure starting less than this before
     #: the session ends cannot be confirmed, and is left out of the detection score (None: no model)
     min_detect_s: float | None = None
+    #: the source's jitter tolerance (``SourceInfo.gap_factor``): a timestamp step above this many
+    #: sample periods is missing samples, and the windows spanning it are not acted on
+    gap_factor: float = GAP_FACTOR
 
     @classmethod
     def from_config(cls, cfg: Config, fs_hz: float, n_channels: int) -> "SeizureLoop":
@@ -64,7 +68,7 @@ class SeizureLoop:
             # 30 kHz spikes are never resampled for a seizure model the policy would not read.
             return cls(stage=None, predictor=None, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
                        drive=build_drive(cfg, fs_hz, n_channels, math.nan), start_threshold=None,
-                       fs_hz=fs_hz, n_channels=n_channels)
+                       fs_hz=fs_hz, n_channels=n_channels, gap_factor=gap_factor_for(cfg.source.kind))
         path = cfg.model_path()
         contract: ModelContract = read_contract(path)
         stage = SeizureDetectorStage(contract, fs_hz, n_channels)
@@ -74,7 +78,8 @@ class SeizureLoop:
         return cls(stage=stage, predictor=predictor, deadline=DeadlineAccount(cfg.model.deadline_ms / 1e3),
                    drive=build_drive(cfg, fs_hz, n_channels, contract.threshold, model_min_s), start_threshold=thr,
                    fs_hz=fs_hz, n_channels=n_channels,
-                   min_detect_s=contract.window_s + detection_min_duration_s(cfg, model_min_s))
+                   min_detect_s=contract.window_s + detection_min_duration_s(cfg, model_min_s),
+                   gap_factor=gap_factor_for(cfg.source.kind))
 
     @property
     def policy(self):
@@ -94,9 +99,10 @@ class SeizureLoop:
         """Feed one chunk; return the windows it completed (``valid=False``: do not act on it)."""
         if self.quality is None:
             if self.stage is not None:
-                self.quality = DataQuality(self.stage.source_fs_hz, self.stage.n_channels, self.window_s)
+                self.quality = DataQuality(self.stage.source_fs_hz, self.stage.n_channels, self.window_s,
+                                           gap_factor=self.gap_factor)
             else:
-                self.quality = DataQuality(self.fs_hz, self.n_channels, self.window_s)
+                self.quality = DataQuality(self.fs_hz, self.n_channels, self.window_s, gap_factor=self.gap_factor)
         chunk, timestamps = self.quality.check(chunk, timestamps, events)
         if not timestamps.size or self.stage is None:
             return []

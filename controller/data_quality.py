@@ -27,11 +27,12 @@ import math
 import numpy as np
 
 from controller.events import Event, EventKind
+from controller.sources.base import GAP_FACTOR
 
 
 class DataQuality:
     def __init__(self, fs_hz: float, n_channels: int, window_s: float, saturation_run: int = 16,
-                 gap_factor: float = 1.5, source: str = "loop"):
+                 gap_factor: float = GAP_FACTOR, source: str = "loop"):
         self.fs_hz = float(fs_hz)
         self.window_s = float(window_s)
         self.saturation_run = int(saturation_run)

@@ -32,6 +32,8 @@ from typing import Iterable
 
 import numpy as np
 
+from controller.sources.base import GAP_FACTOR
+
 DEFAULT_EXCLUDE_KINDS: tuple[str, ...] = ("chunk",)  # one per chunk: too many to be useful annotations
 _LABEL_CHARS = 16        # EDF header: signal label is 16 ASCII characters
 _NUMBER_CHARS = 8        # EDF header: physical min/max are 8 ASCII characters
@@ -58,6 +60,18 @@ class ExportSummary:
     padded_samples: int
     n_gaps: int
     n_nonfinite: int
+
+    def describe(self) -> str:
+        """One line for a person: what the file holds, and what was changed to fit EDF."""
+        text = (f"{self.n_channels} channels × {self.duration_s:.1f} s at {self.fs_hz:g} Hz ({self.n_samples} samples) "
+                f"in µV, {self.n_annotations} annotations")
+        if self.n_gaps:
+            text += f"; {self.n_gaps} timestamp gap(s) (lost samples), annotated where they fall"
+        if self.n_nonfinite:
+            text += f"; {self.n_nonfinite} NaN/inf samples written as 0 (annotated)"
+        if self.padded_samples:
+            text += f"; the last data record padded with {self.padded_samples} copies of the last sample"
+        return text
 
 
 def _read_raw(raw_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -309,7 +323,10 @@ def export_edf(session_dir: str | os.PathLike, out_path: str | os.PathLike,
     n_gaps = 0
     if n > 1:
         dts = np.diff(timestamps)
-        gap_idx = np.flatnonzero(dts > 1.5 / fs_hz)  # more than half a sample late: samples were lost
+        # The source's own rule (SourceInfo.gap_factor: 1.5 periods, 2.5 for host-stamped BrainFlow
+        # timestamps, whose jitter is no loss); sessions recorded before it was kept: 1.5.
+        gap_factor = float((meta.get("source") or {}).get("gap_factor") or GAP_FACTOR)
+        gap_idx = np.flatnonzero(dts > gap_factor / fs_hz)
         n_gaps = int(gap_idx.size)
         for i in gap_idx[:1000]:
             annotations.append(edfio.EdfAnnotation((i + 1) / fs_hz, None,

@@ -85,6 +85,40 @@ def test_backward_clock_jump_is_a_fault_and_gap_invalidates_windows():
     assert events == [] and q.invalid_until_t >= t3[1024] - 1 / FS + 1.0
 
 
+def test_a_host_stamped_sources_jitter_is_no_gap_under_its_own_gap_factor():
+    """BrainFlow stamps samples as its reader thread gets them: steps of 2.2 periods with nothing lost
+    (the late sample's successor comes early). Under the default 1.5 these invalidated windows a
+    BrainFlow session should have acted on; under the source's 2.5 they do not, and a real loss of
+    two samples (3 periods) still does."""
+    from controller.sources.base import GAP_FACTOR, HOST_STAMPED_GAP_FACTOR, gap_factor_for
+
+    x, t = _stream(2048)
+    jitter = t.copy()
+    jitter[999] -= 0.6 / FS             # one sample stamped early, the next late: steps of 0.4, 2.2, 0.4
+    jitter[1000] += 0.6 / FS
+    for factor, invalid in ((GAP_FACTOR, True), (HOST_STAMPED_GAP_FACTOR, False)):
+        q, events = DataQuality(FS, 4, window_s=1.0, gap_factor=factor), []
+        for xc, tc in _chunks(x, jitter):
+            q.check(xc, tc, events)
+        assert (q.invalid_until_t > 0) is invalid, factor
+    lost = np.r_[t[:1000], t[1002:]]     # two samples really missing: a 3-period step
+    q, events = DataQuality(FS, 4, window_s=1.0, gap_factor=HOST_STAMPED_GAP_FACTOR), []
+    for xc, tc in _chunks(x[:lost.size], lost):
+        q.check(xc, tc, events)
+    assert q.invalid_until_t >= lost[1000] + 1.0 - 1 / FS
+    assert (gap_factor_for("brainflow"), gap_factor_for("lsl"), gap_factor_for("hil")) == (2.5, 1.5, 1.5)
+
+
+def test_the_loop_checks_with_its_sources_gap_factor():
+    from controller.closed_loop import SeizureLoop
+    from controller.config import parse_config
+
+    for kind, factor in (("brainflow", 2.5), ("lsl", 1.5), ("hil", 1.5)):
+        loop = SeizureLoop.from_config(parse_config({"source": {"kind": kind}}), 250.0, 4)
+        loop.windows(np.zeros((8, 4), np.float32) + np.arange(8)[:, None], np.arange(8) / 250.0, [])
+        assert loop.gap_factor == factor and loop.quality.gap_s == factor / 250.0
+
+
 # --- the shortcut for plainly clean chunks decides exactly as the full check --------------------
 
 from hypothesis import given, settings  # noqa: E402

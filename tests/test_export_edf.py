@@ -27,7 +27,7 @@ BURST = StimParams(channel=1, amplitude_ua=1500.0, pulse_width_us=160.0, frequen
 
 def make_session(root: Path, samples: np.ndarray, timestamps: np.ndarray, events: list, names=None,
                  units="uV", torn_tail: bool = True, started_utc: str | None = "2025-03-04T05:06:07Z",
-                 wall_t0: dt.datetime | None = WALL_T0) -> Path:
+                 wall_t0: dt.datetime | None = WALL_T0, gap_factor: float = 1.5) -> Path:
     """A session folder as acquisition + recorder leave it after a kill (torn tails).
 
     raw/ is written by the acquisition's own RawRecorder with the acquisition's meta, from a
@@ -39,7 +39,7 @@ def make_session(root: Path, samples: np.ndarray, timestamps: np.ndarray, events
     names = names or [f"EEG {i}" for i in range(n_ch)]
     units = [units] * n_ch if isinstance(units, str) else units
     info = SourceInfo(name="amp", type="EEG", source_id="amp-1", n_channels=n_ch, channel_names=tuple(names),
-                      units=tuple(units), fs_hz=FS_HZ)
+                      units=tuple(units), fs_hz=FS_HZ, gap_factor=gap_factor)
     clocks = {} if wall_t0 is None else {"session_clock": lambda: float(timestamps[0]) + 0.01,
                                          "wall_clock": lambda: wall_t0.timestamp() + 0.01}
     rec = RawRecorder(raw, n_ch, FS_HZ, meta=source_meta(info), **clocks)
@@ -243,6 +243,21 @@ def test_gap_in_timestamps_is_annotated_and_events_stay_on_their_samples(tmp_pat
     assert mark.onset == pytest.approx(700 / FS_HZ, abs=1e-6)
 
 
+def test_a_jitter_the_source_tolerates_is_not_exported_as_a_gap(tmp_path):
+    """A host-stamped source (BrainFlow, gap_factor 2.5 in meta.json) stamps one sample early and the next
+    late (a 2.2-period step, nothing lost): no gap annotation. Under the LSL rule (1.5) the same step
+    is one."""
+    n = 1000
+    timestamps = T0 + np.arange(n) / FS_HZ
+    timestamps[599] -= 0.6 / FS_HZ
+    timestamps[600] += 0.6 / FS_HZ
+    for factor, gaps in ((2.5, 0), (1.5, 1)):
+        session = make_session(tmp_path / f"s{factor}", synthetic(n, n_ch=2), timestamps, [], torn_tail=False,
+                               started_utc=None, gap_factor=factor)
+        assert export_edf(session, tmp_path / f"j{factor}.edf").n_gaps == gaps
+    assert "timestamp gap" not in export_edf(tmp_path / "s2.5", tmp_path / "j.edf").describe()
+
+
 def test_nonfinite_samples_and_long_or_duplicate_labels(tmp_path):
     samples = synthetic(500, n_ch=2)
     samples[10:20, 0] = np.nan
@@ -346,4 +361,6 @@ def test_the_export_command_says_what_is_wrong_and_takes_the_unit_to_assume(tmp_
     assert not (session / "session.edf").exists()
     r = CliRunner().invoke(app, ["export", str(session), "--assume-unit", "uV"])
     assert r.exit_code == 0, r.output
+    assert "2 channels × 2.0 s at 250 Hz (500 samples) in µV" in " ".join(r.output.split())
+    assert "ExportSummary(" not in r.output
     assert edfio.read_edf(session / "session.edf").labels == ("EEG 0", "EEG 1")

@@ -27,6 +27,8 @@ def test_brainflow_synthetic_board_reads_into_ring(busy_poll):
         # REFERENCE.md §8: synthetic board = 250 Hz, 16 EXG channels
         assert (info.n_channels, info.fs_hz) == (16, 250.0)
         assert info.channel_names[0] == "Fz"
+        # host-stamped: the jitter tolerance the loop and the export take over (meta.json "source")
+        assert info.gap_factor == 2.5 and info.to_dict()["gap_factor"] == 2.5
         reader = ring.reader("oldest")
         t_end = time.monotonic() + 1.2
         while time.monotonic() < t_end:

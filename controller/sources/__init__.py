@@ -6,9 +6,11 @@ acquisition process can build it). Backends are imported lazily so that
 """
 from __future__ import annotations
 
-from controller.sources.base import Source, SourceError, SourceInfo, StreamIncompatible, StreamLost, count_gaps
+from controller.sources.base import (Source, SourceError, SourceInfo, StreamIncompatible, StreamLost, count_gaps,
+                                     gap_factor_for)
 
-__all__ = ["Source", "SourceError", "SourceInfo", "StreamIncompatible", "StreamLost", "count_gaps", "build_source", "probe_source"]
+__all__ = ["Source", "SourceError", "SourceInfo", "StreamIncompatible", "StreamLost", "count_gaps", "gap_factor_for",
+           "build_source", "probe_source"]
 
 
 def build_source(spec: dict) -> Source:

@@ -33,7 +33,10 @@ class StreamIncompatible(SourceError):
 
 @dataclass(frozen=True, slots=True)
 class SourceInfo:
-    """What a source delivers. ``fs_hz = 0`` means an irregular rate."""
+    """What a source delivers. ``fs_hz = 0`` means an irregular rate. ``gap_factor``: the timestamp
+    step, in sample periods, above which this source counts samples as lost (``count_gaps``); the
+    loop's data-quality check and the EDF export use the same, so a jitter the source tolerates is
+    not taken for a gap downstream."""
 
     name: str
     type: str
@@ -42,11 +45,12 @@ class SourceInfo:
     channel_names: tuple[str, ...]
     units: tuple[str, ...]
     fs_hz: float
+    gap_factor: float = 1.5
 
     def to_dict(self) -> dict:
         return {"name": self.name, "type": self.type, "source_id": self.source_id,
                 "n_channels": self.n_channels, "channel_names": list(self.channel_names),
-                "units": list(self.units), "fs_hz": self.fs_hz}
+                "units": list(self.units), "fs_hz": self.fs_hz, "gap_factor": self.gap_factor}
 
 
 class Source(ABC):
@@ -105,8 +109,22 @@ class Source(ABC):
         self.close()
 
 
+#: Timestamp step (sample periods) above which samples count as lost, for sources whose samples carry
+#: their sender's timestamps (LSL, replay): half a period late is already a lost sample.
+GAP_FACTOR = 1.5
+#: The same for host-stamped sources (BrainFlow: its reader thread stamps with the wall clock): the
+#: synthetic board steps up to 2.25 periods without any loss (controller/sources/brainflow_source.py).
+HOST_STAMPED_GAP_FACTOR = 2.5
+
+
+def gap_factor_for(source_kind: str) -> float:
+    """The gap factor a source of config kind ``source_kind`` (``hil``, ``lsl``, ``brainflow``) counts
+    lost samples with: what the loop's data-quality check must use on its timestamps."""
+    return HOST_STAMPED_GAP_FACTOR if source_kind == "brainflow" else GAP_FACTOR
+
+
 def count_gaps(timestamps: np.ndarray, previous_t: float | None, fs_hz: float,
-               gap_factor: float = 1.5) -> tuple[int, int, float]:
+               gap_factor: float = GAP_FACTOR) -> tuple[int, int, float]:
     """Samples missing from a regularly sampled timestamp sequence.
 
     Looks at the steps between consecutive timestamps (including from

@@ -11,7 +11,9 @@ enough to be absorbed by the refresh).
 
 Drop detection uses timestamp gaps like ``LslSource``, but host-stamped
 timestamps jitter: the synthetic board showed steps up to 2.25 sample periods
-without any loss (3 s at 250 Hz, p99.9 = 2.2 periods), hence ``gap_factor=2.5``.
+without any loss (3 s at 250 Hz, p99.9 = 2.2 periods), hence ``gap_factor=2.5``
+(``HOST_STAMPED_GAP_FACTOR``; ``SourceInfo.gap_factor`` passes it on to the loop's data-quality check
+and the export, which would otherwise take those steps for lost samples).
 
 A board that stops delivering (unplugged, firmware hang) raises nothing in
 BrainFlow: its buffer just stays empty. As ``LslSource``, no data for
@@ -32,7 +34,7 @@ import pylsl  # noqa: E402
 from brainflow.board_shim import BoardShim, BrainFlowError, BrainFlowInputParams
 
 from controller.events import EventKind
-from controller.sources.base import Source, SourceError, SourceInfo, count_gaps
+from controller.sources.base import HOST_STAMPED_GAP_FACTOR, Source, SourceError, SourceInfo, count_gaps
 
 _CHANNEL_GETTERS = {
     "exg": BoardShim.get_exg_channels, "eeg": BoardShim.get_eeg_channels, "emg": BoardShim.get_emg_channels,
@@ -59,7 +61,7 @@ class BrainFlowSource(Source):
     event_source = "brainflow"
 
     def __init__(self, board_id: int, params: dict | None = None, channels: str | list[int] = "exg",
-                 wait_s: float = 0.005, ring_buffer_samples: int = 45_000, gap_factor: float = 2.5,
+                 wait_s: float = 0.005, ring_buffer_samples: int = 45_000, gap_factor: float = HOST_STAMPED_GAP_FACTOR,
                  offset_refresh_s: float = 10.0, quiet: bool = True, busy_poll: bool = False,
                  stall_timeout_s: float = 1.0):
         super().__init__()
@@ -153,7 +155,8 @@ class BrainFlowSource(Source):
                  else f"row{r}" for r in rows]
         self.info = SourceInfo(name=str(descr.get("name", f"board{self.board_id}")), type="EXG",
                                source_id=f"brainflow:{self.board_id}", n_channels=len(rows),
-                               channel_names=tuple(names), units=tuple("uV" for _ in rows), fs_hz=fs_hz)
+                               channel_names=tuple(names), units=tuple("uV" for _ in rows), fs_hz=fs_hz,
+                               gap_factor=self.gap_factor)
         return self.info
 
     def _refresh_offset(self) -> None:

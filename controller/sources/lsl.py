@@ -36,7 +36,7 @@ from pylsl.util import LostError
 from pylsl.util import TimeoutError as LslTimeoutError
 
 from controller.events import EventKind
-from controller.sources.base import Source, SourceError, SourceInfo, StreamIncompatible, count_gaps
+from controller.sources.base import GAP_FACTOR, Source, SourceError, SourceInfo, StreamIncompatible, count_gaps
 
 
 def _quote(value: str) -> str:
@@ -116,7 +116,7 @@ class LslSource(Source):
 
     def __init__(self, name: str | None = None, type: str | None = None, source_id: str | None = None,
                  resolve_timeout_s: float = 5.0, max_buflen_s: int = 1, chunk: int = 256,
-                 wait_s: float = 0.005, stall_timeout_s: float = 1.0, gap_factor: float = 1.5,
+                 wait_s: float = 0.005, stall_timeout_s: float = 1.0, gap_factor: float = GAP_FACTOR,
                  time_correction_interval_s: float = 2.0, recover_poll_s: float = 0.1, busy_poll: bool = False,
                  time_correction: bool = True):
         super().__init__()
@@ -243,7 +243,8 @@ class LslSource(Source):
             units.append(ch.child_value("unit"))
             ch = ch.next_sibling() if not ch.empty() else ch
         self.info = SourceInfo(name=full.name(), type=full.type(), source_id=full.source_id(), n_channels=n_ch,
-                               channel_names=tuple(names), units=tuple(units), fs_hz=float(full.nominal_srate()))
+                               channel_names=tuple(names), units=tuple(units), fs_hz=float(full.nominal_srate()),
+                               gap_factor=self.gap_factor)
         self._inlet = inlet
         self._fmt = fmt
         self._uid = full.uid()
