@@ -114,6 +114,8 @@ def test_cli_evaluate_sensitivity_curves(tmp_path):
     res = runner.invoke(app, ["curves", "--out", str(png)])
     assert res.exit_code == 0, res.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = runner.invoke(app, ["curves", "--out", str(tmp_path / "bare")])   # no suffix: the name printed is the file's
+    assert res.exit_code == 0 and (tmp_path / "bare.png").is_file() and "bare.png" in res.output
     res = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "missing.onnx")])
     assert res.exit_code == 2 and "not found" in " ".join(res.output.split())
 

@@ -160,6 +160,8 @@ def plot_curves(out_png: str | Path, path: str | Path = DEFAULT_MODEL_PATH) -> P
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     out_png = Path(out_png)
+    if out_png.suffix.lower() != ".png":   # savefig would add ".png" itself, and the caller report the wrong name
+        out_png = out_png.with_name(out_png.name + ".png")
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
