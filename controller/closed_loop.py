@@ -162,6 +162,7 @@ class ChunkStep:
         self.heartbeat_s, self.reconnect_s = heartbeat_s, reconnect_s
         self.blanking_s = blanking_s
         self._next_hb = self._next_reconnect = clock()
+        self._ahead_reported = False   # a window that ended in the future was reported (once until on time again)
 
     def housekeeping(self) -> list[Event]:
         """Heartbeat the device when due; after a device fault, try to reconnect once per ``reconnect_s``."""
@@ -225,6 +226,8 @@ class ChunkStep:
                 t_inf = clock()
                 c_inf = cpu() if cpu is not None else None
             on_time = loop.deadline.check(w.window_end_t, t_inf)
+            if on_time:
+                self._ahead_reported = False
             pred = {"window_end_t": w.window_end_t, "p": p, "valid": w.valid, "threshold": loop.threshold,
                     **({} if w.valid else {"invalid": w.invalid})}
             if not modeled:
@@ -233,8 +236,19 @@ class ChunkStep:
                     pred.update(cpu_read=c_read, cpu_features=c_feat, cpu_inference=c_inf)
             events.append(Event(t_inf, EventKind.PREDICTION, self.source, pred))
             if not on_time:
+                latency_s = t_inf - w.window_end_t
                 events.append(Event(t_inf, EventKind.DEADLINE_MISS, self.source,
-                                    {"window_end_t": w.window_end_t, "latency_s": t_inf - w.window_end_t}))
+                                    {"window_end_t": w.window_end_t, "latency_s": latency_s}))
+                if latency_s < 0 and not self._ahead_reported:
+                    # Not late but impossible: the sender stamps samples after they reach us. Every window
+                    # is refused alike, and the deadline count alone would not say why.
+                    self._ahead_reported = True
+                    events.append(Event(t_inf, EventKind.FAULT, self.source, {
+                        "what": "timestamps_ahead", "ahead_ms": -latency_s * 1e3,
+                        "reason": f"the stream's timestamps run {-latency_s * 1e3:.2f} ms ahead of this machine's "
+                                  "clock: its windows end after they are read, so none is acted upon (counted as "
+                                  "deadline misses). Check the sender's timestamps (a chunk's stamp is its last "
+                                  "sample's) or, for a sender on another machine, clock synchronisation"}))
                 # A stale window must neither confirm an onset nor be skipped as if it had not been
                 # there: the policy sees it as a hole in the evidence, like an invalid window.
                 self._submit(*loop.drive.on_invalid(w.window_end_t, DEADLINE_MISSED), w.window_end_t, t_inf, events)

@@ -163,3 +163,23 @@ def test_a_late_window_restarts_an_onset_not_yet_confirmed():
     assert starts[0].data["onset_t"] > max(late)
     assert starts[0].t >= max(late) + pol.min_duration_s
     assert [e.data["reason"] for e in _what(log, "onset_restarted")] == ["deadline missed"]
+
+
+def test_windows_ending_in_the_future_are_refused_and_reported_once_per_episode():
+    """A sender that stamps samples ahead of our clock: every window ends after its result, which the
+    deadline refuses (it is no latency); the loop says why once, until a window is on time again."""
+    step, feed, log = _stub_rig()
+    feed(0.0, 9.0, 0.1)
+    step.modeled_latency_s = -0.025                                  # results 25 ms before their window ends
+    feed(9.0, 12.0, 0.9)
+    ahead = [e for e in log if e.kind is EventKind.FAULT and e.data.get("what") == "timestamps_ahead"]
+    assert len(ahead) == 1 and ahead[0].data["ahead_ms"] == pytest.approx(25.0)
+    assert "25.00 ms ahead of this machine's clock" in ahead[0].data["reason"]
+    assert not _what(log, "detection_start")                         # p = 0.9 for 3 s, none acted upon
+    step.modeled_latency_s = 0.002
+    feed(12.0, 15.0, 0.9)
+    assert _what(log, "detection_start")
+    step.modeled_latency_s = -0.010
+    feed(15.0, 16.0, 0.1)
+    ahead = [e for e in log if e.kind is EventKind.FAULT and e.data.get("what") == "timestamps_ahead"]
+    assert [round(e.data["ahead_ms"]) for e in ahead] == [25, 10]
