@@ -31,6 +31,14 @@ class StreamIncompatible(SourceError):
     """
 
 
+#: Timestamp step (sample periods) above which samples count as lost, for sources whose samples carry
+#: their sender's timestamps (LSL, replay): half a period late is already a lost sample.
+GAP_FACTOR = 1.5
+#: The same for host-stamped sources (BrainFlow: its reader thread stamps with the wall clock): the
+#: synthetic board steps up to 2.25 periods without any loss (controller/sources/brainflow_source.py).
+HOST_STAMPED_GAP_FACTOR = 2.5
+
+
 @dataclass(frozen=True, slots=True)
 class SourceInfo:
     """What a source delivers. ``fs_hz = 0`` means an irregular rate. ``gap_factor``: the timestamp
@@ -45,7 +53,7 @@ class SourceInfo:
     channel_names: tuple[str, ...]
     units: tuple[str, ...]
     fs_hz: float
-    gap_factor: float = 1.5
+    gap_factor: float = GAP_FACTOR
 
     def to_dict(self) -> dict:
         return {"name": self.name, "type": self.type, "source_id": self.source_id,
@@ -107,14 +115,6 @@ class Source(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-#: Timestamp step (sample periods) above which samples count as lost, for sources whose samples carry
-#: their sender's timestamps (LSL, replay): half a period late is already a lost sample.
-GAP_FACTOR = 1.5
-#: The same for host-stamped sources (BrainFlow: its reader thread stamps with the wall clock): the
-#: synthetic board steps up to 2.25 periods without any loss (controller/sources/brainflow_source.py).
-HOST_STAMPED_GAP_FACTOR = 2.5
 
 
 def gap_factor_for(source_kind: str) -> float:
