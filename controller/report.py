@@ -80,7 +80,8 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
     ax_p.set_ylim(-0.05, 1.05)
     ax_p.set_ylabel("prediction")
     if preds:
-        ax_p.legend(loc="upper right", fontsize=8)
+        # p sits near 0 or near 1 most of the time: the middle of the panel hides the least of it.
+        ax_p.legend(loc="center right", fontsize=8, framealpha=0.7)
 
     cmds = trigger_commands(events)
     amps = [float((c.get("params") or {}).get("amplitude_ua", 0.0)) for c in cmds]
@@ -90,14 +91,18 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
         # Bursts of a second or more (tACS, tDCS, long trains) are drawn as their envelope, ramps
         # included: a line at the command alone hides that stimulation lasted, and the prediction
         # gap it blanks.
+        # A safe state (a fault, a stop, the session's end) stops a running burst: the envelope ends there.
+        stops = np.sort([e["t"] for e in events if e["kind"] == "safe_state"])
         first = True
         for c, amp in zip(cmds, amps):
             prm = c.get("params") or {}
             dur, ramp = _burst_envelope_s(prm)
             if dur >= 1.0:
-                t0 = float(c.get("start_t") or c["t"]) - t_ref
-                ax_stim.fill_between([t0, t0 + ramp, t0 + dur - ramp, t0 + dur], [0, amp, amp, 0], color="tab:green",
-                                     alpha=0.25, lw=0, label="burst envelope (ramps, duration)" if first else None)
+                start = float(c.get("start_t") or c["t"])
+                after = stops[stops > start]
+                xs, ys = envelope_points(start - t_ref, dur, ramp, amp, after[0] - t_ref if after.size else None)
+                ax_stim.fill_between(xs, ys, color="tab:green", alpha=0.25, lw=0,
+                                     label="burst envelope (ramps, duration)" if first else None)
                 first = False
     for kind, color in (("clamp", "gold"), ("refusal", "tab:purple"), ("fault", "tab:red")):
         xs = [e["t"] - t_ref for e in events if e["kind"] == kind]
@@ -119,7 +124,7 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
                       f"{len(cmds)} commands, {metrics.get('stim', {}).get('charge_uc', 0)} µC", fontsize=9)
     ax_stim.set_xlabel("time since first sample (s)")
     if cmds or any(e["kind"] in ("clamp", "refusal", "fault") for e in events):
-        ax_stim.legend(loc="upper right", fontsize=8)
+        ax_stim.legend(loc="best", fontsize=8, framealpha=0.7)
     ax_sig.set_xlim(left=0)
     for ax in (ax_p, ax_stim):  # one time axis for signal, prediction and stimulation
         ax.set_xlim(ax_sig.get_xlim())
@@ -279,6 +284,18 @@ def _burst_envelope_s(params: dict) -> tuple[float, float]:
     else:
         dur = float(params.get("duration_s") or 0.0)
     return dur, min(float(params.get("ramp_s") or 0.0), dur / 2)
+
+
+def envelope_points(start: float, dur: float, ramp: float, amp: float,
+                    stop_t: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The burst's amplitude envelope as polygon points: ramp up, hold, ramp down; cut to zero at
+    ``stop_t`` when a stop came before its end."""
+    xs = np.array([0.0, ramp, dur - ramp, dur]) + start
+    ys = np.array([0.0, amp, amp, 0.0])
+    if stop_t is not None and stop_t < start + dur:
+        keep = xs < stop_t
+        xs, ys = np.r_[xs[keep], stop_t, stop_t], np.r_[ys[keep], np.interp(stop_t, xs, ys), 0.0]
+    return xs, ys
 
 
 FAULT_ROWS = 4

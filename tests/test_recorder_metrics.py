@@ -183,3 +183,13 @@ def test_burst_envelope_of_pulsed_and_continuous_commands():
     assert _burst_envelope_s({"waveform": "sine", "duration_s": 30.0, "ramp_s": 10.0}) == (30.0, 10.0)
     assert _burst_envelope_s({"waveform": "dc", "duration_s": 4.0, "ramp_s": 10.0}) == (4.0, 2.0)   # ramps meet
     assert _burst_envelope_s({"waveform": "biphasic", "n_pulses": 1, "frequency_hz": 0.0}) == (0.0, 0.0)
+
+
+def test_a_burst_envelope_ends_at_the_stop_that_cut_it():
+    from controller.report import envelope_points
+    xs, ys = envelope_points(20.0, 30.0, 10.0, 1000.0)
+    assert list(xs) == [20.0, 30.0, 40.0, 50.0] and list(ys) == [0.0, 1000.0, 1000.0, 0.0]
+    xs, ys = envelope_points(20.0, 30.0, 10.0, 1000.0, stop_t=25.0)       # stopped half-way up the ramp
+    assert list(xs) == [20.0, 25.0, 25.0] and list(ys) == [0.0, 500.0, 0.0]
+    xs, ys = envelope_points(20.0, 30.0, 10.0, 1000.0, stop_t=60.0)       # a stop after the burst: no cut
+    assert list(xs) == [20.0, 30.0, 40.0, 50.0]
