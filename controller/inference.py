@@ -179,7 +179,12 @@ def read_contract(path: str | Path) -> ModelContract:
     """Read the contract from an ONNX file's metadata (no inference session needed)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:   # protobuf DecodeError and friends: say what the file is not
+        raise ContractError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     meta = {p.key: p.value for p in model.metadata_props}
     if CONTRACT_KEY not in meta:
         raise ContractError(f"{path}: no {CONTRACT_KEY!r} in metadata_props (keys: {sorted(meta)})")

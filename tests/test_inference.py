@@ -158,6 +158,15 @@ def test_contract_errors_stay_short_and_say_what_the_file_is():
     msg = str(e.value)
     assert "fs_hz: missing" in msg and "version: missing" in msg and "got" not in msg and len(msg) < 400
     assert "its kind is 'sleep_stager'" in msg
+
+
+def test_a_file_that_is_no_onnx_model_is_named_as_such(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"garbage, not a protobuf")
+    with pytest.raises(ContractError, match=r"model.onnx is not a readable ONNX model \(DecodeError"):
+        read_contract(bad)
+    with pytest.raises(FileNotFoundError):
+        read_contract(tmp_path / "missing.onnx")
     # a wrong value is still quoted, shortened
     with pytest.raises(ContractError, match=r"window_s: .*\(got 'yyyy.*…\)") as e:
         ModelContract.from_json(json.dumps({**json.loads(_contract().to_json()), "window_s": "y" * 5000}))
