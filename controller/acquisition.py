@@ -92,7 +92,7 @@ class RawRecorder:
     Small pieces keep the acquisition's pull loop moving: one second of 30 kHz × 32 channels
     (3.8 MB) written at once held it for 0.7–6.6 ms on the CI VM, and the chunks that arrived
     meanwhile reached the loop that much later; a 64 KiB write took 0.02 / 0.04 ms (p50 / p99),
-    at about the same cost per MB (docs/performance.md, "Spike-triggered path in a session").
+    at about the same cost per MB (docs/performance_log.md, "Spike-triggered path in a session").
 
     Reopening an existing recording with the same channel count appends to it,
     after trimming a torn tail so samples and timestamps stay aligned.

@@ -224,7 +224,7 @@ class Actuator:
         Spike-triggered commands come a few times a second; in between, the
         governor's and the encoder's code and data fall out of the caches and
         the first command after a pause paid 50–115 µs more than a warm one
-        (docs/performance.md, "Warm command path"). Called from the loop's idle
+        (docs/performance_log.md, "Warm command path"). Called from the loop's idle
         iterations, at most every ``warm_period_s`` (clock time), this runs
         ``SafetyGovernor.step`` on a *scratch* governor (same profile and
         capabilities, its own state and its own fake clock) with ``params``

@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                          "spike finds them in the CPU caches (default on)")
     ap.add_argument("--busy-poll", action="store_true",
                     help="wait for chunks by polling without sleeping: less latency, one CPU core spent "
-                         "(docs/performance.md, 'Busy polling')")
+                         "(docs/performance_log.md, 'Busy polling')")
     ap.add_argument("--nice", type=int, default=DEFAULT_NICE,
                     help=f"the controller's nice value (-20..19; default {DEFAULT_NICE}, as session.nice; below 0 "
                          "needs root or CAP_SYS_NICE, recorded in the JSON)")

@@ -39,7 +39,7 @@ class SessionConfig(_Section):
         "scheduling priority of the controller's processes (acquisition, loop): -20 highest .. 19; below 0 "
         "needs root or CAP_SYS_NICE, without it the session runs at its inherited priority and says so. "
         "The simulator keeps its own, and so does a busy-polling acquisition (source.busy_poll). "
-        "controller/low_latency.py, docs/performance.md 'Priority'"))] = DEFAULT_NICE
+        "controller/low_latency.py, docs/performance_log.md 'Priority'"))] = DEFAULT_NICE
 
 
 class SourceConfig(_Section):
@@ -52,7 +52,7 @@ class SourceConfig(_Section):
     stall_timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     busy_poll: bool = Field(False, description=(
         "wait for samples by polling without sleeping: less latency and jitter, one CPU core spent by the "
-        "acquisition process (docs/performance.md, 'Busy polling'); for a machine with a core to spare"))
+        "acquisition process (docs/performance_log.md, 'Busy polling'); for a machine with a core to spare"))
     board_id: int = Field(-1, description="BrainFlow board id (-1 = synthetic board)")
     board_params: dict[str, Any] = Field(default_factory=dict, description="BrainFlowInputParams fields")
 

@@ -249,7 +249,7 @@ class SzV1Pipeline(FeaturePipeline):
         powers, spectral edge. Logs are of µV² (+ a floor), before the baseline is subtracted.
 
         Channel-major float64 with preallocated scratch, and one product for all band sums: the
-        seizure loop's largest stage (docs/performance.md, "Late evening round")."""
+        seizure loop's largest stage (docs/performance_log.md, "Late evening round")."""
         n = x.shape[0]
         eps = 1e-6  # µV²: floor for flat (disconnected) channels so log stays finite
         nb = len(SZ_V1_BANDS_HZ)

@@ -19,7 +19,7 @@ spike → command p50 0.39–0.49 ms, p99 0.90–1.09 ms without; p50 0.30 ms, p
 Also here: what the host took. On a VM the hypervisor now and then runs something
 else on a vCPU that wanted to run (its *steal* time, ``steal_ms``); a session and
 every benchmark record how much over their span, so a tail can be told apart from
-one of the machine's own (docs/performance.md, "Where the last tails come from"),
+one of the machine's own (docs/performance_log.md, "Where the last tails come from"),
 and what each process used (``CpuMeter``). And ``freeze_gc``: start-up's objects kept out of
 Python's full garbage collections, which otherwise held a loop for ~40 ms about once a minute.
 """
@@ -50,7 +50,7 @@ def nice_for(nice: int | None, busy_poll: bool) -> int | None:
     it wakes. A busy-polling thread never sleeps; raised, it crowds out the other tasks of its core
     (under EEVDF its ``sched_yield`` gives way for a shorter time the heavier it is). Measured on the
     2-core VM, spike path p99 0.94 and 1.84 ms at nice -10 against 0.62 and 0.63 at 0
-    (docs/performance.md, "Priority"). So a busy-polling process keeps its inherited priority (``None``).
+    (docs/performance_log.md, "Priority"). So a busy-polling process keeps its inherited priority (``None``).
     """
     return None if busy_poll else nice
 

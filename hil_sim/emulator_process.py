@@ -4,7 +4,7 @@ In the simulator's process the emulator's reader thread would wait for the GIL
 while the patient's next block is produced (a 30 kHz × 32-channel block every
 1 ms for the spiking units), and its receipt stamp, the end of every latency the
 project measures, would include that wait: in an ADS session the device-receive
-stage reached 0.2–1.4 ms on the slowest commands (docs/performance.md, "The spike
+stage reached 0.2–1.4 ms on the slowest commands (docs/performance_log.md, "The spike
 fast path in a session"). :class:`EmulatorProcess` runs the
 :class:`hil_sim.emulator.StimulatorEmulator` on the pty master in a child process
 and keeps the emulator's interface for its owner: ``start``, ``stop``, the fault

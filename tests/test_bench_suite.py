@@ -437,7 +437,7 @@ def test_ratio_ci95_covers_the_true_ratio_and_narrows_with_more_samples():
 def test_ratio_ci95_resamples_rounds_so_a_noisy_round_is_not_called_a_difference():
     """Two identical programs, each round scaled by the machine's mood: the interval over rounds holds 1
     about 95 % of the time; treating every latency as independent (one value per "round") calls the
-    difference real about half the time, as the pooled bootstrap did on the peers (docs/performance.md)."""
+    difference real about half the time, as the pooled bootstrap did on the peers (docs/performance_log.md)."""
     holds_rounds = holds_values = 0
     n_runs = 40
     for seed in range(n_runs):

@@ -94,7 +94,7 @@ def test_bad_nice_values_are_refused():
 
 
 def test_a_busy_polling_process_keeps_its_priority():
-    """A spinner at a raised priority crowds out its core's other tasks (docs/performance.md, "Priority")."""
+    """A spinner at a raised priority crowds out its core's other tasks (docs/performance_log.md, "Priority")."""
     from controller.low_latency import nice_for
     assert nice_for(-10, busy_poll=False) == -10
     assert nice_for(-10, busy_poll=True) is None

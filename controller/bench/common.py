@@ -49,7 +49,7 @@ def ratio_ci95(a_rounds, b_rounds, q: float = 99.0, seed: int = 0,
     round. Resampling single values treats them as independent and gave a copy
     of the pylsl floor a p99 ratio to the floor of 0.31 with an interval of
     0.07–0.80, "a real difference" between two identical programs
-    (docs/performance.md, "Intervals over rounds"). So each resample draws the
+    (docs/performance_log.md, "Intervals over rounds"). So each resample draws the
     rounds with replacement, then the values within each drawn round: the
     interval holds the spread between rounds as well as the sampling of values.
 
@@ -171,7 +171,7 @@ def damon_kdamonds_running(root: str = "/sys/kernel/mm/damon/admin/kdamonds") ->
     A VM platform may run one to reclaim guest memory. On the CI VM it wakes every 0.5 s and
     runs ~1.2 ms (up to 4–7 ms) of kernel work that a thread waking on that CPU waits out: 0–3
     of ~10 stall episodes per traced 30 s run, 7 of 12 slow blocks in another
-    (docs/performance.md, "Where the last tails come from").
+    (docs/performance_log.md, "Where the last tails come from").
     """
     try:
         names = os.listdir(root)

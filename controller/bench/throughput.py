@@ -51,7 +51,7 @@ MAX_SWEEP_CHANNELS = 4096
 MIN_PUSHED_FRACTION = 0.99
 # How far the outlet may fall behind its own sample clock at any moment. Scheduling hiccups on this
 # 2-core VM put it up to 17 ms behind in throughput points on a noisy spell and up to 45 ms with a
-# busy-polling peer beside it (docs/performance.md); 100 ms (100 chunks of 1 ms) is beyond those and
+# busy-polling peer beside it (docs/performance_log.md); 100 ms (100 chunks of 1 ms) is beyond those and
 # is a stream that stopped being real time for a stretch: the reader's figures are then the
 # generator's, and the point does not count as "kept up".
 MAX_OUTLET_LAG_MS = 100.0

@@ -61,7 +61,7 @@ def pull_into(inlet: pylsl.StreamInlet, buf: np.ndarray, wait_s: float, busy_pol
     is one. Blocking (default): liblsl wakes this thread when a sample lands.
     ``busy_poll``: ask again and again without sleeping (yielding the core to
     any other runnable task between asks), which saves that wake-up and spends a
-    CPU core (docs/performance.md, "Busy polling").
+    CPU core (docs/performance_log.md, "Busy polling").
     """
     if not busy_poll:
         # min_samples=1: back with the first sample (without it liblsl waits for a full buffer)
@@ -96,7 +96,7 @@ class LslSource(Source):
       no hidden lag builds up (REFERENCE.md §1: pylsl's default is 360 s);
     - ``busy_poll``: wait for the first sample by polling the inlet without
       sleeping instead of blocking in liblsl. It saves the thread's wake-up
-      (0.02–0.1 ms at p50, 0.1–0.3 ms at p99 in the runs of docs/performance.md,
+      (0.02–0.1 ms at p50, 0.1–0.3 ms at p99 in the runs of docs/performance_log.md,
       "Busy polling") and costs a whole CPU core while it waits: for a machine
       with a core to spare;
     - timestamp steps above ``gap_factor / fs`` are reported as ``DROPPED`` events;

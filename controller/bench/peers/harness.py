@@ -68,7 +68,7 @@ PEER_DIR = Path(__file__).resolve().parent
 ROOT = PEER_DIR.parent.parent.parent
 TIMEFLUX_VENV_ENV = "STIMLOOP_TIMEFLUX_VENV"
 #: What the Timeflux venv gets: the versions the documented peer figures were measured with
-#: (docs/performance.md), so a fresh ``stimloop bench setup-timeflux`` measures the same Timeflux.
+#: (docs/performance_log.md), so a fresh ``stimloop bench setup-timeflux`` measures the same Timeflux.
 TIMEFLUX_PACKAGES = ("timeflux==0.17.2", "timeflux-dsp==0.3.4", "pylsl==1.16.2")
 STREAM = {"fs_hz": 1000.0, "n_channels": 8, "chunk_n": 1, "pulse_rate_hz": 10.0, "pulse_uv": 1000.0,
           "noise_uv": 10.0}
