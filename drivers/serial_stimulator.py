@@ -135,11 +135,21 @@ class SerialStimulator(Stimulator):
             except DeviceTimeout as e:
                 n_commands += 1
                 if self.clock() >= deadline:
-                    raise DeviceTimeout(
-                        f"HELLO: no reply from {self.port} within {self.connect_timeout_s} s of opening it "
-                        f"({n_commands * (1 + self.retries)} attempts, {self.timeout_s} s each): is the device "
-                        f"powered, on this port and speaking protocol v{P.PROTOCOL_VERSION} (drivers/PROTOCOL.md)? "
-                        "A device that needs longer to start needs a longer device.connect_timeout_s") from e
+                    tried = (f"within {self.connect_timeout_s} s of opening it ({n_commands * (1 + self.retries)} "
+                             f"attempts, {self.timeout_s} s each)")
+                    errors = self._decoder.errors
+                    if sum(errors.values()):
+                        # Bytes that never made a frame: something answers, in another language or at
+                        # another baud rate; silence is a device off, on another port, or still starting.
+                        why = (f"no valid reply from {self.port} {tried}, only bytes that are no protocol frames "
+                               f"({errors['garbage_bytes']} skipped, {errors['crc']} failed CRCs): is it a device "
+                               f"speaking protocol v{P.PROTOCOL_VERSION} (drivers/PROTOCOL.md), at "
+                               f"device.baudrate = {self.baudrate}?")
+                    else:
+                        why = (f"no reply from {self.port} {tried}: is the device powered, on this port and "
+                               f"speaking protocol v{P.PROTOCOL_VERSION} (drivers/PROTOCOL.md)?")
+                    raise DeviceTimeout(f"HELLO: {why} A device that needs longer to start needs a longer "
+                                        "device.connect_timeout_s") from e
 
     def close(self) -> None:
         ser, self._ser, self._fd = self._ser, None, -1

@@ -241,6 +241,37 @@ def test_no_device_on_port_times_out_on_hello():
         close_pty(master_fd)
 
 
+def test_a_port_that_answers_in_garbage_is_told_apart_from_a_silent_one():
+    """Something on the port answers every HELLO with bytes that are no frames (another protocol, a
+    wrong baud rate): the error says so and names the baud rate, instead of "no reply"."""
+    import threading
+
+    master_fd, slave = open_pty_pair()
+    stop = threading.Event()
+
+    def babble():   # answers whatever it reads with text, as a device with a shell on its port would
+        while not stop.is_set():
+            try:
+                if os.read(master_fd, 256):
+                    os.write(master_fd, b"ERR unknown command\r\n> ")
+            except (BlockingIOError, OSError):
+                time.sleep(0.005)
+
+    t = threading.Thread(target=babble, daemon=True)
+    t.start()
+    try:
+        stim = SerialStimulator(slave, timeout_s=0.02, retries=1, connect_timeout_s=0.2)
+        with pytest.raises(DeviceTimeout, match=r"HELLO: no valid reply .* only bytes that are no protocol frames "
+                                                r"\((\d+) skipped") as e:
+            stim.open()
+        assert int(e.value.args[0].split("frames (")[1].split()[0]) > 0
+        assert "device.baudrate = 1000000" in str(e.value) and not stim.is_open
+    finally:
+        stop.set()
+        t.join(1.0)
+        close_pty(master_fd)
+
+
 def test_device_that_answers_late_is_found_within_connect_timeout(tmp_path):
     """A device still starting when the port opens (silent, then answering) is connected, not refused."""
     import threading
