@@ -67,6 +67,8 @@ def segment_tree(tmp_path):
     bad[500:520] = np.nan
     np.savetxt(root / "S" / "nan.txt", bad)
     (root / "README.md").write_text("not a class folder, not a segment")
+    (root / ".ipynb_checkpoints").mkdir()                                 # a hidden folder is no class
+    np.save(root / ".ipynb_checkpoints" / "x.npy", _delhi("ictal", 7))
     return root
 
 

@@ -223,7 +223,7 @@ def load_segments(root: str | Path) -> list[tuple[str, str, np.ndarray]]:
     if not root.is_dir():
         raise RecordingError(f"segments folder {root} does not exist")
     out = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):   # not .git & co
         for f in sorted(p for p in d.iterdir() if p.suffix.lower() in SEGMENT_SUFFIXES):
             out.append((d.name, f.name, read_segment(f, variable=d.name)))
     if not out:
