@@ -455,8 +455,8 @@ def compute_metrics(session_dir: Path) -> dict:
                     "reason": e.get("reason", "")} for e in by_kind.get("fault", [])
                    if not str(e.get("reason", "")).startswith("emergency_stop")],
         "final_stop": final_stop(by_kind.get("safe_state", [])),
-        "operator_stops": [{"t": e["t"], "reason": e.get("reason", "")} for e in by_kind.get("fault", [])
-                           if str(e.get("reason", "")).startswith("emergency_stop")],
+        "operator_stops": [{"t": e["t"], "after_start_s": since_start(e["t"]), "reason": e.get("reason", "")}
+                           for e in by_kind.get("fault", []) if str(e.get("reason", "")).startswith("emergency_stop")],
         "detection": detection,
         "stim": {
             "commands": len(commands),

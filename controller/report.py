@@ -372,6 +372,12 @@ def summary_table(metrics: dict) -> Table:
     t.add_row("faults", str(len(faults)))
     for row in fault_rows(faults):
         t.add_row(*row)
+    stops = metrics.get("operator_stops") or []
+    if stops:   # a pause or an emergency stop explains stimulation that did not come
+        first = stops[0]
+        at = f"at {first['after_start_s']:.1f} s: " if first.get("after_start_s") is not None else ""
+        t.add_row("operator stops", f"{len(stops)} (first {at}"
+                  + escape(str(first.get("reason", "")).removeprefix("emergency_stop: ")) + ")")
     stop = metrics.get("final_stop")
     if stop is not None:
         t.add_row("stimulation off at the end",

@@ -119,7 +119,8 @@ def test_summary_lists_distinct_faults_in_session_time_and_the_final_stop():
               {"kind": "safe_state", "reason": "actuator closed", "stop_ok": False,
                "stop_errors": ["port not open: STOP not sent", "port not open: STOP not sent"]}]
     metrics = {"end_to_end_ms": {"n": 0}, "stage_ms": {}, "stim": {}, "deadline_misses": 0, "dropped_samples": 0,
-               "faults": faults, "final_stop": final_stop(closed)}
+               "faults": faults, "final_stop": final_stop(closed),
+               "operator_stops": [{"t": 90.0, "after_start_s": 7.04, "reason": "emergency_stop: paused by the operator"}]}
     con = Console(record=True, width=200)
     con.print(summary_table(metrics))
     text = con.export_text()
@@ -128,6 +129,7 @@ def test_summary_lists_distinct_faults_in_session_time_and_the_final_stop():
     assert text.count("no data") == 1                      # the governor's repeat is left out
     assert "2 more: events.jsonl" in text and FAULT_ROWS == 4   # 6 distinct reasons, 4 shown
     assert "NOT confirmed by the device" in text
+    assert "1 (first at 7.0 s: paused by the operator)" in text   # why stimulation did not come
     assert final_stop(closed[:1]) is None                  # the actuator never closed
     assert final_stop([{"reason": "actuator closed", "stop_ok": True, "stop_errors": []}]) == \
         {"confirmed": True, "errors": []}
