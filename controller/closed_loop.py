@@ -127,6 +127,7 @@ BAD_DATA_REASON = "bad samples in the stream"
 STALE_REASON = "no data from the source"
 DRIVER_FAULT = "driver error"  # prefix of the actuator's latch reasons for device failures
 DEADLINE_MISSED = "deadline missed"  # why a late window is not acted upon (PolicyDrive.on_invalid)
+AHEAD_REASON = "stream timestamps ahead of this clock"   # latched until a window is on time again
 
 
 class ChunkStep:
@@ -162,7 +163,7 @@ class ChunkStep:
         self.heartbeat_s, self.reconnect_s = heartbeat_s, reconnect_s
         self.blanking_s = blanking_s
         self._next_hb = self._next_reconnect = clock()
-        self._ahead_reported = False   # a window that ended in the future was reported (once until on time again)
+        self._ahead_reported = False   # a window ended in the future: reported and latched until one is on time
 
     def housekeeping(self) -> list[Event]:
         """Heartbeat the device when due; after a device fault, try to reconnect once per ``reconnect_s``."""
@@ -226,8 +227,10 @@ class ChunkStep:
                 t_inf = clock()
                 c_inf = cpu() if cpu is not None else None
             on_time = loop.deadline.check(w.window_end_t, t_inf)
-            if on_time:
+            if on_time and self._ahead_reported:
                 self._ahead_reported = False
+                if AHEAD_REASON in actuator.governor.latch_reasons:
+                    events.extend(actuator.reset(AHEAD_REASON))
             pred = {"window_end_t": w.window_end_t, "p": p, "valid": w.valid, "threshold": loop.threshold,
                     **({} if w.valid else {"invalid": w.invalid})}
             if not modeled:
@@ -249,6 +252,8 @@ class ChunkStep:
                                   "clock: its windows end after they are read, so none is acted upon (counted as "
                                   "deadline misses). Check the sender's timestamps (a chunk's stamp is its last "
                                   "sample's) or, for a sender on another machine, clock synchronisation"}))
+                    # Timing from these stamps means nothing (a spike's delay, a schedule): stimulation off.
+                    events.extend(actuator.fault(AHEAD_REASON))
                 # A stale window must neither confirm an onset nor be skipped as if it had not been
                 # there: the policy sees it as a hole in the evidence, like an invalid window.
                 self._submit(*loop.drive.on_invalid(w.window_end_t, DEADLINE_MISSED), w.window_end_t, t_inf, events)

@@ -176,9 +176,13 @@ def test_windows_ending_in_the_future_are_refused_and_reported_once_per_episode(
     assert len(ahead) == 1 and ahead[0].data["ahead_ms"] == pytest.approx(25.0)
     assert "25.00 ms ahead of this machine's clock" in ahead[0].data["reason"]
     assert not _what(log, "detection_start")                         # p = 0.9 for 3 s, none acted upon
+    safe = [e for e in log if e.kind is EventKind.SAFE_STATE]
+    assert [e.data["reason"] for e in safe] == ["stream timestamps ahead of this clock"]   # stimulation off
     step.modeled_latency_s = 0.002
     feed(12.0, 15.0, 0.9)
     assert _what(log, "detection_start")
+    assert not step.actuator.governor.latch_reasons                  # released by the first on-time window
+    assert _what(log, "detection_start")[0].t > safe[0].t
     step.modeled_latency_s = -0.010
     feed(15.0, 16.0, 0.1)
     ahead = [e for e in log if e.kind is EventKind.FAULT and e.data.get("what") == "timestamps_ahead"]
