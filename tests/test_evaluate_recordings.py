@@ -81,6 +81,39 @@ def test_edf_plus_annotations_and_units(tmp_path):
     assert any("temp" in note for note in rec.notes)
 
 
+def test_seizures_from_a_csv_beside_a_recording_that_has_none(tmp_path, sim_recording):
+    """CHB-MIT-style: the EDF carries no annotations, its seizures sit in a table. ``rec.seizures.csv``
+    beside ``rec.edf`` gives them (header and comments allowed), to the loader, so to ``stimloop
+    evaluate`` and ``train --recording`` alike; the CLI then scores the held-out patient's seizures."""
+    import edfio
+    import subprocess
+    import sys
+
+    x, sz = sim_recording
+    path = tmp_path / "chb.edf"
+    edfio.Edf([edfio.EdfSignal(x[:, k].astype(np.float64), 512.0, label=f"EEG {k}", physical_dimension="uV")
+               for k in range(x.shape[1])]).write(path)
+    assert load_recording(path).seizures is None                        # no annotations in the file
+    side = tmp_path / "chb.seizures.csv"
+    side.write_text("onset_s,offset_s\n# from the summary file\n" + "".join(f"{a},{b}\n" for a, b in sz))
+    rec = load_recording(path)
+    assert np.allclose(rec.seizures, sz, atol=1e-6) and any("chb.seizures.csv" in n for n in rec.notes)
+    out = tmp_path / "ev.json"
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "evaluate", str(path), "--json", str(out),
+                        "--no-windows"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    event = json.loads(out.read_text())["recordings"][0]["metrics"]["event"]
+    assert event["n_seizures"] == 2 and event["n_detected"] == 2   # held-out patient 110: both found
+    side.write_text("")                                                  # annotated: no seizure
+    assert load_recording(path).seizures == []
+    side.write_text("onset_s,offset_s\n10,20\n30 to 40\n")
+    with pytest.raises(RecordingError, match=r"chb.seizures.csv, line 3: '30 to 40' is not 'onset_s,offset_s'"):
+        load_recording(path)
+    side.write_text("10,20\n99999,100000\n")
+    with pytest.raises(RecordingError, match="after the end of the recording"):
+        load_recording(path)
+
+
 def test_evaluate_sim_recording_with_nan_run_and_json(tmp_path, sim_recording):
     x, sz = sim_recording
     x = x.copy()

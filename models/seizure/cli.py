@@ -44,7 +44,8 @@ def seizure(
         help="put identical Delhi segments (4 pairs) in one CV group; off reproduces the shipped model "
              "(MODEL_CARD.md, Audits)"),
     recording: Optional[List[Path]] = typer.Option(None, "--recording", "-r",
-                                                   help="annotated EDF/EDF+ or .npz recording (repeatable)"),
+                                                   help="annotated EDF/EDF+ or .npz recording (repeatable; seizures from the file "
+                                                        "or a REC.seizures.csv beside it)"),
     max_fa_per_24h: float = typer.Option(1.0, help="out-of-fold background false alarms per 24 h allowed when "
                                                     "choosing the operating point"),
     min_durations: str = typer.Option("0.25,0.5,0.75,1.0,1.25,1.5",
@@ -154,7 +155,7 @@ def _segments_table(r: dict, model_name: str) -> Table:
 
 
 def evaluate(
-    recordings: Optional[List[Path]] = typer.Argument(None, help="EDF/EDF+ or .npz recordings"),
+    recordings: Optional[List[Path]] = typer.Argument(None, help="EDF/EDF+ or .npz recordings (seizures from the file or a REC.seizures.csv beside it: onset_s,offset_s rows)"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="stimloop ONNX model (default: shipped)"),
     sim_patients: Optional[str] = typer.Option(None, help="evaluate on simulated cohort patients, e.g. 100-119"),
     sim_hours: float = typer.Option(2.0, help="simulated hours in total, split evenly over --sim-patients"),

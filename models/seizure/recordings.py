@@ -7,6 +7,8 @@ annotations at all (then "no seizure" is unknown, not zero).
 
 * ``.npz``: ``data`` (channels × samples), ``fs`` (Hz), optional ``onsets`` and
   ``offsets`` (s, same length), optional ``channel_names``.
+* Either, with a ``rec.seizures.csv`` beside ``rec.edf`` / ``rec.npz``: its
+  ``onset_s,offset_s`` rows are the seizures (``seizures_sidecar``).
 * EDF/EDF+ (``edfio``): the signals at the most common rate are used (others,
   e.g. annotations or slow channels, are skipped and listed in ``notes``);
   physical units mV/V are converted to µV. A seizure is an annotation whose
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["Recording", "RecordingError", "load_recording", "load_npz", "load_edf", "load_delhi", "default_delhi_dir",
-           "load_segments", "read_segment", "SEIZURE_PATTERN", "DELHI_FS_HZ"]
+           "load_segments", "read_segment", "seizures_sidecar", "read_seizures_csv", "SEIZURE_PATTERN", "DELHI_FS_HZ"]
 
 SEIZURE_PATTERN = re.compile(r"\b(seizure|sz|ictal|electrographic)\b", re.IGNORECASE)
 _END_PATTERN = re.compile(r"\b(end|offset|stop)\b", re.IGNORECASE)
@@ -157,17 +159,57 @@ def load_edf(path: str | Path) -> Recording:
     return Recording(str(path), x, fs, seizures, [s.label for s in use], notes)
 
 
+def seizures_sidecar(path: str | Path) -> Path:
+    """``rec.edf`` → ``rec.seizures.csv``: the seizures of a recording whose file holds none (CHB-MIT
+    keeps them in a summary text, many exports in a spreadsheet)."""
+    path = Path(path)
+    return path.with_name(path.stem + ".seizures.csv")
+
+
+def read_seizures_csv(path: str | Path, duration_s: float) -> list[tuple[float, float]]:
+    """``onset_s,offset_s`` per line (seconds from the recording's first sample); a header line, blank
+    lines and ``#`` comments are skipped; a file with no rows means "annotated: no seizure"."""
+    path = Path(path)
+    onsets, offsets = [], []
+    for k, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        cells = [c.strip() for c in line.replace(";", ",").split(",")]
+        try:
+            if len(cells) != 2:
+                raise ValueError
+            a, b = float(cells[0]), float(cells[1])
+        except ValueError:
+            if k == 1 and onsets == []:   # a header: onset_s,offset_s
+                continue
+            raise RecordingError(f"{path}, line {k}: {line!r} is not 'onset_s,offset_s' (two numbers, seconds "
+                                 "from the recording's first sample)") from None
+        onsets.append(a)
+        offsets.append(b)
+    return _check_seizures(path, onsets, offsets, duration_s)
+
+
 def load_recording(path: str | Path) -> Recording:
-    """Dispatch on the suffix: ``.npz`` or ``.edf``/``.bdf``-less EDF/EDF+."""
+    """Dispatch on the suffix: ``.npz`` or ``.edf``/``.bdf``-less EDF/EDF+. A ``rec.seizures.csv``
+    beside the file (``seizures_sidecar``) gives its seizures, in place of any the file carries."""
     path = Path(path)
     if not path.is_file():
         raise RecordingError(f"recording {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return load_npz(path)
-    if suffix in (".edf", ".edf+"):
-        return load_edf(path)
-    raise RecordingError(f"recording {path}: unsupported file type {suffix!r}, expected .edf (EDF/EDF+) or .npz")
+        rec = load_npz(path)
+    elif suffix in (".edf", ".edf+"):
+        rec = load_edf(path)
+    else:
+        raise RecordingError(f"recording {path}: unsupported file type {suffix!r}, expected .edf (EDF/EDF+) or .npz")
+    side = seizures_sidecar(path)
+    if side.is_file():
+        if rec.seizures:
+            rec.notes.append(f"{len(rec.seizures)} seizure(s) annotated in the file replaced by {side.name}")
+        rec.seizures = read_seizures_csv(side, rec.duration_s)
+        rec.notes.append(f"seizures from {side.name}: {len(rec.seizures)}")
+    return rec
 
 
 def default_delhi_dir(repo: Path | None = None) -> Path:
