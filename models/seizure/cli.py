@@ -155,7 +155,9 @@ def _segments_table(r: dict, model_name: str) -> Table:
 
 
 def evaluate(
-    recordings: Optional[List[Path]] = typer.Argument(None, help="EDF/EDF+ or .npz recordings (seizures from the file or a REC.seizures.csv beside it: onset_s,offset_s rows)"),
+    recordings: Optional[List[Path]] = typer.Argument(
+        None, help="EDF/EDF+ or .npz recordings (seizures from the file or a REC.seizures.csv beside it: "
+                   "onset_s,offset_s rows)"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="stimloop ONNX model (default: shipped)"),
     sim_patients: Optional[str] = typer.Option(None, help="evaluate on simulated cohort patients, e.g. 100-119"),
     sim_hours: float = typer.Option(2.0, help="simulated hours in total, split evenly over --sim-patients"),
