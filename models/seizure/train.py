@@ -449,7 +449,8 @@ def train_model(cfg: TrainConfig, progress: Callable[[str], None] | None = None)
     e = cv["simulated_event"]
     say(f"  simulated, out of fold: {e['n_detected']}/{e['n_seizures']} seizures, {e['background_false_alarms']} "
         f"background false alarms in {e['background_h']:.1f} h ({e['false_alarms']} SzCORE false alarms in "
-        f"{e['evaluated_h']:.1f} h), median latency {e['median_latency_s']}")
+        f"{e['evaluated_h']:.1f} h), median latency "
+        + ("– (none detected)" if e["median_latency_s"] is None else f"{e['median_latency_s']:.2f} s"))
     if delhi is not None:
         d = cv["delhi_window"]
         say(f"  Delhi windows, out of fold: sensitivity {d['recall']:.3f}, specificity {d['specificity']:.3f}")
