@@ -425,9 +425,10 @@ def train_model(cfg: TrainConfig, progress: Callable[[str], None] | None = None)
         cv["delhi_window_by_threshold"] = [{"threshold": t, "sensitivity": s["recall"], "specificity": s["specificity"]}
                                            for t, s in delhi_by_thr.items()]
 
-        def delhi_ok(thr: float) -> bool:
+        def delhi_targets_met(thr: float) -> bool:
             s = delhi_by_thr[thr]
             return (s["recall"] or 0) >= 0.9 and (s["specificity"] or 0) >= 0.9
+        delhi_ok = delhi_targets_met
     say(f"choosing (threshold, min_duration_s) out of fold on {len(cfg.thresholds)} x {len(cfg.min_durations_s)} points ...")
     chosen, rule, grid = choose_operating_point(
         oof[sim], ds["t_end"], ds["recording"], ds["seizures"], durations, cfg.thresholds, cfg.min_durations_s,
