@@ -127,7 +127,11 @@ BAD_DATA_REASON = "bad samples in the stream"
 STALE_REASON = "no data from the source"
 DRIVER_FAULT = "driver error"  # prefix of the actuator's latch reasons for device failures
 DEADLINE_MISSED = "deadline missed"  # why a late window is not acted upon (PolicyDrive.on_invalid)
-AHEAD_REASON = "stream timestamps ahead of this clock"   # latched until a window is on time again
+AHEAD_REASON = "stream timestamps ahead of this clock"   # latched until a chunk's stamps are behind us again
+#: How far a chunk's newest stamp may lie after its read before it counts as ahead: LSL's clock-offset
+#: estimate for a sender on another machine is good to well under this, and a fast read of a local
+#: stream comes tens of µs after its last sample.
+AHEAD_TOLERANCE_S = 0.001
 
 
 class ChunkStep:
@@ -163,7 +167,7 @@ class ChunkStep:
         self.heartbeat_s, self.reconnect_s = heartbeat_s, reconnect_s
         self.blanking_s = blanking_s
         self._next_hb = self._next_reconnect = clock()
-        self._ahead_reported = False   # a window ended in the future: reported and latched until one is on time
+        self._ahead_reported = False   # a chunk was stamped ahead of the clock: reported, latched (_check_stamps)
 
     def housekeeping(self) -> list[Event]:
         """Heartbeat the device when due; after a device fault, try to reconnect once per ``reconnect_s``."""
@@ -196,6 +200,26 @@ class ChunkStep:
         self.actuator.warm()
         return []
 
+    def _check_stamps(self, ahead_s: float, now: float, events: list[Event]) -> None:
+        """A chunk whose newest sample is stamped after we read it: impossible on one clock. Reported
+        once per episode and latched (stimulation off) until a chunk's stamps are behind us again:
+        every window would end in the future (refused by the deadline), and a spike's delay or a
+        schedule taken from such stamps means nothing."""
+        if ahead_s > AHEAD_TOLERANCE_S and not self._ahead_reported:
+            self._ahead_reported = True
+            events.append(Event(now, EventKind.FAULT, self.source, {
+                "what": "timestamps_ahead", "ahead_ms": ahead_s * 1e3,
+                "reason": f"the stream's timestamps run {ahead_s * 1e3:.2f} ms ahead of this machine's clock: "
+                          "its samples are stamped after they are read, so no window is acted upon (counted as "
+                          "deadline misses). Check the sender's timestamps (a chunk's stamp is its last sample's) "
+                          "or, for a sender on another machine, clock synchronisation"}))
+            events.extend(self.actuator.fault(AHEAD_REASON))
+        elif ahead_s <= 0 and self._ahead_reported:
+            self._ahead_reported = False
+            events.append(Event(now, EventKind.STATUS, self.source, {"what": "timestamps_consistent"}))
+            if AHEAD_REASON in self.actuator.governor.latch_reasons:
+                events.extend(self.actuator.reset(AHEAD_REASON))
+
     def step(self, samples: np.ndarray, timestamps: np.ndarray) -> list[Event]:
         loop, actuator, clock = self.loop, self.actuator, self.clock
         modeled = self.modeled_latency_s is not None
@@ -209,6 +233,8 @@ class ChunkStep:
             events.append(Event(t_read, EventKind.STATUS, self.source, {"what": "stream_resumed"}))
             if STALE_REASON in actuator.governor.latch_reasons:
                 events.extend(actuator.reset(STALE_REASON))
+        if timestamps.size:
+            self._check_stamps(float(timestamps[-1]) - t_read, t_read, events)
         was_bad = loop.bad_data
         windows = loop.windows(samples, timestamps, events)
         if loop.bad_data and not was_bad:
@@ -227,10 +253,6 @@ class ChunkStep:
                 t_inf = clock()
                 c_inf = cpu() if cpu is not None else None
             on_time = loop.deadline.check(w.window_end_t, t_inf)
-            if on_time and self._ahead_reported:
-                self._ahead_reported = False
-                if AHEAD_REASON in actuator.governor.latch_reasons:
-                    events.extend(actuator.reset(AHEAD_REASON))
             pred = {"window_end_t": w.window_end_t, "p": p, "valid": w.valid, "threshold": loop.threshold,
                     **({} if w.valid else {"invalid": w.invalid})}
             if not modeled:
@@ -239,21 +261,8 @@ class ChunkStep:
                     pred.update(cpu_read=c_read, cpu_features=c_feat, cpu_inference=c_inf)
             events.append(Event(t_inf, EventKind.PREDICTION, self.source, pred))
             if not on_time:
-                latency_s = t_inf - w.window_end_t
                 events.append(Event(t_inf, EventKind.DEADLINE_MISS, self.source,
-                                    {"window_end_t": w.window_end_t, "latency_s": latency_s}))
-                if latency_s < 0 and not self._ahead_reported:
-                    # Not late but impossible: the sender stamps samples after they reach us. Every window
-                    # is refused alike, and the deadline count alone would not say why.
-                    self._ahead_reported = True
-                    events.append(Event(t_inf, EventKind.FAULT, self.source, {
-                        "what": "timestamps_ahead", "ahead_ms": -latency_s * 1e3,
-                        "reason": f"the stream's timestamps run {-latency_s * 1e3:.2f} ms ahead of this machine's "
-                                  "clock: its windows end after they are read, so none is acted upon (counted as "
-                                  "deadline misses). Check the sender's timestamps (a chunk's stamp is its last "
-                                  "sample's) or, for a sender on another machine, clock synchronisation"}))
-                    # Timing from these stamps means nothing (a spike's delay, a schedule): stimulation off.
-                    events.extend(actuator.fault(AHEAD_REASON))
+                                    {"window_end_t": w.window_end_t, "latency_s": t_inf - w.window_end_t}))
                 # A stale window must neither confirm an onset nor be skipped as if it had not been
                 # there: the policy sees it as a hole in the evidence, like an invalid window.
                 self._submit(*loop.drive.on_invalid(w.window_end_t, DEADLINE_MISSED), w.window_end_t, t_inf, events)

@@ -77,14 +77,15 @@ def _stub_rig(**policy):
     rng = np.random.default_rng(0)
     log = []
 
-    def feed(t0: float, t1: float, p: float, nan: bool = False) -> None:
+    def feed(t0: float, t1: float, p: float, nan: bool = False, ahead_s: float = 0.0) -> None:
+        """Chunks of 16 samples, each read when its last sample is stamped (``ahead_s`` before it)."""
         stub.p = p
         for a in range(int(t0 * FS), int(t1 * FS), 16):
             b = min(a + 16, int(t1 * FS))
             x = rng.normal(0, 20, (b - a, N_CH)).astype(np.float32)
             if nan:
                 x[:] = np.nan
-            clock.advance_to((b - 1) / FS)
+            clock.advance_to((b - 1) / FS - ahead_s)
             log.extend(step.housekeeping())
             log.extend(step.step(x, np.arange(a, b) / FS))
 
@@ -165,25 +166,28 @@ def test_a_late_window_restarts_an_onset_not_yet_confirmed():
     assert [e.data["reason"] for e in _what(log, "onset_restarted")] == ["deadline missed"]
 
 
-def test_windows_ending_in_the_future_are_refused_and_reported_once_per_episode():
-    """A sender that stamps samples ahead of our clock: every window ends after its result, which the
-    deadline refuses (it is no latency); the loop says why once, until a window is on time again."""
+def test_a_stream_stamped_ahead_of_the_clock_is_a_fault_until_its_stamps_are_behind_us_again():
+    """A sender that stamps samples 25 ms after we read them: reported once per episode (FAULT
+    timestamps_ahead) and latched, stimulation off; every window ends in the future and is refused by
+    the deadline. Once chunks are stamped in the past again, the latch is released and the loop acts."""
+    from controller.closed_loop import AHEAD_TOLERANCE_S
+
     step, feed, log = _stub_rig()
     feed(0.0, 9.0, 0.1)
-    step.modeled_latency_s = -0.025                                  # results 25 ms before their window ends
-    feed(9.0, 12.0, 0.9)
+    step.modeled_latency_s = -0.025                                  # results, as reads, 25 ms before the stamps
+    feed(9.0, 12.0, 0.9, ahead_s=0.025)
     ahead = [e for e in log if e.kind is EventKind.FAULT and e.data.get("what") == "timestamps_ahead"]
     assert len(ahead) == 1 and ahead[0].data["ahead_ms"] == pytest.approx(25.0)
     assert "25.00 ms ahead of this machine's clock" in ahead[0].data["reason"]
-    assert not _what(log, "detection_start")                         # p = 0.9 for 3 s, none acted upon
     safe = [e for e in log if e.kind is EventKind.SAFE_STATE]
     assert [e.data["reason"] for e in safe] == ["stream timestamps ahead of this clock"]   # stimulation off
+    assert not _what(log, "detection_start")                         # p = 0.9 for 3 s, none acted upon
+    assert all(e.data["latency_s"] < 0 for e in log if e.kind is EventKind.DEADLINE_MISS)
     step.modeled_latency_s = 0.002
     feed(12.0, 15.0, 0.9)
-    assert _what(log, "detection_start")
-    assert not step.actuator.governor.latch_reasons                  # released by the first on-time window
-    assert _what(log, "detection_start")[0].t > safe[0].t
-    step.modeled_latency_s = -0.010
-    feed(15.0, 16.0, 0.1)
+    assert _what(log, "timestamps_consistent") and not step.actuator.governor.latch_reasons
+    assert _what(log, "detection_start") and _what(log, "detection_start")[0].t > safe[0].t
+    feed(15.0, 16.0, 0.1, ahead_s=AHEAD_TOLERANCE_S / 2)             # within the tolerance: nothing
+    feed(16.0, 17.0, 0.1, ahead_s=0.010)
     ahead = [e for e in log if e.kind is EventKind.FAULT and e.data.get("what") == "timestamps_ahead"]
     assert [round(e.data["ahead_ms"]) for e in ahead] == [25, 10]
