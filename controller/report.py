@@ -277,13 +277,11 @@ def _num(v, digits: int = 3) -> str:
 
 
 def _burst_envelope_s(params: dict) -> tuple[float, float]:
-    """A command's burst duration and ramp (s) from its params (``StimParams.burst_duration_s``)."""
-    if params.get("waveform", "biphasic") in ("biphasic", "monophasic"):
-        f = float(params.get("frequency_hz") or 0.0)
-        dur = float(params.get("n_pulses", 1)) / f if f > 0 else 0.0
-    else:
-        dur = float(params.get("duration_s") or 0.0)
-    return dur, min(float(params.get("ramp_s") or 0.0), dur / 2)
+    """A command's burst duration and ramp (s), from the params its COMMAND event recorded."""
+    from drivers.params import StimParams
+
+    p = StimParams.from_dict(params)
+    return p.burst_duration_s, min(p.ramp_s, p.burst_duration_s / 2)
 
 
 def envelope_points(start: float, dur: float, ramp: float, amp: float,

@@ -2,8 +2,9 @@
 
 A few neural-mass sources (source 0 is the epileptogenic focus) are mixed into
 ``n_channels`` electrodes, with 1/f background noise, line noise and sensor
-noise on top (and, when ``alpha_uv`` is set, a narrowband alpha-like rhythm). Seizures (spontaneous, Poisson with a refractory interval, or
-scheduled) move the focus, and partly its neighbours, along a path of Wendling
+noise on top (and, when ``alpha_uv`` is set, a narrowband alpha-like rhythm).
+Seizures (spontaneous, Poisson with a refractory interval, or scheduled) move
+the focus, and partly its neighbours, along a path of Wendling
 parameters (REFERENCE.md §6): background (B=50, G=15) → low-voltage fast onset
 (B=5, G=25, 10–20 Hz) → rhythmic spike-wave (B=25, 3–6 Hz) → background.
 Stimulation bursts write artifacts into the signal and may end a seizure with

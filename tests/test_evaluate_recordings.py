@@ -95,7 +95,7 @@ def test_seizures_from_a_csv_beside_a_recording_that_has_none(tmp_path, sim_reco
                for k in range(x.shape[1])]).write(path)
     assert load_recording(path).seizures is None                        # no annotations in the file
     side = tmp_path / "chb.seizures.csv"
-    side.write_text("onset_s,offset_s\n# from the summary file\n" + "".join(f"{a},{b}\n" for a, b in sz))
+    side.write_text("# from the summary file\nonset_s,offset_s\n" + "".join(f"{a},{b}\n" for a, b in sz))
     rec = load_recording(path)
     assert np.allclose(rec.seizures, sz, atol=1e-6) and any("chb.seizures.csv" in n for n in rec.notes)
     out = tmp_path / "ev.json"

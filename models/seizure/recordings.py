@@ -170,7 +170,7 @@ def read_seizures_csv(path: str | Path, duration_s: float) -> list[tuple[float, 
     """``onset_s,offset_s`` per line (seconds from the recording's first sample); a header line, blank
     lines and ``#`` comments are skipped; a file with no rows means "annotated: no seizure"."""
     path = Path(path)
-    onsets, offsets = [], []
+    onsets, offsets, header_seen = [], [], False
     for k, line in enumerate(path.read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -181,7 +181,8 @@ def read_seizures_csv(path: str | Path, duration_s: float) -> list[tuple[float, 
                 raise ValueError
             a, b = float(cells[0]), float(cells[1])
         except ValueError:
-            if k == 1 and onsets == []:   # a header: onset_s,offset_s
+            if not onsets and not header_seen:   # a header (onset_s,offset_s), after comments if any
+                header_seen = True
                 continue
             raise RecordingError(f"{path}, line {k}: {line!r} is not 'onset_s,offset_s' (two numbers, seconds "
                                  "from the recording's first sample)") from None
