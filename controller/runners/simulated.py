@@ -68,10 +68,8 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
         "python": sys.version, "platform": platform.platform(), "runner": "simulated",
         "clock": "virtual (patient time, s)",
     })
-    spec = {"fs_hz": sim.fs_hz, "n_channels": sim.n_channels, "patient": sim.patient, "seed": cfg.session.seed,
-            "seizure_onsets_s": sim.seizure_onsets_s, "spontaneous_seizures": sim.spontaneous_seizures,
-            "seizure_rate_per_hour": sim.seizure_rate_per_hour, "alpha_uv": sim.alpha_uv, "alpha_hz": sim.alpha_hz}
-    patient = make_patient(spec)
+    from controller.runners.realtime import hil_spec
+    patient = make_patient(hil_spec(cfg))   # the patient a real-time session's simulator would build
     schedule = FaultSchedule([f.model_dump(mode="json", exclude_none=True) for f in cfg.faults],
                              fs_hz=sim.fs_hz, n_channels=sim.n_channels)
     schedule.require_kinds(SIM_KINDS, "simulated runner")
