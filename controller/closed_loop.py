@@ -234,7 +234,9 @@ class ChunkStep:
             if STALE_REASON in actuator.governor.latch_reasons:
                 events.extend(actuator.reset(STALE_REASON))
         if timestamps.size:
-            self._check_stamps(float(timestamps[-1]) - t_read, t_read, events)
+            ahead_s = float(timestamps[-1]) - t_read
+            if ahead_s > AHEAD_TOLERANCE_S or self._ahead_reported:   # the usual chunk: one comparison
+                self._check_stamps(ahead_s, t_read, events)
         was_bad = loop.bad_data
         windows = loop.windows(samples, timestamps, events)
         if loop.bad_data and not was_bad:
