@@ -148,6 +148,11 @@ class PersonalizedConfig(_Section):
     baseline_s: Annotated[float, Field(gt=0, le=3600)] = 20.0
     search_band_hz: tuple[float, float] = (7.0, 14.0)
     period_s: Annotated[float, Field(gt=0, le=86_400)] = 15.0
+    max_segment_excess_db: Annotated[float, Field(gt=0, le=60, description=(
+        "a 2 s baseline segment with this much more power than the quietest tenth is left out of the "
+        "estimate (seizure, spikes, artifacts)"))] = 10.0
+    min_clean_fraction: Annotated[float, Field(gt=0, le=1, description=(
+        "refuse to stimulate when fewer than this fraction of the baseline's segments are clean"))] = 0.5
 
 
 class PlasticityPolicyConfig(_Section):

@@ -468,8 +468,21 @@ def compute_metrics(session_dir: Path) -> dict:
             "refusals": len(by_kind.get("refusal", [])),
         },
         **({"ads": ads} if ads is not None else {}),
+        **({"ipf_estimate": ipf} if (ipf := ipf_estimate(by_kind.get("decision", []), since_start)) else {}),
         "scheduling": scheduling(by_kind.get("status", [])),
     }
+
+
+IPF_KEYS = ("ipf_hz", "accepted", "reason", "peak_db", "n_segments", "n_segments_rejected", "rejected_segments_s")
+
+
+def ipf_estimate(decisions: list[dict], since_start=lambda t: None) -> dict | None:
+    """The personalized policy's estimate (its one ``ipf_estimate`` decision), or None: why a
+    session stimulated at the frequency it did, or not at all."""
+    e = next((d for d in decisions if d.get("what") == "ipf_estimate"), None)
+    if e is None:
+        return None
+    return {"after_start_s": since_start(e["t"]), **{k: e.get(k) for k in IPF_KEYS}}
 
 
 def first_sample_t(session_dir: Path) -> float | None:

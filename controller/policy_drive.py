@@ -229,7 +229,9 @@ def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float,
         q = pc.personalized
         stim = stim_params(pc.stim, waveform=Waveform.SINE) if pc.stim.waveform != "sine" else stim_params(pc.stim)
         return ChunkDrive(P.PersonalizedFrequencyPolicy(fs_hz, q.baseline_s, stim, q.period_s, n_channels=n_channels,
-                                                        search_band_hz=q.search_band_hz), kind)
+                                                        search_band_hz=q.search_band_hz,
+                                                        max_segment_excess_db=q.max_segment_excess_db,
+                                                        min_clean_fraction=q.min_clean_fraction), kind)
     if kind == "plasticity":
         q = pc.plasticity
         from controller.safety import build_profile

@@ -316,6 +316,17 @@ def fault_rows(faults: list[dict], n: int = FAULT_ROWS, width: int = 90) -> list
     return rows
 
 
+def ipf_text(ipf: dict, width: int = 130) -> str:
+    """One line for the personalized policy's estimate: the frequency and its evidence, or why not."""
+    n, rejected = ipf.get("n_segments"), ipf.get("n_segments_rejected") or 0
+    clean = f"{n} of {n + rejected} baseline segments clean" if n is not None else ""
+    if ipf.get("accepted"):
+        text = f"{ipf['ipf_hz']:.2f} Hz, {ipf['peak_db']:.1f} dB above 1/f" + (f", {clean}" if clean else "")
+    else:
+        text = f"none, stimulation refused: {ipf.get('reason', '')}"
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def summary_table(metrics: dict) -> Table:
     t = Table(title="stimloop session summary", show_header=True)
     t.add_column("metric")
@@ -353,6 +364,9 @@ def summary_table(metrics: dict) -> Table:
     t.add_row("stimulation commands (received by device)", f"{stim.get('commands')} ({stim.get('received_by_device')})")
     t.add_row("charge delivered (µC)", _num(stim.get("charge_uc"), 1))
     t.add_row("clamps / refusals", f"{stim.get('clamps')} / {stim.get('refusals')}")
+    ipf = metrics.get("ipf_estimate")
+    if ipf:   # what set the tACS frequency, or why there was none
+        t.add_row("individual peak frequency", escape(ipf_text(ipf)))
     ads = metrics.get("ads")
     if ads:
         t.add_row(f"{ads['policy']}: spikes detected / artifact triggers",

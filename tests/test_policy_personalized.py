@@ -106,6 +106,58 @@ def test_policy_refuses_without_clear_peak_and_never_stimulates():
     assert pol.ipf_hz is None
 
 
+def with_discharge(x, start_s, stop_s, f_hz=13.0, uv=150.0):
+    """x plus a rhythmic high-amplitude discharge (a seizure's rhythm) over [start_s, stop_s)."""
+    y = x.astype(np.float64)
+    a, b = int(start_s * FS), int(stop_s * FS)
+    y[a:b] += uv * np.sin(2 * np.pi * f_hz * np.arange(b - a) / FS)
+    return y
+
+
+def overlapping(start_s, stop_s, n_segments, segment_s=2.0):
+    """Start times of the 50 %-overlap segments that share samples with [start_s, stop_s)."""
+    starts = np.arange(n_segments) * segment_s / 2
+    return set(starts[(starts + segment_s > start_s) & (starts < stop_s)].tolist())
+
+
+def test_a_seizure_in_the_baseline_is_left_out_of_the_estimate():
+    """Six seconds of a 13 Hz discharge in a 30 s baseline take the peak when every segment is
+    averaged; the segment screen leaves them out and finds the resting 10.3 Hz again."""
+    x = with_discharge(synthetic(30, 6.0, 3), 20.0, 26.0)
+    unscreened = estimate_ipf(x, FS, max_segment_excess_db=60.0)
+    assert unscreened["n_segments_rejected"] == 0 and abs(unscreened["ipf_hz"] - 13.0) < 0.3
+    est = estimate_ipf(x, FS)
+    assert est["accepted"] and abs(est["ipf_hz"] - 10.3) < 0.25, est
+    assert est["n_segments"] + est["n_segments_rejected"] == 29
+    rejected = set(est["rejected_segments_s"])
+    assert {20.0, 21.0, 22.0, 23.0, 24.0} <= rejected <= overlapping(20.0, 26.0, 29)
+    # the standard error follows the segments kept: a shorter clean baseline needs a taller peak
+    assert est["noise_db"] == pytest.approx(10 * np.log10(np.e) / np.sqrt(est["n_segments"]))
+
+
+def test_a_baseline_mostly_seizure_is_refused_and_never_stimulates():
+    pol = PersonalizedFrequencyPolicy(FS, baseline_s=30.0, stim=TACS, period_s=120.0)
+    x = with_discharge(synthetic(30, 6.0, 4), 8.0, 30.0).astype(np.float32)
+    reqs, events = feed(pol, x, extra_s=600.0)
+    (est,) = [e.data for e in events if e.data.get("what") == "ipf_estimate"]
+    assert reqs == [] and pol.ipf_hz is None
+    assert not est["accepted"] and est["stimulation"] == "refused"
+    assert est["reason"].startswith("baseline_not_clean: ") and "of 29 segments" in est["reason"], est["reason"]
+    from controller.report import ipf_text
+    assert ipf_text(est).startswith("none, stimulation refused: baseline_not_clean: ")
+    assert est["n_segments"] < 29 / 2
+
+
+def test_a_dropout_in_the_baseline_costs_only_its_segments():
+    """NaN samples (a lost packet a source passed through) reject the segments holding them."""
+    x = synthetic(30, 6.0, 5).astype(np.float64)
+    x[int(10.2 * FS):int(10.7 * FS)] = np.nan
+    est = estimate_ipf(x, FS)
+    assert est["accepted"] and abs(est["ipf_hz"] - 10.3) < 0.25
+    assert set(est["rejected_segments_s"]) == overlapping(10.2, 10.7, 29) == {9.0, 10.0}
+    assert estimate_ipf(np.full(int(10 * FS), np.nan), FS)["reason"] == "non_finite_or_zero_spectrum"
+
+
 def test_real_delhi_interictal_segment_has_an_alpha_peak():
     """Real scalp EEG (5.12 s at 200 Hz): a clear peak, stable across Welch resolutions."""
     x = delhi("interictal25")
@@ -163,6 +215,8 @@ def test_tacs_at_ipf_passes_the_tes_governor_and_reaches_the_device():
     (dict(period_s=10.0), "period_s=10.0"),
     (dict(search_band_hz=(7.0, 60.0)), "search_band_hz"),
     (dict(n_bursts=0), "n_bursts=0"),
+    (dict(max_segment_excess_db=0.0), "max_segment_excess_db=0.0"),
+    (dict(min_clean_fraction=1.5), "min_clean_fraction=1.5"),
 ])
 def test_bad_parameters_are_named(kw, needle):
     args = dict(fs_hz=FS, baseline_s=60.0, stim=TACS, period_s=120.0)
@@ -171,11 +225,12 @@ def test_bad_parameters_are_named(kw, needle):
         PersonalizedFrequencyPolicy(**args)
 
 
-@pytest.mark.parametrize("alpha_uv", [15.0, 0.0])
-def test_the_example_session_finds_the_simulated_patients_alpha(tmp_path, alpha_uv):
+@pytest.mark.parametrize("alpha_uv, onsets_s", [(15.0, [45.0, 90.0]), (0.0, [45.0, 90.0]), (15.0, [10.0, 30.0])])
+def test_the_example_session_finds_the_simulated_patients_alpha(tmp_path, alpha_uv, onsets_s):
     """examples/personalized.toml in simulated time: the patient's 10.5 Hz rhythm (simulator.alpha_uv)
     is found within the estimate's 0.5 Hz resolution and every tACS burst runs at it. Without the
-    rhythm the Wendling background has no clear peak, and the session does not stimulate."""
+    rhythm the Wendling background has no clear peak, and the session does not stimulate. A seizure
+    from 10 s, inside the 20 s baseline, is screened out (it set the frequency to 13.7 Hz before)."""
     import json
     from pathlib import Path
 
@@ -184,11 +239,25 @@ def test_the_example_session_finds_the_simulated_patients_alpha(tmp_path, alpha_
 
     example = Path(__file__).resolve().parent.parent / "examples" / "personalized.toml"
     cfg = load_config(example, {"session": {"duration_s": 70.0, "out_dir": str(tmp_path)},
-                                "simulator": {"alpha_uv": alpha_uv}})
+                                "simulator": {"alpha_uv": alpha_uv, "seizure_onsets_s": onsets_s}})
     session = run_simulated(cfg, session_dir=tmp_path / "s", write_report=False)
     events = [json.loads(line) for line in open(session / "events.jsonl")]
     (est,) = [e for e in events if e.get("what") == "ipf_estimate"]
     cmds = [e for e in events if e["kind"] == "command" and e.get("op") == "trigger"]
+    # interictal spikes (4/min) cost a segment or two; a seizure from 10 s most of the segments after it
+    in_seizure = [s for s in est["rejected_segments_s"] if s >= 9.0]
+    assert len(in_seizure) >= 5 if onsets_s[0] < 20.0 else est["n_segments_rejected"] <= 3, est
+    # the session summary says what set the frequency, or why there was none
+    from controller.metrics import compute_metrics
+    from controller.report import ipf_text
+    ipf = compute_metrics(session)["ipf_estimate"]
+    assert ipf["ipf_hz"] == est["ipf_hz"] and ipf["after_start_s"] == pytest.approx(20.0, abs=0.1)
+    text = ipf_text(ipf)
+    if alpha_uv:
+        n = est["n_segments"]
+        assert text == f"{est['ipf_hz']:.2f} Hz, {est['peak_db']:.1f} dB above 1/f, {n} of 19 baseline segments clean"
+    else:
+        assert text == f"none, stimulation refused: {est['reason']}"
     if alpha_uv:
         assert est["accepted"] and abs(est["ipf_hz"] - 10.5) <= 0.5, est
         assert len(cmds) == 2 and all(c["params"]["frequency_hz"] == est["ipf_hz"] for c in cmds)

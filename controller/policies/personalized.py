@@ -6,14 +6,28 @@
    the estimate does not depend on chunk timing) is copied into a
    preallocated buffer; channels are averaged after the estimate (spectra
    are averaged, not signals, so channels with opposite phase do not cancel).
-2. **Estimate** (once, when the baseline is complete): Welch PSD per channel
-   (Hann segments of ``segment_s``, 50 % overlap), mean over channels. The
+2. **Clean segments** (once, when the baseline is complete): the baseline is
+   cut into Welch segments (Hann, ``segment_s``, 50 % overlap). A segment is
+   rejected when its power over ``fit_band_hz`` (mean over channels) is not
+   finite or lies more than ``max_segment_excess_db`` (10 dB: ten times the
+   power, about three times the amplitude) above the quietest tenth of the
+   segments: a seizure, an interictal spike or a movement artifact is not the
+   resting rhythm whose peak is wanted, and one such segment can outweigh all
+   the others (a seizure in a 20 s baseline moved the simulated patient's
+   10.5 Hz estimate to 8.8 Hz). Normal variation stays well inside: ≤ 7.4 dB
+   over every 5.12 s Delhi interictal segment, ≤ 4 dB over 2 min of the
+   simulated background. If fewer than ``min_clean_fraction`` (half) of the
+   segments are left, the baseline is refused: a baseline mostly made of
+   something else cannot say what the resting peak is. (Were more than nine
+   tenths of it a seizure, the seizure would be the reference; the rule
+   cannot see that.)
+3. **Estimate**: Welch PSD per channel over the clean segments, mean over channels. The
    aperiodic 1/f background is a straight line in log10(PSD) vs log10(f),
    fitted by least squares over ``fit_band_hz`` *excluding* the search band.
    The peak is the largest residual (dB above the fit) among bins inside
    ``search_band_hz``; its frequency is refined by parabolic interpolation of
    the residual (dB) over the peak bin and its two neighbours.
-3. **Clear-peak rule** (otherwise no stimulation, ever, for this session):
+4. **Clear-peak rule** (otherwise no stimulation, ever, for this session):
    the peak must (a) be strictly inside the search band (not on its edge
    bins), (b) rise above the aperiodic fit by at least
    ``max(min_peak_db, min_z * noise_db)`` — 3 dB (2× in power) and 3 standard
@@ -22,13 +36,15 @@
    prominence of at least ``min_prominence_db`` (1 dB) within the band.
    Reported confidence: ``peak_db`` (dB above the fit, also ``confidence_db``)
    and ``confidence_z = peak_db / noise_db``.
-4. **Stimulation.** If accepted, tACS bursts: the ``stim`` template (must be
+5. **Stimulation.** If accepted, tACS bursts: the ``stim`` template (must be
    ``Waveform.SINE``) with ``frequency_hz = IPF``, due every ``period_s`` from
    the end of the baseline (+ ``delay_s``), ``n_bursts`` at most (``None``:
    unlimited). Catch-up rule of ``open_loop.BurstSchedule``.
 
 Events: ``DECISION`` ``what="ipf_estimate"`` with ``ipf_hz``, ``peak_db``
-(= confidence), ``peak_psd_uv2_hz``, ``accepted`` and ``reason``; each request
+(= confidence), ``peak_psd_uv2_hz``, ``accepted``, ``reason``, ``n_segments``
+(clean), ``n_segments_rejected`` and ``rejected_segments_s`` (their start, s
+from the start of the baseline); each request
 gives ``what="stim_request"``. tES limits (amplitude, ramps, duration, session
 dose; REFERENCE.md §4) are enforced by the governor's ``tes`` profile, not here.
 """
@@ -57,7 +73,8 @@ class IpfEstimate(dict):
 
 def estimate_ipf(x: np.ndarray, fs_hz: float, search_band_hz=ALPHA_BAND_HZ, fit_band_hz=(2.0, 40.0),
                  segment_s: float = 2.0, min_peak_db: float = 3.0, min_z: float = 3.0,
-                 min_prominence_db: float = 1.0) -> IpfEstimate:
+                 min_prominence_db: float = 1.0, max_segment_excess_db: float = 10.0,
+                 min_clean_fraction: float = 0.5) -> IpfEstimate:
     """Individual peak frequency of ``x`` ``(n, ch)`` µV (rule in the module docstring); pure function."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 1:
@@ -72,8 +89,12 @@ def estimate_ipf(x: np.ndarray, fs_hz: float, search_band_hz=ALPHA_BAND_HZ, fit_
     if x.shape[0] < nper:
         raise ValueError(f"signal of {x.shape[0]} samples invalid, expected >= one segment "
                          f"segment_s*fs_hz = {nper} samples")
-    freqs, psd = signal.welch(x, fs=fs, window="hann", nperseg=nper, noverlap=nper // 2, detrend="constant", axis=0)
-    psd = psd.mean(axis=1)
+    max_excess = check_number("max_segment_excess_db", max_segment_excess_db, 0.0, lo_open=True)
+    min_clean = check_number("min_clean_fraction", min_clean_fraction, 0.0, 1.0, lo_open=True)
+    # The segments of a Welch estimate, kept apart so the unclean ones can be left out of the mean
+    # (their mean over all segments is scipy.signal.welch's result).
+    freqs, seg_mid_s, seg_psd = signal.spectrogram(x, fs=fs, window="hann", nperseg=nper, noverlap=nper // 2,
+                                                   detrend="constant", axis=0, mode="psd")  # (f, ch, K)
     in_fit = (freqs >= flo) & (freqs <= fhi)
     in_search = (freqs >= slo) & (freqs <= shi)
     bg = in_fit & ~in_search
@@ -82,6 +103,25 @@ def estimate_ipf(x: np.ndarray, fs_hz: float, search_band_hz=ALPHA_BAND_HZ, fit_
     if np.count_nonzero(in_search) < 3 or np.count_nonzero(bg) < 3:
         out["reason"] = "too_few_bins: lengthen segment_s or widen the bands"
         return out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        seg_db = 10 * np.log10(seg_psd[in_fit].sum(axis=0).mean(axis=0))
+    finite = np.isfinite(seg_db)
+    clean = finite.copy()
+    if finite.any():
+        clean &= seg_db <= np.percentile(seg_db[finite], 10) + max_excess
+    n_all, n_clean = seg_db.size, int(np.count_nonzero(clean))
+    out["n_segments"] = n_clean
+    out["n_segments_rejected"] = n_all - n_clean
+    out["rejected_segments_s"] = [round(float(m - nper / (2 * fs)), 3) for m in seg_mid_s[~clean]]
+    if not finite.any():
+        out["reason"] = "non_finite_or_zero_spectrum"
+        return out
+    if n_clean < min_clean * n_all:
+        out["reason"] = (f"baseline_not_clean: {n_all - n_clean} of {n_all} segments rejected (NaN, or > "
+                         f"{max_excess:g} dB above the quietest tenth: seizure, spikes, artifacts), "
+                         f"< {min_clean:.0%} clean")
+        return out
+    psd = seg_psd[:, :, clean].mean(axis=2).mean(axis=1)
     if not np.all(np.isfinite(psd[in_fit])) or np.any(psd[in_fit] <= 0):
         out["reason"] = "non_finite_or_zero_spectrum"
         return out
@@ -95,10 +135,8 @@ def estimate_ipf(x: np.ndarray, fs_hz: float, search_band_hz=ALPHA_BAND_HZ, fit_
     k = int(idx[np.argmax(resid[idx])])
     # A Welch average of K segments has a dB standard error of about 10*log10(e)/sqrt(K)
     # (chi-square with 2K degrees of freedom): short baselines need a taller peak.
-    n_seg = 1 + (x.shape[0] - nper) // (nper - nper // 2)
-    noise_db = 10 * math.log10(math.e) / math.sqrt(n_seg)
+    noise_db = 10 * math.log10(math.e) / math.sqrt(n_clean)
     out["noise_db"] = noise_db
-    out["n_segments"] = n_seg
     out["peak_db"] = float(resid[k])
     out["peak_psd_uv2_hz"] = float(psd[in_fit][k])
     out["aperiodic_slope"] = float(slope / 10)  # log10 PSD per decade of frequency
@@ -140,7 +178,8 @@ class PersonalizedFrequencyPolicy(Reconfigurable):
     def __init__(self, fs_hz: float, baseline_s: float, stim: StimParams, period_s: float,
                  n_channels: int = 1, search_band_hz=ALPHA_BAND_HZ, fit_band_hz=(2.0, 40.0),
                  segment_s: float = 2.0, min_peak_db: float = 3.0, min_z: float = 3.0,
-                 min_prominence_db: float = 1.0, delay_s: float = 0.0,
+                 min_prominence_db: float = 1.0, max_segment_excess_db: float = 10.0,
+                 min_clean_fraction: float = 0.5, delay_s: float = 0.0,
                  n_bursts: int | None = None, lookahead_s: float = 0.0,
                  source: str = "policy.personalized") -> None:
         self.fs_hz = check_number("fs_hz", fs_hz, 0.0, lo_open=True)
@@ -159,6 +198,8 @@ class PersonalizedFrequencyPolicy(Reconfigurable):
         self.min_peak_db = check_number("min_peak_db", min_peak_db, 0.0)
         self.min_z = check_number("min_z", min_z, 0.0)
         self.min_prominence_db = check_number("min_prominence_db", min_prominence_db, 0.0)
+        self.max_segment_excess_db = check_number("max_segment_excess_db", max_segment_excess_db, 0.0, lo_open=True)
+        self.min_clean_fraction = check_number("min_clean_fraction", min_clean_fraction, 0.0, 1.0, lo_open=True)
         self.delay_s = check_number("delay_s", delay_s, 0.0)
         if n_bursts is not None and (isinstance(n_bursts, bool) or not isinstance(n_bursts, numbers.Integral)
                                      or n_bursts < 1):
@@ -181,7 +222,9 @@ class PersonalizedFrequencyPolicy(Reconfigurable):
         return {"fs_hz": self.fs_hz, "baseline_s": self.baseline_s, "stim": self.stim, "period_s": self.period_s,
                 "n_channels": self.n_channels, "search_band_hz": self.search_band_hz,
                 "fit_band_hz": self.fit_band_hz, "segment_s": self.segment_s, "min_peak_db": self.min_peak_db,
-                "min_z": self.min_z, "min_prominence_db": self.min_prominence_db, "delay_s": self.delay_s,
+                "min_z": self.min_z, "min_prominence_db": self.min_prominence_db,
+                "max_segment_excess_db": self.max_segment_excess_db, "min_clean_fraction": self.min_clean_fraction,
+                "delay_s": self.delay_s,
                 "n_bursts": self.n_bursts, "lookahead_s": self.lookahead_s, "source": self.source}
 
     def _updated(self, names: set[str]) -> None:
@@ -220,7 +263,8 @@ class PersonalizedFrequencyPolicy(Reconfigurable):
             if self._n < self._baseline_n:
                 return requests, events
             est = estimate_ipf(self._buf, self.fs_hz, self.search_band_hz, self.fit_band_hz, self.segment_s,
-                               self.min_peak_db, self.min_z, self.min_prominence_db)
+                               self.min_peak_db, self.min_z, self.min_prominence_db, self.max_segment_excess_db,
+                               self.min_clean_fraction)
             self.estimate = est
             events.append(Event(t, EventKind.DECISION, self.source, {
                 "what": "ipf_estimate", **est, "confidence_db": est["peak_db"], "baseline_s": self.baseline_s,
