@@ -116,28 +116,38 @@ def _check_simulator(cfg, origin: str) -> None:
         _fail(f"{origin}: {exc}")
 
 
-def _load(config: Optional[Path], overrides: dict | None = None):
+CONFIG_HELP = "TOML config file on top of the defaults; repeat to layer files, each on top of the one before"
+
+
+def _load(config: list[Path] | Path | None, overrides: dict | None = None):
     try:
         return load_config(config, overrides)
     except ConfigError as exc:
         _fail(str(exc))
 
 
+def _origin(config: list[Path]) -> str:
+    """How error messages name the configuration: its files, in order."""
+    return " + ".join(map(str, config)) or "config"
+
+
 @config_app.command("validate")
-def config_validate(file: Path = typer.Argument(..., help="TOML config file")):
+def config_validate(files: list[Path] = typer.Argument(..., help="TOML config file(s); several are layered in order, "
+                                                                   "as repeated --config")):
     """Check a config file: every problem with its field, value and allowed range; the safety start-up
     check; and the policy, built as the session builds it."""
-    cfg = _load(file)
-    _check_safety(cfg, str(file))
-    _check_policy(cfg, str(file))
-    _check_simulator(cfg, str(file))
+    cfg = _load(files)
+    origin = _origin(files)
+    _check_safety(cfg, origin)
+    _check_policy(cfg, origin)
+    _check_simulator(cfg, origin)
     later = "" if cfg.source.kind == "hil" else \
         f" (the {cfg.source.kind} stream's rate and channels are checked when the session starts)"
-    console.print(f"[green]ok[/] {escape(str(file))}{later}", highlight=False, soft_wrap=True)
+    console.print(f"[green]ok[/] {escape(origin)}{later}", highlight=False, soft_wrap=True)
 
 
 @config_app.command("show")
-def config_show(config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file on top of the defaults")):
+def config_show(config: list[Path] = typer.Option([], "--config", "-c", help=CONFIG_HELP, metavar="<path>")):
     """Print the resolved configuration (defaults + file) as TOML."""
     cfg = _load(config)
     sys.stdout.write(cfg.to_toml())
@@ -145,7 +155,7 @@ def config_show(config: Optional[Path] = typer.Option(None, "--config", "-c", he
 
 @app.command()
 def run(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file on top of the defaults"),
+    config: list[Path] = typer.Option([], "--config", "-c", help=CONFIG_HELP, metavar="<path>"),
     duration: Optional[float] = typer.Option(None, "--duration", "-d", help="session length in seconds"),
     out: Optional[Path] = typer.Option(None, "--out", help="parent folder for the session folder"),
     source: Optional[str] = typer.Option(None, help="hil | lsl | brainflow"),
@@ -175,7 +185,7 @@ def run(
     if port is not None:
         overrides.setdefault("device", {})["port"] = port
     cfg = _load(config, overrides)
-    origin = str(config or "config")
+    origin = _origin(config)
     _check_safety(cfg, origin)
     _check_policy(cfg, origin)
     _check_simulator(cfg, origin)
@@ -231,7 +241,7 @@ app.add_typer(sim_app, name="sim")
 @sim_app.callback()
 def sim(
     ctx: typer.Context,
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file on top of the defaults"),
+    config: list[Path] = typer.Option([], "--config", "-c", help=CONFIG_HELP, metavar="<path>"),
     seed: Optional[int] = typer.Option(None, help="random seed (same seed, same session)"),
     duration: Optional[float] = typer.Option(None, "--duration", "-d", help="simulated seconds"),
     patient: Optional[int] = typer.Option(None, help="virtual-cohort patient id"),
@@ -249,9 +259,9 @@ def sim(
     if cfg.simulator.model != "wendling":
         _fail(f"simulator.model={cfg.simulator.model!r}: `stimloop sim` runs the Wendling patient in simulated time; "
               "for ADS / random stimulation use `stimloop sim compare-ads` (simulated time) or `stimloop run` (real time)")
-    _check_safety(cfg, str(config or "config"))
-    _check_policy(cfg, str(config or "config"))  # also refuses a missing or unreadable model
-    _check_simulator(cfg, str(config or "config"))
+    _check_safety(cfg, _origin(config))
+    _check_policy(cfg, _origin(config))  # also refuses a missing or unreadable model
+    _check_simulator(cfg, _origin(config))
     with Progress(TextColumn("simulated time"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
                   console=console, transient=True) as bar:
         task = bar.add_task("sim", total=cfg.session.duration_s)
@@ -264,7 +274,7 @@ def sim(
 
 @sim_app.command("compare")
 def sim_compare(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file on top of the defaults"),
+    config: list[Path] = typer.Option([], "--config", "-c", help=CONFIG_HELP, metavar="<path>"),
     patients: int = typer.Option(20, help="virtual-cohort size (patients 0..N-1)"),
     duration: float = typer.Option(900.0, "--duration", "-d", help="simulated seconds per patient and arm"),
     rate: float = typer.Option(12.0, help="spontaneous seizures per hour (dense, so short runs see several)"),
@@ -356,7 +366,7 @@ def sim_compare_ads(
 
 @app.command()
 def hil(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file on top of the defaults"),
+    config: list[Path] = typer.Option([], "--config", "-c", help=CONFIG_HELP, metavar="<path>"),
     duration: Optional[float] = typer.Option(None, "--duration", "-d", help="seconds (default: until Ctrl-C)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for ground truth and the device log"),
 ):

@@ -446,19 +446,23 @@ def parse_config(data: dict, origin: str = "<config>") -> Config:
         raise ConfigError(describe_errors(exc, origin)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """Load defaults, then ``path`` on top, then ``overrides`` (nested dicts)."""
+def load_config(path: str | Path | list[str | Path] | tuple | None = None, overrides: dict | None = None) -> Config:
+    """Load defaults, then ``path`` on top, then ``overrides`` (nested dicts).
+
+    ``path`` may be a list of files, layered in order (a lab's device file, then an experiment's):
+    tables merge key by key, and a value or an array (``[[faults]]``) in a later file replaces the
+    earlier one.
+    """
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     data: dict = {}
-    origin = "defaults"
-    if path is not None:
-        p = Path(path)
+    for p in map(Path, paths):
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            data = tomllib.loads(p.read_text())
+            data = _merge(data, tomllib.loads(p.read_text()))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML: {exc}") from None
-        origin = str(p)
+    origin = " + ".join(map(str, paths)) or "defaults"
     if overrides:
         data = _merge(data, overrides)
         origin += " + overrides"   # e.g. the command line's --duration: the error's field says which

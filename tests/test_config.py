@@ -47,6 +47,44 @@ def test_errors_say_whether_overrides_were_applied(tmp_path):
         load_config(good, {"session": {"duration_s": -3.0}})
 
 
+def test_config_files_layer_in_order(tmp_path):
+    """A lab's device file under an experiment's: tables merge key by key, a later value or array
+    replaces the earlier one, and errors name every file in order."""
+    lab = tmp_path / "lab.toml"
+    lab.write_text('[device]\nkind = "serial"\nport = "/dev/ttyUSB0"\nbaudrate = 115200\n'
+                   '[[faults]]\nkind = "nan_burst"\nat_s = 5.0\nduration_s = 1.0\n')
+    exp = tmp_path / "exp.toml"
+    exp.write_text('[device]\nbaudrate = 1000000\n[session]\nduration_s = 12.0\n'
+                   '[[faults]]\nkind = "stream_stall"\nat_s = 3.0\nduration_s = 1.0\n')
+    cfg = load_config([lab, exp])
+    assert (cfg.device.kind, cfg.device.port, cfg.device.baudrate) == ("serial", "/dev/ttyUSB0", 1_000_000)
+    assert cfg.session.duration_s == 12.0
+    assert [f.kind for f in cfg.faults] == ["stream_stall"]     # an array is replaced, not appended to
+    assert load_config([exp, lab]).device.baudrate == 115200    # order matters
+    assert load_config([lab]) == load_config(lab)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[session]\nduration_s = -1\n")
+    with pytest.raises(ConfigError, match=rf"^{lab} \+ {bad}: 1 problem\(s\)\n  - session.duration_s = -1"):
+        load_config([lab, bad])
+    with pytest.raises(ConfigError, match="nope.toml does not exist"):
+        load_config([lab, tmp_path / "nope.toml"])
+
+
+def test_cli_takes_repeated_config_files(tmp_path):
+    """`-c a -c b` layers b on a (click keeps only the last of a repeated single option, silently)."""
+    lab = tmp_path / "lab.toml"
+    lab.write_text('[device]\nimpedance_ohm = 1200.0\n')
+    from pathlib import Path
+    example = Path(__file__).resolve().parent.parent / "examples" / "personalized.toml"
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "config", "show", "-c", str(example), "-c", str(lab)],
+                       capture_output=True, text=True, check=True)
+    shown = tomllib.loads(r.stdout)
+    assert shown["policy"]["kind"] == "personalized" and shown["device"]["impedance_ohm"] == 1200.0
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "config", "validate", str(example), str(lab)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith(f"ok {example} + {lab}"), (r.stdout, r.stderr)
+
+
 def test_to_toml_round_trip():
     cfg = parse_config({"session": {"duration_s": 12.5}, "simulator": {"seizure_onsets_s": [1.0, 2.0]},
                         "source": {"board_params": {"serial_port": "/dev/ttyUSB0"}}})
