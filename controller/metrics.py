@@ -338,10 +338,12 @@ def governed_t(command: dict) -> float:
 
 
 def _latencies(session_dir: Path, truth: dict, predictions: list[dict], commands: list[dict],
-               received: list) -> dict:
+               received: list, spike_policy: bool = True) -> dict:
     """Per-command latencies in s: ``end_to_end`` (decision's last sample → device receipt),
-    ``pushed_to_device`` (that sample's chunk pushed by the simulator → receipt) and ``stages``."""
-    chunk_cmds = [c for c in commands if "t_read" in c]   # chunk-driven (spike policies)
+    ``pushed_to_device`` (that sample's chunk pushed by the simulator → receipt) and ``stages``.
+    ``spike_policy``: the chunk-driven commands answer a detected spike (ADS, random control), not a
+    schedule falling due in a chunk (periodic, Poisson, personalized, plasticity-aware)."""
+    chunk_cmds = [c for c in commands if "t_read" in c]   # chunk-driven (spike and clock policies)
     chunk_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c in chunk_cmds])
     reached = end_to_end_pairs(commands, received)
     reached_push = chunk_push_times(session_dir, truth, [c["window_end_t"] for c, _ in reached])
@@ -352,8 +354,10 @@ def _latencies(session_dir: Path, truth: dict, predictions: list[dict], commands
         # for the rest of its chunk and the chunk's push (the shipped model's windows end one sample
         # before a simulator chunk does: 2 ms at 512 Hz, then ~0.6 ms to compute and push it), so ...
         "ring_read": [p["t_read"] - p["window_end_t"] for p in read_preds],
-        # Spike policies: detected spike sample -> its chunk read by the loop (chunking, LSL, ring) ...
-        "spike_to_loop": [c["t_read"] - c["window_end_t"] for c in chunk_cmds],
+        # Spike policies: detected spike sample -> its chunk read by the loop (chunking, LSL, ring);
+        # clock-driven policies the same from the newest sample of the chunk a burst fell due in ...
+        "spike_to_loop": [c["t_read"] - c["window_end_t"] for c in chunk_cmds] if spike_policy else [],
+        "chunk_to_loop": [] if spike_policy else [c["t_read"] - c["window_end_t"] for c in chunk_cmds],
         # ... of either, after the chunk left the simulator (LSL, ring): the controller's share.
         "pushed_to_loop": [c["t_read"] - p for c, p in zip(chunk_cmds, chunk_push) if np.isfinite(p)]
                           + [w["t_read"] - p for w, p in zip(read_preds, read_preds_push) if np.isfinite(p)],
@@ -413,7 +417,10 @@ def compute_metrics(session_dir: Path) -> dict:
     commands = [c for c in by_kind.get("command", []) if c.get("op") == "trigger"]
     join = join_receipts(commands, device_log)
     received = join.received_t   # per command: its device receipt time, None if it has none
-    lat = _latencies(session_dir, truth, predictions, commands, received)
+    from controller.config import SPIKE_POLICY_KINDS
+    started = next((e for e in by_kind.get("status", []) if e.get("status") == "started" and "policy" in e), {})
+    lat = _latencies(session_dir, truth, predictions, commands, received,
+                     spike_policy=started.get("policy", "ads") in SPIKE_POLICY_KINDS)
 
     seizures = truth.get("seizures", [])
     session_end = truth.get("end_t")

@@ -84,6 +84,11 @@ def test_control_commands_and_emergency_stop_on_a_running_session(tmp_path):
     marks = [e for e in events if e["kind"] == "mark" and e.get("cmd") == "emergency_stop"]
     assert marks and marks[0].get("who") == "local"
     assert any(c["t"] > t_resume for c in cmds)  # resumed
+    # A burst falling due is not a spike: its chunk's stage is named for what it is.
+    from controller.metrics import compute_metrics
+    stages = compute_metrics(session)["stage_ms"]
+    triggers = [c for c in cmds if c.get("op") == "trigger"]
+    assert stages["chunk_to_loop"]["n"] == len(triggers) > 0 and stages["spike_to_loop"]["n"] == 0
 
 
 def test_sigkill_leaves_a_folder_that_reports_and_exports(tmp_path):
