@@ -4,6 +4,7 @@ Rebuilt from the folder alone, so it also works after a crash.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,16 @@ def _load_signal(session_dir: Path):
         return load_raw(session_dir / "raw")
     except (ImportError, FileNotFoundError, ValueError):
         return None, None
+
+
+def channel_labels(session_dir: Path, n: int) -> list[str]:
+    """The first ``n`` channels' names as the source gave them (an amplifier's "Fp1", the
+    simulator's "E01"), from the recording's meta.json; ``ch0``... where it has none."""
+    try:
+        names = json.loads((Path(session_dir) / "raw" / "meta.json").read_text())["source"]["channel_names"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    return [str(names[i]) if i < len(names) and names[i] else f"ch{i}" for i in range(n)]
 
 
 def plot_report(session_dir: Path, metrics: dict) -> Path:
@@ -55,12 +66,25 @@ def plot_report(session_dir: Path, metrics: dict) -> Path:
         for i in range(n_show):
             trace = np.clip(samples[::step, i], -0.5 * spread, 0.5 * spread)
             ax_sig.plot(x, trace - i * spread, lw=0.4, color="k")
-        ax_sig.set_yticks([-i * spread for i in range(n_show)], [f"ch{i}" for i in range(n_show)])
-    ax_sig.set_title(f"Session {session_dir.name}: signal (µV, clipped for display), true seizures shaded")
+        ax_sig.set_yticks([-i * spread for i in range(n_show)], channel_labels(session_dir, n_show))
+    # An outside source (an amplifier, another tool's stream) comes with no ground truth to shade.
+    ax_sig.set_title(f"Session {session_dir.name}: signal (µV, clipped for display), "
+                     + ("true seizures shaded" if "seizures" in truth else "no ground truth (outside source)"))
     for ax in (ax_sig, ax_p, ax_stim):
         for s in truth.get("seizures", []):
             off = s.get("offset_t") or truth.get("end_t") or s["onset_t"] + 1
             ax.axvspan(s["onset_t"] - t_ref, off - t_ref, color="tab:red", alpha=0.15, lw=0)
+
+    ipf = next((e for e in events if e["kind"] == "decision" and e.get("what") == "ipf_estimate"), None)
+    if ipf is not None and ipf.get("baseline_s"):
+        # The personalized policy's baseline, and the segments it left out (seizure, spikes, artifacts).
+        start = (ipf.get("baseline_start_t") or ipf["t"] - float(ipf["baseline_s"])) - t_ref
+        ax_sig.axvspan(start, ipf["t"] - t_ref, color="tab:blue", alpha=0.07, lw=0, label="IPF baseline")
+        seg_s = float(ipf.get("segment_s") or 2.0)
+        for i, r in enumerate(ipf.get("rejected_segments_s") or []):
+            ax_sig.axvspan(start + r, start + r + seg_s, ymin=0.97, ymax=1.0, color="tab:orange", lw=0,
+                           label="left out of the estimate" if i == 0 else None)
+        ax_sig.legend(loc="upper right", fontsize=7, framealpha=0.7)
 
     preds = [e for e in events if e["kind"] == "prediction"]
     if preds:

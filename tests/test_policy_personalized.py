@@ -85,6 +85,7 @@ def test_policy_estimates_then_schedules_tacs_at_ipf():
     # the baseline is counted in samples: complete at the chunk holding sample 60*FS
     assert est[0].t == pytest.approx(100.0 + 15022 / FS)
     assert est[0].data["accepted"] and est[0].data["stimulation"] == "scheduled"
+    assert est[0].data["baseline_start_t"] == pytest.approx(100.0 + 1 / FS)   # the first chunk's first sample
     ipf = est[0].data["ipf_hz"]
     assert abs(ipf - 10.3) < 0.25 and pol.ipf_hz == ipf
     assert est[0].data["confidence_db"] == est[0].data["peak_db"] > 3.0

@@ -195,3 +195,14 @@ def test_a_burst_envelope_ends_at_the_stop_that_cut_it():
     assert list(xs) == [20.0, 25.0, 25.0] and list(ys) == [0.0, 500.0, 0.0]
     xs, ys = envelope_points(20.0, 30.0, 10.0, 1000.0, stop_t=60.0)       # a stop after the burst: no cut
     assert list(xs) == [20.0, 30.0, 40.0, 50.0]
+
+
+def test_report_labels_channels_by_the_sources_names(tmp_path):
+    """An amplifier's channel names (from the recording's meta.json) label the signal, not indices."""
+    import json
+
+    from controller.report import channel_labels
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "meta.json").write_text(json.dumps({"source": {"channel_names": ["Fp1", "", "Cz"]}}))
+    assert channel_labels(tmp_path, 4) == ["Fp1", "ch1", "Cz", "ch3"]
+    assert channel_labels(tmp_path / "nowhere", 2) == ["ch0", "ch1"]

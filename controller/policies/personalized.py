@@ -44,7 +44,8 @@
 Events: ``DECISION`` ``what="ipf_estimate"`` with ``ipf_hz``, ``peak_db``
 (= confidence), ``peak_psd_uv2_hz``, ``accepted``, ``reason``, ``n_segments``
 (clean), ``n_segments_rejected`` and ``rejected_segments_s`` (their start, s
-from the start of the baseline); each request
+from the start of the baseline, counted in samples) and ``baseline_start_t`` (its first
+sample's time); each request
 gives ``what="stim_request"``. tES limits (amplitude, ramps, duration, session
 dose; REFERENCE.md §4) are enforced by the governor's ``tes`` profile, not here.
 """
@@ -234,6 +235,7 @@ class PersonalizedFrequencyPolicy(Reconfigurable):
     def reset(self) -> None:
         """Forget the baseline and the estimate (new session)."""
         self._n = 0
+        self._start_t: float | None = None
         self._last_t = -math.inf
         self.estimate: IpfEstimate | None = None
         self._sched: BurstSchedule | None = None
@@ -257,6 +259,8 @@ class PersonalizedFrequencyPolicy(Reconfigurable):
                 x = x[:, None]
             if x.ndim != 2 or x.shape[1] != self.n_channels:
                 raise ValueError(f"chunk shape {np.shape(chunk)} invalid, expected (n, {self.n_channels})")
+            if self._n == 0 and x.shape[0]:   # t is the chunk's last sample's time
+                self._start_t = t - (x.shape[0] - 1) / self.fs_hz
             take = min(x.shape[0], self._baseline_n - self._n)
             self._buf[self._n:self._n + take] = x[:take]
             self._n += take
@@ -268,6 +272,7 @@ class PersonalizedFrequencyPolicy(Reconfigurable):
             self.estimate = est
             events.append(Event(t, EventKind.DECISION, self.source, {
                 "what": "ipf_estimate", **est, "confidence_db": est["peak_db"], "baseline_s": self.baseline_s,
+                "segment_s": self.segment_s, "baseline_start_t": self._start_t,
                 "search_band_hz": list(self.search_band_hz), "min_peak_db": self.min_peak_db,
                 "stimulation": "scheduled" if est["accepted"] else "refused"}))
             if est["accepted"]:
