@@ -114,6 +114,81 @@ def test_seizures_from_a_csv_beside_a_recording_that_has_none(tmp_path, sim_reco
         load_recording(path)
 
 
+CHB_SUMMARY = """Data Sampling Rate: 256 Hz
+*************************
+
+Channels in EDF Files:
+**********************
+Channel 1: FP1-F7
+Channel 2: F7-T7
+
+File Name: chb01_01.edf
+File Start Time: 11:42:54
+File End Time: 12:42:54
+Number of Seizures in File: 0
+
+File Name: chb01_03.edf
+File Start Time: 13:43:04
+File End Time: 14:43:04
+Number of Seizures in File: 1
+Seizure Start Time: {a1} seconds
+Seizure End Time: {b1} seconds
+
+File Name: chb06_01.edf
+Number of Seizures in File: 2
+Seizure 1 Start Time: 1724 seconds
+Seizure 1 End Time: 1738 seconds
+Seizure 2 Start Time:  7461 seconds
+Seizure 2 End Time: 7476 seconds
+
+File Name: chb24_01.edf
+Number of Seizures in File: 2
+Seizure Start Time: 480 seconds
+Seizure End Time: 505 seconds
+Seizure Start Time: 2451 seconds
+Seizure End Time: 2476 seconds
+"""
+
+
+def test_chbmit_summary_gives_the_seizures_of_the_files_it_lists(tmp_path, sim_recording):
+    """CHB-MIT keeps seizure times in chbNN-summary.txt beside its EDFs, in three styles (plain, numbered,
+    chb24's repeated pairs). A summary naming the EDF gives its seizures; a CSV sidecar still wins."""
+    import edfio
+
+    from models.seizure.recordings import read_chbmit_summary
+
+    x, sz = sim_recording
+    (a1, b1) = (round(sz[0][0]), round(sz[0][1]))
+    summary = tmp_path / "chb01-summary.txt"
+    summary.write_text(CHB_SUMMARY.format(a1=a1, b1=b1))
+    listed = read_chbmit_summary(summary)
+    assert listed == {"chb01_01.edf": [], "chb01_03.edf": [(a1, b1)],
+                      "chb06_01.edf": [(1724.0, 1738.0), (7461.0, 7476.0)],
+                      "chb24_01.edf": [(480.0, 505.0), (2451.0, 2476.0)]}
+    for name in ("chb01_03.edf", "chb01_01.edf", "chb01_99.edf"):
+        edfio.Edf([edfio.EdfSignal(x[:, 0].astype(np.float64), 512.0, label="EEG 0", physical_dimension="uV")]
+                  ).write(tmp_path / name)
+    rec = load_recording(tmp_path / "chb01_03.edf")
+    assert rec.seizures == [(a1, b1)] and "seizures from chb01-summary.txt: 1" in rec.notes
+    assert load_recording(tmp_path / "chb01_01.edf").seizures == []      # listed with none: known, not unknown
+    assert load_recording(tmp_path / "chb01_99.edf").seizures is None    # not listed: unknown
+    (tmp_path / "chb01_03.seizures.csv").write_text("5,6\n")
+    assert load_recording(tmp_path / "chb01_03.edf").seizures == [(5.0, 6.0)]
+    # A summary that contradicts itself is named, with its line, rather than half-read.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x-summary.txt").write_text("File Name: a.edf\nNumber of Seizures in File: 2\n"
+                                       "Seizure Start Time: 10 seconds\nSeizure End Time: 20 seconds\n")
+    with pytest.raises(RecordingError, match=r"x-summary.txt, line 2: a.edf says 2 seizure\(s\) and lists 1"):
+        read_chbmit_summary(bad / "x-summary.txt")
+    (bad / "x-summary.txt").write_text("File Name: a.edf\nSeizure Start Time: 10:42:00\n")
+    with pytest.raises(RecordingError, match=r"line 2: 'Seizure Start Time: 10:42:00' is not a seizure time in s"):
+        read_chbmit_summary(bad / "x-summary.txt")
+    (bad / "x-summary.txt").write_text("File Name: a.edf\nSeizure Start Time: 10 seconds\n")
+    with pytest.raises(RecordingError, match=r"line 2: seizure starting at 10.0 s in a.edf has no end time"):
+        read_chbmit_summary(bad / "x-summary.txt")
+
+
 def test_evaluate_sim_recording_with_nan_run_and_json(tmp_path, sim_recording):
     x, sz = sim_recording
     x = x.copy()

@@ -9,6 +9,11 @@ annotations at all (then "no seizure" is unknown, not zero).
   ``offsets`` (s, same length), optional ``channel_names``.
 * Either, with a ``rec.seizures.csv`` beside ``rec.edf`` / ``rec.npz``: its
   ``onset_s,offset_s`` rows are the seizures (``seizures_sidecar``).
+* Else, a CHB-MIT ``chbNN-summary.txt`` in the same folder that lists the file
+  (``File Name: chb01_03.edf``) gives its seizures (``read_chbmit_summary``:
+  ``Seizure Start Time: 2996 seconds``, numbered ``Seizure 1 Start Time``, or
+  several unnumbered pairs as in chb24; the count must match ``Number of
+  Seizures in File``). CHB-MIT's EDFs carry no annotations of their own.
 * EDF/EDF+ (``edfio``): the signals at the most common rate are used (others,
   e.g. annotations or slow channels, are skipped and listed in ``notes``);
   physical units mV/V are converted to µV. A seizure is an annotation whose
@@ -28,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["Recording", "RecordingError", "load_recording", "load_npz", "load_edf", "load_delhi", "default_delhi_dir",
-           "load_segments", "read_segment", "seizures_sidecar", "read_seizures_csv", "SEIZURE_PATTERN", "DELHI_FS_HZ"]
+           "load_segments", "read_segment", "seizures_sidecar", "read_seizures_csv", "read_chbmit_summary", "SEIZURE_PATTERN",
+           "DELHI_FS_HZ"]
 
 SEIZURE_PATTERN = re.compile(r"\b(seizure|sz|ictal|electrographic)\b", re.IGNORECASE)
 _END_PATTERN = re.compile(r"\b(end|offset|stop)\b", re.IGNORECASE)
@@ -191,9 +197,80 @@ def read_seizures_csv(path: str | Path, duration_s: float) -> list[tuple[float, 
     return _check_seizures(path, onsets, offsets, duration_s)
 
 
+_CHB_FILE = re.compile(r"^File Name:\s*(\S+)\s*$", re.IGNORECASE)
+_CHB_COUNT = re.compile(r"^Number of Seizures in File:\s*(\d+)\s*$", re.IGNORECASE)
+_CHB_TIME = re.compile(r"^Seizure(?:\s+(\d+))?\s+(Start|End)\s+Time\s*:\s*(.*?)\s*$", re.IGNORECASE)
+_CHB_SECONDS = re.compile(r"^(\d+(?:\.\d*)?)\s*(?:s|sec|secs|seconds?)?$", re.IGNORECASE)
+
+
+def read_chbmit_summary(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """CHB-MIT's ``chbNN-summary.txt``: ``{edf file name: [(onset_s, offset_s), ...]}``, seconds
+    from the start of that file. Every file it lists is in the result, those without a seizure with
+    ``[]``. Lines other than file names, seizure counts and seizure times (channel lists, clock
+    times) are skipped; a seizure time that is not a number of seconds, an end without a start, or
+    a count that does not match the times listed is an error naming the line."""
+    path = Path(path)
+    out: dict[str, list[tuple[float, float]]] = {}
+    current, count, start, count_line = None, None, None, 0
+
+    def close(k: int) -> None:
+        if current is None:
+            return
+        if start is not None:
+            raise RecordingError(f"{path}, line {k}: seizure starting at {start} s in {current} has no end time")
+        if count is not None and count != len(out[current]):
+            raise RecordingError(f"{path}, line {count_line}: {current} says {count} seizure(s) and lists "
+                                 f"{len(out[current])}")
+
+    lines = path.read_text(errors="replace").splitlines()
+    for k, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if m := _CHB_FILE.match(line):
+            close(k)
+            current, count, start = m.group(1), None, None
+            if current in out:
+                raise RecordingError(f"{path}, line {k}: {current} is listed twice")
+            out[current] = []
+        elif (m := _CHB_COUNT.match(line)) and current is not None:
+            count, count_line = int(m.group(1)), k
+        elif m := _CHB_TIME.match(line):
+            t = _CHB_SECONDS.match(m.group(3))
+            if current is None or t is None:
+                raise RecordingError(f"{path}, line {k}: {line!r} is not a seizure time in seconds of a file "
+                                     "named above (e.g. 'Seizure Start Time: 2996 seconds')")
+            if m.group(2).lower() == "start":
+                if start is not None:
+                    raise RecordingError(f"{path}, line {k}: a second start before the end of the seizure at "
+                                         f"{start} s in {current}")
+                start = float(t.group(1))
+            else:
+                if start is None:
+                    raise RecordingError(f"{path}, line {k}: a seizure end with no start in {current}")
+                end = float(t.group(1))
+                if not end > start:
+                    raise RecordingError(f"{path}, line {k}: seizure ({start}, {end}) s in {current} invalid, "
+                                         "expected start < end")
+                out[current].append((start, end))
+                start = None
+    close(len(lines))
+    return out
+
+
+def chbmit_seizures(path: str | Path) -> tuple[Path, list[tuple[float, float]]] | None:
+    """The seizures a ``*-summary.txt`` in ``path``'s folder lists for it, with that summary's path;
+    ``None`` when no summary there names the file."""
+    path = Path(path)
+    for summary in sorted(path.parent.glob("*-summary.txt")):
+        listed = read_chbmit_summary(summary)
+        if path.name in listed:
+            return summary, listed[path.name]
+    return None
+
+
 def load_recording(path: str | Path) -> Recording:
     """Dispatch on the suffix: ``.npz`` or ``.edf``/``.bdf``-less EDF/EDF+. A ``rec.seizures.csv``
-    beside the file (``seizures_sidecar``) gives its seizures, in place of any the file carries."""
+    beside the file (``seizures_sidecar``), or else a CHB-MIT summary in its folder that lists it,
+    gives its seizures, in place of any the file carries."""
     path = Path(path)
     if not path.is_file():
         raise RecordingError(f"recording {path} does not exist")
@@ -205,10 +282,12 @@ def load_recording(path: str | Path) -> Recording:
     else:
         raise RecordingError(f"recording {path}: unsupported file type {suffix!r}, expected .edf (EDF/EDF+) or .npz")
     side = seizures_sidecar(path)
-    if side.is_file():
+    found = (side, read_seizures_csv(side, rec.duration_s)) if side.is_file() else chbmit_seizures(path)
+    if found is not None:
+        side, seizures = found
         if rec.seizures:
             rec.notes.append(f"{len(rec.seizures)} seizure(s) annotated in the file replaced by {side.name}")
-        rec.seizures = read_seizures_csv(side, rec.duration_s)
+        rec.seizures = _check_seizures(side, [a for a, _ in seizures], [b for _, b in seizures], rec.duration_s)
         rec.notes.append(f"seizures from {side.name}: {len(rec.seizures)}")
     return rec
 
