@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,6 +188,35 @@ def test_chbmit_summary_gives_the_seizures_of_the_files_it_lists(tmp_path, sim_r
     (bad / "x-summary.txt").write_text("File Name: a.edf\nSeizure Start Time: 10 seconds\n")
     with pytest.raises(RecordingError, match=r"line 2: seizure starting at 10.0 s in a.edf has no end time"):
         read_chbmit_summary(bad / "x-summary.txt")
+
+
+def test_evaluate_a_batch_scores_what_it_can_read_and_names_what_it_cannot(tmp_path, sim_recording):
+    """A batch (a CHB-MIT patient is tens of files) is read one recording at a time. A file that exists
+    but cannot be read is named and left out, the others are scored and written, and the exit code
+    says the figures are incomplete (1). A path that does not exist stops it before any work (2)."""
+    import subprocess
+    import sys
+
+    x, sz = sim_recording
+    good = _write_npz(tmp_path / "good.npz", x, 512.0, sz)
+    broken = tmp_path / "broken.edf"
+    broken.write_bytes(b"this is not an EDF header" * 20)
+    out = tmp_path / "ev.json"
+    import os
+    env = {**os.environ, "COLUMNS": "400"}   # one line per message, whatever the paths' length
+    run = lambda *a: subprocess.run([sys.executable, "-m", "controller.cli", "evaluate", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300, env=env)
+    r = run(broken, good, "--json", out, "--no-windows")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "broken.edf not evaluated:" in r.stderr and "cannot read as EDF" in r.stderr
+    assert "1 of 2 recording(s) could not be read" in r.stderr
+    doc = json.loads(out.read_text())
+    assert [Path(rec["path"]).name for rec in doc["recordings"]] == ["good.npz"]
+    assert doc["recordings"][0]["metrics"]["event"]["n_detected"] == 2
+    assert [Path(u["path"]).name for u in doc["unreadable"]] == ["broken.edf"]
+    r = run(good, tmp_path / "typo.edf")
+    assert r.returncode == 2 and "recording " in r.stderr and "typo.edf does not exist" in r.stderr
+    assert "Scoring rules" not in r.stderr                      # refused before anything was read
 
 
 def test_evaluate_sim_recording_with_nan_run_and_json(tmp_path, sim_recording):

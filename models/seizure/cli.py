@@ -44,8 +44,9 @@ def seizure(
         help="put identical Delhi segments (4 pairs) in one CV group; off reproduces the shipped model "
              "(MODEL_CARD.md, Audits)"),
     recording: Optional[List[Path]] = typer.Option(None, "--recording", "-r",
-                                                   help="annotated EDF/EDF+ or .npz recording (repeatable; seizures from the file "
-                                                        "or a REC.seizures.csv beside it)"),
+                                                   help="annotated EDF/EDF+ or .npz recording (repeatable; seizures from the file, "
+                                                        "a REC.seizures.csv beside it or a CHB-MIT *-summary.txt "
+                                                        "in its folder)"),
     max_fa_per_24h: float = typer.Option(1.0, help="out-of-fold background false alarms per 24 h allowed when "
                                                     "choosing the operating point"),
     min_durations: str = typer.Option("0.25,0.5,0.75,1.0,1.25,1.5",
@@ -156,8 +157,8 @@ def _segments_table(r: dict, model_name: str) -> Table:
 
 def evaluate(
     recordings: Optional[List[Path]] = typer.Argument(
-        None, help="EDF/EDF+ or .npz recordings (seizures from the file or a REC.seizures.csv beside it: "
-                   "onset_s,offset_s rows)"),
+        None, help="EDF/EDF+ or .npz recordings (seizures from the file, a REC.seizures.csv beside it: "
+                   "onset_s,offset_s rows, or a CHB-MIT *-summary.txt in its folder)"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="stimloop ONNX model (default: shipped)"),
     sim_patients: Optional[str] = typer.Option(None, help="evaluate on simulated cohort patients, e.g. 100-119"),
     sim_hours: float = typer.Option(2.0, help="simulated hours in total, split evenly over --sim-patients"),
@@ -182,7 +183,8 @@ def evaluate(
     from models.seizure.evaluate import (CohortSpec, EvaluationError, OnnxDetector, default_model_path,
                                          evaluate_recording, evaluate_segments, permutation_importance,
                                          simulate_cohort, summarize, sweep)
-    from models.seizure.recordings import RecordingError, default_delhi_dir, load_recording, load_segments
+    from models.seizure.recordings import (RecordingError, check_recording_path, default_delhi_dir, load_recording,
+                                           load_segments)
     from models.seizure.scoring import SZCORE
 
     if not recordings and not sim_patients and segments is None:
@@ -224,35 +226,54 @@ def evaluate(
             detectors.append(MayoDetector())
         except EvaluationError as e:
             _fail(str(e))
-    recs = []
-    for path in recordings or []:
+    paths = list(recordings or [])
+    for path in paths:   # what can be told before any work: a typo in a list of files
         try:
-            recs.append(load_recording(path))
+            check_recording_path(path)
         except RecordingError as e:
             _fail(str(e))
+    spec = None
     if sim_patients:
         from models.seizure.dataset import parse_id_range
         try:
             spec = CohortSpec(tuple(parse_id_range(sim_patients)), sim_hours, sim_fs, sim_channels, sim_seed)
         except ValueError as e:
             _fail(str(e))
-        with console.status("simulating cohort") as st:
-            recs += simulate_cohort(spec, progress=lambda k, n, what: st.update(f"simulated {k}/{n}: {what}"))
     console.print(f"[bold]Scoring rules[/]: {SZCORE.describe()}. Detector events = threshold + min_duration_s "
                   "+ refractory, as the responsive policy acts. Window labels: window end inside a seizure.")
-    results: dict[str, dict] = {}
-    for d in detectors:
-        records = []
-        for rec in recs:
+    records: dict[str, list] = {d.name: [] for d in detectors}
+    recs = []          # kept only for --sensitivity's permutation importance, which needs the signals
+    unreadable = []    # recordings that could not be read: reported, the others still scored
+
+    def score(rec) -> None:
+        for d in detectors:
             try:
-                records.append(evaluate_recording(d, rec, keep_windows=not no_windows))
+                records[d.name].append(evaluate_recording(d, rec, keep_windows=not no_windows))
             except EvaluationError as e:
                 console.print(f"[yellow]{d.name}: {rec.path} not evaluated:[/] {e}")
                 continue
-            r = records[-1]
-            for note in r["notes"]:
+            for note in records[d.name][-1]["notes"]:
                 console.print(f"  {rec.path}: {note}")
-        results[d.name] = {"records": records, "summary": summarize(records)}
+        if sensitivity:
+            recs.append(rec)
+
+    # One recording in memory at a time: a CHB-MIT patient is tens of one-hour files.
+    with console.status("evaluating") as st:
+        for k, path in enumerate(paths, 1):
+            st.update(f"evaluating {k}/{len(paths)}: {path.name}")
+            try:
+                rec = load_recording(path)
+            except RecordingError as e:
+                console.print(f"[yellow]{path} not evaluated:[/] {e}")
+                unreadable.append({"path": str(path), "reason": str(e)})
+                continue
+            score(rec)
+            del rec
+        if spec is not None:
+            st.update("simulating cohort")
+            for rec in simulate_cohort(spec, progress=lambda k, n, what: st.update(f"simulated {k}/{n}: {what}")):
+                score(rec)
+    results = {name: {"records": rs, "summary": summarize(rs)} for name, rs in records.items()}
     per = Table(title=f"per recording ({det.name}, threshold {det.threshold:g}, min_duration {det.min_duration_s:g} s)")
     for col in ("recording", "fs (Hz)", "duration (s)", "seizures", "detections", "detected", "false alarms",
                 "not evaluated (s)"):
@@ -293,12 +314,17 @@ def evaluate(
             return [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
         main = results[det.name]
         doc = {"model": str(det.path), "rules": SZCORE.describe(), "recordings": clean(main["records"]),
-               "summary": main["summary"], **extra, **({"segments": seg_result} if seg_result else {})}
+               "summary": main["summary"], **extra, **({"segments": seg_result} if seg_result else {}),
+               **({"unreadable": unreadable} if unreadable else {})}
         if len(detectors) > 1:
             doc["compare"] = {k: {"summary": v["summary"], "recordings": clean(v["records"])}
                               for k, v in results.items()}
         json_out.write_text(json.dumps(doc, default=float) + "\n")
         console.print(f"wrote {json_out}")
+    if unreadable:
+        console.print(f"[red]error:[/] {len(unreadable)} of {len(paths)} recording(s) could not be read "
+                          "(listed above): the figures leave them out", highlight=False)
+        raise typer.Exit(1)
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="stimloop seizure model tools")

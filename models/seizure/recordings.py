@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Recording", "RecordingError", "load_recording", "load_npz", "load_edf", "load_delhi", "default_delhi_dir",
-           "load_segments", "read_segment", "seizures_sidecar", "read_seizures_csv", "read_chbmit_summary", "SEIZURE_PATTERN",
-           "DELHI_FS_HZ"]
+__all__ = ["Recording", "RecordingError", "load_recording", "check_recording_path", "load_npz", "load_edf",
+           "load_delhi", "default_delhi_dir", "load_segments", "read_segment", "seizures_sidecar", "read_seizures_csv",
+           "read_chbmit_summary", "SEIZURE_PATTERN", "DELHI_FS_HZ"]
 
 SEIZURE_PATTERN = re.compile(r"\b(seizure|sz|ictal|electrographic)\b", re.IGNORECASE)
 _END_PATTERN = re.compile(r"\b(end|offset|stop)\b", re.IGNORECASE)
@@ -267,20 +267,24 @@ def chbmit_seizures(path: str | Path) -> tuple[Path, list[tuple[float, float]]] 
     return None
 
 
+def check_recording_path(path: str | Path) -> Path:
+    """``path`` if it is a file ``load_recording`` reads by its suffix, else ``RecordingError``: what
+    can be told of a list of recordings before reading any."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordingError(f"recording {path} does not exist")
+    if path.suffix.lower() not in (".npz", ".edf", ".edf+"):
+        raise RecordingError(f"recording {path}: unsupported file type {path.suffix.lower()!r}, "
+                             "expected .edf (EDF/EDF+) or .npz")
+    return path
+
+
 def load_recording(path: str | Path) -> Recording:
     """Dispatch on the suffix: ``.npz`` or ``.edf``/``.bdf``-less EDF/EDF+. A ``rec.seizures.csv``
     beside the file (``seizures_sidecar``), or else a CHB-MIT summary in its folder that lists it,
     gives its seizures, in place of any the file carries."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecordingError(f"recording {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        rec = load_npz(path)
-    elif suffix in (".edf", ".edf+"):
-        rec = load_edf(path)
-    else:
-        raise RecordingError(f"recording {path}: unsupported file type {suffix!r}, expected .edf (EDF/EDF+) or .npz")
+    path = check_recording_path(path)
+    rec = load_npz(path) if path.suffix.lower() == ".npz" else load_edf(path)
     side = seizures_sidecar(path)
     found = (side, read_seizures_csv(side, rec.duration_s)) if side.is_file() else chbmit_seizures(path)
     if found is not None:

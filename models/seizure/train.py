@@ -388,7 +388,8 @@ def train_model(cfg: TrainConfig, progress: Callable[[str], None] | None = None)
         rec = load_recording(path)
         if rec.seizures is None:
             raise ValueError(f"recording {path} has no seizure annotations: training needs them "
-                             "(EDF+ annotations or .npz onsets/offsets)")
+                             "(EDF+ annotations, .npz onsets/offsets, a REC.seizures.csv beside it with "
+                             "onset_s,offset_s rows, or a CHB-MIT *-summary.txt in its folder naming it)")
         from models.seizure.dataset import features_for_recording
 
         bad = int(np.count_nonzero(~np.isfinite(rec.data_uv)))
