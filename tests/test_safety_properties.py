@@ -318,7 +318,13 @@ def test_profile_construction_refuses_beyond_kind_ceilings(base, field, value):
     assert p.max_amplitude_ua <= p.hard_max_amplitude_ua
 
 
-@settings(max_examples=300, deadline=None)
+# The timing tests need an allowed first burst, drawn from requests within and across the profile's
+# limits: about 1 in 4 is allowed (99 of 400 draws), so Hypothesis's filtering health check can fire
+# on an unlucky start (7 valid of 57 seen, in CI) although every example it runs is a valid one.
+FIRST_BURST_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+
+
+@FIRST_BURST_SETTINGS
 @given(profile=st.sampled_from(PROFILES), caps=caps_strategy, data=st.data(),
        first_at=st.one_of(st.none(), st.floats(0.0, 1.0)), dt=st.floats(0.0, 2.0),
        second_at=st.one_of(st.none(), st.floats(0.0, 1.0)))
@@ -343,7 +349,7 @@ def test_no_command_reaches_a_device_still_holding_a_burst(profile, caps, data, 
         assert end1 + DEVICE_BUSY_GUARD_S > dt      # refused only while the device is busy
 
 
-@settings(max_examples=300, deadline=None)
+@FIRST_BURST_SETTINGS
 @given(profile=st.sampled_from(PROFILES), caps=caps_strategy, data=st.data(), late=st.floats(0.0, 0.3),
        dt=st.floats(0.0, 0.5), second_at=st.one_of(st.none(), st.floats(0.0, 0.5)))
 def test_the_next_burst_keeps_its_distance_from_where_the_device_started_the_last(profile, caps, data, late, dt,
