@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from controller.low_latency import DEFAULT_NICE
 from hil_sim.faults import FaultSpec  # noqa: E402  (plain pydantic model; no I/O at import)
@@ -53,8 +53,26 @@ class SourceConfig(_Section):
     busy_poll: bool = Field(False, description=(
         "wait for samples by polling without sleeping: less latency and jitter, one CPU core spent by the "
         "acquisition process (docs/performance_log.md, 'Busy polling'); for a machine with a core to spare"))
+    units: str = Field("", description=(
+        "LSL: the unit every channel's values are in (V, mV, uV, nV), whatever the stream declares; empty: "
+        "the stream's own declaration (V, mV, nV converted to µV; none declared: taken as µV; any other refused)"))
     board_id: int = Field(-1, description="BrainFlow board id (-1 = synthetic board)")
     board_params: dict[str, Any] = Field(default_factory=dict, description="BrainFlowInputParams fields")
+
+    @field_validator("units")
+    @classmethod
+    def _units_known(cls, v: str) -> str:
+        from controller.units import KNOWN_UNITS, uv_factor
+        if v and uv_factor(v) is None:
+            raise ValueError(f"not a voltage unit stimloop knows: expected one of {', '.join(KNOWN_UNITS)}, "
+                             "or empty for the stream's own")
+        return v
+
+    @model_validator(mode="after")
+    def _units_for_lsl(self) -> "SourceConfig":
+        if self.units and self.kind == "brainflow":
+            raise ValueError("units applies to LSL streams: BrainFlow boards deliver µV")
+        return self
 
 
 class SimulatorConfig(_Section):

@@ -33,6 +33,7 @@ from typing import Iterable
 import numpy as np
 
 from controller.sources.base import GAP_FACTOR
+from controller.units import KNOWN_UNITS, uv_factor
 
 DEFAULT_EXCLUDE_KINDS: tuple[str, ...] = ("chunk",)  # one per chunk: too many to be useful annotations
 _LABEL_CHARS = 16        # EDF header: signal label is 16 ASCII characters
@@ -42,9 +43,6 @@ _MAX_ANNOTATION_CHARS = 120
 _STIM_FIELDS_FIRST = ("amplitude_ua", "pulse_width_us", "frequency_hz", "n_pulses", "channel", "waveform")
 
 # Factor to µV. Symbols are case-sensitive (mV is not MV); words are matched lower-case.
-_TO_UV = {"V": 1e6, "mV": 1e3, "uV": 1.0, "\u00b5V": 1.0, "\u03bcV": 1.0, "nV": 1e-3,
-          "volt": 1e6, "volts": 1e6, "millivolt": 1e3, "millivolts": 1e3,
-          "microvolt": 1.0, "microvolts": 1.0, "nanovolt": 1e-3, "nanovolts": 1e-3}
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +148,9 @@ def _source_fields(meta: dict) -> tuple[list | None, list | str | None, str]:
 def _unit_factors(meta: dict, names: list[str], assume_unit: str | None) -> list[float]:
     """Per channel, the factor that takes its samples to µV; unknown or undeclared units refused."""
     n_ch = len(names)
-    if assume_unit is not None and _TO_UV.get(assume_unit.strip(), _TO_UV.get(assume_unit.strip().lower())) is None:
+    if assume_unit is not None and uv_factor(assume_unit) is None:
         raise ValueError(f"assume_unit={assume_unit!r} is not a voltage unit the EDF export knows; "
-                         f"expected one of {sorted(_TO_UV)}")
+                         f"expected one of {', '.join(KNOWN_UNITS)}")
     _, units, where = _source_fields(meta)
     if isinstance(units, str):
         units = [units] * n_ch
@@ -162,14 +160,14 @@ def _unit_factors(meta: dict, names: list[str], assume_unit: str | None) -> list
     for i, (name, unit) in enumerate(zip(names, units)):
         declared = str(unit if unit is not None else "").strip()
         text = declared or (assume_unit or "").strip()
-        factor = _TO_UV.get(text, _TO_UV.get(text.lower()))
+        factor = uv_factor(text)
         if factor is None:
             if not declared:
                 raise ValueError(
                     f"channel {i} ({name!r}): the source declared no unit (raw/meta.json {where}units), so "
                     f"µV cannot be told from V; pass assume_unit (e.g. 'uV') to export_edf if you know it")
             raise ValueError(f"channel {i} ({name!r}): unit {declared!r} (raw/meta.json {where}units) is not a "
-                             f"voltage unit the EDF export knows; expected one of {sorted(_TO_UV)}")
+                             f"voltage unit the EDF export knows; expected one of {', '.join(KNOWN_UNITS)}")
         factors.append(factor)
     return factors
 

@@ -27,7 +27,7 @@ N_CH = 3
 
 
 def _outlet_process(name: str, source_id: str, duration_s: float, skip: tuple[int, int] | None, ready,
-                    jump: tuple[int, float] | None = None) -> None:
+                    jump: tuple[int, float] | None = None, units=("microvolts",) * N_CH) -> None:
     """Push a counter pattern (value = sample index) at FS with exact timestamps, omitting ``skip`` samples;
     ``jump = (k, offset_s)``: the sender's clock steps by ``offset_s`` from sample ``k`` on."""
     from controller.lsl_config import ensure_lsl_config
@@ -35,10 +35,11 @@ def _outlet_process(name: str, source_id: str, duration_s: float, skip: tuple[in
     import pylsl as lsl
     info = lsl.StreamInfo(name, "EEG", N_CH, FS, "float32", source_id)
     chans = info.desc().append_child("channels")
-    for label in ("A1", "A2", "A3"):
+    for label, unit in zip(("A1", "A2", "A3"), units):
         ch = chans.append_child("channel")
         ch.append_child_value("label", label)
-        ch.append_child_value("unit", "microvolts")
+        if unit is not None:
+            ch.append_child_value("unit", unit)
     outlet = lsl.StreamOutlet(info, chunk_size=4)
     ready.set()
     t0 = lsl.local_clock()
@@ -61,11 +62,11 @@ def _outlet_process(name: str, source_id: str, duration_s: float, skip: tuple[in
         time.sleep(0.004)
 
 
-def start_outlet(name, duration_s=3.0, skip=None, source_id=None, jump=None):
+def start_outlet(name, duration_s=3.0, skip=None, source_id=None, jump=None, units=("microvolts",) * N_CH):
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     p = ctx.Process(target=_outlet_process, args=(name, source_id or name + "-sid", duration_s, skip, ready, jump),
-                    daemon=True)
+                    kwargs={"units": units}, daemon=True)
     p.start()
     assert ready.wait(30), "outlet process did not start"
     return p
@@ -95,7 +96,8 @@ def test_resolves_pulls_and_counts_a_timestamp_gap_as_dropped():
     try:
         info = src.open()
         assert (info.name, info.n_channels, info.fs_hz) == (name, N_CH, FS)
-        assert info.channel_names == ("A1", "A2", "A3") and info.units[0] == "microvolts"
+        assert info.channel_names == ("A1", "A2", "A3") and info.units == ("uV",) * N_CH
+        assert info.declared_units == ("microvolts",) * N_CH and info.describe_units() == "in µV"
         ring = SharedRing.create(None, N_CH, 4096, FS)
         reader = ring.reader("oldest")
         events = pump(src, ring, 6.0, until=lambda ev: ring.counter and reader.ring.counter > 0 and
@@ -451,3 +453,48 @@ def test_a_ring_sized_for_another_stream_of_the_same_name_is_refused_naming_the_
         ring.close()
         ring.unlink()
         del a, b
+
+
+def test_samples_arrive_in_microvolts_whatever_unit_the_stream_declares():
+    """An MNE-based player streams volts: V, mV and nV channels are scaled to µV, an undeclared one
+    passes as it is (taken as µV, and said so); a unit that is no voltage is refused at open, unless
+    source.units says what the values are."""
+    name = f"stimloop-units-{uuid.uuid4().hex[:8]}"
+    p = start_outlet(name, duration_s=4.0, units=("V", "mV", None))
+    src = LslSource(name=name, resolve_timeout_s=10.0)
+    ring = SharedRing.create(None, N_CH, 4096, FS)
+    try:
+        info = src.open()
+        assert info.units == ("uV", "uV", "") and info.declared_units == ("V", "mV", "")
+        assert info.describe_units() == "1 of 3 channel(s) declare no unit: taken as µV (set source.units if they are not)"
+        reader = ring.reader("oldest")
+        pump(src, ring, 4.0, until=lambda ev: ring.counter > 200)
+        res = reader.read_new(copy=True)
+        idx = res.samples[:, 2].astype(np.float64)          # the counter, as sent (undeclared: unchanged)
+        assert idx.size > 200 and np.array_equal(idx, np.round(idx))
+        assert np.allclose(res.samples[:, 0], idx * 1e6, rtol=1e-6)   # V -> µV
+        assert np.allclose(res.samples[:, 1], idx * 1e3, rtol=1e-6)   # mV -> µV
+    finally:
+        src.close()
+        stop(p)
+    name = f"stimloop-units-{uuid.uuid4().hex[:8]}"
+    p = start_outlet(name, duration_s=4.0, units=("counts", "counts", "microvolts"))
+    try:
+        with pytest.raises(SourceError, match=r"channel 0 \('A1'\) declares unit 'counts' \(and 1 more channel\(s\)\), "
+                                              r"not a voltage stimloop knows .* set source.units"):
+            LslSource(name=name, resolve_timeout_s=10.0).open()
+        src = build_source({"kind": "lsl", "name": name, "resolve_timeout_s": 10.0, "units": "uV"})
+        info = src.open()
+        assert info.units == ("uV",) * N_CH and info.declared_units == ("counts", "counts", "microvolts")
+        assert info.describe_units() == "taken as uV (source.units; the stream declares counts, microvolts)"
+        reader = ring.reader("now")
+        pump(src, ring, 4.0, until=lambda ev: ring.counter > 100 and reader.available() > 50)
+        res = reader.read_new(copy=True)
+        assert res.samples.size and (res.samples == res.samples[:, :1]).all()   # taken as they come
+    finally:
+        src.close()
+        stop(p)
+        ring.close()
+        ring.unlink()
+    with pytest.raises(ValueError, match="units='furlongs'"):
+        LslSource(name=name, units="furlongs")

@@ -71,7 +71,7 @@ def source_spec(cfg: Config, hil_stream: str | None = None, hil_source_id: str |
                 "max_buflen_s": s.max_buflen_s, "stall_timeout_s": s.stall_timeout_s, "busy_poll": s.busy_poll,
                 # The built-in simulator stamps with this machine's local_clock: its offset is 0, and
                 # an estimate would only add its error (controller/sources/lsl.py).
-                "time_correction": s.kind != "hil"}
+                "time_correction": s.kind != "hil", "units": s.units or None}
     return {"kind": "brainflow", "board_id": s.board_id, "params": dict(s.board_params), "busy_poll": s.busy_poll,
             "stall_timeout_s": s.stall_timeout_s}
 
@@ -224,7 +224,8 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
                 contract.check_stream(src_info.fs_hz, src_info.n_channels)
         except ContractError as exc:
             raise SessionError(f"model {model_path.name} does not fit the stream: {exc}") from None
-        _say(console, f"source: {src_info.name} — {src_info.n_channels} ch @ {src_info.fs_hz:g} Hz")
+        _say(console, f"source: {src_info.name} — {src_info.n_channels} ch @ {src_info.fs_hz:g} Hz, "
+                      f"{src_info.describe_units()}")
 
         from controller.ring import SharedRing
         capacity = int(cfg.ring.capacity_s * src_info.fs_hz)

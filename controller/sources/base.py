@@ -44,7 +44,9 @@ class SourceInfo:
     """What a source delivers. ``fs_hz = 0`` means an irregular rate. ``gap_factor``: the timestamp
     step, in sample periods, above which this source counts samples as lost (``count_gaps``); the
     loop's data-quality check and the EDF export use the same, so a jitter the source tolerates is
-    not taken for a gap downstream."""
+    not taken for a gap downstream. ``units``: what the samples delivered are in ("uV"; "" where the
+    stream declared none, and they are taken as µV); ``declared_units``: what the stream said, when
+    the source converted (an LSL stream in V), else None."""
 
     name: str
     type: str
@@ -54,11 +56,31 @@ class SourceInfo:
     units: tuple[str, ...]
     fs_hz: float
     gap_factor: float = GAP_FACTOR
+    declared_units: tuple[str, ...] | None = None
+    #: the unit the config said every channel is in (``source.units``), over what the stream declared
+    unit_override: str | None = None
 
     def to_dict(self) -> dict:
         return {"name": self.name, "type": self.type, "source_id": self.source_id,
                 "n_channels": self.n_channels, "channel_names": list(self.channel_names),
-                "units": list(self.units), "fs_hz": self.fs_hz, "gap_factor": self.gap_factor}
+                "units": list(self.units), "fs_hz": self.fs_hz, "gap_factor": self.gap_factor,
+                **({"declared_units": list(self.declared_units)} if self.declared_units is not None else {}),
+                **({"unit_override": self.unit_override} if self.unit_override is not None else {})}
+
+    def describe_units(self) -> str:
+        """One line for the operator: in µV as declared, converted, or undeclared and assumed."""
+        from controller.units import uv_factor
+        if self.unit_override is not None:
+            said = sorted({u for u in (self.declared_units or self.units) if u.strip()}) or ["no unit"]
+            said = f"; the stream declares {', '.join(said)}"
+            return (f"taken as {self.unit_override} (source.units{said})" if uv_factor(self.unit_override) == 1.0
+                    else f"converted to µV from {self.unit_override} (source.units{said})")
+        undeclared = sum(1 for u in self.units if not u.strip())
+        if undeclared:
+            return (f"{undeclared} of {self.n_channels} channel(s) declare no unit: taken as µV "
+                    "(set source.units if they are not)")
+        scaled = sorted({u for u in self.declared_units or () if uv_factor(u) not in (None, 1.0)})
+        return f"converted to µV from {', '.join(scaled)}" if scaled else "in µV"
 
 
 class Source(ABC):

@@ -37,6 +37,7 @@ from pylsl.util import TimeoutError as LslTimeoutError
 
 from controller.events import EventKind
 from controller.sources.base import GAP_FACTOR, Source, SourceError, SourceInfo, StreamIncompatible, count_gaps
+from controller.units import KNOWN_UNITS, uv_factor
 
 
 def _quote(value: str) -> str:
@@ -99,6 +100,12 @@ class LslSource(Source):
       (0.02–0.1 ms at p50, 0.1–0.3 ms at p99 in the runs of docs/performance_log.md,
       "Busy polling") and costs a whole CPU core while it waits: for a machine
       with a core to spare;
+    - samples are delivered in µV: channels declaring V, mV or nV (any spelling of
+      ``controller.units``) are scaled, µV and undeclared ones pass as they are
+      (``SourceInfo.units`` says which were undeclared, ``declared_units`` what the
+      stream said); a channel declaring a unit that is no voltage stimloop knows is
+      refused at open, since every amplitude downstream would be off by an unknown
+      factor. ``units`` (config ``source.units``) overrides the stream's declaration;
     - timestamp steps above ``gap_factor / fs`` are reported as ``DROPPED`` events;
     - no data for ``stall_timeout_s`` or a ``LostError`` → ``FAULT`` event
       (``what="stream_lost"``); the source keeps looking for a stream matching
@@ -118,7 +125,7 @@ class LslSource(Source):
                  resolve_timeout_s: float = 5.0, max_buflen_s: int = 1, chunk: int = 256,
                  wait_s: float = 0.005, stall_timeout_s: float = 1.0, gap_factor: float = GAP_FACTOR,
                  time_correction_interval_s: float = 2.0, recover_poll_s: float = 0.1, busy_poll: bool = False,
-                 time_correction: bool = True):
+                 time_correction: bool = True, units: str | None = None):
         super().__init__()
         self.predicate = build_predicate(name, type, source_id)
         self.source_id = source_id or None   # the user's explicit pick of one outlet, if given
@@ -146,6 +153,12 @@ class LslSource(Source):
         if not isinstance(time_correction, bool):
             raise ValueError(f"LslSource time_correction={time_correction!r}: expected true or false")
         self.time_correction = time_correction
+        if units is not None and uv_factor(units) is None:
+            raise ValueError(f"LslSource units={units!r}: expected a voltage unit ({', '.join(KNOWN_UNITS)}) "
+                             "or None to take the stream's own")
+        self.units = units
+        self._scale: np.ndarray | None = None   # per channel, to µV; None: already µV
+        self._declared: tuple[str, ...] | None = None
         self._inlet: pylsl.StreamInlet | None = None
         self._uid = ""
         self._fmt: int | None = None
@@ -242,9 +255,18 @@ class LslSource(Source):
             names.append(ch.child_value("label") or f"ch{i}")
             units.append(ch.child_value("unit"))
             ch = ch.next_sibling() if not ch.empty() else ch
+        declared = tuple(units)
+        if self._declared is not None and declared != self._declared and self.units is None:
+            inlet.close_stream()
+            raise StreamIncompatible(f"LSL stream {full.name()!r} came back declaring units {list(declared)}, "
+                                     f"expected {list(self._declared)}")
+        scale, delivered = self._to_uv(full.name(), names, declared, inlet)
+        self._declared, self._scale = declared, scale
         self.info = SourceInfo(name=full.name(), type=full.type(), source_id=full.source_id(), n_channels=n_ch,
-                               channel_names=tuple(names), units=tuple(units), fs_hz=float(full.nominal_srate()),
-                               gap_factor=self.gap_factor)
+                               channel_names=tuple(names), units=delivered, fs_hz=float(full.nominal_srate()),
+                               gap_factor=self.gap_factor,
+                               declared_units=declared if delivered != declared else None,
+                               unit_override=self.units)
         self._inlet = inlet
         self._fmt = fmt
         self._uid = full.uid()
@@ -261,6 +283,27 @@ class LslSource(Source):
         # the old instance's offset, possibly hours off, for as long as the slew takes.
         self._offset_stale = self.time_correction and not wait_time_correction
         self._last_data_t = pylsl.local_clock()
+
+    def _to_uv(self, name: str, channels: list[str], declared: tuple[str, ...], inlet) -> tuple:
+        """(per-channel factor to µV or None when all are 1, the units delivered): rules in the class doc."""
+        if self.units is not None:
+            factors = [uv_factor(self.units)] * len(declared)
+            delivered = tuple("uV" for _ in declared)
+        else:
+            unknown = [(i, u) for i, u in enumerate(declared) if u.strip() and uv_factor(u) is None]
+            if unknown:
+                inlet.close_stream()
+                i, u = unknown[0]
+                more = f" (and {len(unknown) - 1} more channel(s))" if len(unknown) > 1 else ""
+                raise StreamIncompatible(
+                    f"LSL stream {name!r} channel {i} ({channels[i]!r}) declares unit {u!r}{more}, not a voltage "
+                    f"stimloop knows ({', '.join(KNOWN_UNITS)}): it works in µV (the model's amplitude features, "
+                    f"the data-quality limits), so set source.units to the unit the values are in (e.g. \"uV\")")
+            factors = [uv_factor(u) or 1.0 for u in declared]
+            # Converted channels are µV now; undeclared ones stay undeclared (taken as µV, not known to be).
+            delivered = tuple("uV" if uv_factor(u) is not None else u for u in declared)
+        scale = np.asarray(factors, dtype=np.float32)
+        return (None if np.all(scale == 1.0) else scale), delivered
 
     # ------------------------------------------------------------------ loss / recovery
     def _declare_lost(self, now: float, reason: str) -> None:
@@ -350,7 +393,9 @@ class LslSource(Source):
             self._offset_s = off
         last_raw = float(ts[-1])
         ts += off
-        if self._buf32 is not self._buf:
+        if self._scale is not None:   # to µV (the source declared V, mV or nV)
+            np.multiply(self._buf[:n], self._scale, out=self._buf32[:n], casting="unsafe")
+        elif self._buf32 is not self._buf:
             self._buf32[:n] = self._buf[:n]
         ring.write(self._buf32[:n], ts)
         now = pylsl.local_clock()
