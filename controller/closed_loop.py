@@ -60,6 +60,8 @@ class SeizureLoop:
     #: the source's jitter tolerance (``SourceInfo.gap_factor``): a timestamp step above this many
     #: sample periods is missing samples, and the windows spanning it are not acted on
     gap_factor: float = GAP_FACTOR
+    #: the last window was flat on every channel (FLAT_REASON): a fault until a window with signal
+    flat: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config, fs_hz: float, n_channels: int) -> "SeizureLoop":
@@ -107,10 +109,17 @@ class SeizureLoop:
         if not timestamps.size or self.stage is None:
             return []
         windows = self.stage.step(chunk, timestamps)
+        flat_t = self.stage.flat_window_t
         # Before the model's warm-up (its running baselines settling) results are recorded, not acted on.
         out = []
         for t_end, feats in windows:
-            why = ("model warm-up" if not self.stage.is_warm(t_end) else
+            flat = bool(flat_t) and t_end in flat_t
+            if flat != self.flat:   # into or out of a stretch with no signal on any channel
+                self.flat = flat
+                events.append(Event(t_end, EventKind.FAULT, "loop", {"what": "flat_signal", "reason": FLAT_REASON})
+                              if flat else Event(t_end, EventKind.STATUS, "loop",
+                                                 {"what": "signal_back", "status": "signal on the channels again"}))
+            why = (FLAT_REASON if flat else "model warm-up" if not self.stage.is_warm(t_end) else
                    self.quality.invalid_reason if t_end <= self.quality.invalid_until_t else None)
             out.append(WindowResult(t_end, feats, why is None, why))
         return out
@@ -120,10 +129,16 @@ class SeizureLoop:
 
     @property
     def bad_data(self) -> bool:
-        return self.quality is not None and self.quality.in_bad_run
+        """Stimulation must stay off: bad samples (``DataQuality``), or no signal on any channel."""
+        return self.flat or (self.quality is not None and self.quality.in_bad_run)
 
 
 BAD_DATA_REASON = "bad samples in the stream"
+#: Every channel below 0.01 µV rms over a window (features.SzV1Pipeline.flat_var_uv2): no amplifier's
+#: noise floor is that low, so there is no signal to decide on: electrodes off, an amplifier streaming
+#: a constant, or values in V read as µV.
+FLAT_REASON = ("no signal: every channel below 0.01 µV rms (electrodes off, or values in V taken as µV: "
+               "check the stream's units, source.units)")
 STALE_REASON = "no data from the source"
 DRIVER_FAULT = "driver error"  # prefix of the actuator's latch reasons for device failures
 DEADLINE_MISSED = "deadline missed"  # why a late window is not acted upon (PolicyDrive.on_invalid)

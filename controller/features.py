@@ -109,6 +109,9 @@ class FeaturePipeline(ABC):
 
     name: str = ""
     version: int = 0
+    #: the last ``step``'s window was flat on every channel (no signal at all), for pipelines that
+    #: tell; the loop does not act on such windows (controller.closed_loop.FLAT_REASON)
+    all_flat: bool = False
 
     def __init__(self, fs_hz: float, n_channels: int, hop_s: float = 0.25):
         if not (fs_hz > 0):
@@ -293,6 +296,7 @@ class SzV1Pipeline(FeaturePipeline):
         # would drop there and then take minutes to climb back (rise-limited), every later window
         # looking like a seizure meanwhile. Such channels neither start nor move the baseline.
         flat = pc[1] < self._flat_log_var
+        self.all_flat = bool(flat.all())
         start = ~self._have_baseline & ~flat
         if start.any():
             self._baseline[:, start] = logs[:, start]

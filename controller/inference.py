@@ -367,6 +367,8 @@ class SeizureDetectorStage:
         self._warm_windows = math.ceil(contract.warmup_s / contract.hop_s - 1e-9)
         self._src_t = np.zeros(0, dtype=np.float64)  # recent source timestamps (resampling only)
         self._src_base = 0        # absolute source index of _src_t[0]
+        #: end times of the windows of the last ``step`` that were flat on every channel (no signal)
+        self.flat_window_t: list[float] = []
 
     @property
     def warm(self) -> bool:
@@ -397,6 +399,7 @@ class SeizureDetectorStage:
             raise ValueError(f"chunk must be (n, {self.n_channels}), got shape {np.shape(chunk)}")
         if ts.shape != (x.shape[0],):
             raise ValueError(f"timestamps must have shape ({x.shape[0]},), got {ts.shape}")
+        self.flat_window_t = []
         if x.shape[0] == 0:
             return []
         if not np.isfinite(x).all():
@@ -432,6 +435,8 @@ class SeizureDetectorStage:
             if end >= self.window_n:
                 feats = self.pipeline.step(self._buf[end - self.window_n:end])
                 t_end = float(self._tbuf[end - 1])
+                if self.pipeline.all_flat:
+                    self.flat_window_t.append(t_end)
                 self._n_windows += 1
                 if self.warm_from_t is None and self._n_windows >= self._warm_windows:
                     self.warm_from_t = t_end

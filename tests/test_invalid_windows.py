@@ -191,3 +191,44 @@ def test_a_stream_stamped_ahead_of_the_clock_is_a_fault_until_its_stamps_are_beh
     feed(16.0, 17.0, 0.1, ahead_s=0.010)
     ahead = [e for e in log if e.kind is EventKind.FAULT and e.data.get("what") == "timestamps_ahead"]
     assert [round(e.data["ahead_ms"]) for e in ahead] == [25, 10]
+
+
+def test_no_signal_on_any_channel_is_a_fault_until_the_signal_is_back():
+    """A stream in V read as µV (30 µV noise arriving as 3e-5): far below any amplifier's noise floor
+    on every channel. The real model gave such windows p = 0.78, just under its 0.82 threshold; now
+    they are refused as "no signal", reported once (FAULT flat_signal) and stimulation stays off until
+    windows carry signal again."""
+    from controller.closed_loop import FLAT_REASON
+
+    step, _, _, clock = closed_loop_rig(FS, N_CH)
+    rng = np.random.default_rng(1)
+    k = [0]
+    log = []
+
+    def feed(seconds: float, uv: float) -> list[dict]:
+        preds = []
+        for _ in range(int(seconds * FS / CHUNK)):
+            x = rng.normal(0, uv, (CHUNK, N_CH)).astype(np.float32)
+            ts = (k[0] + np.arange(CHUNK)) / FS
+            k[0] += CHUNK
+            clock.advance_to(float(ts[-1]))
+            events = step.step(x, ts)
+            log.extend(events)
+            log.extend(step.housekeeping() or [])
+            preds += [e.data for e in events if e.kind is EventKind.PREDICTION]
+        return preds
+
+    loop = step.loop
+    first = feed(loop.stage.contract.warmup_s + loop.window_s + 2.0, 20.0)
+    assert first[-1]["valid"] and not loop.bad_data
+    flat = feed(loop.window_s + 5.0, 20e-6)              # the prefilter rings down within a second
+    late = flat[-int(2.0 / loop.stage.contract.hop_s):]             # windows wholly inside the flat stretch
+    assert late and all(p["invalid"] == FLAT_REASON and not p["valid"] for p in late)
+    faults = [e for e in log if e.kind is EventKind.FAULT and e.data.get("what") == "flat_signal"]
+    assert len(faults) == 1 and "every channel below 0.01 µV rms" in faults[0].data["reason"]
+    assert loop.bad_data and [e.data["reason"] for e in log if e.kind is EventKind.SAFE_STATE] == \
+        ["bad samples in the stream"]                                # stimulation off
+    back = feed(loop.window_s + 2.0, 20.0)
+    assert back[-1]["valid"] and not loop.bad_data and not step.actuator.governor.latch_reasons
+    assert [e.data["what"] for e in log if e.data.get("what") in ("flat_signal", "signal_back")] == \
+        ["flat_signal", "signal_back"]
