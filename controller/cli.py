@@ -302,6 +302,15 @@ def sim_compare(
         t.add_row(arm, f"{a['seizure_s_total']:.0f}", f"{ratio:.0%}" if ratio is not None else "-",
                   str(a["seizures_total"]), str(a["terminated_by_stim"]), f"{a['charge_uc_total']:.0f}")
     console.print(t)
+    if res["summary"]["none"]["seizures_total"] == 0:
+        # A table of zeros compares nothing: say why there was nothing to compare.
+        from controller.runners.realtime import hil_spec
+        from hil_sim.process import patient_params_for
+        first = min(patient_params_for({**hil_spec(cfg), "patient": k}).min_interval_s for k in range(patients))
+        console.print(f"[yellow]note:[/] no seizure in any patient's {duration:g} s, so the arms cannot be compared: "
+                      f"a patient's first spontaneous seizure comes at least {first:g} s after the start "
+                      f"(min_interval_s), and one every {3600 / rate:g} s on average at {rate:g}/h. Lengthen "
+                      "--duration (the default 900 s sees several).", highlight=False)
     console.print(f"sessions and compare.json: {res['out_dir']}")
     if json_out:
         json_out.write_text(json.dumps(res, indent=1))

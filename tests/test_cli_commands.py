@@ -29,8 +29,8 @@ def test_sim_bench_json(tmp_path):
 
 def test_sim_compare_small_cohort(tmp_path):
     out = tmp_path / "cmp.json"
-    _cli("sim", "compare", "--patients", "2", "--duration", "240", "--rate", "30", "--channels", "2",
-         "--out", str(tmp_path / "cmp"), "--json", str(out))
+    r = _cli("sim", "compare", "--patients", "2", "--duration", "240", "--rate", "30", "--channels", "2",
+             "--out", str(tmp_path / "cmp"), "--json", str(out))
     res = json.loads(out.read_text())
     s = res["summary"]
     assert set(s) == {"none", "responsive", "periodic"}
@@ -40,6 +40,16 @@ def test_sim_compare_small_cohort(tmp_path):
         closed, periodic = row["arms"]["responsive"]["charge_uc"], row["arms"]["periodic"]["charge_uc"]
         assert abs(periodic - closed) <= 96.0 + 1e-9
     assert s["none"]["seizures_total"] >= 1
+    assert "no seizure in any patient" not in r.stdout
+
+
+def test_sim_compare_too_short_to_see_a_seizure_says_why(tmp_path):
+    """100 s per patient: the first spontaneous seizure cannot come before min_interval_s (120 s). A table
+    of zeros would compare nothing; the note says why and what to change."""
+    r = _cli("sim", "compare", "--patients", "1", "--duration", "100", "--channels", "2", "--out", str(tmp_path))
+    text = " ".join(r.stdout.split())
+    assert "no seizure in any patient's 100 s" in text and "at least 120 s after the start" in text
+    assert "Lengthen --duration" in text
 
 
 def test_sim_compare_ads(tmp_path):
