@@ -27,6 +27,7 @@ def test_brainflow_synthetic_board_reads_into_ring(busy_poll):
         # REFERENCE.md §8: synthetic board = 250 Hz, 16 EXG channels
         assert (info.n_channels, info.fs_hz) == (16, 250.0)
         assert info.channel_names[0] == "Fz"
+        assert info.units == ("uV",) * 16 and info.describe_units() == "in µV"   # EXG rows: BrainFlow's µV
         # host-stamped: the jitter tolerance the loop and the export take over (meta.json "source")
         assert info.gap_factor == 2.5 and info.to_dict()["gap_factor"] == 2.5
         reader = ring.reader("oldest")
@@ -234,3 +235,16 @@ def test_a_sessions_stall_timeout_reaches_the_brainflow_source_it_builds():
     from controller.sources import build_source
     cfg = parse_config({"source": {"kind": "brainflow", "board_id": -1, "stall_timeout_s": 3.5}})
     assert build_source(source_spec(cfg)).stall_timeout_s == 3.5   # built, not opened
+
+
+@pytest.mark.realtime
+def test_a_brainflow_row_outside_the_exg_channels_is_not_called_microvolts():
+    """The synthetic board's row 17 is an accelerometer (g): left undeclared, and said so at start-up."""
+    from controller.sources.brainflow_source import BrainFlowSource
+    src = BrainFlowSource(-1, channels=[1, 17])
+    try:
+        info = src.open()
+        assert info.units == ("uV", "")
+        assert info.describe_units().startswith("1 of 2 channel(s) declare no unit: taken as µV")
+    finally:
+        src.close()

@@ -153,10 +153,14 @@ class BrainFlowSource(Source):
         eeg_rows = descr.get("eeg_channels", [])
         names = [names_all[eeg_rows.index(r)] if r in eeg_rows and eeg_rows.index(r) < len(names_all)
                  else f"row{r}" for r in rows]
+        # BrainFlow gives EXG rows (EEG, EMG, ECG, EOG) in µV; a row picked from elsewhere (accelerometer
+        # in g, temperature, battery) is in its own unit, so it is left undeclared, not called µV.
+        exg = {r for key in ("eeg_channels", "emg_channels", "ecg_channels", "eog_channels")
+               for r in descr.get(key, [])}
         self.info = SourceInfo(name=str(descr.get("name", f"board{self.board_id}")), type="EXG",
                                source_id=f"brainflow:{self.board_id}", n_channels=len(rows),
-                               channel_names=tuple(names), units=tuple("uV" for _ in rows), fs_hz=fs_hz,
-                               gap_factor=self.gap_factor)
+                               channel_names=tuple(names), units=tuple("uV" if r in exg else "" for r in rows),
+                               fs_hz=fs_hz, gap_factor=self.gap_factor)
         return self.info
 
     def _refresh_offset(self) -> None:
