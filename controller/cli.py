@@ -33,6 +33,24 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+class _Problem(Exception):
+    """A config refused by a start-up check; its message names the file, the setting and the rule."""
+
+
+def _check_config(cfg, origin: str, collect: bool = False) -> list[str]:
+    """The start-up checks a session runs before anything starts: the safety profile, the policy as
+    it will be built, the simulator's settings. The first refusal exits (2), or with ``collect`` is
+    returned (the later checks may depend on what it refused)."""
+    for check in (_check_safety, _check_policy, _check_simulator):
+        try:
+            check(cfg, origin)
+        except _Problem as exc:
+            if not collect:
+                _fail(str(exc))
+            return [str(exc)]
+    return []
+
+
 def _check_safety(cfg, origin: str) -> None:
     """Unsafe profiles and stimulation outside the profile are refused before anything starts."""
     from pydantic import ValidationError
@@ -42,11 +60,11 @@ def _check_safety(cfg, origin: str) -> None:
     try:
         check_session_safety(cfg)
     except ValidationError as exc:  # an override the profile lacks or of the wrong type: name it in the file
-        _fail(describe_errors(exc, f"{origin}: safety", prefix=("safety", "overrides"), root=SafetyProfile,
-                              unknown_hint="the profile fields are those of SafetyProfile, "
-                                           "controller/safety/profiles.py"))
+        raise _Problem(describe_errors(exc, f"{origin}: safety", prefix=("safety", "overrides"), root=SafetyProfile,
+                                       unknown_hint="the profile fields are those of SafetyProfile, "
+                                                    "controller/safety/profiles.py")) from None
     except Exception as exc:  # UnsafeProfileError and the other start-up refusals name the field and the rule
-        _fail(f"{origin}: safety: {exc}")
+        raise _Problem(f"{origin}: safety: {exc}") from None
 
 
 #: Sections each policy kind is built from, so that a refusal points at the settings to change.
@@ -77,19 +95,19 @@ def _check_policy(cfg, origin: str) -> None:
         from controller.inference import ContractError, contract_min_duration_s, read_contract
         path = cfg.model_path()
         if not path.is_file():
-            _fail(f"{origin}: model {path} does not exist (model.path in the config)")
+            raise _Problem(f"{origin}: model {path} does not exist (model.path in the config)")
         try:
             contract = read_contract(path)
         except Exception as exc:  # ContractError, or protobuf's DecodeError for a file that is not ONNX
-            _fail(f"{origin}: model {path} (model.path): {exc}")
+            raise _Problem(f"{origin}: model {path} (model.path): {exc}") from None
         threshold, min_duration_s = contract.threshold, contract_min_duration_s(contract)
         if cfg.source.kind == "hil":   # policy "none" too: the session still runs the model on the stream
             try:
                 contract.check_stream(cfg.simulator.fs_hz, cfg.simulator.n_channels)
             except ContractError as exc:
-                _fail(f"{origin}: simulator.fs_hz = {cfg.simulator.fs_hz:g}, simulator.n_channels = "
-                      f"{cfg.simulator.n_channels}: the simulated stream cannot feed model {path} (model.path), "
-                      f"the session would refuse to start: {exc}")
+                raise _Problem(f"{origin}: simulator.fs_hz = {cfg.simulator.fs_hz:g}, simulator.n_channels = "
+                               f"{cfg.simulator.n_channels}: the simulated stream cannot feed model {path} "
+                               f"(model.path), the session would refuse to start: {exc}") from None
     if kind == "none":
         return
     if cfg.source.kind == "hil":
@@ -99,8 +117,8 @@ def _check_policy(cfg, origin: str) -> None:
     try:
         build_drive(cfg, fs_hz, n_channels, threshold, min_duration_s)
     except ValueError as exc:
-        _fail(f'{origin}: policy.kind = "{kind}" cannot be built from {_POLICY_SECTIONS.get(kind, "[policy]")}: '
-              f"{exc}")
+        raise _Problem(f'{origin}: policy.kind = "{kind}" cannot be built from '
+                       f'{_POLICY_SECTIONS.get(kind, "[policy]")}: {exc}') from None
 
 
 def _check_simulator(cfg, origin: str) -> None:
@@ -113,7 +131,7 @@ def _check_simulator(cfg, origin: str) -> None:
     try:
         patient_params_for(hil_spec(cfg))
     except ValueError as exc:
-        _fail(f"{origin}: {exc}")
+        raise _Problem(f"{origin}: {exc}") from None
 
 
 CONFIG_HELP = "TOML config file on top of the defaults; repeat to layer files, each on top of the one before"
@@ -136,11 +154,20 @@ def config_validate(files: list[Path] = typer.Argument(..., help="TOML config fi
                                                                    "as repeated --config")):
     """Check a config file: every problem with its field, value and allowed range; the safety start-up
     check; and the policy, built as the session builds it."""
-    cfg = _load(files)
+    from controller.config import load_config_leniently
+    try:
+        cfg, field_errors = load_config_leniently(files)
+    except ConfigError as exc:   # a file missing or not TOML: nothing to check further
+        _fail(str(exc))
     origin = _origin(files)
-    _check_safety(cfg, origin)
-    _check_policy(cfg, origin)
-    _check_simulator(cfg, origin)
+    # The start-up checks run also when fields failed (on the rest, the failed ones at their defaults),
+    # so that one round of fixes is enough.
+    later_problems = _check_config(cfg, origin, collect=True) if cfg is not None else []
+    if field_errors is not None or later_problems:
+        parts = ([str(field_errors)] if field_errors is not None else []) + later_problems
+        if field_errors is not None and later_problems:
+            parts[1] = "and, with those fields at their defaults, " + parts[1]
+        _fail("\n".join(parts))
     later = "" if cfg.source.kind == "hil" else \
         f" (the {cfg.source.kind} stream's rate and channels are checked when the session starts)"
     console.print(f"[green]ok[/] {escape(origin)}{later}", highlight=False, soft_wrap=True)
@@ -186,9 +213,7 @@ def run(
         overrides.setdefault("device", {})["port"] = port
     cfg = _load(config, overrides)
     origin = _origin(config)
-    _check_safety(cfg, origin)
-    _check_policy(cfg, origin)
-    _check_simulator(cfg, origin)
+    _check_config(cfg, origin)
     from controller.runners.realtime import SessionError, run_session
     try:
         session_dir = run_session(cfg, console=console)
@@ -259,9 +284,7 @@ def sim(
     if cfg.simulator.model != "wendling":
         _fail(f"simulator.model={cfg.simulator.model!r}: `stimloop sim` runs the Wendling patient in simulated time; "
               "for ADS / random stimulation use `stimloop sim compare-ads` (simulated time) or `stimloop run` (real time)")
-    _check_safety(cfg, _origin(config))
-    _check_policy(cfg, _origin(config))  # also refuses a missing or unreadable model
-    _check_simulator(cfg, _origin(config))
+    _check_config(cfg, _origin(config))   # also refuses a missing or unreadable model
     with Progress(TextColumn("simulated time"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
                   console=console, transient=True) as bar:
         task = bar.add_task("sim", total=cfg.session.duration_s)

@@ -471,6 +471,49 @@ def load_config(path: str | Path | list[str | Path] | tuple | None = None, overr
     tables merge key by key, and a value or an array (``[[faults]]``) in a later file replaces the
     earlier one.
     """
+    data, origin = _read_layers(path, overrides)
+    return parse_config(data, origin)
+
+
+def load_config_leniently(path: str | Path | list[str | Path] | tuple | None = None
+                          ) -> tuple[Config | None, ConfigError | None]:
+    """``(config, field errors)``: as ``load_config``, but a field that fails its check is reported
+    and then taken at its default, so that the checks that need a whole config (the safety profile,
+    the policy) can still run on the rest: ``config validate`` reports both at once. ``config`` is
+    None only when even that fails (a file that is missing or not TOML raises, as in ``load_config``)."""
+    data, origin = _read_layers(path, None)
+    try:
+        return parse_config(data, origin), None
+    except ConfigError as first:
+        trimmed = _merge({}, data)   # a deep copy of the tables
+        for _ in range(8):           # a default may fail a model-level check in turn: drop that too
+            try:
+                return Config.model_validate(trimmed), first
+            except ValidationError as exc:
+                if not any([_drop_at(trimmed, tuple(e["loc"])) for e in exc.errors()]):
+                    break
+        return None, first
+
+
+def _drop_at(data: dict, loc: tuple) -> bool:
+    """Remove the value at ``loc`` (or the key holding the list ``loc`` points into); True if removed."""
+    keys = []
+    for k in loc:
+        if not isinstance(k, str):
+            break
+        keys.append(k)
+    node = data
+    for k in keys[:-1]:
+        node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return False
+    if keys and isinstance(node, dict) and keys[-1] in node:
+        del node[keys[-1]]
+        return True
+    return False
+
+
+def _read_layers(path, overrides: dict | None) -> tuple[dict, str]:
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     data: dict = {}
     for p in map(Path, paths):
@@ -484,7 +527,7 @@ def load_config(path: str | Path | list[str | Path] | tuple | None = None, overr
     if overrides:
         data = _merge(data, overrides)
         origin += " + overrides"   # e.g. the command line's --duration: the error's field says which
-    return parse_config(data, origin)
+    return data, origin
 
 
 def _merge(base: dict, top: dict) -> dict:

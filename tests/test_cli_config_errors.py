@@ -65,6 +65,21 @@ def test_one_line_error_in_a_narrow_terminal(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_validate_reports_field_errors_and_the_safety_refusal_in_one_round(tmp_path):
+    """A typo'd field and an unsafe override in one file: both are reported at once (the safety check
+    runs on the rest, the failed field at its default), not the second only after the first is fixed."""
+    f = _write(tmp_path, '[session]\nduration_s = -3\n[safety]\nprofile = "tes"\n[safety.overrides]\n'
+                         'hard_max_amplitude_ua = 10000\nmax_amplitude_ua = 10000\n')
+    r = _cli("config", "validate", str(f))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "1 problem(s)" in r.stderr and "session.duration_s = -3" in r.stderr
+    assert "with those fields at their defaults" in r.stderr and "hard_max_amplitude_ua=10000.0" in r.stderr
+    assert "tES <= 4000.0" in r.stderr
+    # `run` still stops at the first problem, before anything starts
+    r = _cli("run", "-c", str(f), "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and "session.duration_s = -3" in r.stderr and not (tmp_path / "s").exists()
+
+
 def test_external_stream_policy_is_checked_without_the_stream(tmp_path):
     # A band far above the simulator's Nyquist is fine for an LSL source: its rate is known only at start.
     high = '[source]\nkind = "lsl"\n[policy]\nkind = "adaptive"\n[policy.adaptive]\nbiomarker = "band_power"\n'
