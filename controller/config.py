@@ -5,6 +5,7 @@ errors into one readable message per problem: field, value, allowed range.
 """
 from __future__ import annotations
 
+import copy
 import tomllib
 from difflib import get_close_matches
 from pathlib import Path
@@ -485,7 +486,7 @@ def load_config_leniently(path: str | Path | list[str | Path] | tuple | None = N
     try:
         return parse_config(data, origin), None
     except ConfigError as first:
-        trimmed = _merge({}, data)   # a deep copy of the tables
+        trimmed = copy.deepcopy(data)
         for _ in range(8):           # a default may fail a model-level check in turn: drop that too
             try:
                 return Config.model_validate(trimmed), first
