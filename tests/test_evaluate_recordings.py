@@ -257,6 +257,18 @@ def test_evaluate_a_detached_electrode_as_the_loop_would(tmp_path, sim_recording
     assert ev["false_alarms"] == 0 and ev["n_detected"] == 2
 
 
+def test_evaluate_a_stretch_with_no_signal_as_the_loop_would(tmp_path, sim_recording):
+    """30 s at a millionth of the amplitude (values in V where µV were meant; no sample repeats, so no
+    stuck channel): its windows are not evaluated, as the loop does not act on them (FLAT_REASON)."""
+    x, sz = sim_recording
+    x = x.copy()
+    x[int(100 * 512):int(130 * 512)] *= 1e-6
+    r = evaluate_recording(OnnxDetector(MODEL), load_npz(_write_npz(tmp_path / "v.npz", x, 512.0, sz)))
+    _warm_up, (a, b) = r["not_evaluated"]
+    assert 100.5 <= a <= 104.0 and 129.5 <= b <= 131.0, r["not_evaluated"]   # once the prefilter has rung down
+    assert r["metrics"]["event"]["n_detected"] == 2
+
+
 def test_evaluate_bad_input_messages(tmp_path, sim_recording):
     x, sz = sim_recording
     det = OnnxDetector(MODEL)

@@ -122,7 +122,8 @@ class OnnxDetector:
 
     def features(self, x_uv: np.ndarray, fs_hz: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(t_end_s, features (w, f), valid (w,))`` for a whole recording; ``valid`` is False where the
-        loop would not act: model warm-up, or within ``window_s`` of bad samples (class docstring)."""
+        loop would not act: model warm-up, within ``window_s`` of bad samples (class docstring), or no
+        signal on any channel."""
         from controller.data_quality import DataQuality
         from controller.inference import SeizureDetectorStage
 
@@ -144,7 +145,9 @@ class OnnxDetector:
             for t_end, f in stage.step(xc, tc):
                 ends.append(t_end)
                 feats.append(f)
-                valid.append(stage.is_warm(t_end) and t_end > quality.invalid_until_t)
+                # ... nor on a window with no signal on any channel (closed_loop.FLAT_REASON)
+                valid.append(stage.is_warm(t_end) and t_end > quality.invalid_until_t
+                             and t_end not in stage.flat_window_t)
         t_end = np.asarray(ends, dtype=np.float64)
         F = np.asarray(feats, dtype=np.float32).reshape(-1, self.contract.n_features)
         return _with_missing_windows(t_end, F, np.asarray(valid, dtype=bool), self.hop_s, x.shape[0] / fs_hz)
