@@ -136,7 +136,7 @@ def _physical_range(x: np.ndarray) -> tuple[float, float]:
     return _fmt_bound(lo, -1), _fmt_bound(hi, +1)
 
 
-def _source_fields(meta: dict) -> tuple[list | None, list | str | None, str]:
+def source_fields(meta: dict) -> tuple[list | None, list | str | None, str]:
     """(channel_names, units, where): the acquisition nests them under "source"; the simulated
     runner writes names at the top level and no units (its patient is in µV)."""
     src = meta.get("source")
@@ -151,7 +151,7 @@ def _unit_factors(meta: dict, names: list[str], assume_unit: str | None) -> list
     if assume_unit is not None and uv_factor(assume_unit) is None:
         raise ValueError(f"assume_unit={assume_unit!r} is not a voltage unit the EDF export knows; "
                          f"expected one of {', '.join(KNOWN_UNITS)}")
-    _, units, where = _source_fields(meta)
+    _, units, where = source_fields(meta)
     if isinstance(units, str):
         units = [units] * n_ch
     if not isinstance(units, list) or len(units) != n_ch:
@@ -173,7 +173,7 @@ def _unit_factors(meta: dict, names: list[str], assume_unit: str | None) -> list
 
 
 def _channel_names(meta: dict, n_ch: int) -> list[str]:
-    names, _, where = _source_fields(meta)
+    names, _, where = source_fields(meta)
     names = names or [f"ch{i}" for i in range(n_ch)]
     if len(names) != n_ch:
         raise ValueError(f"raw/meta.json {where}channel_names has {len(names)} names; expected n_channels={n_ch}")

@@ -33,10 +33,12 @@ def _load_signal(session_dir: Path):
 
 def channel_labels(session_dir: Path, n: int) -> list[str]:
     """The first ``n`` channels' names as the source gave them (an amplifier's "Fp1", the
-    simulator's "E01"), from the recording's meta.json; ``ch0``... where it has none."""
+    simulator's "E01"), from the recording's meta.json as the EDF export reads it; ``ch0``... where
+    it has none."""
+    from controller.export import source_fields
     try:
-        names = json.loads((Path(session_dir) / "raw" / "meta.json").read_text())["source"]["channel_names"]
-    except (OSError, ValueError, KeyError, TypeError):
+        names = source_fields(json.loads((Path(session_dir) / "raw" / "meta.json").read_text()))[0] or []
+    except (OSError, ValueError, AttributeError):
         names = []
     return [str(names[i]) if i < len(names) and names[i] else f"ch{i}" for i in range(n)]
 

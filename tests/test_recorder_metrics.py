@@ -206,3 +206,6 @@ def test_report_labels_channels_by_the_sources_names(tmp_path):
     (tmp_path / "raw" / "meta.json").write_text(json.dumps({"source": {"channel_names": ["Fp1", "", "Cz"]}}))
     assert channel_labels(tmp_path, 4) == ["Fp1", "ch1", "Cz", "ch3"]
     assert channel_labels(tmp_path / "nowhere", 2) == ["ch0", "ch1"]
+    # a simulated-time session writes them at the top level (controller/export.py reads both)
+    (tmp_path / "raw" / "meta.json").write_text(json.dumps({"channel_names": ["E01", "E02"]}))
+    assert channel_labels(tmp_path, 2) == ["E01", "E02"]

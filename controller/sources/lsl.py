@@ -256,11 +256,14 @@ class LslSource(Source):
             units.append(ch.child_value("unit"))
             ch = ch.next_sibling() if not ch.empty() else ch
         declared = tuple(units)
-        if self._declared is not None and declared != self._declared and self.units is None:
+        try:
+            if self._declared is not None and declared != self._declared and self.units is None:
+                raise StreamIncompatible(f"LSL stream {full.name()!r} came back declaring units {list(declared)}, "
+                                         f"expected {list(self._declared)}")
+            scale, delivered = self._to_uv(full.name(), names, declared)
+        except StreamIncompatible:
             inlet.close_stream()
-            raise StreamIncompatible(f"LSL stream {full.name()!r} came back declaring units {list(declared)}, "
-                                     f"expected {list(self._declared)}")
-        scale, delivered = self._to_uv(full.name(), names, declared, inlet)
+            raise
         self._declared, self._scale = declared, scale
         self.info = SourceInfo(name=full.name(), type=full.type(), source_id=full.source_id(), n_channels=n_ch,
                                channel_names=tuple(names), units=delivered, fs_hz=float(full.nominal_srate()),
@@ -284,7 +287,7 @@ class LslSource(Source):
         self._offset_stale = self.time_correction and not wait_time_correction
         self._last_data_t = pylsl.local_clock()
 
-    def _to_uv(self, name: str, channels: list[str], declared: tuple[str, ...], inlet) -> tuple:
+    def _to_uv(self, name: str, channels: list[str], declared: tuple[str, ...]) -> tuple:
         """(per-channel factor to µV or None when all are 1, the units delivered): rules in the class doc."""
         if self.units is not None:
             factors = [uv_factor(self.units)] * len(declared)
@@ -292,7 +295,6 @@ class LslSource(Source):
         else:
             unknown = [(i, u) for i, u in enumerate(declared) if u.strip() and uv_factor(u) is None]
             if unknown:
-                inlet.close_stream()
                 i, u = unknown[0]
                 more = f" (and {len(unknown) - 1} more channel(s))" if len(unknown) > 1 else ""
                 raise StreamIncompatible(

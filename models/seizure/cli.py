@@ -323,7 +323,7 @@ def evaluate(
         console.print(f"wrote {json_out}")
     if unreadable:
         console.print(f"[red]error:[/] {len(unreadable)} of {len(paths)} recording(s) could not be read "
-                          "(listed above): the figures leave them out", highlight=False)
+                      "(listed above): the figures leave them out", highlight=False)
         raise typer.Exit(1)
 
 

@@ -199,7 +199,7 @@ def read_seizures_csv(path: str | Path, duration_s: float) -> list[tuple[float, 
 
 _CHB_FILE = re.compile(r"^File Name:\s*(\S+)\s*$", re.IGNORECASE)
 _CHB_COUNT = re.compile(r"^Number of Seizures in File:\s*(\d+)\s*$", re.IGNORECASE)
-_CHB_TIME = re.compile(r"^Seizure(?:\s+(\d+))?\s+(Start|End)\s+Time\s*:\s*(.*?)\s*$", re.IGNORECASE)
+_CHB_TIME = re.compile(r"^Seizure(?:\s+\d+)?\s+(Start|End)\s+Time\s*:\s*(.*?)\s*$", re.IGNORECASE)
 _CHB_SECONDS = re.compile(r"^(\d+(?:\.\d*)?)\s*(?:s|sec|secs|seconds?)?$", re.IGNORECASE)
 
 
@@ -234,11 +234,11 @@ def read_chbmit_summary(path: str | Path) -> dict[str, list[tuple[float, float]]
         elif (m := _CHB_COUNT.match(line)) and current is not None:
             count, count_line = int(m.group(1)), k
         elif m := _CHB_TIME.match(line):
-            t = _CHB_SECONDS.match(m.group(3))
+            t = _CHB_SECONDS.match(m.group(2))
             if current is None or t is None:
                 raise RecordingError(f"{path}, line {k}: {line!r} is not a seizure time in seconds of a file "
                                      "named above (e.g. 'Seizure Start Time: 2996 seconds')")
-            if m.group(2).lower() == "start":
+            if m.group(1).lower() == "start":
                 if start is not None:
                     raise RecordingError(f"{path}, line {k}: a second start before the end of the seizure at "
                                          f"{start} s in {current}")
