@@ -549,8 +549,11 @@ class DeviceFaultInjector:
             self.log.start(tr.index, f, self.clock())
         elif f.kind == "device_unplug":
             if tr.edge == "start":
+                # Stamped before: the controller can see the port go (a heartbeat's write failing)
+                # while unplug() is still returning, 0.1 ms before a stamp taken after it.
+                t0 = self.clock()
                 old = dev.unplug()
-                self.log.start(tr.index, f, self.clock(), old_pty=old)
+                self.log.start(tr.index, f, t0, old_pty=old)
             else:
                 new = dev.plug()
                 self.log.end(tr.index, self.clock(), new_pty=new)
