@@ -42,8 +42,6 @@ _MAX_ANNOTATION_CHARS = 120
 # Stimulus fields first in a command's annotation: the text is cut at _MAX_ANNOTATION_CHARS.
 _STIM_FIELDS_FIRST = ("amplitude_ua", "pulse_width_us", "frequency_hz", "n_pulses", "channel", "waveform")
 
-# Factor to µV. Symbols are case-sensitive (mV is not MV); words are matched lower-case.
-
 
 @dataclass(frozen=True, slots=True)
 class ExportSummary:

@@ -399,7 +399,7 @@ class SeizureDetectorStage:
             raise ValueError(f"chunk must be (n, {self.n_channels}), got shape {np.shape(chunk)}")
         if ts.shape != (x.shape[0],):
             raise ValueError(f"timestamps must have shape ({x.shape[0]},), got {ts.shape}")
-        self.flat_window_t = []
+        self.flat_window_t.clear()   # read by the caller right after this step
         if x.shape[0] == 0:
             return []
         if not np.isfinite(x).all():
