@@ -597,9 +597,11 @@ def _mount_optional() -> None:
     """Sub-commands of other parts (each its own typer app)."""
     from controller.bench.cli import app as bench_app
     from models.plasticity.cli import app as plasticity_app
+    from models.plasticity.cli import train as plasticity_train_cmd
     from models.seizure.cli import evaluate as evaluate_cmd
     from models.seizure.cli import train_app
     app.add_typer(plasticity_app, name="plasticity")
+    train_app.command("plasticity")(plasticity_train_cmd)
     app.add_typer(train_app, name="train")
     app.command("evaluate")(evaluate_cmd)
     app.add_typer(bench_app, name="bench")

@@ -107,7 +107,7 @@ class PlasticityAwarePolicy:
             path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
             if not path.is_file():
                 raise FileNotFoundError(f"PlasticityAwarePolicy: plasticity surrogate {path} not found; it is required "
-                                        "to choose the protocol (train it with `python -m models.plasticity.train`)")
+                                        "to choose the protocol (train it with `stimloop train plasticity`)")
             predictor = PlasticityPredictor(path)
         self.predictor = predictor
         self.choice: dict = {}

@@ -167,7 +167,7 @@ def plot_curves(out_png: str | Path, path: str | Path = DEFAULT_MODEL_PATH) -> P
     return out_png
 
 
-def model_card(ev: dict, sens: list[dict], args, elapsed_s: float) -> str:
+def model_card(ev: dict, sens: list[dict], *, n_train: int, n_heldout: int, trials: int, elapsed_s: float) -> str:
     """Markdown model card from evaluation and sensitivity results."""
     sens_rows = "\n".join(f"| {r['parameter']} | {r['unit']} | {r['mean_span']:.4f} | {r['p90_span']:.4f} |"
                           for r in sorted(sens, key=lambda r: -r["mean_span"]))
@@ -191,11 +191,11 @@ protocols in microseconds. It knows only what the simulator knows: a toy model
 - Protocol → spikes: each event recruits a pre/post pair with probability p
   (pulsed: Hill of charge amplitude × pulse width, Q50 = 100 nC; sine:
   phase-locked at peaks, membrane low-pass τm = 10 ms; TI: follows the beat
-  envelope, carrier 2 kHz), 1 ms jitter. Δw label = mean of {args.trials} seeded
+  envelope, carrier 2 kHz), 1 ms jitter. Δw label = mean of {trials} seeded
   Monte Carlo runs (seed-to-seed R² of labels ≈ 0.999).
 
 ## Data
-- {args.n_train} training and {args.n_heldout} held-out protocols, independent seeds
+- {n_train} training and {n_heldout} held-out protocols, independent seeds
   (train 20240601, held-out 777), sampled uniformly / log-uniformly over:
 
 | input | unit | range |
@@ -247,5 +247,5 @@ over 400 random protocols.
 - A `Protocol` with a non-zero `reward` and no `reward_delay_s` is refused (it was
   silently predicted as unrewarded).
 
-Trained by `python -m models.plasticity.train` in {elapsed_s:.0f} s.
+Trained by `stimloop train plasticity --n-train {n_train} --n-heldout {n_heldout} --trials {trials}` in {elapsed_s:.0f} s.
 """

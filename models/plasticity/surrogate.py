@@ -168,7 +168,7 @@ class PlasticityPredictor:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"plasticity surrogate {path}: file not found (train it with "
-                                    f"`python -m models.plasticity.train`)")
+                                    f"`stimloop train plasticity`)")
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.inter_op_num_threads = 1

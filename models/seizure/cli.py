@@ -1,7 +1,7 @@
 """Command line for the seizure model: ``stimloop train seizure`` and ``stimloop evaluate``.
 
 ``train_app`` (a typer app with the command ``seizure``) is mounted by
-``controller/cli.py`` as ``stimloop train``; ``evaluate`` is a plain function
+``controller/cli.py`` as ``stimloop train``, which adds ``plasticity`` (``models/plasticity/cli.py``); ``evaluate`` is a plain function
 mounted as the command ``stimloop evaluate``. ``python -m models.seizure.cli``
 runs both standalone (``... train seizure``, ``... evaluate``).
 """
@@ -23,7 +23,7 @@ train_app = typer.Typer(help="Train models.", no_args_is_help=True, add_completi
 
 @train_app.callback()
 def _train_group() -> None:
-    """Train models (a group even with one command, so the command reads ``stimloop train seizure``)."""
+    """Train models (a group even with one command standalone, so the command reads ``stimloop train seizure``)."""
 
 
 def _fail(msg: str) -> None:
