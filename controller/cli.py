@@ -531,7 +531,9 @@ def stop(address: Optional[str] = _ADDR, session: Optional[Path] = _SESSION,
     console.print(f"[bold green]stimulation off[/] {escape(str(reply))}")
 
 
-@app.command()
+# Unknown options pass through so that a negative value reaches the governor, which says what range it
+# allows: `set_param amplitude_ua -5` was "No such option: -5". A misspelt --option is caught below.
+@app.command(context_settings={"ignore_unknown_options": True})
 def ctl(
     command: str = typer.Argument(..., help="status | pause | resume | emergency_stop | set_param | mark"),
     args: list[str] = typer.Argument(None, help="set_param NAME VALUE; mark LABEL"),
@@ -541,6 +543,9 @@ def ctl(
     """Send one control command to a running session and print the reply."""
     cmd: dict = {"cmd": command}
     args = args or []
+    for a in args:
+        if a.startswith("--"):
+            _fail(f"no such option: {a} (see `stimloop ctl --help`)")
     if command == "set_param":
         if len(args) != 2:
             _fail("set_param needs NAME VALUE, e.g. `stimloop ctl set_param amplitude_ua 2500`")

@@ -166,3 +166,37 @@ def test_a_policy_without_update_takes_no_changes():
     ctl, step = _control(kind="plasticity", stim={"amplitude_ua": 1000.0, "n_pulses": 20})
     r = ctl.handle({"cmd": "set_param", "name": "amplitude_ua", "value": 900})
     assert r["ok"] is False and "takes no parameter changes while it runs" in r["error"]
+
+
+def test_the_cli_sends_a_negative_value_to_the_governor_and_refuses_a_misspelt_option():
+    """`stimloop ctl set_param amplitude_ua -5` was refused by the command line as "No such option: -5"."""
+    import threading
+
+    from typer.testing import CliRunner
+
+    from controller.cli import app
+    from controller.control import ControlServer
+
+    ctl, step = _control()
+    before = step.loop.policy.params()
+    server = ControlServer("tcp://127.0.0.1:*", ctl.handle)
+    done = threading.Event()
+
+    def serve():
+        events: list = []
+        while not done.is_set():
+            server.poll_once(0.0, events)
+            time.sleep(0.002)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        res = CliRunner().invoke(app, ["ctl", "--address", server.endpoint, "set_param", "amplitude_ua", "-5"])
+        typo = CliRunner().invoke(app, ["ctl", "status", "--adress", server.endpoint])
+    finally:
+        done.set()
+        t.join(5)
+        server.close()
+    assert res.exit_code == 2 and "refused" in res.output and "amplitude_ua=-5" in res.output, res.output
+    assert step.loop.policy.params() == before
+    assert typo.exit_code == 2 and "no such option: --adress" in typo.output, typo.output

@@ -211,12 +211,12 @@ def _check_values(profile: SafetyProfile, caps: DeviceCapabilities, params: Stim
             v.append("pulses overlap: 2*pulse_width_us + interphase_gap_us > period")
         q = params.charge_per_phase_uc
         if profile.max_charge_per_phase_uc is not None and q > profile.max_charge_per_phase_uc:
-            v.append(f"charge per phase {q} µC > {profile.max_charge_per_phase_uc}")
+            v.append(f"charge per phase {q:.4g} µC > {profile.max_charge_per_phase_uc}")
         d = q / profile.electrode_area_cm2
         if profile.max_charge_density_uc_cm2 is not None and d > profile.max_charge_density_uc_cm2:
-            v.append(f"charge density {d} µC/cm² > {profile.max_charge_density_uc_cm2}")
+            v.append(f"charge density {d:.4g} µC/cm² > {profile.max_charge_density_uc_cm2}")
         if profile.shannon_k_max is not None and q > 0 and not math.log10(d) + math.log10(q) < profile.shannon_k_max:
-            v.append(f"Shannon k={math.log10(d) + math.log10(q)} >= {profile.shannon_k_max}")
+            v.append(f"Shannon k={math.log10(d) + math.log10(q):.3f} >= {profile.shannon_k_max}")
     else:
         if not params.duration_s > 0:
             v.append(f"duration_s={params.duration_s} must be > 0")
@@ -230,7 +230,7 @@ def _check_values(profile: SafetyProfile, caps: DeviceCapabilities, params: Stim
         if w is Waveform.TI and not ti_carrier_ok(params):
             v.append(f"carrier_hz={params.carrier_hz} must be >= {TI_MIN_CARRIER_HZ} Hz and > frequency_hz")
     if params.burst_duration_s > profile.max_burst_duration_s:
-        v.append(f"burst duration {params.burst_duration_s} s > {profile.max_burst_duration_s}")
+        v.append(f"burst duration {params.burst_duration_s:.4g} s > {profile.max_burst_duration_s}")
 
 
 class _Refused(Exception):
