@@ -299,13 +299,43 @@ def render(state: MonitorState, now: float | None = None):
                  title="stimloop", border_style=fault_style)
 
 
+def status_line(state: MonitorState, now: float | None = None) -> str:
+    """The screen's state in one line of plain text, for a log (the monitor's output is not a terminal)."""
+    age = None if state.last_rx is None or now is None else now - state.last_rx
+    if state.n_messages == 0:
+        return f"{state.address}: waiting for telemetry…"
+    parts = [f"t={state.last_t:.3f} s" if state.last_t is not None else "t=?"]
+    pred = state.prediction
+    if pred is not None and "p" in pred:
+        parts.append(f"p={_fmt(pred.get('p'))}" + (f" (threshold {_fmt(pred['threshold'])})"
+                                                   if pred.get("threshold") is not None else "")
+                     + ("" if pred.get("valid") is not False else f" not acted on: {pred.get('invalid') or 'invalid'}"))
+    parts.append(f"stimulation OFF: {state.stim_off}" if state.stim_off else "stimulation armed")
+    parts.append(f"commands {state.n_commands}")
+    parts.append(f"faults {state.n_faults}")
+    parts.append(f"deadline misses {state.deadline_misses}")
+    parts.append(f"dropped {state.dropped_samples}")
+    if state.command_latency_ms:
+        parts.append(f"window end → command {_lat(state.command_latency_ms)}")
+    if age is not None and age > 2.0:
+        parts.append(f"NO DATA for {age:.1f} s")
+    return "  ".join(parts)
+
+
 def run_monitor(address: str = "tcp://127.0.0.1:5556", duration_s: float | None = None,
                 refresh_hz: float = 4.0, console: Console | None = None) -> MonitorState:
-    """Show live telemetry from ``address`` until Ctrl-C or ``duration_s``; return the final state."""
-    from rich.live import Live
+    """Show live telemetry from ``address`` until Ctrl-C or ``duration_s``; return the final state.
 
+    On a terminal: the live screen. Otherwise (``stimloop monitor > log``, a pipe, a service) a live screen
+    would print nothing until the end, so a ``status_line`` is printed once a second instead.
+    """
     if refresh_hz <= 0:
         raise ValueError(f"monitor refresh_hz={refresh_hz} is invalid; expected > 0")
+    console = console or Console()
+    if not console.is_terminal:
+        return _log_monitor(address, duration_s, console)
+    from rich.live import Live
+
     state = MonitorState(address=address)
     start = time.monotonic()
     next_draw = start
@@ -323,4 +353,24 @@ def run_monitor(address: str = "tcp://127.0.0.1:5556", duration_s: float | None 
         except KeyboardInterrupt:
             pass
         live.update(render(state, time.monotonic()))
+    return state
+
+
+def _log_monitor(address: str, duration_s: float | None, console: Console) -> MonitorState:
+    state = MonitorState(address=address)
+    start = time.monotonic()
+    next_line = start
+    with TelemetrySubscriber(address) as sub:
+        try:
+            while duration_s is None or time.monotonic() - start < duration_s:
+                msg = sub.recv(timeout_ms=100)
+                now = time.monotonic()
+                if msg is not None:
+                    state.update(*msg, received=now)
+                if now >= next_line:
+                    console.print(status_line(state, now), markup=False, highlight=False, soft_wrap=True)
+                    next_line = now + 1.0
+        except KeyboardInterrupt:
+            pass
+    console.print(status_line(state, time.monotonic()), markup=False, highlight=False, soft_wrap=True)
     return state

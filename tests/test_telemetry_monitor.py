@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from controller.monitor import MonitorState, render, run_monitor, sparkline
+from controller.monitor import MonitorState, render, run_monitor, sparkline, status_line
 
 
 def screen(state: MonitorState, now: float) -> str:
@@ -58,6 +58,17 @@ def test_render_shows_signal_prediction_stim_latency_and_faults():
     assert "error=DeviceTimeout" in out and "NO DATA for 9.5 s" in out
 
 
+def test_status_line_says_what_the_screen_says_in_one_line():
+    state = MonitorState(address="tcp://127.0.0.1:5556")
+    assert status_line(state, now=0.0) == "tcp://127.0.0.1:5556: waiting for telemetry…"
+    state.update("prediction", 3.0, {"kind": "prediction", "source": "seizure", "p": 0.91, "threshold": 0.82,
+                                     "valid": False, "invalid": "flat_signal"}, received=0.0)
+    state.update("fault", 3.1, {"kind": "safe_state", "source": "loop", "reason": "flat_signal"}, received=0.0)
+    line = status_line(state, now=5.0)
+    assert "\n" not in line and "t=3.100 s" in line and "p=0.91 (threshold 0.82) not acted on: flat_signal" in line
+    assert "stimulation OFF: flat_signal" in line and "faults 1" in line and "NO DATA for 5.0 s" in line
+
+
 def test_render_before_any_message_says_waiting():
     text = screen(MonitorState(address="tcp://127.0.0.1:5556"), now=0.0)
     assert "waiting for telemetry" in text and "unknown: no session heard from yet" in text and "armed" not in text
@@ -88,8 +99,11 @@ def test_run_monitor_shows_a_remote_publisher():
     proc.start()
     try:
         address = address_q.get(timeout=30)
-        console = Console(width=100, file=io.StringIO(), force_terminal=False, color_system=None)
+        console = Console(width=100, file=io.StringIO(), force_terminal=True, color_system=None)
         state = run_monitor(address, duration_s=1.5, refresh_hz=4, console=console)
+        # Not a terminal (`stimloop monitor > log`): a live screen would print nothing until the end.
+        log = Console(width=100, file=io.StringIO(), force_terminal=False, color_system=None)
+        log_state = run_monitor(address, duration_s=2.5, refresh_hz=4, console=log)
     finally:
         stop.set()
         proc.join(10)
@@ -98,6 +112,11 @@ def test_run_monitor_shows_a_remote_publisher():
     assert state.counts.get("signal", 0) > 5 and state.counts.get("prediction", 0) > 5
     assert state.signal is not None and state.channels == ["EEG1"] and state.prediction["p"] == 0.42
     assert "EEG1" in console.file.getvalue() and "p=0.42" in console.file.getvalue()
+    lines = log.file.getvalue().splitlines()
+    # One line a second (the first before any message may arrive) and one at the end, no screen drawing.
+    assert 3 <= len(lines) <= 5 and "┃" not in log.file.getvalue() and "│" not in log.file.getvalue(), lines
+    assert "p=0.42" in lines[-1] and "stimulation armed" in lines[-1] and f"commands {log_state.n_commands}" in lines[-1]
+    assert log_state.n_commands > 5
     with pytest.raises(ValueError, match="refresh_hz=0"):
         run_monitor(address, duration_s=0.1, refresh_hz=0)
 
