@@ -333,33 +333,22 @@ def run_monitor(address: str = "tcp://127.0.0.1:5556", duration_s: float | None 
         raise ValueError(f"monitor refresh_hz={refresh_hz} is invalid; expected > 0")
     console = console or Console()
     if not console.is_terminal:
-        return _log_monitor(address, duration_s, console)
+        def line(state: MonitorState, now: float) -> None:
+            console.print(status_line(state, now), markup=False, highlight=False, soft_wrap=True)
+
+        return _follow(address, duration_s, 1.0, line)
     from rich.live import Live
 
-    state = MonitorState(address=address)
-    start = time.monotonic()
-    next_draw = start
-    with TelemetrySubscriber(address) as sub, Live(render(state, start), console=console,
-                                                    refresh_per_second=refresh_hz, transient=False) as live:
-        try:
-            while duration_s is None or time.monotonic() - start < duration_s:
-                msg = sub.recv(timeout_ms=100)
-                now = time.monotonic()
-                if msg is not None:
-                    state.update(*msg, received=now)
-                if now >= next_draw:
-                    live.update(render(state, now))
-                    next_draw = now + 1.0 / refresh_hz
-        except KeyboardInterrupt:
-            pass
-        live.update(render(state, time.monotonic()))
-    return state
+    with Live(render(MonitorState(address=address), time.monotonic()), console=console,
+              refresh_per_second=refresh_hz, transient=False) as live:
+        return _follow(address, duration_s, 1.0 / refresh_hz, lambda state, now: live.update(render(state, now)))
 
 
-def _log_monitor(address: str, duration_s: float | None, console: Console) -> MonitorState:
+def _follow(address: str, duration_s: float | None, period_s: float, show) -> MonitorState:
+    """Fold telemetry into a ``MonitorState``; ``show(state, now)`` every ``period_s`` and once at the end."""
     state = MonitorState(address=address)
     start = time.monotonic()
-    next_line = start
+    next_show = start
     with TelemetrySubscriber(address) as sub:
         try:
             while duration_s is None or time.monotonic() - start < duration_s:
@@ -367,10 +356,10 @@ def _log_monitor(address: str, duration_s: float | None, console: Console) -> Mo
                 now = time.monotonic()
                 if msg is not None:
                     state.update(*msg, received=now)
-                if now >= next_line:
-                    console.print(status_line(state, now), markup=False, highlight=False, soft_wrap=True)
-                    next_line = now + 1.0
+                if now >= next_show:
+                    show(state, now)
+                    next_show = now + period_s
         except KeyboardInterrupt:
             pass
-    console.print(status_line(state, time.monotonic()), markup=False, highlight=False, soft_wrap=True)
+    show(state, time.monotonic())
     return state
