@@ -94,9 +94,12 @@ def test_missing_file_and_foreign_onnx_are_refused(tmp_path):
 
 def test_training_pipeline_end_to_end_small(tmp_path):
     out, card = tmp_path / "p.onnx", tmp_path / "card.md"
+    stale = tmp_path / "p.below-target.card.md"   # left by an earlier run under the target
+    stale.write_text("old")
     # 400 protocols reach R² ≈ 0.47: a target of 0 lets this small run take the path of a model that meets it.
     r = train(out=out, card=card, n_train=400, n_heldout=100, trials=2, r2_target=0.0)
     assert r.met_target and r.path == out and r.card == card and not (tmp_path / "p.below-target.onnx").exists()
+    assert not stale.exists()
     p = PlasticityPredictor(out)
     assert p.contract["metrics"]["n_train"] == 400
     assert p.contract["metrics"]["r2_heldout"] == pytest.approx(r.evaluation["r2"], abs=1e-3)
