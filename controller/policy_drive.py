@@ -208,7 +208,7 @@ def build_drive(cfg: Config, fs_hz: float, n_channels: int, threshold: float,
             burst_interval_s=pc.burst_interval_s), kind)
     if kind == "adaptive":
         a = pc.adaptive
-        policy = P.AdaptivePolicy(a.thresholds if a.mode == "dual" else a.thresholds[0], stim_params(pc.stim),
+        policy = P.AdaptivePolicy(a.thresholds, stim_params(pc.stim),   # a count that does not fit the mode is refused there
                                   a.min_amplitude_ua, a.max_amplitude_ua, mode=a.mode,
                                   ramp_up_ua_per_s=a.ramp_up_ua_per_s, ramp_down_ua_per_s=a.ramp_down_ua_per_s,
                                   decision_period_s=a.decision_period_s, blanking_s=a.blanking_s,

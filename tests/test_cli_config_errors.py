@@ -28,6 +28,9 @@ def _write(tmp_path, text, name="c.toml"):
 UNBUILDABLE = [
     ('[policy]\nkind = "adaptive"\n[policy.adaptive]\nmode = "dual"\nthresholds = [0.5]\n',
      '[policy.adaptive]', "thresholds=[0.5] invalid for mode='dual'"),
+    # A second threshold in single mode was dropped without a word.
+    ('[policy]\nkind = "adaptive"\n[policy.adaptive]\nmode = "single"\nthresholds = [0.5, 0.6]\n',
+     '[policy.adaptive]', "thresholds=[0.5, 0.6] invalid for mode='single', expected 1 value(s)"),
     ('[policy]\nkind = "adaptive"\n[policy.adaptive]\nbiomarker = "band_power"\nband_hz = [30.0, 8.0]\n',
      '[policy.adaptive]', "band=(30.0, 8.0) invalid"),
     ('[safety]\nprofile = "tes"\n[device]\nimpedance_ohm = 1500.0\n[policy]\nkind = "personalized"\n'
