@@ -53,6 +53,14 @@ def test_npz_loader_layout_and_errors(tmp_path, sim_recording):
     np.savez(tmp_path / "e.npz", data=x.T, fs=512.0, onsets=[10.0], offsets=[5.0])
     with pytest.raises(RecordingError, match="expected 0 <= onset < offset"):
         load_npz(tmp_path / "e.npz")
+    # Not a zip: numpy takes it for a pickle and says "allow_pickle=True", advice never to follow here.
+    (tmp_path / "g.npz").write_text("1,2\n")
+    with pytest.raises(RecordingError, match=r"g.npz: not a .npz file") as err:
+        load_npz(tmp_path / "g.npz")
+    assert "pickle" not in str(err.value)
+    np.savez(tmp_path / "h.npz", data=np.array([{"a": 1}], dtype=object), fs=512.0)   # a traceback before
+    with pytest.raises(RecordingError, match=r"h.npz: cannot read as .npz \(ValueError: Object arrays"):
+        load_npz(tmp_path / "h.npz")
     with pytest.raises(RecordingError, match="unsupported file type '.csv'"):
         (tmp_path / "f.csv").write_text("1,2\n")
         load_recording(tmp_path / "f.csv")

@@ -41,6 +41,10 @@ def test_segment_files_in_each_format_read_as_samples_by_channels(tmp_path):
     (tmp_path / "bad.mat").write_bytes(b"garbage")
     with pytest.raises(RecordingError, match="bad.mat: cannot be read"):
         read_segment(tmp_path / "bad.mat")
+    (tmp_path / "bad.npy").write_text("garbage")
+    with pytest.raises(RecordingError, match="bad.npy: not a .npy file") as err:
+        read_segment(tmp_path / "bad.npy")
+    assert "pickle" not in str(err.value)
 
 
 def test_delhi_loads_through_the_segment_reader_unchanged():

@@ -27,6 +27,7 @@ annotations at all (then "no seizure" is unknown, not zero).
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,28 +86,37 @@ def _check_seizures(path, onsets, offsets, duration_s: float) -> list[tuple[floa
 def load_npz(path: str | Path) -> Recording:
     """``.npz`` with ``data`` (channels × samples), ``fs``, optional ``onsets``/``offsets`` (s)."""
     path = Path(path)
+    # np.load takes a file that is neither .npz nor .npy for a pickle and answers "use allow_pickle=True":
+    # advice never to follow for a file of unknown origin.
+    if not zipfile.is_zipfile(path):
+        raise RecordingError(f"{path}: not a .npz file (no zip archive inside; expected numpy.savez output)")
     try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - any reader failure becomes a named error
-        raise RecordingError(f"{path}: cannot read as .npz ({e})") from None
-    with z:
-        if "data" not in z or "fs" not in z:
-            raise RecordingError(f"{path}: .npz needs arrays 'data' (channels x samples) and 'fs' (Hz), "
-                                 f"has {sorted(z.files)}")
-        data = np.asarray(z["data"], dtype=np.float32)
-        if data.ndim == 1:
-            data = data[None, :]
-        if data.ndim != 2:
-            raise RecordingError(f"{path}: 'data' must be channels x samples, got shape {data.shape}")
-        fs = float(np.asarray(z["fs"]).reshape(-1)[0])
-        if not (np.isfinite(fs) and fs > 0):
-            raise RecordingError(f"{path}: fs={fs!r} invalid, expected a rate > 0 Hz")
-        x = np.ascontiguousarray(data.T)
-        has_on, has_off = "onsets" in z, "offsets" in z
-        if has_on != has_off:
-            raise RecordingError(f"{path}: 'onsets' and 'offsets' must be given together")
-        seizures = _check_seizures(path, z["onsets"], z["offsets"], x.shape[0] / fs) if has_on else None
-        names = [str(v) for v in z["channel_names"]] if "channel_names" in z else [f"ch{i}" for i in range(x.shape[1])]
+        with np.load(path, allow_pickle=False) as z:
+            return _recording_from_npz(path, z)
+    except RecordingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure (an object array, a bad member) becomes a named error
+        raise RecordingError(f"{path}: cannot read as .npz ({type(e).__name__}: {e})") from None
+
+
+def _recording_from_npz(path: Path, z) -> Recording:
+    if "data" not in z or "fs" not in z:
+        raise RecordingError(f"{path}: .npz needs arrays 'data' (channels x samples) and 'fs' (Hz), "
+                             f"has {sorted(z.files)}")
+    data = np.asarray(z["data"], dtype=np.float32)
+    if data.ndim == 1:
+        data = data[None, :]
+    if data.ndim != 2:
+        raise RecordingError(f"{path}: 'data' must be channels x samples, got shape {data.shape}")
+    fs = float(np.asarray(z["fs"]).reshape(-1)[0])
+    if not (np.isfinite(fs) and fs > 0):
+        raise RecordingError(f"{path}: fs={fs!r} invalid, expected a rate > 0 Hz")
+    x = np.ascontiguousarray(data.T)
+    has_on, has_off = "onsets" in z, "offsets" in z
+    if has_on != has_off:
+        raise RecordingError(f"{path}: 'onsets' and 'offsets' must be given together")
+    seizures = _check_seizures(path, z["onsets"], z["offsets"], x.shape[0] / fs) if has_on else None
+    names = [str(v) for v in z["channel_names"]] if "channel_names" in z else [f"ch{i}" for i in range(x.shape[1])]
     return Recording(str(path), x, fs, seizures, names)
 
 
@@ -327,6 +337,9 @@ def read_segment(path: str | Path, variable: str | None = None) -> np.ndarray:
         elif suffix == ".txt":
             x = np.loadtxt(path, ndmin=2)
         elif suffix == ".npy":
+            with open(path, "rb") as f:
+                if f.read(6) != b"\x93NUMPY":   # else np.load takes it for a pickle (see load_npz)
+                    raise RecordingError(f"segment {path}: not a .npy file (no NumPy header; expected numpy.save output)")
             x = np.load(path, allow_pickle=False)
         else:
             raise RecordingError(f"segment {path}: unsupported file type {suffix!r}, expected one of {SEGMENT_SUFFIXES}")
