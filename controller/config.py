@@ -49,7 +49,10 @@ class SourceConfig(_Section):
     stream_type: str = Field("", description="LSL stream type to resolve (empty: any)")
     source_id: str = Field("", description="LSL source id to resolve (empty: any)")
     resolve_timeout_s: Annotated[float, Field(gt=0, le=120)] = 5.0
-    max_buflen_s: Annotated[int, Field(ge=1, le=60, description="pylsl inlet buffer; small avoids hidden lag (REFERENCE §1)")] = 1
+    max_buflen_s: Annotated[int, Field(ge=1, le=60, description=(
+        "pylsl inlet buffer, s: the longest stall whose backlog is kept (a 2 s hiccup lost half its samples "
+        "with 1 s); not pylsl's 360 s, whose lag would hide (REFERENCE §1), and lag cannot hide here: "
+        "windows are timed by their samples' timestamps, late ones recorded and not acted on"))] = 10
     stall_timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     busy_poll: bool = Field(False, description=(
         "wait for samples by polling without sleeping: less latency and jitter, one CPU core spent by the "

@@ -27,9 +27,12 @@ N_CH = 3
 
 
 def _outlet_process(name: str, source_id: str, duration_s: float, skip: tuple[int, int] | None, ready,
-                    jump: tuple[int, float] | None = None, units=("microvolts",) * N_CH) -> None:
+                    jump: tuple[int, float] | None = None, units=("microvolts",) * N_CH,
+                    hold: tuple[int, float] | None = None) -> None:
     """Push a counter pattern (value = sample index) at FS with exact timestamps, omitting ``skip`` samples;
-    ``jump = (k, offset_s)``: the sender's clock steps by ``offset_s`` from sample ``k`` on."""
+    ``jump = (k, offset_s)``: the sender's clock steps by ``offset_s`` from sample ``k`` on; ``hold = (k, s)``:
+    at sample ``k`` nothing is pushed for ``s`` seconds, then the samples held are pushed at once (a USB or
+    driver hiccup)."""
     from controller.lsl_config import ensure_lsl_config
     ensure_lsl_config()
     import pylsl as lsl
@@ -49,6 +52,10 @@ def _outlet_process(name: str, source_id: str, duration_s: float, skip: tuple[in
         if now - t0 > duration_s:
             break
         due = int((now - t0) * FS)
+        if hold is not None and due > hold[0]:
+            time.sleep(hold[1])
+            hold = None
+            continue
         if due > k:
             idx = np.arange(k, due)
             keep = np.ones(idx.shape, bool) if skip is None else ~((idx >= skip[0]) & (idx < skip[1]))
@@ -62,11 +69,12 @@ def _outlet_process(name: str, source_id: str, duration_s: float, skip: tuple[in
         time.sleep(0.004)
 
 
-def start_outlet(name, duration_s=3.0, skip=None, source_id=None, jump=None, units=("microvolts",) * N_CH):
+def start_outlet(name, duration_s=3.0, skip=None, source_id=None, jump=None, units=("microvolts",) * N_CH,
+                 hold=None):
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     p = ctx.Process(target=_outlet_process, args=(name, source_id or name + "-sid", duration_s, skip, ready, jump),
-                    kwargs={"units": units}, daemon=True)
+                    kwargs={"units": units, "hold": hold}, daemon=True)
     p.start()
     assert ready.wait(30), "outlet process did not start"
     return p
@@ -114,6 +122,31 @@ def test_resolves_pulls_and_counts_a_timestamp_gap_as_dropped():
         dropped = [e for e in events if e.kind is EventKind.DROPPED]
         assert len(dropped) == 1 and dropped[0].data["n_lost"] == 10
         assert src.n_dropped == 10
+    finally:
+        src.close()
+        stop(p)
+        ring.close()
+        ring.unlink()
+
+
+def test_a_stalled_stream_that_resumes_with_its_backlog_loses_nothing():
+    """A 2.5 s hiccup, then the held samples at once: with the default inlet buffer (config's
+    source.max_buflen_s) they all land. With a 1 s buffer, liblsl dropped the oldest of them."""
+    from controller.config import load_config
+
+    name = f"stimloop-test-{uuid.uuid4().hex[:8]}"
+    p = start_outlet(name, duration_s=5.0, hold=(250, 2.5))
+    src = LslSource(name=name, resolve_timeout_s=10.0, max_buflen_s=load_config(None).source.max_buflen_s)
+    ring = SharedRing.create(None, N_CH, 4096, FS)
+    try:
+        src.open()
+        reader = ring.reader("oldest")
+        events = pump(src, ring, 12.0, until=lambda ev: ring.counter > 1000)
+        vals = reader.read_new(copy=True).samples[:, 0].astype(np.int64)
+        assert vals.size > 1000
+        assert np.all(np.diff(vals) == 1), np.unique(np.diff(vals))       # every sample, in order
+        assert not [e for e in events if e.kind is EventKind.DROPPED] and src.n_dropped == 0
+        assert vals[0] < 250 < vals[-1] - 625                                # the hold lay inside what was read
     finally:
         src.close()
         stop(p)

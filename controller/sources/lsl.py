@@ -93,8 +93,11 @@ class LslSource(Source):
       within ``resolve_timeout_s``, and listing the matches when more than one
       answers (which would be taken is chance: give ``source_id``);
     - pulls into preallocated arrays (``chunk`` samples at most per read,
-      waiting at most ``wait_s`` for the first one); small ``max_buflen_s`` so
-      no hidden lag builds up (REFERENCE.md §1: pylsl's default is 360 s);
+      waiting at most ``wait_s`` for the first one); ``max_buflen_s`` (10 s) holds
+      the backlog of a stall that long (a shorter buffer lost samples of a 2 s USB
+      hiccup), far below pylsl's 360 s default whose lag would go unseen
+      (REFERENCE.md §1); lag cannot hide here anyway, windows are timed by their
+      samples' timestamps;
     - ``busy_poll``: wait for the first sample by polling the inlet without
       sleeping instead of blocking in liblsl. It saves the thread's wake-up
       (0.02–0.1 ms at p50, 0.1–0.3 ms at p99 in the runs of docs/performance_log.md,
@@ -122,7 +125,7 @@ class LslSource(Source):
     event_source = "lsl"
 
     def __init__(self, name: str | None = None, type: str | None = None, source_id: str | None = None,
-                 resolve_timeout_s: float = 5.0, max_buflen_s: int = 1, chunk: int = 256,
+                 resolve_timeout_s: float = 5.0, max_buflen_s: int = 10, chunk: int = 256,
                  wait_s: float = 0.005, stall_timeout_s: float = 1.0, gap_factor: float = GAP_FACTOR,
                  time_correction_interval_s: float = 2.0, recover_poll_s: float = 0.1, busy_poll: bool = False,
                  time_correction: bool = True, units: str | None = None):
