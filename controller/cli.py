@@ -39,16 +39,17 @@ class _Problem(Exception):
 
 def _check_config(cfg, origin: str, collect: bool = False) -> list[str]:
     """The start-up checks a session runs before anything starts: the safety profile, the policy as
-    it will be built, the simulator's settings. The first refusal exits (2), or with ``collect`` is
-    returned (the later checks may depend on what it refused)."""
+    it will be built, the simulator's settings. The first refusal exits (2), or with ``collect`` every
+    check runs and their refusals are returned (each reads the config, none needs another to pass)."""
+    problems = []
     for check in (_check_safety, _check_policy, _check_simulator):
         try:
             check(cfg, origin)
         except _Problem as exc:
             if not collect:
                 _fail(str(exc))
-            return [str(exc)]
-    return []
+            problems.append(str(exc))
+    return problems
 
 
 def _check_safety(cfg, origin: str) -> None:
@@ -114,9 +115,10 @@ def _check_policy(cfg, origin: str) -> None:
         fs_hz, n_channels = cfg.simulator.fs_hz, cfg.simulator.n_channels
     else:
         fs_hz, n_channels = _STAND_IN_FS_HZ, max(cfg.policy.ads.trigger_channels) + 1
+    from controller.safety.profiles import UnsafeProfileError
     try:
         build_drive(cfg, fs_hz, n_channels, threshold, min_duration_s)
-    except ValueError as exc:
+    except (ValueError, UnsafeProfileError) as exc:   # the plasticity policy builds the safety profile
         raise _Problem(f'{origin}: policy.kind = "{kind}" cannot be built from '
                        f'{_POLICY_SECTIONS.get(kind, "[policy]")}: {exc}') from None
 

@@ -457,8 +457,10 @@ def _describe(err: dict, prefix: tuple = (), root: Any = None, unknown_hint: str
 def describe_errors(exc: ValidationError, origin: str, prefix: tuple = (), root: Any = None,
                     unknown_hint: str = "") -> str:
     """The message of a ``ConfigError``: ``origin: N problem(s)`` then one line per problem."""
-    problems = "\n".join(f"  - {_describe(e, prefix, root, unknown_hint)}" for e in exc.errors())
-    return f"{origin}: {exc.error_count()} problem(s)\n{problems}"
+    described = [_describe(e, prefix, root, unknown_hint) for e in exc.errors()]
+    problems = "\n".join(f"  - {d}" for d in described)
+    # A check across sections raises its problems as one error, one line each ("\n    ".join): count those.
+    return f"{origin}: {sum(len(d.splitlines()) for d in described)} problem(s)\n{problems}"
 
 
 def parse_config(data: dict, origin: str = "<config>") -> Config:
@@ -490,12 +492,20 @@ def load_config_leniently(path: str | Path | list[str | Path] | tuple | None = N
         return parse_config(data, origin), None
     except ConfigError as first:
         trimmed = copy.deepcopy(data)
+        dropped = False
         for _ in range(8):           # a default may fail a model-level check in turn: drop that too
             try:
                 return Config.model_validate(trimmed), first
             except ValidationError as exc:
-                if not any([_drop_at(trimmed, tuple(e["loc"])) for e in exc.errors()]):
-                    break
+                if any([_drop_at(trimmed, tuple(e["loc"])) for e in exc.errors()]):
+                    dropped = True
+                    continue
+                if not dropped:      # only checks across sections failed: ``first`` says it all
+                    return None, first
+                # Checks across sections (the heartbeat against the watchdog, the spiking simulator
+                # against the ADS policy) that the field errors kept from running: the rest's problems.
+                return None, ConfigError(f"{first}\nand, with those fields at their defaults, "
+                                         f"{describe_errors(exc, origin)}")
         return None, first
 
 

@@ -72,15 +72,40 @@ def test_validate_reports_field_errors_and_the_safety_refusal_in_one_round(tmp_p
     """A typo'd field and an unsafe override in one file: both are reported at once (the safety check
     runs on the rest, the failed field at its default), not the second only after the first is fixed."""
     f = _write(tmp_path, '[session]\nduration_s = -3\n[safety]\nprofile = "tes"\n[safety.overrides]\n'
-                         'hard_max_amplitude_ua = 10000\nmax_amplitude_ua = 10000\n')
+                         'hard_max_amplitude_ua = 10000\nmax_amplitude_ua = 10000\n'
+                         '[policy]\nkind = "adaptive"\n[policy.adaptive]\nmode = "dual"\nthresholds = [0.5]\n')
     r = _cli("config", "validate", str(f))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "1 problem(s)" in r.stderr and "session.duration_s = -3" in r.stderr
     assert "with those fields at their defaults" in r.stderr and "hard_max_amplitude_ua=10000.0" in r.stderr
     assert "tES <= 4000.0" in r.stderr
+    # The policy is built even though the safety check refused: it reads the config, not the profile.
+    assert "thresholds=[0.5] invalid for mode='dual'" in r.stderr
     # `run` still stops at the first problem, before anything starts
     r = _cli("run", "-c", str(f), "--out", str(tmp_path / "s"))
     assert r.returncode == 2 and "session.duration_s = -3" in r.stderr and not (tmp_path / "s").exists()
+
+
+def test_a_field_error_does_not_hide_the_checks_across_sections(tmp_path):
+    """Pydantic runs the whole-config checks only on valid fields: a bad seed hid a heartbeat too slow for
+    the watchdog, a bad ADS rate hid four settings the spiking simulator refuses."""
+    r = _cli("config", "validate", str(_write(tmp_path, '[session]\nseed = -1\n[device]\nheartbeat_s = 0.4\n')))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    err = " ".join(r.stderr.split())
+    assert "session.seed = -1" in err and "with those fields at their defaults" in err
+    assert "device.heartbeat_s = 0.4 s is more than device.watchdog_s / 3" in err
+    ads = ('[simulator]\nmodel = "spiking"\nfs_hz = 8000.0\nn_channels = 4\nchunk_s = 0.01\n[policy]\n'
+           'kind = "random"\n[policy.ads]\ntrigger_channels = [0, 1]\nrate_hz = {rate}\n[policy.stim]\n'
+           'waveform = "monophasic"\n[safety]\nprofile = "macro"\n')
+    r = _cli("config", "validate", str(_write(tmp_path, ads.format(rate=40.0), "ads.toml")))
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "rate_hz must be < 35.71 Hz" in err, err
+    assert "with those fields at their defaults, " in err and "4 problem(s)" in err and "chunk_s = 0.01" in err
+    # The same checks without a field error: counted one by one, said once.
+    r = _cli("config", "validate", str(_write(tmp_path, ads.format(rate=5.0), "ads2.toml")))
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "4 problem(s)" in err and "at their defaults" not in err, err
+    assert err.count("simulator.fs_hz = 8000") == 1
 
 
 def test_external_stream_policy_is_checked_without_the_stream(tmp_path):
