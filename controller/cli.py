@@ -283,6 +283,7 @@ def sim(
     from controller.inference import ContractError
     from controller.runners.simulated import run_simulated
     from controller.safety import UnsafeProfileError
+    from hil_sim.faults import FaultConfigError
     if cfg.simulator.model != "wendling":
         _fail(f"simulator.model={cfg.simulator.model!r}: `stimloop sim` runs the Wendling patient in simulated time; "
               "for ADS / random stimulation use `stimloop sim compare-ads` (simulated time) or `stimloop run` (real time)")
@@ -294,6 +295,8 @@ def sim(
             session_dir = run_simulated(cfg, progress=lambda t, total: bar.update(task, completed=t))
         except (ContractError, UnsafeProfileError) as exc:
             _fail(str(exc))
+        except FaultConfigError as exc:   # stream and device-link faults need the real processes and port
+            _fail(f"{_origin(config)}: [[faults]]: {exc}; the others need real time: `stimloop run`")
     _print_summary(session_dir)
 
 

@@ -208,3 +208,13 @@ def test_run_names_the_streams_sharing_a_name_and_takes_the_source_id_flag(tmp_p
         assert r.returncode != 0 and f"no LSL stream named '{name}' with source_id 'amp-C'" in r.stderr, r.stderr
     finally:
         del a, b
+
+
+def test_sim_refuses_a_fault_only_real_time_can_inject_before_any_folder(tmp_path):
+    """It was a traceback (exit 1) after the session folder was made (docs/faults.md, "Refused at start-up")."""
+    f = _write(tmp_path, '[[faults]]\nkind = "stream_stall"\nat_s = 5.0\nduration_s = 2.0\n')
+    r = _cli("sim", "-c", str(f), "--duration", "10", "--out", str(tmp_path / "s"))
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "[[faults]]: simulated runner cannot inject fault kind(s) stream_stall" in err and "`stimloop run`" in err
+    assert not (tmp_path / "s").exists()

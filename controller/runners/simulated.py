@@ -57,6 +57,9 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
                          "for ADS / random stimulation in simulated time use `stimloop sim compare-ads`, "
                          "in real time `stimloop run`")
     loop = SeizureLoop.from_config(cfg, sim.fs_hz, sim.n_channels)  # contract errors before any folder exists
+    schedule = FaultSchedule([f.model_dump(mode="json", exclude_none=True) for f in cfg.faults],
+                             fs_hz=sim.fs_hz, n_channels=sim.n_channels)
+    schedule.require_kinds(SIM_KINDS, "simulated runner")   # and faults it cannot inject: no half-made folder
     if session_dir:
         session_dir = Path(session_dir)
         (session_dir / "raw").mkdir(parents=True, exist_ok=True)
@@ -70,9 +73,6 @@ def run_simulated(cfg: Config, session_dir: Path | None = None, write_report: bo
     })
     from controller.runners.realtime import hil_spec
     patient = make_patient(hil_spec(cfg))   # the patient a real-time session's simulator would build
-    schedule = FaultSchedule([f.model_dump(mode="json", exclude_none=True) for f in cfg.faults],
-                             fs_hz=sim.fs_hz, n_channels=sim.n_channels)
-    schedule.require_kinds(SIM_KINDS, "simulated runner")
     fault_log = FaultLog()
     clock = VirtualClock()
     latency_s = sim.stim_latency_ms / 1e3
