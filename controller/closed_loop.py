@@ -292,6 +292,8 @@ class ChunkStep:
                 t_read = clock()  # the next window of the same chunk starts here
                 c_read = cpu() if cpu is not None else None
         if timestamps.size and not loop.bad_data:
+            if modeled:   # chunk-driven requests (spikes, bursts due) are charged the latency windows are
+                clock.advance_to(float(timestamps[-1]) + self.modeled_latency_s)
             t_now = clock()
             self._submit(*loop.drive.on_chunk(samples, timestamps), float(timestamps[-1]), t_now, events,
                          t_read=None if modeled else t_chunk, cpu_read=c_chunk)

@@ -30,6 +30,8 @@ def test_policy_session(policy, tmp_path):
         assert any(e.get("what") == EXPECTED[policy] for e in events)
     m = json.loads((s / "metrics.json").read_text())
     assert m["stim"]["commands"] == len([c for c in commands if c.get("op") == "trigger"])
+    # Simulated time charges every command the modeled latency, a burst falling due in a chunk too (0 before).
+    assert m["end_to_end_ms"]["p50"] == m["end_to_end_ms"]["max"] == cfg.simulator.stim_latency_ms
     assert (s / "report.png").exists()
 
 
