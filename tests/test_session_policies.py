@@ -25,6 +25,9 @@ def test_policy_session(policy, tmp_path):
     assert started["policy"] == policy
     commands = [e for e in events if e["kind"] == "command"]
     assert commands, f"{policy}: no stimulation reached the device"
+    # docs/policies.md: every request leaves a `stim_request` decision (the adaptive policy's did not).
+    requests = [e for e in events if e["kind"] == "decision" and e.get("what") == "stim_request"]
+    assert len(requests) >= len([c for c in commands if c.get("op") == "trigger"]), policy
     assert not [e for e in events if e["kind"] == "refusal"], "example configs must fit their safety profile"
     if EXPECTED[policy]:
         assert any(e.get("what") == EXPECTED[policy] for e in events)

@@ -236,6 +236,7 @@ class AdaptivePolicy(Reconfigurable):
                         "window_end_t": t}
                 requests.append(StimRequest(t=t, source=self.source, params=self.stim.with_(amplitude_ua=amp),
                                             at=None, meta=meta))
+                events.append(Event(t, EventKind.DECISION, self.source, {"what": "stim_request", **meta}))
         return requests, events
 
 
