@@ -218,3 +218,12 @@ def test_sim_refuses_a_fault_only_real_time_can_inject_before_any_folder(tmp_pat
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "[[faults]]: simulated runner cannot inject fault kind(s) stream_stall" in err and "`stimloop run`" in err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("port_args, why", [(["--port", "/dev/stimloop-no-such-port"], "device.port /dev/stimloop-no-such-port not found"),
+                                            ([], "device.kind = serial needs device.port")])
+def test_run_refuses_a_serial_port_that_is_not_there_before_starting_anything(tmp_path, port_args, why):
+    """Both were refused only after the simulator had started, with a session folder left behind."""
+    r = _cli("run", "--device", "serial", *port_args, "--duration", "5", "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and why in " ".join(r.stderr.split()), r.stderr
+    assert "simulator:" not in r.stdout and not (tmp_path / "s").exists()

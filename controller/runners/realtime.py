@@ -160,6 +160,12 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
         contract = read_contract(model_path)
     except (ContractError, FileNotFoundError) as exc:
         raise SessionError(f"model {model_path}: {exc}") from None
+    if cfg.device.kind == "serial":   # before the simulator, the folder and the source: nothing to stop yet
+        if not cfg.device.port:
+            raise SessionError("device.kind = serial needs device.port (or --port PATH)")
+        if "://" not in cfg.device.port and not os.path.exists(cfg.device.port):
+            raise SessionError(f"device.port {cfg.device.port} not found: expected an existing serial device "
+                               "path (e.g. /dev/ttyUSB0, /dev/ttyACM0; is the stimulator plugged in?)")
 
     session_dir = Path(session_dir) if session_dir else new_session_dir(cfg.session.out_dir)
     (session_dir / "config.toml").write_text(cfg.to_toml())
@@ -210,8 +216,6 @@ def run_session(cfg: Config, console=None, session_dir: Path | None = None) -> P
                 port = info["port"]
             _say(console, f"simulator: stimulator on [bold]{info['port']}[/]" if sim_stream else
                  f"simulator: LSL stream [bold]{info['stream']}[/], stimulator on [bold]{info['port']}[/]")
-        if cfg.device.kind == "serial" and not port:
-            raise SessionError("device.kind = serial needs device.port (or --port PATH)")
 
         spec_src = source_spec(cfg, stream_name, stream_source_id)
         try:
