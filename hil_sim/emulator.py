@@ -337,8 +337,10 @@ class StimulatorEmulator:
             # HELLO is never a retry: a restarted host starts its seq anew and may repeat a HELLO
             # remembered from the previous host session; answering that from memory would keep the
             # old session's dedup entries and configurations alive (PROTOCOL.md §4).
+            # The version is part of what is remembered: a frame of another version is answered
+            # VERSION_MISMATCH, never with a version-1 reply from memory.
             if (cached is not None and frame.msg_type != P.MsgType.HELLO
-                    and cached[0] == frame.msg_type and cached[1] == frame.payload):
+                    and cached[0] == (frame.version, frame.msg_type) and cached[1] == frame.payload):
                 # Retried command: answer again, act once (PROTOCOL.md §4).
                 self.counters["duplicates"] += 1
                 reply = cached[2]
@@ -348,9 +350,12 @@ class StimulatorEmulator:
                 reply, rec, deliver = self._execute(frame, now)
                 if rec is not None:
                     recs.append(rec)
-                if frame.msg_type == P.MsgType.HELLO:
+                if frame.msg_type == P.MsgType.HELLO and rec is not None and rec["ok"]:
+                    # Only an executed HELLO starts a new host session: a refused one (another version,
+                    # a bad length) left the configurations in place, and so must it leave the memory
+                    # that keeps a retried TRIGGER from firing twice.
                     self._dedup.clear()
-                self._dedup[key] = (frame.msg_type, frame.payload, reply)
+                self._dedup[key] = ((frame.version, frame.msg_type), frame.payload, reply)
                 while len(self._dedup) > DEDUP_DEPTH:
                     self._dedup.popitem(last=False)
             if n_pending != len(self._pending) or first_frame:

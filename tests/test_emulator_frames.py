@@ -116,6 +116,28 @@ def test_repeated_seq_with_other_content_is_a_new_command(dev):
     assert emu.counters["duplicates"] == 1
 
 
+def test_a_refused_hello_keeps_the_memory_that_stops_a_retried_trigger_firing_twice(dev):
+    """A HELLO of another version (or length) is refused and changes nothing: it used to clear the dedup
+    memory, so the host's retry of a TRIGGER that had already fired fired again (PROTOCOL.md §4)."""
+    host, emu = dev
+    host.request(P.MsgType.HELLO, 1, P.encode_hello())
+    ok = StimParams(channel=0, amplitude_ua=1000.0, pulse_width_us=100.0, frequency_hz=100.0, n_pulses=1)
+    assert host.request(P.MsgType.CONFIGURE, 2, P.encode_configure(ok)).msg_type == P.MsgType.ACK
+    first = host.request(P.MsgType.TRIGGER, 3, P.encode_trigger(0))
+    assert first.msg_type == P.MsgType.ACK
+    assert host.nack_code(host.request(P.MsgType.HELLO, 4, P.encode_hello(2))) == "VERSION_MISMATCH"
+    assert host.nack_code(host.request(P.MsgType.HELLO, 5, b"\x01\x00")) == "BAD_LENGTH"
+    again = host.request(P.MsgType.TRIGGER, 3, P.encode_trigger(0))      # the retry
+    assert again.payload == first.payload and emu.counters["duplicates"] == 1
+    # A retry's bytes under another version byte are that version's frame, not a retry.
+    assert host.nack_code(host.request(P.MsgType.TRIGGER, 3, P.encode_trigger(0), version=2)) == "VERSION_MISMATCH"
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and not [r for r in emu.records if r.get("t_delivered") is not None]:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    assert len([r for r in emu.records if r["type"] == "TRIGGER" and r.get("t_delivered") is not None]) == 1
+
+
 def test_status_reports_configured_active_and_error_counters(dev):
     host, emu = dev
     host.request(P.MsgType.HELLO, 1, P.encode_hello())
