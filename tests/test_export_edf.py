@@ -356,7 +356,7 @@ def test_the_export_command_says_what_is_wrong_and_takes_the_unit_to_assume(tmp_
     session = make_session(tmp_path / "s", synthetic(500, n_ch=2), T0 + np.arange(500) / FS_HZ, [], units=["", ""],
                            torn_tail=False)
     r = CliRunner().invoke(app, ["export", str(session)])
-    assert r.exit_code != 0 and r.exception is None or isinstance(r.exception, SystemExit)
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output   # _fail: a usage error, no traceback
     assert "declared no unit" in r.output and "Traceback" not in r.output
     assert not (session / "session.edf").exists()
     r = CliRunner().invoke(app, ["export", str(session), "--assume-unit", "uV"])

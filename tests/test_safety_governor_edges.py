@@ -12,7 +12,7 @@ from controller.actuator import Actuator
 from controller.config import ConfigError, load_config, parse_config
 from controller.events import EventKind
 from controller.safety import (MACRO_RNS, MICRO, TES, SafetyGovernor, SafetyProfile, StimRequest,
-                               UnsafeProfileError, check_params, check_session_safety)
+                               UnsafeProfileError, build_profile, check_params, check_session_safety)
 from drivers.params import DeviceCapabilities, StimParams, Waveform
 from drivers.simulated import SimulatedStimulator
 
@@ -180,19 +180,40 @@ def test_start_up_refuses_an_impedance_required_profile_without_impedance():
     assert check_session_safety(ok).name == "tes"
 
 
-@pytest.mark.parametrize("overrides", [
-    {"policy": {"stim": {"pulse_width_us": 160.0, "amplitude_ua": 3000.0}}},           # inside: unchanged
-    {"safety": {"profile": "micro"}, "policy": {"stim": {"amplitude_ua": 150.0, "pulse_width_us": 100.0}}},
-    {"policy": {"stim": {"amplitude_ua": 12_000.0, "pulse_width_us": 1000.0}}},       # charge density: clamped
-    {"policy": {"stim": {"n_pulses": 5000}}},                                          # burst length: clamped
+@pytest.mark.parametrize("overrides, profile, clamped", [
+    ({"policy": {"stim": {"pulse_width_us": 160.0, "amplitude_ua": 3000.0}}}, "macro_rns", None),  # inside
+    ({"safety": {"profile": "micro"}, "policy": {"stim": {"amplitude_ua": 150.0, "pulse_width_us": 100.0}}},
+     "micro", "amplitude_ua=150.0 outside 0..100.0"),                                   # above the cap: clamped
+    ({"policy": {"stim": {"amplitude_ua": 12_000.0, "pulse_width_us": 1000.0}}}, "macro_rns", "charge density"),
+    ({"policy": {"stim": {"n_pulses": 5000}}}, "macro_rns", "burst duration"),
 ])
-def test_start_up_accepts_what_the_governor_only_clamps(overrides):
-    check_session_safety(parse_config(overrides))
+def test_start_up_accepts_what_the_governor_only_clamps(overrides, profile, clamped):
+    from controller.policy_drive import stim_params
+
+    cfg = parse_config(overrides)
+    got = check_session_safety(cfg)
+    assert got.name == profile
+    # The clamped cases do lie outside the profile (else they would test nothing), and the governor's
+    # answer to them is a clamp, not a refusal.
+    caps = DeviceCapabilities(n_channels=1, waveforms=tuple(Waveform), max_amplitude_ua=1e9, min_pulse_width_us=0.0,
+                              max_pulse_width_us=1e9, max_frequency_hz=1e9)
+    stim = stim_params(cfg.policy.stim)
+    violations = check_params(got, caps, stim)
+    if clamped is None:
+        assert violations == []
+        return
+    assert any(clamped in v for v in violations), violations
+    gov = SafetyGovernor(got, caps)
+    gov.heartbeat_ok(0.0)
+    decision = gov.step(StimRequest(t=0.0, source="test", params=stim), now=0.0)
+    clamps = [e for e in decision.events if e.kind is EventKind.CLAMP]
+    assert decision.allowed and clamps and check_params(got, caps, decision.params) == []
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
 def test_shipped_examples_pass_the_start_up_check(example):
-    check_session_safety(load_config(EXAMPLES / example))
+    cfg = load_config(EXAMPLES / example)
+    assert check_session_safety(cfg).name == build_profile(cfg.safety.profile, cfg.safety.overrides).name
 
 
 def test_profiles_cannot_schedule_further_ahead_than_devices_accept():
