@@ -1,4 +1,7 @@
 """A prediction that is not acted upon says why: the model's warm-up, stimulation, missing samples, bad samples."""
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -51,16 +54,38 @@ def test_predictions_say_why_they_are_not_acted_on():
 
 # -- the policy hears of every window it may not act on (docs/policies.md, "Windows not acted upon") --------
 
-class _Stub:
-    """Stands in for the model: the test sets the probability each window gets."""
-    p = 0.1
-
-    def predict(self, features):
-        return self.p
+_MODELS: dict[float, object] = {}
+_MODEL_DIR = tempfile.TemporaryDirectory(prefix="stimloop-p-")   # removed when the test run ends
 
 
-def _stub_rig(**policy):
-    """The session's chunk path (simulated time) with its model replaced by ``_Stub``."""
+def _model_saying(p: float, contract):
+    """A real ONNX model with the shipped model's contract whose output is ``p`` for any features
+    (features × 0 + p): the test decides each window's probability, onnxruntime computes it."""
+    if p not in _MODELS:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        from controller.inference import CONTRACT_KEY, OnnxPredictor
+        n_f = contract.n_features
+        w = numpy_helper.from_array(np.zeros((n_f, 1), np.float32), "w")
+        b = numpy_helper.from_array(np.array([p], np.float32), "b")
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", [contract.input_name, "w"], ["z"]),
+             helper.make_node("Add", ["z", "b"], [contract.output])], "constant",
+            [helper.make_tensor_value_info(contract.input_name, TensorProto.FLOAT, [None, n_f])],
+            [helper.make_tensor_value_info(contract.output, TensorProto.FLOAT, [None, 1])], [w, b])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 8
+        helper.set_model_props(m, {CONTRACT_KEY: contract.to_json()})
+        path = Path(_MODEL_DIR.name) / f"p{p}.onnx"
+        onnx.save(m, str(path))
+        _MODELS[p] = OnnxPredictor(path)
+    return _MODELS[p]
+
+
+def _rig_with_p(**policy):
+    """The session's chunk path (simulated time), its model one whose probability the test sets per stretch
+    of signal (``_model_saying``)."""
     from controller.closed_loop import ChunkStep, SeizureLoop
     from controller.config import load_config
     from controller.loop import make_actuator
@@ -72,14 +97,13 @@ def _stub_rig(**policy):
     act = make_actuator(cfg, SimulatedStimulator(clock=clock), clock)
     act.heartbeat()
     loop = SeizureLoop.from_config(cfg, FS, N_CH)
-    stub = loop.predictor = _Stub()
     step = ChunkStep(loop, act, clock, modeled_latency_s=0.002, source="t", blanking_s=cfg.policy.blanking_s)
     rng = np.random.default_rng(0)
     log = []
 
     def feed(t0: float, t1: float, p: float, nan: bool = False, ahead_s: float = 0.0) -> None:
         """Chunks of 16 samples, each read when its last sample is stamped (``ahead_s`` before it)."""
-        stub.p = p
+        loop.predictor = _model_saying(p, loop.stage.contract)
         for a in range(int(t0 * FS), int(t1 * FS), 16):
             b = min(a + 16, int(t1 * FS))
             x = rng.normal(0, 20, (b - a, N_CH)).astype(np.float32)
@@ -106,7 +130,7 @@ def test_a_fault_restarts_an_onset_not_yet_confirmed_as_the_offline_scorer_does(
     after it (the skipped windows used to carry the timer across, and the burst came at that first window)."""
     from models.seizure.scoring import detector_events
 
-    step, feed, log = _stub_rig()
+    step, feed, log = _rig_with_p()
     pol = step.loop.policy
     feed(0.0, 9.0, 0.1)
     feed(9.0, 9.3, 0.9)                 # one valid window above threshold
@@ -130,7 +154,7 @@ def test_blanking_after_our_own_burst_neither_ends_nor_restarts_the_detection():
     """Two bursts per detection: the first burst blanks the windows after it (burst + blanking_s + a window),
     longer than burst_interval_s. The detection goes on through them and the second burst comes at the first
     valid window after its due time; no restart, no new detection, no FAULT."""
-    step, feed, log = _stub_rig(bursts_per_detection=2)
+    step, feed, log = _rig_with_p(bursts_per_detection=2)
     pol = step.loop.policy
     feed(0.0, 10.0, 0.1)
     feed(10.0, 16.0, 0.9)
@@ -150,7 +174,7 @@ def test_blanking_after_our_own_burst_neither_ends_nor_restarts_the_detection():
 def test_a_late_window_restarts_an_onset_not_yet_confirmed():
     """A window whose result missed the deadline is never acted upon: it is a hole in the evidence, so an
     onset timer does not run across it."""
-    step, feed, log = _stub_rig()
+    step, feed, log = _rig_with_p()
     pol = step.loop.policy
     feed(0.0, 9.0, 0.1)
     feed(9.0, 10.0, 0.9)
@@ -172,7 +196,7 @@ def test_a_stream_stamped_ahead_of_the_clock_is_a_fault_until_its_stamps_are_beh
     the deadline. Once chunks are stamped in the past again, the latch is released and the loop acts."""
     from controller.closed_loop import AHEAD_TOLERANCE_S
 
-    step, feed, log = _stub_rig()
+    step, feed, log = _rig_with_p()
     feed(0.0, 9.0, 0.1)
     step.modeled_latency_s = -0.025                                  # results, as reads, 25 ms before the stamps
     feed(9.0, 12.0, 0.9, ahead_s=0.025)
