@@ -252,14 +252,21 @@ class SerialStimulator(Stimulator):
                 acked_t = self.clock()
                 # A reply with the right seq and CRC but a payload that does not decode is device
                 # trouble like any other: StimulatorError, so stop() keeps its promise not to raise.
+                if reply.version != P.PROTOCOL_VERSION:   # its payload would be read in another layout
+                    raise StimulatorError(f"{msg_type.name} seq {seq}: the device on {self.port} answers in "
+                                          f"protocol version {reply.version}, expected {P.PROTOCOL_VERSION} "
+                                          "(drivers/PROTOCOL.md)")
                 try:
                     if reply.msg_type == P.MsgType.NACK:
-                        _, code, detail, dev_t = P.decode_nack(reply.payload)
+                        acked, code, detail, dev_t = P.decode_nack(reply.payload)
                     else:
-                        _, dev_t, _ = P.decode_ack(reply.payload)
+                        acked, dev_t, _ = P.decode_ack(reply.payload)
                 except P.ProtocolError as e:
                     raise StimulatorError(f"{msg_type.name} seq {seq}: malformed "
                                           f"{P.MsgType(reply.msg_type).name} from {self.port}: {e}") from e
+                if acked != seq:   # PROTOCOL.md §3: the seq is in the header and in the payload, alike
+                    raise StimulatorError(f"{msg_type.name} seq {seq}: malformed {P.MsgType(reply.msg_type).name} "
+                                          f"from {self.port}: its payload acknowledges seq {acked}")
                 self.last_receipt_device_t = dev_t
                 if reply.msg_type == P.MsgType.NACK:
                     raise nack_error(code)(

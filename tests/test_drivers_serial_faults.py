@@ -188,8 +188,10 @@ class BadReplyDevice:
                     body = P.encode_capabilities(DEFAULT_CAPABILITIES, 0.5)
                     os.write(self.fd, P.encode_frame(P.MsgType.ACK, f.seq, P.encode_ack(f.seq, 1.0, body)))
                 else:
-                    mtype, payload = self.replies[f.msg_type]
-                    os.write(self.fd, P.encode_frame(mtype, f.seq, payload))
+                    mtype, payload, *version = self.replies[f.msg_type]
+                    if callable(payload):   # built from the request's seq
+                        payload = payload(f.seq)
+                    os.write(self.fd, P.encode_frame(mtype, f.seq, payload, version=version[0] if version else 1))
 
     def close(self) -> None:
         self.stop_evt.set()
@@ -213,6 +215,30 @@ def test_malformed_replies_are_stimulator_errors_and_stop_never_raises(reply):
             s.heartbeat()
         with pytest.raises(StimulatorError, match="malformed"):
             s.status()
+    finally:
+        s.close()
+        dev.close()
+        close_pty(master_fd)
+
+
+@pytest.mark.parametrize("reply, why", [
+    ((P.MsgType.ACK, lambda seq: P.encode_ack(seq, 1.0), 2), "answers in protocol version 2, expected 1"),
+    ((P.MsgType.ACK, lambda seq: P.encode_ack((seq + 1) % P.SEQ_MOD, 1.0)), "its payload acknowledges seq"),
+    ((P.MsgType.NACK, lambda seq: P.encode_nack((seq + 7) % P.SEQ_MOD, P.ErrorCode.BUSY, 1.0)),
+     "its payload acknowledges seq"),
+])
+def test_a_reply_in_another_version_or_acknowledging_another_seq_is_not_taken(reply, why):
+    """Both were read as the awaited reply: a version-2 payload in the version-1 layout, and an ACK whose payload
+    names another command (PROTOCOL.md §3: the seq in the header and in the payload)."""
+    master_fd, slave = open_pty_pair()
+    dev = BadReplyDevice(master_fd, {t: reply for t in (P.MsgType.STOP, P.MsgType.HEARTBEAT)})
+    s = SerialStimulator(slave, timeout_s=0.05, retries=0, connect_timeout_s=1.0)
+    try:
+        s.open()
+        with pytest.raises(StimulatorError, match=why):
+            s.heartbeat()
+        r = s.stop()
+        assert r is not None and r.ok is False and why.split(",")[0] in r.error
     finally:
         s.close()
         dev.close()
