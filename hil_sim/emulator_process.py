@@ -60,7 +60,7 @@ class EmulatorProcess:
     deliveries queue up for :meth:`deliveries`. Not started by the constructor.
     """
 
-    def __init__(self, master_fd: int, watchdog_s: float = 1.0, log_path: str | os.PathLike | None = None,
+    def __init__(self, master_fd: int, watchdog_s: float = 0.5, log_path: str | os.PathLike | None = None,
                  on_deliver=None, on_stop=None, start_method: str = "forkserver") -> None:
         if start_method not in ("forkserver", "fork"):
             raise ValueError(f"EmulatorProcess start_method={start_method!r} invalid, expected 'forkserver' or 'fork'")
