@@ -81,6 +81,9 @@ def train(out: Path = typer.Option(DEFAULT_MODEL_PATH, "--out", "-o",
     from models.plasticity.train import R2_TARGET, train as _train
 
     err = Console(stderr=True)
+    if out.is_dir():
+        err.print(f"[bold red]error:[/] --out {out} is a folder: give the file to write, e.g. {out / 'plasticity_v1.onnx'}")
+        raise typer.Exit(2)
     r = _train(out=out, card=card, n_train=n_train, n_heldout=n_heldout, trials=trials,
                say=lambda msg: err.print(f"  {msg}"))
     ev = r.evaluation
