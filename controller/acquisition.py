@@ -270,8 +270,13 @@ def load_raw(raw_dir: str | Path, mmap: bool = False) -> tuple[np.ndarray, np.nd
     meta_path = raw_dir / META_FILE
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path}: no raw recording meta.json in {raw_dir}")
-    meta = json.loads(meta_path.read_text())
-    n_ch = int(meta["n_channels"])
+    try:
+        meta = json.loads(meta_path.read_text())
+        n_ch = meta["n_channels"]
+    except (ValueError, TypeError, KeyError) as exc:   # not JSON, not an object, no channel count
+        raise ValueError(f"{meta_path}: not a raw recording's meta.json ({type(exc).__name__}: {exc})") from None
+    if isinstance(n_ch, bool) or not isinstance(n_ch, int) or n_ch < 1:
+        raise ValueError(f"{meta_path}: n_channels = {n_ch!r}, expected a whole number >= 1")
     s_path, t_path = raw_dir / SAMPLES_FILE, raw_dir / TIMESTAMPS_FILE
     n = min(s_path.stat().st_size // (4 * n_ch), t_path.stat().st_size // 8)
     if mmap and n > 0:

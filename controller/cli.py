@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from controller.cli_checks import output_file, within
 from controller.config import ConfigError, load_config
 
 app = typer.Typer(help="stimloop: closed-loop neurostimulation controller, HIL simulator and latency benchmarks.",
@@ -231,6 +232,16 @@ def run(
               "output or power if unsure", code=3)
 
 
+def _check_session_folder(session: Path) -> None:
+    """A session folder, as every runner leaves one even after a crash: its append-only event log is there.
+    Without it ``report`` would write empty metrics over the good ones, or into a folder of another tool."""
+    if not session.is_dir():
+        _fail(f"session folder {session} does not exist" + (" (it is a file)" if session.exists() else ""))
+    if not (session / "events.jsonl").is_file():
+        _fail(f"{session} has no events.jsonl: not a stimloop session folder, or its event log was lost; "
+              "nothing was written")
+
+
 def _print_summary(session_dir: Path) -> dict:
     from controller.report import summary_table
     metrics = json.loads((session_dir / "metrics.json").read_text())
@@ -244,10 +255,12 @@ def _print_summary(session_dir: Path) -> dict:
 @app.command()
 def report(session: Path = typer.Argument(..., help="session folder")):
     """Rebuild metrics.json and report.png from a session folder (also after a crash)."""
-    if not session.is_dir():
-        _fail(f"session folder {session} does not exist")
+    _check_session_folder(session)
     from controller.report import build_report
-    build_report(session)
+    try:
+        build_report(session)
+    except (ValueError, KeyError, TypeError) as exc:   # a file of the folder damaged (JSON that is not, …)
+        _fail(f"session {session} is damaged, its report cannot be rebuilt: {type(exc).__name__}: {exc}")
     _print_summary(session)
 
 
@@ -303,12 +316,14 @@ def sim(
 @sim_app.command("compare")
 def sim_compare(
     config: list[Path] = typer.Option([], "--config", "-c", help=CONFIG_HELP, metavar="<path>"),
-    patients: int = typer.Option(20, help="virtual-cohort size (patients 0..N-1)"),
-    duration: float = typer.Option(900.0, "--duration", "-d", help="simulated seconds per patient and arm"),
-    rate: float = typer.Option(12.0, help="spontaneous seizures per hour (dense, so short runs see several)"),
-    channels: int = typer.Option(4, help="channels per patient (fewer: faster)"),
+    patients: int = typer.Option(20, help="virtual-cohort size (patients 0..N-1)", min=1, max=1000),
+    duration: float = typer.Option(900.0, "--duration", "-d", help="simulated seconds per patient and arm",
+                                   callback=within(0, 7 * 24 * 3600, lo_open=True)),
+    rate: float = typer.Option(12.0, help="spontaneous seizures per hour (dense, so short runs see several)",
+                               callback=within(0, 120, lo_open=True)),
+    channels: int = typer.Option(4, help="channels per patient (fewer: faster)", min=1, max=256),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for the sessions and compare.json"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result here"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result here", callback=output_file),
 ):
     """No stimulation vs responsive closed loop vs periodic open loop with the same total charge, over a cohort."""
     from rich.progress import BarColumn, Progress, TextColumn
@@ -349,7 +364,7 @@ def sim_bench(
     duration: float = typer.Option(3600.0, "--duration", "-d", help="simulated seconds"),
     channels: int = typer.Option(16, help="channels of the simulated patient"),
     rate: float = typer.Option(6.0, help="spontaneous seizures per hour"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here", callback=output_file),
 ):
     """How fast simulated time runs: a whole closed-loop session (patient, detector, policy, governor, recording)."""
     import platform
@@ -375,9 +390,10 @@ def sim_bench(
 
 @sim_app.command("compare-ads")
 def sim_compare_ads(
-    duration: float = typer.Option(60.0, "--duration", "-d", help="simulated seconds per arm"),
-    seed: int = typer.Option(0),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result here"),
+    duration: float = typer.Option(60.0, "--duration", "-d", help="simulated seconds per arm (1 s to a day)",
+                                   callback=within(1, 86_400)),
+    seed: int = typer.Option(0, min=0),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result here", callback=output_file),
 ):
     """Spike-triggered (ADS) vs random stimulation at the matched rate: trigger → target weight change."""
     from rich.table import Table
@@ -404,7 +420,8 @@ def sim_compare_ads(
 @app.command()
 def hil(
     config: list[Path] = typer.Option([], "--config", "-c", help=CONFIG_HELP, metavar="<path>"),
-    duration: Optional[float] = typer.Option(None, "--duration", "-d", help="seconds (default: until Ctrl-C)"),
+    duration: Optional[float] = typer.Option(None, "--duration", "-d", help="seconds (default: until Ctrl-C)",
+                                             callback=within(0, 7 * 24 * 3600, lo_open=True)),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for ground truth and the device log"),
 ):
     """Run the simulated patient alone: an LSL stream and a stimulator on a serial port, for other tools."""
@@ -488,7 +505,8 @@ def _session_endpoint(session: Optional[Path], which: str, default: str) -> tupl
 def monitor(
     address: Optional[str] = typer.Option(None, help="telemetry endpoint, e.g. tcp://host:5556"),
     session: Optional[Path] = typer.Option(None, help="read the endpoint from this running session's folder"),
-    duration: Optional[float] = typer.Option(None, help="seconds (default: until Ctrl-C)"),
+    duration: Optional[float] = typer.Option(None, help="seconds (default: until Ctrl-C)",
+                                             callback=within(0, 7 * 24 * 3600, lo_open=True)),
 ):
     """Live terminal view of a running session (signal, prediction, stimulation, latency)."""
     from controller.monitor import run_monitor
@@ -506,8 +524,15 @@ def _control(cmd: dict, address: Optional[str], session: Optional[Path], keys: O
         addr, session_id = address, None
     else:
         addr, session_id = _session_endpoint(session, "control", "tcp://127.0.0.1:5557")
-    with ControlClient(addr, client_keys=keys, server_public_key=server_key, timeout_ms=2000,
-                       session=session_id) as client:
+    import zmq
+    try:
+        client = ControlClient(addr, client_keys=keys, server_public_key=server_key, timeout_ms=2000,
+                               session=session_id)
+    except zmq.ZMQError as exc:   # an address ZeroMQ cannot parse: nothing was sent
+        _fail(f"cannot use the control address {addr!r}: {exc} (expected e.g. tcp://127.0.0.1:5557){unanswered}")
+    except (OSError, ValueError) as exc:   # a key file missing, empty, of the wrong kind, or one of the pair
+        _fail(f"control keys (--keys {keys}, --server-key {server_key}): {exc}{unanswered}")
+    with client:
         try:
             reply = client.request(cmd)
         except TimeoutError as exc:
@@ -536,6 +561,9 @@ def stop(address: Optional[str] = _ADDR, session: Optional[Path] = _SESSION,
     console.print(f"[bold green]stimulation off[/] {escape(str(reply))}")
 
 
+_CTL_COMMANDS = ("status", "pause", "resume", "emergency_stop", "set_param", "mark")
+
+
 # Unknown options pass through so that a negative value reaches the governor, which says what range it
 # allows: `set_param amplitude_ua -5` was "No such option: -5". A misspelt --option is caught below.
 @app.command(context_settings={"ignore_unknown_options": True})
@@ -546,6 +574,8 @@ def ctl(
     keys: Optional[Path] = _KEYS, server_key: Optional[Path] = _SKEY,
 ):
     """Send one control command to a running session and print the reply."""
+    if command not in _CTL_COMMANDS:   # else sent, and a server that is not there answers nothing about it
+        _fail(f"unknown command {command!r}; expected one of {', '.join(_CTL_COMMANDS)}")
     cmd: dict = {"cmd": command}
     args = args or []
     for a in args:
@@ -585,20 +615,24 @@ def keys(dir: Path = typer.Option(Path("keys"), "--dir", help="folder for the ke
 @app.command()
 def export(session: Path = typer.Argument(..., help="session folder"),
            format: str = typer.Option("edf", "--format", help="edf (EDF+ with events as annotations)"),
-           out: Optional[Path] = typer.Option(None, "--out", help="output file (default: SESSION/session.edf)"),
+           out: Optional[Path] = typer.Option(None, "--out", help="output file (default: SESSION/session.edf)",
+                                               callback=output_file),
            assume_unit: Optional[str] = typer.Option(
                None, "--assume-unit",
                help="unit of channels whose source declared none (e.g. uV, mV, V); declared units are never overridden")):
     """Export a session's raw data and events to a standard format (EDF+)."""
     if format != "edf":
         _fail(f"--format {format!r}: only 'edf' is supported")
-    if not session.is_dir():
-        _fail(f"session folder {session} does not exist")
+    _check_session_folder(session)
     from controller.export import export_edf
     target = out or session / "session.edf"
+    inside = target.resolve().is_relative_to(session.resolve())
+    if inside and target.exists() and target.suffix.lower() != ".edf":
+        _fail(f"--out {target} is the session's own {target.resolve().relative_to(session.resolve())}: "
+              "the export would overwrite the recording; give a new .edf file")
     try:
         summary = export_edf(session, target, assume_unit=assume_unit)
-    except (ValueError, FileNotFoundError) as exc:   # an unknown or undeclared unit, a folder without raw data
+    except (ValueError, FileNotFoundError) as exc:   # a unit unknown or undeclared, no raw data, a damaged meta.json
         _fail(f"export of {session}: {exc}")
     console.print(f"wrote {target}: {escape(summary.describe())}")
 
@@ -638,7 +672,8 @@ def _mount_optional() -> None:
 
     @bench_app.command("inference")
     def bench_inference(n_calls: int = typer.Option(20000, "--n-calls", help="calls per model"),
-                        json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here")):
+                        json_out: Optional[Path] = typer.Option(None, "--json", help="write the figures here",
+                                                                 callback=output_file)):
         """Per-call latency of the shipped ONNX models (seizure and plasticity): p50/p99/max in µs."""
         from rich.table import Table
         from controller.bench_inference import bench_shipped_models
@@ -656,9 +691,32 @@ def _mount_optional() -> None:
 _mount_optional()
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:
+    """The ``stimloop`` command: the app, with what the system refuses (a path that is a folder, a file
+    where a folder must go, no permission, a file that is not text, an address ZeroMQ cannot parse) said
+    in one line instead of a traceback. Bugs still show theirs."""
+    import zmq
+    try:
+        app()
+    except OSError as exc:
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        msg = f"{where}: {exc.strerror}" if where and exc.strerror else str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            msg += " (a file stands where a folder must go)"
+        elif isinstance(exc, IsADirectoryError):
+            msg += " (a folder stands where a file must go)"
+        _error_exit(msg)
+    except UnicodeDecodeError as exc:
+        _error_exit(f"a file given is not UTF-8 text ({exc.reason} at byte {exc.start})")
+    except zmq.ZMQError as exc:
+        _error_exit(f"ZeroMQ refused the address: {exc} (expected e.g. tcp://127.0.0.1:5557)")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
+def _error_exit(msg: str) -> None:
+    """``_fail`` outside the command line's context (its ``typer.Exit`` is handled only inside it)."""
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True, soft_wrap=True)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

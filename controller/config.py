@@ -531,10 +531,16 @@ def _read_layers(path, overrides: dict | None) -> tuple[dict, str]:
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     data: dict = {}
     for p in map(Path, paths):
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
+        if not p.is_file():
+            raise ConfigError(f"config file {p} is not a file (a folder, a device or a pipe)")
         try:
-            data = _merge(data, tomllib.loads(p.read_text()))
+            text = p.read_text(encoding="utf-8-sig")   # a BOM, as some Windows editors write, is no statement
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not a TOML text file (not UTF-8: {exc.reason} at byte {exc.start})") from None
+        try:
+            data = _merge(data, tomllib.loads(text))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     origin = " + ".join(map(str, paths)) or "defaults"

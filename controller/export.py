@@ -75,7 +75,12 @@ def _read_raw(raw_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     meta_path = raw_dir / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} does not exist; expected a session folder with raw/meta.json")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     n_ch = meta.get("n_channels")
     fs_hz = meta.get("fs_hz")
     if not isinstance(n_ch, int) or n_ch < 1:
@@ -103,8 +108,8 @@ def read_events(path: Path) -> list[dict]:
                 break
             try:
                 obj = json.loads(raw)
-            except json.JSONDecodeError:
-                continue  # a damaged line must not lose the rest of the session
+            except ValueError:   # not JSON, not UTF-8: a damaged line must not lose the rest of the session
+                continue
             if isinstance(obj, dict) and isinstance(obj.get("t"), (int, float)) and "kind" in obj:
                 out.append(obj)
     return out

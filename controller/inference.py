@@ -214,7 +214,11 @@ class OnnxPredictor:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises classes of its own (InvalidProtobuf, …)
+            raise ContractError(f"{self.path}: not an ONNX model onnxruntime can load "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if CONTRACT_KEY not in meta:
             raise ContractError(f"{self.path}: no {CONTRACT_KEY!r} in metadata_props (keys: {sorted(meta)})")

@@ -170,7 +170,15 @@ def _session_info(session_dir: Path) -> dict:
 
 def load_ground_truth(session_dir: Path) -> dict:
     p = Path(session_dir) / "ground_truth.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        truth = json.loads(p.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{p}: not JSON ({exc})") from None
+    if not isinstance(truth, dict):
+        raise ValueError(f"{p}: expected a JSON object, got {type(truth).__name__}")
+    return truth
 
 
 def chunk_index(sample_t, t0: float, fs_hz: float, chunk_n: int, first_sample: int = 0) -> np.ndarray:

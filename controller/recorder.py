@@ -97,7 +97,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 break  # torn tail
             try:
                 out.append(json.loads(raw))
-            except json.JSONDecodeError:
+            except ValueError:   # a damaged line (not JSON, not UTF-8) is skipped like a torn one
                 continue
     return out
 

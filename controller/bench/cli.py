@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from controller.cli_checks import output_file
 from controller.low_latency import DEFAULT_NICE
 from controller.lsl_config import ensure_lsl_config
 
@@ -24,7 +25,7 @@ app = typer.Typer(help="Latency benchmarks: scenarios, throughput sweep, peers s
 
 @app.callback(invoke_without_command=True)
 def bench(ctx: typer.Context,
-          json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here"),
+          json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here", callback=output_file),
           out: Optional[Path] = typer.Option(None, "--out", help="folder for the PNG histograms, bench.md and bench.json"),
           duration: float = typer.Option(10.0, "--duration", help="seconds per scenario and per peer (1..3600)"),
           quick: bool = typer.Option(False, "--quick", help="a few seconds per scenario, cheap peers only (tests)"),
@@ -94,7 +95,8 @@ def loopback(port: Optional[str] = typer.Option(None, "--port", help="stimulator
              profile: str = typer.Option("macro", "--profile",
                                          help="safety profile for the triggers (hardware; the simulator uses macro "
                                               "with its rate ceiling raised)"),
-             json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here")) -> None:
+             json_path: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here",
+                                                      callback=output_file)) -> None:
     """Command → artifact seen in the incoming stream (hardware loopback; simulator without --port)."""
     from controller.bench import loopback as lb
     from controller.bench.report import write_json
@@ -171,7 +173,8 @@ def blame(timehist: Path = typer.Option(..., "--timehist", help="output of `perf
           scenario: Optional[List[str]] = typer.Option(None, "--scenario",
                                                        help="spike scenario(s) to explain (default: every one in the JSON)"),
           min_wait_ms: float = typer.Option(0.3, "--min-wait-ms", help="count a task's wait for a CPU from this long"),
-          out_json: Optional[Path] = typer.Option(None, "--out", help="write the per-block findings here (JSON)")) -> None:
+          out_json: Optional[Path] = typer.Option(None, "--out", help="write the per-block findings here (JSON)",
+                                                   callback=output_file)) -> None:
     """Which thread held the CPU while each of the slowest blocks waited (a scheduler trace of the run).
 
     Record the trace on the LSL clock, then explain the run:

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli_checks import output_file
 from models.plasticity.surrogate import DEFAULT_MODEL_PATH
 
 app = typer.Typer(help="Synaptic plasticity simulators and their ONNX surrogate.", no_args_is_help=True,
@@ -29,10 +30,17 @@ def _check_model(model: Path) -> None:
         console.print(f"[bold red]error:[/] surrogate {model} not found: train it with "
                       f"`stimloop train plasticity`")
         raise typer.Exit(2)
+    from models.plasticity.surrogate import PlasticityPredictor
+    try:
+        PlasticityPredictor(model)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own classes for a file that is not ONNX, and ours
+        console.print(f"[bold red]error:[/] {model} is not a plasticity surrogate: {type(exc).__name__}: {exc}",
+                      highlight=False, markup=True)
+        raise typer.Exit(2)
 
 
 @app.command()
-def curves(out: Path = typer.Option(Path("plasticity_curves.png"), "--out", help="PNG to write"),
+def curves(out: Path = typer.Option(Path("plasticity_curves.png"), "--out", help="PNG to write", callback=output_file),
            model: Path = _MODEL_OPT):
     """STDP window and Δw vs stimulation frequency (1–100 Hz), simulator and surrogate side by side."""
     _check_model(model)
@@ -43,7 +51,8 @@ def curves(out: Path = typer.Option(Path("plasticity_curves.png"), "--out", help
 
 
 @app.command()
-def evaluate(json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics as JSON here"),
+def evaluate(json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics as JSON here",
+                                                     callback=output_file),
              n_heldout: int = typer.Option(1000, "--n-heldout", min=10, help="held-out protocols to simulate"),
              model: Path = _MODEL_OPT):
     """Held-out R², MSE and per-call p99 latency of the surrogate (protocols never used in training)."""

@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli_checks import output_file, within
+
 __all__ = ["train_app", "evaluate", "seizure", "app"]
 
 console = Console(stderr=True)
@@ -161,13 +163,16 @@ def evaluate(
                    "onset_s,offset_s rows, or a CHB-MIT *-summary.txt in its folder)"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="stimloop ONNX model (default: shipped)"),
     sim_patients: Optional[str] = typer.Option(None, help="evaluate on simulated cohort patients, e.g. 100-119"),
-    sim_hours: float = typer.Option(2.0, help="simulated hours in total, split evenly over --sim-patients"),
-    sim_fs: float = typer.Option(256.0, help="simulated sample rate (Hz)"),
-    sim_channels: int = typer.Option(4, help="simulated channels"),
-    sim_seed: int = typer.Option(1),
-    threshold: Optional[float] = typer.Option(None, help="override the contract threshold"),
-    min_duration: Optional[float] = typer.Option(None, help="override min_duration_s (s above threshold)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full results (windows, events) as JSON"),
+    sim_hours: float = typer.Option(2.0, help="simulated hours in total, split evenly over --sim-patients",
+                                    callback=within(0, 1000, lo_open=True)),
+    sim_fs: float = typer.Option(256.0, help="simulated sample rate (Hz)", callback=within(100, 50_000)),
+    sim_channels: int = typer.Option(4, help="simulated channels", min=1, max=256),
+    sim_seed: int = typer.Option(1, min=0),
+    threshold: Optional[float] = typer.Option(None, help="override the contract threshold", callback=within(0, 1)),
+    min_duration: Optional[float] = typer.Option(None, help="override min_duration_s (s above threshold)",
+                                                 callback=within(0, 60)),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full results (windows, events) as JSON",
+                                            callback=output_file),
     compare_mayo: bool = typer.Option(False, "--compare-mayo", help="also run the Mayo model (brainmaze-eeg-models)"),
     sensitivity: bool = typer.Option(False, "--sensitivity", help="permutation importance + metrics vs threshold/min_duration"),
     no_windows: bool = typer.Option(False, "--no-windows", help="leave per-window t/p out of the JSON"),
@@ -214,6 +219,8 @@ def evaluate(
         if det.path.resolve() == default_model_path().resolve() and segments.resolve() == default_delhi_dir():
             console.print("[yellow]note:[/] the shipped model was trained on these segments: these figures are "
                           "in-sample. MODEL_CARD.md gives them out of fold (CV) instead.")
+        if len(seg_result["skipped"]) == len(segs):   # as for recordings: nothing scored is a failure
+            _fail(f"none of the {len(segs)} segments could be evaluated (reasons above)")
         if not recordings and not sim_patients:
             if json_out:
                 json_out.write_text(json.dumps({"model": str(det.path), "segments": seg_result}, default=float) + "\n")

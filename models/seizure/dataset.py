@@ -50,6 +50,10 @@ def _demo_stim():
 DEMO_STIM = _demo_stim()
 
 
+#: More patients than any cohort run here needs: a typo of a range ("1-100000000") is refused, not simulated.
+MAX_PATIENT_IDS = 10_000
+
+
 def parse_id_range(text: str) -> list[int]:
     """``"0-23"`` / ``"100-119,130"`` -> list of patient ids (inclusive ranges)."""
     ids: list[int] = []
@@ -62,12 +66,16 @@ def parse_id_range(text: str) -> list[int]:
                 a, b = (int(v) for v in part.split("-", 1))
                 if b < a:
                     raise ValueError
+                if b - a + 1 + len(ids) > MAX_PATIENT_IDS:
+                    raise OverflowError
                 ids.extend(range(a, b + 1))
             else:
                 ids.append(int(part))
         except ValueError:
             raise ValueError(f"patient ids {text!r}: expected ranges like '0-23' or '100-119,130' "
                              f"(integers >= 0, start <= end)") from None
+        except OverflowError:
+            raise ValueError(f"patient ids {text!r}: more than {MAX_PATIENT_IDS} patients") from None
     if not ids or min(ids) < 0:
         raise ValueError(f"patient ids {text!r}: expected at least one id >= 0")
     return ids
