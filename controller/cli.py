@@ -215,6 +215,15 @@ def run(
     if port is not None:
         overrides.setdefault("device", {})["port"] = port
     cfg = _load(config, overrides)
+    # An option of another source or device than the session's was ignored without a word.
+    for given, option, needs, kind in ((stream, "--stream", "--source lsl", cfg.source.kind == "lsl"),
+                                       (source_id, "--source-id", "--source lsl", cfg.source.kind == "lsl"),
+                                       (board_id, "--board-id", "--source brainflow", cfg.source.kind == "brainflow"),
+                                       (port, "--port", "--device serial", cfg.device.kind == "serial")):
+        if given is not None and not kind:
+            what = "source" if option != "--port" else "device"
+            _fail(f"{option} is for {needs}, and the session's {what} is "
+                  f"{cfg.source.kind if what == 'source' else cfg.device.kind!r}: add {needs} (or set it in the config)")
     origin = _origin(config)
     _check_config(cfg, origin)
     from controller.runners.realtime import SessionError, run_session

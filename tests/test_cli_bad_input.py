@@ -113,8 +113,11 @@ def test_model_files_that_are_no_model(tmp_path):
     (["sim", "compare-ads", "--duration", "inf"], "--duration"),
     (["hil", "--duration", "-1"], "--duration"),                                    # "running for -1 s", exit 0
     (["monitor", "--duration", "nan"], "--duration"),
+    # An option of a source or device the session does not use was ignored without a word.
+    (["run", "--stream", "MyAmp", "--duration", "5"], "--stream is for --source lsl, and the session's source is 'hil'"),
+    (["run", "--port", "/dev/ttyACM0", "--duration", "5"], "--port is for --device serial"),
 ])
-def test_numbers_out_of_range_are_refused_before_any_work(args, needle):
+def test_values_that_cannot_be_right_are_refused_before_any_work(args, needle):
     _refused(_cli(*args, timeout=60), needle)
 
 
