@@ -27,10 +27,14 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _fail(msg: str, code: int = 2) -> None:
+def _print_error(msg: str) -> None:
     # Messages quote config sections ("[policy.adaptive]"), which rich would take for markup; soft_wrap
     # keeps each problem on one line in logs and pipes.
     err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True, soft_wrap=True)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    _print_error(msg)
     raise typer.Exit(code)
 
 
@@ -723,7 +727,7 @@ def main() -> None:
 
 def _error_exit(msg: str) -> None:
     """``_fail`` outside the command line's context (its ``typer.Exit`` is handled only inside it)."""
-    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True, soft_wrap=True)
+    _print_error(msg)
     raise SystemExit(2)
 
 

@@ -32,6 +32,7 @@ from typing import Iterable
 
 import numpy as np
 
+from controller.recorder import read_jsonl
 from controller.sources.base import GAP_FACTOR
 from controller.units import KNOWN_UNITS, uv_factor
 
@@ -98,21 +99,10 @@ def _read_raw(raw_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def read_events(path: Path) -> list[dict]:
-    """Complete JSON lines of ``events.jsonl``; a torn last line (no newline) is skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    with path.open("rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                obj = json.loads(raw)
-            except ValueError:   # not JSON, not UTF-8: a damaged line must not lose the rest of the session
-                continue
-            if isinstance(obj, dict) and isinstance(obj.get("t"), (int, float)) and "kind" in obj:
-                out.append(obj)
-    return out
+    """The events of ``events.jsonl`` (``recorder.read_jsonl``: a torn or damaged line is skipped) that
+    carry a time and a kind."""
+    return [obj for obj in read_jsonl(path)
+            if isinstance(obj, dict) and isinstance(obj.get("t"), (int, float)) and "kind" in obj]
 
 
 def _fmt_bound(value: float, outward: int) -> float:

@@ -86,7 +86,7 @@ class EventLog:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All complete lines of a JSON-lines file; a torn last line (after a kill) is skipped."""
+    """All complete lines of a JSON-lines file; a torn last line (after a kill) or a damaged one is skipped."""
     p = Path(path)
     if not p.exists():
         return []
