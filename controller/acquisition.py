@@ -34,6 +34,7 @@ import numpy as np
 
 from controller.events import Event, EventKind
 from controller.lsl_config import ensure_lsl_config
+from controller.recorder import read_json_object
 
 SAMPLES_FILE = "samples.f32"
 TIMESTAMPS_FILE = "timestamps.f64"
@@ -270,11 +271,7 @@ def load_raw(raw_dir: str | Path, mmap: bool = False) -> tuple[np.ndarray, np.nd
     meta_path = raw_dir / META_FILE
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path}: no raw recording meta.json in {raw_dir}")
-    try:
-        meta = json.loads(meta_path.read_text())
-        n_ch = meta["n_channels"]
-    except (ValueError, TypeError, KeyError) as exc:   # not JSON, not an object, no channel count
-        raise ValueError(f"{meta_path}: not a raw recording's meta.json ({type(exc).__name__}: {exc})") from None
+    n_ch = read_json_object(meta_path).get("n_channels")
     if isinstance(n_ch, bool) or not isinstance(n_ch, int) or n_ch < 1:
         raise ValueError(f"{meta_path}: n_channels = {n_ch!r}, expected a whole number >= 1")
     s_path, t_path = raw_dir / SAMPLES_FILE, raw_dir / TIMESTAMPS_FILE

@@ -32,7 +32,7 @@ from typing import Iterable
 
 import numpy as np
 
-from controller.recorder import read_jsonl
+from controller.recorder import read_json_object, read_jsonl
 from controller.sources.base import GAP_FACTOR
 from controller.units import KNOWN_UNITS, uv_factor
 
@@ -76,12 +76,7 @@ def _read_raw(raw_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     meta_path = raw_dir / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} does not exist; expected a session folder with raw/meta.json")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{meta_path}: not JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json_object(meta_path)
     n_ch = meta.get("n_channels")
     fs_hz = meta.get("fs_hz")
     if not isinstance(n_ch, int) or n_ch < 1:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from controller.recorder import read_jsonl
+from controller.recorder import read_json_object, read_jsonl
 
 #: Device-log records that are a trigger command's receipt: the emulator writes ``TRIGGER`` (one per
 #: executed frame: delivered, refused, or a scheduled one cancelled), the simulated runner ``TRIGGER``
@@ -170,15 +170,7 @@ def _session_info(session_dir: Path) -> dict:
 
 def load_ground_truth(session_dir: Path) -> dict:
     p = Path(session_dir) / "ground_truth.json"
-    if not p.exists():
-        return {}
-    try:
-        truth = json.loads(p.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{p}: not JSON ({exc})") from None
-    if not isinstance(truth, dict):
-        raise ValueError(f"{p}: expected a JSON object, got {type(truth).__name__}")
-    return truth
+    return read_json_object(p) if p.exists() else {}
 
 
 def chunk_index(sample_t, t0: float, fs_hz: float, chunk_n: int, first_sample: int = 0) -> np.ndarray:

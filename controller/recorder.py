@@ -118,6 +118,19 @@ def new_session_dir(out_dir: str | Path, now_utc: datetime | None = None) -> Pat
     raise RuntimeError(f"could not create a session folder in {base}")
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file holding one object (``meta.json``, ``ground_truth.json``); anything else is a
+    ``ValueError`` naming the file (a damaged session folder says which of its files is damaged)."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text())
+    except ValueError as exc:   # not JSON, not UTF-8
+        raise ValueError(f"{p}: not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{p}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def write_json(path: str | Path, data: dict) -> None:
     """Write JSON atomically (temp file + rename) so a kill never leaves half a file."""
     p = Path(path)
