@@ -447,7 +447,10 @@ def _describe(err: dict, prefix: tuple = (), root: Any = None, unknown_hint: str
         return msg
     if not loc:  # a rule across the fields of the part given: its input is all of them
         return f"{name}: {msg}"
-    text = f"{name} = {err.get('input')!r}: {msg}"
+    if err["type"] == "missing":   # its "input" is the table it is missing from, not a value of its own
+        text = f"{name}: missing, it is required"
+    else:
+        text = f"{name} = {err.get('input')!r}: {msg}"
     allowed = _field_range(loc, root)
     if allowed:
         text += f" (allowed range: {allowed})"

@@ -24,6 +24,13 @@ def test_errors_name_field_value_and_range():
     assert "bogus: unknown field" in msg
 
 
+def test_a_missing_field_is_named_not_shown_as_the_table_around_it():
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"faults": [{"kind": "nan_burst"}]})
+    msg = str(exc.value)
+    assert "faults.0.at_s: missing, it is required" in msg and "{'kind'" not in msg, msg
+
+
 def test_hysteresis_must_be_ordered():
     with pytest.raises(ConfigError, match="threshold_off .* must be <= threshold_on"):
         parse_config({"policy": {"threshold_on": 0.3, "threshold_off": 0.6}})
