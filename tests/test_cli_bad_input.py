@@ -111,6 +111,7 @@ def test_model_files_that_are_no_model(tmp_path):
     (["sim", "compare", "--patients", "0"], "--patients"),
     (["sim", "compare-ads", "--duration", "0.001"], "--duration"),                  # ZeroDivisionError
     (["sim", "compare-ads", "--duration", "inf"], "--duration"),
+    (["evaluate", "--segments", ROOT, "--segments-fs", "200", "--sensitivity"], "not --segments (they were ignored)"),
     (["hil", "--duration", "-1"], "--duration"),                                    # "running for -1 s", exit 0
     (["monitor", "--duration", "nan"], "--duration"),
     # An option of a source or device the session does not use was ignored without a word.

@@ -192,6 +192,9 @@ def evaluate(
                                            load_segments)
     from models.seizure.scoring import SZCORE
 
+    if segments is not None and not recordings and not sim_patients and (compare_mayo or sensitivity):
+        _fail("--compare-mayo and --sensitivity score recordings or a simulated cohort, not --segments "
+              "(they were ignored): add recordings or --sim-patients, or leave them out")
     if not recordings and not sim_patients and segments is None:
         _fail("nothing to evaluate: give recordings (EDF/EDF+ or .npz), --sim-patients and/or --segments")
     if segments is not None and (segments_fs is None or not 0 < segments_fs <= 100_000):
