@@ -220,14 +220,14 @@ def run(
         overrides.setdefault("device", {})["port"] = port
     cfg = _load(config, overrides)
     # An option of another source or device than the session's was ignored without a word.
-    for given, option, needs, kind in ((stream, "--stream", "--source lsl", cfg.source.kind == "lsl"),
-                                       (source_id, "--source-id", "--source lsl", cfg.source.kind == "lsl"),
-                                       (board_id, "--board-id", "--source brainflow", cfg.source.kind == "brainflow"),
-                                       (port, "--port", "--device serial", cfg.device.kind == "serial")):
-        if given is not None and not kind:
-            what = "source" if option != "--port" else "device"
-            _fail(f"{option} is for {needs}, and the session's {what} is "
-                  f"{cfg.source.kind if what == 'source' else cfg.device.kind!r}: add {needs} (or set it in the config)")
+    for given, option, section, wanted in ((stream, "--stream", "source", "lsl"),
+                                           (source_id, "--source-id", "source", "lsl"),
+                                           (board_id, "--board-id", "source", "brainflow"),
+                                           (port, "--port", "device", "serial")):
+        actual = getattr(cfg, section).kind
+        if given is not None and actual != wanted:
+            _fail(f"{option} is for --{section} {wanted}, and the session's {section} is {actual!r}: "
+                  f"add --{section} {wanted} (or set it in the config)")
     origin = _origin(config)
     _check_config(cfg, origin)
     from controller.runners.realtime import SessionError, run_session
@@ -714,7 +714,8 @@ def main() -> None:
     except OSError as exc:
         where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
         msg = f"{where}: {exc.strerror}" if where and exc.strerror else str(exc)
-        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        if isinstance(exc, NotADirectoryError) or (isinstance(exc, FileExistsError) and exc.filename
+                                                   and Path(exc.filename).is_file()):
             msg += " (a file stands where a folder must go)"
         elif isinstance(exc, IsADirectoryError):
             msg += " (a folder stands where a file must go)"
