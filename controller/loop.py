@@ -26,6 +26,18 @@ def make_driver(cfg, port: str | None, clock):
     return SimulatedStimulator(clock=clock)
 
 
+def known_capabilities(cfg):
+    """The capabilities of the built-in devices (the emulator, the in-process simulated stimulator),
+    known before any is opened; ``None`` for a serial device, which tells its own at HELLO."""
+    if cfg.device.kind == "hil":
+        from hil_sim.emulator import DEFAULT_CAPABILITIES
+        return DEFAULT_CAPABILITIES
+    if cfg.device.kind == "simulated":
+        from drivers.simulated import SIMULATED_CAPABILITIES
+        return SIMULATED_CAPABILITIES
+    return None
+
+
 def make_actuator(cfg, driver, clock):
     """Open ``driver`` (it may learn its capabilities there) and wrap it with the governor.
 

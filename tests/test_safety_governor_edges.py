@@ -210,6 +210,15 @@ def test_start_up_accepts_what_the_governor_only_clamps(overrides, profile, clam
     assert decision.allowed and clamps and check_params(got, caps, decision.params) == []
 
 
+def test_start_up_checks_the_built_in_devices_limits_and_leaves_a_serial_devices_to_its_hello():
+    """A channel the emulator lacks passed the start-up check; the session then ran, every burst refused."""
+    for kind in ("hil", "simulated"):
+        with pytest.raises(UnsafeProfileError, match=r"channel=9, expected an int in 0..3"):
+            check_session_safety(parse_config({"device": {"kind": kind}, "policy": {"stim": {"channel": 9}}}))
+    serial = parse_config({"device": {"kind": "serial", "port": "/dev/ttyACM0"}, "policy": {"stim": {"channel": 9}}})
+    assert check_session_safety(serial).name == "macro_rns"   # its channels are known only at HELLO
+
+
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
 def test_shipped_examples_pass_the_start_up_check(example):
     cfg = load_config(EXAMPLES / example)

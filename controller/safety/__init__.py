@@ -18,8 +18,10 @@ def check_session_safety(cfg) -> SafetyProfile:
     refuses here it refuses on every request at run time (a session that starts and never
     stimulates), while what it only clamps (amplitude above the profile cap but below the hard
     max, pulse width above the maximum, charge per phase / density / Shannon, burst length, each
-    as ``on_violation`` says) is fine. Device limits are checked later, when the device is open and
-    has told its capabilities; the impedance is the one measured beforehand (``device.impedance_ohm``).
+    as ``on_violation`` says) is fine. The built-in devices' limits (the emulator's, the simulated
+    stimulator's: a channel it lacks, a waveform it cannot make) are known and checked here; a serial
+    device's are checked when it is open and has told its capabilities. The impedance is the one
+    measured beforehand (``device.impedance_ohm``).
     """
     from dataclasses import replace as _replace
 
@@ -32,16 +34,19 @@ def check_session_safety(cfg) -> SafetyProfile:
         stim = _replace(stim, waveform=Waveform.SINE)
     if cfg.policy.kind in ("none",):
         return profile
-    # A device that can do anything: only the profile's own rules speak here.
-    any_device = DeviceCapabilities(n_channels=256, waveforms=tuple(Waveform), max_amplitude_ua=1e9,
-                                    min_pulse_width_us=0.0, max_pulse_width_us=1e9, max_frequency_hz=1e9)
+    from controller.loop import known_capabilities
+    # A serial device's limits are unknown until HELLO: one that can do anything, so that only the
+    # profile's own rules speak here.
+    device = known_capabilities(cfg) or DeviceCapabilities(
+        n_channels=256, waveforms=tuple(Waveform), max_amplitude_ua=1e9, min_pulse_width_us=0.0,
+        max_pulse_width_us=1e9, max_frequency_hz=1e9, name="any device")
     impedance_ohm = getattr(getattr(cfg, "device", None), "impedance_ohm", None)
     if profile.require_impedance_check and impedance_ohm is None:
         raise UnsafeProfileError("device.impedance_ohm", None,
                                  f"profile {profile.name} refuses all stimulation until an electrode impedance "
                                  f"in {profile.impedance_min_ohm:g}..{profile.impedance_max_ohm:g} Ω is known: "
                                  "set device.impedance_ohm to the value measured before the session")
-    governor = SafetyGovernor(profile, any_device, source="start-up check")
+    governor = SafetyGovernor(profile, device, source="start-up check")
     governor.heartbeat_ok(0.0)
     if impedance_ohm is not None:
         governor.set_impedance(impedance_ohm, 0.0)
@@ -55,9 +60,10 @@ def check_session_safety(cfg) -> SafetyProfile:
         rule = decision.events[-1].data.get("rule")
         summary = (f"{stim.waveform}, {stim.amplitude_ua:g} µA, {stim.pulse_width_us:g} µs, "
                    f"{stim.frequency_hz:g} Hz")
-        problems = check_params(profile, any_device, stim)
+        problems = check_params(profile, device, stim)
         also = f"; every problem with these settings: {'; '.join(problems)}" if problems else ""
         raise UnsafeProfileError("policy.stim", summary,
                                  f"the governor would refuse every request ({rule}: "
-                                 f"{decision.events[-1].data.get('reason')}){also} (profile {profile.name})")
+                                 f"{decision.events[-1].data.get('reason')}){also} (profile {profile.name}, "
+                                 f"device {device.name!r})")
     return profile
